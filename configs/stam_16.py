@@ -1,0 +1,18 @@
+"""STAM-16 on Kinetics-400: 16 frames sampled at 1.6 fps (the first 10 s of each video).
+
+    python run_eval.py --config configs/stam_16.py --config.checkpoint=CKPT_DIR \
+        --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the stam_16 config."""
+    config = base_config("stam_16")
+    config.data.frame_rate = 1.6
+    return config

@@ -1,0 +1,125 @@
+"""Conversion between official STAM `.pth` checkpoints and stam-jax (orbax) checkpoints.
+
+    python -m convert stam_16.pth ckpt/stam_16          # official -> stam-jax
+    python -m convert.to_torch ckpt/stam_16 out.pth     # stam-jax -> official
+
+The key/layout table lives in `convert.mapping`; `.pth` reading and writing in `convert.torch_io`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.mapping import ConversionError, Report, flax_to_torch, torch_to_flax
+from stam_jax import checkpoints
+from stam_jax.variants import model_from_config
+
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_checkpoint(
+    pth: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    strict: bool = False,
+    overwrite: bool = False,
+    num_heads: int | None = None,
+    temporal_heads: int | None = None,
+    num_frames: int | None = None,
+) -> tuple[Path, dict[str, Any], Report]:
+    """Converts an official `.pth` into a stam-jax checkpoint directory.
+
+    Args:
+      pth: official checkpoint (`{'model': sd}`, `{'state_dict': sd}` or a bare state dict).
+      out_dir: destination directory (must not exist unless `overwrite`).
+      strict: refuse unexpected keys instead of warning.
+      overwrite: replace an existing `out_dir`.
+      num_heads: ViT heads if not width/64 (heads are not visible in tensor shapes).
+      temporal_heads: temporal heads if not 8.
+      num_frames: T, needed only for mean-aggregate checkpoints.
+
+    Returns:
+      (checkpoint path, inferred model config, report of warnings).
+    """
+    from convert.torch_io import load_state_dict
+
+    pth = Path(pth)
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        # Checked before the (possibly long) read so no work is lost to a typo.
+        raise ConversionError(f"{out} already exists; choose a new directory or pass --force.")
+    state_dict = load_state_dict(pth)
+    config, params, report = torch_to_flax(
+        state_dict,
+        strict=strict,
+        num_heads=num_heads,
+        temporal_heads=temporal_heads,
+        num_frames=num_frames,
+    )
+    del state_dict
+    metadata = {
+        "source": pth.name,
+        "source_sha256": _sha256(pth),
+        "source_dtypes": report.source_dtypes,
+        "zero_filled": report.zero_filled,
+        "ignored_keys": report.unexpected,
+    }
+    path = checkpoints.save(
+        out, model_from_config(config), params, metadata=metadata, overwrite=overwrite
+    )
+    return path, config, report
+
+
+def export_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    out_pth: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, str]:
+    """Writes a stam-jax checkpoint back as an official `{'model': state_dict}` `.pth`.
+
+    Args:
+      ckpt_dir: a stam-jax checkpoint directory.
+      out_pth: destination file.
+      dtype: tensor dtype; default: the dtype the checkpoint was converted from, else float32.
+      overwrite: replace an existing file.
+
+    Returns:
+      (written path, dtype used).
+    """
+    from convert.torch_io import save_state_dict
+
+    out = Path(out_pth)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; choose another name or pass --force.")
+    config = checkpoints.read_config(ckpt_dir)
+    if dtype is None:
+        sources = config["metadata"].get("source_dtypes", [])
+        dtype = sources[0] if len(sources) == 1 and sources[0] in TORCH_DTYPES else "float32"
+    if dtype not in TORCH_DTYPES:
+        raise ConversionError(f"dtype={dtype!r} is not one of {TORCH_DTYPES}.")
+    model, params = checkpoints.load(ckpt_dir)
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    save_state_dict(flax_to_torch(model, params, np_dtype), out)
+    return out, dtype
+
+
+__all__ = ["ConversionError", "convert_checkpoint", "export_checkpoint"]

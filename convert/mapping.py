@@ -1,0 +1,366 @@
+"""The one table between official STAM state-dict keys and stam-jax parameter paths.
+
+Pure numpy: no torch needed. `torch_to_flax` turns an official state dict (name -> array) into
+(model config, Flax params, report); `flax_to_torch` is its exact inverse. Every tensor is
+accounted for: missing keys, wrong shapes and (optionally) unexpected keys are errors that name
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stam_jax.model import STAM
+from stam_jax.variants import model_from_config
+
+# How a tensor changes between layouts: PyTorch Linear weights are (out, in), Flax kernels
+# (in, out); Conv2d weights are (out, in, kh, kw), Flax (kh, kw, in, out).
+COPY, LINEAR, CONV = "copy", "linear", "conv"
+_TO_FLAX = {COPY: None, LINEAR: (1, 0), CONV: (2, 3, 1, 0)}
+_TO_TORCH = {COPY: None, LINEAR: (1, 0), CONV: (3, 2, 0, 1)}
+
+
+def _linear(torch_prefix: str, flax_prefix: str) -> list[tuple[str, str, str]]:
+    return [
+        (f"{torch_prefix}.weight", f"{flax_prefix}/kernel", LINEAR),
+        (f"{torch_prefix}.bias", f"{flax_prefix}/bias", COPY),
+    ]
+
+
+def _norm(torch_prefix: str, flax_prefix: str) -> list[tuple[str, str, str]]:
+    return [
+        (f"{torch_prefix}.weight", f"{flax_prefix}/scale", COPY),
+        (f"{torch_prefix}.bias", f"{flax_prefix}/bias", COPY),
+    ]
+
+
+def _block(i: int) -> list[tuple[str, str, str]]:
+    t, f = f"blocks.{i}", f"blocks_{i}"
+    return [
+        *_norm(f"{t}.norm1", f"{f}/norm1"),
+        *_linear(f"{t}.attn.qkv", f"{f}/attn/qkv"),
+        *_linear(f"{t}.attn.proj", f"{f}/attn/proj"),
+        *_norm(f"{t}.norm2", f"{f}/norm2"),
+        *_linear(f"{t}.mlp.fc1", f"{f}/mlp/fc1"),
+        *_linear(f"{t}.mlp.fc2", f"{f}/mlp/fc2"),
+    ]
+
+
+def _temporal_layer(i: int) -> list[tuple[str, str, str]]:
+    t = f"aggregate.transformer_enc.layers.{i}"
+    f = f"aggregate/transformer_enc/layers_{i}"
+    return [
+        (f"{t}.self_attn.in_proj_weight", f"{f}/self_attn/in_proj/kernel", LINEAR),
+        (f"{t}.self_attn.in_proj_bias", f"{f}/self_attn/in_proj/bias", COPY),
+        *_linear(f"{t}.self_attn.out_proj", f"{f}/self_attn/out_proj"),
+        *_linear(f"{t}.linear1", f"{f}/linear1"),
+        *_linear(f"{t}.linear2", f"{f}/linear2"),
+        *_norm(f"{t}.norm1", f"{f}/norm1"),
+        *_norm(f"{t}.norm2", f"{f}/norm2"),
+    ]
+
+
+def key_table(model: STAM) -> list[tuple[str, str, str]]:
+    """(torch key, flax path, layout) for every tensor of `model`, in official order."""
+    table = [
+        ("cls_token", "cls_token", COPY),
+        ("pos_embed", "pos_embed", COPY),
+        ("patch_embed.proj.weight", "patch_embed/proj/kernel", CONV),
+        ("patch_embed.proj.bias", "patch_embed/proj/bias", COPY),
+    ]
+    for i in range(model.depth):
+        table += _block(i)
+    table += _norm("norm", "norm")
+    if model.aggregate == "transformer":
+        table += [
+            ("aggregate.cls_token", "aggregate/cls_token", COPY),
+            ("aggregate.pos_embed", "aggregate/pos_embed", COPY),
+        ]
+        if (model.temporal_hidden_size or model.hidden_size) != model.hidden_size:
+            table += _linear("aggregate.input_proj", "aggregate/input_proj")
+        for i in range(model.temporal_depth):
+            table += _temporal_layer(i)
+        table += _norm("aggregate.transformer_enc.norm", "aggregate/transformer_enc/norm")
+    table += _linear("head", "head")
+    return table
+
+
+class ConversionError(ValueError):
+    """A state dict that cannot become STAM params; the message names every offending key."""
+
+
+@dataclasses.dataclass
+class Report:
+    """What a conversion did besides copying tensors."""
+
+    zero_filled: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    stripped_prefix: bool = False
+    source_dtypes: list[str] = dataclasses.field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """Human-readable warnings, one per line."""
+        out = []
+        if self.zero_filled:
+            out.append(
+                f"{len(self.zero_filled)} qkv bias tensors are absent (a checkpoint from before "
+                "the official 'fix qkv bias' commit); set to zero as the official loader does: "
+                + ", ".join(self.zero_filled)
+            )
+        if self.unexpected:
+            out.append(
+                f"{len(self.unexpected)} unexpected keys ignored (pass --strict to refuse): "
+                + ", ".join(self.unexpected)
+            )
+        return out
+
+
+def _flat_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
+    t, s = model.num_frames, model.image_size
+    video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
+    shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    perm = _TO_TORCH[layout]
+    return shape if perm is None else tuple(shape[p] for p in perm)
+
+
+def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Removes DistributedDataParallel's `module.` prefix from every key that has it."""
+    stripped = any(k.startswith("module.") for k in state_dict)
+    out = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return out, stripped
+
+
+def _count(keys: list[str], pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    if found != set(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - found)
+        raise ConversionError(f"layers {missing} are missing from the sequence {pattern!r}.")
+    return len(found)
+
+
+def _need(sd: Mapping[str, Any], key: str, why: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ConversionError(
+            f"missing key {key!r}, needed to infer {why}; is this a STAM state dict?"
+        )
+    return tuple(sd[key].shape)
+
+
+def infer_config(
+    state_dict: Mapping[str, Any],
+    *,
+    num_heads: int | None = None,
+    temporal_heads: int | None = None,
+    num_frames: int | None = None,
+) -> dict[str, Any]:
+    """Reads the architecture off the tensor shapes of an official-format state dict.
+
+    Head counts are not visible in any shape: they default to width/64 for the ViT (ViT-B/16's
+    12) and to 8 for the temporal encoder (the official value) and may be overridden.
+
+    Args:
+      state_dict: official keys (without `module.`) -> arrays or tensors.
+      num_heads: ViT heads, if not width/64.
+      temporal_heads: temporal heads, if not 8.
+      num_frames: T; required only for mean-aggregate checkpoints, which do not store it.
+
+    Returns:
+      A dict of `STAM` architecture fields.
+    """
+    keys = list(state_dict)
+    width, chans, patch, patch_w = _need(state_dict, "patch_embed.proj.weight", "the patch size")
+    if chans != 3 or patch != patch_w:
+        raise ConversionError(
+            f"patch_embed.proj.weight has shape {(width, chans, patch, patch_w)}; expected "
+            "(width, 3, p, p) for RGB square patches."
+        )
+    tokens = _need(state_dict, "pos_embed", "the image size")[1] - 1
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ConversionError(f"pos_embed holds {tokens} patch positions, not a square grid.")
+    num_classes = _need(state_dict, "head.weight", "the class count")[0]
+    config: dict[str, Any] = dict(
+        num_classes=num_classes,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_size=width,
+        depth=_count(keys, r"blocks\.(\d+)\."),
+        mlp_dim=_need(state_dict, "blocks.0.mlp.fc1.weight", "the MLP width")[0],
+    )
+    if num_heads is None and width % 64:
+        raise ConversionError(
+            f"the ViT head count is not stored in checkpoints and the default, width/64, does "
+            f"not apply to width {width}; pass --num-heads."
+        )
+    heads = num_heads or width // 64
+    if heads < 1 or width % heads:
+        raise ConversionError(f"width {width} does not divide into {heads} heads; fix --num-heads.")
+    config["num_heads"] = heads
+
+    if any(k.startswith("aggregate.") for k in keys):
+        t_width = _need(state_dict, "aggregate.cls_token", "the temporal width")[-1]
+        t_frames = _need(state_dict, "aggregate.pos_embed", "the frame count T")[1] - 1
+        if num_frames is not None and num_frames != t_frames:
+            raise ConversionError(
+                f"--num-frames {num_frames} contradicts aggregate.pos_embed, which holds "
+                f"T={t_frames}; leave --num-frames out for transformer checkpoints."
+            )
+        t_heads = temporal_heads or 8
+        if t_width % t_heads:
+            raise ConversionError(
+                f"temporal width {t_width} does not divide into {t_heads} heads; pass "
+                "--temporal-heads."
+            )
+        prefix = "aggregate.transformer_enc.layers"
+        config.update(
+            aggregate="transformer",
+            num_frames=t_frames,
+            temporal_hidden_size=None if t_width == width else t_width,
+            temporal_depth=_count(keys, prefix.replace(".", r"\.") + r"\.(\d+)\."),
+            temporal_heads=t_heads,
+            temporal_mlp_dim=_need(state_dict, f"{prefix}.0.linear1.weight", "the temporal FF")[0],
+        )
+    else:
+        if num_frames is None:
+            raise ConversionError(
+                "this checkpoint has no 'aggregate.*' tensors (a mean-aggregate model), so the "
+                "frame count T is not stored in it; pass --num-frames T."
+            )
+        config.update(aggregate="mean", num_frames=num_frames)
+    return config
+
+
+def _to_float32(array: Any) -> np.ndarray:
+    # Every supported source dtype (float32/float16/bfloat16/float64-of-float32) upcasts exactly.
+    return np.asarray(array).astype(np.float32, copy=False)
+
+
+def torch_to_flax(
+    state_dict: Mapping[str, Any],
+    *,
+    strict: bool = False,
+    num_heads: int | None = None,
+    temporal_heads: int | None = None,
+    num_frames: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], Report]:
+    """Converts an official STAM state dict (numpy arrays) to Flax params.
+
+    Args:
+      state_dict: official keys -> numpy arrays (a `module.` prefix is stripped).
+      strict: refuse unexpected keys instead of warning about them.
+      num_heads: see `infer_config`.
+      temporal_heads: see `infer_config`.
+      num_frames: see `infer_config`.
+
+    Returns:
+      (model config dict, nested float32 params, report).
+
+    Raises:
+      ConversionError: naming every missing, misshapen or (strict) unexpected key.
+    """
+    sd, stripped = strip_prefix(state_dict)
+    config = infer_config(
+        sd, num_heads=num_heads, temporal_heads=temporal_heads, num_frames=num_frames
+    )
+    model = model_from_config(config)
+    shapes = _flat_shapes(model)
+    report = Report(stripped_prefix=stripped)
+    params: dict[str, Any] = {}
+    missing, misshapen = [], []
+    used = set()
+    for torch_key, flax_path, layout in key_table(model):
+        shape = _torch_shape(shapes[flax_path], layout)
+        if torch_key not in sd:
+            if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.bias", torch_key):
+                report.zero_filled.append(torch_key)
+                value = np.zeros(shape, np.float32)
+            else:
+                missing.append(torch_key)
+                continue
+        else:
+            used.add(torch_key)
+            value = sd[torch_key]
+            if tuple(value.shape) != shape:
+                misshapen.append(f"{torch_key}: expected {shape}, found {tuple(value.shape)}")
+                continue
+            report.source_dtypes.append(str(value.dtype))
+            value = _to_float32(value)
+        perm = _TO_FLAX[layout]
+        if perm is not None:
+            value = np.ascontiguousarray(value.transpose(perm))
+        _set(params, flax_path, value)
+    report.unexpected = sorted(set(sd) - used)
+    problems = [f"missing key {k}" for k in missing] + [f"wrong shape {m}" for m in misshapen]
+    if strict and report.unexpected:
+        problems += [f"unexpected key {k} (--strict)" for k in report.unexpected]
+    if problems:
+        raise ConversionError(
+            f"cannot convert this checkpoint to the inferred model {config}:\n  "
+            + "\n  ".join(problems)
+        )
+    report.source_dtypes = sorted(set(report.source_dtypes))
+    return config, params, report
+
+
+def flax_to_torch(model: STAM, params: Mapping[str, Any], dtype: Any = np.float32) -> dict:
+    """Flax params -> official state dict of numpy arrays (exact inverse of `torch_to_flax`).
+
+    Args:
+      model: the `STAM` whose params these are.
+      params: nested params as returned by `torch_to_flax` or training.
+      dtype: numpy dtype of the written tensors.
+
+    Returns:
+      An ordered dict official key -> numpy array.
+    """
+    shapes = _flat_shapes(model)
+    out = {}
+    for torch_key, flax_path, layout in key_table(model):
+        value = np.asarray(_get(params, flax_path))
+        if value.shape != shapes[flax_path]:
+            raise ConversionError(
+                f"param {flax_path}: expected shape {shapes[flax_path]}, found {value.shape}."
+            )
+        perm = _TO_TORCH[layout]
+        if perm is not None:
+            value = value.transpose(perm)
+        out[torch_key] = np.array(value, dtype=dtype, order="C")  # writable, as torch wants
+    return out
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    for p in path.split("/"):
+        if p not in tree:
+            raise ConversionError(f"param {path} is missing from the Flax params.")
+        tree = tree[p]
+    return tree
+
+
+__all__ = [
+    "ConversionError",
+    "Report",
+    "flax_to_torch",
+    "infer_config",
+    "key_table",
+    "torch_to_flax",
+]

@@ -1,0 +1,100 @@
+"""`python -m convert.selfcheck`: prove conversion and parity on this machine, end to end.
+
+Builds the official architecture in PyTorch (`convert.torch_reference`) with random weights,
+saves it as an official `{'model': state_dict}` `.pth`, converts it with the same code as
+`python -m convert`, compares stam-jax logits with PyTorch's on random videos, writes the
+checkpoint back with `convert.to_torch` and checks the round trip is bit-exact. Exit status 0
+only if every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert import convert_checkpoint, export_checkpoint
+from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
+from stam_jax import VARIANTS, checkpoints, create_model, model_config
+
+TOLERANCE = 1e-4  # max |jax - torch| / max |torch| in float32
+
+
+def run(model_name: str, batch: int, workdir: Path, seed: int = 0) -> bool:
+    """Runs every check for `model_name`, printing each result; True if all pass."""
+    config = model_config(create_model(model_name))
+    torch.manual_seed(seed)
+    reference = randomize_(reference_from_config(config), seed)
+    pth = workdir / f"{model_name}.pth"
+    torch.save({"model": reference.state_dict()}, pth)
+    size_mb = pth.stat().st_size / 2**20
+    print(f"[1/4] official-format {model_name} with random weights: {pth} ({size_mb:.0f} MiB)")
+
+    start = time.perf_counter()
+    ckpt, _, report = convert_checkpoint(
+        pth,
+        workdir / "ckpt",
+        num_heads=config["num_heads"],
+        temporal_heads=config.get("temporal_heads"),
+        num_frames=config["num_frames"] if config["aggregate"] == "mean" else None,
+    )
+    print(f"[2/4] converted to {ckpt} in {time.perf_counter() - start:.1f}s")
+    for warning in report.warnings():
+        print(f"      warning: {warning}")
+
+    model, params = checkpoints.load(ckpt)
+    rng = np.random.default_rng(seed)
+    t, s = model.num_frames, model.image_size
+    videos = rng.integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
+    got = np.asarray(model.apply({"params": params}, videos))
+    with torch.inference_mode():
+        want = reference(frames_from_videos(videos)).numpy()
+    error = float(np.abs(got - want).max() / np.abs(want).max())
+    same_top1 = bool((got.argmax(-1) == want.argmax(-1)).all())
+    parity = error <= TOLERANCE and same_top1
+    print(
+        f"[3/4] logits vs PyTorch on {batch} random videos: max error {error:.2e} of the logit "
+        f"scale (tolerance {TOLERANCE:.0e}), same top-1: {same_top1} -> "
+        f"{'OK' if parity else 'FAIL'}"
+    )
+
+    back = workdir / f"{model_name}.roundtrip.pth"
+    export_checkpoint(ckpt, back)
+    original = torch.load(pth, weights_only=True)["model"]
+    restored = torch.load(back, weights_only=True)["model"]
+    exact = original.keys() == restored.keys() and all(
+        original[k].dtype == restored[k].dtype and torch.equal(original[k], restored[k])
+        for k in original
+    )
+    print(
+        f"[4/4] official -> stam-jax -> official, {len(original)} tensors: "
+        f"{'bit-exact' if exact else 'NOT bit-exact'} -> {'OK' if exact else 'FAIL'}"
+    )
+    return parity and exact
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns 0 if every check passed, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="python -m convert.selfcheck", description=__doc__)
+    parser.add_argument("--model", default="stam_16", choices=sorted(VARIANTS))
+    parser.add_argument("--batch", type=int, default=2, help="random videos to compare")
+    parser.add_argument("--workdir", help="keep the files here (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ok = run(args.model, args.batch, workdir)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ok = run(args.model, args.batch, Path(tmp))
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`python -m convert.to_torch CKPT_DIR OUT.pth`: stam-jax checkpoint -> official `.pth`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert import TORCH_DTYPES, ConversionError, export_checkpoint
+from stam_jax.checkpoints import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the exporter CLI; returns the exit status (0 ok, 2 refused input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.to_torch",
+        description="Write a stam-jax checkpoint as an official STAM {'model': state_dict} .pth, "
+        "loadable by the official code.",
+    )
+    parser.add_argument("ckpt_dir", help="stam-jax checkpoint directory")
+    parser.add_argument("out_pth", help=".pth file to write")
+    parser.add_argument(
+        "--dtype",
+        choices=TORCH_DTYPES,
+        help="tensor dtype (default: the dtype the checkpoint was converted from, else float32)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite OUT.pth if it exists")
+    args = parser.parse_args(argv)
+    try:
+        path, dtype = export_checkpoint(
+            args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
+        )
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

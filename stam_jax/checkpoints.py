@@ -1,0 +1,176 @@
+"""stam-jax checkpoints: an orbax directory holding the params AND the model config.
+
+Layout of a checkpoint directory (written atomically by orbax):
+
+    DIR/params   the Flax params (orbax StandardCheckpointHandler)
+    DIR/config   JSON: {"format": "stam_jax", "version": 1, "model": {...}, "metadata": {...}}
+
+`load(DIR)` needs nothing else: the architecture comes from the config, so a converted official
+checkpoint is one call away from logits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from stam_jax.model import STAM
+from stam_jax.variants import model_config, model_from_config
+
+FORMAT = "stam_jax"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read or written; the message says why."""
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    handler = ocp.CompositeCheckpointHandler(
+        params=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()
+    )
+    return ocp.Checkpointer(handler)
+
+
+def save(
+    directory: str | os.PathLike,
+    model: STAM,
+    params: Mapping[str, Any],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes `params` and `model`'s architecture to `directory`.
+
+    Args:
+      directory: destination; must not exist unless `overwrite`.
+      model: the `STAM` whose params these are (its run-time dtype is not saved).
+      params: the params tree (numpy or jax arrays).
+      metadata: free JSON-serialisable facts (source file, source dtype, ...).
+      overwrite: replace an existing directory.
+
+    Returns:
+      The absolute checkpoint path.
+    """
+    path = Path(directory).absolute()
+    if path.exists():
+        if not overwrite:
+            raise CheckpointError(
+                f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
+            )
+        shutil.rmtree(path)
+    check_params(model, params)
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_config(model),
+        "metadata": dict(metadata or {}),
+    }
+    with _checkpointer() as ckpt:
+        ckpt.save(
+            path,
+            ocp.args.Composite(
+                params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)
+            ),
+        )
+    return path
+
+
+def _require_checkpoint(directory: str | os.PathLike) -> Path:
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path} is not a directory; expected a stam-jax checkpoint directory "
+            "(convert an official .pth with: python -m convert stam_16.pth OUT_DIR)."
+        )
+    if not (path / "config").is_dir() or not (path / "params").is_dir():
+        raise CheckpointError(
+            f"{path} is not a stam-jax checkpoint (no 'config' and 'params' inside); "
+            "convert an official .pth with: python -m convert stam_16.pth OUT_DIR."
+        )
+    return path
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Reads only the JSON config (model fields and metadata) of a checkpoint."""
+    path = _require_checkpoint(directory)
+    with _checkpointer() as ckpt:
+        restored = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
+    config = restored["config"]
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} holds format {config.get('format')!r}, not {FORMAT!r}.")
+    if config.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer stam-jax (version {config['version']} > {VERSION}); "
+            "upgrade stam-jax."
+        )
+    return config
+
+
+def load(
+    directory: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    attention_impl: str = "auto",
+) -> tuple[STAM, dict[str, Any]]:
+    """Loads a checkpoint as `(model, params)`.
+
+    `model.apply({'params': params}, videos)` then gives logits `(B, num_classes)`.
+
+    Args:
+      directory: a checkpoint written by `save` or `python -m convert`.
+      dtype: compute dtype of the returned model ('float32', 'bfloat16', 'float16').
+      param_dtype: dtype the params are cast to.
+      attention_impl: 'auto', 'xla' or 'cudnn'.
+
+    Returns:
+      The `STAM` module and its params (jax arrays on the default device).
+    """
+    path = _require_checkpoint(directory)
+    config = read_config(path)
+    model = model_from_config(
+        config["model"], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+    )
+    with _checkpointer() as ckpt:
+        params = ckpt.restore(path, ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    check_params(model, params)
+    target = model.param_dtype
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=target), params)
+    return model, params
+
+
+def abstract_params(model: STAM) -> dict[str, Any]:
+    """Shapes and dtypes of `model`'s params, without allocating them."""
+    t, s = model.num_frames, model.image_size
+    video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
+    return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
+
+
+def check_params(model: STAM, params: Mapping[str, Any]) -> None:
+    """Raises `CheckpointError` naming every param whose path or shape does not fit `model`."""
+    expected = {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
+    }
+    found = {
+        jax.tree_util.keystr(k): tuple(np.shape(v))
+        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    problems = [f"missing param {k}" for k in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected param {k}" for k in sorted(found.keys() - expected.keys())]
+    problems += [
+        f"param {k}: expected shape {expected[k]}, found {found[k]}"
+        for k in sorted(expected.keys() & found.keys())
+        if expected[k] != found[k]
+    ]
+    if problems:
+        raise CheckpointError("params do not fit the model:\n  " + "\n  ".join(problems))

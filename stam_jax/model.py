@@ -1,0 +1,486 @@
+"""The STAM model in Flax linen: a ViT applied per frame, then a temporal transformer.
+
+The parameter tree mirrors the official PyTorch module tree, so that the checkpoint converter
+(`convert.mapping`) is a readable table:
+
+    patch_embed/proj            Conv 16x16/16           patch_embed.proj
+    cls_token, pos_embed        spatial tokens          cls_token, pos_embed
+    blocks_N/{norm1,attn,norm2,mlp}   pre-norm ViT blocks      blocks.N.*
+    norm                        final spatial LayerNorm norm
+    aggregate/{cls_token,pos_embed}   temporal tokens          aggregate.*
+    aggregate/transformer_enc/layers_L/{self_attn,linear1,linear2,norm1,norm2}
+                                post-norm PyTorch TransformerEncoderLayer semantics
+    aggregate/transformer_enc/norm    final temporal LayerNorm
+    head                        classifier              head
+
+Half precision: matmuls run in `dtype`; LayerNorm statistics and the attention softmax are
+computed in float32 whatever `dtype` is (flax's LayerNorm reductions and
+`jax.nn.dot_product_attention` both upcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+AttentionImpl = str  # 'auto' | 'xla' | 'cudnn'
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+AGGREGATES = ("transformer", "mean")
+
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+_token_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def _layer_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    # Two-pass variance, as PyTorch computes it; statistics in float32 under half precision.
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def _resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> str | None:
+    """Maps the user-facing choice to `jax.nn.dot_product_attention`'s `implementation`."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.")
+    if impl == "auto":
+        # cuDNN's fused attention only exists for half precision on NVIDIA GPUs.
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+class FusedQKVAttention(nn.Module):
+    """Multi-head self-attention with one fused q|k|v projection.
+
+    Serves both the ViT blocks (`attn/qkv`, `attn/proj`) and the PyTorch
+    `nn.MultiheadAttention` of the temporal layers (`self_attn/in_proj`, `self_attn/out_proj`):
+    the fused weight's output rows are q, then k, then v, each split into heads contiguously.
+
+    Attributes:
+      num_heads: number of heads; the width must divide by it.
+      qkv_name: name of the fused input projection.
+      out_name: name of the output projection.
+      dropout_rate: dropout on the attention probabilities (training only).
+      attention_impl: 'auto', 'xla' or 'cudnn'.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    num_heads: int
+    qkv_name: str = "qkv"
+    out_name: str = "proj"
+    dropout_rate: float = 0.0
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        batch, length, width = x.shape
+        if width % self.num_heads:
+            raise ValueError(f"width {width} does not divide into num_heads={self.num_heads}.")
+        head_dim = width // self.num_heads
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+        qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
+        qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.dropout_rate > 0.0 and not deterministic:
+            # Dropout on the probabilities needs them materialised: explicit path.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
+            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+            out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        else:
+            impl = _resolve_attention_impl(self.attention_impl, self.dtype)
+            out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        out = out.reshape(batch, length, width)
+        return nn.Dense(width, name=self.out_name, **dense)(out)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample, rescaling survivors."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.rate == 0.0 or deterministic:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+    """The ViT feed-forward: fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden_dim: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+        y = nn.Dense(self.hidden_dim, name="fc1", **dense)(x)
+        y = nn.gelu(y, approximate=False)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = nn.Dense(x.shape[-1], name="fc2", **dense)(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """A pre-norm ViT block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = _layer_norm("norm1", self.layer_norm_eps, **types)(x)
+        y = FusedQKVAttention(
+            self.num_heads, attention_impl=self.attention_impl, name="attn", **types
+        )(y, deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path_rate)(y, deterministic)
+        y = _layer_norm("norm2", self.layer_norm_eps, **types)(x)
+        y = Mlp(self.mlp_dim, self.dropout_rate, name="mlp", **types)(y, deterministic)
+        return x + DropPath(self.drop_path_rate)(y, deterministic)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through a strided convolution (`patch_embed/proj`)."""
+
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(
+            self.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_dense_init,
+            name="proj",
+        )(images)
+        # Row-major patch order, as PyTorch's flatten(2) of (N, C, h, w).
+        return x.reshape(x.shape[0], -1, self.hidden_size)
+
+
+class TemporalEncoderLayer(nn.Module):
+    """PyTorch `nn.TransformerEncoderLayer` defaults: post-norm, ReLU feed-forward, dropout.
+
+    `x = norm1(x + dropout1(self_attn(x)))`, then
+    `x = norm2(x + dropout2(linear2(dropout(relu(linear1(x))))))`; PyTorch's
+    `nn.MultiheadAttention` also drops out attention probabilities at the same rate.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(kernel_init=_dense_init, **types)
+        drop = nn.Dropout(self.dropout_rate)
+        y = FusedQKVAttention(
+            self.num_heads,
+            qkv_name="in_proj",
+            out_name="out_proj",
+            dropout_rate=self.dropout_rate,
+            attention_impl=self.attention_impl,
+            name="self_attn",
+            **types,
+        )(x, deterministic)
+        x = _layer_norm("norm1", self.layer_norm_eps, **types)(
+            x + drop(y, deterministic=deterministic)
+        )
+        y = nn.Dense(self.mlp_dim, name="linear1", **dense)(x)
+        y = drop(nn.relu(y), deterministic=deterministic)
+        y = nn.Dense(x.shape[-1], name="linear2", **dense)(y)
+        return _layer_norm("norm2", self.layer_norm_eps, **types)(
+            x + drop(y, deterministic=deterministic)
+        )
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of `TemporalEncoderLayer`s and a final LayerNorm (`transformer_enc`)."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for i in range(self.depth):
+            x = TemporalEncoderLayer(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout_rate,
+                self.layer_norm_eps,
+                self.attention_impl,
+                name=f"layers_{i}",
+                **types,
+            )(x, deterministic)
+        return _layer_norm("norm", self.layer_norm_eps, **types)(x)
+
+
+class TemporalTransformer(nn.Module):
+    """The official `aggregate`: cls token + position embedding + transformer over frames.
+
+    Returns the final representation of the temporal cls token, `(B, width)`.
+    """
+
+    num_frames: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        batch, _, width = frames.shape
+        x = frames
+        if width != self.hidden_size:
+            # Not in the official model (its temporal width equals the ViT width).
+            x = nn.Dense(
+                self.hidden_size,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=_dense_init,
+                name="input_proj",
+            )(x)
+        d = self.hidden_size
+        cls = self.param("cls_token", _token_init, (1, 1, d), self.param_dtype)
+        pos = self.param("pos_embed", _token_init, (1, self.num_frames + 1, d), self.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, d))
+        x = jnp.concatenate([cls, x.astype(self.dtype)], axis=1) + pos.astype(self.dtype)
+        x = TransformerEncoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout_rate,
+            self.layer_norm_eps,
+            self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="transformer_enc",
+        )(x, deterministic)
+        return x[:, 0]
+
+
+class MeanAggregate(nn.Module):
+    """The official parameter-free alternative: the mean of the frame features."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        del deterministic
+        return jnp.mean(frames.astype(jnp.float32), axis=1).astype(self.dtype)
+
+
+class STAM(nn.Module):
+    """STAM: a ViT on every frame, a temporal transformer over the frame features, a head.
+
+    Call it on videos `(B, T, H, W, 3)`: uint8 in [0, 255] (scaled by 1/255 on device, exactly as
+    `ToTensor` does) or floating point already in [0, 1]. There is no mean/std normalisation.
+    Returns logits `(B, num_classes)` in float32. The per-frame features `(B, T, hidden_size)`
+    and the video feature before the head are sown into the 'intermediates' collection
+    (`model.apply(v, x, mutable=['intermediates'])`).
+
+    Attributes:
+      num_classes: classifier outputs (400 for Kinetics-400).
+      num_frames: T, the number of frames per video (the temporal position embedding's length).
+      image_size: frame side in pixels (square frames).
+      patch_size: ViT patch side.
+      hidden_size: ViT width.
+      depth: number of ViT blocks.
+      num_heads: ViT attention heads.
+      mlp_dim: ViT feed-forward width.
+      aggregate: 'transformer' (STAM) or 'mean' (frame averaging, the official alternative).
+      temporal_hidden_size: temporal width; None means `hidden_size` (as in the official model).
+      temporal_depth: number of temporal encoder layers.
+      temporal_heads: temporal attention heads.
+      temporal_mlp_dim: temporal feed-forward width.
+      temporal_dropout_rate: dropout of the temporal layers (training only; PyTorch's 0.1).
+      dropout_rate: dropout in the ViT blocks (0 in the released models).
+      drop_path_rate: stochastic depth of the ViT blocks, rising linearly to this rate.
+      layer_norm_eps: LayerNorm epsilon everywhere (PyTorch's 1e-5).
+      attention_impl: 'auto' (cuDNN for half precision on GPU, else XLA), 'xla' or 'cudnn'.
+      dtype: compute dtype (float32, bfloat16 or float16).
+      param_dtype: parameter dtype.
+    """
+
+    num_classes: int = 400
+    num_frames: int = 16
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    aggregate: str = "transformer"
+    temporal_hidden_size: int | None = None
+    temporal_depth: int = 6
+    temporal_heads: int = 8
+    temporal_mlp_dim: int = 2048
+    temporal_dropout_rate: float = 0.1
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    layer_norm_eps: float = 1e-5
+    attention_impl: AttentionImpl = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _check_input(self, videos: jax.Array) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
+            )
+        expected = (self.num_frames, self.image_size, self.image_size, 3)
+        if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
+            raise ValueError(
+                f"videos have shape {tuple(videos.shape)}; this model expects "
+                f"(batch, {', '.join(map(str, expected))}) = (B, T, H, W, RGB). Sample "
+                f"{self.num_frames} frames of {self.image_size}x{self.image_size}, channels last."
+            )
+        if videos.dtype != jnp.uint8 and not jnp.issubdtype(videos.dtype, jnp.floating):
+            raise ValueError(
+                f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
+            )
+
+    def _preprocess(self, videos: jax.Array) -> jax.Array:
+        if videos.dtype == jnp.uint8:
+            # Same float32 division as torchvision's ToTensor, then cast to the compute dtype.
+            return (videos.astype(jnp.float32) / 255.0).astype(self.dtype)
+        return videos.astype(self.dtype)
+
+    @nn.compact
+    def __call__(self, videos: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Classifies a batch of videos.
+
+        Args:
+          videos: `(B, T, H, W, 3)` uint8 or float in [0, 1].
+          deterministic: False enables dropout and drop-path (needs a 'dropout' rng).
+
+        Returns:
+          Logits `(B, num_classes)`, float32.
+        """
+        self._check_input(videos)
+        types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch = videos.shape[0]
+        images = self._preprocess(videos).reshape((-1, *videos.shape[2:]))
+
+        # Spatial ViT over all B*T frames at once.
+        x = PatchEmbed(self.patch_size, self.hidden_size, name="patch_embed", **types)(images)
+        d = self.hidden_size
+        cls = self.param("cls_token", _token_init, (1, 1, d), self.param_dtype)
+        pos = self.param("pos_embed", _token_init, (1, x.shape[1] + 1, d), self.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        for i in range(self.depth):
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x = Block(
+                self.num_heads,
+                self.mlp_dim,
+                self.dropout_rate,
+                rate,
+                self.layer_norm_eps,
+                self.attention_impl,
+                name=f"blocks_{i}",
+                **types,
+            )(x, deterministic)
+        x = _layer_norm("norm", self.layer_norm_eps, **types)(x)
+        frames = x[:, 0].reshape(batch, self.num_frames, d)
+        self.sow("intermediates", "frame_features", frames)
+
+        # Temporal aggregation over the T frame features.
+        aggregate = self._make_aggregate()
+        video = aggregate(frames, deterministic)
+        self.sow("intermediates", "video_features", video)
+        logits = nn.Dense(
+            self.num_classes,
+            name="head",
+            kernel_init=_dense_init,
+            **types,
+        )(video)
+        return logits.astype(jnp.float32)
+
+    def _make_aggregate(self) -> Callable[..., jax.Array]:
+        if self.aggregate == "mean":
+            return MeanAggregate(dtype=self.dtype, name="aggregate")
+        if self.aggregate != "transformer":
+            raise ValueError(f"aggregate={self.aggregate!r} is not one of {AGGREGATES}.")
+        return TemporalTransformer(
+            num_frames=self.num_frames,
+            hidden_size=self.temporal_hidden_size or self.hidden_size,
+            depth=self.temporal_depth,
+            num_heads=self.temporal_heads,
+            mlp_dim=self.temporal_mlp_dim,
+            dropout_rate=self.temporal_dropout_rate,
+            layer_norm_eps=self.layer_norm_eps,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="aggregate",
+        )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per frame, `(image_size // patch_size) ** 2`."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def macs_per_video(self) -> int:
+        """Multiply-accumulates of one forward pass (matmuls and attention), for cost tables."""
+        n, d, t = self.num_patches + 1, self.hidden_size, self.num_frames
+        spatial = self.num_patches * d * 3 * self.patch_size**2
+        spatial += self.depth * (n * d * 4 * d + 2 * n * n * d + 2 * n * d * self.mlp_dim)
+        temporal = 0
+        if self.aggregate == "transformer":
+            dt, m = self.temporal_hidden_size or d, t + 1
+            temporal = self.temporal_depth * (
+                m * dt * 4 * dt + 2 * m * m * dt + 2 * m * dt * self.temporal_mlp_dim
+            )
+        head = (self.temporal_hidden_size or d) * self.num_classes
+        return t * spatial + temporal + head

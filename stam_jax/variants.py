@@ -1,0 +1,112 @@
+"""Registered STAM variants (a table of sizes) and (de)serialisation of model configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from stam_jax.model import STAM
+
+# Fields that describe the architecture; saved in checkpoints. The rest (dtype, param_dtype,
+# attention_impl) are run-time choices made when a checkpoint is loaded.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl")
+ARCH_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(STAM)
+    if f.name not in RUNTIME_FIELDS and f.name not in ("parent", "name")
+)
+
+_TINY = dict(
+    num_classes=10,
+    num_frames=4,
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    mlp_dim=64,
+    temporal_depth=2,
+    temporal_heads=4,
+    temporal_mlp_dim=48,
+)
+
+# The official models differ only in T; everything else is STAM's ViT-B/16 default.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "stam_16": dict(num_frames=16),
+    "stam_32": dict(num_frames=32),
+    "stam_64": dict(num_frames=64),
+    # Tiny variants for tests and the demo: same code paths, seconds to run on a CPU.
+    "stam_tiny": dict(_TINY),
+    "stam_tiny_mean": dict(_TINY, aggregate="mean"),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """Returns the jnp dtype for 'float32' / 'bfloat16' / 'float16' (or such a dtype itself)."""
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def create_model(name: str, **overrides: Any) -> STAM:
+    """Builds a registered variant, e.g. `create_model('stam_16', dtype='bfloat16')`.
+
+    Args:
+      name: a key of `VARIANTS`.
+      **overrides: any `STAM` field (sizes, `aggregate`, `dtype`, ...).
+
+    Returns:
+      The (unbound) `STAM` module.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
+    return model_from_config({**VARIANTS[name], **overrides})
+
+
+def model_from_config(config: dict[str, Any], **runtime: Any) -> STAM:
+    """Builds a `STAM` from a dict of its fields, refusing unknown names.
+
+    Args:
+      config: architecture fields (as saved by `model_config`), optionally run-time ones.
+      **runtime: `dtype`, `param_dtype`, `attention_impl` (override `config`).
+
+    Returns:
+      The (unbound) `STAM` module.
+    """
+    fields = {**config, **runtime}
+    known = set(ARCH_FIELDS) | set(RUNTIME_FIELDS)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown model fields {unknown}; valid fields: {sorted(known)}.")
+    for key in ("dtype", "param_dtype"):
+        if key in fields:
+            fields[key] = parse_dtype(fields[key])
+    return STAM(**fields)
+
+
+def model_config(model: STAM) -> dict[str, Any]:
+    """The architecture of `model` as a JSON-serialisable dict (no run-time fields).
+
+    A mean-aggregate model has no temporal transformer, so its `temporal_*` fields are left out:
+    two models that compute the same function have the same config.
+    """
+    skip = model.aggregate == "mean"
+    return {
+        name: getattr(model, name)
+        for name in ARCH_FIELDS
+        if not (skip and name.startswith("temporal_"))
+    }
+
+
+def variant_name(model: STAM) -> str | None:
+    """The registered variant whose architecture equals `model`'s, if any."""
+    config = model_config(model)
+    for name in VARIANTS:
+        if model_config(create_model(name)) == config:
+            return name
+    return None

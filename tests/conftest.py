@@ -1,0 +1,97 @@
+"""Shared fixtures: official-format checkpoints from the PyTorch reference with random weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
+from stam_jax import create_model, model_config
+
+# Small architectures that exercise every size knob of the converter and the model.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": model_config(create_model("stam_tiny")),
+    "odd_sizes": model_config(
+        create_model(
+            "stam_tiny",
+            num_frames=8,
+            num_classes=7,
+            hidden_size=48,
+            num_heads=3,
+            mlp_dim=96,
+            depth=3,
+            temporal_depth=1,
+            temporal_heads=6,
+            temporal_mlp_dim=40,
+        )
+    ),
+    "patch16_400cls": model_config(
+        create_model(
+            "stam_tiny",
+            num_frames=2,
+            image_size=48,
+            patch_size=16,
+            hidden_size=64,
+            num_classes=400,
+        )
+    ),
+    "mean": model_config(create_model("stam_tiny_mean")),
+}
+
+
+def convert_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The converter options a config needs (head counts are not stored in checkpoints)."""
+    return dict(
+        num_heads=config["num_heads"],
+        temporal_heads=config.get("temporal_heads"),
+        num_frames=config["num_frames"] if config["aggregate"] == "mean" else None,
+    )
+
+
+def cli_args(config: dict[str, Any]) -> list[str]:
+    """`convert_kwargs` as command-line flags of `python -m convert`."""
+    args = ["--num-heads", str(config["num_heads"])]
+    if config["aggregate"] == "mean":
+        return [*args, "--num-frames", str(config["num_frames"])]
+    return [*args, "--temporal-heads", str(config["temporal_heads"])]
+
+
+def random_videos(config: dict[str, Any], batch: int, seed: int = 0) -> np.ndarray:
+    """uint8 videos `(B, T, H, W, 3)` for a model config."""
+    t, s = config["num_frames"], config["image_size"]
+    return np.random.default_rng(seed).integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
+
+
+def torch_logits(reference: torch.nn.Module, videos: np.ndarray) -> np.ndarray:
+    """The reference model's logits for uint8 videos."""
+    with torch.inference_mode():
+        return reference(frames_from_videos(videos)).numpy()
+
+
+@pytest.fixture
+def official_pth(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
+    """Factory: writes an official-format `.pth` of a random reference model."""
+
+    def make(
+        config: dict[str, Any],
+        *,
+        seed: int = 0,
+        wrap: Callable[[dict], Any] = lambda sd: {"model": sd},
+        edit: Callable[[dict], None] | None = None,
+        name: str = "official.pth",
+        **reference_kwargs: Any,
+    ) -> tuple[Path, torch.nn.Module]:
+        reference = randomize_(reference_from_config({**config, **reference_kwargs}), seed=seed)
+        state_dict = dict(reference.state_dict())
+        if edit is not None:
+            edit(state_dict)
+        path = tmp_path / name
+        torch.save(wrap(state_dict), path)
+        return path, reference
+
+    return make
