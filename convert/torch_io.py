@@ -37,14 +37,19 @@ def _torch():
 
 def _torch_load(path: Path) -> Any:
     torch = _torch()
-    try:
-        # mmap keeps a large checkpoint out of anonymous memory: tensors are views of the file.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" in str(e) and zipfile.is_zipfile(path) is False:
-            # The legacy (non-zip) format cannot be mapped; it is still read weights-only.
-            return torch.load(path, map_location="cpu", weights_only=True)
-        raise
+    # mmap keeps a large checkpoint out of anonymous memory (tensors are views of the file);
+    # the legacy non-zip format cannot be mapped, and is still read weights-only.
+    return torch.load(
+        path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+    )
+
+
+def _unpickler_detail(text: str) -> str:
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
+            return detail or "unrecognised pickle content"
+    return text.splitlines()[0] if text else "unrecognised pickle content"
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -64,6 +69,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       UnsafeCheckpointError: the pickle would run code; nothing from it was executed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path} is a directory; expected an official .pth file.")
     if not path.is_file():
         raise ConversionError(f"{path}: no such file.")
     size = path.stat().st_size
@@ -72,24 +79,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        if "Weights only load failed" in text or "Unsupported global" in text:
+        detail = _unpickler_detail(str(e))
+        if "Unsupported global" in detail:
             raise UnsafeCheckpointError(
-                f"{path} was refused: its pickle references objects outside the tensor "
-                "allow-list, so loading it could run code. Nothing from it was executed. "
-                "Only load checkpoints from sources you trust, re-saved as plain state dicts "
-                "(torch.save({'model': model.state_dict()}, ...)). "
-                f"Detail: {text.splitlines()[0]}"
+                f"{path} was refused: its pickle calls code outside the tensor allow-list "
+                f"({detail}), so loading it could run that code. Nothing from it was executed. "
+                "Only convert checkpoints from sources you trust, re-saved as plain state dicts "
+                "(torch.save({'model': model.state_dict()}, path))."
             ) from None
         raise ConversionError(
-            f"{path} is not a PyTorch checkpoint ({size} bytes; unpickling failed: "
-            f"{text.splitlines()[0] if text else type(e).__name__})."
+            f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many types for damaged files
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConversionError(
-            f"{path} could not be read as a PyTorch checkpoint ({size} bytes): {first}. "
-            "It may be truncated or corrupt: download it again and compare its size."
+            f"{path} could not be read as a PyTorch checkpoint ({size} bytes; "
+            f"{type(e).__name__}: {first}). It may be truncated or corrupt, or not a .pth at "
+            "all: download it again and compare its size."
         ) from None
     return _as_numpy(_find_state_dict(obj, path))
 

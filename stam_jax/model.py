@@ -93,14 +93,17 @@ class FusedQKVAttention(nn.Module):
         qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.dropout_rate > 0.0 and not deterministic:
-            # Dropout on the probabilities needs them materialised: explicit path.
+        impl = _resolve_attention_impl(self.attention_impl, self.dtype)
+        dropout = self.dropout_rate > 0.0 and not deterministic
+        # jax's XLA attention asks for an F16_F16_F32 dot algorithm that XLA:CPU lacks.
+        cpu_f16 = jnp.dtype(self.dtype) == jnp.float16 and jax.default_backend() == "cpu"
+        if dropout or (impl == "xla" and cpu_f16):
+            # The same computation with the probabilities materialised (dropout needs them).
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
-            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not dropout)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         else:
-            impl = _resolve_attention_impl(self.attention_impl, self.dtype)
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         out = out.reshape(batch, length, width)
         return nn.Dense(width, name=self.out_name, **dense)(out)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert.mapping import torch_to_flax
 from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
 from stam_jax import create_model, model_config
 
@@ -71,6 +72,17 @@ def torch_logits(reference: torch.nn.Module, videos: np.ndarray) -> np.ndarray:
     """The reference model's logits for uint8 videos."""
     with torch.inference_mode():
         return reference(frames_from_videos(videos)).numpy()
+
+
+def random_params(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Flax params converted from the reference with `randomize_` weights.
+
+    Unlike a fresh Flax init (whose attention is nearly uniform), every part of the network
+    then visibly shapes the output.
+    """
+    reference = randomize_(reference_from_config(config), seed=seed)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    return torch_to_flax(state_dict, **convert_kwargs(config))[1]
 
 
 @pytest.fixture

@@ -1,0 +1,290 @@
+"""Conversion: every tensor accounted for, bad files refused clearly, round trips bit-exact."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIGS, cli_args, convert_kwargs, random_videos, torch_logits
+
+from convert import ConversionError, convert_checkpoint, export_checkpoint
+from convert.__main__ import main as convert_main
+from convert.mapping import torch_to_flax
+from convert.to_torch import main as to_torch_main
+from convert.torch_io import UnsafeCheckpointError, load_state_dict
+from stam_jax import checkpoints, create_model
+from stam_jax.checkpoints import CheckpointError
+
+TINY = TINY_CONFIGS["tiny"]
+
+
+def load_official(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_state_dicts_identical(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_round_trip_is_bit_exact(name, official_pth, tmp_path):
+    config = TINY_CONFIGS[name]
+    pth, _ = official_pth(config)
+    convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(config))
+    assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth")]) == 0
+    assert_state_dicts_identical(load_official(pth), load_official(tmp_path / "back.pth"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_round_trips_in_its_dtype(dtype, official_pth, tmp_path):
+    def to_half(sd):
+        sd.update({k: v.to(dtype) for k, v in sd.items()})
+
+    pth, _ = official_pth(TINY, edit=to_half)
+    convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(TINY))
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "back.pth")
+    assert_state_dicts_identical(load_official(pth), load_official(tmp_path / "back.pth"))
+    # An explicit dtype overrides the recorded one.
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "f32.pth", dtype="float32")
+    back = load_official(tmp_path / "f32.pth")
+    assert all(v.dtype == torch.float32 for v in back.values())
+    original = load_official(pth)
+    assert all(torch.equal(back[k], original[k].float()) for k in original)
+
+
+def test_bfloat16_tensors_load_as_ml_dtypes(official_pth):
+    pth, _ = official_pth(
+        TINY, edit=lambda sd: sd.update({"head.bias": sd["head.bias"].bfloat16()})
+    )
+    sd = load_state_dict(pth)
+    assert sd["head.bias"].dtype == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3},
+        lambda sd: sd,
+        lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+    ids=["state_dict", "bare", "module_prefix"],
+)
+def test_accepted_containers_give_identical_params(wrap, official_pth, tmp_path):
+    plain, _ = official_pth(TINY, name="plain.pth")
+    other, _ = official_pth(TINY, wrap=wrap, name="other.pth")
+    convert_checkpoint(plain, tmp_path / "a", **convert_kwargs(TINY))
+    convert_checkpoint(other, tmp_path / "b", **convert_kwargs(TINY))
+    chex.assert_trees_all_equal(
+        checkpoints.load(tmp_path / "a")[1], checkpoints.load(tmp_path / "b")[1]
+    )
+
+
+def test_missing_keys_are_all_named(official_pth, tmp_path, capsys):
+    def drop(sd):
+        del sd["blocks.1.mlp.fc2.weight"]
+        del sd["aggregate.transformer_enc.layers.0.linear1.bias"]
+
+    pth, _ = official_pth(TINY, edit=drop)
+    assert convert_main([str(pth), str(tmp_path / "ckpt"), *cli_args(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "missing key blocks.1.mlp.fc2.weight" in err
+    assert "missing key aggregate.transformer_enc.layers.0.linear1.bias" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_missing_qkv_bias_is_zero_filled_like_the_official_loader(official_pth, tmp_path, capsys):
+    def drop_qkv_bias(sd):
+        for key in [k for k in sd if k.endswith("attn.qkv.bias")]:
+            del sd[key]
+
+    # The reference without qkv bias computes exactly what a zero bias computes.
+    pth, reference = official_pth(TINY, edit=drop_qkv_bias, qkv_bias=False)
+    assert convert_main([str(pth), str(tmp_path / "ckpt"), *cli_args(TINY)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 qkv bias tensors are absent" in err
+    assert "blocks.0.attn.qkv.bias" in err and "blocks.1.attn.qkv.bias" in err
+    model, params = checkpoints.load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["bias"], 0.0)
+    videos = random_videos(TINY, batch=2)
+    want = torch_logits(reference, videos)
+    got = np.asarray(model.apply({"params": params}, videos))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_unexpected_keys_warn_or_fail_with_strict(official_pth, tmp_path, capsys):
+    def add(sd):
+        sd["aggregate.extra.weight"] = torch.zeros(3)
+        sd["head_dist.weight"] = torch.zeros(2, 2)
+
+    pth, _ = official_pth(TINY, edit=add)
+    assert convert_main([str(pth), str(tmp_path / "a"), *cli_args(TINY)]) == 0
+    err = capsys.readouterr().err
+    assert "2 unexpected keys ignored" in err and "aggregate.extra.weight, head_dist.weight" in err
+    assert checkpoints.read_config(tmp_path / "a")["metadata"]["ignored_keys"] == [
+        "aggregate.extra.weight",
+        "head_dist.weight",
+    ]
+
+    assert convert_main([str(pth), str(tmp_path / "b"), "--strict", *cli_args(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected key aggregate.extra.weight (--strict)" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_wrong_shape_names_key_expected_and_found(official_pth):
+    def reshape(sd):
+        sd["blocks.0.attn.proj.weight"] = torch.zeros(32, 31)
+
+    pth, _ = official_pth(TINY, edit=reshape)
+    with pytest.raises(
+        ConversionError,
+        match=r"wrong shape blocks\.0\.attn\.proj\.weight: "
+        r"expected \(32, 32\), found \(32, 31\)",
+    ):
+        torch_to_flax(load_state_dict(pth), **convert_kwargs(TINY))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "extra": Payload()}, path)
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"refused.*io\.open.*Nothing from it was executed"
+    ):
+        load_state_dict(path)
+    assert not marker.exists()
+    # The file really is malicious: an unsafe load runs the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_cli_refuses_malicious_pickle(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, path)
+    assert convert_main([str(path), str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "code ran" not in captured.out
+    assert "refused" in captured.err and "print" in captured.err
+
+
+def test_damaged_and_wrong_files(official_pth, tmp_path):
+    pth, _ = official_pth(TINY)
+    data = pth.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    npy = tmp_path / "array.npy"
+    np.save(npy, np.zeros(4))
+    cases = {
+        truncated: r"could not be read as a PyTorch checkpoint .*truncated or corrupt",
+        empty: r"is empty \(0 bytes\)",
+        text: r"not.* a PyTorch checkpoint \(17 bytes",
+        npy: r"is not a PyTorch checkpoint",
+        tmp_path / "absent.pth": r"no such file",
+        tmp_path: r"is a directory",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConversionError, match=message):
+            load_state_dict(path)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
+    with pytest.raises(ConversionError, match=r"no state dict.*\['epoch', 'optimizer'\]"):
+        load_state_dict(path)
+    path = tmp_path / "ints.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, dtype=torch.int64)}}, path)
+    with pytest.raises(ConversionError, match=r"'head.weight' has dtype torch.int64"):
+        load_state_dict(path)
+
+
+def test_head_counts_and_frames_are_checked(official_pth, tmp_path):
+    pth, _ = official_pth(TINY)
+    sd = load_state_dict(pth)
+    with pytest.raises(ConversionError, match=r"not apply to width 32; pass --num-heads"):
+        torch_to_flax(sd)
+    with pytest.raises(ConversionError, match=r"does not divide into 5 heads"):
+        torch_to_flax(sd, num_heads=5)
+    with pytest.raises(ConversionError, match=r"temporal width 32 does not divide into 3 heads"):
+        torch_to_flax(sd, num_heads=2, temporal_heads=3)
+    with pytest.raises(ConversionError, match=r"--num-frames 9 contradicts .* T=4"):
+        torch_to_flax(sd, num_heads=2, temporal_heads=4, num_frames=9)
+
+    mean_pth, _ = official_pth(TINY_CONFIGS["mean"], name="mean.pth")
+    with pytest.raises(ConversionError, match=r"T is not stored in it; pass --num-frames"):
+        torch_to_flax(load_state_dict(mean_pth), num_heads=2)
+
+
+def test_missing_layer_in_sequence(official_pth):
+    def drop_block(sd):
+        for key in [k for k in sd if k.startswith("blocks.0.")]:
+            del sd[key]
+
+    pth, _ = official_pth(TINY, edit=drop_block)
+    with pytest.raises(ConversionError, match=r"layers \[0\] are missing"):
+        torch_to_flax(load_state_dict(pth), **convert_kwargs(TINY))
+
+
+def test_existing_output_needs_force(official_pth, tmp_path, capsys):
+    pth, _ = official_pth(TINY)
+    out = tmp_path / "ckpt"
+    assert convert_main([str(pth), str(out), *cli_args(TINY)]) == 0
+    assert convert_main([str(pth), str(out), *cli_args(TINY)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert convert_main([str(pth), str(out), "--force", *cli_args(TINY)]) == 0
+
+    back = tmp_path / "back.pth"
+    assert to_torch_main([str(out), str(back)]) == 0
+    assert to_torch_main([str(out), str(back)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert to_torch_main([str(out), str(back), "--force"]) == 0
+
+
+def test_to_torch_refuses_non_checkpoints(tmp_path, capsys):
+    assert to_torch_main([str(tmp_path / "nothing"), str(tmp_path / "x.pth")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert to_torch_main([str(tmp_path), str(tmp_path / "x.pth")]) == 2
+    assert "is not a stam-jax checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_save_load_round_trip(tmp_path):
+    model = create_model("stam_tiny")
+    videos = random_videos(TINY, batch=1)
+    params = model.init(jax.random.key(0), videos)["params"]
+    checkpoints.save(tmp_path / "ckpt", model, params, metadata={"note": "x"})
+    loaded_model, loaded = checkpoints.load(tmp_path / "ckpt")
+    assert loaded_model == model
+    chex.assert_trees_all_equal(loaded, params)
+    assert checkpoints.read_config(tmp_path / "ckpt")["metadata"] == {"note": "x"}
+    with pytest.raises(CheckpointError, match="already exists"):
+        checkpoints.save(tmp_path / "ckpt", model, params)
+
+
+def test_save_refuses_params_of_another_model(tmp_path):
+    model = create_model("stam_tiny")
+    params = model.init(jax.random.key(0), random_videos(TINY, batch=1))["params"]
+    other = create_model("stam_tiny", num_classes=11)
+    with pytest.raises(
+        CheckpointError, match=r"param \['head'\]\['bias'\]: expected shape \(11,\), found \(10,\)"
+    ):
+        checkpoints.save(tmp_path / "ckpt", other, params)
+    assert not (tmp_path / "ckpt").exists()

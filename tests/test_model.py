@@ -1,0 +1,225 @@
+"""The Flax model on its own: sizes, inputs, training switches, dtypes, intermediates."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_params, random_videos
+
+from stam_jax import VARIANTS, create_model, model_config, model_from_config
+from stam_jax.model import DropPath
+from stam_jax.variants import parse_dtype, variant_name
+
+
+def count_params(config: dict) -> int:
+    """Parameter count from the architecture alone (written independently of the model)."""
+    d, p, n = (
+        config["hidden_size"],
+        config["patch_size"],
+        (config["image_size"] // config["patch_size"]) ** 2,
+    )
+    linear = lambda i, o: i * o + o  # noqa: E731
+    block = (
+        4 * d
+        + linear(d, 3 * d)
+        + linear(d, d)
+        + linear(d, config["mlp_dim"])
+        + linear(config["mlp_dim"], d)
+    )
+    total = 3 * p * p * d + d + d + (n + 1) * d + config["depth"] * block + 2 * d
+    width = d
+    if config["aggregate"] == "transformer":
+        f = config["temporal_mlp_dim"]
+        layer = linear(d, 3 * d) + linear(d, d) + linear(d, f) + linear(f, d) + 4 * d
+        total += d + (config["num_frames"] + 1) * d + config["temporal_depth"] * layer + 2 * d
+    return total + linear(width, config["num_classes"])
+
+
+def n_params(model) -> int:
+    video = jax.ShapeDtypeStruct(
+        (1, model.num_frames, model.image_size, model.image_size, 3), jnp.uint8
+    )
+    shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_stam_16_has_the_official_parameter_count():
+    assert n_params(create_model("stam_16")) == 119_205_520
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_parameter_count_per_variant(name):
+    model = create_model(name)
+    assert n_params(model) == count_params(
+        model_config(model) | {"temporal_mlp_dim": model.temporal_mlp_dim}
+    )
+    # stam_32/64 differ from stam_16 only by the temporal position embedding rows.
+    if name in ("stam_32", "stam_64"):
+        assert n_params(model) == 119_205_520 + (model.num_frames - 16) * 768
+
+
+def tiny_params(model, seed=0):
+    return model.init(jax.random.key(seed), random_videos(model_config(model), batch=1))["params"]
+
+
+def test_input_shape_and_dtype_are_checked():
+    model = create_model("stam_tiny")
+    params = tiny_params(model)
+    bad = {
+        (2, 5, 32, 32, 3): r"shape \(2, 5, 32, 32, 3\); this model expects \(batch, 4, 32, 32, 3\)",
+        (2, 4, 3, 32, 32): r"channels last",
+        (4, 32, 32, 3): r"\(B, T, H, W, RGB\)",
+    }
+    for shape, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            model.apply({"params": params}, jnp.zeros(shape, jnp.uint8))
+    with pytest.raises(
+        ValueError, match=r"dtype int32; pass uint8 in \[0, 255\] or float in \[0, 1\]"
+    ):
+        model.apply({"params": params}, jnp.zeros((1, 4, 32, 32, 3), jnp.int32))
+    with pytest.raises(ValueError, match=r"image_size=30 is not a multiple of patch_size=8"):
+        create_model("stam_tiny", image_size=30).init(
+            jax.random.key(0), jnp.zeros((1, 4, 30, 30, 3))
+        )
+
+
+def test_dropout_and_drop_path_only_in_training():
+    model = create_model("stam_tiny", drop_path_rate=0.3, dropout_rate=0.1)
+    params = tiny_params(model)
+    videos = random_videos(model_config(model), batch=2)
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    a = apply({"params": params}, videos)
+    np.testing.assert_array_equal(a, apply({"params": params}, videos))
+    b = apply({"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    c = apply({"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a, b) and not np.allclose(b, c)
+    # With every rate at zero, training mode computes the eval function.
+    quiet = create_model("stam_tiny", temporal_dropout_rate=0.0)
+    d = quiet.apply(
+        {"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )
+    np.testing.assert_allclose(d, quiet.apply({"params": params}, videos), rtol=1e-6, atol=1e-6)
+
+
+def test_temporal_dropout_is_on_by_default_in_training():
+    model = create_model("stam_tiny")
+    assert model.temporal_dropout_rate == 0.1
+    params = tiny_params(model)
+    videos = random_videos(model_config(model), batch=2)
+    a = model.apply({"params": params}, videos)
+    b = model.apply(
+        {"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(0)}
+    )
+    assert not np.allclose(a, b)
+
+
+def test_drop_path_drops_whole_samples():
+    x = jnp.ones((64, 3, 5))
+    y = DropPath(0.5).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    per_sample = np.asarray(y).reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert all(len(set(row)) == 1 for row in per_sample)  # all or nothing per sample
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    np.testing.assert_array_equal(DropPath(0.5).apply({}, x, deterministic=True), x)
+
+
+def test_mean_aggregate_is_the_mean_of_frame_features():
+    model = create_model("stam_tiny_mean")
+    params = tiny_params(model)
+    assert "aggregate" not in params  # parameter-free
+    videos = random_videos(model_config(model), batch=3)
+    logits, state = model.apply({"params": params}, videos, mutable=["intermediates"])
+    frames = state["intermediates"]["frame_features"][0]
+    assert frames.shape == (3, 4, 32)
+    head = params["head"]
+    np.testing.assert_allclose(
+        logits, frames.mean(1) @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_frames_are_processed_independently_by_the_spatial_part():
+    model = create_model("stam_tiny")
+    params = random_params(model_config(model))
+    videos = random_videos(model_config(model), batch=2)
+    order = [1, 0, 3, 2]
+
+    def frame_features(v):
+        _, state = model.apply({"params": params}, v, mutable=["intermediates"])
+        return state["intermediates"]["frame_features"][0]
+
+    np.testing.assert_allclose(
+        frame_features(videos[:, order])[:, order], frame_features(videos), rtol=1e-5, atol=1e-6
+    )
+    # ... while the temporal transformer sees the order, through its position embedding.
+    a = model.apply({"params": params}, videos)
+    b = model.apply({"params": params}, videos[:, order])
+    assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()  # float error is ~1e-7
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_compute_dtype_reaches_every_submodule(dtype):
+    model = create_model("stam_tiny", dtype=dtype)
+    videos = random_videos(model_config(model), batch=1)
+    params = tiny_params(model)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # param_dtype
+    _, state = model.apply(
+        {"params": params},
+        videos,
+        capture_intermediates=lambda mdl, _: not isinstance(mdl, nn.Dropout),
+        mutable=["intermediates"],
+    )
+    outputs = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    wrong = [
+        jax.tree_util.keystr(path)
+        for path, value in outputs
+        if value.dtype != jnp.dtype(dtype) and jax.tree_util.keystr(path) != "['__call__'][0]"
+    ]
+    assert len(outputs) > 30 and wrong == []
+
+
+def test_param_dtype_is_threaded():
+    model = create_model("stam_tiny", param_dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(tiny_params(model)))
+
+
+def test_attention_implementations():
+    videos = random_videos(model_config(create_model("stam_tiny")), batch=2)
+    params = tiny_params(create_model("stam_tiny"))
+    xla = create_model("stam_tiny", attention_impl="xla").apply({"params": params}, videos)
+    np.testing.assert_array_equal(create_model("stam_tiny").apply({"params": params}, videos), xla)
+    with pytest.raises(
+        ValueError, match=r"attention_impl='flash' is not one of \('auto', 'xla', 'cudnn'\)"
+    ):
+        create_model("stam_tiny", attention_impl="flash").apply({"params": params}, videos)
+
+
+def test_separate_temporal_width_adds_a_projection():
+    model = create_model("stam_tiny", temporal_hidden_size=24, temporal_heads=4)
+    params = tiny_params(model)
+    assert params["aggregate"]["input_proj"]["kernel"].shape == (32, 24)
+    assert params["head"]["kernel"].shape == (24, 10)
+    assert model.apply({"params": params}, random_videos(model_config(model), batch=2)).shape == (
+        2,
+        10,
+    )
+
+
+def test_registry_and_config_errors():
+    with pytest.raises(ValueError, match=r"unknown model 'stam_8'; registered variants: \["):
+        create_model("stam_8")
+    with pytest.raises(ValueError, match=r"unknown model fields \['heads'\]"):
+        model_from_config({"heads": 3})
+    with pytest.raises(ValueError, match=r"dtype='fp8' is not supported"):
+        parse_dtype("fp8")
+    with pytest.raises(ValueError, match=r"aggregate='max' is not one of"):
+        create_model("stam_tiny", aggregate="max").init(
+            jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3))
+        )
+    assert variant_name(create_model("stam_64", dtype="bfloat16")) == "stam_64"
+    assert variant_name(create_model("stam_16", num_classes=600)) is None
+    # A config survives JSON-like round trips.
+    model = create_model("stam_32")
+    assert model_from_config(model_config(model)) == model
