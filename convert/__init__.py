@@ -8,6 +8,7 @@ The key/layout table lives in `convert.mapping`; `.pth` reading and writing in `
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from pathlib import Path
@@ -69,7 +70,10 @@ def convert_checkpoint(
         temporal_heads=temporal_heads,
         num_frames=num_frames,
     )
+    # Release the file mapping before saving: at most about two copies of the weights are
+    # ever resident (BENCHMARKS.md, converter).
     del state_dict
+    gc.collect()
     metadata = {
         "source": pth.name,
         "source_sha256": _sha256(pth),
@@ -112,13 +116,14 @@ def export_checkpoint(
         dtype = sources[0] if len(sources) == 1 and sources[0] in TORCH_DTYPES else "float32"
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {TORCH_DTYPES}.")
-    model, params = checkpoints.load(ckpt_dir)
+    model = model_from_config(config["model"])
+    params = checkpoints.read_params(ckpt_dir, model)
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         import ml_dtypes
 
         np_dtype = ml_dtypes.bfloat16
-    save_state_dict(flax_to_torch(model, params, np_dtype), out)
+    save_state_dict(flax_to_torch(model, params, np_dtype, consume=True), out)
     return out, dtype
 
 

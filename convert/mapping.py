@@ -1,6 +1,7 @@
 """The one table between official STAM state-dict keys and stam-jax parameter paths.
 
-Pure numpy: no torch needed. `torch_to_flax` turns an official state dict (name -> array) into
+No torch needed: tensors are numpy arrays on the PyTorch side, jax arrays on the Flax side.
+`torch_to_flax` turns an official state dict (name -> array) into
 (model config, Flax params, report); `flax_to_torch` is its exact inverse. Every tensor is
 accounted for: missing keys, wrong shapes and (optionally) unexpected keys are errors that name
 the key.
@@ -243,11 +244,6 @@ def infer_config(
     return config
 
 
-def _to_float32(array: Any) -> np.ndarray:
-    # Every supported source dtype (float32/float16/bfloat16/float64-of-float32) upcasts exactly.
-    return np.asarray(array).astype(np.float32, copy=False)
-
-
 def torch_to_flax(
     state_dict: Mapping[str, Any],
     *,
@@ -266,7 +262,7 @@ def torch_to_flax(
       num_frames: see `infer_config`.
 
     Returns:
-      (model config dict, nested float32 params, report).
+      (model config dict, nested float32 params as jax arrays, report).
 
     Raises:
       ConversionError: naming every missing, misshapen or (strict) unexpected key.
@@ -286,7 +282,7 @@ def torch_to_flax(
         if torch_key not in sd:
             if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.bias", torch_key):
                 report.zero_filled.append(torch_key)
-                value = np.zeros(shape, np.float32)
+                value = np.zeros(shape, np.float32)  # in the torch layout, like the rest
             else:
                 missing.append(torch_key)
                 continue
@@ -297,11 +293,13 @@ def torch_to_flax(
                 misshapen.append(f"{torch_key}: expected {shape}, found {tuple(value.shape)}")
                 continue
             report.source_dtypes.append(str(value.dtype))
-            value = _to_float32(value)
         perm = _TO_FLAX[layout]
+        value = np.asarray(value)  # reads a lazily loaded tensor now, one at a time
         if perm is not None:
-            value = np.ascontiguousarray(value.transpose(perm))
-        _set(params, flax_path, value)
+            value = value.transpose(perm)
+        # Always a fresh float32 device buffer (float16/bfloat16 upcast exactly), never a view
+        # of the source, which may be a memory-mapped file about to be released.
+        _set(params, flax_path, jnp.array(value, dtype=jnp.float32, copy=True))
     report.unexpected = sorted(set(sd) - used)
     problems = [f"missing key {k}" for k in missing] + [f"wrong shape {m}" for m in misshapen]
     if strict and report.unexpected:
@@ -315,13 +313,17 @@ def torch_to_flax(
     return config, params, report
 
 
-def flax_to_torch(model: STAM, params: Mapping[str, Any], dtype: Any = np.float32) -> dict:
+def flax_to_torch(
+    model: STAM, params: Mapping[str, Any], dtype: Any = np.float32, *, consume: bool = False
+) -> dict:
     """Flax params -> official state dict of numpy arrays (exact inverse of `torch_to_flax`).
 
     Args:
       model: the `STAM` whose params these are.
       params: nested params as returned by `torch_to_flax` or training.
       dtype: numpy dtype of the written tensors.
+      consume: delete each leaf from `params` (a mutable dict) once converted, so that the
+        weights are never held twice.
 
     Returns:
       An ordered dict official key -> numpy array.
@@ -338,6 +340,9 @@ def flax_to_torch(model: STAM, params: Mapping[str, Any], dtype: Any = np.float3
         if perm is not None:
             value = value.transpose(perm)
         out[torch_key] = np.array(value, dtype=dtype, order="C")  # writable, as torch wants
+        if consume:
+            parent, _, leaf = flax_path.rpartition("/")
+            del (_get(params, parent) if parent else params)[leaf]
     return out
 
 

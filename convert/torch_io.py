@@ -1,12 +1,20 @@
-"""Reading and writing official-format `.pth` files safely (needs torch, the `torch` extra).
+"""Reading and writing official-format `.pth` files safely.
 
-A `.pth` is a pickle. It is only ever opened with `torch.load(weights_only=True)`, whose
-unpickler accepts tensors and plain containers and refuses any other global, so a file that would
-run code on load is refused before that code runs.
+A `.pth` is a zip archive holding a pickle (`data.pkl`) and one raw buffer per tensor storage
+(`data/N`). Reading needs no torch: the pickle is opened by an unpickler whose allow-list holds
+only what a state dict is made of (dicts, `OrderedDict`, tensor rebuilders, storage types), each
+mapped to a harmless stand-in here, so a file whose pickle would run code is refused before
+anything runs. Tensors are read lazily, one storage at a time, straight from the archive: a 455 MiB
+checkpoint converts with one copy of the weights in memory. Files in PyTorch's legacy (pre-1.6,
+non-zip) format are read with `torch.load(weights_only=True)`, PyTorch's own allow-list.
+Writing (`save_state_dict`) uses `torch.save`.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import io
 import os
 import pickle
 import zipfile
@@ -19,50 +27,166 @@ import numpy as np
 
 from convert.mapping import ConversionError
 
+# torch storage type -> numpy dtype (only these can appear in an allowed state dict).
+_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "DoubleStorage": np.dtype(np.float64),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+
 
 class UnsafeCheckpointError(ConversionError):
-    """The file's pickle references code (a global outside the tensor allow-list)."""
+    """The file's pickle references code (a global outside the state-dict allow-list)."""
 
 
-def _torch():
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    archive: zipfile.ZipFile
+    name: str
+    dtype: np.dtype
+    numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of a `.pth` archive, read from the file only when converted to an array."""
+
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the stored tensor."""
+        return self.storage.dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Reads the tensor: a fresh, contiguous array (never a view of the archive)."""
+        item = self.dtype.itemsize
+        span = sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        end = self.offset + span + 1
+        if any(n == 0 for n in self.shape):
+            end = self.offset
+        if self.offset < 0 or end > self.storage.numel:
+            raise ConversionError(f"tensor bytes lie outside storage {self.storage.name}.")
+        try:
+            raw = self.storage.archive.read(self.storage.name)
+        except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ConversionError(f"storage {self.storage.name} is unreadable: {e}") from None
+        if len(raw) < self.storage.numel * item:
+            raise ConversionError(f"storage {self.storage.name} is truncated.")
+        flat = np.frombuffer(raw, dtype=self.dtype, count=self.storage.numel)
+        view = np.lib.stride_tricks.as_strided(
+            flat[self.offset :],
+            shape=self.shape,
+            strides=tuple(s * item for s in self.stride),
+            writeable=False,
+        )
+        return np.array(view, dtype=dtype or self.dtype, order="C")
+
+
+def _rebuild_tensor(storage, offset, shape, stride, requires_grad=False, hooks=None, meta=None):
+    del requires_grad, hooks, meta
+    if not isinstance(storage, _Storage):
+        raise ConversionError("malformed checkpoint: a tensor without a storage.")
+    return LazyTensor(storage, int(offset), tuple(shape), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    del requires_grad, hooks, state
+    return data
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals, to inert stand-ins; anything else is refused."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise UnsafeCheckpointError(f"GLOBAL {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise ConversionError(f"malformed checkpoint: unknown persistent id {pid!r:.80}.")
+        _, storage_type, key, _, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise ConversionError(f"malformed checkpoint: storage type {storage_type!r:.80}.")
+        return _Storage(self.archive, f"{self.prefix}data/{key}", storage_type.dtype, int(numel))
+
+
+def _read_zip(path: Path) -> Any:
+    archive = zipfile.ZipFile(path)
+    pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+    if len(pickles) != 1:
+        raise ConversionError(
+            f"{path} is a zip archive but not a PyTorch checkpoint (found {len(pickles)} "
+            "data.pkl entries, expected 1)."
+        )
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = f"{prefix}byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
+        raise ConversionError(f"{path} was saved on a big-endian machine; re-save it on x86/ARM.")
+    return _StateDictUnpickler(archive.read(pickles[0]), archive, prefix).load()
+
+
+def _read_legacy(path: Path) -> Any:
     try:
         import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError:
         raise ConversionError(
-            "reading or writing .pth files needs PyTorch: pip install 'stam-jax[torch]' "
-            "(or pip install torch==2.13.0 for a CPU build)."
-        ) from e
-    return torch
+            f"{path} is not a zip-format .pth; if it is a legacy (PyTorch < 1.6) checkpoint, "
+            "install torch to read it (pip install torch==2.13.0) or re-save it."
+        ) from None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _torch_load(path: Path) -> Any:
-    torch = _torch()
-    # mmap keeps a large checkpoint out of anonymous memory (tensors are views of the file);
-    # the legacy non-zip format cannot be mapped, and is still read weights-only.
-    return torch.load(
-        path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-    )
-
-
-def _unpickler_detail(text: str) -> str:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
     for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
+        if "WeightsUnpickler error:" in line:  # torch's own refusal, legacy files
             detail = line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
             return detail or "unrecognised pickle content"
-    return text.splitlines()[0] if text else "unrecognised pickle content"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads the STAM state dict of an official-format checkpoint as numpy arrays.
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads the STAM state dict of an official-format checkpoint.
 
-    Accepts `{'model': sd}`, `{'state_dict': sd}` and a bare state dict. Values are zero-copy
-    views where the dtype allows (bfloat16 tensors become `ml_dtypes.bfloat16` arrays).
+    Accepts `{'model': sd}`, `{'state_dict': sd}` and a bare state dict.
 
     Args:
       path: the `.pth` file.
 
     Returns:
-      key -> numpy array, keys as stored (a `module.` prefix is left for the mapping to strip).
+      key -> array-like with `.shape` and `.dtype` (`LazyTensor`s, read by `np.asarray`; numpy
+      arrays for legacy files). Keys as stored: the mapping strips a `module.` prefix.
 
     Raises:
       ConversionError: missing, empty, truncated or non-checkpoint file, or no state dict.
@@ -76,38 +200,55 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     size = path.stat().st_size
     if size == 0:
         raise ConversionError(f"{path} is empty (0 bytes): the download or copy did not finish.")
+    with open(path, "rb") as f:
+        zip_magic = f.read(4) == b"PK\x03\x04"
+    if zip_magic and not zipfile.is_zipfile(path):
+        raise ConversionError(
+            f"{path} is a truncated or corrupt zip-format .pth ({size} bytes; its zip directory "
+            "is missing): download it again and compare its size."
+        )
     try:
-        obj = _torch_load(path)
+        obj = _read_zip(path) if zip_magic else _read_legacy(path)
+    except ConversionError as e:
+        if isinstance(e, UnsafeCheckpointError):
+            raise UnsafeCheckpointError(_refusal(path, str(e))) from None
+        raise
     except pickle.UnpicklingError as e:
-        detail = _unpickler_detail(str(e))
+        detail = _first_line(e)
         if "Unsupported global" in detail:
-            raise UnsafeCheckpointError(
-                f"{path} was refused: its pickle calls code outside the tensor allow-list "
-                f"({detail}), so loading it could run that code. Nothing from it was executed. "
-                "Only convert checkpoints from sources you trust, re-saved as plain state dicts "
-                "(torch.save({'model': model.state_dict()}, path))."
-            ) from None
+            raise UnsafeCheckpointError(_refusal(path, detail)) from None
         raise ConversionError(
             f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
         ) from None
-    except Exception as e:  # torch raises many types for damaged files
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # damaged files raise many types (BadZipFile, EOFError, KeyError...)
         raise ConversionError(
             f"{path} could not be read as a PyTorch checkpoint ({size} bytes; "
-            f"{type(e).__name__}: {first}). It may be truncated or corrupt, or not a .pth at "
-            "all: download it again and compare its size."
+            f"{type(e).__name__}: {_first_line(e)}). It may be truncated or corrupt, or not a "
+            ".pth at all: download it again and compare its size."
         ) from None
-    return _as_numpy(_find_state_dict(obj, path))
+    return _check_tensors(_find_state_dict(obj, path))
+
+
+def _refusal(path: Path, detail: str) -> str:
+    return (
+        f"{path} was refused: its pickle calls code outside the state-dict allow-list "
+        f"({detail}), so loading it could run that code. Nothing from it was executed. "
+        "Only convert checkpoints from sources you trust, re-saved as plain state dicts "
+        "(torch.save({'model': model.state_dict()}, path))."
+    )
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, LazyTensor) or type(value).__name__ in ("Tensor", "Parameter")
 
 
 def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
-    torch = _torch()
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a dict of tensors.")
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), Mapping):
             return obj[key]
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if obj and all(_is_tensor(v) for v in obj.values()):
         return obj
     raise ConversionError(
         f"{path} holds no state dict: expected {{'model': sd}}, {{'state_dict': sd}} or a bare "
@@ -115,41 +256,54 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     )
 
 
-def _as_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    torch = _torch()
+def _check_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
+        if not _is_tensor(value):
             raise ConversionError(
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor."
             )
-        value = value.detach()
-        if value.dtype == torch.bfloat16:
-            out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        elif value.is_floating_point():
-            out[key] = value.numpy()
-        else:
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in ("float32", "float16", "bfloat16"):
             raise ConversionError(
-                f"state dict entry {key!r} has dtype {value.dtype}, not floating."
+                f"state dict entry {key!r} has dtype {dtype}; expected float32, float16 or "
+                "bfloat16 weights."
             )
+        out[key] = value if isinstance(value, LazyTensor) else _torch_to_numpy(value)
     return out
 
 
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    """A float torch tensor (from a legacy file) as numpy; bfloat16 via ml_dtypes."""
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes `{'model': state_dict}` as the official code saves it.
+    """Writes `{'model': state_dict}` with `torch.save`, as the official code saves it.
 
     Args:
       state_dict: key -> numpy array (float32, float16 or bfloat16).
       path: destination `.pth`; written to a temporary name and renamed, so a crash never
         leaves a half-written file under the final name.
     """
-    torch = _torch()
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            "writing .pth files needs PyTorch: pip install 'stam-jax[torch]' "
+            "(or pip install torch==2.13.0 for a CPU build)."
+        ) from None
     tensors = {}
     for key, value in state_dict.items():
         if value.dtype == ml_dtypes.bfloat16:
-            tensors[key] = torch.from_numpy(value.view(np.int16).copy()).view(torch.bfloat16)
+            tensors[key] = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
         else:
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
+            tensors[key] = torch.from_numpy(value)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     torch.save({"model": tensors}, tmp)

@@ -34,9 +34,12 @@ class CheckpointError(ValueError):
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    handler = ocp.CompositeCheckpointHandler(
-        params=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()
+    # Host staging for serialisation is bounded (50 MB in flight), so saving a checkpoint costs
+    # well under one extra copy of the params in memory (see BENCHMARKS.md, converter).
+    params = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=0.05, save_device_host_concurrent_gb=0.05
     )
+    handler = ocp.CompositeCheckpointHandler(params=params, config=ocp.JsonCheckpointHandler())
     return ocp.Checkpointer(handler)
 
 
@@ -68,6 +71,8 @@ def save(
             )
         shutil.rmtree(path)
     check_params(model, params)
+    # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole.
+    params = jax.tree.map(jnp.asarray, params)
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -78,7 +83,7 @@ def save(
         ckpt.save(
             path,
             ocp.args.Composite(
-                params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config)
+                params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(config)
             ),
         )
     return path
@@ -135,17 +140,34 @@ def load(
     Returns:
       The `STAM` module and its params (jax arrays on the default device).
     """
-    path = _require_checkpoint(directory)
-    config = read_config(path)
+    config = read_config(directory)
     model = model_from_config(
         config["model"], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
     )
+    params = read_params(directory, model)
+    return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+
+
+def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
+    """Reads a checkpoint's params as host numpy arrays, checked against `model` first.
+
+    Args:
+      directory: a stam-jax checkpoint directory.
+      model: the model the params must fit (e.g. from `read_config`).
+
+    Returns:
+      The params tree of numpy arrays, in their stored dtype.
+    """
+    path = _require_checkpoint(directory)
     with _checkpointer() as ckpt:
-        params = ckpt.restore(path, ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
-    check_params(model, params)
-    target = model.param_dtype
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=target), params)
-    return model, params
+        stored = ckpt.metadata(path).item_metadata["params"]
+        check_params(model, stored)  # from the metadata: refused before any tensor is read
+        # Host arrays: valid whatever devices wrote the checkpoint or read it now.
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+        restored = ckpt.restore(
+            path, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        )
+    return restored["params"]
 
 
 def abstract_params(model: STAM) -> dict[str, Any]:
@@ -162,7 +184,7 @@ def check_params(model: STAM, params: Mapping[str, Any]) -> None:
         for k, v in jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
     }
     found = {
-        jax.tree_util.keystr(k): tuple(np.shape(v))
+        jax.tree_util.keystr(k): tuple(v.shape)
         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
     }
     problems = [f"missing param {k}" for k in sorted(expected.keys() - found.keys())]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import chex
 import jax
 import ml_dtypes
@@ -194,7 +197,7 @@ def test_damaged_and_wrong_files(official_pth, tmp_path):
     npy = tmp_path / "array.npy"
     np.save(npy, np.zeros(4))
     cases = {
-        truncated: r"could not be read as a PyTorch checkpoint .*truncated or corrupt",
+        truncated: r"truncated or corrupt zip-format \.pth",
         empty: r"is empty \(0 bytes\)",
         text: r"not.* a PyTorch checkpoint \(17 bytes",
         npy: r"is not a PyTorch checkpoint",
@@ -206,6 +209,81 @@ def test_damaged_and_wrong_files(official_pth, tmp_path):
             load_state_dict(path)
 
 
+def test_reader_matches_torch_load(tmp_path):
+    base = torch.randn(6, 5)
+    tensors = {
+        "contiguous": torch.randn(3, 4),
+        "transposed": base.t(),  # non-contiguous strides
+        "row_slice": base[2:4],  # storage offset into a shared storage
+        "column": base[:, 1],
+        "half": torch.randn(7).half(),
+        "bfloat": torch.randn(2, 3).bfloat16(),
+        "parameter": torch.nn.Parameter(torch.randn(4)),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "mixed.pth"
+    torch.save({"model": tensors}, path)
+    loaded = load_state_dict(path)
+    for key, tensor in tensors.items():
+        array = np.asarray(loaded[key])
+        assert array.shape == tuple(tensor.shape), key
+        expected = tensor.detach()
+        if expected.dtype == torch.bfloat16:
+            assert array.dtype == ml_dtypes.bfloat16
+            expected, array = expected.float(), array.astype(np.float32)
+        np.testing.assert_array_equal(array, expected.numpy(), err_msg=key)
+
+
+def test_corrupt_storage_bytes_are_reported(official_pth, tmp_path):
+    pth, _ = official_pth(TINY)
+    data = bytearray(pth.read_bytes())
+    # Zero bytes inside a tensor's stored data: the zip CRC no longer matches.
+    weight = torch.load(pth, weights_only=True)["model"]["blocks.1.mlp.fc1.weight"]
+    start = bytes(data).find(weight.numpy().tobytes())
+    assert start > 0
+    data[start + 64 : start + 80] = bytes(16)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"storage .*data/\d+ is unreadable: Bad CRC-32"):
+        torch_to_flax(load_state_dict(damaged), **convert_kwargs(TINY))
+
+
+def test_conversion_needs_no_torch(official_pth, tmp_path):
+    pth, _ = official_pth(TINY)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now fails
+        "from convert.__main__ import main\n"
+        f"sys.exit(main({[str(pth), str(tmp_path / 'ckpt'), *cli_args(TINY)]!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert checkpoints.read_config(tmp_path / "ckpt")["model"] == TINY
+
+
+def test_legacy_non_zip_format(official_pth, tmp_path):
+    zip_pth, _ = official_pth(TINY, name="zip.pth")
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(zip_pth, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    convert_checkpoint(zip_pth, tmp_path / "a", **convert_kwargs(TINY))
+    convert_checkpoint(legacy, tmp_path / "b", **convert_kwargs(TINY))
+    chex.assert_trees_all_equal(
+        checkpoints.load(tmp_path / "a")[1], checkpoints.load(tmp_path / "b")[1]
+    )
+
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil_legacy.pth"
+    torch.save({"model": Payload()}, evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="Nothing from it was executed"):
+        load_state_dict(evil)
+    assert not marker.exists()
+
+
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
@@ -213,7 +291,7 @@ def test_not_a_state_dict(tmp_path):
         load_state_dict(path)
     path = tmp_path / "ints.pth"
     torch.save({"model": {"head.weight": torch.zeros(2, dtype=torch.int64)}}, path)
-    with pytest.raises(ConversionError, match=r"'head.weight' has dtype torch.int64"):
+    with pytest.raises(ConversionError, match=r"'head.weight' has dtype int64; expected float32"):
         load_state_dict(path)
 
 

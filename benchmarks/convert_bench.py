@@ -1,0 +1,75 @@
+"""Converter time and peak memory on a full-size official-format checkpoint.
+
+    python benchmarks/convert_bench.py --model stam_16 [--workdir DIR]
+
+Writes a random-weight official `.pth` of the variant (in a separate process), then runs
+`python -m convert` and `python -m convert.to_torch` as child processes and reports each one's
+wall time and peak resident memory (ru_maxrss), next to the file size and to the peak RSS of a
+process that only imports the same libraries (the floor no converter can go under).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MAKE_PTH = """
+import sys, torch
+from convert.torch_reference import randomize_, reference_from_config
+from stam_jax import create_model, model_config
+model = randomize_(reference_from_config(model_config(create_model(sys.argv[1]))))
+torch.save({"model": model.state_dict()}, sys.argv[2])
+"""
+IMPORTS_ONLY = "import torch, jax, orbax.checkpoint, convert, convert.torch_io"
+
+
+def run_child(args: list[str]) -> tuple[float, float]:
+    """Runs one child process; returns (wall seconds, its peak RSS in MiB)."""
+    start = time.perf_counter()
+    pid = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).pid
+    _, status, usage = os.wait4(pid, 0)
+    if status != 0:
+        raise SystemExit(f"{args} failed with status {status}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    """Measures and prints one JSON line per step."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_16")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="convert_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    pth, ckpt, back = workdir / "official.pth", workdir / "ckpt", workdir / "back.pth"
+    py = sys.executable
+    run_child([py, "-c", MAKE_PTH, args.model, str(pth)])
+    size = pth.stat().st_size / 2**20
+    rows = {"file_MiB": round(size, 1)}
+    floor_s, floor_rss = run_child([py, "-c", IMPORTS_ONLY])
+    rows["imports_only"] = {"s": round(floor_s, 2), "peak_rss_MiB": round(floor_rss)}
+    for name, cmd in [
+        ("convert", [py, "-m", "convert", str(pth), str(ckpt), "--force"]),
+        ("to_torch", [py, "-m", "convert.to_torch", str(ckpt), str(back), "--force"]),
+    ]:
+        seconds, rss = run_child(cmd)
+        rows[name] = {
+            "s": round(seconds, 2),
+            "peak_rss_MiB": round(rss),
+            "peak_rss_over_file": round(rss / size, 2),
+        }
+    print(json.dumps({"model": args.model, **rows}, indent=1))
+
+
+if __name__ == "__main__":
+    if sys.platform != "linux":
+        raise SystemExit("os.wait4 peak-RSS accounting needs Linux")
+    main()
