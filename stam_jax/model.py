@@ -55,7 +55,21 @@ def _resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> str | None:
         # cuDNN's fused attention only exists for half precision on NVIDIA GPUs.
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention_impl='cudnn' needs an NVIDIA GPU, but JAX's backend is "
+            f"{jax.default_backend()!r}; use 'auto' or 'xla'."
+        )
     return impl
+
+
+def _prepend_cls_add_pos(module: nn.Module, x: jax.Array) -> jax.Array:
+    """Prepends the learned `cls_token` and adds the learned `pos_embed` (params of `module`)."""
+    batch, length, width = x.shape
+    cls = module.param("cls_token", _token_init, (1, 1, width), module.param_dtype)
+    pos = module.param("pos_embed", _token_init, (1, length + 1, width), module.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(module.dtype), (batch, 1, width))
+    return jnp.concatenate([cls, x], axis=1) + pos.astype(module.dtype)
 
 
 class FusedQKVAttention(nn.Module):
@@ -103,6 +117,11 @@ class FusedQKVAttention(nn.Module):
             probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1).astype(self.dtype)
             probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not dropout)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        elif impl == "cudnn" and self.attention_impl == "auto":
+            try:
+                out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except NotImplementedError:  # shape, GPU or cuDNN version cuDNN cannot serve
+                out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         out = out.reshape(batch, length, width)
@@ -281,9 +300,8 @@ class TemporalTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
-        batch, _, width = frames.shape
         x = frames
-        if width != self.hidden_size:
+        if frames.shape[-1] != self.hidden_size:
             # Not in the official model (its temporal width equals the ViT width).
             x = nn.Dense(
                 self.hidden_size,
@@ -292,11 +310,7 @@ class TemporalTransformer(nn.Module):
                 kernel_init=_dense_init,
                 name="input_proj",
             )(x)
-        d = self.hidden_size
-        cls = self.param("cls_token", _token_init, (1, 1, d), self.param_dtype)
-        pos = self.param("pos_embed", _token_init, (1, self.num_frames + 1, d), self.param_dtype)
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, d))
-        x = jnp.concatenate([cls, x.astype(self.dtype)], axis=1) + pos.astype(self.dtype)
+        x = _prepend_cls_add_pos(self, x.astype(self.dtype))
         x = TransformerEncoder(
             self.depth,
             self.num_heads,
@@ -349,7 +363,8 @@ class STAM(nn.Module):
       dropout_rate: dropout in the ViT blocks (0 in the released models).
       drop_path_rate: stochastic depth of the ViT blocks, rising linearly to this rate.
       layer_norm_eps: LayerNorm epsilon everywhere (PyTorch's 1e-5).
-      attention_impl: 'auto' (cuDNN for half precision on GPU, else XLA), 'xla' or 'cudnn'.
+      attention_impl: 'auto' (cuDNN for half precision on GPU where cuDNN supports the shapes,
+        else XLA), 'xla' or 'cudnn' (an error where cuDNN cannot serve).
       dtype: compute dtype (float32, bfloat16 or float16).
       param_dtype: parameter dtype.
     """
@@ -416,11 +431,7 @@ class STAM(nn.Module):
 
         # Spatial ViT over all B*T frames at once.
         x = PatchEmbed(self.patch_size, self.hidden_size, name="patch_embed", **types)(images)
-        d = self.hidden_size
-        cls = self.param("cls_token", _token_init, (1, 1, d), self.param_dtype)
-        pos = self.param("pos_embed", _token_init, (1, x.shape[1] + 1, d), self.param_dtype)
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d))
-        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+        x = _prepend_cls_add_pos(self, x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
@@ -435,7 +446,7 @@ class STAM(nn.Module):
                 **types,
             )(x, deterministic)
         x = _layer_norm("norm", self.layer_norm_eps, **types)(x)
-        frames = x[:, 0].reshape(batch, self.num_frames, d)
+        frames = x[:, 0].reshape(batch, self.num_frames, self.hidden_size)
         self.sow("intermediates", "frame_features", frames)
 
         # Temporal aggregation over the T frame features.

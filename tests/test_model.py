@@ -190,6 +190,9 @@ def test_attention_implementations():
     params = tiny_params(create_model("stam_tiny"))
     xla = create_model("stam_tiny", attention_impl="xla").apply({"params": params}, videos)
     np.testing.assert_array_equal(create_model("stam_tiny").apply({"params": params}, videos), xla)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match=r"'cudnn' needs an NVIDIA GPU, but JAX's backend is"):
+            create_model("stam_tiny", attention_impl="cudnn").apply({"params": params}, videos)
     with pytest.raises(
         ValueError, match=r"attention_impl='flash' is not one of \('auto', 'xla', 'cudnn'\)"
     ):
