@@ -1,18 +1,21 @@
-"""Evaluate a STAM checkpoint on a Kinetics-style video folder (the official protocol).
+"""Evaluate a STAM checkpoint on a Kinetics-style video folder with the official protocol.
 
     python run_eval.py --config configs/stam_16.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR
 
-Not implemented yet: the video dataset, clip sampling and the data-parallel evaluation loop land
-with the evaluation issue. Until then this script validates its flags and says so.
+Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
+evaluated, 2 when the run is refused before any compute (the message says why), 3 when it
+finished but some videos were skipped (too short or undecodable: listed in results.json).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results are written")
@@ -21,13 +24,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where results are written")
 def main(argv: list[str]) -> None:
     """Entry point."""
     del argv
-    print(
-        f"run_eval.py: evaluation of {_CONFIG.value.model} is not implemented yet "
-        "(it lands with the evaluation issue). Today: python -m convert and "
-        "stam_jax.checkpoints.load; see README.md.",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the report
+        logging.set_verbosity(logging.WARNING)
+    try:
+        results = evaluate(_CONFIG.value, _WORKDIR.value)
+    except EvalConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    counts = results["counts"]
+    sys.exit(EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0)
 
 
 if __name__ == "__main__":

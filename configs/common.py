@@ -30,4 +30,21 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.data.frame_rate = 1.6  # sampled frames per second (T / 10 s)
     config.data.resize = 256
     config.data.crop = 224
+    config.data.class_list = ""  # optional file: class names in label order, one per line
+    config.data.num_clips = 1  # temporal clips per video (1: the official first clip)
+    config.data.num_crops = 1  # spatial crops per clip: 1 (centre, official) or 3
+    config.data.short_videos = "official"  # 'official': drop videos shorter than T; 'pad'
+    config.data.workers = -1  # decoding processes; -1: one per CPU core, 0: in-process
+    config.data.prefetch = 0  # videos decoded ahead; 0: twice the per-process batch
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.average = "logits"  # multi-view: average 'logits' or 'softmax' per video
+
+    # Multi-host: every process runs the same command with its own process_id.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator = ""  # 'host:port' of process 0
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
+    config.progress = True  # progress bar with ETA on stderr (process 0)
     return config

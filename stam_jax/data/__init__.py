@@ -1,0 +1,1 @@
+"""Video data: folder listing, official clip sampling and transform, parallel decoding."""

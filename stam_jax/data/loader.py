@@ -1,0 +1,118 @@
+"""Decoding videos in parallel worker processes, in order, with bounded prefetch."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import multiprocessing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_views
+
+
+@dataclasses.dataclass
+class Decoded:
+    """The outcome for one video: its views, or why there are none.
+
+    Attributes:
+      position: index of the video in the sequence given to the decoder.
+      views: uint8 `(num_views, T, crop, crop, 3)`, or None.
+      status: 'ok', 'too_short' or 'failed'.
+      reason: for 'too_short' and 'failed', what happened.
+    """
+
+    position: int
+    views: np.ndarray | None
+    status: str
+    reason: str = ""
+
+
+def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
+    """Decodes one video, turning every error into a `Decoded` (a worker never raises)."""
+    try:
+        return Decoded(position, load_views(path, spec), "ok")
+    except TooShortError as e:
+        return Decoded(position, None, "too_short", str(e))
+    except VideoError as e:
+        return Decoded(position, None, "failed", str(e))
+    except Exception as e:  # a bad file must not end the run: it is counted and listed
+        return Decoded(position, None, "failed", f"{type(e).__name__}: {e}".strip())
+
+
+def decode_in_order(
+    paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int
+) -> Iterator[Decoded]:
+    """Yields every video's `Decoded`, in the order of `paths`.
+
+    At most `prefetch` videos are decoded ahead of the consumer, so memory stays flat however
+    many videos there are.
+
+    Args:
+      paths: video files.
+      spec: sampling and transform.
+      workers: decoding processes; 0 decodes in this process.
+      prefetch: videos in flight at most (>= 1).
+    """
+    if workers == 0:
+        for position, path in enumerate(paths):
+            yield decode_one(position, str(path), spec)
+        return
+    yield from _ParallelDecoder(paths, spec, workers, prefetch)
+
+
+class _ParallelDecoder:
+    """Ordered decoding over a process pool that survives a worker crashing on a bad file.
+
+    When a worker dies (say, a decoder crash on a corrupt file), the video at the head of the
+    queue is retried alone on a fresh pool: if it crashes again it is reported as failed,
+    otherwise decoding resumes after it. Either way the run goes on.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int):
+        self.paths, self.spec = [str(p) for p in paths], spec
+        self.workers, self.prefetch = workers, max(prefetch, 1)
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        # 'spawn': forking a process that holds JAX's threads can deadlock.
+        context = multiprocessing.get_context("spawn")
+        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+
+    def __iter__(self) -> Iterator[Decoded]:
+        pool = self._pool()
+        pending: collections.deque = collections.deque()
+        next_position, isolating = 0, False
+        try:
+            while pending or next_position < len(self.paths):
+                while (
+                    not isolating
+                    and next_position < len(self.paths)
+                    and len(pending) < self.prefetch
+                ):
+                    path = self.paths[next_position]
+                    pending.append(pool.submit(decode_one, next_position, path, self.spec))
+                    next_position += 1
+                head = pending[0]
+                position = next_position - len(pending)
+                try:
+                    result = head.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    pool.shutdown(cancel_futures=True)
+                    pool = self._pool()
+                    pending.clear()
+                    next_position = position + 1
+                    if not isolating:  # retry the head alone to find the culprit
+                        isolating = True
+                        path = self.paths[position]
+                        pending.append(pool.submit(decode_one, position, path, self.spec))
+                        continue
+                    result = Decoded(position, None, "failed", "the decoder process crashed")
+                else:
+                    pending.popleft()
+                isolating = False
+                yield result
+        finally:
+            pool.shutdown(cancel_futures=True)

@@ -1,0 +1,220 @@
+"""Clip sampling and the frame transform of the official STAM evaluation, on PyAV.
+
+The official pipeline is torchvision's `Kinetics400`/`VideoClips` with `frame_rate` resampling,
+then per frame `ToPILImage -> Resize(256) -> CenterCrop(224) -> ToTensor`. This module produces
+the same uint8 frames (the `/255` of `ToTensor` happens on the device):
+
+- the frame list is the video stream's packets with a timestamp, in presentation order; `fps` is
+  the stream's average frame rate;
+- `step = fps / frame_rate`, `total = floor(n * frame_rate / fps)`; indices are every step-th
+  frame when `step` is whole, else `floor(i * step)` for i < total in float32 arithmetic;
+- a clip is T consecutive indices; the official evaluation takes the first;
+- frames are decoded to RGB by PyAV (`to_ndarray(format='rgb24')`, as torchvision does), resized
+  by PIL bilinear (shorter side to 256, longer side `int(256 * long / short)`) and centre-cropped
+  with `round((size - 224) / 2)` offsets (Python's round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+CROPS = {1: ("center",), 3: ("start", "center", "end")}
+
+
+class VideoError(Exception):
+    """A file that cannot be decoded (corrupt, truncated, no video stream, ...)."""
+
+
+class TooShortError(VideoError):
+    """A video with fewer sampled frames than the clip length."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """How clips are sampled and transformed.
+
+    Attributes:
+      num_frames: T, frames per clip.
+      frame_rate: sampled frames per second (1.6 for stam_16, 6.4 for stam_64).
+      resize: shorter side after resizing (256 officially).
+      crop: side of the square crop (224 officially).
+      num_clips: temporal clips per video, uniformly spaced (1 officially: the first T frames).
+      num_crops: spatial crops per clip, 1 (centre, official) or 3 (both ends and centre of the
+        longer side).
+      short_videos: 'official' (a video with fewer than T sampled frames is dropped, as the
+        official code does) or 'pad' (kept: its last sampled frame is repeated up to T).
+    """
+
+    num_frames: int = 16
+    frame_rate: float = 1.6
+    resize: int = 256
+    crop: int = 224
+    num_clips: int = 1
+    num_crops: int = 1
+    short_videos: str = "official"
+
+    def __post_init__(self):
+        if self.num_crops not in CROPS:
+            raise ValueError(f"num_crops={self.num_crops}; use 1 (official) or 3.")
+        if self.num_clips < 1 or self.num_frames < 1:
+            raise ValueError(f"num_clips={self.num_clips}, num_frames={self.num_frames}: use >= 1.")
+        if self.short_videos not in ("official", "pad"):
+            raise ValueError(f"short_videos={self.short_videos!r}; use 'official' or 'pad'.")
+        if self.crop > self.resize:
+            raise ValueError(f"crop={self.crop} is larger than resize={self.resize}.")
+        if self.frame_rate <= 0:
+            raise ValueError(f"frame_rate={self.frame_rate} must be positive.")
+
+    @property
+    def num_views(self) -> int:
+        """Model inputs per video: num_clips * num_crops."""
+        return self.num_clips * self.num_crops
+
+
+def resample_indices(num_frames: int, fps: float, frame_rate: float) -> np.ndarray:
+    """Indices of the frames kept when resampling `num_frames` at `fps` to `frame_rate`.
+
+    Args:
+      num_frames: frames in the stream (n).
+      fps: the stream's average frame rate.
+      frame_rate: target rate.
+
+    Returns:
+      int64 indices into the stream's frames, in order.
+    """
+    step = fps / frame_rate
+    if float(step).is_integer():
+        return np.arange(0, num_frames, int(step), dtype=np.int64)
+    total = math.floor(num_frames * frame_rate / fps)
+    # float32 products, as torch.arange(float32) * step computes them.
+    products = np.arange(total, dtype=np.float32) * np.float32(step)
+    return np.floor(products).astype(np.int64)
+
+
+def clip_starts(num_indices: int, spec: ClipSpec) -> list[int]:
+    """Start positions (into the resampled indices) of the clips of one video."""
+    last = max(num_indices - spec.num_frames, 0)
+    if spec.num_clips == 1:
+        return [0]
+    return [round(i * last / (spec.num_clips - 1)) for i in range(spec.num_clips)]
+
+
+def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(height, width) after `Resize(short)`: the shorter side becomes `short`."""
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def crop_offsets(height: int, width: int, crop: int, position: str) -> tuple[int, int]:
+    """(top, left) of a `crop` square; 'start'/'end' move along the longer side only."""
+    top, left = round((height - crop) / 2.0), round((width - crop) / 2.0)
+    if position == "center":
+        return top, left
+    end = position == "end"
+    if width >= height:
+        return top, (width - crop) if end else 0
+    return (height - crop) if end else 0, left
+
+
+def transform_frame(frame: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
+    """Resize + crops of one RGB uint8 frame `(H, W, 3)`; one array per spatial crop."""
+    from PIL import Image
+
+    h, w = resized_size(frame.shape[0], frame.shape[1], spec.resize)
+    resized = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
+    out = []
+    for position in CROPS[spec.num_crops]:
+        top, left = crop_offsets(h, w, spec.crop, position)
+        out.append(resized[top : top + spec.crop, left : left + spec.crop])
+    return out
+
+
+def probe(path: str | Path) -> tuple[int, float]:
+    """(number of frames, average fps) of the first video stream, from packet timestamps."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError("no video stream")
+            stream = container.streams.video[0]
+            if stream.average_rate is None or float(stream.average_rate) <= 0:
+                raise VideoError("the video stream has no average frame rate")
+            fps = float(stream.average_rate)
+            count = sum(1 for p in container.demux(stream) if p.pts is not None)
+    except VideoError:
+        raise
+    except Exception as e:  # PyAV raises many error types for damaged files
+        raise VideoError(f"{type(e).__name__}: {e}") from None
+    if count == 0:
+        raise VideoError("the video stream has no frames")
+    return count, fps
+
+
+def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarray]:
+    """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays."""
+    import av
+
+    wanted_set, last = set(int(i) for i in wanted), max(wanted)
+    frames: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            # Decoders emit frames in presentation order: position = index in the frame list.
+            for position, frame in enumerate(container.decode(stream)):
+                if position in wanted_set:
+                    frames[position] = frame.to_ndarray(format="rgb24")
+                if position >= last:
+                    break
+    except Exception as e:
+        raise VideoError(f"{type(e).__name__}: {e}") from None
+    missing = wanted_set - frames.keys()
+    if missing:
+        raise VideoError(
+            f"decoded fewer frames than the stream lists (frame {min(missing)} is missing)"
+        )
+    return frames
+
+
+def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
+    """Samples, decodes and transforms one video.
+
+    Args:
+      path: a video file.
+      spec: sampling and transform.
+
+    Returns:
+      uint8 `(num_views, T, crop, crop, 3)`, views ordered clip-major then crop.
+
+    Raises:
+      TooShortError: fewer than T sampled frames and `spec.short_videos == 'official'`.
+      VideoError: the file cannot be read.
+    """
+    count, fps = probe(path)
+    indices = resample_indices(count, fps, spec.frame_rate)
+    t = spec.num_frames
+    if len(indices) < t:
+        if spec.short_videos == "official" or len(indices) == 0:
+            raise TooShortError(
+                f"{len(indices)} frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f}); "
+                f"a clip needs {t}"
+            )
+        indices = np.concatenate([indices, np.full(t - len(indices), indices[-1])])
+    clips = [indices[s : s + t] for s in clip_starts(len(indices), spec)]
+    frames = decode_frames(path, np.concatenate(clips))
+    views = np.empty((spec.num_clips, spec.num_crops, t, spec.crop, spec.crop, 3), np.uint8)
+    cache: dict[int, list[np.ndarray]] = {}
+    for c, clip in enumerate(clips):
+        for f, index in enumerate(clip):
+            if index not in cache:
+                cache[int(index)] = transform_frame(frames[int(index)], spec)
+            for k, crop in enumerate(cache[int(index)]):
+                views[c, k, f] = crop
+    return views.reshape(spec.num_views, t, spec.crop, spec.crop, 3)

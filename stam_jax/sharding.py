@@ -1,0 +1,87 @@
+"""Data parallelism: one 'data' mesh axis over every device of every process.
+
+This is what `pmap` means today: `jax.jit` with the batch sharded on the 'data' axis and the
+params replicated (`NamedSharding`). Multi-host runs join with `jax.distributed.initialize`, and
+each process feeds its own share of every global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Joins a multi-process run (no-op for a single process).
+
+    Args:
+      coordinator: 'host:port' of process 0; '' for a single-process run, or to let JAX
+        discover a cluster it knows (SLURM, TPU pods, ...) when `num_processes` is 0.
+      num_processes: total processes (1: single process).
+      process_id: this process's rank.
+    """
+    if num_processes == 1 and not coordinator:
+        return
+    # CPU collectives across processes need gloo (GPU runs use NCCL and ignore this). The
+    # backend must not be touched before initialize(), so this is set unconditionally.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def data_mesh() -> Mesh:
+    """A 1-D mesh over all devices (all processes), axis 'data'."""
+    return Mesh(np.asarray(jax.devices()), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of values every device holds whole (params)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Sharding of batches: the leading axis split over 'data'."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def local_batch_size(global_batch: int, mesh: Mesh) -> int:
+    """This process's share of a global batch, refusing sizes that do not divide.
+
+    Raises:
+      ValueError: naming the batch size, the device count and the nearest valid sizes.
+    """
+    devices = mesh.devices.size
+    if global_batch < 1 or global_batch % devices:
+        lower = max(devices, global_batch // devices * devices)
+        raise ValueError(
+            f"batch_size={global_batch} does not divide over {devices} devices; use a multiple "
+            f"of {devices}, e.g. --config.batch_size={lower} or {lower + devices}."
+        )
+    return global_batch // jax.process_count()
+
+
+def to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assembles the global batch from each process's local rows."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in the order it fed them."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Places a tree of host arrays on every device of the mesh."""
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, sharding, lambda _: x), tree
+    )
