@@ -1,0 +1,314 @@
+"""Evaluation end to end: official protocol, data parallelism, multi-process, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS, random_params
+
+from configs.tiny import get_config
+from stam_jax import checkpoints, create_model
+from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.data.video import ClipSpec, load_views
+from stam_jax.evaluate import EvalConfigError, evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = TINY_CONFIGS["tiny"]
+SPEC = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32)
+
+
+def make_folder(root: Path, per_class: int = 2, seed: int = 0) -> Path:
+    """10 classes of short real videos at assorted frame rates and sizes."""
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        for j in range(per_class):
+            fps = [8, 12, 10, 15][(c + j) % 4]
+            h, w = [(48, 64), (64, 48), (40, 72)][(c * 3 + j) % 3]
+            n = int(fps * 1.5) + int(rng.integers(0, 6))
+            sub = "nested/" if (c, j) == (4, 1) else ""
+            write_video(
+                root / f"class_{c}" / f"{sub}video_{j}.{['mp4', 'avi'][j % 2]}",
+                (index_frame(i, h, w, seed=c * 10 + j) for i in range(n)),
+                fps,
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> tuple[Path, dict]:
+    params = random_params(TINY, seed=4)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoints.save(path, create_model("stam_tiny"), params)
+    return path, params
+
+
+def config_for(ckpt, root, **overrides):
+    config = get_config()
+    config.checkpoint, config.data.root = str(ckpt), str(root)
+    config.data.workers, config.progress = 0, False
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_predictions(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "predictions.jsonl").read_text().splitlines()]
+
+
+def direct_logits(root: Path, path: str, params, spec=SPEC, dtype="float32") -> np.ndarray:
+    views = load_views(root / path, spec)
+    logits = create_model("stam_tiny", dtype=dtype).apply({"params": params}, views)
+    return np.asarray(logits).mean(axis=0)
+
+
+@pytest.fixture(scope="module")
+def reference_run(video_root, tiny_ckpt, tmp_path_factory):
+    """One in-process single-device run that other tests compare against."""
+    workdir = tmp_path_factory.mktemp("reference")
+    results = evaluate(config_for(tiny_ckpt[0], video_root, batch_size=3), workdir)
+    return results, read_predictions(workdir)
+
+
+def test_cli_end_to_end(video_root, tiny_ckpt, tmp_path, reference_run):
+    cmd = [
+        sys.executable,
+        "run_eval.py",
+        "--config",
+        "configs/tiny.py",
+        f"--config.checkpoint={tiny_ckpt[0]}",
+        f"--config.data.root={video_root}",
+        "--config.batch_size=4",
+        "--config.data.workers=2",  # worker processes, against the in-process reference
+        f"--workdir={tmp_path}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "videos/s" in result.stdout
+    assert "eval: 100%" in result.stderr  # the progress bar ran to the end
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["counts"] == {"listed": 20, "evaluated": 20, "dropped_too_short": 0, "failed": 0}
+    assert results["timing"]["compile_s"] > 0 and results["timing"]["videos_per_s"] > 0
+    predictions = read_predictions(tmp_path)
+    # Official order: classes sorted, then files sorted, nested folders included.
+    assert [p["path"] for p in predictions][:4] == [
+        "class_0/video_0.mp4",
+        "class_0/video_1.avi",
+        "class_1/video_0.mp4",
+        "class_1/video_1.avi",
+    ]
+    assert "class_4/nested/video_1.avi" in [p["path"] for p in predictions]
+    assert [p["label"] for p in predictions] == [i // 2 for i in range(20)]
+    for got, want in zip(predictions, reference_run[1], strict=True):
+        assert got["path"] == want["path"] and got["top5"] == want["top5"]
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_logits_are_the_models_on_the_official_inputs(video_root, tiny_ckpt, reference_run):
+    results, predictions = reference_run
+    params = tiny_ckpt[1]
+    for p in predictions:
+        want = direct_logits(video_root, p["path"], params)
+        np.testing.assert_allclose(p["logits"], want, rtol=1e-5, atol=1e-5)
+        assert p["top5"] == np.argsort(-want, kind="stable")[:5].tolist()
+    labels = np.array([p["label"] for p in predictions])
+    top1 = np.mean([p["top5"][0] == p["label"] for p in predictions])
+    assert results["metrics"]["top1"] == pytest.approx(top1)
+    per_class = [
+        np.mean([p["top5"][0] == c for p in predictions if p["label"] == c]) for c in range(10)
+    ]
+    assert results["metrics"]["mean_class_accuracy"] == pytest.approx(np.mean(per_class))
+    assert results["metrics"]["top5"] == pytest.approx(
+        np.mean([p["label"] in p["top5"] for p in predictions])
+    )
+    assert labels.size == 20
+
+
+def run_subprocess(args, env=None, timeout=300):
+    return subprocess.Popen(
+        [sys.executable, "run_eval.py", "--config", "configs/tiny.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
+    # 20 videos in global batches of 8 over 8 simulated devices: the last batch is padded.
+    proc = run_subprocess(
+        [
+            f"--config.checkpoint={tiny_ckpt[0]}",
+            f"--config.data.root={video_root}",
+            "--config.batch_size=8",
+            "--config.data.workers=0",
+            f"--workdir={tmp_path}",
+        ],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["devices"] == 8 and results["counts"]["evaluated"] == 20
+    for got, want in zip(read_predictions(tmp_path), reference_run[1], strict=True):
+        assert got["path"] == want["path"] and got["top5"] == want["top5"]
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+    assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
+    port = free_port()
+    procs = [
+        run_subprocess(
+            [
+                f"--config.checkpoint={tiny_ckpt[0]}",
+                f"--config.data.root={video_root}",
+                "--config.batch_size=6",
+                "--config.data.workers=0",
+                f"--config.distributed.coordinator=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={rank}",
+                f"--workdir={tmp_path / str(rank)}",
+            ],
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    assert not (tmp_path / "1" / "results.json").exists()  # only process 0 writes
+    results = json.loads((tmp_path / "0" / "results.json").read_text())
+    assert results["processes"] == 2 and results["devices"] == 6
+    assert results["counts"]["evaluated"] == 20
+    for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1], strict=True):
+        assert got["path"] == want["path"] and got["top5"] == want["top5"]
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_run(video_root, tiny_ckpt, tmp_path, reference_run):
+    results = evaluate(
+        config_for(tiny_ckpt[0], video_root, batch_size=4, dtype="bfloat16"), tmp_path
+    )
+    assert results["counts"]["evaluated"] == 20
+    got = np.array([p["logits"] for p in read_predictions(tmp_path)])
+    want = np.array([p["logits"] for p in reference_run[1]])
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < error < 3e-2
+
+
+def test_multi_view_averages_views(video_root, tiny_ckpt, tmp_path):
+    config = config_for(
+        tiny_ckpt[0], video_root, batch_size=4, **{"data.num_clips": 2, "data.num_crops": 3}
+    )
+    evaluate(config, tmp_path)
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32, num_clips=2, num_crops=3)
+    for p in read_predictions(tmp_path)[:4]:
+        want = direct_logits(video_root, p["path"], tiny_ckpt[1], spec)
+        np.testing.assert_allclose(p["logits"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def awkward_root(tmp_path) -> Path:
+    root = make_folder(tmp_path / "awkward", per_class=1)
+    write_video(root / "class_2" / "short.mp4", (index_frame(i, 48, 64) for i in range(5)), 10)
+    (root / "class_3" / "zero.mp4").write_bytes(b"")
+    (root / "class_5" / "notes.avi").write_text("not a video\n")
+    good = (root / "class_6" / "video_0.mp4").read_bytes()
+    (root / "class_6" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def test_bad_files_are_counted_listed_and_the_run_finishes(awkward_root, tiny_ckpt, tmp_path):
+    proc = run_subprocess(
+        [
+            f"--config.checkpoint={tiny_ckpt[0]}",
+            f"--config.data.root={awkward_root}",
+            "--config.batch_size=4",
+            "--config.data.workers=0",
+            f"--workdir={tmp_path}",
+        ]
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err  # finished, but something was skipped
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["counts"] == {"listed": 14, "evaluated": 10, "dropped_too_short": 1, "failed": 3}
+    assert [d["path"] for d in results["dropped"]] == ["class_2/short.mp4"]
+    assert "a clip needs 4" in results["dropped"][0]["reason"]
+    failed = {f["path"]: f["reason"] for f in results["failed"]}
+    assert sorted(failed) == ["class_3/zero.mp4", "class_5/notes.avi", "class_6/truncated.mp4"]
+    assert all(reason for reason in failed.values())
+    assert "skipped class_2/short.mp4" in err
+
+
+def test_pad_mode_keeps_short_videos(awkward_root, tiny_ckpt, tmp_path):
+    config = config_for(tiny_ckpt[0], awkward_root, batch_size=4, **{"data.short_videos": "pad"})
+    results = evaluate(config, tmp_path)
+    assert results["counts"]["dropped_too_short"] == 0 and results["counts"]["evaluated"] == 11
+    assert "class_2/short.mp4" in [p["path"] for p in read_predictions(tmp_path)]
+
+
+def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
+    def refused(message, **overrides):
+        overrides = {"batch_size": 4, **overrides}
+        config = config_for(overrides.pop("checkpoint", tiny_ckpt[0]), video_root, **overrides)
+        with pytest.raises(EvalConfigError, match=message):
+            evaluate(config, tmp_path / "out")
+
+    refused(r"no checkpoint: pass --config.checkpoint", checkpoint="")
+    refused(r"is not a stam-jax checkpoint", checkpoint=str(tmp_path))
+    refused(r"does not exist or is not a directory", **{"data.root": str(tmp_path / "nowhere")})
+    refused(r"batch_size=0 does not divide over 1 devices", batch_size=0)
+    refused(r"num_crops=2; use 1 \(official\) or 3", **{"data.num_crops": 2})
+    refused(r"T=4 model, but the config samples clips for stam_16 \(T=16\)", model="stam_16")
+    refused(r"takes 32px frames but --config.data.crop=48", **{"data.crop": 48})
+    refused(r"eval.average='max'; use 'logits' or 'softmax'", **{"eval.average": "max"})
+    (tmp_path / "empty").mkdir()
+    refused(r"has no class sub-folders", **{"data.root": str(tmp_path / "empty")})
+    few = tmp_path / "few"
+    (few / "a").mkdir(parents=True)
+    (few / "b").mkdir()
+    refused(r"holds no video files", **{"data.root": str(few)})
+    write_video(few / "a" / "x.mp4", (index_frame(i, 48, 64) for i in range(20)), 10)
+    refused(r"has 2 classes but the checkpoint has 10 outputs", **{"data.root": str(few)})
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_class_list_file(video_root, tiny_ckpt, tmp_path):
+    names = [f"class_{c}" for c in range(10)]
+    class_list = tmp_path / "classes.txt"
+    class_list.write_text("\n".join(reversed(names)) + "\n")
+    results = evaluate(
+        config_for(tiny_ckpt[0], video_root, batch_size=4, **{"data.class_list": str(class_list)}),
+        tmp_path,
+    )
+    assert results["classes"] == list(reversed(names))
+    first = read_predictions(tmp_path)[0]
+    assert first["path"].startswith("class_9/") and first["label"] == 0  # label = line number
+    class_list.write_text("\n".join(names[:9]) + "\n")
+    with pytest.raises(EvalConfigError, match=r"class folders that are not in .*\['class_9'\]"):
+        evaluate(
+            config_for(tiny_ckpt[0], video_root, **{"data.class_list": str(class_list)}), tmp_path
+        )
