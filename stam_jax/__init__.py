@@ -1,7 +1,27 @@
-"""stam-jax: STAM (Sharir et al., 2021) video classification in JAX/Flax."""
+"""stam-jax: STAM (Sharir et al., 2021) video classification in JAX/Flax.
 
-from stam_jax.model import STAM
-from stam_jax.variants import VARIANTS, create_model, model_config, model_from_config
+Exports are imported on first use, so that light modules (the video decoding that runs in
+worker processes) do not pay for importing JAX.
+"""
 
-__all__ = ["STAM", "VARIANTS", "create_model", "model_config", "model_from_config"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "STAM": "stam_jax.model",
+    "VARIANTS": "stam_jax.variants",
+    "create_model": "stam_jax.variants",
+    "model_config": "stam_jax.variants",
+    "model_from_config": "stam_jax.variants",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'stam_jax' has no attribute {name!r}")

@@ -1,0 +1,87 @@
+"""End-to-end `run_eval.py` throughput on generated Kinetics-like videos.
+
+    python benchmarks/eval_bench.py --model stam_16 --videos 8 --batch 2 --dtype float32
+
+Writes `--videos` H.264 videos (10 s, 30 fps, 340x256) into a Kinetics-style folder with a
+400-name class list, a random-weight checkpoint of the model, and runs `run_eval.py` on them,
+reporting what it reports: videos/s over the evaluation loop (decoding and model together,
+compile excluded), compile seconds, and the whole command's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from stam_jax import checkpoints, create_model
+from stam_jax.data.synthetic import index_frame, write_video
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    """Prints one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_16")
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--workers", type=int, default=-1)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    model = create_model(args.model)
+    classes = [f"class_{c:03d}" for c in range(model.num_classes)]
+    (work / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in range(args.videos):
+        frames = (index_frame(j, 256, 340, seed=i) for j in range(300))
+        write_video(work / "val" / classes[i % 4] / f"video_{i}.mp4", frames, 30)
+    video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
+    params = jax.jit(model.init)(jax.random.key(0), video)["params"]
+    checkpoints.save(work / "ckpt", model, params)
+    del params
+    config = f"configs/{args.model}.py" if args.model.startswith("stam_") else args.model
+    cmd = [
+        sys.executable,
+        "run_eval.py",
+        f"--config={config}",
+        f"--config.checkpoint={work / 'ckpt'}",
+        f"--config.data.root={work / 'val'}",
+        f"--config.data.class_list={work / 'classes.txt'}",
+        f"--config.batch_size={args.batch}",
+        f"--config.dtype={args.dtype}",
+        f"--config.data.workers={args.workers}",
+        "--config.progress=False",
+        f"--workdir={work / 'out'}",
+    ]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - start
+    results = json.loads((work / "out" / "results.json").read_text())
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "videos": results["counts"]["evaluated"],
+                "batch": args.batch,
+                "devices": results["devices"],
+                "videos_per_s": results["timing"]["videos_per_s"],
+                "compile_s": results["timing"]["compile_s"],
+                "command_wall_s": round(wall, 1),
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
