@@ -36,6 +36,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--frame-rate", type=float, default=1.6)
     parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--resize", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="decode_bench_"))
     paths = [
@@ -44,7 +48,7 @@ def main() -> None:
         )
         for i in range(args.videos)
     ]
-    spec = ClipSpec(num_frames=args.frames, frame_rate=args.frame_rate)
+    spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
     stream = paths * args.repeat
     start, first_rss, count = time.perf_counter(), None, 0
     for decoded in decode_in_order(stream, spec, args.workers, prefetch=2 * max(args.workers, 1)):

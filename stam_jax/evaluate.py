@@ -200,57 +200,25 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     compiled = forward.lower(params, abstract).compile()
     compile_s = time.perf_counter() - compile_start
 
-    workers = _worker_count(config.data.workers)
-    prefetch = config.data.prefetch or 2 * local_batch
     decoded = decode_in_order(
-        [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
+        [folder.root / folder.items[p].path for p in positions],
+        spec,
+        _worker_count(config.data.workers),
+        config.data.prefetch or 2 * local_batch,
     )
-    outcomes: dict[int, dict[str, Any]] = {}
-    result_positions, result_logits, result_scores = [], [], []
     progress = _progress(steps, enabled=config.progress and pid == 0)
     eval_start = time.perf_counter()
-    pending = None
-    for _ in range(steps):
-        local = np.zeros((local_batch, *batch_shape[1:]), np.uint8)
-        filled = np.full(local_batch, -1, np.int64)
-        for row in range(local_batch):
-            item = next(decoded, None)
-            if item is None:
-                break
-            position = positions[item.position]
-            if item.status == "ok":
-                local[row], filled[row] = item.views, position
-            else:
-                outcomes[position] = {"status": item.status, "reason": item.reason}
-        outputs = compiled(params, sharding.to_global(local, batch_sharding))
-        if pending is not None:  # fetch the previous step while this one runs
-            _collect(pending, result_positions, result_logits, result_scores)
-        pending = (filled, outputs)
-        progress.update(1)
-    if pending is not None:
-        _collect(pending, result_positions, result_logits, result_scores)
+    local = _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, progress)
     progress.close()
     eval_s = time.perf_counter() - eval_start
-
-    num_classes = model.num_classes
-    local_count = len(result_positions)
-    pad = per_process - local_count
-    rows_pos = np.array(result_positions + [-1] * pad, np.int64)
-    rows_logits = np.concatenate([*result_logits, np.zeros((pad, num_classes), np.float32)])
-    rows_scores = np.concatenate([*result_scores, np.zeros((pad, num_classes), np.float32)])
-    all_pos = _allgather_rows(rows_pos)
-    all_logits = _allgather_rows(rows_logits)
-    all_scores = _allgather_rows(rows_scores)
-    all_outcomes: dict[int, dict[str, Any]] = {}
-    for part in _allgather_json({str(k): v for k, v in outcomes.items()}):
-        all_outcomes.update({int(k): v for k, v in part.items()})
+    all_pos, all_logits, all_scores, all_outcomes = _gather(*local, per_process, model.num_classes)
 
     keep = all_pos >= 0
     order = np.argsort(all_pos[keep], kind="stable")
     done_pos = all_pos[keep][order]
     logits, scores = all_logits[keep][order], all_scores[keep][order]
     labels = np.array([folder.items[p].label for p in done_pos], np.int64)
-    metrics = _metrics(labels, scores, num_classes)
+    metrics = _metrics(labels, scores, model.num_classes)
 
     def listed(status: str) -> list[dict[str, Any]]:
         return [
@@ -287,6 +255,57 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         _write(workdir, results, folder, done_pos, labels, logits, scores)
         _summary(results, workdir)
     return results
+
+
+def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, progress):
+    """Feeds `steps` global batches; returns this process's (positions, logits, scores, outcomes).
+
+    Rows of a batch that hold no video (the end of the list, or a video that failed) are zeros
+    and are ignored when results are collected, so every video counts exactly once.
+    """
+    local_batch = batch_shape[0] // jax.process_count()
+    batch_sharding = sharding.batch_sharded(mesh)
+    outcomes: dict[int, dict[str, Any]] = {}
+    done: list[int] = []
+    logits: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    pending = None
+    for _ in range(steps):
+        local = np.zeros((local_batch, *batch_shape[1:]), np.uint8)
+        filled = np.full(local_batch, -1, np.int64)
+        for row in range(local_batch):
+            item = next(decoded, None)
+            if item is None:
+                break
+            position = positions[item.position]
+            if item.status == "ok":
+                local[row], filled[row] = item.views, position
+            else:
+                outcomes[position] = {"status": item.status, "reason": item.reason}
+        outputs = compiled(params, sharding.to_global(local, batch_sharding))
+        if pending is not None:  # fetch the previous step while this one runs
+            _collect(pending, done, logits, scores)
+        pending = (filled, outputs)
+        progress.update(1)
+    if pending is not None:
+        _collect(pending, done, logits, scores)
+    return done, logits, scores, outcomes
+
+
+def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
+    """Every process's results, padded to equal sizes, gathered and sorted by position."""
+    pad = per_process - len(done)
+    all_pos = _allgather_rows(np.array(done + [-1] * pad, np.int64))
+    all_logits = _allgather_rows(
+        np.concatenate([*logits, np.zeros((pad, num_classes), np.float32)])
+    )
+    all_scores = _allgather_rows(
+        np.concatenate([*scores, np.zeros((pad, num_classes), np.float32)])
+    )
+    all_outcomes: dict[int, dict[str, Any]] = {}
+    for part in _allgather_json({str(k): v for k, v in outcomes.items()}):
+        all_outcomes.update({int(k): v for k, v in part.items()})
+    return all_pos, all_logits, all_scores, all_outcomes
 
 
 def _worker_count(requested: int) -> int:
