@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stam_jax import create_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MAKE_PTH = """
@@ -51,13 +53,15 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     pth, ckpt, back = workdir / "official.pth", workdir / "ckpt", workdir / "back.pth"
     py = sys.executable
+    model = create_model(args.model)  # head counts are not stored in checkpoints
+    heads = ["--num-heads", str(model.num_heads), "--temporal-heads", str(model.temporal_heads)]
     run_child([py, "-c", MAKE_PTH, args.model, str(pth)])
     size = pth.stat().st_size / 2**20
     rows = {"file_MiB": round(size, 1)}
     floor_s, floor_rss = run_child([py, "-c", IMPORTS_ONLY])
     rows["imports_only"] = {"s": round(floor_s, 2), "peak_rss_MiB": round(floor_rss)}
     for name, cmd in [
-        ("convert", [py, "-m", "convert", str(pth), str(ckpt), "--force"]),
+        ("convert", [py, "-m", "convert", str(pth), str(ckpt), "--force", *heads]),
         ("to_torch", [py, "-m", "convert.to_torch", str(ckpt), str(back), "--force"]),
     ]:
         seconds, rss = run_child(cmd)

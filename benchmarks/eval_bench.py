@@ -36,19 +36,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--workers", type=int, default=-1)
+    parser.add_argument("--config", default=None, help="default: configs/<model>.py")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=340)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]
     (work / "classes.txt").write_text("\n".join(classes) + "\n")
     for i in range(args.videos):
-        frames = (index_frame(j, 256, 340, seed=i) for j in range(300))
+        frames = (index_frame(j, args.height, args.width, seed=i) for j in range(300))
         write_video(work / "val" / classes[i % 4] / f"video_{i}.mp4", frames, 30)
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), video)["params"]
     checkpoints.save(work / "ckpt", model, params)
     del params
-    config = f"configs/{args.model}.py" if args.model.startswith("stam_") else args.model
+    config = args.config or f"configs/{args.model}.py"
     cmd = [
         sys.executable,
         "run_eval.py",

@@ -31,7 +31,8 @@ def main() -> None:
     config = model_config(create_model(args.model))
     reference = randomize_(reference_from_config(config), seed=0)
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
-    _, params, _ = torch_to_flax(state_dict)
+    heads = dict(num_heads=config["num_heads"], temporal_heads=config["temporal_heads"])
+    _, params, _ = torch_to_flax(state_dict, **heads)
     del reference, state_dict
     t, s = config["num_frames"], config["image_size"]
     videos = np.random.default_rng(1).integers(0, 256, (args.videos, t, s, s, 3), dtype=np.uint8)

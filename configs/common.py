@@ -47,4 +47,6 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.distributed.process_id = 0
 
     config.progress = True  # progress bar with ETA on stderr (process 0)
+    # JAX's persistent compilation cache: a second start skips XLA compilation ('' disables).
+    config.compilation_cache_dir = "~/.cache/stam_jax/xla"
     return config

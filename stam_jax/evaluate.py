@@ -165,6 +165,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     start = time.perf_counter()
     dist = config.distributed
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    sharding.enable_compilation_cache(config.compilation_cache_dir)
     model, stored = _load_model(config)
     spec = _clip_spec(config, model)
     if config.eval.average not in ("logits", "softmax"):

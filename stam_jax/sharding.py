@@ -7,6 +7,7 @@ each process feeds its own share of every global batch.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -35,6 +36,16 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off)."""
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    # Cache every program: eval compiles once, and even a one-second compile is worth skipping.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def data_mesh() -> Mesh:

@@ -58,6 +58,7 @@ def config_for(ckpt, root, **overrides):
     config = get_config()
     config.checkpoint, config.data.root = str(ckpt), str(root)
     config.data.workers, config.progress = 0, False
+    config.compilation_cache_dir = ""
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -95,6 +96,7 @@ def test_cli_end_to_end(video_root, tiny_ckpt, tmp_path, reference_run):
         f"--config.data.root={video_root}",
         "--config.batch_size=4",
         "--config.data.workers=2",  # worker processes, against the in-process reference
+        f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}",
         f"--workdir={tmp_path}",
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -104,6 +106,7 @@ def test_cli_end_to_end(video_root, tiny_ckpt, tmp_path, reference_run):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["counts"] == {"listed": 20, "evaluated": 20, "dropped_too_short": 0, "failed": 0}
     assert results["timing"]["compile_s"] > 0 and results["timing"]["videos_per_s"] > 0
+    assert any((tmp_path / "xla_cache").iterdir())  # the compiled forward was cached
     predictions = read_predictions(tmp_path)
     # Official order: classes sorted, then files sorted, nested folders included.
     assert [p["path"] for p in predictions][:4] == [
