@@ -71,3 +71,9 @@ def test_eval_bench_smoke():
         "benchmarks/eval_bench.py", *args, "--height", "48", "--width", "64", "--workers", "0"
     )
     assert row["videos"] == 4 and row["videos_per_s"] > 0
+
+
+def test_block_profile_runs():
+    (row,) = run_script("benchmarks/block_profile.py")
+    assert row["jax"]["block"] > 0 and row["torch"]["block"] > 0
+    assert row["jax"]["matmul_gflops"] > 0
