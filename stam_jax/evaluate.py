@@ -209,10 +209,13 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     )
     progress = _progress(steps, enabled=config.progress and pid == 0)
     eval_start = time.perf_counter()
-    local = _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, progress)
+    local, first_batch_at = _run_loop(
+        compiled, params, decoded, positions, steps, batch_shape, mesh, progress
+    )
     progress.close()
     eval_s = time.perf_counter() - eval_start
     all_pos, all_logits, all_scores, all_outcomes = _gather(*local, per_process, model.num_classes)
+    first_batch_after_s = (first_batch_at or time.perf_counter()) - start
 
     keep = all_pos >= 0
     order = np.argsort(all_pos[keep], kind="stable")
@@ -245,6 +248,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             "compile_s": round(compile_s, 3),
             "eval_s": round(eval_s, 3),
             "videos_per_s": round(done_pos.size / eval_s, 3) if eval_s > 0 else None,
+            "first_batch_after_s": round(first_batch_after_s, 3),
             "total_s": round(time.perf_counter() - start, 3),
         },
         "devices": jax.device_count(),
@@ -259,7 +263,10 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
 
 def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, progress):
-    """Feeds `steps` global batches; returns this process's (positions, logits, scores, outcomes).
+    """Feeds `steps` global batches.
+
+    Returns this process's (positions, logits, scores, outcomes), and when the first batch was
+    dispatched.
 
     Rows of a batch that hold no video (the end of the list, or a video that failed) are zeros
     and are ignored when results are collected, so every video counts exactly once.
@@ -270,7 +277,7 @@ def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, pr
     done: list[int] = []
     logits: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    pending = None
+    pending, first_batch_at = None, None
     for _ in range(steps):
         local = np.zeros((local_batch, *batch_shape[1:]), np.uint8)
         filled = np.full(local_batch, -1, np.int64)
@@ -284,13 +291,14 @@ def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, pr
             else:
                 outcomes[position] = {"status": item.status, "reason": item.reason}
         outputs = compiled(params, sharding.to_global(local, batch_sharding))
+        first_batch_at = first_batch_at or time.perf_counter()
         if pending is not None:  # fetch the previous step while this one runs
             _collect(pending, done, logits, scores)
         pending = (filled, outputs)
         progress.update(1)
     if pending is not None:
         _collect(pending, done, logits, scores)
-    return done, logits, scores, outcomes
+    return (done, logits, scores, outcomes), first_batch_at
 
 
 def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
