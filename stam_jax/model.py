@@ -90,6 +90,7 @@ class FusedQKVAttention(nn.Module):
       out_name: name of the output projection.
       dropout_rate: dropout on the attention probabilities (training only).
       attention_impl: 'auto', 'xla', 'cudnn' or 'heads_first' (see `STAM`).
+      sow_weights: record the attention probabilities in 'intermediates' (heads-first path).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -99,6 +100,7 @@ class FusedQKVAttention(nn.Module):
     out_name: str = "proj"
     dropout_rate: float = 0.0
     attention_impl: AttentionImpl = "auto"
+    sow_weights: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -114,7 +116,7 @@ class FusedQKVAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         impl = _resolve_attention_impl(self.attention_impl, self.dtype)
         dropout = self.dropout_rate > 0.0 and not deterministic
-        if impl == "heads_first" or dropout:
+        if impl == "heads_first" or dropout or self.sow_weights:
             out = self._heads_first(q, k, v, deterministic=not dropout)
         elif impl == "cudnn" and self.attention_impl == "auto":
             try:
@@ -135,7 +137,10 @@ class FusedQKVAttention(nn.Module):
         """
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         logits = jnp.matmul(q, k.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
+        if self.sow_weights:  # (B, heads, queries, keys), float32, rows sum to one
+            self.sow("intermediates", "attention_weights", probs)
+        probs = probs.astype(self.dtype)
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
         return jnp.matmul(probs, v).transpose(0, 2, 1, 3)
 
@@ -182,6 +187,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
+    sow_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -190,7 +196,11 @@ class Block(nn.Module):
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = _layer_norm("norm1", self.layer_norm_eps, **types)(x)
         y = FusedQKVAttention(
-            self.num_heads, attention_impl=self.attention_impl, name="attn", **types
+            self.num_heads,
+            attention_impl=self.attention_impl,
+            sow_weights=self.sow_attention,
+            name="attn",
+            **types,
         )(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic)
@@ -237,6 +247,7 @@ class TemporalEncoderLayer(nn.Module):
     dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
+    sow_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -251,6 +262,7 @@ class TemporalEncoderLayer(nn.Module):
             out_name="out_proj",
             dropout_rate=self.dropout_rate,
             attention_impl=self.attention_impl,
+            sow_weights=self.sow_attention,
             name="self_attn",
             **types,
         )(x, deterministic)
@@ -274,6 +286,7 @@ class TransformerEncoder(nn.Module):
     dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
+    sow_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -287,6 +300,7 @@ class TransformerEncoder(nn.Module):
                 self.dropout_rate,
                 self.layer_norm_eps,
                 self.attention_impl,
+                self.sow_attention,
                 name=f"layers_{i}",
                 **types,
             )(x, deterministic)
@@ -307,6 +321,7 @@ class TemporalTransformer(nn.Module):
     dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
+    sow_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -330,6 +345,7 @@ class TemporalTransformer(nn.Module):
             self.dropout_rate,
             self.layer_norm_eps,
             self.attention_impl,
+            self.sow_attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="transformer_enc",
@@ -355,7 +371,10 @@ class STAM(nn.Module):
     `ToTensor` does) or floating point already in [0, 1]. There is no mean/std normalisation.
     Returns logits `(B, num_classes)` in float32. The per-frame features `(B, T, hidden_size)`
     and the video feature before the head are sown into the 'intermediates' collection
-    (`model.apply(v, x, mutable=['intermediates'])`).
+    (`model.apply(v, x, mutable=['intermediates'])`), and so are, on request
+    (`spatial_attention_layers`, `temporal_attention`), attention probabilities
+    `(batch, heads, queries, keys)` under `.../attn` and `.../self_attn` (`attention_weights`):
+    the same forward, which then takes the heads-first attention path for those layers.
 
     Attributes:
       num_classes: classifier outputs (400 for Kinetics-400).
@@ -378,6 +397,8 @@ class STAM(nn.Module):
       attention_impl: 'auto' (cuDNN for half precision on GPU where cuDNN supports the shapes,
         else 'heads_first'), 'xla' (`jax.nn.dot_product_attention`'s XLA path), 'cudnn' (an
         error where cuDNN cannot serve) or 'heads_first' (batched matmuls over (B, N, T, H)).
+      spatial_attention_layers: ViT blocks whose attention probabilities are recorded.
+      temporal_attention: record the attention probabilities of every temporal layer.
       dtype: compute dtype (float32, bfloat16 or float16).
       param_dtype: parameter dtype.
     """
@@ -400,6 +421,8 @@ class STAM(nn.Module):
     drop_path_rate: float = 0.0
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
+    spatial_attention_layers: tuple[int, ...] = ()
+    temporal_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -438,6 +461,12 @@ class STAM(nn.Module):
           Logits `(B, num_classes)`, float32.
         """
         self._check_input(videos)
+        bad = [i for i in self.spatial_attention_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(
+                f"spatial_attention_layers {bad} are not blocks of this {self.depth}-block ViT; "
+                f"use indices 0..{self.depth - 1}."
+            )
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = videos.shape[0]
         images = self._preprocess(videos).reshape((-1, *videos.shape[2:]))
@@ -455,6 +484,7 @@ class STAM(nn.Module):
                 rate,
                 self.layer_norm_eps,
                 self.attention_impl,
+                i in self.spatial_attention_layers,
                 name=f"blocks_{i}",
                 **types,
             )(x, deterministic)
@@ -488,6 +518,7 @@ class STAM(nn.Module):
             dropout_rate=self.temporal_dropout_rate,
             layer_norm_eps=self.layer_norm_eps,
             attention_impl=self.attention_impl,
+            sow_attention=self.temporal_attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="aggregate",

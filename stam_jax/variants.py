@@ -9,9 +9,15 @@ import jax.numpy as jnp
 
 from stam_jax.model import STAM
 
-# Fields that describe the architecture; saved in checkpoints. The rest (dtype, param_dtype,
-# attention_impl) are run-time choices made when a checkpoint is loaded.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl")
+# Fields that describe the architecture; saved in checkpoints. The rest (dtypes, attention path,
+# recording of attention weights) are run-time choices made when a checkpoint is loaded.
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "spatial_attention_layers",
+    "temporal_attention",
+)
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(STAM)

@@ -231,3 +231,28 @@ def test_registry_and_config_errors():
     # A config survives JSON-like round trips.
     model = create_model("stam_32")
     assert model_from_config(model_config(model)) == model
+
+
+def test_attention_weights_on_request():
+    config = model_config(create_model("stam_tiny"))
+    params = random_params(config)
+    videos = random_videos(config, batch=3)
+    plain = create_model("stam_tiny").apply({"params": params}, videos)
+    model = create_model("stam_tiny", spatial_attention_layers=(1,), temporal_attention=True)
+    logits, state = model.apply({"params": params}, videos, mutable=["intermediates"])
+    np.testing.assert_array_equal(logits, plain)  # same forward, weights recorded on the way
+    found = state["intermediates"]
+    spatial = found["blocks_1"]["attn"]["attention_weights"][0]
+    assert spatial.shape == (3 * 4, 2, 17, 17)  # (B*T frames, heads, 1 + 16 patches, ...)
+    for layer in range(2):
+        temporal = found["aggregate"]["transformer_enc"][f"layers_{layer}"]["self_attn"]
+        weights = temporal["attention_weights"][0]
+        assert weights.shape == (3, 4, 5, 5)  # (B, heads, 1 + T, 1 + T)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+        assert weights.dtype == jnp.float32
+    np.testing.assert_allclose(spatial.sum(-1), 1.0, rtol=1e-5)
+    assert "blocks_0" not in found  # only the requested block recorded anything
+    with pytest.raises(
+        ValueError, match=r"spatial_attention_layers \[2\] are not blocks of this 2-block ViT"
+    ):
+        create_model("stam_tiny", spatial_attention_layers=(2,)).apply({"params": params}, videos)
