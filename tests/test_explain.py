@@ -1,0 +1,85 @@
+"""Attention pictures: rollout arithmetic, the explain command's PNG, its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS, random_params
+from PIL import Image
+
+from stam_jax import checkpoints, create_model
+from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.explain import explain_video, main, rollout
+
+
+def test_rollout_on_a_hand_built_case():
+    # One head; layer 1 sends everything to token 1, layer 2 is uniform over two tokens.
+    first = np.array([[[0.0, 1.0], [0.0, 1.0]]])
+    second = np.array([[[0.5, 0.5], [0.5, 0.5]]])
+    # With the residual: layer 1 -> [[.5, .5], [0, 1]], layer 2 -> [[.75, .25], [.25, .75]].
+    expected = np.array([[0.75, 0.25], [0.25, 0.75]]) @ np.array([[0.5, 0.5], [0.0, 1.0]])
+    np.testing.assert_allclose(rollout([first, second]), expected)
+    np.testing.assert_allclose(rollout([first, second]).sum(-1), 1.0)
+    # Heads are averaged first.
+    two_heads = np.stack([first[0], second[0]])
+    np.testing.assert_allclose(
+        rollout([two_heads]), 0.5 * (first[0] + second[0]) * 0.5 + 0.5 * np.eye(2)
+    )
+    with pytest.raises(ValueError, match="at least one layer"):
+        rollout([])
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    config = TINY_CONFIGS["tiny"]
+    checkpoints.save(root / "ckpt", create_model("stam_tiny"), random_params(config, seed=2))
+    video = write_video(root / "clip.mp4", (index_frame(i, 48, 64) for i in range(40)), 10)
+    return root, video
+
+
+def test_explain_outputs(explained):
+    root, video = explained
+    result = explain_video(root / "ckpt", video, frame_rate=4.0)
+    assert result["frames"].shape == (4, 32, 32, 3)
+    assert result["probabilities"].shape == (10,)
+    np.testing.assert_allclose(result["probabilities"].sum(), 1.0, rtol=1e-5)
+    layers = result["temporal_layers"]
+    assert layers.shape == (2, 4) and (layers >= 0).all() and (layers.sum(-1) <= 1 + 1e-6).all()
+    assert result["temporal_rollout"].shape == (4,) and result["temporal_rollout"].sum() <= 1 + 1e-6
+    assert result["spatial_rollout"].shape == (4, 4, 4)  # 32 px frames, 8 px patches
+
+
+def test_explain_cli_writes_a_readable_png(explained, tmp_path, capsys):
+    root, video = explained
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(f"action {c}" for c in range(10)) + "\n")
+    out = tmp_path / "picture.png"
+    args = [str(video), "--checkpoint", str(root / "ckpt"), "--frame-rate", "4"]
+    assert main([*args, "--out", str(out), "--classes", str(names)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (800, 630)  # 4 frames in one row
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10  # not blank
+
+
+def test_explain_cli_errors(explained, tmp_path, capsys):
+    root, video = explained
+    assert main([str(tmp_path / "none.mp4"), "--checkpoint", str(root / "ckpt")]) == 2
+    assert "error:" in capsys.readouterr().err
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\n")
+    args = [
+        str(video),
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--frame-rate",
+        "4",
+        "--classes",
+        str(names),
+    ]
+    assert main(args) == 2
+    assert "names 2 classes; the model has 10" in capsys.readouterr().err
+    assert main([str(video), "--checkpoint", str(tmp_path)]) == 2
+    assert "is not a stam-jax checkpoint" in capsys.readouterr().err
