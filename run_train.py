@@ -1,33 +1,40 @@
-"""Train or fine-tune STAM with optax (AdamW, distillation, EMA, exact resume).
+"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
 
     python run_train.py --config configs/stam_16.py --config.checkpoint=INIT_DIR \
-        --config.data.root=TRAIN_DIR --workdir OUT_DIR
+        --config.train.root=TRAIN_DIR --workdir OUT_DIR
 
-Not implemented yet: the training loop, augmentation and orbax train-state checkpoints land
-with the training issue. Until then this script validates its flags and says so.
+Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
+end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py). Exit status: 0
+done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where results are written")
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and final params")
 
 
 def main(argv: list[str]) -> None:
     """Entry point."""
     del argv
-    print(
-        f"run_train.py: training of {_CONFIG.value.model} is not implemented yet "
-        "(it lands with the training issue). Today: python -m convert and "
-        "stam_jax.checkpoints.load; see README.md.",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the output
+        logging.set_verbosity(logging.WARNING)
+    try:
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except TrainConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
+    print(f"trained to step {summary['step']}; final params in {summary.get('final')}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,18 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict()
     config.model = model
-    # Overrides of the variant's architecture fields (e.g. num_classes, drop_path_rate).
+    # Overrides of the variant's architecture fields; None keeps the variant's value.
+    # e.g. --config.model_overrides.num_classes=600
     config.model_overrides = ml_collections.ConfigDict()
+    for name, kind in [
+        ("num_classes", int),
+        ("num_frames", int),
+        ("aggregate", str),
+        ("dropout_rate", float),
+        ("drop_path_rate", float),
+        ("temporal_dropout_rate", float),
+    ]:
+        config.model_overrides[name] = ml_collections.config_dict.placeholder(kind)
     config.checkpoint = ""  # a stam-jax checkpoint directory (python -m convert makes one)
     config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
     config.param_dtype = "float32"
@@ -45,6 +55,23 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.distributed.coordinator = ""  # 'host:port' of process 0
     config.distributed.num_processes = 1
     config.distributed.process_id = 0
+
+    # Training (run_train.py).
+    config.train = ml_collections.ConfigDict()
+    config.train.root = ""  # training videos, root/<class>/<video>
+    config.train.steps = 1000  # optimizer steps in the whole run
+    config.train.optimizer = "adamw"  # adamw or sgd (with momentum)
+    config.train.learning_rate = 1e-4  # peak, after linear warm-up; cosine decay to the end
+    config.train.warmup_steps = 100
+    config.train.weight_decay = 0.05  # not on biases, norms, position embeddings, cls tokens
+    config.train.momentum = 0.9  # sgd only
+    config.train.grad_clip = 1.0  # global-norm clipping (0: off)
+    config.train.accumulate = 1  # micro-batches per optimizer step
+    config.train.label_smoothing = 0.1
+    config.train.ema_decay = 0.999  # EMA of the params, exported beside them (0: off)
+    config.train.log_every = 10
+    config.train.save_every = 100  # checkpoint interval in steps (async, atomic)
+    config.train.keep = 3  # checkpoints kept
 
     config.progress = True  # progress bar with ETA on stderr (process 0)
     # JAX's persistent compilation cache: a second start skips XLA compilation ('' disables).

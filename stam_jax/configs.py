@@ -20,7 +20,7 @@ def model_from_run_config(config: Any) -> STAM:
     """
     return create_model(
         config.model,
-        **dict(config.model_overrides),
+        **{k: v for k, v in dict(config.model_overrides).items() if v is not None},
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,

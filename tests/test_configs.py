@@ -1,4 +1,4 @@
-"""Run configs build the models they name; the not-yet-built training entry point says so."""
+"""Run configs build the models they name, with overrides from the command line."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_overrides_reach_the_model():
     assert model.num_classes == 600 and model.dtype.__name__ == "bfloat16"
 
 
-def test_run_train_states_it_is_not_built_yet():
+def test_run_train_without_data_is_refused():
     result = subprocess.run(
         [sys.executable, "run_train.py", "--config", "configs/tiny.py", "--workdir", "/tmp/unused"],
         cwd=ROOT,
@@ -43,4 +43,4 @@ def test_run_train_states_it_is_not_built_yet():
         text=True,
     )
     assert result.returncode == 2
-    assert "not implemented yet" in result.stderr
+    assert "no training data: pass --config.train.root=VIDEO_ROOT" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_views
+from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_train_clip, load_views
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
 def decode_in_order(
     paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int
 ) -> Iterator[Decoded]:
-    """Yields every video's `Decoded`, in the order of `paths`.
+    """Yields every video's `Decoded` (evaluation views), in the order of `paths`.
 
     At most `prefetch` videos are decoded ahead of the consumer, so memory stays flat however
     many videos there are.
@@ -57,23 +57,30 @@ def decode_in_order(
       workers: decoding processes; 0 decodes in this process.
       prefetch: videos in flight at most (>= 1).
     """
+    jobs = [(position, str(path), spec) for position, path in enumerate(paths)]
+    return ordered_map(decode_one, jobs, workers, prefetch)
+
+
+def ordered_map(fn, jobs: Sequence[tuple], workers: int, prefetch: int) -> Iterator[Decoded]:
+    """`fn(*job)` for every job, in order, in `workers` processes (0: in this one).
+
+    `fn` must never raise (it returns a failed `Decoded` instead) and job[0] is its position.
+    """
     if workers == 0:
-        for position, path in enumerate(paths):
-            yield decode_one(position, str(path), spec)
-        return
-    yield from _ParallelDecoder(paths, spec, workers, prefetch)
+        return (fn(*job) for job in jobs)
+    return iter(_ParallelDecoder(fn, jobs, workers, prefetch))
 
 
 class _ParallelDecoder:
     """Ordered decoding over a process pool that survives a worker crashing on a bad file.
 
-    When a worker dies (say, a decoder crash on a corrupt file), the video at the head of the
+    When a worker dies (say, a decoder crash on a corrupt file), the job at the head of the
     queue is retried alone on a fresh pool: if it crashes again it is reported as failed,
     otherwise decoding resumes after it. Either way the run goes on.
     """
 
-    def __init__(self, paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int):
-        self.paths, self.spec = [str(p) for p in paths], spec
+    def __init__(self, fn, jobs: Sequence[tuple], workers: int, prefetch: int):
+        self.fn, self.jobs = fn, jobs  # any sequence: built lazily for long training runs
         self.workers, self.prefetch = workers, max(prefetch, 1)
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -86,14 +93,13 @@ class _ParallelDecoder:
         pending: collections.deque = collections.deque()
         next_position, isolating = 0, False
         try:
-            while pending or next_position < len(self.paths):
+            while pending or next_position < len(self.jobs):
                 while (
                     not isolating
-                    and next_position < len(self.paths)
+                    and next_position < len(self.jobs)
                     and len(pending) < self.prefetch
                 ):
-                    path = self.paths[next_position]
-                    pending.append(pool.submit(decode_one, next_position, path, self.spec))
+                    pending.append(pool.submit(self.fn, *self.jobs[next_position]))
                     next_position += 1
                 head = pending[0]
                 position = next_position - len(pending)
@@ -106,8 +112,7 @@ class _ParallelDecoder:
                     next_position = position + 1
                     if not isolating:  # retry the head alone to find the culprit
                         isolating = True
-                        path = self.paths[position]
-                        pending.append(pool.submit(decode_one, position, path, self.spec))
+                        pending.append(pool.submit(self.fn, *self.jobs[position]))
                         continue
                     result = Decoded(position, None, "failed", "the decoder process crashed")
                 else:
@@ -116,3 +121,13 @@ class _ParallelDecoder:
                 yield result
         finally:
             pool.shutdown(cancel_futures=True)
+
+
+def decode_train_item(position: int, path: str, spec: ClipSpec, seed: tuple[int, ...]) -> Decoded:
+    """One augmented training clip as a `Decoded` (views of shape (1, T, crop, crop, 3))."""
+    try:
+        return Decoded(position, load_train_clip(path, spec, seed)[None], "ok")
+    except VideoError as e:
+        return Decoded(position, None, "failed", str(e))
+    except Exception as e:  # a bad file must not end the run
+        return Decoded(position, None, "failed", f"{type(e).__name__}: {e}".strip())

@@ -218,3 +218,59 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
             for k, crop in enumerate(cache[int(index)]):
                 views[c, k, f] = crop
     return views.reshape(spec.num_views, t, spec.crop, spec.crop, 3)
+
+
+def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np.ndarray:
+    """Samples one augmented training clip, reproducibly from `seed`.
+
+    Augmentation: a random temporal offset among the clips the sampling rule allows (short
+    videos repeat their last sampled frame), one random resized crop (area 25-100% of the frame,
+    aspect ratio 3/4-4/3, resized to `spec.crop` with PIL bilinear) and one random horizontal flip,
+    the same for every frame of the clip.
+
+    Args:
+      path: a video file.
+      spec: sampling (`num_frames`, `frame_rate`) and output size (`crop`).
+      seed: integers that fix every random choice (e.g. (run seed, epoch, position)).
+
+    Returns:
+      uint8 `(T, crop, crop, 3)`.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng([int(s) for s in seed])
+    count, fps = probe(path)
+    indices = resample_indices(count, fps, spec.frame_rate)
+    t = spec.num_frames
+    if len(indices) == 0:
+        raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
+    if len(indices) < t:
+        indices = np.concatenate([indices, np.full(t - len(indices), indices[-1])])
+    start = int(rng.integers(0, len(indices) - t + 1))
+    clip = indices[start : start + t]
+    frames = decode_frames(path, clip)
+    height, width = frames[int(clip[0])].shape[:2]
+    box = _random_box(rng, height, width)
+    flip = bool(rng.random() < 0.5)
+    out = np.empty((t, spec.crop, spec.crop, 3), np.uint8)
+    for f, index in enumerate(clip):
+        image = Image.fromarray(frames[int(index)]).resize(
+            (spec.crop, spec.crop), Image.BILINEAR, box=box
+        )
+        out[f] = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+    return out
+
+
+def _random_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random resized crop; the centre square as a fallback."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(0.25, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    side = min(height, width)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side

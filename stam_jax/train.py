@@ -1,0 +1,343 @@
+"""Training with optax: one jitted, data-parallel step, orbax checkpoints and exact resume.
+
+`train_and_evaluate(config, workdir)` trains on `config.train.root` (a Kinetics-style folder) and
+writes `workdir/metrics.jsonl`, checkpoints in `workdir/checkpoints/` (orbax, asynchronous,
+atomic: a half-written one is never restored) and, at the end, the params and their EMA as
+stam-jax checkpoints `workdir/final` and `workdir/final_ema` (for `run_eval.py`, `convert.to_torch`,
+`stam_jax.explain`).
+
+Exact resume: everything random is a function of (seed, step) — the data order of an epoch, each
+clip's augmentation, the dropout keys — so the train state (step, params, optimizer state, EMA)
+is all a checkpoint needs. A run killed at any moment and restarted from its workdir reaches the
+same params, bit for bit, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from stam_jax import checkpoints, sharding
+from stam_jax.configs import model_from_run_config
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.loader import decode_train_item, ordered_map
+from stam_jax.data.video import ClipSpec
+from stam_jax.model import STAM
+
+KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
+
+
+class TrainConfigError(ValueError):
+    """A run refused before any compute; the message names the value and the fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient went NaN/Inf; raised with the step number."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds; the rest of the run is derived from (seed, step)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: matrices and kernels, not biases, norms, tokens."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {
+            path: value.ndim >= 2 and path[-1] not in ("pos_embed", "cls_token")
+            for path, value in flat.items()
+        }
+    )
+
+
+def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and its learning-rate schedule, from `config.train`."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train.learning_rate, max(train.warmup_steps, 1), max(train.steps, 2)
+    )
+    mask = decay_mask(params)
+    if train.optimizer == "adamw":
+        opt = optax.adamw(schedule, weight_decay=train.weight_decay, mask=mask)
+    elif train.optimizer == "sgd":
+        opt = optax.chain(
+            optax.add_decayed_weights(train.weight_decay, mask),
+            optax.sgd(schedule, momentum=train.momentum),
+        )
+    else:
+        raise TrainConfigError(f"train.optimizer={train.optimizer!r}; use 'adamw' or 'sgd'.")
+    if train.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
+    if train.accumulate > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=train.accumulate)
+    return opt, schedule
+
+
+def _train_step(model: STAM, tx, schedule, train: Any, seed: int, num_classes: int):
+    def step_fn(state: TrainState, videos, labels, weights):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, videos, deterministic=False, rngs={"dropout": key}
+            )
+            targets = optax.smooth_labels(
+                jax.nn.one_hot(labels, num_classes), train.label_smoothing
+            )
+            losses = optax.softmax_cross_entropy(logits, targets)
+            total = jnp.maximum(weights.sum(), 1.0)
+            return (losses * weights).sum() / total, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = train.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        correct = (jnp.argmax(logits, -1) == labels) * weights
+        metrics = {
+            "loss": loss,
+            "accuracy": correct.sum() / jnp.maximum(weights.sum(), 1.0),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step // max(train.accumulate, 1)),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        )
+        return new_state, metrics
+
+    return step_fn
+
+
+class _Jobs(Sequence):
+    """Decoding jobs for steps [start, end), built on demand (a long run has millions)."""
+
+    def __init__(
+        self, folder: VideoFolder, spec: ClipSpec, seed: int, batch: int, start: int, end: int
+    ):
+        self.folder, self.spec, self.seed, self.batch = folder, spec, seed, batch
+        self.start, self.end = start, end
+        self.local = batch // jax.process_count()
+        self.per_epoch = len(folder.items) // batch
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The shuffled item order of an epoch: a function of (seed, epoch) only."""
+        if epoch not in self._orders:
+            self._orders = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.folder.items))
+            }
+        return self._orders[epoch]
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.local
+
+    def __getitem__(self, position: int) -> tuple:
+        step, row = divmod(position, self.local)
+        step += self.start
+        epoch, k = divmod(step, self.per_epoch)
+        slot = k * self.batch + jax.process_index() * self.local + row
+        item = self.folder.items[self.order(epoch)[slot]]
+        path = str(self.folder.root / item.path)
+        return position, path, self.spec, (self.seed, epoch, slot)
+
+    def label(self, position: int) -> int:
+        step, row = divmod(position, self.local)
+        epoch, k = divmod(step + self.start, self.per_epoch)
+        slot = k * self.batch + jax.process_index() * self.local + row
+        return self.folder.items[self.order(epoch)[slot]].label
+
+
+def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=train.save_every,
+        max_to_keep=train.keep,
+        enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Trains `config`'s model on `config.train.root`, resuming from `workdir` if possible.
+
+    Args:
+      config: a run config (`configs/*.py`).
+      workdir: output folder (checkpoints, metrics, final params).
+
+    Returns:
+      A summary: final step, last metrics, where the outputs are.
+
+    Raises:
+      TrainConfigError: before any compute, for bad data, batch or optimizer settings.
+      NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
+    """
+    train = config.train
+    dist = config.distributed
+    sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    sharding.enable_compilation_cache(config.compilation_cache_dir)
+    model = model_from_run_config(config)
+    if not train.root:
+        raise TrainConfigError("no training data: pass --config.train.root=VIDEO_ROOT.")
+    try:
+        folder = list_videos(train.root, config.data.class_list or None)
+    except DatasetError as e:
+        raise TrainConfigError(str(e)) from None
+    if len(folder.classes) != model.num_classes:
+        raise TrainConfigError(
+            f"{train.root} has {len(folder.classes)} classes but the model has "
+            f"{model.num_classes} outputs; set --config.model_overrides.num_classes="
+            f"{len(folder.classes)} or give --config.data.class_list."
+        )
+    mesh = sharding.data_mesh()
+    try:
+        local_batch = sharding.local_batch_size(config.batch_size, mesh)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+    if len(folder.items) < config.batch_size:
+        raise TrainConfigError(
+            f"{train.root} has {len(folder.items)} videos, fewer than one batch "
+            f"(batch_size={config.batch_size})."
+        )
+    spec = ClipSpec(model.num_frames, config.data.frame_rate, config.data.resize, config.data.crop)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
+    if config.checkpoint:
+        params = checkpoints.read_params(config.checkpoint, model)
+    else:
+        params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
+    tx, schedule = make_optimizer(train, params)
+    replicated = sharding.replicated(mesh)
+
+    def init_state(params):
+        params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params)
+
+    state = jax.jit(init_state, out_shardings=replicated)(params)
+    del params
+    manager = _checkpoint_manager(workdir, train)
+    start = manager.latest_step() or 0
+    if start:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
+        )
+        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    batch_sharding = sharding.batch_sharded(mesh)
+    step_fn = jax.jit(
+        _train_step(model, tx, schedule, train, config.seed, model.num_classes),
+        in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
+    workers = config.data.workers if config.data.workers >= 0 else len(os.sched_getaffinity(0))
+    decoded = ordered_map(decode_train_item, jobs, workers, config.data.prefetch or 2 * local_batch)
+    kill_at = int(os.environ.get(KILL_HOOK, "-1"))
+    log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
+    if log:
+        _truncate_log(log, start)
+    progress = _progress(start, train.steps, config.progress and jax.process_index() == 0)
+    last: dict[str, float] = {}
+    timer, timer_step = time.perf_counter(), start
+    failed = 0
+    for step in range(start, train.steps):
+        videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
+        labels = np.zeros(local_batch, np.int32)
+        weights = np.zeros(local_batch, np.float32)
+        for row in range(local_batch):
+            item = next(decoded)
+            if item.status == "ok":
+                videos[row], weights[row] = item.views[0], 1.0
+                labels[row] = jobs.label(item.position)
+            else:
+                failed += 1  # weight 0: a bad file costs its slot, never the run
+        state, metrics = step_fn(
+            state,
+            sharding.to_global(videos, batch_sharding),
+            sharding.to_global(labels, batch_sharding),
+            sharding.to_global(weights, batch_sharding),
+        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            manager.wait_until_finished()
+            raise NonFiniteError(
+                f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+                f"stopped before saving, checkpoints up to step {manager.latest_step()} intact. "
+                "Lower --config.train.learning_rate or use bfloat16 instead of float16."
+            )
+        done = step + 1
+        if done % train.log_every == 0 or done == train.steps:
+            elapsed = time.perf_counter() - timer
+            rate = (done - timer_step) / elapsed if elapsed > 0 else 0.0
+            last = {
+                "step": done,
+                **metrics,
+                "steps_per_s": rate,
+                "videos_per_s": rate * config.batch_size,
+                "failed_videos": failed,
+            }
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            timer, timer_step = time.perf_counter(), done
+        saved = manager.save(done, args=ocp.args.StandardSave(state), force=done == train.steps)
+        if saved and done == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
+        progress.update(1)
+    progress.close()
+    manager.wait_until_finished()
+    outputs = {}
+    if jax.process_index() == 0:
+        host = jax.device_get(state)
+        outputs["final"] = str(
+            checkpoints.save(workdir / "final", model, host.params, overwrite=True)
+        )
+        if train.ema_decay > 0:
+            outputs["final_ema"] = str(
+                checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
+            )
+    return {"step": int(state.step), "last_metrics": last, **outputs}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops rows past `step` (logged after the checkpoint a resumed run restarts from)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        del n
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, unit="step", desc="train", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""Training: a real loop on real videos, exact resume after SIGKILL, refusals, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+from test_eval import make_folder
+
+from stam_jax import checkpoints, create_model
+from stam_jax.train import KILL_HOOK
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("train"), per_class=1, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla_cache")  # later runs reuse the compiled step
+
+
+def command(root: Path, workdir: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "run_train.py",
+        "--config",
+        "configs/tiny.py",
+        f"--config.train.root={root}",
+        f"--workdir={workdir}",
+        "--config.batch_size=4",
+        "--config.train.steps=8",
+        "--config.train.save_every=3",
+        "--config.train.log_every=2",
+        "--config.train.learning_rate=1e-3",
+        "--config.train.warmup_steps=2",
+        "--config.data.workers=0",
+        "--config.progress=False",
+        f"--config.compilation_cache_dir={cache}",
+        *extra,
+    ]
+
+
+def run(cmd, env=None, timeout=600):
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(train_root, cache, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    result = run(command(train_root, workdir, cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def final_params(workdir: Path):
+    return checkpoints.load(workdir / "final")[1], checkpoints.load(workdir / "final_ema")[1]
+
+
+def test_training_writes_metrics_checkpoints_and_final_params(uninterrupted):
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6, 8]
+    assert all(np.isfinite(row["loss"]) and row["learning_rate"] > 0 for row in rows)
+    assert rows[-1]["failed_videos"] == 0 and rows[-1]["videos_per_s"] > 0
+    steps = sorted(
+        int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert steps == [3, 6, 8]  # every save_every steps, and the last
+    model, params = checkpoints.load(uninterrupted / "final")
+    assert model.num_classes == 10
+    ema = checkpoints.load(uninterrupted / "final_ema")[1]
+    # The EMA trails the params (decay 0.999 over 8 steps), so they differ.
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema), strict=True)
+    )
+    # The trained params are not the initial ones: the optimizer moved them.
+    init = create_model("stam_tiny").init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))[
+        "params"
+    ]
+    assert not np.array_equal(params["head"]["kernel"], init["head"]["kernel"])
+
+
+def test_sigkill_during_a_save_then_resume_is_bit_exact(train_root, cache, uninterrupted, tmp_path):
+    killed = run(command(train_root, tmp_path, cache), env={KILL_HOOK: "6"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "final").exists()
+    resumed = run(command(train_root, tmp_path, cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, want_ema = final_params(uninterrupted)
+    got, got_ema = final_params(tmp_path)
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal(got_ema, want_ema)
+
+
+def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, uninterrupted, tmp_path):
+    proc = subprocess.Popen(
+        command(train_root, tmp_path, cache),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while (
+        not (tmp_path / "checkpoints" / "3").exists()
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run(command(train_root, tmp_path, cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    chex.assert_trees_all_equal(final_params(tmp_path)[0], final_params(uninterrupted)[0])
+
+
+def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
+    result = run(
+        command(train_root, tmp_path / "a", cache, "--config.model_overrides.num_classes=7")
+    )
+    assert result.returncode == 2 and "has 10 classes but the model has 7 outputs" in result.stderr
+    result = run(command(train_root, tmp_path / "b", cache, "--config.batch_size=0"))
+    assert result.returncode == 2 and "batch_size=0 does not divide" in result.stderr
+    result = run(
+        command(
+            train_root,
+            tmp_path / "c",
+            cache,
+            "--config.train.learning_rate=1e30",
+            "--config.train.grad_clip=0",
+        )
+    )
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert "stopped before saving" in result.stderr and "step " in result.stderr
