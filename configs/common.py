@@ -32,6 +32,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
     config.param_dtype = "float32"
     config.attention_impl = "auto"  # auto (cuDNN for half precision on GPU), xla, cudnn
+    config.remat = False  # activation checkpointing of the ViT blocks (training memory)
     config.batch_size = 6  # videos per global batch; the official evaluation uses 6
     config.seed = 0
 

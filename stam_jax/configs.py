@@ -24,4 +24,5 @@ def model_from_run_config(config: Any) -> STAM:
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,
+        remat=config.remat,
     )

@@ -399,6 +399,8 @@ class STAM(nn.Module):
         error where cuDNN cannot serve) or 'heads_first' (batched matmuls over (B, N, T, H)).
       spatial_attention_layers: ViT blocks whose attention probabilities are recorded.
       temporal_attention: record the attention probabilities of every temporal layer.
+      remat: recompute each ViT block's activations in the backward pass instead of storing
+        them (activation checkpointing: training memory grows with 1 block, not 12).
       dtype: compute dtype (float32, bfloat16 or float16).
       param_dtype: parameter dtype.
     """
@@ -423,6 +425,7 @@ class STAM(nn.Module):
     attention_impl: AttentionImpl = "auto"
     spatial_attention_layers: tuple[int, ...] = ()
     temporal_attention: bool = False
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -475,9 +478,11 @@ class STAM(nn.Module):
         x = PatchEmbed(self.patch_size, self.hidden_size, name="patch_embed", **types)(images)
         x = _prepend_cls_add_pos(self, x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        # static_argnums counts the module: (self, x, deterministic).
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x = Block(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 self.dropout_rate,

@@ -17,6 +17,7 @@ RUNTIME_FIELDS = (
     "attention_impl",
     "spatial_attention_layers",
     "temporal_attention",
+    "remat",
 )
 ARCH_FIELDS = tuple(
     f.name
