@@ -47,6 +47,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.data.short_videos = "official"  # 'official': drop videos shorter than T; 'pad'
     config.data.workers = -1  # decoding processes; -1: one per CPU core, 0: in-process
     config.data.prefetch = 0  # videos decoded ahead; 0: twice the per-process batch
+    config.data.train_flip = True  # random horizontal flips of training clips
+    config.data.train_min_area = 0.25  # random resized crops keep 25-100% of the frame
 
     config.eval = ml_collections.ConfigDict()
     config.eval.average = "logits"  # multi-view: average 'logits' or 'softmax' per video

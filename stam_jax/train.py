@@ -216,7 +216,14 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"{train.root} has {len(folder.items)} videos, fewer than one batch "
             f"(batch_size={config.batch_size})."
         )
-    spec = ClipSpec(model.num_frames, config.data.frame_rate, config.data.resize, config.data.crop)
+    spec = ClipSpec(
+        model.num_frames,
+        config.data.frame_rate,
+        config.data.resize,
+        config.data.crop,
+        train_flip=config.data.train_flip,
+        train_min_area=config.data.train_min_area,
+    )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -17,6 +17,7 @@ from stam_jax.data.video import (
     TooShortError,
     VideoError,
     crop_offsets,
+    load_train_clip,
     load_views,
     resample_indices,
     resized_size,
@@ -168,3 +169,37 @@ def test_clip_spec_validation():
         ClipSpec(short_videos="skip")
     with pytest.raises(ValueError, match=r"crop=300 is larger than resize=256"):
         ClipSpec(crop=300)
+
+
+def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):
+    path = write_video(tmp_path / "v.mp4", (index_frame(i, 64, 64) for i in range(80)), 10)
+    spec = ClipSpec(num_frames=4, frame_rate=2.0, resize=36, crop=32)
+    a = load_train_clip(path, spec, (0, 1, 2))
+    np.testing.assert_array_equal(a, load_train_clip(path, spec, (0, 1, 2)))
+    assert not np.array_equal(a, load_train_clip(path, spec, (0, 1, 3)))
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    # No crop (the whole square frame, resized) and no flip: the frames themselves, resized.
+    whole = ClipSpec(
+        num_frames=4, frame_rate=2.0, resize=36, crop=32, train_flip=False, train_min_area=1.0
+    )
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for seed in range(5):
+        clip = load_train_clip(path, whole, (seed,))
+        first = [
+            i
+            for i in range(len(decoded))
+            if np.array_equal(
+                np.asarray(
+                    Image.fromarray(decoded[i]).resize((32, 32), Image.BILINEAR, box=(0, 0, 64, 64))
+                ),
+                clip[0],
+            )
+        ]
+        assert first, "the first frame is an unflipped resize of a decoded frame"
+        expected = [first[0] + 5 * k for k in range(4)]  # every 5th frame (10 fps -> 2 fps)
+        for k, index in enumerate(expected):
+            want = np.asarray(
+                Image.fromarray(decoded[index]).resize((32, 32), Image.BILINEAR, box=(0, 0, 64, 64))
+            )
+            np.testing.assert_array_equal(clip[k], want)

@@ -48,6 +48,10 @@ class ClipSpec:
         longer side).
       short_videos: 'official' (a video with fewer than T sampled frames is dropped, as the
         official code does) or 'pad' (kept: its last sampled frame is repeated up to T).
+      train_flip: training clips are flipped horizontally half of the time (turn it off where
+        left and right are different classes).
+      train_min_area: smallest area fraction of a training clip's random resized crop (1.0:
+        the whole frame, resized).
     """
 
     num_frames: int = 16
@@ -57,6 +61,8 @@ class ClipSpec:
     num_clips: int = 1
     num_crops: int = 1
     short_videos: str = "official"
+    train_flip: bool = True
+    train_min_area: float = 0.25
 
     def __post_init__(self):
         if self.num_crops not in CROPS:
@@ -224,9 +230,9 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
     """Samples one augmented training clip, reproducibly from `seed`.
 
     Augmentation: a random temporal offset among the clips the sampling rule allows (short
-    videos repeat their last sampled frame), one random resized crop (area 25-100% of the frame,
-    aspect ratio 3/4-4/3, resized to `spec.crop` with PIL bilinear) and one random horizontal flip,
-    the same for every frame of the clip.
+    videos repeat their last sampled frame), one random resized crop (area `train_min_area`-100%
+    of the frame, aspect ratio 3/4-4/3, resized to `spec.crop` with PIL bilinear) and one random
+    horizontal flip (`train_flip`), the same for every frame of the clip.
 
     Args:
       path: a video file.
@@ -250,8 +256,8 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
     clip = indices[start : start + t]
     frames = decode_frames(path, clip)
     height, width = frames[int(clip[0])].shape[:2]
-    box = _random_box(rng, height, width)
-    flip = bool(rng.random() < 0.5)
+    box = _random_box(rng, height, width, spec.train_min_area)
+    flip = bool(rng.random() < 0.5) and spec.train_flip
     out = np.empty((t, spec.crop, spec.crop, 3), np.uint8)
     for f, index in enumerate(clip):
         image = Image.fromarray(frames[int(index)]).resize(
@@ -261,11 +267,13 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
     return out
 
 
-def _random_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+def _random_box(
+    rng: np.random.Generator, height: int, width: int, min_area: float
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a random resized crop; the centre square as a fallback."""
     area = height * width
     for _ in range(10):
-        target = area * rng.uniform(0.25, 1.0)
+        target = area * rng.uniform(min_area, 1.0)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
