@@ -27,6 +27,7 @@ from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_in_order
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
+from stam_jax.progress import progress_bar
 from stam_jax.variants import create_model, model_from_config
 
 EXIT_SKIPPED = 3  # run_eval.py's exit status when some videos could not be evaluated
@@ -207,7 +208,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         _worker_count(config.data.workers),
         config.data.prefetch or 2 * local_batch,
     )
-    progress = _progress(steps, enabled=config.progress and pid == 0)
+    progress = progress_bar(steps, "eval", "batch", config.progress and pid == 0)
     eval_start = time.perf_counter()
     local, first_batch_at = _run_loop(
         compiled, params, decoded, positions, steps, batch_shape, mesh, progress
@@ -358,19 +359,3 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
     )
     for entry in results["dropped"][:5] + results["failed"][:5]:
         print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        del n
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="batch", desc="eval", file=sys.stderr, dynamic_ncols=True)

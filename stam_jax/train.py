@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_train_item, ordered_map
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
+from stam_jax.progress import progress_bar
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
 
@@ -262,7 +262,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
     if log:
         _truncate_log(log, start)
-    progress = _progress(start, train.steps, config.progress and jax.process_index() == 0)
+    progress = progress_bar(
+        train.steps, "train", "step", config.progress and jax.process_index() == 0, start
+    )
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
     failed = 0
@@ -332,19 +334,3 @@ def _truncate_log(path: Path, step: int) -> None:
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-class _NoProgress:
-    def update(self, n: int) -> None:
-        del n
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(start: int, total: int, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(initial=start, total=total, unit="step", desc="train", file=sys.stderr)
