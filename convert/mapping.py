@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stam_jax.checkpoints import abstract_params
 from stam_jax.model import STAM
 from stam_jax.variants import model_from_config
 
@@ -125,10 +126,7 @@ class Report:
 
 
 def _flat_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
-    t, s = model.num_frames, model.image_size
-    video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
-    shapes = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
-    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
