@@ -44,17 +44,6 @@ def matmul_rate(dtype: str, n: int, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def time_call(fn, repeats: int) -> list[float]:
-    """Wall seconds of `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def bench_model(name: str, batch: int, dtype: str, repeats: int, torch_compile: bool) -> dict:
     """One model at one batch size: both frameworks, alternating."""
     model = create_model(name, dtype=dtype)
@@ -97,7 +86,9 @@ def bench_model(name: str, batch: int, dtype: str, repeats: int, torch_compile: 
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):
         for key, run in runners.items():
-            times[key] += time_call(run, 1)
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
     result = {"model": name, "batch": batch, "dtype": dtype, "compile_s": round(compile_s, 2)}
     for key, samples in times.items():
         result[f"{key}_videos_per_s"] = round(batch / statistics.median(samples), 4)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
-from stam_jax.data.loader import decode_in_order
+from stam_jax.data.loader import decode_in_order, worker_count
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
@@ -205,7 +204,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     decoded = decode_in_order(
         [folder.root / folder.items[p].path for p in positions],
         spec,
-        _worker_count(config.data.workers),
+        worker_count(config.data.workers),
         config.data.prefetch or 2 * local_batch,
     )
     progress = progress_bar(steps, "eval", "batch", config.progress and pid == 0)
@@ -316,10 +315,6 @@ def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
     for part in _allgather_json({str(k): v for k, v in outcomes.items()}):
         all_outcomes.update({int(k): v for k, v in part.items()})
     return all_pos, all_logits, all_scores, all_outcomes
-
-
-def _worker_count(requested: int) -> int:
-    return requested if requested >= 0 else max(len(os.sched_getaffinity(0)), 1)
 
 
 def _collect(pending, positions: list, logits: list, scores: list) -> None:

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from stam_jax import checkpoints, sharding
 from stam_jax.configs import model_from_run_config
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
-from stam_jax.data.loader import decode_train_item, ordered_map
+from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
@@ -256,7 +256,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         donate_argnums=0,
     )
     jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
-    workers = config.data.workers if config.data.workers >= 0 else len(os.sched_getaffinity(0))
+    workers = worker_count(config.data.workers)
     decoded = ordered_map(decode_train_item, jobs, workers, config.data.prefetch or 2 * local_batch)
     kill_at = int(os.environ.get(KILL_HOOK, "-1"))
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None

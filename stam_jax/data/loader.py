@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -29,6 +30,11 @@ class Decoded:
     views: np.ndarray | None
     status: str
     reason: str = ""
+
+
+def worker_count(requested: int) -> int:
+    """Decoding processes to use: `requested`, or one per available core when it is negative."""
+    return requested if requested >= 0 else max(len(os.sched_getaffinity(0)), 1)
 
 
 def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
