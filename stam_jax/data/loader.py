@@ -105,7 +105,11 @@ class _ParallelDecoder:
                     and next_position < len(self.jobs)
                     and len(pending) < self.prefetch
                 ):
-                    pending.append(pool.submit(self.fn, *self.jobs[next_position]))
+                    try:
+                        future = pool.submit(self.fn, *self.jobs[next_position])
+                    except concurrent.futures.process.BrokenProcessPool:
+                        break  # a worker died: handled below through the head's result
+                    pending.append(future)
                     next_position += 1
                 head = pending[0]
                 position = next_position - len(pending)
