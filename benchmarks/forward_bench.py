@@ -1,15 +1,22 @@
 """Model forward throughput: stam-jax against the PyTorch reference, side by side in one run.
 
     python benchmarks/forward_bench.py --models stam_16,stam_64 --batches 1,2 --repeats 3
+    python benchmarks/forward_bench.py --dtype bfloat16 --batches 8,32 --attention auto,xla \
+        --torch-sdpa --torch-compile                      # a GPU
     python benchmarks/forward_bench.py --smoke          # tiny sizes, seconds (CI)
 
 Needs only jax, flax, numpy and torch (plus this repository), so it runs on a lent GPU machine
-too. For each model and batch size it times the jit-compiled stam-jax forward and the PyTorch
-reference (`convert/torch_reference.py`, eager, and `torch.compile` with `--torch-compile`),
-alternating them `--repeats` times so drift hits both, and reports the median videos/s of each
-and their ratio. It also reports XLA's FLOP count per video, a dense matmul rate measured in the
-same run with the same library, the model FLOP utilisation against it, jit compile time, and the
-process's peak memory (RSS on CPU, device peak on GPU).
+too. For each model and batch size it times the jit-compiled stam-jax forward (one runner per
+`--attention` path) and the PyTorch reference (`convert/torch_reference.py`: eager with the
+official explicit attention, optionally with PyTorch's fused `scaled_dot_product_attention`, and
+`torch.compile`), under autocast for half precision, alternating all runners `--repeats` times
+so drift hits each, and reports the median videos/s of each and the ratios to stam-jax's first
+path. FLOPs per video come from XLA's cost analysis of the all-XLA ('heads_first') forward, so
+that a fused cuDNN kernel, which the analysis cannot see into, does not shrink the count (where
+the backend gives no analysis, from `STAM.macs_per_video`: matmuls only, 1.7% under XLA). The
+matmul rate is a jitted n x n x n product on random data in the same dtype, same run; model
+FLOP utilisation is achieved FLOP/s over it. Also: jit compile time and the process's peak
+memory (RSS on CPU, device peak on GPU).
 """
 
 from __future__ import annotations
@@ -25,111 +32,175 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from convert.torch_reference import reference_from_config
-from stam_jax import create_model, model_config
+from convert.torch_reference import Attention, reference_from_config
+from stam_jax import create_model, model_config, sharding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def matmul_rate(dtype: str, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted n x n x n matmul in `dtype` on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
+def matmul_rate(dtype: str, n: int, repeats: int = 10) -> float:
+    """Median FLOP/s of a jitted n x n x n matmul on random `dtype` data, default device."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    a, b = (jax.random.normal(k, (n, n), jnp.float32).astype(dtype) for k in keys[:2])
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    inner = max(1, int(2e13 // (2 * n**3)))  # ~20 TFLOP per sample on a GPU, 1 on a CPU
+    inner = inner if jax.default_backend() == "gpu" else 1
+    samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        for _ in range(inner):
+            out = f(a, b)
+        out.block_until_ready()
+        samples.append((time.perf_counter() - start) / inner)
+    return 2 * n**3 / statistics.median(samples)
 
 
-def bench_model(name: str, batch: int, dtype: str, repeats: int, torch_compile: bool) -> dict:
-    """One model at one batch size: both frameworks, alternating."""
+def flops_per_video(name: str, dtype: str, params, videos: np.ndarray) -> float:
+    """XLA's FLOP count for one video, from the all-XLA forward (no opaque custom calls)."""
+    model = create_model(name, dtype=dtype, attention_impl="heads_first")
+    cost = jax.jit(model.apply).lower({"params": params}, videos).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    if not cost:  # some backends (jax 0.11's GPU) give no estimate: count the matmuls instead
+        return 2.0 * model.macs_per_video()
+    return float(cost.get("flops", 0.0)) / videos.shape[0]
+
+
+def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
+    """One model at one batch size: every runner, alternating."""
+    impls = args.attention.split(",")
     model = create_model(name, dtype=dtype)
     t, s = model.num_frames, model.image_size
     videos = np.random.default_rng(0).integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
-    forward = jax.jit(model.apply)
-    start = time.perf_counter()
-    compiled = forward.lower({"params": params}, videos).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops_per_video = float(cost.get("flops", 0.0)) / batch
     device_videos = jax.device_put(videos)
+    runners, compile_s, errors = {}, {}, {}
+    for impl in list(impls):
+        forward = jax.jit(create_model(name, dtype=dtype, attention_impl=impl).apply)
+        start = time.perf_counter()
+        try:
+            compiled = forward.lower({"params": params}, device_videos).compile()
+        except Exception as e:  # a path this device lacks is reported, not fatal
+            errors[impl] = f"{type(e).__name__}: {str(e)[:300]}"
+            impls.remove(impl)
+            continue
+        compile_s[impl] = round(time.perf_counter() - start, 2)
 
-    def run_jax():
-        compiled({"params": params}, device_videos).block_until_ready()
+        def run_jax(compiled=compiled):
+            compiled({"params": params}, device_videos).block_until_ready()
+
+        runners[f"jax_{impl}"] = run_jax
 
     on_gpu = jax.default_backend() == "gpu"
     device = "cuda" if on_gpu else "cpu"
-    reference = reference_from_config(model_config(model)).eval().to(device)
-    frames = torch.from_numpy(videos).to(device).reshape(-1, s, s, 3).permute(0, 3, 1, 2)
-    frames = frames.float().div(255)
-    autocast = dtype != "float32"
+    if not args.no_torch:
+        reference = reference_from_config(model_config(model)).eval().to(device)
+        frames = torch.from_numpy(videos).to(device).reshape(-1, s, s, 3).permute(0, 3, 1, 2)
+        frames = frames.float().div(255)
+        autocast = dtype != "float32"
 
-    def torch_runner(module):
-        def run():
-            with torch.inference_mode(), torch.autocast(device, DTYPES[dtype], enabled=autocast):
-                module(frames)
-            if on_gpu:
-                torch.cuda.synchronize()
+        def torch_runner(module, sdpa: bool):
+            def run():
+                Attention.use_sdpa = sdpa
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device, DTYPES[dtype], enabled=autocast),
+                ):
+                    module(frames)
+                if on_gpu:
+                    torch.cuda.synchronize()
 
-        return run
+            return run
 
-    runners = {"jax": run_jax, "torch_eager": torch_runner(reference)}
-    if torch_compile:
-        runners["torch_compile"] = torch_runner(torch.compile(reference))
+        runners["torch_eager"] = torch_runner(reference, sdpa=False)
+        if args.torch_sdpa:
+            runners["torch_sdpa"] = torch_runner(reference, sdpa=True)
+        if args.torch_compile:
+            compiled_ref = torch.compile(reference)
+            start = time.perf_counter()
+            torch_runner(compiled_ref, sdpa=False)()
+            compile_s["torch_compile"] = round(time.perf_counter() - start, 2)
+            runners["torch_compile"] = torch_runner(compiled_ref, sdpa=False)
     for run in runners.values():
-        run()  # warm-up (and torch.compile's compilation)
+        run()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         for key, run in runners.items():
             start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
-    result = {"model": name, "batch": batch, "dtype": dtype, "compile_s": round(compile_s, 2)}
+            for _ in range(args.inner):
+                run()
+            times[key].append((time.perf_counter() - start) / args.inner)
+    Attention.use_sdpa = False
+    result = {"model": name, "batch": batch, "dtype": dtype, "attention": impls}
+    result["compile_s"] = compile_s
+    if errors:
+        result["errors"] = errors
     for key, samples in times.items():
         result[f"{key}_videos_per_s"] = round(batch / statistics.median(samples), 4)
+    first = f"jax_{impls[0]}"
     for key in runners:
-        if key != "jax":
-            ratio = result["jax_videos_per_s"] / result[f"{key}_videos_per_s"]
-            result[f"jax_over_{key}"] = round(ratio, 3)
-    result["gflop_per_video"] = round(flops_per_video / 1e9, 1)
-    result["jax_tflops"] = round(flops_per_video * result["jax_videos_per_s"] / 1e12, 4)
+        if key != first:
+            ratio = result[f"{first}_videos_per_s"] / result[f"{key}_videos_per_s"]
+            result[f"{first}_over_{key}"] = round(ratio, 3)
+    flops = flops_per_video(name, dtype, params, videos)
+    result["gflop_per_video"] = round(flops / 1e9, 3)
+    for impl in impls:
+        result[f"jax_{impl}_tflops"] = round(flops * result[f"jax_{impl}_videos_per_s"] / 1e12, 3)
     return result
 
 
 def main() -> None:
-    """Prints one JSON object per measurement, then a summary."""
+    """Prints one JSON object per measurement, then the peak memory."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="stam_16")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner", type=int, default=1, help="calls per timed sample")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument(
+        "--attention", default="auto", help="stam-jax attention paths, comma-separated"
+    )
+    parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")
+    parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat (CI)")
+    parser.add_argument("--cache-dir", default="", help="JAX's persistent compilation cache")
     args = parser.parse_args()
+    if args.cache_dir:
+        sharding.enable_compilation_cache(args.cache_dir)
     if args.smoke:
         args.models, args.batches, args.repeats, args.matmul_size = "stam_tiny", "2", 1, 256
+        args.attention, args.torch_sdpa = "auto,xla", True
     rate = matmul_rate(args.dtype, args.matmul_size)
-    print(json.dumps({"device": str(jax.devices()[0]), "matmul_tflops": round(rate / 1e12, 4)}))
-    for name in args.models.split(","):
-        for batch in map(int, args.batches.split(",")):
-            result = bench_model(name, batch, args.dtype, args.repeats, args.torch_compile)
-            result["mfu_vs_matmul"] = round(result["jax_tflops"] * 1e12 / rate, 3)
-            print(json.dumps(result))
-    if jax.default_backend() == "gpu":
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use", 0) / 2**20
-        print(json.dumps({"device_peak_MiB": round(peak)}))
     print(
         json.dumps(
-            {"peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-        )
+            {
+                "device": str(jax.devices()[0]),
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+                "dtype": args.dtype,
+                "matmul_size": args.matmul_size,
+                "matmul_tflops": round(rate / 1e12, 4),
+            }
+        ),
+        flush=True,
     )
+    for name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            result = bench_model(name, batch, args.dtype, args)
+            for impl in result["attention"]:
+                mfu = result[f"jax_{impl}_tflops"] * 1e12 / rate
+                result[f"jax_{impl}_mfu_vs_matmul"] = round(mfu, 3)
+            print(json.dumps(result), flush=True)
+    memory: dict[str, int] = {
+        "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    }
+    if jax.default_backend() == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        memory["jax_device_peak_MiB"] = round(stats.get("peak_bytes_in_use", 0) / 2**20)
+        memory["torch_device_peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print(json.dumps(memory))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Half-precision error of a full-size model against float32, on the same converted weights.
+"""Numerical error of stam-jax and of the PyTorch reference, per dtype, against float64.
 
     python benchmarks/precision.py --model stam_16 --videos 4
 
 Weights: the PyTorch reference of the official architecture with random weights (every tensor
-random, LayerNorms included), converted. Inputs: uniform random uint8 videos. Reports, per
-compute dtype, max |logits - float32 logits| / max |float32 logits| and top-1 agreement.
+random, LayerNorms included), converted to stam-jax. Inputs: uniform random uint8 videos. Ground
+truth: the PyTorch reference in float64 on the same device. For each stam-jax compute dtype
+(float32 at JAX's default matmul precision, float32 at 'highest', bfloat16, float16) and each
+PyTorch mode (float32 with TF32 off, autocast bfloat16 and float16) it reports
+max |logits - truth| / max |truth| and the top-1 agreement with the truth, so that stam-jax's
+half precision is judged beside PyTorch's own on the same weights. Runs on the default JAX
+device and the matching PyTorch device (CUDA when JAX runs on a GPU).
 """
 
 from __future__ import annotations
@@ -15,10 +20,20 @@ import time
 
 import jax
 import numpy as np
+import torch
 
 from convert.mapping import torch_to_flax
-from convert.torch_reference import randomize_, reference_from_config
+from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
 from stam_jax import create_model, model_config
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict:
+    """Max relative error and top-1 agreement of `got` against `want`."""
+    got = np.asarray(got, np.float64)
+    return {
+        "max_rel_error": float(np.abs(got - want).max() / np.abs(want).max()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+    }
 
 
 def main() -> None:
@@ -26,32 +41,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="stam_16")
     parser.add_argument("--videos", type=int, default=4)
-    parser.add_argument("--dtypes", default="bfloat16,float16")
+    parser.add_argument("--dtypes", default="float32,float32-highest,bfloat16,float16")
     args = parser.parse_args()
     config = model_config(create_model(args.model))
     reference = randomize_(reference_from_config(config), seed=0)
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
     heads = dict(num_heads=config["num_heads"], temporal_heads=config["temporal_heads"])
     _, params, _ = torch_to_flax(state_dict, **heads)
-    del reference, state_dict
+    del state_dict
     t, s = config["num_frames"], config["image_size"]
     videos = np.random.default_rng(1).integers(0, 256, (args.videos, t, s, s, 3), dtype=np.uint8)
 
-    def logits(dtype: str) -> np.ndarray:
-        model = create_model(args.model, dtype=dtype)
-        return np.asarray(jax.jit(model.apply)({"params": params}, videos))
-
-    want = logits("float32")
-    result = {"model": args.model, "videos": args.videos, "device": str(jax.devices()[0])}
-    for dtype in args.dtypes.split(","):
-        start = time.perf_counter()
-        got = logits(dtype)
-        result[dtype] = {
-            "max_rel_error": float(np.abs(got - want).max() / np.abs(want).max()),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-            "seconds": round(time.perf_counter() - start, 1),
+    on_gpu = jax.default_backend() == "gpu"
+    device = "cuda" if on_gpu else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    frames = frames_from_videos(videos).to(device)
+    with torch.inference_mode():
+        truth = reference.double().to(device)(frames.double()).cpu().numpy()
+        result = {
+            "model": args.model,
+            "videos": args.videos,
+            "device": str(jax.devices()[0]),
+            "truth": f"PyTorch reference, float64, {device}",
+            "jax": {},
+            "torch": {},
         }
-    print(json.dumps(result, indent=1))
+        reference = reference.float()
+        result["torch"]["float32"] = compare(reference(frames).float().cpu().numpy(), truth)
+        for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+            with torch.autocast(device, dtype):
+                got = reference(frames).float().cpu().numpy()
+            result["torch"][f"autocast_{name}"] = compare(got, truth)
+
+    for name in args.dtypes.split(","):
+        dtype, _, precision = name.partition("-")
+        model = create_model(args.model, dtype=dtype)
+        start = time.perf_counter()
+        with jax.default_matmul_precision(precision or None):
+            got = np.asarray(jax.jit(model.apply)({"params": params}, videos), np.float32)
+        result["jax"][name] = compare(got, truth)
+        result["jax"][name]["seconds_incl_compile"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

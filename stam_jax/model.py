@@ -68,6 +68,18 @@ def _resolve_attention_impl(impl: AttentionImpl, dtype: Dtype) -> str:
     return impl
 
 
+def _spatial_attention_impl(impl: AttentionImpl, dtype: Dtype, remat: bool) -> AttentionImpl:
+    """The ViT blocks' attention path: 'auto' avoids cuDNN under rematerialisation.
+
+    On an H200 (jax 0.11.2, BENCHMARKS.md) cuDNN's fused attention served the forward and the
+    plain backward of the 197-token ViT attention, but refused the rematerialised backward
+    ("Unsupported sequence length Q 197, KV 197") at trace time, where 'auto' cannot fall back.
+    """
+    if impl == "auto" and remat and _resolve_attention_impl(impl, dtype) == "cudnn":
+        return "xla"
+    return impl
+
+
 def _prepend_cls_add_pos(module: nn.Module, x: jax.Array) -> jax.Array:
     """Prepends the learned `cls_token` and adds the learned `pos_embed` (params of `module`)."""
     batch, length, width = x.shape
@@ -480,6 +492,7 @@ class STAM(nn.Module):
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         # static_argnums counts the module: (self, x, deterministic).
         block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        block_attention = _spatial_attention_impl(self.attention_impl, self.dtype, self.remat)
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             x = block(
@@ -488,7 +501,7 @@ class STAM(nn.Module):
                 self.dropout_rate,
                 rate,
                 self.layer_norm_eps,
-                self.attention_impl,
+                block_attention,
                 i in self.spatial_attention_layers,
                 name=f"blocks_{i}",
                 **types,

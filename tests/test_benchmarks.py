@@ -38,10 +38,37 @@ def test_forward_bench_smoke():
     rows = run_script("benchmarks/forward_bench.py", "--smoke")
     assert rows[0]["matmul_tflops"] > 0
     model = rows[1]
-    assert model["model"] == "stam_tiny"
-    assert model["jax_videos_per_s"] > 0 and model["torch_eager_videos_per_s"] > 0
-    assert model["jax_over_torch_eager"] > 0 and model["mfu_vs_matmul"] > 0
+    assert model["model"] == "stam_tiny" and model["attention"] == ["auto", "xla"]
+    for runner in ("jax_auto", "jax_xla", "torch_eager", "torch_sdpa"):
+        assert model[f"{runner}_videos_per_s"] > 0
+    assert model["jax_auto_over_torch_eager"] > 0 and model["jax_auto_mfu_vs_matmul"] > 0
+    assert model["gflop_per_video"] > 0
     assert rows[-1]["peak_rss_MiB"] > 0
+
+
+def test_train_bench_smoke():
+    (row,) = run_script("benchmarks/train_bench.py", "--batch", "4", "--steps", "2", "--remat")
+    assert row["model"] == "stam_tiny" and row["remat"] is True
+    assert row["steps_per_s"] > 0 and row["tflop_per_step"] >= 0 and row["peak_rss_MiB"] > 0
+    assert 0 < row["loss"] < 10
+
+
+def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env["ONLY"] = "precision train16 fwd64_float32"
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = (tmp_path / "steps.log").read_text().splitlines()
+    assert [line.split(":")[0] for line in steps[:-1]] == [
+        "step precision",
+        "step train16",
+        "step fwd64_float32",
+    ]
+    assert all("rc=0" in line for line in steps[:-1]) and steps[-1] == "done"
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {"step": "train16"} in rows and any(row.get("model") == "stam_tiny_mean" for row in rows)
 
 
 def test_decode_bench_smoke():
@@ -62,7 +89,10 @@ def test_convert_bench_smoke(tmp_path):
 
 def test_precision_smoke():
     (row,) = run_script("benchmarks/precision.py", "--model", "stam_tiny", "--videos", "2")
-    assert 0 <= row["bfloat16"]["max_rel_error"] < 0.1
+    assert row["jax"]["float32"]["max_rel_error"] < 1e-5
+    assert row["torch"]["float32"]["max_rel_error"] < 1e-5
+    assert 0 < row["jax"]["bfloat16"]["max_rel_error"] < 0.1
+    assert 0 < row["torch"]["autocast_float16"]["max_rel_error"] < 0.1
 
 
 def test_eval_bench_smoke():

@@ -204,6 +204,22 @@ def test_attention_implementations():
         logits("flash")
 
 
+def test_auto_attention_choice_per_backend(monkeypatch):
+    from stam_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    resolve, spatial = model_lib._resolve_attention_impl, model_lib._spatial_attention_impl
+    assert resolve("auto", jnp.bfloat16) == "cudnn" and resolve("auto", jnp.float16) == "cudnn"
+    assert resolve("auto", jnp.float32) == "heads_first"
+    # cuDNN refused the rematerialised 197-token backward on an H200: 'auto' takes XLA there.
+    assert spatial("auto", jnp.bfloat16, remat=True) == "xla"
+    assert spatial("auto", jnp.bfloat16, remat=False) == "auto"
+    assert spatial("cudnn", jnp.bfloat16, remat=True) == "cudnn"  # an explicit choice stays
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "cpu")
+    assert resolve("auto", jnp.bfloat16) == "heads_first"
+    assert spatial("auto", jnp.bfloat16, remat=True) == "auto"
+
+
 def test_separate_temporal_width_adds_a_projection():
     model = create_model("stam_tiny", temporal_hidden_size=24, temporal_heads=4)
     params = tiny_params(model)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one command, most important first, each step bounded so
+# that one failure or stall costs only its own figures.
+#
+#   OUT=results_dir bash benchmarks/gpu_suite.sh          # on the GPU machine
+#   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh   # the same steps at tiny sizes (CPU)
+#
+# Results: $OUT/results.jsonl (per step a {"step": ...} line, then the step's JSON lines),
+# $OUT/stderr.log, $OUT/steps.log (exit status and seconds per step), $OUT/machine.txt.
+set -u
+OUT=${OUT:-/tmp/stam_gpu_suite}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) PYTHONUNBUFFERED=1
+# JAX takes 60% of the GPU's memory up front, leaving the rest to PyTorch in the same process.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+PY=${PYTHON:-python3}
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  M16=stam_tiny M64=stam_tiny_mean B_SMALL=2 B_LARGE=4 B_TRAIN=4 MM=256 REP=1 INNER=1 VIDEOS=2
+  HALF=float32 T=300
+else
+  M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
+  HALF=bfloat16 T=1
+fi
+
+DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 seconds=$2
+  shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac  # ONLY="a b": just those steps
+  [ "$T" = 300 ] && seconds=300
+  local left=$((DEADLINE - SECONDS - 5))
+  [ "$left" -lt "$seconds" ] && seconds=$left
+  if [ "$seconds" -lt 20 ]; then
+    echo "step $name: skipped, $left s left" | tee -a "$OUT/steps.log"
+    return
+  fi
+  local start=$SECONDS
+  echo "{\"step\": \"$name\"}" >>"$OUT/results.jsonl"
+  echo "=== $name" >>"$OUT/stderr.log"
+  timeout "$seconds" "$@" >>"$OUT/results.jsonl" 2>>"$OUT/stderr.log"
+  echo "step $name: rc=$? in $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1
+  $PY -c 'import jax, flax, optax, torch; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, jax.devices())'
+} | tee "$OUT/machine.txt"
+
+F=benchmarks/forward_bench.py
+step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+  --attention auto,xla --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
+step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
+step fwd64_${HALF} 80 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
+  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
+step fwd16_float16 60 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
+  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+step train16_remat 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
+  --steps 10 --remat --attention xla
+step fwd16_${HALF}_small 60 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF \
+  --repeats $REP --inner $INNER --matmul-size $MM
+for i in 1 2; do  # compile time: empty persistent cache, then a second process hitting it
+  step compile_cache 40 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF --no-torch \
+    --repeats 1 --matmul-size 256 --cache-dir /tmp/stam_suite_xla_cache
+done
+rm -rf /tmp/stam_suite_xla_cache
+step fwd16_torch_compile 200 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+  --torch-compile --repeats $REP --inner $INNER --matmul-size $MM
+echo done | tee -a "$OUT/steps.log"
+cat "$OUT/results.jsonl"

@@ -1,0 +1,117 @@
+"""Training-step throughput and peak memory, without the input pipeline.
+
+    python benchmarks/train_bench.py --model stam_tiny --batch 8 --steps 20
+    python benchmarks/train_bench.py --model stam_16 --batch 1 --steps 3
+    python benchmarks/train_bench.py --model stam_16 --batch 16 --dtype bfloat16 --remat   # GPU
+
+Times the jitted train step of `run_train.py` (`stam_jax.train`: forward and backward with
+dropout and stochastic depth as configured, AdamW with the decay mask, global-norm clipping,
+EMA; float32 master params, `--dtype` compute) on random uint8 videos already on the device, so
+the figure is the model and optimizer alone. Reports compile time, steps/s and videos/s (median
+over `--steps` timed steps after one warm-up step), XLA's FLOP count of a step and the achieved
+TFLOP/s, and the process's peak memory (RSS on CPU; device peak on GPU). Needs jax, flax,
+optax, numpy and ml_collections (plus this repository). Run one configuration per process so
+that the peak memory is that configuration's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.common import base_config
+from stam_jax import sharding
+from stam_jax.configs import model_from_run_config
+from stam_jax.train import TrainState, _train_step, make_optimizer
+
+
+def main() -> None:
+    """Prints one JSON object with the measurement."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--drop-path", type=float, default=0.1)
+    args = parser.parse_args()
+    config = base_config(args.model)
+    config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
+    config.attention_impl = args.attention
+    config.model_overrides.drop_path_rate = args.drop_path
+    config.train.steps = 1000
+    model = model_from_run_config(config)
+    t, s = model.num_frames, model.image_size
+    rng = np.random.default_rng(0)
+    mesh = sharding.data_mesh()
+    batch_sharding = sharding.batch_sharded(mesh)
+    videos = jax.device_put(
+        rng.integers(0, 256, (args.batch, t, s, s, 3), dtype=np.uint8), batch_sharding
+    )
+    labels = jax.device_put(
+        rng.integers(0, model.num_classes, args.batch).astype(np.int32), batch_sharding
+    )
+    weights = jax.device_put(np.ones(args.batch, np.float32), batch_sharding)
+    params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
+    tx, schedule = make_optimizer(config.train, params)
+    replicated = sharding.replicated(mesh)
+    state = jax.jit(
+        lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), p),
+        out_shardings=replicated,
+    )(params)
+    del params
+    step = jax.jit(
+        _train_step(model, tx, schedule, config.train, 0, model.num_classes),
+        in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    lowered = step.lower(state, videos, labels, weights)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float((cost or {}).get("flops", 0.0))  # None: the backend gives no estimate
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, videos, labels, weights)  # warm-up
+    jax.block_until_ready(metrics)
+    samples = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, videos, labels, weights)
+        jax.block_until_ready(metrics)
+        samples.append(time.perf_counter() - start)
+    per_step = statistics.median(samples)
+    result = {
+        "device": str(jax.devices()[0]),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "model": args.model,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "remat": args.remat,
+        "attention": args.attention,
+        "compile_s": round(compile_s, 2),
+        "steps_per_s": round(1 / per_step, 4),
+        "videos_per_s": round(args.batch / per_step, 3),
+        "tflop_per_step": round(flops / 1e12, 4),
+        "tflops": round(flops / per_step / 1e12, 3),
+        "loss": float(metrics["loss"]),
+        "peak_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if jax.default_backend() == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        result["device_peak_MiB"] = round(stats.get("peak_bytes_in_use", 0) / 2**20)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
