@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo install clean
+.PHONY: test lint demo selfcheck install clean
 
 install: $(STAMP)
 
@@ -26,10 +26,15 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Until the training/evaluation demo lands: prove conversion and parity on a full-size
-# official-format stam_16 (random weights) against the PyTorch reference, end to end.
+# Generated videos -> pre-train the ViT -> train STAM and a frame-averaging baseline with
+# run_train.py -> evaluate both with run_eval.py -> convert round trip -> pictures -> report.
+DEMO_DIR ?= demo
 demo: $(STAMP)
+	$(PY) -m stam_jax.demo --workdir $(DEMO_DIR)
+
+# Conversion and parity on a full-size official-format stam_16 (random weights) vs PyTorch.
+selfcheck: $(STAMP)
 	$(PY) -m convert.selfcheck --model stam_16
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(DEMO_DIR)

@@ -28,7 +28,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
         ("temporal_dropout_rate", float),
     ]:
         config.model_overrides[name] = ml_collections.config_dict.placeholder(kind)
-    config.checkpoint = ""  # a stam-jax checkpoint directory (python -m convert makes one)
+    # A stam-jax checkpoint directory (python -m convert makes one). Evaluation: the params to
+    # evaluate. Training: the initialisation; it may differ from the model in frame count, image
+    # size, class count or aggregate (position embeddings resampled, head re-initialised,
+    # everything reported by name in WORKDIR/init_report.txt).
+    config.checkpoint = ""
     config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
     config.param_dtype = "float32"
     config.attention_impl = "auto"  # auto (cuDNN for half precision on GPU), xla, cudnn
@@ -75,6 +79,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.train.log_every = 10
     config.train.save_every = 100  # checkpoint interval in steps (async, atomic)
     config.train.keep = 3  # checkpoints kept
+    # Std of a temporal position embedding that training creates (not read from
+    # config.checkpoint); 0 keeps the official 0.02 init. Pre-trained frame features have unit
+    # scale, next to which 0.02 makes frame order slow to learn: the demo uses 1.0.
+    config.train.temporal_pos_embed_std = 0.0
 
     config.progress = True  # progress bar with ETA on stderr (process 0)
     # JAX's persistent compilation cache: a second start skips XLA compilation ('' disables).

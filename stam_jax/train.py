@@ -35,8 +35,10 @@ from stam_jax.configs import model_from_run_config
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.video import ClipSpec
+from stam_jax.init import InitError, init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
+from stam_jax.variants import variant_name
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
 
@@ -228,10 +230,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
-    if config.checkpoint:
-        params = checkpoints.read_params(config.checkpoint, model)
-    else:
-        params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
+    params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
+    params = _initial_params(model, params, config, workdir)
     tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)
 
@@ -325,6 +325,31 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
     return {"step": int(state.step), "last_metrics": last, **outputs}
+
+
+def _initial_params(model: STAM, fresh: Any, config: Any, workdir: Path) -> Any:
+    """The params a run starts from: fresh, or from `config.checkpoint` (reported by name)."""
+    std = config.train.temporal_pos_embed_std
+    if config.checkpoint:
+        try:
+            params, report = init_from_checkpoint(
+                model, fresh, config.checkpoint, temporal_pos_embed_std=std
+            )
+        except (InitError, checkpoints.CheckpointError) as e:
+            raise TrainConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
+    else:
+        params, report = fresh, ["no --config.checkpoint: every tensor freshly initialised"]
+        if std > 0 and "aggregate" in params and "pos_embed" in params["aggregate"]:
+            params = redraw_temporal_pos_embed(params, std)
+            report.append(f"aggregate/pos_embed: drawn with std {std}")
+    if jax.process_index() == 0:
+        source = config.checkpoint or "fresh"
+        name = variant_name(model) or "a custom STAM"
+        text = "\n".join([f"initialisation of {name} from {source}", *report])
+        (workdir / "init_report.txt").write_text(text + "\n")
+        if config.checkpoint:
+            print(text, flush=True)
+    return params
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -47,6 +47,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Tiny variants for tests and the demo: same code paths, seconds to run on a CPU.
     "stam_tiny": dict(_TINY),
     "stam_tiny_mean": dict(_TINY, aggregate="mean"),
+    # The demo (`make demo`): 8 frames of 32x32, 2 classes; trains in about a minute on a CPU.
+    "stam_demo": dict(
+        num_classes=2,
+        num_frames=8,
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        mlp_dim=128,
+        temporal_depth=2,
+        temporal_heads=4,
+        temporal_mlp_dim=128,
+    ),
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

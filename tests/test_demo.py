@@ -1,0 +1,126 @@
+"""The demo's generated task (labels only in the frame order) and the demo pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stam_jax.data import demo as demo_data
+from stam_jax.data.folder import list_videos
+from stam_jax.data.video import ClipSpec, load_views, resample_indices
+
+GEOMETRY = demo_data.Geometry()
+SPEC = ClipSpec(GEOMETRY.num_frames, GEOMETRY.frame_rate, resize=36, crop=32)
+
+
+def test_receding_is_approaching_reversed_at_the_sampled_frames():
+    for seed in range(20):
+        fps = demo_data.FRAME_RATES[seed % len(demo_data.FRAME_RATES)]
+        count = int(np.ceil(GEOMETRY.num_frames * fps / GEOMETRY.frame_rate))
+        sampled = resample_indices(count, fps, GEOMETRY.frame_rate)
+        assert len(sampled) == GEOMETRY.num_frames  # one clip: training sees what eval sees
+        up = demo_data.motion_radii(np.random.default_rng(seed), GEOMETRY, 0, count, fps)
+        down = demo_data.motion_radii(np.random.default_rng(seed), GEOMETRY, 1, count, fps)
+        np.testing.assert_allclose(
+            down[sampled], up[sampled][::-1], atol=0.35 * (up.max() - up.min()) / 7
+        )
+        assert up[sampled][-1] - up[sampled][0] >= GEOMETRY.min_change * 0.8
+
+
+def test_same_scene_played_backwards_gives_the_same_frames(tmp_path):
+    paths = []
+    for label in (0, 1):
+        rng = np.random.default_rng(7)
+        path = tmp_path / f"{label}.mp4"
+        demo_data.write_motion_video(path, rng, GEOMETRY, label)
+        paths.append(path)
+    up, down = (load_views(p, SPEC)[0].astype(np.int16) for p in paths)
+    in_order, reversed_order = np.abs(up - down).mean(), np.abs(up - down[::-1]).mean()
+    # The order differs; the frames do not, up to the codec's losses.
+    assert reversed_order < 0.3 * in_order and reversed_order < 3, (in_order, reversed_order)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_data")
+    demo_data.write_dataset(out, train=2, val=160, frames_train=8, frames_val=4, progress=False)
+    return out
+
+
+def _object_area(views: np.ndarray) -> np.ndarray:
+    """Per-frame fraction of bright pixels: the object (>= 140 in every channel) vs background."""
+    frames = views[0].astype(np.int16)
+    return (frames.min(axis=-1) >= 120).mean(axis=(1, 2))
+
+
+def test_labels_are_recoverable_from_the_frame_order_only(dataset):
+    folder = list_videos(dataset / "videos" / "val")
+    assert list(folder.classes) == list(demo_data.MOTION_CLASSES)
+    areas = np.stack(
+        [_object_area(load_views(dataset / "videos" / "val" / i.path, SPEC)) for i in folder.items]
+    )
+    labels = np.array([i.label for i in folder.items])
+    assert np.bincount(labels).tolist() == [80, 80]
+    # Motion: the object's area grows (approaching, 0) or shrinks (receding, 1).
+    by_order = (areas[:, -1] < areas[:, 0]).astype(int)
+    assert (by_order == labels).mean() >= 0.95
+    # Per-frame statistics without the order: a threshold on the mean area (what frame
+    # averaging can see), fitted on one half and scored on the other, stays at chance.
+    mean_area, half = areas.mean(axis=1), len(labels) // 2
+    order = np.random.default_rng(0).permutation(len(labels))
+    fit, test = order[:half], order[half:]
+    candidates = [(t, sign) for t in np.unique(mean_area[fit]) for sign in (False, True)]
+
+    def accuracy(rows, t, sign):
+        return np.mean(((mean_area[rows] > t) ^ sign) == labels[rows])
+
+    threshold, sign = max(candidates, key=lambda c: accuracy(fit, *c))
+    assert accuracy(test, threshold, sign) < 0.67  # chance 0.5; 3 standard errors at 80 videos
+    # Sorted per-frame areas (the whole multiset) have the same distribution in both classes.
+    ranked = np.sort(areas, axis=1)
+    gap = np.abs(ranked[labels == 0].mean(axis=0) - ranked[labels == 1].mean(axis=0))
+    assert gap.max() < 3 * ranked.std(axis=0).max() / np.sqrt(80)
+
+
+def test_size_classes_are_what_a_single_frame_shows(dataset):
+    folder = list_videos(dataset / "frames" / "train")
+    assert list(folder.classes) == list(demo_data.SIZE_CLASSES)
+    spec = ClipSpec(1, GEOMETRY.frame_rate, resize=36, crop=32)
+    areas = [
+        _object_area(load_views(dataset / "frames" / "train" / i.path, spec))[0]
+        for i in folder.items
+    ]
+    labels = [i.label for i in folder.items]
+    assert np.corrcoef(areas, labels)[0, 1] > 0.8
+
+
+def test_demo_command_line_refuses_tiny_sizes(capsys):
+    with pytest.raises(SystemExit):
+        demo_data.main(["--out", "unused", "--val", "1"])
+    assert "--val=1: need at least 2" in capsys.readouterr().err
+
+
+def test_demo_pipeline_end_to_end_small(tmp_path):
+    from stam_jax.demo import run_demo
+
+    report = run_demo(tmp_path, fast=True)
+    assert report["round_trip"]["exact"] and report["round_trip"]["tensors"] == 60
+    assert report["validation_videos"] == 16 and report["chance_top1"] == 0.5
+    for run in ("stam", "frame_average"):
+        assert 0.0 <= report[run]["top1"] <= 1.0 and report[run]["train_steps"] == 6
+        rows = tmp_path / ("stam" if run == "stam" else "mean") / "eval" / "predictions.jsonl"
+        assert len(rows.read_text().splitlines()) == 16
+    for picture in report["pictures"]:
+        with Image.open(picture) as image:
+            image.verify()
+    with Image.open(report["pictures"][0]) as image:
+        assert image.size[0] > 400 and image.size[1] > 200
+    init = (tmp_path / "stam" / "init_report.txt").read_text()
+    assert "aggregate: " in init and "freshly initialised" in init and "redrawn" in init
+    assert "head: re-initialised (checkpoint has 4 classes, model 2)" in init
+    text = (tmp_path / "report.txt").read_text()
+    assert "chance 50%" in text and "bit-identical (exact)" in text
+    assert json.loads((tmp_path / "report.json").read_text())["fast"] is True

@@ -1,0 +1,180 @@
+"""Initialising a model from a checkpoint of another architecture (stam_jax.init)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from stam_jax import checkpoints, create_model
+from stam_jax.init import InitError, init_from_checkpoint, resample_temporal_pos_embed
+from stam_jax.model import STAM
+
+
+def fresh_params(model: STAM, seed: int = 1) -> dict[str, Any]:
+    """Params of `model`'s shapes drawn from normal(0, 0.02), like its init but without tracing
+    and running `model.init` (seconds per architecture on a small CPU); the checkpoints use
+    seed 0, the "fresh" trees seed 1."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda leaf: jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype),
+        checkpoints.abstract_params(model),
+    )
+
+
+def flat(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def saved(path: Path, model: STAM) -> tuple[Path, dict[str, np.ndarray]]:
+    """Saves a checkpoint of `model` with seed-0 params; returns it and the flat params."""
+    params = fresh_params(model, seed=0)
+    return checkpoints.save(path, model, params), flat(params)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """stam_tiny: 4 frames of 32x32 (a 4x4 grid of 8x8 patches), 10 classes."""
+    return saved(tmp_path_factory.mktemp("init") / "base", create_model("stam_tiny"))
+
+
+def test_same_architecture_copies_every_leaf(base):
+    path, source = base
+    model = create_model("stam_tiny")
+    fresh = fresh_params(model)
+    params, report = init_from_checkpoint(model, fresh, path)
+    got = flat(params)
+    assert got.keys() == source.keys()
+    for name, value in source.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+        assert got[name].dtype == np.asarray(flat(fresh)[name]).dtype
+    assert report == [f"{len(source)} of {len(source)} tensors copied from {path}"]
+    # Copies take the fresh leaves' dtype.
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), fresh)
+    params, _ = init_from_checkpoint(model, half, path)
+    for name, value in flat(params).items():
+        assert value.dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(value, source[name].astype(jnp.bfloat16), err_msg=name)
+
+
+def test_more_frames_resamples_temporal_pos_embed(base):
+    path, source = base
+    model = create_model("stam_tiny", num_frames=8)
+    # The embedding comes from the checkpoint (resampled), so it is not redrawn.
+    params, report = init_from_checkpoint(
+        model, fresh_params(model), path, temporal_pos_embed_std=0.5
+    )
+    got, old = flat(params)["aggregate/pos_embed"], source["aggregate/pos_embed"]
+    assert got.shape == (1, 9, 32)
+    np.testing.assert_array_equal(got[0, 0], old[0, 0])  # cls row kept
+    np.testing.assert_allclose(got[0, 1], old[0, 1], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(got[0, -1], old[0, -1], rtol=0, atol=1e-7)
+    # Half-pixel centres: new frame j of 8 sits at old frame (j + 0.5) * 4 / 8 - 0.5.
+    times = (np.arange(8) + 0.5) * 4 / 8 - 0.5
+    for channel in (0, 17):
+        expected = np.interp(times, np.arange(4), old[0, 1:, channel])
+        np.testing.assert_allclose(got[0, 1:, channel], expected, rtol=0, atol=1e-6)
+    # Everything else is the checkpoint's.
+    for name, value in flat(params).items():
+        if name != "aggregate/pos_embed":
+            np.testing.assert_array_equal(value, source[name], err_msg=name)
+    assert any("aggregate/pos_embed: resampled 4 frames -> 8 frames" in line for line in report)
+    assert not any("redrawn" in line for line in report)
+
+
+def test_single_frame_mean_checkpoint_to_temporal_transformer(tmp_path, base):
+    mean_model = create_model("stam_tiny", num_frames=1, aggregate="mean")
+    path, source = saved(tmp_path / "mean", mean_model)
+    model = create_model("stam_tiny", num_frames=4)
+    fresh = flat(fresh_params(model))
+    params, report = init_from_checkpoint(
+        model, fresh_params(model), path, temporal_pos_embed_std=1.0
+    )
+    got = flat(params)
+    assert source.keys() == {k for k in got if not k.startswith("aggregate/")}
+    for name, value in source.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    aggregate = sorted(k for k in got if k.startswith("aggregate/"))
+    for name in aggregate:
+        if name != "aggregate/pos_embed":
+            np.testing.assert_array_equal(got[name], fresh[name], err_msg=name)
+    assert (
+        f"aggregate: {len(aggregate)} tensors not in the checkpoint, freshly initialised" in report
+    )
+    # The fresh temporal position embedding (std 0.02) is redrawn at the requested scale.
+    pos = got["aggregate/pos_embed"]
+    assert pos.shape == (1, 5, 32)
+    assert abs(fresh["aggregate/pos_embed"].std() - 0.02) < 0.01
+    assert abs(pos.std() - 1.0) < 0.2 and abs(pos.mean()) < 0.2
+    assert any("aggregate/pos_embed: redrawn as normal(0, 1.0)" in line for line in report)
+
+
+def test_single_frame_row_fills_every_frame():
+    old = np.random.default_rng(0).normal(size=(1, 2, 6)).astype(np.float32)
+    new = resample_temporal_pos_embed(old, 5)
+    assert new.shape == (1, 6, 6)
+    np.testing.assert_array_equal(new[0, 0], old[0, 0])
+    np.testing.assert_array_equal(new[0, 1:], np.repeat(old[0, 1:], 5, axis=0))
+
+
+def test_larger_image_resamples_spatial_grid(tmp_path):
+    small = create_model("stam_tiny", image_size=32)
+    params = fresh_params(small, seed=0)
+    # A constant grid (and a distinct cls row) shows what bilinear resampling must keep.
+    pos = np.full((1, 17, 32), 0.25, np.float32)
+    pos[0, 0] = np.arange(32)
+    params = {**params, "pos_embed": jnp.asarray(pos)}
+    path = checkpoints.save(tmp_path / "small", small, params)
+
+    model = create_model("stam_tiny", image_size=64)
+    got, report = init_from_checkpoint(model, fresh_params(model), path)
+    new = np.asarray(got["pos_embed"])
+    assert new.shape == (1, 65, 32)
+    np.testing.assert_array_equal(new[0, 0], pos[0, 0])
+    np.testing.assert_allclose(new[0, 1:], 0.25, rtol=0, atol=1e-6)
+    assert "pos_embed: resampled spatial grid 4x4 -> 8x8" in report
+    np.testing.assert_array_equal(
+        got["patch_embed"]["proj"]["kernel"], params["patch_embed"]["proj"]["kernel"]
+    )
+
+
+def test_other_class_count_reinitialises_head(base):
+    path, source = base
+    model = create_model("stam_tiny", num_classes=3)
+    fresh = flat(fresh_params(model))
+    params, report = init_from_checkpoint(model, fresh_params(model), path)
+    got = flat(params)
+    for name in ("head/kernel", "head/bias"):
+        np.testing.assert_array_equal(got[name], fresh[name], err_msg=name)
+    np.testing.assert_array_equal(got["norm/scale"], source["norm/scale"])
+    assert "head: re-initialised (checkpoint has 10 classes, model 3)" in report
+
+
+def test_incompatible_width_raises(base):
+    path, _ = base
+    model = create_model("stam_tiny", hidden_size=48, num_heads=3, temporal_heads=3)
+    with pytest.raises(InitError) as error:
+        init_from_checkpoint(model, fresh_params(model), path)
+    message = str(error.value)
+    assert "patch_embed/proj/kernel: checkpoint (8, 8, 3, 32), model (8, 8, 3, 48)" in message
+    assert "cls_token: checkpoint (1, 1, 32), model (1, 1, 48)" in message
+
+
+def test_mean_model_reports_unused_aggregate(base):
+    path, source = base
+    model = create_model("stam_tiny", num_frames=8, aggregate="mean")
+    params, report = init_from_checkpoint(
+        model, fresh_params(model), path, temporal_pos_embed_std=1.0
+    )
+    got = flat(params)
+    assert not any(k.startswith("aggregate/") for k in got)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, source[name], err_msg=name)
+    unused = sum(k.startswith("aggregate/") for k in source)
+    assert f"unused from the checkpoint: aggregate ({unused} tensors)" in report
+    assert any("temporal_pos_embed_std=1.0 ignored" in line for line in report)
