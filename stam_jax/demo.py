@@ -10,7 +10,8 @@ Steps, each printed with the exact command it runs:
    it on the validation videos (`run_eval.py`);
 4. train and evaluate the same ViT with frame averaging instead of the temporal transformer;
 5. convert the trained STAM to the official PyTorch format and back, checking every tensor;
-6. draw the attention pictures of two validation videos and the plots of the runs;
+6. draw the attention pictures of two validation videos (also with the checkpoint converted back
+   from the official format) and the plots of the runs;
 7. print a report (also in WORKDIR/report.txt and report.json).
 
 `--fast` shrinks every step (for the test suite); its accuracies mean little.
@@ -100,11 +101,16 @@ def _pictures(stam_dir: Path, mean_dir: Path, val_root: Path, out: Path, log: li
     written = []
     classes = out / "classes.txt"
     classes.write_text("approaching\nreceding\n")
-    for name in ("approaching", "receding"):
+    # The trained checkpoint, and the one converted back from the official-format .pth.
+    for name, checkpoint, suffix in (
+        ("approaching", stam_dir / "final", ""),
+        ("receding", stam_dir / "final", ""),
+        ("approaching", stam_dir / "roundtrip", "_from_pth"),
+    ):
         video = sorted((val_root / name).glob("*.mp4"))[0]
-        png = out / f"explain_{name}.png"
+        png = out / f"explain_{name}{suffix}.png"
         command = [sys.executable, "-m", "stam_jax.explain", str(video)]
-        command += [f"--checkpoint={stam_dir / 'final'}", f"--out={png}"]
+        command += [f"--checkpoint={checkpoint}", f"--out={png}"]
         _run([*command, f"--classes={classes}", "--frame-rate=4"], log)
         written.append(str(png))
     for run_dir in (stam_dir, stam_dir / "eval", mean_dir / "eval"):

@@ -113,9 +113,16 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
         assert 0.0 <= report[run]["top1"] <= 1.0 and report[run]["train_steps"] == 6
         rows = tmp_path / ("stam" if run == "stam" else "mean") / "eval" / "predictions.jsonl"
         assert len(rows.read_text().splitlines()) == 16
+    assert len(report["pictures"]) == 6
     for picture in report["pictures"]:
         with Image.open(picture) as image:
             image.verify()
+    # The picture from the checkpoint converted back from the .pth equals the trained one's.
+    pictures = tmp_path / "pictures"
+    original = np.asarray(Image.open(pictures / "explain_approaching.png"))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(pictures / "explain_approaching_from_pth.png")), original
+    )
     with Image.open(report["pictures"][0]) as image:
         assert image.size[0] > 400 and image.size[1] > 200
     init = (tmp_path / "stam" / "init_report.txt").read_text()
