@@ -75,6 +75,19 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.train.grad_clip = 1.0  # global-norm clipping (0: off)
     config.train.accumulate = 1  # micro-batches per optimizer step
     config.train.label_smoothing = 0.1
+    # Mixup / CutMix (0: off): one draw per batch, the same CutMix box in every frame.
+    config.train.mixup_alpha = 0.0
+    config.train.cutmix_alpha = 0.0
+    config.train.mix_switch_prob = 0.5  # with both on: probability of CutMix
+    # Knowledge distillation: a stam-jax checkpoint (same frames, size, classes) run in the same
+    # jitted step; loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T).
+    config.train.teacher = ""
+    config.train.distill_weight = 0.5
+    config.train.distill_temperature = 1.0
+    # float16 only: dynamic loss scaling (a step with non-finite gradients is skipped, the scale
+    # halved; doubled after this many good steps).
+    config.train.loss_scale_initial = 2.0**15
+    config.train.loss_scale_period = 2000
     config.train.ema_decay = 0.999  # EMA of the params, exported beside them (0: off)
     config.train.log_every = 10
     config.train.save_every = 100  # checkpoint interval in steps (async, atomic)

@@ -31,11 +31,21 @@ import optax
 import orbax.checkpoint as ocp
 
 from stam_jax import checkpoints, sharding
+from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.video import ClipSpec
 from stam_jax.init import InitError, init_from_checkpoint, redraw_temporal_pos_embed
+from stam_jax.losses import (
+    LossScale,
+    adjust,
+    all_finite,
+    distillation_loss,
+    scale_loss,
+    soft_cross_entropy,
+    unscale,
+)
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
 from stam_jax.variants import variant_name
@@ -59,6 +69,7 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
+    loss_scale: LossScale | None = None  # float16 training only
 
 
 def decay_mask(params: Any) -> Any:
@@ -94,26 +105,73 @@ def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformatio
     return opt, schedule
 
 
-def _train_step(model: STAM, tx, schedule, train: Any, seed: int, num_classes: int):
-    def step_fn(state: TrainState, videos, labels, weights):
+def _train_step(
+    model: STAM,
+    tx,
+    schedule,
+    train: Any,
+    seed: int,
+    num_classes: int,
+    teacher: STAM | None = None,
+):
+    """The jitted step: (state, videos, labels, weights[, teacher params]) -> (state, metrics).
+
+    Mixup/CutMix (one draw per batch, the same box in every frame), label smoothing,
+    distillation from `teacher` (run in the same step, its logits constant), dropout and drop
+    path; under float16, dynamic loss scaling: a step whose gradients are not finite is skipped
+    (params, optimizer state and EMA unchanged) and the scale halved.
+    """
+    mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
+    float16 = jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
+    weight, temperature = train.distill_weight, train.distill_temperature
+
+    def step_fn(state: TrainState, videos, labels, weights, teacher_params=None):
         key = jax.random.fold_in(jax.random.key(seed), state.step)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
+        inputs = videos
+        if mixing:
+            inputs = videos.astype(jnp.float32) / 255.0
+            inputs, targets = mix_videos(
+                jax.random.fold_in(key, 1),
+                inputs,
+                targets,
+                mixup_alpha=train.mixup_alpha,
+                cutmix_alpha=train.cutmix_alpha,
+                switch_prob=train.mix_switch_prob,
+            )
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher.apply({"params": teacher_params}, inputs)
 
         def loss_fn(params):
             logits = model.apply(
-                {"params": params}, videos, deterministic=False, rngs={"dropout": key}
+                {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
             )
-            targets = optax.smooth_labels(
-                jax.nn.one_hot(labels, num_classes), train.label_smoothing
-            )
-            losses = optax.softmax_cross_entropy(logits, targets)
-            total = jnp.maximum(weights.sum(), 1.0)
-            return (losses * weights).sum() / total, logits
+            losses = soft_cross_entropy(logits, targets)
+            if teacher_logits is not None:
+                kd = distillation_loss(logits, teacher_logits, temperature)
+                losses = (1.0 - weight) * losses + weight * kd
+            loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+            scaled = scale_loss(state.loss_scale, loss) if float16 else loss
+            return scaled, (loss, logits)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.array(True)
+        loss_scale = state.loss_scale
+        if float16:
+            grads = unscale(state.loss_scale, grads)
+            finite = all_finite(grads)
+            loss_scale = adjust(state.loss_scale, finite, period=train.loss_scale_period)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = train.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        if float16:  # a skipped step leaves everything as it was
+            params, opt_state, ema = jax.tree.map(
+                lambda n, o: jnp.where(finite, n, o),
+                (params, opt_state, ema),
+                (state.params, state.opt_state, state.ema_params),
+            )
         correct = (jnp.argmax(logits, -1) == labels) * weights
         metrics = {
             "loss": loss,
@@ -121,8 +179,15 @@ def _train_step(model: STAM, tx, schedule, train: Any, seed: int, num_classes: i
             "grad_norm": optax.global_norm(grads),
             "learning_rate": schedule(state.step // max(train.accumulate, 1)),
         }
+        if float16:
+            metrics["loss_scale"] = state.loss_scale.scale
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            loss_scale=loss_scale,
         )
         return new_state, metrics
 
@@ -235,9 +300,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)
 
+    float16 = jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
+
     def init_state(params):
         params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params)
+        scale = LossScale.create(train.loss_scale_initial) if float16 else None
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
 
     state = jax.jit(init_state, out_shardings=replicated)(params)
     del params
@@ -249,9 +317,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         )
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     batch_sharding = sharding.batch_sharded(mesh)
+    teacher, teacher_params = _teacher(config, model, replicated)
     step_fn = jax.jit(
-        _train_step(model, tx, schedule, train, config.seed, model.num_classes),
-        in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
+        _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
+        in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -267,7 +336,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     )
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
-    failed = 0
+    failed = skipped = 0
     for step in range(start, train.steps):
         videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
         labels = np.zeros(local_batch, np.int32)
@@ -284,9 +353,18 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             sharding.to_global(videos, batch_sharding),
             sharding.to_global(labels, batch_sharding),
             sharding.to_global(weights, batch_sharding),
+            teacher_params,
         )
         metrics = {k: float(v) for k, v in metrics.items()}
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
+            skipped += 1
+            if metrics["loss_scale"] <= 1.0:
+                manager.wait_until_finished()
+                raise NonFiniteError(
+                    f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
+                    f"checkpoints up to step {manager.latest_step()} intact. Use bfloat16."
+                )
+        elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             manager.wait_until_finished()
             raise NonFiniteError(
                 f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
@@ -304,6 +382,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 "videos_per_s": rate * config.batch_size,
                 "failed_videos": failed,
             }
+            if float16:
+                last["skipped_steps"] = skipped
             if log:
                 with open(log, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -325,6 +405,30 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
     return {"step": int(state.step), "last_metrics": last, **outputs}
+
+
+def _teacher(config: Any, model: STAM, replicated) -> tuple[STAM | None, Any]:
+    """The distillation teacher from `config.train.teacher` (None without one)."""
+    if not config.train.teacher:
+        return None, None
+    try:
+        teacher, params = checkpoints.load(config.train.teacher)
+    except checkpoints.CheckpointError as e:
+        raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
+    for name in ("num_frames", "image_size", "num_classes"):
+        if getattr(teacher, name) != getattr(model, name):
+            raise TrainConfigError(
+                f"--config.train.teacher={config.train.teacher} has {name}="
+                f"{getattr(teacher, name)}, the student {getattr(model, name)}: the teacher "
+                "sees the student's clips and its logits are the soft targets, so both must match."
+            )
+    if not 0.0 <= config.train.distill_weight <= 1.0 or config.train.distill_temperature <= 0:
+        raise TrainConfigError(
+            f"train.distill_weight={config.train.distill_weight} (use 0..1) or "
+            f"train.distill_temperature={config.train.distill_temperature} (use > 0)."
+        )
+    teacher = teacher.clone(dtype=model.dtype, attention_impl=model.attention_impl)
+    return teacher, jax.device_put(params, replicated)
 
 
 def _initial_params(model: STAM, fresh: Any, config: Any, workdir: Path) -> Any:

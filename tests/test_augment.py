@@ -1,0 +1,147 @@
+"""Tests of `stam_jax.augment.mix_videos` (Mixup / CutMix on video batches)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stam_jax.augment import mix_videos
+
+B, T, H, W, C = 4, 3, 8, 8, 3
+
+
+def _batch(seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Random videos in [0, 1) and one-hot targets with a distinct class per video."""
+    videos = jax.random.uniform(jax.random.key(seed), (B, T, H, W, C), jnp.float32)
+    targets = jax.nn.one_hot(jnp.arange(B), B, dtype=jnp.float32)
+    return videos, targets
+
+
+@functools.cache
+def _mixer(mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5):
+    """A jitted `mix_videos` for one static configuration (compiled once per test session)."""
+    return jax.jit(
+        functools.partial(
+            mix_videos,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            switch_prob=switch_prob,
+        )
+    )
+
+
+def _lam(targets: np.ndarray) -> np.ndarray:
+    """Per-video lambda recovered from mixed one-hot targets (video i has class i)."""
+    return np.asarray(targets)[np.arange(B), np.arange(B)]
+
+
+def _partner_mask(videos: np.ndarray, mixed: np.ndarray) -> np.ndarray | None:
+    """Boolean `(B, T, H, W)` mask of pixels copied from the partner, or None if not a CutMix.
+
+    A CutMix output takes every pixel (all channels) exactly from the video or its partner.
+    """
+    videos, mixed = np.asarray(videos), np.asarray(mixed)
+    own = np.all(mixed == videos, axis=-1)
+    partner = np.all(mixed == videos[::-1], axis=-1)
+    if not np.all(own | partner):
+        return None
+    return partner
+
+
+def test_identity_when_both_alphas_are_zero():
+    videos, targets = _batch()
+    out_videos, out_targets = mix_videos(
+        jax.random.key(1), videos, targets, mixup_alpha=0.0, cutmix_alpha=0.0
+    )
+    assert out_videos is videos and out_targets is targets
+    jitted = _mixer(0.0, 0.0)(jax.random.key(1), videos, targets)
+    np.testing.assert_array_equal(jitted[0], videos)
+    np.testing.assert_array_equal(jitted[1], targets)
+
+
+def test_mixup_matches_formula_and_targets():
+    videos, targets = _batch()
+    mix = _mixer(0.8, 0.0)
+    lams = []
+    for seed in range(3):
+        out_videos, out_targets = mix(jax.random.key(seed), videos, targets)
+        assert out_videos.shape == videos.shape and out_videos.dtype == videos.dtype
+        lam = _lam(out_targets)
+        # One lambda for the whole batch.
+        np.testing.assert_allclose(lam, lam[0], atol=1e-7)
+        lam = float(lam[0])
+        assert 0.0 <= lam <= 1.0
+        lams.append(lam)
+        expected_targets = lam * np.asarray(targets) + (1 - lam) * np.asarray(targets)[::-1]
+        np.testing.assert_allclose(out_targets, expected_targets, atol=1e-6)
+        np.testing.assert_allclose(np.sum(out_targets, axis=-1), 1.0, atol=1e-6)
+        expected = lam * np.asarray(videos) + (1 - lam) * np.asarray(videos)[::-1]
+        np.testing.assert_allclose(out_videos, expected, atol=1e-6)
+    assert len(set(lams)) == 3  # the key drives lambda
+
+
+def test_keeps_dtypes():
+    videos, targets = _batch()
+    # Traced only (eval_shape), so no extra compilation.
+    out_videos, out_targets = jax.eval_shape(
+        _mixer(0.8, 1.0), jax.random.key(0), videos.astype(jnp.bfloat16), targets
+    )
+    assert out_videos.shape == videos.shape and out_videos.dtype == jnp.bfloat16
+    assert out_targets.shape == targets.shape and out_targets.dtype == jnp.float32
+
+
+def test_cutmix_same_box_in_every_frame_and_exact_lambda():
+    videos, targets = _batch()
+    mix = _mixer(0.0, 1.0)
+    nonempty = 0
+    for seed in range(6):
+        out_videos, out_targets = mix(jax.random.key(seed), videos, targets)
+        mask = _partner_mask(videos, out_videos)
+        assert mask is not None, "CutMix must copy whole pixels from the video or its partner"
+        # The same box in every frame of every video.
+        for b in range(B):
+            for t in range(T):
+                np.testing.assert_array_equal(mask[b, t], mask[0, 0])
+        box = mask[0, 0]
+        # It is a rectangle: the product of its rows and its columns.
+        rows, cols = box.any(axis=1), box.any(axis=0)
+        np.testing.assert_array_equal(box, rows[:, None] & cols[None, :])
+        nonempty += bool(box.any())
+        lam = _lam(out_targets)
+        np.testing.assert_allclose(lam, lam[0], atol=1e-7)
+        lam = float(lam[0])
+        assert abs(box.mean() - (1.0 - lam)) <= 1e-6
+        expected_targets = lam * np.asarray(targets) + (1 - lam) * np.asarray(targets)[::-1]
+        np.testing.assert_allclose(out_targets, expected_targets, atol=1e-6)
+        np.testing.assert_allclose(np.sum(out_targets, axis=-1), 1.0, atol=1e-6)
+    assert nonempty >= 3
+
+
+def test_both_modes_occur_when_both_alphas_are_positive():
+    videos, targets = _batch()
+    mix = _mixer(0.8, 1.0, 0.5)
+    modes = set()
+    for seed in range(12):
+        out_videos, _ = mix(jax.random.key(seed), videos, targets)
+        modes.add("cutmix" if _partner_mask(videos, out_videos) is not None else "mixup")
+    assert modes == {"cutmix", "mixup"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mixup_alpha=-0.5, cutmix_alpha=0.0), "-0.5"),
+        (dict(mixup_alpha=0.0, cutmix_alpha=-2.0), "-2.0"),
+        (dict(mixup_alpha=float("nan"), cutmix_alpha=1.0), "nan"),
+        (dict(mixup_alpha=1.0, cutmix_alpha=1.0, switch_prob=1.5), "1.5"),
+    ],
+)
+def test_bad_config_raises_naming_the_value(kwargs, match):
+    videos, targets = _batch()
+    with pytest.raises(ValueError, match=re.escape(match)):
+        mix_videos(jax.random.key(0), videos, targets, **kwargs)

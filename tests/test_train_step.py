@@ -1,0 +1,165 @@
+"""The jitted train step on its own: decay mask, EMA, accumulation, mixing, distillation, fp16."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import base_config
+from stam_jax import create_model
+from stam_jax.losses import LossScale
+from stam_jax.train import (
+    TrainConfigError,
+    TrainState,
+    _teacher,
+    _train_step,
+    decay_mask,
+    make_optimizer,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_DROPOUT = dict(temporal_dropout_rate=0.0, drop_path_rate=0.0)
+
+
+def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
+    config = base_config("stam_tiny")
+    config.train.update(train)
+    model = create_model("stam_tiny", dtype=dtype, **NO_DROPOUT)
+    rng = np.random.default_rng(seed)
+    videos = rng.integers(0, 256, (batch, 4, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    params = model.init(jax.random.key(1), videos[:1])["params"]
+    tx, schedule = make_optimizer(config.train, params)
+    scale = LossScale.create(config.train.loss_scale_initial) if dtype == "float16" else None
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
+    step = _train_step(model, tx, schedule, config.train, 0, 10, teacher)
+    return jax.jit(step), state, videos, labels, np.ones(batch, np.float32)
+
+
+def test_weight_decay_mask_spares_biases_norms_and_tokens():
+    model = create_model("stam_tiny")
+    params = model.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+    flat = flax.traverse_util.flatten_dict(decay_mask(params), sep="/")
+    assert flat["blocks_0/attn/qkv/kernel"] and flat["head/kernel"]
+    assert flat["patch_embed/proj/kernel"]
+    for name in ("head/bias", "blocks_0/norm1/scale", "norm/bias", "pos_embed", "cls_token"):
+        assert not flat[name], name
+    assert not flat["aggregate/pos_embed"] and not flat["aggregate/cls_token"]
+
+
+def test_ema_follows_the_params():
+    step, state, videos, labels, weights = setup(ema_decay=0.5)
+    new, _ = step(state, videos, labels, weights)
+    want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
+    jax.tree.map(np.testing.assert_allclose, new.ema_params, want)
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch():
+    settings = dict(learning_rate=1e-2, warmup_steps=1, label_smoothing=0.1)
+    big, state, videos, labels, weights = setup(batch=8, **settings)
+    big_state = state
+    for _ in range(2):  # the first step's learning rate is 0 (warm-up starts at 0)
+        big_state, _ = big(big_state, videos, labels, weights)
+    small, state, _, _, _ = setup(batch=8, accumulate=2, **settings)
+    start = state
+    for half in (slice(0, 4), slice(4, 8)) * 2:
+        state, _ = small(state, videos[half], labels[half], weights[half])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        big_state.params,
+        state.params,
+    )
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), state.params, start.params)
+    assert all(jax.tree.leaves(moved))  # the comparison is not between unchanged params
+
+
+def test_mixup_and_cutmix_change_the_step_and_stay_finite():
+    plain, state, videos, labels, weights = setup(label_smoothing=0.0)
+    _, base = plain(state, videos, labels, weights)
+    for mix in (dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0)):
+        step, state, videos, labels, weights = setup(label_smoothing=0.0, **mix)
+        _, metrics = step(state, videos, labels, weights)
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(base["loss"])
+
+
+def test_distillation_from_an_identical_teacher_adds_nothing():
+    teacher = create_model("stam_tiny", **NO_DROPOUT)
+    step, state, videos, labels, weights = setup(
+        teacher=teacher, distill_weight=1.0, distill_temperature=2.0
+    )
+    _, same = step(state, videos, labels, weights, state.params)
+    assert abs(float(same["loss"])) < 1e-5 and float(same["grad_norm"]) < 1e-4
+    other = teacher.init(jax.random.key(7), videos[:1])["params"]
+    _, differ = step(state, videos, labels, weights, other)
+    assert float(differ["loss"]) > 1e-3 and float(differ["grad_norm"]) > 1e-4
+
+
+def test_float16_loss_scaling_skips_overflowing_steps():
+    step, state, videos, labels, weights = setup(dtype="float16", loss_scale_initial=2.0**40)
+    new, metrics = step(state, videos, labels, weights)
+    assert float(metrics["skipped"]) == 1.0 and int(new.step) == 1
+    assert float(new.loss_scale.scale) == 2.0**39
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+    step, state, videos, labels, weights = setup(
+        dtype="float16", loss_scale_initial=2.0**8, warmup_steps=1
+    )
+    new = state
+    for _ in range(2):  # the first step's learning rate is 0 (warm-up starts at 0)
+        new, metrics = step(new, videos, labels, weights)
+        assert float(metrics["skipped"]) == 0.0
+    assert int(new.loss_scale.good_steps) == 2 and float(new.loss_scale.scale) == 2.0**8
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), new.params, state.params)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_teacher_must_see_what_the_student_sees(tmp_path):
+    from stam_jax import checkpoints
+
+    teacher = create_model("stam_tiny", num_frames=8)
+    params = teacher.init(jax.random.key(0), np.zeros((1, 8, 32, 32, 3), np.uint8))["params"]
+    checkpoints.save(tmp_path / "teacher", teacher, params)
+    config = base_config("stam_tiny")
+    config.train.teacher = str(tmp_path / "teacher")
+    with pytest.raises(TrainConfigError, match="has num_frames=8, the student 4"):
+        _teacher(config, create_model("stam_tiny"), None)
+    config.train.teacher = str(tmp_path / "missing")
+    with pytest.raises(TrainConfigError, match=r"--config\.train\.teacher="):
+        _teacher(config, create_model("stam_tiny"), None)
+
+
+EIGHT_DEVICES = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import test_train_step as t
+step, state, videos, labels, weights = t.setup(batch=8, learning_rate=1e-2, warmup_steps=1)
+out = {}
+for n in (1, 8):
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
+    rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    put = lambda x, s: jax.device_put(x, s)
+    s = jax.device_put(state, rep)
+    new, _ = step(s, put(videos, bat), put(labels, bat), put(weights, bat))
+    out[n] = jax.device_get(new.params)
+pairs = zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[8]))
+diff = max(float(np.abs(a - b).max()) for a, b in pairs)
+print("devices", jax.device_count(), "max_diff", diff)
+"""
+
+
+def test_eight_simulated_devices_match_one():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
+    result = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1].split()
+    assert line[1] == "8" and float(line[3]) < 1e-5, line
