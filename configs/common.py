@@ -90,6 +90,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.train.loss_scale_period = 2000
     config.train.ema_decay = 0.999  # EMA of the params, exported beside them (0: off)
     config.train.log_every = 10
+    # Periodic evaluation (0: off) of the params and their EMA on eval_root through run_eval's
+    # code; the best by top-1 is kept in WORKDIR/best (WORKDIR/best.json says which).
+    config.train.eval_every = 0
+    config.train.eval_root = ""
     config.train.save_every = 100  # checkpoint interval in steps (async, atomic)
     config.train.keep = 3  # checkpoints kept
     # Std of a temporal position embedding that training creates (not read from

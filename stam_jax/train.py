@@ -1,8 +1,9 @@
 """Training with optax: one jitted, data-parallel step, orbax checkpoints and exact resume.
 
 `train_and_evaluate(config, workdir)` trains on `config.train.root` (a Kinetics-style folder) and
-writes `workdir/metrics.jsonl`, checkpoints in `workdir/checkpoints/` (orbax, asynchronous,
-atomic: a half-written one is never restored) and, at the end, the params and their EMA as
+writes `workdir/metrics.jsonl` and TensorBoard event files in `workdir/tensorboard/` (process 0),
+checkpoints in `workdir/checkpoints/` (orbax, asynchronous, atomic: a half-written one is never
+restored) and, at the end, the params and their EMA as
 stam-jax checkpoints `workdir/final` and `workdir/final_ema` (for `run_eval.py`, `convert.to_torch`,
 `stam_jax.explain`).
 
@@ -278,6 +279,16 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         local_batch = sharding.local_batch_size(config.batch_size, mesh)
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
+    if train.eval_every > 0:
+        if not train.eval_root:
+            raise TrainConfigError(
+                f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
+                "(or set train.eval_every=0)."
+            )
+        try:
+            list_videos(train.eval_root, config.data.class_list or None)
+        except DatasetError as e:
+            raise TrainConfigError(f"--config.train.eval_root: {e}") from None
     if len(folder.items) < config.batch_size:
         raise TrainConfigError(
             f"{train.root} has {len(folder.items)} videos, fewer than one batch "
@@ -329,8 +340,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     decoded = ordered_map(decode_train_item, jobs, workers, config.data.prefetch or 2 * local_batch)
     kill_at = int(os.environ.get(KILL_HOOK, "-1"))
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
+    board = None
     if log:
         _truncate_log(log, start)
+        from tensorboardX import SummaryWriter
+
+        # purge_step: a resumed run hides the events logged after its checkpoint.
+        board = SummaryWriter(str(workdir / "tensorboard"), purge_step=start or None)
     progress = progress_bar(
         train.steps, "train", "step", config.progress and jax.process_index() == 0, start
     )
@@ -387,12 +403,27 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             if log:
                 with open(log, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                for name, value in last.items():
+                    if name != "step":
+                        board.add_scalar(f"train/{name}", value, done)
+                board.flush()
             timer, timer_step = time.perf_counter(), done
+        if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
+            scores = _periodic_eval(config, Path(workdir), model, state, done)
+            if log:
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": done, **scores}) + "\n")
+                for name, value in scores.items():
+                    board.add_scalar(f"eval/{name}", value, done)
+                board.flush()
+            timer = time.perf_counter()  # evaluation time is not training time
         saved = manager.save(done, args=ocp.args.StandardSave(state), force=done == train.steps)
         if saved and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
         progress.update(1)
     progress.close()
+    if board:
+        board.close()
     manager.wait_until_finished()
     outputs = {}
     if jax.process_index() == 0:
@@ -405,6 +436,54 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
     return {"step": int(state.step), "last_metrics": last, **outputs}
+
+
+def _periodic_eval(
+    config: Any, workdir: Path, model: STAM, state: TrainState, step: int
+) -> dict[str, float]:
+    """Evaluates the params (and their EMA) on `train.eval_root` with `stam_jax.evaluate`.
+
+    Each evaluated set is saved as a stam-jax checkpoint in `workdir/eval/step_N/{params,ema}`
+    and evaluated there (results.json, predictions.jsonl); the best by top-1 so far is copied to
+    `workdir/best` with `workdir/best.json` (step, which params, top-1), which survive a resume.
+    """
+    import ml_collections
+
+    from stam_jax.evaluate import evaluate
+
+    host = jax.device_get(state)
+    sets = {"params": host.params}
+    if config.train.ema_decay > 0:
+        sets["ema"] = host.ema_params
+    here = workdir / "eval" / f"step_{step}"
+    best_file = workdir / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.exists() else {"top1": -1.0}
+    scores = {}
+    for name, params in sets.items():
+        if jax.process_index() == 0:
+            checkpoints.save(here / name, model, params, overwrite=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"eval checkpoint {step} {name}")
+        eval_config = ml_collections.ConfigDict(config.to_dict())
+        eval_config.checkpoint = str(here / name)
+        eval_config.data.root = config.train.eval_root
+        eval_config.progress = False
+        results = evaluate(eval_config, here / f"{name}_results")
+        top1 = float(results["metrics"]["top1"])
+        scores["top1" if name == "params" else "ema_top1"] = top1
+        if top1 > best["top1"] and jax.process_index() == 0:
+            import shutil
+
+            staging = workdir / "best.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(here / name, staging)
+            shutil.rmtree(workdir / "best", ignore_errors=True)
+            staging.rename(workdir / "best")
+            best = {"step": step, "params": name, "top1": top1}
+            best_file.write_text(json.dumps(best) + "\n")
+    return scores
 
 
 def _teacher(config: Any, model: STAM, replicated) -> tuple[STAM | None, Any]:

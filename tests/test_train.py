@@ -85,6 +85,22 @@ def test_training_writes_metrics_checkpoints_and_final_params(uninterrupted):
         int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
     )
     assert steps == [3, 6, 8]  # every save_every steps, and the last
+    # TensorBoard events hold the same numbers as metrics.jsonl.
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = {}
+    for path in (uninterrupted / "tensorboard").iterdir():
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):  # TFRecord: length, crc, payload, crc
+            length = int.from_bytes(data[at : at + 8], "little")
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                events[(value.tag, event.step)] = value.simple_value
+    for row in rows:
+        assert events[("train/loss", row["step"])] == pytest.approx(row["loss"], rel=1e-6)
+        assert events[("train/learning_rate", row["step"])] == pytest.approx(row["learning_rate"])
     model, params = checkpoints.load(uninterrupted / "final")
     assert model.num_classes == 10
     ema = checkpoints.load(uninterrupted / "final_ema")[1]
@@ -152,3 +168,50 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
     )
     assert result.returncode == 4, result.stderr[-2000:]
     assert "stopped before saving" in result.stderr and "step " in result.stderr
+
+
+def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_path):
+    teacher = create_model("stam_tiny")
+    params = teacher.init(jax.random.key(5), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+    checkpoints.save(tmp_path / "teacher", teacher, params)
+    extra = [
+        "--config.train.steps=4",
+        "--config.train.eval_every=2",
+        f"--config.train.eval_root={train_root}",
+        f"--config.train.teacher={tmp_path / 'teacher'}",
+        "--config.train.mixup_alpha=0.2",
+        "--config.train.cutmix_alpha=1.0",
+    ]
+    result = run(command(train_root, tmp_path / "run", cache, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "top1" in row]
+    assert [row["step"] for row in evals] == [2, 4]
+    assert all(0 <= row["top1"] <= 1 and 0 <= row["ema_top1"] <= 1 for row in evals)
+    for step in (2, 4):
+        for name in ("params", "ema"):
+            results = json.loads(
+                (run_dir / f"eval/step_{step}/{name}_results/results.json").read_text()
+            )
+            assert results["counts"]["evaluated"] == 10
+    best = json.loads((run_dir / "best.json").read_text())
+    top = max(max(row["top1"], row["ema_top1"]) for row in evals)
+    assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
+    chex.assert_trees_all_equal(
+        checkpoints.load(run_dir / "best")[1],
+        checkpoints.load(run_dir / f"eval/step_{best['step']}/{best['params']}")[1],
+    )
+    # Refused before any compute: evaluation without a folder, a teacher of another size.
+    result = run(command(train_root, tmp_path / "x", cache, "--config.train.eval_every=2"))
+    assert result.returncode == 2 and "needs --config.train.eval_root" in result.stderr
+    other = create_model("stam_tiny", num_classes=7)
+    checkpoints.save(
+        tmp_path / "t7",
+        other,
+        other.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"],
+    )
+    result = run(
+        command(train_root, tmp_path / "y", cache, f"--config.train.teacher={tmp_path / 't7'}")
+    )
+    assert result.returncode == 2 and "has num_classes=7, the student 10" in result.stderr
