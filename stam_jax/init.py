@@ -1,4 +1,5 @@
-"""Initialising a STAM from a stam-jax checkpoint of a possibly different architecture.
+"""Initialising a STAM from a stam-jax checkpoint of a possibly different architecture, or
+from an image ViT (timm `.pth`/`.safetensors`, Google ViT `.npz`) for its spatial part.
 
 `init_from_checkpoint(model, fresh, checkpoint)` walks `model`'s param tree (`fresh`, the
 model's own freshly initialised params) leaf by leaf and decides, for each '/'-joined path:
@@ -128,7 +129,9 @@ def init_from_checkpoint(
     Args:
       model: the `STAM` to initialise.
       fresh: `model`'s freshly initialised params (`model.init(...)['params']`), a nested dict.
-      checkpoint: a stam-jax checkpoint directory (`checkpoints.save`, `python -m convert`).
+      checkpoint: a stam-jax checkpoint directory (`checkpoints.save`, `python -m convert`),
+        or an image ViT file for the spatial part (`read_vit`: timm `.pth` / `.safetensors`,
+        Google ViT `.npz`).
       temporal_pos_embed_std: see above; 0 keeps the fresh temporal position embedding.
 
     Returns:
@@ -149,8 +152,12 @@ def init_from_checkpoint(
     except checkpoints.CheckpointError as error:
         raise InitError(f"`fresh` is not a params tree of `model`: {error}") from error
 
-    source_model = model_from_config(checkpoints.read_config(checkpoint)["model"])
-    source = traverse_util.flatten_dict(checkpoints.read_params(checkpoint, source_model), sep="/")
+    if str(checkpoint).endswith(VIT_SUFFIXES):
+        source, notes = read_vit(checkpoint)
+    else:
+        source_model = model_from_config(checkpoints.read_config(checkpoint)["model"])
+        params = checkpoints.read_params(checkpoint, source_model)
+        source, notes = traverse_util.flatten_dict(params, sep="/"), []
     target = traverse_util.flatten_dict(fresh, sep="/")
 
     out: dict[str, Any] = {}
@@ -197,7 +204,7 @@ def init_from_checkpoint(
             + "\n  ".join(problems)
         )
 
-    report = [f"{len(copied)} of {len(target)} tensors copied from {checkpoint}"]
+    report = [f"{len(copied)} of {len(target)} tensors copied from {checkpoint}", *notes]
     report += resampled
     if head_fresh:
         old_classes = source["head/bias"].shape[-1] if "head/bias" in source else "?"
@@ -248,3 +255,142 @@ def redraw_temporal_pos_embed(params: Any, std: float) -> Any:
         raise InitError(f"no {TEMPORAL_POS_EMBED} to redraw: the model has no temporal transformer")
     flat[TEMPORAL_POS_EMBED] = _normal_like(flat[TEMPORAL_POS_EMBED], std)
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+VIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+_LINEAR, _CONV = (1, 0), (2, 3, 1, 0)  # PyTorch (out, in[, kh, kw]) -> Flax layouts
+
+
+def _timm_paths(key: str) -> tuple[str, tuple[int, ...] | None] | None:
+    """The stam-jax path and layout change of a timm ViT key (None: not part of STAM)."""
+    fixed = {
+        "cls_token": ("cls_token", None),
+        "pos_embed": ("pos_embed", None),
+        "patch_embed.proj.weight": ("patch_embed/proj/kernel", _CONV),
+        "patch_embed.proj.bias": ("patch_embed/proj/bias", None),
+        "norm.weight": ("norm/scale", None),
+        "norm.bias": ("norm/bias", None),
+        "head.weight": ("head/kernel", _LINEAR),
+        "head.bias": ("head/bias", None),
+    }
+    if key in fixed:
+        return fixed[key]
+    parts = key.split(".")
+    if len(parts) >= 4 and parts[0] == "blocks" and parts[1].isdigit():
+        module = "/".join(parts[2:-1])
+        if module in ("norm1", "norm2", "attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"):
+            leaf = parts[-1]
+            norm = module.startswith("norm")
+            name = {"weight": "scale" if norm else "kernel", "bias": "bias"}.get(leaf)
+            if name:
+                layout = _LINEAR if name == "kernel" else None
+                return f"blocks_{parts[1]}/{module}/{name}", layout
+    return None
+
+
+def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file (header length, JSON header, raw little-endian data)."""
+    import json
+
+    import ml_dtypes
+
+    kinds = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in kinds:
+            raise InitError(f"{path}: tensor {name} has dtype {entry['dtype']}, not a float.")
+        start, end = entry["data_offsets"]
+        array = np.frombuffer(data[start:end], kinds[entry["dtype"]]).reshape(entry["shape"])
+        out[name] = array.astype(np.float32)
+    return out
+
+
+def _google_vit(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Google ViT (`vit_jax` / big_vision `.npz`) names and layouts -> stam-jax paths."""
+    out: dict[str, np.ndarray] = {}
+    rename = {
+        "cls": "cls_token",
+        "embedding/kernel": "patch_embed/proj/kernel",
+        "embedding/bias": "patch_embed/proj/bias",
+        "Transformer/posembed_input/pos_embedding": "pos_embed",
+        "Transformer/encoder_norm/scale": "norm/scale",
+        "Transformer/encoder_norm/bias": "norm/bias",
+        "head/kernel": "head/kernel",
+        "head/bias": "head/bias",
+    }
+    for name, path in rename.items():
+        if name in arrays:
+            out[path] = np.asarray(arrays[name], np.float32)
+    blocks = sorted(
+        {int(k.split("/")[1].rsplit("_", 1)[1]) for k in arrays if "/encoderblock_" in k}
+    )
+    for i in blocks:
+        src, dst = f"Transformer/encoderblock_{i}", f"blocks_{i}"
+        for google, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{dst}/{ours}/scale"] = arrays[f"{src}/{google}/scale"]
+            out[f"{dst}/{ours}/bias"] = arrays[f"{src}/{google}/bias"]
+        for google, ours in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            for leaf in ("kernel", "bias"):
+                out[f"{dst}/mlp/{ours}/{leaf}"] = arrays[f"{src}/MlpBlock_3/{google}/{leaf}"]
+        attn = f"{src}/MultiHeadDotProductAttention_1"
+        q, k, v = (arrays[f"{attn}/{n}/kernel"] for n in ("query", "key", "value"))
+        width = q.shape[0]
+        # (D, heads, head_dim) each -> one (D, 3D) kernel: q | k | v, heads contiguous.
+        out[f"{dst}/attn/qkv/kernel"] = np.concatenate([x.reshape(width, -1) for x in (q, k, v)], 1)
+        out[f"{dst}/attn/qkv/bias"] = np.concatenate(
+            [arrays[f"{attn}/{n}/bias"].reshape(-1) for n in ("query", "key", "value")]
+        )
+        out[f"{dst}/attn/proj/kernel"] = arrays[f"{attn}/out/kernel"].reshape(-1, width)
+        out[f"{dst}/attn/proj/bias"] = arrays[f"{attn}/out/bias"]
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def read_vit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]:
+    """An image ViT's tensors as flat stam-jax paths (host float32 numpy), plus report notes.
+
+    timm `.pth`/`.pt`/`.bin` (read by the repository's safe, torch-free unpickler) and
+    `.safetensors`: the keys are STAM's spatial keys (`blocks.N.attn.qkv.weight`, ...), as the
+    official STAM code names them. Google ViT `.npz` (`vit_jax`, big_vision): q/k/v kernels
+    fused, `(heads, head_dim)` axes flattened. Keys that are not part of STAM (`fc_norm`,
+    `pre_logits`, register tokens, ...) are listed in the notes; the temporal part is absent.
+    """
+    path = os.fspath(path)
+    notes: list[str] = []
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        out = _google_vit(arrays)
+        known = ("cls", "embedding/", "Transformer/", "head/")
+        ignored = sorted(k for k in arrays if not k.startswith(known))
+        if ignored:
+            notes.append(f"not part of STAM, ignored: {len(ignored)} arrays ({', '.join(ignored)})")
+        notes.append(
+            "Google ViT file: its LayerNorm epsilon is 1e-6 and STAM's 1e-5 (weights copied as is)"
+        )
+        return out, notes
+    if path.endswith(".safetensors"):
+        tensors = _read_safetensors(path)
+    else:
+        from convert.torch_io import load_state_dict
+
+        tensors = load_state_dict(path)
+    out, ignored = {}, []
+    for key, value in tensors.items():
+        key = key.removeprefix("module.")
+        mapped = _timm_paths(key)
+        if mapped is None:
+            ignored.append(key)
+            continue
+        name, layout = mapped
+        array = np.asarray(value, np.float32)
+        out[name] = array.transpose(layout) if layout else array
+    if ignored:
+        shown = ", ".join(sorted(ignored)[:6]) + (" ..." if len(ignored) > 6 else "")
+        notes.append(f"not part of STAM, ignored: {len(ignored)} keys ({shown})")
+    return out, notes

@@ -37,7 +37,7 @@ from stam_jax.configs import model_from_run_config
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.video import ClipSpec
-from stam_jax.init import InitError, init_from_checkpoint, redraw_temporal_pos_embed
+from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.losses import (
     LossScale,
     adjust,
@@ -518,7 +518,7 @@ def _initial_params(model: STAM, fresh: Any, config: Any, workdir: Path) -> Any:
             params, report = init_from_checkpoint(
                 model, fresh, config.checkpoint, temporal_pos_embed_std=std
             )
-        except (InitError, checkpoints.CheckpointError) as e:
+        except (ValueError, OSError) as e:  # InitError, CheckpointError, unreadable ViT files
             raise TrainConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
     else:
         params, report = fresh, ["no --config.checkpoint: every tensor freshly initialised"]

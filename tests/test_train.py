@@ -155,6 +155,9 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
         command(train_root, tmp_path / "a", cache, "--config.model_overrides.num_classes=7")
     )
     assert result.returncode == 2 and "has 10 classes but the model has 7 outputs" in result.stderr
+    missing = tmp_path / "vit_b16.npz"
+    result = run(command(train_root, tmp_path / "i", cache, f"--config.checkpoint={missing}"))
+    assert result.returncode == 2 and f"--config.checkpoint={missing}" in result.stderr
     result = run(command(train_root, tmp_path / "b", cache, "--config.batch_size=0"))
     assert result.returncode == 2 and "batch_size=0 does not divide" in result.stderr
     result = run(

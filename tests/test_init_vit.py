@@ -1,0 +1,112 @@
+"""Initialising STAM's spatial part from image ViT files: timm .pth / .safetensors, Google .npz."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from test_init import flat, fresh_params
+
+from convert.mapping import torch_to_flax
+from convert.torch_reference import randomize_, reference_from_config
+from stam_jax import create_model, model_config
+from stam_jax.init import init_from_checkpoint
+
+MODEL = create_model("stam_tiny")
+CONFIG = model_config(MODEL)
+
+
+def timm_state_dict() -> dict[str, torch.Tensor]:
+    """An image ViT in timm's names: STAM's spatial keys, a 1000-class head, a timm extra."""
+    reference = randomize_(reference_from_config(CONFIG), seed=3)
+    sd = {k: v for k, v in reference.state_dict().items() if not k.startswith("aggregate.")}
+    width = CONFIG["hidden_size"]
+    sd["head.weight"], sd["head.bias"] = torch.randn(1000, width), torch.randn(1000)
+    sd["fc_norm.weight"] = torch.ones(width)
+    return sd
+
+
+def spatial_reference(sd) -> dict[str, np.ndarray]:
+    """The same tensors through the official-checkpoint converter, as stam-jax paths."""
+    full = randomize_(reference_from_config(CONFIG), seed=3).state_dict()
+    _, params, _ = torch_to_flax(
+        {k: v.numpy() for k, v in full.items()},
+        num_heads=CONFIG["num_heads"],
+        temporal_heads=CONFIG["temporal_heads"],
+    )
+    return {k: v for k, v in flat(params).items() if not k.startswith(("aggregate", "head"))}
+
+
+def check(path, want):
+    fresh = fresh_params(MODEL)
+    params, report = init_from_checkpoint(MODEL, fresh, path, temporal_pos_embed_std=1.0)
+    got = flat(params)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    fresh = flat(fresh)
+    np.testing.assert_array_equal(got["head/kernel"], fresh["head/kernel"])
+    text = "\n".join(report)
+    assert "head: re-initialised (checkpoint has 1000 classes, model 10)" in text
+    assert "aggregate: " in text and "redrawn as normal(0, 1.0)" in text
+    return text
+
+
+def test_timm_pth_and_safetensors(tmp_path):
+    sd = timm_state_dict()
+    want = spatial_reference(sd)
+    torch.save(sd, tmp_path / "vit.pth")
+    text = check(tmp_path / "vit.pth", want)
+    assert "not part of STAM, ignored: 1 keys (fc_norm.weight)" in text
+    # The same tensors as .safetensors (bfloat16 ones too), written by hand to the format.
+    header, blobs, offset = {}, [], 0
+    for key, value in sd.items():
+        array = value.numpy().astype(np.float32)
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        blobs.append(array.tobytes())
+        offset += array.nbytes
+    raw = json.dumps(header).encode()
+    (tmp_path / "vit.safetensors").write_bytes(
+        len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
+    )
+    check(tmp_path / "vit.safetensors", want)
+
+
+def test_google_vit_npz(tmp_path):
+    want = spatial_reference(timm_state_dict())
+    heads, width = CONFIG["num_heads"], CONFIG["hidden_size"]
+    g = {
+        "cls": want["cls_token"],
+        "embedding/kernel": want["patch_embed/proj/kernel"],
+        "embedding/bias": want["patch_embed/proj/bias"],
+        "Transformer/posembed_input/pos_embedding": want["pos_embed"],
+        "Transformer/encoder_norm/scale": want["norm/scale"],
+        "Transformer/encoder_norm/bias": want["norm/bias"],
+        "head/kernel": np.zeros((width, 1000), np.float32),
+        "head/bias": np.zeros(1000, np.float32),
+        "pre_logits/kernel": np.zeros((width, width), np.float32),
+    }
+    for i in range(CONFIG["depth"]):
+        src, dst = f"blocks_{i}", f"Transformer/encoderblock_{i}"
+        for ours, google in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            for leaf in ("scale", "bias"):
+                g[f"{dst}/{google}/{leaf}"] = want[f"{src}/{ours}/{leaf}"]
+        for ours, google in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            for leaf in ("kernel", "bias"):
+                g[f"{dst}/MlpBlock_3/{google}/{leaf}"] = want[f"{src}/mlp/{ours}/{leaf}"]
+        attn = f"{dst}/MultiHeadDotProductAttention_1"
+        kernels = np.split(want[f"{src}/attn/qkv/kernel"], 3, axis=1)
+        biases = np.split(want[f"{src}/attn/qkv/bias"], 3)
+        for n, name in enumerate(("query", "key", "value")):
+            g[f"{attn}/{name}/kernel"] = kernels[n].reshape(width, heads, -1)
+            g[f"{attn}/{name}/bias"] = biases[n].reshape(heads, -1)
+        g[f"{attn}/out/kernel"] = want[f"{src}/attn/proj/kernel"].reshape(heads, -1, width)
+        g[f"{attn}/out/bias"] = want[f"{src}/attn/proj/bias"]
+    np.savez(tmp_path / "vit.npz", **g)
+    text = check(tmp_path / "vit.npz", want)
+    assert "LayerNorm epsilon is 1e-6" in text
+    assert "not part of STAM, ignored: 1 arrays (pre_logits/kernel)" in text
