@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -374,6 +375,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in metrics.items()}
         if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
             skipped += 1
+            if jax.process_index() == 0:
+                print(
+                    f"step {step + 1}: float16 gradients not finite at loss scale "
+                    f"{metrics['loss_scale']:g}; step skipped (params unchanged), scale halved",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if metrics["loss_scale"] <= 1.0:
                 manager.wait_until_finished()
                 raise NonFiniteError(

@@ -55,6 +55,17 @@ def test_weight_decay_mask_spares_biases_norms_and_tokens():
     assert not flat["aggregate/pos_embed"] and not flat["aggregate/cls_token"]
 
 
+def test_loss_falls_on_a_learnable_task():
+    # 16 fixed videos with labels by mean brightness: a task the step can fit in 40 steps.
+    step, state, videos, _, weights = setup(batch=16, learning_rate=3e-3, warmup_steps=5)
+    labels = (videos.mean(axis=(1, 2, 3, 4)) > 127.5).astype(np.int32)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, videos, labels, weights)
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
 def test_ema_follows_the_params():
     step, state, videos, labels, weights = setup(ema_decay=0.5)
     new, _ = step(state, videos, labels, weights)
