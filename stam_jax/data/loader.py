@@ -116,7 +116,7 @@ class _ParallelDecoder:
                 try:
                     result = head.result()
                 except concurrent.futures.process.BrokenProcessPool:
-                    pool.shutdown(cancel_futures=True)
+                    _discard(pool)
                     pool = self._pool()
                     pending.clear()
                     next_position = position + 1
@@ -130,7 +130,23 @@ class _ParallelDecoder:
                 isolating = False
                 yield result
         finally:
-            pool.shutdown(cancel_futures=True)
+            _discard(pool)
+
+
+def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Shuts `pool` down without waiting on its workers, which are terminated.
+
+    `shutdown()` of a pool broken by a dying worker can hang forever on Python 3.11: the
+    executor's manager thread joins the surviving workers, which sit waiting for more work
+    (seen in CI). The jobs still queued are no longer wanted, so the workers are ended here.
+    """
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.join(timeout=10)
 
 
 def decode_train_item(position: int, path: str, spec: ClipSpec, seed: tuple[int, ...]) -> Decoded:
