@@ -19,7 +19,7 @@ DATA = "data"
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Joins a multi-process run (no-op for a single process).
+    """Joins a multi-process run (no-op for a single process, or when already joined).
 
     Args:
       coordinator: 'host:port' of process 0; '' for a single-process run, or to let JAX
@@ -27,8 +27,8 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
       num_processes: total processes (1: single process).
       process_id: this process's rank.
     """
-    if num_processes == 1 and not coordinator:
-        return
+    if (num_processes == 1 and not coordinator) or jax.distributed.is_initialized():
+        return  # single process, or already joined (training's periodic evaluation)
     # CPU collectives across processes need gloo (GPU runs use NCCL and ignore this). The
     # backend must not be touched before initialize(), so this is set unconditionally.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

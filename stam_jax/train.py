@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -455,8 +457,6 @@ def _periodic_eval(
     and evaluated there (results.json, predictions.jsonl); the best by top-1 so far is copied to
     `workdir/best` with `workdir/best.json` (step, which params, top-1), which survive a resume.
     """
-    import ml_collections
-
     from stam_jax.evaluate import evaluate
 
     host = jax.device_get(state)
@@ -482,8 +482,6 @@ def _periodic_eval(
         top1 = float(results["metrics"]["top1"])
         scores["top1" if name == "params" else "ema_top1"] = top1
         if top1 > best["top1"] and jax.process_index() == 0:
-            import shutil
-
             staging = workdir / "best.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(here / name, staging)
