@@ -23,13 +23,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs.common import base_config
 from stam_jax import sharding
 from stam_jax.configs import model_from_run_config
-from stam_jax.train import TrainState, _train_step, make_optimizer
+from stam_jax.train import _train_step, initial_state, make_optimizer
 
 
 def main() -> None:
@@ -63,10 +62,9 @@ def main() -> None:
     params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
     tx, schedule = make_optimizer(config.train, params)
     replicated = sharding.replicated(mesh)
-    state = jax.jit(
-        lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), p),
-        out_shardings=replicated,
-    )(params)
+    state = jax.jit(lambda p: initial_state(model, tx, config.train, p), out_shardings=replicated)(
+        params
+    )
     del params
     step = jax.jit(
         _train_step(model, tx, schedule, config.train, 0, model.num_classes),

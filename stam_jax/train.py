@@ -76,6 +76,18 @@ class TrainState:
     loss_scale: LossScale | None = None  # float16 training only
 
 
+def _loss_scaled(model: STAM) -> bool:
+    """float16 compute trains with dynamic loss scaling."""
+    return jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
+
+
+def initial_state(model: STAM, tx: optax.GradientTransformation, train: Any, params: Any):
+    """The state at step 0: params in `model.param_dtype`, their EMA, a loss scale for float16."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+    scale = LossScale.create(train.loss_scale_initial) if _loss_scaled(model) else None
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
+
+
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies: matrices and kernels, not biases, norms, tokens."""
     flat = flax.traverse_util.flatten_dict(params)
@@ -126,7 +138,7 @@ def _train_step(
     (params, optimizer state and EMA unchanged) and the scale halved.
     """
     mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
-    float16 = jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
+    float16 = _loss_scaled(model)
     weight, temperature = train.distill_weight, train.distill_temperature
 
     def step_fn(state: TrainState, videos, labels, weights, teacher_params=None):
@@ -314,14 +326,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)
 
-    float16 = jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
-
-    def init_state(params):
-        params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
-        scale = LossScale.create(train.loss_scale_initial) if float16 else None
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
-
-    state = jax.jit(init_state, out_shardings=replicated)(params)
+    float16 = _loss_scaled(model)
+    state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(params)
     del params
     manager = _checkpoint_manager(workdir, train)
     start = manager.latest_step() or 0

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.common import base_config
 from stam_jax import create_model
-from stam_jax.losses import LossScale
 from stam_jax.train import (
     TrainConfigError,
-    TrainState,
     _teacher,
     _train_step,
     decay_mask,
+    initial_state,
     make_optimizer,
 )
 
@@ -38,8 +36,7 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
     labels = rng.integers(0, 10, batch).astype(np.int32)
     params = model.init(jax.random.key(1), videos[:1])["params"]
     tx, schedule = make_optimizer(config.train, params)
-    scale = LossScale.create(config.train.loss_scale_initial) if dtype == "float16" else None
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
+    state = initial_state(model, tx, config.train, params)
     step = _train_step(model, tx, schedule, config.train, 0, 10, teacher)
     return jax.jit(step), state, videos, labels, np.ones(batch, np.float32)
 
