@@ -10,6 +10,7 @@ written by process 0: `results.json` and `predictions.jsonl`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -22,8 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos, read_class_list
 from stam_jax.data.loader import decode_in_order, worker_count
+from stam_jax.data.prepared import is_prepared
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
@@ -83,20 +85,62 @@ def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
     return model, stored
 
 
-def _list_data(config: Any, model: STAM) -> VideoFolder:
-    if not config.data.root:
-        raise EvalConfigError("no data: pass --config.data.root=VIDEO_ROOT (root/<class>/<video>).")
-    try:
-        folder = list_videos(config.data.root, config.data.class_list or None)
-    except DatasetError as e:
-        raise EvalConfigError(str(e)) from None
+def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, Any]:
+    """The listing of `config.data.root`, and the opened dataset when it is a prepared one."""
+    root = config.data.root
+    if not root:
+        raise EvalConfigError(
+            "no data: pass --config.data.root=VIDEO_ROOT (root/<class>/<video>) or a dataset "
+            "made by python -m stam_jax.data.prepare."
+        )
+    prepared = None
+    if is_prepared(root):
+        prepared = _open_prepared(config, spec)
+        folder = prepared.folder
+    else:
+        try:
+            folder = list_videos(root, config.data.class_list or None)
+        except DatasetError as e:
+            raise EvalConfigError(str(e)) from None
     if len(folder.classes) != model.num_classes:
         raise EvalConfigError(
-            f"{config.data.root} has {len(folder.classes)} classes but the checkpoint has "
+            f"{root} has {len(folder.classes)} classes but the checkpoint has "
             f"{model.num_classes} outputs; labels would not line up. Give the full class list "
-            "with --config.data.class_list=FILE (one name per line, in label order)."
+            "with --config.data.class_list=FILE (one name per line, in label order)"
+            + (" when preparing the dataset." if prepared else ".")
         )
-    return folder
+    return folder, prepared
+
+
+def _open_prepared(config: Any, spec: ClipSpec) -> Any:
+    """The prepared `eval` dataset at `config.data.root`, checked against the config."""
+    from stam_jax.data.prepared import PreparedError, open_prepared
+
+    root = config.data.root
+    try:
+        prepared = open_prepared(root)
+    except PreparedError as e:
+        raise EvalConfigError(str(e)) from None
+    if prepared.kind != "eval":
+        raise EvalConfigError(
+            f"{root} is a {prepared.kind} dataset (frames for training); evaluation reads one "
+            "made with python -m stam_jax.data.prepare --kind eval."
+        )
+    differ = prepared.mismatches(spec)
+    if differ:
+        raise EvalConfigError(
+            f"{root} was prepared for other clips than this config asks for "
+            f"({'; '.join(differ)}); prepare it again with this config, or set the config to "
+            "the prepared values."
+        )
+    if config.data.class_list:
+        names = read_class_list(config.data.class_list)
+        if tuple(names) != prepared.folder.classes:
+            raise EvalConfigError(
+                f"--config.data.class_list={config.data.class_list} differs from the classes "
+                f"{root} was prepared with; drop it (the dataset keeps its class list)."
+            )
+    return prepared
 
 
 def _forward_fn(model: STAM, average: str):
@@ -110,20 +154,6 @@ def _forward_fn(model: STAM, average: str):
         return mean_logits, mean_logits
 
     return forward
-
-
-def _allgather_json(obj: Any) -> list[Any]:
-    """Every process's `obj`, in process order (a plain list for a single process)."""
-    if jax.process_count() == 1:
-        return [obj]
-    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: data.size] = data
-    gathered = multihost_utils.process_allgather(padded)
-    return [
-        json.loads(bytes(row[: int(n)])) for row, n in zip(gathered, sizes.ravel(), strict=True)
-    ]
 
 
 def _allgather_rows(array: np.ndarray) -> np.ndarray:
@@ -170,7 +200,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     spec = _clip_spec(config, model)
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
-    folder = _list_data(config, model)
+    folder, prepared = _list_data(config, model, spec)
     mesh = sharding.data_mesh()
     try:
         local_batch = sharding.local_batch_size(config.batch_size, mesh)
@@ -181,8 +211,8 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     # This process's share of the videos, and a step count every process agrees on.
     pid, nproc = jax.process_index(), jax.process_count()
-    positions = list(range(pid, len(folder.items), nproc))
-    per_process = math.ceil(len(folder.items) / nproc)
+    total = prepared.num_records if prepared else len(folder.items)
+    per_process = math.ceil(total / nproc)
     steps = math.ceil(per_process / local_batch)
 
     params = checkpoints.read_params(config.checkpoint, model)
@@ -201,17 +231,25 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     compiled = forward.lower(params, abstract).compile()
     compile_s = time.perf_counter() - compile_start
 
-    decoded = decode_in_order(
-        [folder.root / folder.items[p].path for p in positions],
-        spec,
-        worker_count(config.data.workers),
-        config.data.prefetch or 2 * local_batch,
-    )
+    workers, prefetch = worker_count(config.data.workers), config.data.prefetch or 2 * local_batch
+    if prepared:
+        from stam_jax.data.reading import eval_items
+
+        decoded = eval_items(prepared, workers, prefetch, pid, nproc)
+        skipped = prepared.outcomes if pid == 0 else {}
+    else:
+        positions = list(range(pid, len(folder.items), nproc))
+        raw = decode_in_order(
+            [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
+        )
+        decoded = (dataclasses.replace(d, position=positions[d.position]) for d in raw)
+        skipped = {}
     progress = progress_bar(steps, "eval", "batch", config.progress and pid == 0)
     eval_start = time.perf_counter()
-    local, first_batch_at = _run_loop(
-        compiled, params, decoded, positions, steps, batch_shape, mesh, progress
+    local, first_batch_at, input_wait_s = _run_loop(
+        compiled, params, decoded, steps, batch_shape, mesh, progress
     )
+    local[3].update(skipped)
     progress.close()
     eval_s = time.perf_counter() - eval_start
     all_pos, all_logits, all_scores, all_outcomes = _gather(*local, per_process, model.num_classes)
@@ -249,6 +287,8 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             "eval_s": round(eval_s, 3),
             "videos_per_s": round(done_pos.size / eval_s, 3) if eval_s > 0 else None,
             "first_batch_after_s": round(first_batch_after_s, 3),
+            # Time the loop waited for this process's input (0: the device never waited).
+            "input_wait_s": round(input_wait_s, 3),
             "total_s": round(time.perf_counter() - start, 3),
         },
         "devices": jax.device_count(),
@@ -262,11 +302,11 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     return results
 
 
-def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, progress):
-    """Feeds `steps` global batches.
+def _run_loop(compiled, params, decoded, steps, batch_shape, mesh, progress):
+    """Feeds `steps` global batches of the `Decoded` items (positions: listing indices).
 
-    Returns this process's (positions, logits, scores, outcomes), and when the first batch was
-    dispatched.
+    Returns this process's (positions, logits, scores, outcomes), when the first batch was
+    dispatched, and the seconds spent waiting for input after it.
 
     Rows of a batch that hold no video (the end of the list, or a video that failed) are zeros
     and are ignored when results are collected, so every video counts exactly once.
@@ -277,15 +317,18 @@ def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, pr
     done: list[int] = []
     logits: list[np.ndarray] = []
     scores: list[np.ndarray] = []
-    pending, first_batch_at = None, None
+    pending, first_batch_at, waited = None, None, 0.0
     for _ in range(steps):
         local = np.zeros((local_batch, *batch_shape[1:]), np.uint8)
         filled = np.full(local_batch, -1, np.int64)
         for row in range(local_batch):
+            asked = time.perf_counter()
             item = next(decoded, None)
+            if first_batch_at is not None:
+                waited += time.perf_counter() - asked
             if item is None:
                 break
-            position = positions[item.position]
+            position = item.position
             if item.status == "ok":
                 local[row], filled[row] = item.views, position
             else:
@@ -298,7 +341,7 @@ def _run_loop(compiled, params, decoded, positions, steps, batch_shape, mesh, pr
         progress.update(1)
     if pending is not None:
         _collect(pending, done, logits, scores)
-    return (done, logits, scores, outcomes), first_batch_at
+    return (done, logits, scores, outcomes), first_batch_at, waited
 
 
 def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
@@ -312,7 +355,7 @@ def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
         np.concatenate([*scores, np.zeros((pad, num_classes), np.float32)])
     )
     all_outcomes: dict[int, dict[str, Any]] = {}
-    for part in _allgather_json({str(k): v for k, v in outcomes.items()}):
+    for part in sharding.allgather_json({str(k): v for k, v in outcomes.items()}):
         all_outcomes.update({int(k): v for k, v in part.items()})
     return all_pos, all_logits, all_scores, all_outcomes
 

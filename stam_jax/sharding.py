@@ -7,6 +7,7 @@ each process feeds its own share of every global batch.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -96,3 +97,19 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_callback(x.shape, sharding, lambda _: x), tree
     )
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (a plain list for a single process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(row[: int(n)])) for row, n in zip(gathered, sizes.ravel(), strict=True)
+    ]

@@ -37,8 +37,9 @@ import orbax.checkpoint as ocp
 from stam_jax import checkpoints, sharding
 from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos, read_class_list
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
+from stam_jax.data.prepared import is_prepared
 from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.losses import (
@@ -101,6 +102,11 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
     """The optimizer and its learning-rate schedule, from `config.train`."""
+    if train.warmup_steps >= train.steps:
+        raise TrainConfigError(
+            f"train.warmup_steps={train.warmup_steps} is not below train.steps={train.steps}; "
+            "lower --config.train.warmup_steps (the cosine decay needs the steps after it)."
+        )
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, train.learning_rate, max(train.warmup_steps, 1), max(train.steps, 2)
     )
@@ -249,6 +255,48 @@ class _Jobs(Sequence):
         return self.folder.items[self.order(epoch)[slot]].label
 
 
+def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
+    """The listing of `config.train.root`, and the opened dataset when it is a prepared one."""
+    root = config.train.root
+    if not root:
+        raise TrainConfigError(
+            "no training data: pass --config.train.root=VIDEO_ROOT (or a dataset made by "
+            "python -m stam_jax.data.prepare --kind train)."
+        )
+    if not is_prepared(root):
+        try:
+            return list_videos(root, config.data.class_list or None), None
+        except DatasetError as e:
+            raise TrainConfigError(str(e)) from None
+    from stam_jax.data.prepared import PreparedError, open_prepared
+
+    try:
+        prepared = open_prepared(root)
+    except PreparedError as e:
+        raise TrainConfigError(str(e)) from None
+    if prepared.kind != "train":
+        raise TrainConfigError(
+            f"{root} is an {prepared.kind} dataset (fixed centre crops); training reads one made "
+            "with python -m stam_jax.data.prepare --kind train."
+        )
+    differ = prepared.mismatches(spec)
+    if differ:
+        raise TrainConfigError(
+            f"{root} was prepared with other sampling than this config ({'; '.join(differ)}); "
+            "prepare it again with this config, or set the config to the prepared values."
+        )
+    if spec.crop > min(prepared.spec.resize, spec.resize):
+        raise TrainConfigError(f"--config.data.crop={spec.crop} exceeds the prepared resize.")
+    if config.data.class_list:
+        names = read_class_list(config.data.class_list)
+        if tuple(names) != prepared.folder.classes:
+            raise TrainConfigError(
+                f"--config.data.class_list={config.data.class_list} differs from the classes "
+                f"{root} was prepared with; drop it (the dataset keeps its class list)."
+            )
+    return prepared.folder, prepared
+
+
 def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=train.save_every,
@@ -277,12 +325,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     model = model_from_run_config(config)
-    if not train.root:
-        raise TrainConfigError("no training data: pass --config.train.root=VIDEO_ROOT.")
-    try:
-        folder = list_videos(train.root, config.data.class_list or None)
-    except DatasetError as e:
-        raise TrainConfigError(str(e)) from None
+    spec = ClipSpec(
+        model.num_frames,
+        config.data.frame_rate,
+        config.data.resize,
+        config.data.crop,
+        train_flip=config.data.train_flip,
+        train_min_area=config.data.train_min_area,
+    )
+    folder, prepared = _training_data(config, spec)
     if len(folder.classes) != model.num_classes:
         raise TrainConfigError(
             f"{train.root} has {len(folder.classes)} classes but the model has "
@@ -300,23 +351,17 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
                 "(or set train.eval_every=0)."
             )
-        try:
-            list_videos(train.eval_root, config.data.class_list or None)
-        except DatasetError as e:
-            raise TrainConfigError(f"--config.train.eval_root: {e}") from None
-    if len(folder.items) < config.batch_size:
+        if not is_prepared(train.eval_root):
+            try:
+                list_videos(train.eval_root, config.data.class_list or None)
+            except DatasetError as e:
+                raise TrainConfigError(f"--config.train.eval_root: {e}") from None
+    usable = prepared.num_records if prepared else len(folder.items)
+    if usable < config.batch_size:
         raise TrainConfigError(
-            f"{train.root} has {len(folder.items)} videos, fewer than one batch "
+            f"{train.root} has {usable} videos, fewer than one batch "
             f"(batch_size={config.batch_size})."
         )
-    spec = ClipSpec(
-        model.num_frames,
-        config.data.frame_rate,
-        config.data.resize,
-        config.data.crop,
-        train_flip=config.data.train_flip,
-        train_min_area=config.data.train_min_area,
-    )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -329,13 +374,42 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     float16 = _loss_scaled(model)
     state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(params)
     del params
+    workers = worker_count(config.data.workers)
+    prefetch = config.data.prefetch or 2 * local_batch
+    loader = None
+    if prepared:
+        from stam_jax.data import reading
+
+        loader = reading.train_loader(prepared, spec, config.seed, workers, prefetch)
+        clips = iter(loader)
+        batches = reading.batches(clips, local_batch)
     manager = _checkpoint_manager(workdir, train)
     start = manager.latest_step() or 0
     if start:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
         )
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if loader:
+            items["data"] = ocp.args.JsonRestore()
+        try:
+            restored = manager.restore(start, args=ocp.args.Composite(**items))
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise TrainConfigError(
+                f"cannot resume from {workdir / 'checkpoints'} step {start} ({e}); was it "
+                f"written reading {train.root}? Use a new --workdir."
+            ) from None
+        state = restored["state"]
+        if loader:
+            saved = restored["data"]["grain"][jax.process_index()]
+            was = json.loads(saved)["worker_count"]
+            if was != workers:
+                raise TrainConfigError(
+                    f"the run in {workdir} read its data with {was} worker processes, this one "
+                    f"would use {workers}; resume with --config.data.workers={was} (the data "
+                    "position is saved per worker)."
+                )
+            clips.set_state(saved.encode())
     batch_sharding = sharding.batch_sharded(mesh)
     teacher, teacher_params = _teacher(config, model, replicated)
     step_fn = jax.jit(
@@ -344,9 +418,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
-    workers = worker_count(config.data.workers)
-    decoded = ordered_map(decode_train_item, jobs, workers, config.data.prefetch or 2 * local_batch)
+    if not loader:
+        jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
+        decoded = ordered_map(decode_train_item, jobs, workers, prefetch)
     kill_at = int(os.environ.get(KILL_HOOK, "-1"))
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
     board = None
@@ -363,16 +437,21 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     timer, timer_step = time.perf_counter(), start
     failed = skipped = 0
     for step in range(start, train.steps):
-        videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
-        labels = np.zeros(local_batch, np.int32)
-        weights = np.zeros(local_batch, np.float32)
-        for row in range(local_batch):
-            item = next(decoded)
-            if item.status == "ok":
-                videos[row], weights[row] = item.views[0], 1.0
-                labels[row] = jobs.label(item.position)
-            else:
-                failed += 1  # weight 0: a bad file costs its slot, never the run
+        if loader:
+            batch = next(batches)
+            videos, labels = batch["video"], batch["label"]
+            weights = np.ones(local_batch, np.float32)
+        else:
+            videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
+            labels = np.zeros(local_batch, np.int32)
+            weights = np.zeros(local_batch, np.float32)
+            for row in range(local_batch):
+                item = next(decoded)
+                if item.status == "ok":
+                    videos[row], weights[row] = item.views[0], 1.0
+                    labels[row] = jobs.label(item.position)
+                else:
+                    failed += 1  # weight 0: a bad file costs its slot, never the run
         state, metrics = step_fn(
             state,
             sharding.to_global(videos, batch_sharding),
@@ -433,7 +512,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     board.add_scalar(f"eval/{name}", value, done)
                 board.flush()
             timer = time.perf_counter()  # evaluation time is not training time
-        saved = manager.save(done, args=ocp.args.StandardSave(state), force=done == train.steps)
+        items = {"state": ocp.args.StandardSave(state)}
+        if (loader and manager.should_save(done)) or (loader and done == train.steps):
+            # Every process's grain iterator position, taken now (the save itself is async).
+            position = sharding.allgather_json(clips.get_state().decode())
+            items["data"] = ocp.args.JsonSave({"grain": position})
+        saved = manager.save(done, args=ocp.args.Composite(**items), force=done == train.steps)
         if saved and done == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
         progress.update(1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -226,13 +226,35 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
     return views.reshape(spec.num_views, t, spec.crop, spec.crop, 3)
 
 
-def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np.ndarray:
-    """Samples one augmented training clip, reproducibly from `seed`.
+def load_sampled_frames(path: str | Path, spec: ClipSpec) -> np.ndarray:
+    """Every frame the sampling rate keeps, resized (shorter side `spec.resize`), not cropped.
 
-    Augmentation: a random temporal offset among the clips the sampling rule allows (short
-    videos repeat their last sampled frame), one random resized crop (area `train_min_area`-100%
-    of the frame, aspect ratio 3/4-4/3, resized to `spec.crop` with PIL bilinear) and one random
-    horizontal flip (`train_flip`), the same for every frame of the clip.
+    Returns:
+      uint8 `(n, H, W, 3)`, n the number of sampled frames (>= 1).
+
+    Raises:
+      TooShortError: the sampling keeps no frame.
+      VideoError: the file cannot be read.
+    """
+    from PIL import Image
+
+    count, fps = probe(path)
+    indices = resample_indices(count, fps, spec.frame_rate)
+    if len(indices) == 0:
+        raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
+    frames = decode_frames(path, indices)
+    height, width = frames[int(indices[0])].shape[:2]
+    h, w = resized_size(height, width, spec.resize)
+    out = np.empty((len(indices), h, w, 3), np.uint8)
+    for f, index in enumerate(indices):
+        out[f] = np.asarray(Image.fromarray(frames[int(index)]).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np.ndarray:
+    """Samples one augmented training clip from a video file, reproducibly from `seed`.
+
+    See `augment_clip`; the crop is taken from the full-resolution frames.
 
     Args:
       path: a video file.
@@ -242,28 +264,57 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
     Returns:
       uint8 `(T, crop, crop, 3)`.
     """
-    from PIL import Image
-
     rng = np.random.default_rng([int(s) for s in seed])
     count, fps = probe(path)
     indices = resample_indices(count, fps, spec.frame_rate)
-    t = spec.num_frames
     if len(indices) == 0:
         raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
-    if len(indices) < t:
-        indices = np.concatenate([indices, np.full(t - len(indices), indices[-1])])
-    start = int(rng.integers(0, len(indices) - t + 1))
-    clip = indices[start : start + t]
-    frames = decode_frames(path, clip)
-    height, width = frames[int(clip[0])].shape[:2]
+
+    def fetch(slots: list[int]) -> list[np.ndarray]:
+        wanted = indices[slots]
+        frames = decode_frames(path, wanted)
+        return [frames[int(i)] for i in wanted]
+
+    return augment_clip(len(indices), fetch, spec, rng)
+
+
+def augment_clip(
+    count: int,
+    fetch: Callable[[list[int]], list[np.ndarray]],
+    spec: ClipSpec,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One augmented training clip from a video's `count` sampled frames.
+
+    Augmentation: a random temporal offset among the clips the sampling rule allows (short
+    videos repeat their last sampled frame), one random resized crop (area `train_min_area`-100%
+    of the frame, aspect ratio 3/4-4/3, resized to `spec.crop` with PIL bilinear) and one random
+    horizontal flip (`train_flip`), the same for every frame of the clip.
+
+    Args:
+      count: sampled frames available (>= 1).
+      fetch: sampled-frame numbers -> their RGB uint8 frames (all of one size).
+      spec: clip length (`num_frames`), output size (`crop`), augmentation settings.
+      rng: the source of every random choice (drawn in a fixed order: offset, box, flip).
+
+    Returns:
+      uint8 `(T, crop, crop, 3)`.
+    """
+    from PIL import Image
+
+    t = spec.num_frames
+    slots = list(range(count)) + [count - 1] * max(t - count, 0)
+    start = int(rng.integers(0, len(slots) - t + 1))
+    frames = fetch(slots[start : start + t])
+    height, width = frames[0].shape[:2]
     box = _random_box(rng, height, width, spec.train_min_area)
     flip = bool(rng.random() < 0.5) and spec.train_flip
     out = np.empty((t, spec.crop, spec.crop, 3), np.uint8)
-    for f, index in enumerate(clip):
-        image = Image.fromarray(frames[int(index)]).resize(
-            (spec.crop, spec.crop), Image.BILINEAR, box=box
+    for f, frame in enumerate(frames):
+        image = np.asarray(
+            Image.fromarray(frame).resize((spec.crop, spec.crop), Image.BILINEAR, box=box)
         )
-        out[f] = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+        out[f] = image[:, ::-1] if flip else image
     return out
 
 

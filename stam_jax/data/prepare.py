@@ -1,0 +1,398 @@
+"""Decode a video folder once into a prepared dataset (TFDS format, ArrayRecord files).
+
+    python -m stam_jax.data.prepare --src VAL_DIR --out VAL_PREPARED --config configs/stam_16.py
+    python -m stam_jax.data.prepare --src TRAIN_DIR --out TRAIN_PREPARED \
+        --config configs/stam_16.py --kind train --encoding jpeg
+
+`--kind eval` (default) stores each video's model inputs with the config's sampling, views and
+crop; `run_eval.py --config.data.root=VAL_PREPARED` then evaluates them (with `--encoding raw`,
+bit-identical to evaluating the videos). `--kind train` stores every sampled frame resized but
+not cropped; `run_train.py --config.train.root=TRAIN_PREPARED` draws clips, crops and flips from
+them. Videos are decoded in parallel (`--workers`, default one per core) with a progress bar.
+
+Interrupted? Run the same command again: finished shards are kept and the rest is done. Videos
+that are too short or cannot be decoded are recorded in the dataset (`stam_prepare.json`,
+`metadata.json`) with the same reasons `run_eval.py` gives, and listed at the end.
+
+Exit status: 0 every video prepared, 2 refused (the message says why), 3 finished with some
+videos skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.loader import Decoded, decode_one, ordered_map, worker_count
+from stam_jax.data.prepared import (
+    DATASET_NAME,
+    ENCODINGS,
+    FORMAT_VERSION,
+    KINDS,
+    META_FILE,
+    SPLITS,
+    PreparedError,
+    _cached_features,
+    encode_jpeg,
+)
+from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_sampled_frames
+
+PARTS = ".prepare"  # finished shards of an unfinished run
+TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+EXIT_SKIPPED = 3
+STOP_HOOK = "STAM_TEST_PREPARE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing this many
+
+
+@dataclasses.dataclass
+class Job:
+    """What a worker needs to turn one video into a record."""
+
+    kind: str
+    encoding: str
+    quality: int
+    spec: ClipSpec
+    classes: tuple[str, ...]
+
+
+def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Decoded:
+    """One video's serialized record in `views` (bytes), or why there is none; never raises."""
+    if job.kind == "eval":
+        decoded = decode_one(position, path, job.spec)  # the raw evaluation's own outcomes
+        if decoded.status != "ok":
+            return decoded
+        pixels = decoded.views
+    else:
+        try:
+            pixels = load_sampled_frames(path, job.spec)
+        except TooShortError as e:
+            return Decoded(position, None, "too_short", str(e))
+        except VideoError as e:
+            return Decoded(position, None, "failed", str(e))
+        except Exception as e:  # a bad file must not end the run
+            return Decoded(position, None, "failed", f"{type(e).__name__}: {e}".strip())
+    if job.encoding == "jpeg":
+        flat = pixels.reshape(-1, *pixels.shape[-3:])
+        pixels = [encode_jpeg(frame, job.quality) for frame in flat]
+    features = _cached_features(job.kind, job.encoding, job.spec, job.classes)
+    example = {"frames": pixels, "label": label, "path": relpath, "index": position}
+    return Decoded(position, features.serialize_example(example), "ok")
+
+
+def _settings(
+    folder: VideoFolder, spec: ClipSpec, kind: str, encoding: str, quality: int, shard_size: int
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "encoding": encoding,
+        "jpeg_quality": quality if encoding == "jpeg" else None,
+        "spec": dataclasses.asdict(spec),
+        "shard_size": shard_size,
+        "source": str(folder.root.resolve()),
+    }
+
+
+def _listing(folder: VideoFolder) -> dict[str, Any]:
+    return {
+        "classes": list(folder.classes),
+        "items": [[item.path, item.label] for item in folder.items],
+        "empty_classes": list(folder.empty_classes),
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically (a half-written file is never read back)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_out(out: Path, settings: dict[str, Any], listing: dict[str, Any]) -> dict | None:
+    """The existing metadata of `out` when it continues this same job; refuses anything else."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise PreparedError(f"--out {out} is a file; give a folder.")
+    meta_path = out / META_FILE
+    if not meta_path.is_file():
+        if any(out.iterdir()):
+            raise PreparedError(
+                f"--out {out} is a non-empty folder that is not a prepared dataset; give a new "
+                "or empty folder (nothing there was touched)."
+            )
+        return None
+    meta = json.loads(meta_path.read_text())
+    differ = [
+        f"{k}: there {meta.get(k)!r}, now {v!r}" for k, v in settings.items() if meta.get(k) != v
+    ]
+    if differ:
+        raise PreparedError(
+            f"--out {out} was prepared with other settings ({'; '.join(differ)}); use another "
+            "--out, or delete it to start over."
+        )
+    if {k: meta.get(k) for k in listing} != listing:
+        raise PreparedError(
+            f"the videos under {settings['source']} changed since {out} was started "
+            f"({len(meta['items'])} listed then, {len(listing['items'])} now); use another "
+            "--out, or delete it to start over."
+        )
+    return meta
+
+
+def prepare(
+    src: str | Path,
+    out: str | Path,
+    spec: ClipSpec,
+    kind: str = "eval",
+    encoding: str = "raw",
+    jpeg_quality: int = 95,
+    class_list: str | None = None,
+    workers: int = -1,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepares (or finishes preparing) the dataset of video folder `src` in `out`.
+
+    Args:
+      src: `src/<class>/<video>`, listed as the evaluation lists it.
+      out: the dataset folder (created; an unfinished one with the same settings is finished).
+      spec: sampling, resize and (for `eval`) views and crop.
+      kind: 'eval' (model inputs) or 'train' (sampled frames, resized, not cropped).
+      encoding: 'raw' (uint8 pixels) or 'jpeg'.
+      jpeg_quality: JPEG quality (1-100) for `encoding='jpeg'`.
+      class_list: optional class-list file (label order), as for evaluation.
+      workers: decoding processes; -1: one per core; 0: this process.
+      shard_size: videos per shard (a resumed run redoes at most one shard per worker pool).
+      progress: a progress bar on stderr.
+
+    Returns:
+      The finished dataset's `stam_prepare.json` contents.
+
+    Raises:
+      PreparedError: a bad argument, or an `out` that holds something else; nothing is written.
+    """
+    if kind not in KINDS:
+        raise PreparedError(f"--kind {kind!r}; use one of {', '.join(KINDS)}.")
+    if encoding not in ENCODINGS:
+        raise PreparedError(f"--encoding {encoding!r}; use one of {', '.join(ENCODINGS)}.")
+    if not 1 <= jpeg_quality <= 100:
+        raise PreparedError(f"--jpeg_quality {jpeg_quality}; use 1-100 (95 keeps top-1).")
+    if shard_size < 1:
+        raise PreparedError(f"--shard_size {shard_size}; use >= 1.")
+    try:
+        folder = list_videos(src, class_list or None)
+    except DatasetError as e:
+        raise PreparedError(str(e)) from None
+    out = Path(out)
+    settings = _settings(folder, spec, kind, encoding, jpeg_quality, shard_size)
+    listing = _listing(folder)
+    meta = _check_out(out, settings, listing)
+    if meta and meta.get("complete"):
+        print(f"{out} is already prepared ({meta['num_records']} records); nothing to do.")
+        return meta
+    parts = out / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_json(out / META_FILE, {**settings, **listing, "complete": False})
+
+    n = len(folder.items)
+    num_shards = -(-n // shard_size)
+    done = {s for s in range(num_shards) if (parts / f"part-{s:05d}.json").is_file()}
+    todo = [s for s in range(num_shards) if s not in done]
+    job = Job(kind, encoding, jpeg_quality, spec, tuple(folder.classes))
+    jobs = [
+        (
+            p,
+            str(folder.root / folder.items[p].path),
+            folder.items[p].path,
+            folder.items[p].label,
+            job,
+        )
+        for s in todo
+        for p in range(s * shard_size, min((s + 1) * shard_size, n))
+    ]
+    already = n - len(jobs)
+    if done:
+        print(f"resuming {out}: {len(done)} of {num_shards} shards already prepared")
+    from stam_jax.progress import progress_bar
+
+    bar = progress_bar(n, "prepare", "video", progress, initial=already)
+    processes = worker_count(workers)
+    results = ordered_map(_record, jobs, processes, prefetch=4 * max(processes, 1))
+    kill_after = int(os.environ.get(STOP_HOOK, "-1"))
+    for written, s in enumerate(todo, start=1):
+        count = min((s + 1) * shard_size, n) - s * shard_size
+        _write_part(parts, s, (next(results) for _ in range(count)), bar)
+        if written == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between shards
+    bar.close()
+    return _finish(out, parts, num_shards, settings, listing, folder)
+
+
+def _write_part(parts: Path, shard: int, results, bar) -> None:
+    """Writes one shard's records and, last, its sidecar (which marks the shard done)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    name = f"part-{shard:05d}"
+    tmp = parts / f"{name}.array_record.tmp"
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    records, outcomes = 0, {}
+    for result in results:
+        if result.status == "ok":
+            writer.write(result.views)
+            records += 1
+        else:
+            outcomes[str(result.position)] = {"status": result.status, "reason": result.reason}
+        bar.update(1)
+    writer.close()
+    os.replace(tmp, parts / f"{name}.array_record")
+    _write_json(parts / f"{name}.json", {"records": records, "outcomes": outcomes})
+
+
+def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]:
+    """Names the non-empty shards as TFDS expects and writes the metadata."""
+    import tensorflow_datasets as tfds
+
+    split = SPLITS[settings["kind"]]
+    sidecars = [json.loads((parts / f"part-{s:05d}.json").read_text()) for s in range(num_shards)]
+    kept = [s for s in range(num_shards) if sidecars[s]["records"] > 0]
+    for k, s in enumerate(kept):
+        final = out / f"{DATASET_NAME}-{split}.array_record-{k:05d}-of-{len(kept):05d}"
+        part = parts / f"part-{s:05d}.array_record"
+        if part.exists():  # else renamed by an interrupted earlier finish
+            os.replace(part, final)
+    outcomes = {k: v for sidecar in sidecars for k, v in sidecar["outcomes"].items()}
+    lengths = [sidecars[s]["records"] for s in kept]
+    if not lengths:
+        raise PreparedError(
+            f"none of the {len(folder.items)} videos under {folder.root} could be prepared "
+            f"(first reason: {next(iter(outcomes.values()))['reason']})."
+        )
+
+    def listed(status: str) -> list[dict[str, Any]]:
+        return [
+            {"path": folder.items[int(p)].path, "label": folder.items[int(p)].label, **o}
+            for p, o in sorted(outcomes.items(), key=lambda kv: int(kv[0]))
+            if o["status"] == status
+        ]
+
+    counts = {
+        "listed": len(folder.items),
+        "records": sum(lengths),
+        "dropped_too_short": len(listed("too_short")),
+        "failed": len(listed("failed")),
+    }
+    spec = ClipSpec(**settings["spec"])
+    features = _cached_features(settings["kind"], settings["encoding"], spec, tuple(folder.classes))
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=out,
+        template=TEMPLATE,
+        dataset_name=DATASET_NAME,
+        split=split,
+        filetype_suffix="array_record",
+    )
+    split_info = tfds.core.SplitInfo(
+        name=split, shard_lengths=lengths, num_bytes=0, filename_template=template
+    )
+    tfds.folder_dataset.write_metadata(
+        data_dir=out,
+        features=features,
+        split_infos=[split_info],
+        filename_template=TEMPLATE,
+        description=(
+            f"STAM {settings['kind']} data ({settings['encoding']}) prepared by stam-jax from "
+            f"{settings['source']}"
+        ),
+        metadata=tfds.core.MetadataDict(
+            counts=counts, dropped=listed("too_short"), failed=listed("failed")
+        ),
+        check_data=False,
+    )
+    meta = {
+        **settings,
+        **listing,
+        "outcomes": outcomes,
+        "num_records": sum(lengths),
+        "counts": counts,
+        "complete": True,
+    }
+    _write_json(out / META_FILE, meta)
+    for path in parts.iterdir():
+        path.unlink()
+    parts.rmdir()
+    return meta
+
+
+def _summary(meta: dict[str, Any], out: Path) -> None:
+    c = meta["counts"]
+    print(
+        f"prepared {c['records']} of {c['listed']} videos into {out} ({meta['kind']}, "
+        f"{meta['encoding']}; {c['dropped_too_short']} dropped as too short, {c['failed']} "
+        "failed to decode)"
+    )
+    for p, o in list(meta["outcomes"].items())[:10]:
+        print(f"  skipped {meta['items'][int(p)][0]}: {o['reason']}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> None:
+    """Command-line entry point (absl flags; see the module docstring)."""
+    del argv
+    from absl import flags
+
+    from stam_jax.configs import model_from_run_config
+
+    f = flags.FLAGS
+    config = _CONFIG.value
+    try:
+        model = model_from_run_config(config)
+        spec = ClipSpec(
+            num_frames=model.num_frames,
+            frame_rate=config.data.frame_rate,
+            resize=config.data.resize,
+            crop=config.data.crop,
+            num_clips=config.data.num_clips if f.kind == "eval" else 1,
+            num_crops=config.data.num_crops if f.kind == "eval" else 1,
+            short_videos=config.data.short_videos if f.kind == "eval" else "pad",
+        )
+    except ValueError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        meta = prepare(
+            f.src,
+            f.out,
+            spec,
+            kind=f.kind,
+            encoding=f.encoding,
+            jpeg_quality=f.jpeg_quality,
+            class_list=config.data.class_list or None,
+            workers=config.data.workers if f.workers is None else f.workers,
+            shard_size=f.shard_size,
+            progress=config.progress,
+        )
+    except PreparedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _summary(meta, Path(f.out))
+    sys.exit(EXIT_SKIPPED if meta["outcomes"] else 0)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "run config (sampling, views)")
+    flags.DEFINE_string("src", None, "video folder: SRC/<class>/<video>")
+    flags.DEFINE_string("out", None, "dataset folder to write (or finish)")
+    flags.DEFINE_enum("kind", "eval", list(KINDS), "eval: model inputs; train: resized frames")
+    flags.DEFINE_enum("encoding", "raw", list(ENCODINGS), "raw uint8 pixels or JPEG")
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for --encoding jpeg")
+    flags.DEFINE_integer("workers", None, "decoding processes (default config.data.workers)")
+    flags.DEFINE_integer("shard_size", 256, "videos per shard")
+    flags.mark_flags_as_required(["config", "src", "out"])
+    app.run(main)

@@ -1,0 +1,214 @@
+"""Prepared datasets: video folders decoded once into a TFDS dataset of ArrayRecord files.
+
+`python -m stam_jax.data.prepare` writes one; `run_eval.py` and `run_train.py` read it when
+`--config.data.root` / `--config.train.root` names its folder instead of a video folder. Reading
+needs `tensorflow_datasets` and `grain` (the `prepared` extra), never TensorFlow.
+
+A prepared folder holds:
+
+- `stam_videos-<split>.array_record-NNNNN-of-MMMMM`: one record per usable video (a serialized
+  `tf.train.Example` in TFDS's format), in the listing order of the source folder;
+- `dataset_info.json`, `features.json`, `label.labels.txt`, `metadata.json`: TFDS metadata, so
+  `tfds.builder_from_directory(DIR).as_data_source('validation')` opens it;
+- `stam_prepare.json`: how it was made (kind, encoding, sampling), the source folder's full
+  listing (paths, labels, classes) and every dropped or failed video with its reason.
+
+Two kinds:
+
+- `eval` (split `validation`): each video's model inputs, uint8 `(views, T, crop, crop, 3)`,
+  exactly what the raw-video evaluation feeds the model (`raw`), or those frames as JPEG;
+- `train` (split `train`): every frame the sampling rate keeps, resized (shorter side `resize`)
+  but not cropped; training draws the clip, crop and flip from them at read time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stam_jax.data.folder import VideoFolder, VideoItem
+from stam_jax.data.video import ClipSpec, augment_clip
+
+FORMAT_VERSION = 1
+DATASET_NAME = "stam_videos"
+META_FILE = "stam_prepare.json"
+SPLITS = {"eval": "validation", "train": "train"}
+KINDS = tuple(SPLITS)
+ENCODINGS = ("raw", "jpeg")
+# ClipSpec fields an `eval` dataset fixes; a `train` dataset fixes only the first two.
+EVAL_FIELDS = ("frame_rate", "resize", "num_frames", "crop", "num_clips", "num_crops")
+TRAIN_FIELDS = ("frame_rate", "resize")
+
+
+class PreparedError(ValueError):
+    """A prepared dataset that cannot be used as asked; the message says what to do."""
+
+
+def features(kind: str, encoding: str, spec: ClipSpec, classes: Sequence[str]) -> Any:
+    """The TFDS `FeaturesDict` of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    if kind == "eval" and encoding == "raw":
+        shape = (spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
+        pixels = f.Tensor(shape=shape, dtype=np.uint8)
+    elif kind == "train" and encoding == "raw":
+        pixels = f.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="bytes")
+    else:  # one JPEG per frame (eval: views x T of them, view-major)
+        pixels = f.Sequence(f.Tensor(shape=(), dtype=np.object_))
+    return f.FeaturesDict(
+        {
+            "frames": pixels,
+            "label": f.ClassLabel(names=list(classes)),
+            "path": f.Text(),
+            "index": f.Scalar(dtype=np.int64),
+        }
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_features(kind: str, encoding: str, spec: ClipSpec, classes: tuple[str, ...]) -> Any:
+    return features(kind, encoding, spec, classes)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """One RGB uint8 frame as JPEG bytes (PIL, 4:2:0 chroma)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes as an RGB uint8 `(H, W, 3)` array."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset folder, opened.
+
+    Attributes:
+      path: the folder.
+      kind: 'eval' or 'train'.
+      encoding: 'raw' or 'jpeg'.
+      spec: the sampling (and, for `eval`, the views) it was made with.
+      folder: the source folder's listing (paths relative to `source`, labels, classes).
+      outcomes: listing index -> {'status': 'too_short'|'failed', 'reason'} for every video
+        that has no record.
+      num_records: records in the split.
+      source: the video folder it was made from.
+    """
+
+    path: Path
+    kind: str
+    encoding: str
+    spec: ClipSpec
+    folder: VideoFolder
+    outcomes: dict[int, dict[str, str]]
+    num_records: int
+    source: str
+
+    @property
+    def split(self) -> str:
+        """The TFDS split holding the records."""
+        return SPLITS[self.kind]
+
+    def data_source(self) -> Any:
+        """The records as a random-access TFDS data source (no TensorFlow involved)."""
+        import tensorflow_datasets as tfds
+
+        return tfds.builder_from_directory(str(self.path)).as_data_source(split=self.split)
+
+    def mismatches(self, spec: ClipSpec) -> list[str]:
+        """'field: prepared X, asked Y' for each sampling field that differs from `spec`."""
+        fields = EVAL_FIELDS if self.kind == "eval" else TRAIN_FIELDS
+        out = []
+        for name in fields:
+            have, want = getattr(self.spec, name), getattr(spec, name)
+            if have != want:
+                out.append(f"{name}: prepared {have}, asked {want}")
+        if self.kind == "eval" and self.spec.short_videos != spec.short_videos:
+            out.append(
+                f"short_videos: prepared {self.spec.short_videos!r}, asked {spec.short_videos!r}"
+            )
+        return out
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `stam_jax.data.prepare` (complete or not)."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def open_prepared(path: str | Path) -> PreparedDataset:
+    """Opens a prepared dataset folder.
+
+    Raises:
+      PreparedError: not a prepared dataset, an unfinished one, or an unknown format version.
+    """
+    path = Path(path)
+    if not is_prepared(path):
+        raise PreparedError(f"{path} is not a prepared dataset (no {META_FILE}).")
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise PreparedError(
+            f"{path} was prepared in format {meta.get('format')}; this version reads "
+            f"{FORMAT_VERSION}. Prepare it again."
+        )
+    if not meta.get("complete"):
+        shards = -(-len(meta["items"]) // meta["shard_size"])
+        done = len(list((path / ".prepare").glob("part-*.json")))
+        raise PreparedError(
+            f"{path} is unfinished ({done} of {shards} shards prepared); run the same "
+            "`python -m stam_jax.data.prepare` command again to finish it."
+        )
+    folder = VideoFolder(
+        root=Path(meta["source"]),
+        classes=tuple(meta["classes"]),
+        items=tuple(VideoItem(p, int(label)) for p, label in meta["items"]),
+        empty_classes=tuple(meta["empty_classes"]),
+    )
+    return PreparedDataset(
+        path=path,
+        kind=meta["kind"],
+        encoding=meta["encoding"],
+        spec=ClipSpec(**meta["spec"]),
+        folder=folder,
+        outcomes={int(k): v for k, v in meta["outcomes"].items()},
+        num_records=int(meta["num_records"]),
+        source=meta["source"],
+    )
+
+
+def eval_views(record: dict[str, Any], encoding: str, prepared: ClipSpec) -> np.ndarray:
+    """The uint8 `(views, T, crop, crop, 3)` model inputs of an `eval` record."""
+    if encoding == "raw":
+        return np.asarray(record["frames"])
+    frames = np.stack([decode_jpeg(data) for data in record["frames"]])
+    return frames.reshape(prepared.num_views, prepared.num_frames, prepared.crop, prepared.crop, 3)
+
+
+def train_clip(
+    record: dict[str, Any], encoding: str, spec: ClipSpec, rng: np.random.Generator
+) -> np.ndarray:
+    """One augmented uint8 `(T, crop, crop, 3)` clip from a `train` record (see `augment_clip`).
+
+    Only the frames of the clip are decoded from JPEG.
+    """
+    frames = record["frames"]
+    if encoding == "raw":
+        return augment_clip(len(frames), lambda slots: [frames[s] for s in slots], spec, rng)
+    return augment_clip(
+        len(frames), lambda slots: [decode_jpeg(frames[s]) for s in slots], spec, rng
+    )

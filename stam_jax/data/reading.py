@@ -1,0 +1,120 @@
+"""Reading a prepared dataset with grain: worker processes, fixed order, a checkpointable state.
+
+Needs the `prepared` extra (`tensorflow_datasets`, `grain`); TensorFlow is never imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from stam_jax.data.loader import Decoded
+from stam_jax.data.prepared import PreparedDataset, eval_views, train_clip
+from stam_jax.data.video import ClipSpec
+
+
+class EvalViews(grain.transforms.Map):
+    """record -> {'views': uint8 (views, T, crop, crop, 3), 'index': listing index}."""
+
+    def __init__(self, encoding: str, prepared: ClipSpec):
+        self.encoding, self.prepared = encoding, prepared
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        """Decodes one record."""
+        views = eval_views(element, self.encoding, self.prepared)
+        return {"views": views, "index": np.int64(element["index"])}
+
+
+class TrainClip(grain.transforms.RandomMap):
+    """record -> {'video': uint8 (T, crop, crop, 3), 'label'}: a random clip, crop and flip.
+
+    grain derives `rng` from the sampler's seed and the record's place in the sampled stream,
+    so the clips are the same whatever the number of workers, and after a resume.
+    """
+
+    def __init__(self, encoding: str, spec: ClipSpec):
+        self.encoding, self.spec = encoding, spec
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Draws one augmented clip."""
+        video = train_clip(element, self.encoding, self.spec, rng)
+        return {"video": video, "label": np.int32(element["label"])}
+
+
+def _flags_ready() -> None:
+    """grain's worker processes read absl flags: outside an absl `app.run`, use their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _read_options(prefetch: int) -> grain.ReadOptions:
+    # grain's default (16 threads, 500 records ahead) would hold gigabytes of frames.
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(prefetch, 1))
+
+
+def eval_items(
+    dataset: PreparedDataset, workers: int, prefetch: int, process: int, processes: int
+) -> Iterator[Decoded]:
+    """This process's share of an `eval` dataset's videos (an even split of the records), in
+    record order, as `Decoded` items whose `position` is the video's index in the source listing.
+    """
+    _flags_ready()
+    source = dataset.data_source()
+    shard = grain.sharding.ShardOptions(process, processes, drop_remainder=False)
+    sampler = grain.samplers.IndexSampler(len(source), shard, shuffle=False, num_epochs=1)
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[EvalViews(dataset.encoding, dataset.spec)],
+        worker_count=workers,
+        worker_buffer_size=max(prefetch // max(workers, 1), 1),
+        read_options=_read_options(prefetch),
+    )
+    return (Decoded(int(x["index"]), x["views"], "ok") for x in loader)
+
+
+def train_loader(
+    dataset: PreparedDataset,
+    spec: ClipSpec,
+    seed: int,
+    workers: int,
+    prefetch: int,
+) -> grain.DataLoader:
+    """Endless augmented clips for this process, shuffled (each epoch anew) from `seed`.
+
+    Clips come one at a time, in the sampler's order whatever the number of workers (batching
+    in the workers would make the order depend on it); `batches` groups them. The iterator's
+    state goes into the train checkpoint.
+    """
+    _flags_ready()
+    source = dataset.data_source()
+    sampler = grain.samplers.IndexSampler(
+        len(source),
+        grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        shuffle=True,
+        num_epochs=None,
+        seed=seed,
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[TrainClip(dataset.encoding, spec)],
+        worker_count=workers,
+        worker_buffer_size=max(prefetch // max(workers, 1), 1),
+        read_options=_read_options(prefetch),
+    )
+
+
+def batches(clips: Iterator[dict[str, Any]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Groups `size` consecutive clips into {'video': (size, T, crop, crop, 3), 'label'}."""
+    while True:
+        group = [next(clips) for _ in range(size)]
+        yield {
+            "video": np.stack([c["video"] for c in group]),
+            "label": np.stack([c["label"] for c in group]),
+        }

@@ -1,0 +1,252 @@
+"""Prepared datasets: writing, resuming, bit-identical evaluation, training with exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS, random_params
+from test_eval import config_for, make_folder, read_predictions
+
+from stam_jax import checkpoints, create_model
+from stam_jax.data.prepare import STOP_HOOK, prepare
+from stam_jax.data.prepared import META_FILE, PreparedError, open_prepared
+from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.data.video import ClipSpec
+from stam_jax.evaluate import EvalConfigError, evaluate
+from stam_jax.train import KILL_HOOK, TrainConfigError, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32)  # configs/tiny.py
+TRAIN_SPEC = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32, short_videos="pad")
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """12 videos: 10 good ones, one too short for a 4-frame clip, one empty file."""
+    root = make_folder(tmp_path_factory.mktemp("videos"), per_class=1)
+    write_video(root / "class_2" / "short.mp4", (index_frame(i, 48, 64) for i in range(5)), 10)
+    (root / "class_3" / "zero.mp4").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    checkpoints.save(path, create_model("stam_tiny"), random_params(TINY_CONFIGS["tiny"], seed=4))
+    return path
+
+
+def run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def prepare_cli(src, out, *extra, env=None) -> subprocess.CompletedProcess:
+    args = ["-m", "stam_jax.data.prepare", f"--src={src}", f"--out={out}"]
+    return run([*args, "--config=configs/tiny.py", "--config.progress=False", *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def prepared_raw(videos, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("prepared") / "eval_raw"
+    result = prepare_cli(videos, out, "--workers=2", "--shard_size=4")
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def from_videos(videos, ckpt, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("from_videos")
+    results = evaluate(config_for(ckpt, videos, batch_size=3), workdir)
+    return results, read_predictions(workdir)
+
+
+def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, videos):
+    out, result = prepared_raw
+    assert result.returncode == 3, result.stderr[-3000:]  # finished, some videos skipped
+    assert "prepared 10 of 12 videos" in result.stdout
+    assert "skipped class_2/short.mp4" in result.stderr
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["complete"] and meta["kind"] == "eval" and meta["encoding"] == "raw"
+    assert meta["counts"] == {"listed": 12, "records": 10, "dropped_too_short": 1, "failed": 1}
+    assert not (out / ".prepare").exists()
+    # A standard TFDS dataset: any TFDS reader opens it, without TensorFlow.
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(out))
+    assert builder.info.features["label"].names == [f"class_{c}" for c in range(10)]
+    assert [d["path"] for d in builder.info.metadata["dropped"]] == ["class_2/short.mp4"]
+    assert [d["path"] for d in builder.info.metadata["failed"]] == ["class_3/zero.mp4"]
+    assert len(builder.info.splits["validation"].shard_lengths) == 3  # 4 + 4 + 2 records
+    source = builder.as_data_source(split="validation")
+    listing = meta["items"]
+    indices = [int(source[i]["index"]) for i in range(len(source))]
+    assert indices == sorted(indices) and len(indices) == 10
+    for i in range(len(source)):
+        record = source[i]
+        path, label = listing[int(record["index"])]
+        assert record["path"].decode() == path and record["label"] == label
+        assert record["frames"].shape == (1, 4, 32, 32, 3)
+    assert "tensorflow" not in sys.modules
+
+
+def test_raw_prepared_evaluation_is_bit_identical(prepared_raw, from_videos, ckpt, tmp_path):
+    out, _ = prepared_raw
+    # grain with 2 worker processes reads it.
+    results = evaluate(config_for(ckpt, out, batch_size=3, **{"data.workers": 2}), tmp_path)
+    want_results, want = from_videos
+    assert read_predictions(tmp_path) == want  # paths, labels, top-5 and every logit, exactly
+    for key in ("metrics", "counts", "dropped", "failed", "classes", "empty_classes"):
+        assert results[key] == want_results[key], key
+    assert results["timing"]["input_wait_s"] >= 0
+
+
+def test_jpeg_prepared_evaluation_agrees(videos, from_videos, ckpt, tmp_path):
+    meta = prepare(videos, tmp_path / "jpeg", SPEC, encoding="jpeg", workers=0, progress=False)
+    assert meta["counts"]["records"] == 10
+    evaluate(config_for(ckpt, tmp_path / "jpeg", batch_size=3), tmp_path / "eval")
+    got, want = read_predictions(tmp_path / "eval"), from_videos[1]
+    assert [p["path"] for p in got] == [p["path"] for p in want]
+    agree = np.mean([g["top5"][0] == w["top5"][0] for g, w in zip(got, want, strict=True)])
+    assert agree >= 0.99
+    logits = np.array([p["logits"] for p in got]), np.array([p["logits"] for p in want])
+    np.testing.assert_allclose(*logits, atol=0.1)
+    assert not np.array_equal(*logits)  # lossy, as it should be
+
+
+def test_an_interrupted_prepare_resumes_to_the_same_dataset(videos, ckpt, tmp_path):
+    out = tmp_path / "resumed"
+    args = ["--workers=0", "--shard_size=3"]
+    killed = prepare_cli(videos, out, *args, env={STOP_HOOK: "2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / ".prepare").glob("*.json")) == [
+        "part-00000.json",
+        "part-00001.json",
+    ]
+    with pytest.raises(EvalConfigError, match=r"unfinished \(2 of 4 shards prepared\); run"):
+        evaluate(config_for(ckpt, out), tmp_path / "eval")
+    resumed = prepare_cli(videos, out, *args)
+    assert resumed.returncode == 3, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "2 of 4 shards" in resumed.stdout
+    straight = tmp_path / "straight"
+    prepare(videos, straight, SPEC, workers=0, shard_size=3, progress=False)
+    names = sorted(p.name for p in straight.iterdir() if "array_record" in p.name)
+    assert names == sorted(p.name for p in out.iterdir() if "array_record" in p.name)
+    assert len(names) == 4
+    # The same records (their serialized bytes differ: protobuf map order is not fixed).
+    got, want = open_prepared(out).data_source(), open_prepared(straight).data_source()
+    assert len(got) == len(want) == 10
+    for i in range(len(want)):
+        a, b = got[i], want[i]
+        assert (a["index"], a["label"], a["path"]) == (b["index"], b["label"], b["path"])
+        np.testing.assert_array_equal(a["frames"], b["frames"])
+    assert (out / META_FILE).read_bytes() == (straight / META_FILE).read_bytes()
+
+
+def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
+    out, _ = prepared_raw
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(PreparedError, match="not a prepared dataset"):
+        prepare(videos, foreign, SPEC, progress=False)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    with pytest.raises(PreparedError, match="encoding: there 'raw', now 'jpeg'"):
+        prepare(videos, out, SPEC, encoding="jpeg", shard_size=4, progress=False)
+    again = prepare(videos, out, SPEC, shard_size=4, progress=False)  # done: nothing to do
+    assert again["complete"]
+    for kwargs, message in [
+        ({"kind": "test"}, "--kind 'test'"),
+        ({"encoding": "png"}, "--encoding 'png'"),
+        ({"encoding": "jpeg", "jpeg_quality": 0}, "--jpeg_quality 0"),
+    ]:
+        with pytest.raises(PreparedError, match=message):
+            prepare(videos, tmp_path / "x", SPEC, progress=False, **kwargs)
+    with pytest.raises(PreparedError, match="does not exist"):
+        prepare(tmp_path / "missing", tmp_path / "y", SPEC, progress=False)
+
+
+def test_evaluation_refuses_a_mismatched_prepared_dataset(prepared_raw, ckpt, tmp_path):
+    out, _ = prepared_raw
+    with pytest.raises(EvalConfigError, match=r"frame_rate: prepared 4.0, asked 2.0"):
+        evaluate(config_for(ckpt, out, **{"data.frame_rate": 2.0}), tmp_path)
+    with pytest.raises(EvalConfigError, match=r"num_crops: prepared 1, asked 3"):
+        evaluate(config_for(ckpt, out, **{"data.num_crops": 3}), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def prepared_train(videos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "train_raw"
+    meta = prepare(videos, out, TRAIN_SPEC, kind="train", workers=0, progress=False)
+    # Training keeps short videos (their last frame repeats); only the empty file fails.
+    assert meta["counts"] == {"listed": 12, "records": 11, "dropped_too_short": 0, "failed": 1}
+    dataset = open_prepared(out)
+    record = dataset.data_source()[0]
+    assert record["frames"].shape[1:] == (36, 48, 3)  # resized (shorter side 36), not cropped
+    return out
+
+
+def train_command(root: Path, workdir: Path, cache: Path, workers: int = 0) -> list[str]:
+    return [
+        "run_train.py",
+        "--config=configs/tiny.py",
+        f"--config.train.root={root}",
+        f"--workdir={workdir}",
+        "--config.batch_size=4",
+        "--config.train.steps=8",
+        "--config.train.save_every=3",
+        "--config.train.log_every=4",
+        "--config.train.warmup_steps=2",
+        f"--config.data.workers={workers}",
+        "--config.progress=False",
+        f"--config.compilation_cache_dir={cache}",
+    ]
+
+
+def test_training_from_a_prepared_dataset_resumes_exactly(prepared_train, tmp_path):
+    cache = tmp_path / "cache"
+    straight = run(train_command(prepared_train, tmp_path / "straight", cache))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    data = json.loads((tmp_path / "straight/checkpoints/3/data/metadata").read_text())
+    assert json.loads(data["grain"][0])["last_seen_indices"] == {"0": 11}  # 3 steps x 4 clips
+
+    # Killed while saving step 6, resumed from step 3's params and data position.
+    killed = run(train_command(prepared_train, tmp_path / "killed", cache), env={KILL_HOOK: "6"})
+    assert killed.returncode == -signal.SIGKILL
+    refused = run(train_command(prepared_train, tmp_path / "killed", cache, workers=2))
+    assert refused.returncode == 2 and "--config.data.workers=0" in refused.stderr
+    resumed = run(train_command(prepared_train, tmp_path / "killed", cache))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = checkpoints.load(tmp_path / "straight/final")[1]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "killed/final")[1], want)
+    # grain worker processes read the same clips in the same order.
+    parallel = run(train_command(prepared_train, tmp_path / "parallel", cache, workers=2))
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "parallel/final")[1], want)
+
+
+def test_training_refuses_an_eval_dataset(prepared_raw, videos, tmp_path):
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.train.root = str(prepared_raw[0])
+    config.train.steps, config.train.warmup_steps = 4, 1
+    config.compilation_cache_dir = ""
+    with pytest.raises(TrainConfigError, match="is an eval dataset"):
+        train_and_evaluate(config, tmp_path)
+    config.train.root, config.train.warmup_steps = str(videos), 4
+    with pytest.raises(TrainConfigError, match=r"warmup_steps=4 is not below train\.steps=4"):
+        train_and_evaluate(config, tmp_path)
