@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[torch,test]"
+	$(PY) -m pip install --quiet -e ".[torch,test,prepared]"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -1,0 +1,178 @@
+"""Input pipeline per core: decoding videos vs reading a prepared dataset, side by side.
+
+    python benchmarks/prepared_bench.py --videos 24 --repeat 3
+
+Writes `--videos` Kinetics-like H.264 videos (10 s, 30 fps, 340x256), prepares them with the
+STAM-16 protocol (16 frames at 1.6 fps, resize 256, crop 224) as `eval` datasets (raw and JPEG)
+and a `train` dataset (JPEG), then, with the whole process pinned to ONE core, measures videos/s
+of: decoding the files (the raw-video evaluation path), reading each prepared eval dataset
+(the model inputs, through grain as run_eval.py reads it) and drawing training clips from the
+train dataset (the files' path vs the prepared one). Ratios are against decoding, in this run.
+
+With `--check-ckpt CKPT --check-src VAL_DIR --check-config CONFIG` it also evaluates a trained
+checkpoint on VAL_DIR from the videos and from both prepared encodings and reports how many
+top-1 predictions agree and whether raw logits are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stam_jax.data.loader import decode_in_order, decode_train_item
+from stam_jax.data.prepare import prepare
+from stam_jax.data.prepared import open_prepared
+from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.data.video import ClipSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(fn) -> tuple[float, int]:
+    """(seconds, items) of fn(), which returns how many items it produced."""
+    start = time.perf_counter()
+    count = fn()
+    return time.perf_counter() - start, count
+
+
+def main() -> None:
+    """Prints one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=3, help="read the prepared data N times")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--frame-rate", type=float, default=1.6)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--resize", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--check-ckpt", default="")
+    parser.add_argument("--check-src", default="")
+    parser.add_argument("--check-config", default="")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="prepared_bench_"))
+    src = work / "videos"
+    for i in range(args.videos):
+        frames = (index_frame(j, args.height, args.width, seed=i) for j in range(300))
+        write_video(src / f"class_{i % 4}" / f"video_{i}.mp4", frames, 30)
+    spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
+    paths = sorted(src.rglob("*.mp4"))
+    results: dict = {"videos": args.videos, "spec": spec.__dict__}
+
+    prepare_s = {}
+    for name, kind, encoding in [
+        ("eval_raw", "eval", "raw"),
+        ("eval_jpeg", "eval", "jpeg"),
+        ("train_jpeg", "train", "jpeg"),
+    ]:
+        start = time.perf_counter()
+        prepare(src, work / name, spec, kind=kind, encoding=encoding, workers=0, progress=False)
+        prepare_s[name] = time.perf_counter() - start
+    results["prepare_videos_per_s_one_core"] = {
+        k: round(args.videos / v, 2) for k, v in prepare_s.items()
+    }
+    results["dataset_MiB"] = {
+        name: round(sum(p.stat().st_size for p in (work / name).iterdir()) / 2**20, 1)
+        for name in prepare_s
+    }
+
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain reads its absl flags
+    from stam_jax.data import reading
+
+    def decode_files() -> int:
+        return sum(d.status == "ok" for d in decode_in_order(paths, spec, 0, 2))
+
+    def read_eval(name: str):
+        def go() -> int:
+            dataset = open_prepared(work / name)
+            count = 0
+            for _ in range(args.repeat):
+                for item in reading.eval_items(dataset, 0, 4, 0, 1):
+                    count += item.views.shape[0] > 0
+            return count
+
+        return go
+
+    def train_files() -> int:
+        for i, path in enumerate(paths):
+            assert decode_train_item(i, str(path), spec, (0, i)).status == "ok"
+        return len(paths)
+
+    def train_prepared() -> int:
+        clips = iter(reading.train_loader(open_prepared(work / "train_jpeg"), spec, 0, 0, 4))
+        n = args.videos * args.repeat
+        for _ in range(n):
+            next(clips)
+        return n
+
+    rates = {}
+    for name, fn in [
+        ("decode_videos", decode_files),
+        ("read_eval_raw", read_eval("eval_raw")),
+        ("read_eval_jpeg", read_eval("eval_jpeg")),
+        ("train_clips_from_videos", train_files),
+        ("train_clips_from_train_jpeg", train_prepared),
+    ]:
+        seconds, count = timed(fn)
+        rates[name] = count / seconds
+    results["videos_per_s_one_core"] = {k: round(v, 2) for k, v in rates.items()}
+    results["ratio_vs_decoding"] = {
+        "read_eval_raw": round(rates["read_eval_raw"] / rates["decode_videos"], 1),
+        "read_eval_jpeg": round(rates["read_eval_jpeg"] / rates["decode_videos"], 1),
+        "train_clips_from_train_jpeg": round(
+            rates["train_clips_from_train_jpeg"] / rates["train_clips_from_videos"], 1
+        ),
+    }
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if args.check_ckpt:
+        results["agreement"] = check(args, work)
+    print(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def check(args, work: Path) -> dict:
+    """Evaluates a checkpoint from the videos and from raw and JPEG prepared copies."""
+    out = {}
+    for name in ("videos", "raw", "jpeg"):
+        root = args.check_src
+        if name != "videos":
+            root = work / f"check_{name}"
+            cmd = [sys.executable, "-m", "stam_jax.data.prepare", f"--src={args.check_src}"]
+            cmd += [f"--out={root}", f"--config={args.check_config}", f"--encoding={name}"]
+            subprocess.run(cmd + ["--config.progress=False"], cwd=ROOT, check=False)
+        cmd = [sys.executable, "run_eval.py", f"--config={args.check_config}"]
+        cmd += [f"--config.checkpoint={args.check_ckpt}", f"--config.data.root={root}"]
+        cmd += ["--config.progress=False", f"--workdir={work / f'eval_{name}'}"]
+        subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True)
+        lines = (work / f"eval_{name}" / "predictions.jsonl").read_text().splitlines()
+        out[name] = [json.loads(line) for line in lines]
+    base = out["videos"]
+    report = {"videos": len(base)}
+    for name in ("raw", "jpeg"):
+        got = out[name]
+        assert [p["path"] for p in got] == [p["path"] for p in base]
+        top1 = np.mean([g["top5"][0] == b["top5"][0] for g, b in zip(got, base, strict=True)])
+        labels = np.array([b["label"] for b in base])
+        report[name] = {
+            "top1_agreement": float(top1),
+            "logits_bit_identical": all(g["logits"] == b["logits"] for g, b in zip(got, base)),
+            "top1_accuracy": float(np.mean([g["top5"][0] for g in got] == labels)),
+        }
+    report["videos_top1_accuracy"] = float(np.mean([b["top5"][0] for b in base] == labels))
+    return report
+
+
+if __name__ == "__main__":
+    main()
