@@ -3,8 +3,8 @@
     python benchmarks/prepared_bench.py --videos 24 --repeat 3
 
 Writes `--videos` Kinetics-like H.264 videos (10 s, 30 fps, 340x256), prepares them with the
-STAM-16 protocol (16 frames at 1.6 fps, resize 256, crop 224) as `eval` datasets (raw and JPEG)
-and a `train` dataset (JPEG), then, with the whole process pinned to ONE core, measures videos/s
+STAM-16 protocol (16 frames at 1.6 fps, resize 256, crop 224) as `eval` and `train` datasets
+(raw and JPEG each), then, with the whole process pinned to ONE core, measures videos/s
 of: decoding the files (the raw-video evaluation path), reading each prepared eval dataset
 (the model inputs, through grain as run_eval.py reads it) and drawing training clips from the
 train dataset (the files' path vs the prepared one). Ratios are against decoding, in this run.
@@ -58,8 +58,13 @@ def main() -> None:
     parser.add_argument("--check-ckpt", default="")
     parser.add_argument("--check-src", default="")
     parser.add_argument("--check-config", default="")
+    parser.add_argument("--check-only", action="store_true", help="skip the throughput part")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prepared_bench_"))
+    if args.check_only:
+        print(json.dumps({"agreement": check(args, work)}, indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     src = work / "videos"
     for i in range(args.videos):
         frames = (index_frame(j, args.height, args.width, seed=i) for j in range(300))
@@ -73,6 +78,7 @@ def main() -> None:
         ("eval_raw", "eval", "raw"),
         ("eval_jpeg", "eval", "jpeg"),
         ("train_jpeg", "train", "jpeg"),
+        ("train_raw", "train", "raw"),
     ]:
         start = time.perf_counter()
         prepare(src, work / name, spec, kind=kind, encoding=encoding, workers=0, progress=False)
@@ -110,12 +116,15 @@ def main() -> None:
             assert decode_train_item(i, str(path), spec, (0, i)).status == "ok"
         return len(paths)
 
-    def train_prepared() -> int:
-        clips = iter(reading.train_loader(open_prepared(work / "train_jpeg"), spec, 0, 0, 4))
-        n = args.videos * args.repeat
-        for _ in range(n):
-            next(clips)
-        return n
+    def train_prepared(name: str):
+        def go() -> int:
+            clips = iter(reading.train_loader(open_prepared(work / name), spec, 0, 0, 4))
+            n = args.videos * args.repeat
+            for _ in range(n):
+                next(clips)
+            return n
+
+        return go
 
     rates = {}
     for name, fn in [
@@ -123,7 +132,8 @@ def main() -> None:
         ("read_eval_raw", read_eval("eval_raw")),
         ("read_eval_jpeg", read_eval("eval_jpeg")),
         ("train_clips_from_videos", train_files),
-        ("train_clips_from_train_jpeg", train_prepared),
+        ("train_clips_from_train_jpeg", train_prepared("train_jpeg")),
+        ("train_clips_from_train_raw", train_prepared("train_raw")),
     ]:
         seconds, count = timed(fn)
         rates[name] = count / seconds
@@ -131,9 +141,10 @@ def main() -> None:
     results["ratio_vs_decoding"] = {
         "read_eval_raw": round(rates["read_eval_raw"] / rates["decode_videos"], 1),
         "read_eval_jpeg": round(rates["read_eval_jpeg"] / rates["decode_videos"], 1),
-        "train_clips_from_train_jpeg": round(
-            rates["train_clips_from_train_jpeg"] / rates["train_clips_from_videos"], 1
-        ),
+        **{
+            name: round(rates[name] / rates["train_clips_from_videos"], 1)
+            for name in ("train_clips_from_train_jpeg", "train_clips_from_train_raw")
+        },
     }
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     if args.check_ckpt:
@@ -151,7 +162,7 @@ def check(args, work: Path) -> dict:
             root = work / f"check_{name}"
             cmd = [sys.executable, "-m", "stam_jax.data.prepare", f"--src={args.check_src}"]
             cmd += [f"--out={root}", f"--config={args.check_config}", f"--encoding={name}"]
-            subprocess.run(cmd + ["--config.progress=False"], cwd=ROOT, check=False)
+            subprocess.run([*cmd, "--config.progress=False"], cwd=ROOT, check=False)
         cmd = [sys.executable, "run_eval.py", f"--config={args.check_config}"]
         cmd += [f"--config.checkpoint={args.check_ckpt}", f"--config.data.root={root}"]
         cmd += ["--config.progress=False", f"--workdir={work / f'eval_{name}'}"]
@@ -167,7 +178,9 @@ def check(args, work: Path) -> dict:
         labels = np.array([b["label"] for b in base])
         report[name] = {
             "top1_agreement": float(top1),
-            "logits_bit_identical": all(g["logits"] == b["logits"] for g, b in zip(got, base)),
+            "logits_bit_identical": all(
+                g["logits"] == b["logits"] for g, b in zip(got, base, strict=True)
+            ),
             "top1_accuracy": float(np.mean([g["top5"][0] for g in got] == labels)),
         }
     report["videos_top1_accuracy"] = float(np.mean([b["top5"][0] for b in base] == labels))

@@ -107,3 +107,30 @@ def test_block_profile_runs():
     (row,) = run_script("benchmarks/block_profile.py")
     assert row["jax"]["block"] > 0 and row["torch"]["block"] > 0
     assert row["jax"]["matmul_gflops"] > 0
+
+
+def test_prepared_bench_smoke(tmp_path):
+    from conftest import TINY_CONFIGS, random_params
+    from test_eval import make_folder
+
+    from stam_jax import checkpoints, create_model
+
+    checkpoints.save(
+        tmp_path / "ckpt", create_model("stam_tiny"), random_params(TINY_CONFIGS["tiny"])
+    )
+    src = make_folder(tmp_path / "videos", per_class=1)
+    size = ["--height", "48", "--width", "64", "--resize", "36", "--crop", "32", "--frames", "4"]
+    check = ["--check-ckpt", str(tmp_path / "ckpt"), "--check-src", str(src)]
+    (row,) = run_script(
+        "benchmarks/prepared_bench.py",
+        *["--videos", "2", "--repeat", "1", "--frame-rate", "4", *size, *check],
+        *["--check-config", "configs/tiny.py"],
+    )
+    assert set(row["ratio_vs_decoding"]) == {
+        "read_eval_raw",
+        "read_eval_jpeg",
+        "train_clips_from_train_jpeg",
+        "train_clips_from_train_raw",
+    }
+    assert row["agreement"]["videos"] == 10
+    assert row["agreement"]["raw"]["logits_bit_identical"]

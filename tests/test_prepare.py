@@ -250,3 +250,49 @@ def test_training_refuses_an_eval_dataset(prepared_raw, videos, tmp_path):
     config.train.root, config.train.warmup_steps = str(videos), 4
     with pytest.raises(TrainConfigError, match=r"warmup_steps=4 is not below train\.steps=4"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "run_eval.py",
+                "--config=configs/tiny.py",
+                f"--config.checkpoint={ckpt}",
+                f"--config.data.root={prepared_raw[0]}",
+                "--config.batch_size=6",
+                "--config.data.workers=0",
+                "--config.progress=False",
+                f"--config.distributed.coordinator=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={rank}",
+                f"--workdir={tmp_path / str(rank)}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 3, err  # all evaluated but the two skipped at preparation
+    results = json.loads((tmp_path / "0" / "results.json").read_text())
+    want_results, want = from_videos
+    assert results["processes"] == 2 and results["devices"] == 6
+    for key in ("counts", "dropped", "failed"):
+        assert results[key] == want_results[key], key
+    got = read_predictions(tmp_path / "0")
+    assert [p["path"] for p in got] == [p["path"] for p in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["top5"] == w["top5"]
+        np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)

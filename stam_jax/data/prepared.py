@@ -58,7 +58,8 @@ def features(kind: str, encoding: str, spec: ClipSpec, classes: Sequence[str]) -
     f = tfds.features
     if kind == "eval" and encoding == "raw":
         shape = (spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
-        pixels = f.Tensor(shape=shape, dtype=np.uint8)
+        # encoding="bytes": one bytes field (the default would be a list of 2.4M varints).
+        pixels = f.Tensor(shape=shape, dtype=np.uint8, encoding="bytes")
     elif kind == "train" and encoding == "raw":
         pixels = f.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="bytes")
     else:  # one JPEG per frame (eval: views x T of them, view-major)
@@ -87,12 +88,18 @@ def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes as an RGB uint8 `(H, W, 3)` array."""
+def jpeg_image(data: bytes) -> Any:
+    """JPEG bytes as a decoded RGB PIL image."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes as an RGB uint8 `(H, W, 3)` array."""
+    return np.asarray(jpeg_image(data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,5 +217,5 @@ def train_clip(
     if encoding == "raw":
         return augment_clip(len(frames), lambda slots: [frames[s] for s in slots], spec, rng)
     return augment_clip(
-        len(frames), lambda slots: [decode_jpeg(frames[s]) for s in slots], spec, rng
+        len(frames), lambda slots: [jpeg_image(frames[s]) for s in slots], spec, rng
     )

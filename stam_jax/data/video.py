@@ -293,7 +293,8 @@ def augment_clip(
 
     Args:
       count: sampled frames available (>= 1).
-      fetch: sampled-frame numbers -> their RGB uint8 frames (all of one size).
+      fetch: sampled-frame numbers -> their RGB frames, uint8 arrays or PIL images (all of one
+        size).
       spec: clip length (`num_frames`), output size (`crop`), augmentation settings.
       rng: the source of every random choice (drawn in a fixed order: offset, box, flip).
 
@@ -305,15 +306,16 @@ def augment_clip(
     t = spec.num_frames
     slots = list(range(count)) + [count - 1] * max(t - count, 0)
     start = int(rng.integers(0, len(slots) - t + 1))
-    frames = fetch(slots[start : start + t])
-    height, width = frames[0].shape[:2]
+    frames = [
+        f if isinstance(f, Image.Image) else Image.fromarray(f)
+        for f in fetch(slots[start : start + t])
+    ]
+    width, height = frames[0].size
     box = _random_box(rng, height, width, spec.train_min_area)
     flip = bool(rng.random() < 0.5) and spec.train_flip
     out = np.empty((t, spec.crop, spec.crop, 3), np.uint8)
     for f, frame in enumerate(frames):
-        image = np.asarray(
-            Image.fromarray(frame).resize((spec.crop, spec.crop), Image.BILINEAR, box=box)
-        )
+        image = np.asarray(frame.resize((spec.crop, spec.crop), Image.BILINEAR, box=box))
         out[f] = image[:, ::-1] if flip else image
     return out
 
