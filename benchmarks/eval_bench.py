@@ -4,8 +4,10 @@
 
 Writes `--videos` H.264 videos (10 s, 30 fps, 340x256) into a Kinetics-style folder with a
 400-name class list, a random-weight checkpoint of the model, and runs `run_eval.py` on them,
-reporting what it reports: videos/s over the evaluation loop (decoding and model together,
-compile excluded), compile seconds, and the whole command's wall time.
+reporting what it reports: videos/s over the evaluation loop (input and model together,
+compile excluded), compile seconds, the seconds the loop waited for input, and the whole
+command's wall time. `--inputs videos,raw,jpeg` runs it, one after the other, on the videos and
+on prepared copies of them (`python -m stam_jax.data.prepare`, not timed), one JSON each.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="", help="persistent compilation cache ('' off)")
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--inputs", default="videos", help="comma list of videos, raw, jpeg")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     model = create_model(args.model)
@@ -53,40 +56,54 @@ def main() -> None:
     checkpoints.save(work / "ckpt", model, params)
     del params
     config = args.config or f"configs/{args.model}.py"
-    cmd = [
-        sys.executable,
-        "run_eval.py",
-        f"--config={config}",
-        f"--config.checkpoint={work / 'ckpt'}",
-        f"--config.data.root={work / 'val'}",
-        f"--config.data.class_list={work / 'classes.txt'}",
-        f"--config.batch_size={args.batch}",
-        f"--config.dtype={args.dtype}",
-        f"--config.data.workers={args.workers}",
-        "--config.progress=False",
-        f"--config.compilation_cache_dir={args.cache_dir}",
-        f"--workdir={work / 'out'}",
-    ]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - start
-    results = json.loads((work / "out" / "results.json").read_text())
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "dtype": args.dtype,
-                "videos": results["counts"]["evaluated"],
-                "batch": args.batch,
-                "devices": results["devices"],
-                "videos_per_s": results["timing"]["videos_per_s"],
-                "compile_s": results["timing"]["compile_s"],
-                "first_batch_after_s": results["timing"]["first_batch_after_s"],
-                "command_wall_s": round(wall, 1),
-            },
-            indent=1,
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for inputs in args.inputs.split(","):
+        root = work / "val"
+        if inputs != "videos":
+            root = work / f"prepared_{inputs}"
+            prepare = [sys.executable, "-m", "stam_jax.data.prepare", f"--src={work / 'val'}"]
+            prepare += [f"--out={root}", f"--config={config}", f"--encoding={inputs}"]
+            prepare += [f"--config.data.class_list={work / 'classes.txt'}"]
+            subprocess.run([*prepare, "--config.progress=False"], cwd=ROOT, check=True, env=env)
+        cmd = [
+            sys.executable,
+            "run_eval.py",
+            f"--config={config}",
+            f"--config.checkpoint={work / 'ckpt'}",
+            f"--config.data.root={root}",
+            f"--config.batch_size={args.batch}",
+            f"--config.dtype={args.dtype}",
+            f"--config.data.workers={args.workers}",
+            "--config.progress=False",
+            f"--config.compilation_cache_dir={args.cache_dir}",
+            f"--workdir={work / f'out_{inputs}'}",
+        ]
+        if inputs == "videos":
+            cmd.append(f"--config.data.class_list={work / 'classes.txt'}")
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+        wall = time.perf_counter() - start
+        results = json.loads((work / f"out_{inputs}" / "results.json").read_text())
+        timing = results["timing"]
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "inputs": inputs,
+                    "dtype": args.dtype,
+                    "videos": results["counts"]["evaluated"],
+                    "batch": args.batch,
+                    "devices": results["devices"],
+                    "videos_per_s": timing["videos_per_s"],
+                    "input_wait_s": timing["input_wait_s"],
+                    "eval_s": timing["eval_s"],
+                    "compile_s": timing["compile_s"],
+                    "first_batch_after_s": timing["first_batch_after_s"],
+                    "command_wall_s": round(wall, 1),
+                },
+                indent=1,
+            )
         )
-    )
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ def run_script(*args: str) -> list[dict]:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # JSON objects start at the beginning of a line; children may print other lines first.
-    text = result.stdout[re.search(r"^\{", result.stdout, re.MULTILINE).start() :]
+    # JSON objects start at the beginning of a line; children print other lines around them.
     decoder, objects, at = json.JSONDecoder(), [], 0
-    while at < len(text):
-        obj, end = decoder.raw_decode(text, at)
+    for match in re.finditer(r"^\{", result.stdout, re.MULTILINE):
+        if match.start() < at:
+            continue  # inside an object already read
+        obj, at = decoder.raw_decode(result.stdout, match.start())
         objects.append(obj)
-        at = end
-        while at < len(text) and text[at].isspace():
-            at += 1
     return objects
 
 
@@ -97,10 +95,13 @@ def test_precision_smoke():
 
 def test_eval_bench_smoke():
     args = ["--model", "stam_tiny", "--config", "configs/tiny.py", "--videos", "4", "--batch", "2"]
-    (row,) = run_script(
-        "benchmarks/eval_bench.py", *args, "--height", "48", "--width", "64", "--workers", "0"
+    rows = run_script(
+        "benchmarks/eval_bench.py",
+        *[*args, "--height", "48", "--width", "64", "--workers", "0", "--inputs", "videos,raw"],
     )
-    assert row["videos"] == 4 and row["videos_per_s"] > 0
+    assert [row["inputs"] for row in rows] == ["videos", "raw"]
+    assert all(row["videos"] == 4 and row["videos_per_s"] > 0 for row in rows)
+    assert all(row["input_wait_s"] >= 0 for row in rows)
 
 
 def test_block_profile_runs():
