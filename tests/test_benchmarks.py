@@ -135,3 +135,9 @@ def test_prepared_bench_smoke(tmp_path):
     }
     assert row["agreement"]["videos"] == 10
     assert row["agreement"]["raw"]["logits_bit_identical"]
+
+
+def test_xla_cpu_flags_smoke():
+    (row,) = run_script("benchmarks/xla_cpu_flags.py", "--rounds", "1", "--repeats", "1")
+    assert set(row["gflop_per_s"]) == {"default", "onednn", "onednn_dot_fusion", "xnnpack", "torch"}
+    assert all(r[0]["gemm"] > 0 and r[0]["gemm_gelu"] > 0 for r in row["gflop_per_s"].values())
