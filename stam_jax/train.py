@@ -255,6 +255,18 @@ class _Jobs(Sequence):
         return self.folder.items[self.order(epoch)[slot]].label
 
 
+def _check_eval_root(config: Any, model: STAM) -> None:
+    """Refuses, before training, an eval root that the periodic evaluation would refuse."""
+    from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data
+
+    eval_config = ml_collections.ConfigDict(config.to_dict())
+    eval_config.data.root = config.train.eval_root
+    try:
+        _list_data(eval_config, model, _clip_spec(eval_config, model))
+    except EvalConfigError as e:
+        raise TrainConfigError(f"--config.train.eval_root: {e}") from None
+
+
 def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
     """The listing of `config.train.root`, and the opened dataset when it is a prepared one."""
     root = config.train.root
@@ -351,11 +363,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
                 "(or set train.eval_every=0)."
             )
-        if not is_prepared(train.eval_root):
-            try:
-                list_videos(train.eval_root, config.data.class_list or None)
-            except DatasetError as e:
-                raise TrainConfigError(f"--config.train.eval_root: {e}") from None
+        _check_eval_root(config, model)
     usable = prepared.num_records if prepared else len(folder.items)
     if usable < config.batch_size:
         raise TrainConfigError(

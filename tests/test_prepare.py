@@ -238,7 +238,7 @@ def test_training_from_a_prepared_dataset_resumes_exactly(prepared_train, tmp_pa
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "parallel/final")[1], want)
 
 
-def test_training_refuses_an_eval_dataset(prepared_raw, videos, tmp_path):
+def test_training_refuses_an_eval_dataset(prepared_raw, prepared_train, videos, tmp_path):
     from configs.tiny import get_config
 
     config = get_config()
@@ -247,7 +247,12 @@ def test_training_refuses_an_eval_dataset(prepared_raw, videos, tmp_path):
     config.compilation_cache_dir = ""
     with pytest.raises(TrainConfigError, match="is an eval dataset"):
         train_and_evaluate(config, tmp_path)
-    config.train.root, config.train.warmup_steps = str(videos), 4
+    # A periodic-evaluation root that evaluation would refuse is refused before training.
+    config.train.root = str(videos)
+    config.train.eval_every, config.train.eval_root = 2, str(prepared_train)
+    with pytest.raises(TrainConfigError, match=r"eval_root: .* is a train dataset"):
+        train_and_evaluate(config, tmp_path)
+    config.train.eval_every, config.train.warmup_steps = 0, 4
     with pytest.raises(TrainConfigError, match=r"warmup_steps=4 is not below train\.steps=4"):
         train_and_evaluate(config, tmp_path)
 
