@@ -118,7 +118,7 @@ def main() -> None:
 
     def train_prepared(name: str):
         def go() -> int:
-            clips = iter(reading.train_loader(open_prepared(work / name), spec, 0, 0, 4))
+            clips = iter(reading.train_loader(open_prepared(work / name), spec, 0, 1, 0, 4))
             n = args.videos * args.repeat
             for _ in range(n):
                 next(clips)

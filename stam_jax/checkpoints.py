@@ -36,11 +36,22 @@ class CheckpointError(ValueError):
 def _checkpointer() -> ocp.Checkpointer:
     # Host staging for serialisation is bounded (50 MB in flight), so saving a checkpoint costs
     # well under one extra copy of the params in memory (see BENCHMARKS.md, converter).
-    params = ocp.PyTreeCheckpointHandler(
-        save_concurrent_gb=0.05, save_device_host_concurrent_gb=0.05
+    # A stam-jax checkpoint is written and read by one process on its own (process 0 of a
+    # multi-host run writes while the others wait), so orbax must not wait for the others.
+    alone = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(),
+        active_processes={jax.process_index()},
+        barrier_sync_key_prefix=f"stam_jax_process_{jax.process_index()}",
     )
-    handler = ocp.CompositeCheckpointHandler(params=params, config=ocp.JsonCheckpointHandler())
-    return ocp.Checkpointer(handler)
+    params = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=0.05, save_device_host_concurrent_gb=0.05, multiprocessing_options=alone
+    )
+    handler = ocp.CompositeCheckpointHandler(
+        composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+        params=params,
+        config=ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+    )
+    return ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
 def save(
@@ -71,8 +82,9 @@ def save(
             )
         shutil.rmtree(path)
     check_params(model, params)
-    # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole.
-    params = jax.tree.map(jnp.asarray, params)
+    # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole. In a
+    # multi-host run it takes only global arrays, so there the leaves go as numpy.
+    params = jax.tree.map(jnp.asarray if jax.process_count() == 1 else np.asarray, params)
     config = {
         "format": FORMAT,
         "version": VERSION,

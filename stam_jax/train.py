@@ -388,7 +388,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     if prepared:
         from stam_jax.data import reading
 
-        loader = reading.train_loader(prepared, spec, config.seed, workers, prefetch)
+        loader = reading.train_loader(prepared, spec, config.seed, local_batch, workers, prefetch)
         clips = iter(loader)
         batches = reading.batches(clips, local_batch)
     manager = _checkpoint_manager(workdir, train)

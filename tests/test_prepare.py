@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, random_params
 from test_eval import config_for, make_folder, read_predictions
+from test_train import TWO_DEVICES, command, free_port, train_two_processes
+from test_train import run as run_command
 
 from stam_jax import checkpoints, create_model
 from stam_jax.data.prepare import STOP_HOOK, prepare
@@ -301,3 +303,14 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
     for g, w in zip(got, want, strict=True):
         assert g["top5"] == w["top5"]
         np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_from_a_prepared_dataset_as_one(prepared_train, tmp_path):
+    # Each process reads its rows of every global batch of one shuffled stream: the same
+    # params, bit for bit, as one process with two devices.
+    cache = tmp_path / "cache"
+    one = run_command(command(prepared_train, tmp_path / "one", cache), {"XLA_FLAGS": TWO_DEVICES})
+    assert one.returncode == 0, one.stderr[-3000:]
+    train_two_processes(prepared_train, tmp_path / "two", cache, free_port())
+    want = checkpoints.load(tmp_path / "one/final")[1]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "two/final")[1], want)

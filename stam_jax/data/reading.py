@@ -5,6 +5,7 @@ Needs the `prepared` extra (`tensorflow_datasets`, `grain`); TensorFlow is never
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,31 +79,61 @@ def eval_items(
     return (Decoded(int(x["index"]), x["views"], "ok") for x in loader)
 
 
+class _ProcessRows:
+    """A sampler: this process's rows of each global batch of one global shuffled stream.
+
+    Row r of the k-th global batch (B = processes x local rows) is element k * B + r of the
+    stream, and process p holds rows [p * local, (p + 1) * local): so the global batches, their
+    order and each clip's augmentation (the element's rng) are the same for any number of
+    processes, as for the raw-video path.
+    """
+
+    def __init__(self, stream: Any, local: int, process: int, processes: int):
+        self.stream, self.local = stream, local
+        self.process, self.processes = process, processes
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless, like the stream
+
+    def __repr__(self) -> str:
+        return (
+            f"ProcessRows({self.stream!r}, local={self.local}, process={self.process}, "
+            f"processes={self.processes})"
+        )
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        step, row = divmod(index, self.local)
+        element = self.stream[(step * self.processes + self.process) * self.local + row]
+        return grain.RecordMetadata(index=index, record_key=element.record_key, rng=element.rng)
+
+
 def train_loader(
     dataset: PreparedDataset,
     spec: ClipSpec,
     seed: int,
+    local_batch: int,
     workers: int,
     prefetch: int,
 ) -> grain.DataLoader:
     """Endless augmented clips for this process, shuffled (each epoch anew) from `seed`.
 
     Clips come one at a time, in the sampler's order whatever the number of workers (batching
-    in the workers would make the order depend on it); `batches` groups them. The iterator's
-    state goes into the train checkpoint.
+    in the workers would make the order depend on it); `batches` groups them `local_batch` at a
+    time into this process's rows of each global batch. The iterator's state goes into the
+    train checkpoint.
     """
+    import jax
+
     _flags_ready()
     source = dataset.data_source()
-    sampler = grain.samplers.IndexSampler(
-        len(source),
-        grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=seed,
+    stream = grain.samplers.IndexSampler(
+        len(source), grain.sharding.NoSharding(), shuffle=True, num_epochs=None, seed=seed
     )
+    sampler = _ProcessRows(stream, local_batch, jax.process_index(), jax.process_count())
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
+        shard_options=grain.sharding.NoSharding(),  # the sampler already picks this process's rows
         operations=[TrainClip(dataset.encoding, spec)],
         worker_count=workers,
         worker_buffer_size=max(prefetch // max(workers, 1), 1),
