@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos, read_class_list
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_in_order, worker_count
 from stam_jax.data.prepared import is_prepared
 from stam_jax.data.video import ClipSpec
@@ -95,7 +95,12 @@ def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, A
         )
     prepared = None
     if is_prepared(root):
-        prepared = _open_prepared(config, spec)
+        from stam_jax.data.prepared import PreparedError, open_checked
+
+        try:
+            prepared = open_checked(root, "eval", spec, config.data.class_list or None)
+        except (PreparedError, DatasetError) as e:
+            raise EvalConfigError(str(e)) from None
         folder = prepared.folder
     else:
         try:
@@ -110,37 +115,6 @@ def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, A
             + (" when preparing the dataset." if prepared else ".")
         )
     return folder, prepared
-
-
-def _open_prepared(config: Any, spec: ClipSpec) -> Any:
-    """The prepared `eval` dataset at `config.data.root`, checked against the config."""
-    from stam_jax.data.prepared import PreparedError, open_prepared
-
-    root = config.data.root
-    try:
-        prepared = open_prepared(root)
-    except PreparedError as e:
-        raise EvalConfigError(str(e)) from None
-    if prepared.kind != "eval":
-        raise EvalConfigError(
-            f"{root} is a {prepared.kind} dataset (frames for training); evaluation reads one "
-            "made with python -m stam_jax.data.prepare --kind eval."
-        )
-    differ = prepared.mismatches(spec)
-    if differ:
-        raise EvalConfigError(
-            f"{root} was prepared for other clips than this config asks for "
-            f"({'; '.join(differ)}); prepare it again with this config, or set the config to "
-            "the prepared values."
-        )
-    if config.data.class_list:
-        names = read_class_list(config.data.class_list)
-        if tuple(names) != prepared.folder.classes:
-            raise EvalConfigError(
-                f"--config.data.class_list={config.data.class_list} differs from the classes "
-                f"{root} was prepared with; drop it (the dataset keeps its class list)."
-            )
-    return prepared
 
 
 def _forward_fn(model: STAM, average: str):

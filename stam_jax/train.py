@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from stam_jax import checkpoints, sharding
 from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos, read_class_list
+from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.prepared import is_prepared
 from stam_jax.data.video import ClipSpec
@@ -280,32 +280,12 @@ def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
             return list_videos(root, config.data.class_list or None), None
         except DatasetError as e:
             raise TrainConfigError(str(e)) from None
-    from stam_jax.data.prepared import PreparedError, open_prepared
+    from stam_jax.data.prepared import PreparedError, open_checked
 
     try:
-        prepared = open_prepared(root)
-    except PreparedError as e:
+        prepared = open_checked(root, "train", spec, config.data.class_list or None)
+    except (PreparedError, DatasetError) as e:
         raise TrainConfigError(str(e)) from None
-    if prepared.kind != "train":
-        raise TrainConfigError(
-            f"{root} is an {prepared.kind} dataset (fixed centre crops); training reads one made "
-            "with python -m stam_jax.data.prepare --kind train."
-        )
-    differ = prepared.mismatches(spec)
-    if differ:
-        raise TrainConfigError(
-            f"{root} was prepared with other sampling than this config ({'; '.join(differ)}); "
-            "prepare it again with this config, or set the config to the prepared values."
-        )
-    if spec.crop > min(prepared.spec.resize, spec.resize):
-        raise TrainConfigError(f"--config.data.crop={spec.crop} exceeds the prepared resize.")
-    if config.data.class_list:
-        names = read_class_list(config.data.class_list)
-        if tuple(names) != prepared.folder.classes:
-            raise TrainConfigError(
-                f"--config.data.class_list={config.data.class_list} differs from the classes "
-                f"{root} was prepared with; drop it (the dataset keeps its class list)."
-            )
     return prepared.folder, prepared
 
 

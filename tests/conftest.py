@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,31 @@ import torch
 from convert.mapping import torch_to_flax
 from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
 from stam_jax import create_model, model_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free localhost TCP port (for jax.distributed's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(
+    commands: Sequence[list[str]], devices_each: int, timeout: int = 600
+) -> list[tuple[int, str, str]]:
+    """Starts the processes of one multi-process run together; (exit status, stdout, stderr)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd in commands
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+
 
 # Small architectures that exercise every size knob of the converter and the model.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, random_params
+from conftest import TINY_CONFIGS, free_port, random_params
 
 from configs.tiny import get_config
 from stam_jax import checkpoints, create_model
@@ -173,12 +172,6 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
     assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run):

@@ -12,9 +12,9 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, random_params
+from conftest import TINY_CONFIGS, free_port, random_params, run_processes
 from test_eval import config_for, make_folder, read_predictions
-from test_train import TWO_DEVICES, command, free_port, train_two_processes
+from test_train import TWO_DEVICES, command, train_two_processes
 from test_train import run as run_command
 
 from stam_jax import checkpoints, create_model
@@ -260,39 +260,26 @@ def test_training_refuses_an_eval_dataset(prepared_raw, prepared_train, videos, 
 
 
 def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "run_eval.py",
-                "--config=configs/tiny.py",
-                f"--config.checkpoint={ckpt}",
-                f"--config.data.root={prepared_raw[0]}",
-                "--config.batch_size=6",
-                "--config.data.workers=0",
-                "--config.progress=False",
-                f"--config.distributed.coordinator=localhost:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={rank}",
-                f"--workdir={tmp_path / str(rank)}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    port = free_port()
+    commands = [
+        [
+            sys.executable,
+            "run_eval.py",
+            "--config=configs/tiny.py",
+            f"--config.checkpoint={ckpt}",
+            f"--config.data.root={prepared_raw[0]}",
+            "--config.batch_size=6",
+            "--config.data.workers=0",
+            "--config.progress=False",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={rank}",
+            f"--workdir={tmp_path / str(rank)}",
+        ]
         for rank in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 3, err  # all evaluated but the two skipped at preparation
+    for returncode, _, err in run_processes(commands, devices_each=3):
+        assert returncode == 3, err  # all evaluated but the two skipped at preparation
     results = json.loads((tmp_path / "0" / "results.json").read_text())
     want_results, want = from_videos
     assert results["processes"] == 2 and results["devices"] == 6
@@ -311,6 +298,6 @@ def test_two_processes_train_from_a_prepared_dataset_as_one(prepared_train, tmp_
     cache = tmp_path / "cache"
     one = run_command(command(prepared_train, tmp_path / "one", cache), {"XLA_FLAGS": TWO_DEVICES})
     assert one.returncode == 0, one.stderr[-3000:]
-    train_two_processes(prepared_train, tmp_path / "two", cache, free_port())
+    train_two_processes(prepared_train, tmp_path / "two", cache)
     want = checkpoints.load(tmp_path / "one/final")[1]
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "two/final")[1], want)

@@ -14,6 +14,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import free_port, run_processes
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
@@ -221,36 +222,18 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     assert result.returncode == 2 and "has num_classes=7, the student 10" in result.stderr
 
 
-def train_two_processes(root: Path, workdir: Path, cache: Path, port: int) -> None:
+def train_two_processes(root: Path, workdir: Path, cache: Path) -> None:
     """run_train.py as 2 processes of 1 device each (jax.distributed on localhost)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    flags = [
-        "--config.distributed.coordinator=localhost:" + str(port),
-        "--config.distributed.num_processes=2",
-    ]
-    procs = [
-        subprocess.Popen(
-            [*command(root, workdir, cache), *flags, f"--config.distributed.process_id={rank}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    flags = [f"--config.distributed.coordinator=localhost:{free_port()}"]
+    flags.append("--config.distributed.num_processes=2")
+    commands = [
+        [*command(root, workdir, cache), *flags, f"--config.distributed.process_id={rank}"]
         for rank in range(2)
     ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-    assert "final params in None" in outputs[1][0]  # only process 0 writes the params
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    results = run_processes(commands, devices_each=1)
+    for returncode, _, err in results:
+        assert returncode == 0, err[-3000:]
+    assert "final params in None" in results[1][1]  # only process 0 writes the params
 
 
 def test_two_processes_train_as_one(train_root, cache, tmp_path):
@@ -258,5 +241,5 @@ def test_two_processes_train_as_one(train_root, cache, tmp_path):
     # as one process with two devices.
     one = run(command(train_root, tmp_path / "one", cache), env={"XLA_FLAGS": TWO_DEVICES})
     assert one.returncode == 0, one.stderr[-3000:]
-    train_two_processes(train_root, tmp_path / "two", cache, free_port())
+    train_two_processes(train_root, tmp_path / "two", cache)
     chex.assert_trees_all_equal(final_params(tmp_path / "two"), final_params(tmp_path / "one"))

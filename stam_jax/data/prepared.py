@@ -198,6 +198,39 @@ def open_prepared(path: str | Path) -> PreparedDataset:
     )
 
 
+def open_checked(
+    path: str | Path, kind: str, spec: ClipSpec, class_list: str | None = None
+) -> PreparedDataset:
+    """Opens a prepared dataset for a use: `kind` ('eval' or 'train') with clips like `spec`.
+
+    Raises:
+      PreparedError: not a finished prepared dataset, another kind, other sampling (each field
+        named), or a `class_list` file naming other classes.
+    """
+    from stam_jax.data.folder import read_class_list
+
+    dataset = open_prepared(path)
+    if dataset.kind != kind:
+        use = "evaluation" if kind == "eval" else "training"
+        raise PreparedError(
+            f"{path} is {'an' if dataset.kind == 'eval' else 'a'} {dataset.kind} dataset; {use} "
+            f"reads one made with python -m stam_jax.data.prepare --kind {kind}."
+        )
+    differ = dataset.mismatches(spec)
+    if differ:
+        raise PreparedError(
+            f"{path} was prepared with other sampling than this config asks for "
+            f"({'; '.join(differ)}); prepare it again with this config, or set the config to "
+            "the prepared values."
+        )
+    if class_list and tuple(read_class_list(class_list)) != dataset.folder.classes:
+        raise PreparedError(
+            f"--config.data.class_list={class_list} differs from the classes {path} was "
+            "prepared with; drop it (the dataset keeps its class list)."
+        )
+    return dataset
+
+
 def eval_views(record: dict[str, Any], encoding: str, prepared: ClipSpec) -> np.ndarray:
     """The uint8 `(views, T, crop, crop, 3)` model inputs of an `eval` record."""
     if encoding == "raw":
