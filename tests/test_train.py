@@ -22,6 +22,7 @@ from stam_jax.train import KILL_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_DEVICES = "--xla_force_host_platform_device_count=2"
+SHORT = ("--config.train.steps=4", "--config.train.save_every=4")  # later flags win
 
 
 @pytest.fixture(scope="module")
@@ -227,19 +228,20 @@ def train_two_processes(root: Path, workdir: Path, cache: Path) -> None:
     flags = [f"--config.distributed.coordinator=localhost:{free_port()}"]
     flags.append("--config.distributed.num_processes=2")
     commands = [
-        [*command(root, workdir, cache), *flags, f"--config.distributed.process_id={rank}"]
+        [*command(root, workdir, cache, *SHORT), *flags, f"--config.distributed.process_id={rank}"]
         for rank in range(2)
     ]
     results = run_processes(commands, devices_each=1)
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
+    assert "trained to step 4" in results[0][1]
     assert "final params in None" in results[1][1]  # only process 0 writes the params
 
 
 def test_two_processes_train_as_one(train_root, cache, tmp_path):
     # The same global batches (each process decodes its rows), so the same params, bit for bit,
     # as one process with two devices.
-    one = run(command(train_root, tmp_path / "one", cache), env={"XLA_FLAGS": TWO_DEVICES})
+    one = run(command(train_root, tmp_path / "one", cache, *SHORT), env={"XLA_FLAGS": TWO_DEVICES})
     assert one.returncode == 0, one.stderr[-3000:]
     train_two_processes(train_root, tmp_path / "two", cache)
     chex.assert_trees_all_equal(final_params(tmp_path / "two"), final_params(tmp_path / "one"))
