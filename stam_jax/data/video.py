@@ -315,8 +315,9 @@ def augment_clip(
     flip = bool(rng.random() < 0.5) and spec.train_flip
     out = np.empty((t, spec.crop, spec.crop, 3), np.uint8)
     for f, frame in enumerate(frames):
-        image = np.asarray(frame.resize((spec.crop, spec.crop), Image.BILINEAR, box=box))
-        out[f] = image[:, ::-1] if flip else image
+        image = frame.resize((spec.crop, spec.crop), Image.BILINEAR, box=box)
+        # PIL's flip: a numpy [:, ::-1] copy of 3-byte pixels costs 10x more.
+        out[f] = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
     return out
 
 
