@@ -255,12 +255,19 @@ class _Jobs(Sequence):
         return self.folder.items[self.order(epoch)[slot]].label
 
 
+def _eval_config(config: Any) -> ml_collections.ConfigDict:
+    """The run config of the periodic evaluation: `train.eval_root` as the data, no progress bar."""
+    eval_config = ml_collections.ConfigDict(config.to_dict())
+    eval_config.data.root = config.train.eval_root
+    eval_config.progress = False
+    return eval_config
+
+
 def _check_eval_root(config: Any, model: STAM) -> None:
     """Refuses, before training, an eval root that the periodic evaluation would refuse."""
     from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data
 
-    eval_config = ml_collections.ConfigDict(config.to_dict())
-    eval_config.data.root = config.train.eval_root
+    eval_config = _eval_config(config)
     try:
         _list_data(eval_config, model, _clip_spec(eval_config, model))
     except EvalConfigError as e:
@@ -552,10 +559,8 @@ def _periodic_eval(
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"eval checkpoint {step} {name}")
-        eval_config = ml_collections.ConfigDict(config.to_dict())
+        eval_config = _eval_config(config)
         eval_config.checkpoint = str(here / name)
-        eval_config.data.root = config.train.eval_root
-        eval_config.progress = False
         results = evaluate(eval_config, here / f"{name}_results")
         top1 = float(results["metrics"]["top1"])
         scores["top1" if name == "params" else "ema_top1"] = top1

@@ -38,9 +38,14 @@ def worker_count(requested: int) -> int:
 
 
 def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
-    """Decodes one video, turning every error into a `Decoded` (a worker never raises)."""
+    """Decodes one video's evaluation views (see `decode_with`)."""
+    return decode_with(load_views, position, path, spec)
+
+
+def decode_with(load, position: int, path: str, spec: ClipSpec) -> Decoded:
+    """`load(path, spec)` as a `Decoded`, every error turned into an outcome (never raises)."""
     try:
-        return Decoded(position, load_views(path, spec), "ok")
+        return Decoded(position, load(path, spec), "ok")
     except TooShortError as e:
         return Decoded(position, None, "too_short", str(e))
     except VideoError as e:

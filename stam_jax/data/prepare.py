@@ -29,21 +29,21 @@ from pathlib import Path
 from typing import Any
 
 from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
-from stam_jax.data.loader import Decoded, decode_one, ordered_map, worker_count
+from stam_jax.data.loader import Decoded, decode_with, ordered_map, worker_count
 from stam_jax.data.prepared import (
     DATASET_NAME,
     ENCODINGS,
     FORMAT_VERSION,
     KINDS,
     META_FILE,
+    PARTS,
     SPLITS,
     PreparedError,
-    _cached_features,
     encode_jpeg,
+    features,
 )
-from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_sampled_frames
+from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
 
-PARTS = ".prepare"  # finished shards of an unfinished run
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
 # One record per group (random access to any video); no compression: JPEG is compressed
@@ -65,26 +65,18 @@ class Job:
 
 def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Decoded:
     """One video's serialized record in `views` (bytes), or why there is none; never raises."""
-    if job.kind == "eval":
-        decoded = decode_one(position, path, job.spec)  # the raw evaluation's own outcomes
-        if decoded.status != "ok":
-            return decoded
-        pixels = decoded.views
-    else:
-        try:
-            pixels = load_sampled_frames(path, job.spec)
-        except TooShortError as e:
-            return Decoded(position, None, "too_short", str(e))
-        except VideoError as e:
-            return Decoded(position, None, "failed", str(e))
-        except Exception as e:  # a bad file must not end the run
-            return Decoded(position, None, "failed", f"{type(e).__name__}: {e}".strip())
+    # The evaluation's own decoding and outcomes (too short, failed, with the same reasons).
+    load = load_views if job.kind == "eval" else load_sampled_frames
+    decoded = decode_with(load, position, path, job.spec)
+    if decoded.status != "ok":
+        return decoded
+    pixels = decoded.views
     if job.encoding == "jpeg":
         flat = pixels.reshape(-1, *pixels.shape[-3:])
         pixels = [encode_jpeg(frame, job.quality) for frame in flat]
-    features = _cached_features(job.kind, job.encoding, job.spec, job.classes)
     example = {"frames": pixels, "label": label, "path": relpath, "index": position}
-    return Decoded(position, features.serialize_example(example), "ok")
+    serialized = features(job.kind, job.encoding, job.spec, job.classes).serialize_example(example)
+    return Decoded(position, serialized, "ok")
 
 
 def _settings(
@@ -277,21 +269,20 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
             f"(first reason: {next(iter(outcomes.values()))['reason']})."
         )
 
-    def listed(status: str) -> list[dict[str, Any]]:
-        return [
-            {"path": folder.items[int(p)].path, "label": folder.items[int(p)].label, **o}
-            for p, o in sorted(outcomes.items(), key=lambda kv: int(kv[0]))
-            if o["status"] == status
-        ]
-
+    skipped = [
+        {"path": folder.items[int(p)].path, "label": folder.items[int(p)].label, **o}
+        for p, o in sorted(outcomes.items(), key=lambda kv: int(kv[0]))
+    ]
+    dropped = [entry for entry in skipped if entry["status"] == "too_short"]
+    failed = [entry for entry in skipped if entry["status"] == "failed"]
     counts = {
         "listed": len(folder.items),
         "records": sum(lengths),
-        "dropped_too_short": len(listed("too_short")),
-        "failed": len(listed("failed")),
+        "dropped_too_short": len(dropped),
+        "failed": len(failed),
     }
     spec = ClipSpec(**settings["spec"])
-    features = _cached_features(settings["kind"], settings["encoding"], spec, tuple(folder.classes))
+    feature_dict = features(settings["kind"], settings["encoding"], spec, tuple(folder.classes))
     template = tfds.core.ShardedFileTemplate(
         data_dir=out,
         template=TEMPLATE,
@@ -304,16 +295,14 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
     )
     tfds.folder_dataset.write_metadata(
         data_dir=out,
-        features=features,
+        features=feature_dict,
         split_infos=[split_info],
         filename_template=TEMPLATE,
         description=(
             f"STAM {settings['kind']} data ({settings['encoding']}) prepared by stam-jax from "
             f"{settings['source']}"
         ),
-        metadata=tfds.core.MetadataDict(
-            counts=counts, dropped=listed("too_short"), failed=listed("failed")
-        ),
+        metadata=tfds.core.MetadataDict(counts=counts, dropped=dropped, failed=failed),
         check_data=False,
     )
     meta = {

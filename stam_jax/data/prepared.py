@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from stam_jax.data.video import ClipSpec, augment_clip
 FORMAT_VERSION = 1
 DATASET_NAME = "stam_videos"
 META_FILE = "stam_prepare.json"
+PARTS = ".prepare"  # the finished shards of an unfinished preparation
 SPLITS = {"eval": "validation", "train": "train"}
 KINDS = tuple(SPLITS)
 ENCODINGS = ("raw", "jpeg")
@@ -51,7 +51,8 @@ class PreparedError(ValueError):
     """A prepared dataset that cannot be used as asked; the message says what to do."""
 
 
-def features(kind: str, encoding: str, spec: ClipSpec, classes: Sequence[str]) -> Any:
+@functools.lru_cache(maxsize=4)  # built once per worker process, not once per video
+def features(kind: str, encoding: str, spec: ClipSpec, classes: tuple[str, ...]) -> Any:
     """The TFDS `FeaturesDict` of a prepared dataset."""
     import tensorflow_datasets as tfds
 
@@ -72,11 +73,6 @@ def features(kind: str, encoding: str, spec: ClipSpec, classes: Sequence[str]) -
             "index": f.Scalar(dtype=np.int64),
         }
     )
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_features(kind: str, encoding: str, spec: ClipSpec, classes: tuple[str, ...]) -> Any:
-    return features(kind, encoding, spec, classes)
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -111,11 +107,10 @@ class PreparedDataset:
       kind: 'eval' or 'train'.
       encoding: 'raw' or 'jpeg'.
       spec: the sampling (and, for `eval`, the views) it was made with.
-      folder: the source folder's listing (paths relative to `source`, labels, classes).
+      folder: the source folder's listing (its root, paths relative to it, labels, classes).
       outcomes: listing index -> {'status': 'too_short'|'failed', 'reason'} for every video
         that has no record.
       num_records: records in the split.
-      source: the video folder it was made from.
     """
 
     path: Path
@@ -125,7 +120,6 @@ class PreparedDataset:
     folder: VideoFolder
     outcomes: dict[int, dict[str, str]]
     num_records: int
-    source: str
 
     @property
     def split(self) -> str:
@@ -175,7 +169,7 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         )
     if not meta.get("complete"):
         shards = -(-len(meta["items"]) // meta["shard_size"])
-        done = len(list((path / ".prepare").glob("part-*.json")))
+        done = len(list((path / PARTS).glob("part-*.json")))
         raise PreparedError(
             f"{path} is unfinished ({done} of {shards} shards prepared); run the same "
             "`python -m stam_jax.data.prepare` command again to finish it."
@@ -194,7 +188,6 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         folder=folder,
         outcomes={int(k): v for k, v in meta["outcomes"].items()},
         num_records=int(meta["num_records"]),
-        source=meta["source"],
     )
 
 
