@@ -23,9 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.folder import DatasetError, VideoFolder
 from stam_jax.data.loader import decode_in_order, worker_count
-from stam_jax.data.prepared import is_prepared
+from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
@@ -93,20 +93,10 @@ def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, A
             "no data: pass --config.data.root=VIDEO_ROOT (root/<class>/<video>) or a dataset "
             "made by python -m stam_jax.data.prepare."
         )
-    prepared = None
-    if is_prepared(root):
-        from stam_jax.data.prepared import PreparedError, open_checked
-
-        try:
-            prepared = open_checked(root, "eval", spec, config.data.class_list or None)
-        except (PreparedError, DatasetError) as e:
-            raise EvalConfigError(str(e)) from None
-        folder = prepared.folder
-    else:
-        try:
-            folder = list_videos(root, config.data.class_list or None)
-        except DatasetError as e:
-            raise EvalConfigError(str(e)) from None
+    try:
+        folder, prepared = list_root(root, "eval", spec, config.data.class_list or None)
+    except (PreparedError, DatasetError) as e:
+        raise EvalConfigError(str(e)) from None
     if len(folder.classes) != model.num_classes:
         raise EvalConfigError(
             f"{root} has {len(folder.classes)} classes but the checkpoint has "

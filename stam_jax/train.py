@@ -37,9 +37,9 @@ import orbax.checkpoint as ocp
 from stam_jax import checkpoints, sharding
 from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from stam_jax.data.folder import DatasetError, VideoFolder
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
-from stam_jax.data.prepared import is_prepared
+from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.losses import (
@@ -282,18 +282,10 @@ def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
             "no training data: pass --config.train.root=VIDEO_ROOT (or a dataset made by "
             "python -m stam_jax.data.prepare --kind train)."
         )
-    if not is_prepared(root):
-        try:
-            return list_videos(root, config.data.class_list or None), None
-        except DatasetError as e:
-            raise TrainConfigError(str(e)) from None
-    from stam_jax.data.prepared import PreparedError, open_checked
-
     try:
-        prepared = open_checked(root, "train", spec, config.data.class_list or None)
+        return list_root(root, "train", spec, config.data.class_list or None)
     except (PreparedError, DatasetError) as e:
         raise TrainConfigError(str(e)) from None
-    return prepared.folder, prepared
 
 
 def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stam_jax.data.folder import VideoFolder, VideoItem
+from stam_jax.data.folder import VideoFolder, VideoItem, list_videos
 from stam_jax.data.video import ClipSpec, augment_clip
 
 FORMAT_VERSION = 1
@@ -222,6 +222,24 @@ def open_checked(
             "prepared with; drop it (the dataset keeps its class list)."
         )
     return dataset
+
+
+def list_root(
+    root: str | Path, kind: str, spec: ClipSpec, class_list: str | None = None
+) -> tuple[VideoFolder, PreparedDataset | None]:
+    """The listing of a data root: a video folder, or a prepared dataset checked for this use.
+
+    Returns:
+      (the listing, the opened dataset or None for a video folder).
+
+    Raises:
+      DatasetError: a video folder that cannot be listed.
+      PreparedError: see `open_checked`.
+    """
+    if is_prepared(root):
+        dataset = open_checked(root, kind, spec, class_list)
+        return dataset.folder, dataset
+    return list_videos(root, class_list), None
 
 
 def eval_views(record: dict[str, Any], encoding: str, prepared: ClipSpec) -> np.ndarray:
