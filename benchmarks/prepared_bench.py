@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--check-src", default="")
     parser.add_argument("--check-config", default="")
     parser.add_argument("--check-only", action="store_true", help="skip the throughput part")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile JPEG training clips (one core)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prepared_bench_"))
     if args.check_only:
@@ -146,11 +149,46 @@ def main() -> None:
             for name in ("train_clips_from_train_jpeg", "train_clips_from_train_raw")
         },
     }
+    if args.profile:
+        results["profile_train_jpeg"] = profile_train_jpeg(work / "train_jpeg", spec, args.repeat)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     if args.check_ckpt:
         results["agreement"] = check(args, work)
     print(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def profile_train_jpeg(path: Path, spec: ClipSpec, repeat: int) -> dict:
+    """Where a JPEG training clip's time goes: PIL's JPEG decoding, its resize, the rest."""
+    import cProfile
+    import pstats
+
+    from stam_jax.data.prepared import train_clip
+
+    source = open_prepared(path).data_source()
+    records = [source[i] for i in range(len(source))] * repeat
+    rng = np.random.default_rng(0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for record in records:
+        train_clip(record, "jpeg", spec, rng)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, _)
+    total = sum(row[2] for row in stats.values())
+
+    def seconds(name: str) -> float:
+        return sum(row[2] for key, row in stats.items() if key[2] == name)
+
+    decode = seconds("<method 'decode' of 'ImagingDecoder' objects>")
+    resize = seconds("<method 'resize' of 'ImagingCore' objects>")
+    return {
+        "clips": len(records),
+        "frames": len(records) * spec.num_frames,
+        "total_s": round(total, 6),
+        "jpeg_decode_s": round(decode, 6),
+        "resize_s": round(resize, 6),
+        "other_s": round(total - decode - resize, 6),
+    }
 
 
 def check(args, work: Path) -> dict:

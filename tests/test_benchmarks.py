@@ -125,8 +125,10 @@ def test_prepared_bench_smoke(tmp_path):
     (row,) = run_script(
         "benchmarks/prepared_bench.py",
         *["--videos", "2", "--repeat", "1", "--frame-rate", "4", *size, *check],
-        *["--check-config", "configs/tiny.py"],
+        *["--check-config", "configs/tiny.py", "--profile"],
     )
+    profile = row["profile_train_jpeg"]
+    assert profile["clips"] == 2 and profile["jpeg_decode_s"] > 0 and profile["resize_s"] > 0
     assert set(row["ratio_vs_decoding"]) == {
         "read_eval_raw",
         "read_eval_jpeg",
