@@ -11,7 +11,8 @@ too. For each model and batch size it times the jit-compiled stam-jax forward (o
 official explicit attention, optionally with PyTorch's fused `scaled_dot_product_attention`, and
 `torch.compile`), under autocast for half precision, alternating all runners `--repeats` times
 so drift hits each, and reports the median videos/s of each and the ratios to stam-jax's first
-path. FLOPs per video come from XLA's cost analysis of the all-XLA ('heads_first') forward, so
+path. FLOPs per video come from XLA's cost analysis of the all-XLA ('heads_first') forward with
+all frames in one step (the analysis counts a loop's body once), so
 that a fused cuDNN kernel, which the analysis cannot see into, does not shrink the count (where
 the backend gives no analysis, from `STAM.macs_per_video`: matmuls only, 1.7% under XLA). The
 matmul rate is a jitted n x n x n product on random data in the same dtype, same run; model
@@ -58,7 +59,8 @@ def matmul_rate(dtype: str, n: int, repeats: int = 10) -> float:
 
 def flops_per_video(name: str, dtype: str, params, videos: np.ndarray) -> float:
     """XLA's FLOP count for one video, from the all-XLA forward (no opaque custom calls)."""
-    model = create_model(name, dtype=dtype, attention_impl="heads_first")
+    # All frames in one step: XLA counts a loop's body once, not once per step.
+    model = create_model(name, dtype=dtype, attention_impl="heads_first", frame_chunk=0)
     cost = jax.jit(model.apply).lower({"params": params}, videos).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     if not cost:  # some backends (jax 0.11's GPU) give no estimate: count the matmuls instead
@@ -66,9 +68,26 @@ def flops_per_video(name: str, dtype: str, params, videos: np.ndarray) -> float:
     return float(cost.get("flops", 0.0)) / videos.shape[0]
 
 
+def _paths(args: argparse.Namespace) -> dict[str, dict]:
+    """stam-jax runners by label: each attention path at each `--frame-chunk` setting.
+
+    A path at the default chunking ('auto') is labelled by its attention alone ('auto', 'xla');
+    others get the chunk appended ('auto_chunk0': all frames at once).
+    """
+    paths = {}
+    for chunk in args.frame_chunk.split(","):
+        for impl in args.attention.split(","):
+            label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
+            paths[label] = dict(
+                attention_impl=impl, frame_chunk=None if chunk == "auto" else int(chunk)
+            )
+    return paths
+
+
 def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
     """One model at one batch size: every runner, alternating."""
-    impls = args.attention.split(",")
+    paths = _paths(args)
+    impls = list(paths)
     model = create_model(name, dtype=dtype)
     t, s = model.num_frames, model.image_size
     videos = np.random.default_rng(0).integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
@@ -76,7 +95,7 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
     device_videos = jax.device_put(videos)
     runners, compile_s, errors = {}, {}, {}
     for impl in list(impls):
-        forward = jax.jit(create_model(name, dtype=dtype, attention_impl=impl).apply)
+        forward = jax.jit(create_model(name, dtype=dtype, **paths[impl]).apply)
         start = time.perf_counter()
         try:
             compiled = forward.lower({"params": params}, device_videos).compile()
@@ -132,6 +151,11 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
             times[key].append((time.perf_counter() - start) / args.inner)
     Attention.use_sdpa = False
     result = {"model": name, "batch": batch, "dtype": dtype, "attention": impls}
+    result["frames_per_step"] = {
+        label: create_model(name, **path).frames_per_step(batch * t)
+        for label, path in paths.items()
+        if label in impls
+    }
     result["compile_s"] = compile_s
     if errors:
         result["errors"] = errors
@@ -161,6 +185,12 @@ def main() -> None:
     parser.add_argument(
         "--attention", default="auto", help="stam-jax attention paths, comma-separated"
     )
+    parser.add_argument(
+        "--frame-chunk",
+        default="auto",
+        help="stam-jax frame_chunk settings, comma-separated: 'auto' (the default rule), 0 "
+        "(all frames at once), or frames per step",
+    )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")
     parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
@@ -171,7 +201,7 @@ def main() -> None:
         sharding.enable_compilation_cache(args.cache_dir)
     if args.smoke:
         args.models, args.batches, args.repeats, args.matmul_size = "stam_tiny", "2", 1, 256
-        args.attention, args.torch_sdpa = "auto,xla", True
+        args.attention, args.torch_sdpa, args.frame_chunk = "auto,xla", True, "auto,2"
     rate = matmul_rate(args.dtype, args.matmul_size)
     print(
         json.dumps(

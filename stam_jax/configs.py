@@ -13,7 +13,7 @@ def model_from_run_config(config: Any) -> STAM:
 
     Args:
       config: a ConfigDict with `model`, `model_overrides`, `dtype`, `param_dtype`,
-        `attention_impl` (see `configs/common.py`).
+        `attention_impl`, `remat`, `frame_chunk` (see `configs/common.py`).
 
     Returns:
       The (unbound) `STAM` module.
@@ -25,4 +25,5 @@ def model_from_run_config(config: Any) -> STAM:
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,
         remat=config.remat,
+        frame_chunk=config.frame_chunk,
     )

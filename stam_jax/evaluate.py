@@ -69,6 +69,7 @@ def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,
+        frame_chunk=config.frame_chunk,
     )
     expected_t = create_model(config.model).num_frames
     if model.num_frames != expected_t:
@@ -162,6 +163,10 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     model, stored = _load_model(config)
     spec = _clip_spec(config, model)
+    try:
+        model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)
+    except ValueError as e:
+        raise EvalConfigError(f"--config.frame_chunk: {e}") from None
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
     folder, prepared = _list_data(config, model, spec)

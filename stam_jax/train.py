@@ -336,6 +336,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         local_batch = sharding.local_batch_size(config.batch_size, mesh)
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
+    try:  # the periodic evaluation's batches hold a multiple of these frames
+        model.frames_per_step(config.batch_size * model.num_frames)
+    except ValueError as e:
+        raise TrainConfigError(f"--config.frame_chunk: {e}") from None
     if train.eval_every > 0:
         if not train.eval_root:
             raise TrainConfigError(
@@ -353,7 +357,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
-    params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
+    # One video's frames may not divide into frame_chunk steps; the params do not depend on it.
+    init = model.clone(frame_chunk=0).init
+    params = jax.jit(init)(jax.random.key(config.seed), video)["params"]
     params = _initial_params(model, params, config, workdir)
     tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)
@@ -587,7 +593,9 @@ def _teacher(config: Any, model: STAM, replicated) -> tuple[STAM | None, Any]:
             f"train.distill_weight={config.train.distill_weight} (use 0..1) or "
             f"train.distill_temperature={config.train.distill_temperature} (use > 0)."
         )
-    teacher = teacher.clone(dtype=model.dtype, attention_impl=model.attention_impl)
+    teacher = teacher.clone(
+        dtype=model.dtype, attention_impl=model.attention_impl, frame_chunk=model.frame_chunk
+    )
     return teacher, jax.device_put(params, replicated)
 
 

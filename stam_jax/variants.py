@@ -18,6 +18,7 @@ RUNTIME_FIELDS = (
     "spatial_attention_layers",
     "temporal_attention",
     "remat",
+    "frame_chunk",
 )
 ARCH_FIELDS = tuple(
     f.name

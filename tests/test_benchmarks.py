@@ -36,8 +36,11 @@ def test_forward_bench_smoke():
     rows = run_script("benchmarks/forward_bench.py", "--smoke")
     assert rows[0]["matmul_tflops"] > 0
     model = rows[1]
-    assert model["model"] == "stam_tiny" and model["attention"] == ["auto", "xla"]
-    for runner in ("jax_auto", "jax_xla", "torch_eager", "torch_sdpa"):
+    paths = ["auto", "xla", "auto_chunk2", "xla_chunk2"]
+    assert model["model"] == "stam_tiny" and model["attention"] == paths
+    # 2 videos x 4 frames: the tiny model runs at once by default, in 4 steps of 2 with chunk 2
+    assert model["frames_per_step"] == {"auto": 8, "xla": 8, "auto_chunk2": 2, "xla_chunk2": 2}
+    for runner in [f"jax_{p}" for p in paths] + ["torch_eager", "torch_sdpa"]:
         assert model[f"{runner}_videos_per_s"] > 0
     assert model["jax_auto_over_torch_eager"] > 0 and model["jax_auto_mfu_vs_matmul"] > 0
     assert model["gflop_per_video"] > 0
@@ -45,8 +48,9 @@ def test_forward_bench_smoke():
 
 
 def test_train_bench_smoke():
-    (row,) = run_script("benchmarks/train_bench.py", "--batch", "4", "--steps", "2", "--remat")
-    assert row["model"] == "stam_tiny" and row["remat"] is True
+    args = ("--batch", "4", "--steps", "2", "--remat", "--frame-chunk", "8")
+    (row,) = run_script("benchmarks/train_bench.py", *args)
+    assert row["model"] == "stam_tiny" and row["remat"] is True and row["frames_per_step"] == 8
     assert row["steps_per_s"] > 0 and row["tflop_per_step"] >= 0 and row["peak_rss_MiB"] > 0
     assert 0 < row["loss"] < 10
 

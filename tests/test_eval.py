@@ -153,12 +153,14 @@ def run_subprocess(args, env=None, timeout=300):
 
 
 def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
-    # 20 videos in global batches of 8 over 8 simulated devices: the last batch is padded.
+    # 20 videos in global batches of 8 over 8 simulated devices: the last batch is padded; the
+    # ViT runs in 4 steps of 8 frames (one per device).
     proc = run_subprocess(
         [
             f"--config.checkpoint={tiny_ckpt[0]}",
             f"--config.data.root={video_root}",
             "--config.batch_size=8",
+            "--config.frame_chunk=8",
             "--config.data.workers=0",
             f"--workdir={tmp_path}",
         ],
@@ -281,6 +283,9 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
     refused(r"T=4 model, but the config samples clips for stam_16 \(T=16\)", model="stam_16")
     refused(r"takes 32px frames but --config.data.crop=48", **{"data.crop": 48})
     refused(r"eval.average='max'; use 'logits' or 'softmax'", **{"eval.average": "max"})
+    refused(
+        r"--config.frame_chunk: frame_chunk=5 does not divide the batch's 16 frames", frame_chunk=5
+    )
     (tmp_path / "empty").mkdir()
     refused(r"has no class sub-folders", **{"data.root": str(tmp_path / "empty")})
     few = tmp_path / "few"

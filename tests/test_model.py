@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params, random_videos
+from conftest import ROOT, random_params, random_videos
 
 from stam_jax import VARIANTS, create_model, model_config, model_from_config
 from stam_jax.model import DropPath
@@ -300,3 +304,121 @@ def test_remat_changes_memory_not_results():
 
     assert "optimization_barrier" in lowered(True)
     assert "optimization_barrier" not in lowered(False)
+
+
+def test_frame_chunk_steps_give_the_same_model():
+    config = model_config(create_model("stam_tiny"))
+    params = random_params(config)
+    videos = random_videos(config, batch=3)  # 12 frames, all different
+    whole = create_model("stam_tiny", frame_chunk=0)
+    chunked = create_model("stam_tiny", frame_chunk=2)  # 6 steps of 2 frames
+    assert whole.frames_per_step(12) == 12 and chunked.frames_per_step(12) == 2
+    # The same parameter tree (paths, hence flax's init values): not part of the architecture.
+    shapes = [jax.eval_shape(m.init, jax.random.key(0), videos)["params"] for m in (whole, chunked)]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
+    assert jax.tree.leaves(shapes[0]) == jax.tree.leaves(shapes[1])
+
+    def forward(model):
+        apply = jax.jit(lambda p: model.apply({"params": p}, videos, mutable=["intermediates"]))
+        return apply(params)
+
+    want, want_state = forward(whole)
+    got, got_state = forward(chunked)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=1e-6 * scale)  # frames back in their places
+    np.testing.assert_allclose(
+        got_state["intermediates"]["frame_features"][0],
+        want_state["intermediates"]["frame_features"][0],
+        atol=1e-5,
+    )
+
+    # Gradients too, through the steps and their rematerialisation.
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, videos).sum()))(params)
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        grads(chunked.clone(remat=True)),
+        grads(whole),
+    )
+    # The steps are a loop in the program; all-at-once has none.
+    programs = [
+        jax.jit(m.apply).lower({"params": params}, videos).as_text() for m in (whole, chunked)
+    ]
+    assert "while" not in programs[0] and "while" in programs[1]
+    # Dropout and drop-path draw per step; training still works.
+    train = create_model("stam_tiny", frame_chunk=4, dropout_rate=0.1, drop_path_rate=0.2)
+    rngs = {"dropout": jax.random.key(1)}
+    out = jax.jit(lambda p: train.apply({"params": p}, videos, False, rngs=rngs))(params)
+    assert out.shape == (3, 10) and np.isfinite(out).all()
+    assert not np.allclose(out, want)
+
+
+def test_frame_chunk_automatic_rule(monkeypatch):
+    from stam_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "cpu")
+    stam_16 = create_model("stam_16")
+    # ViT-B/16 frame: 197 tokens x 3072 x 4 bytes = 2.4 MB; 10 MiB steps take 4 frames.
+    assert [stam_16.frames_per_step(f) for f in (16, 32, 96, 18)] == [4, 4, 4, 3]
+    assert create_model("stam_demo").frames_per_step(16 * 8) == 128  # small model: at once
+    recording = create_model("stam_16", spatial_attention_layers=(0,))
+    assert recording.frames_per_step(32) == 32
+    monkeypatch.setattr(model_lib.jax, "device_count", lambda: 2)
+    assert stam_16.frames_per_step(32) == 8  # 4 per device, the batch split over 2
+    assert stam_16.frames_per_step(6) == 6  # no step that is a multiple of 2 devices
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    assert stam_16.frames_per_step(32) == 32
+    assert create_model("stam_16", frame_chunk=8).frames_per_step(32) == 8  # explicit: kept
+
+
+def test_frame_chunk_errors():
+    bad = {
+        -1: r"frame_chunk=-1: use None \(automatic\), 0 \(all frames at once\) or a positive",
+        "4": r"frame_chunk='4': use None",
+        True: r"frame_chunk=True: use None",
+        3: r"frame_chunk=3 does not divide the batch's 16 frames \(batch x 4\); use a divisor "
+        r"of 16, or 0",
+    }
+    for chunk, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            create_model("stam_tiny", frame_chunk=chunk).frames_per_step(16)
+    recording = create_model("stam_tiny", frame_chunk=4, spatial_attention_layers=(1,))
+    with pytest.raises(ValueError, match=r"frame_chunk=4 cannot record spatial attention"):
+        recording.frames_per_step(16)
+    assert recording.clone(frame_chunk=16).frames_per_step(16) == 16  # one step: fine
+    config = model_config(create_model("stam_tiny"))
+    with pytest.raises(ValueError, match=r"frame_chunk=3 does not divide the batch's 8 frames"):
+        create_model("stam_tiny", frame_chunk=3).apply(
+            {"params": random_params(config)}, random_videos(config, batch=2)
+        )
+
+
+SHARDED_STEPS = """
+import re
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from stam_jax import create_model
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+videos = jax.ShapeDtypeStruct((8, 4, 32, 32, 3), np.uint8, sharding=batch)
+for chunk in (0, 8):
+    model = create_model("stam_tiny", frame_chunk=chunk)
+    params = model.clone(frame_chunk=0).init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3)))
+    forward = jax.jit(model.apply, in_shardings=(replicated, batch), out_shardings=batch)
+    text = forward.lower(params, videos).compile().as_text()
+    found = sorted(set(re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)))
+    print(jax.device_count(), chunk, model.frames_per_step(32), "collectives", found)
+"""
+
+
+def test_frame_chunk_steps_keep_a_sharded_batch_on_its_devices():
+    # 8 videos over 8 devices, 4 steps of 8 frames: each step takes one frame per device.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_STEPS], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()[-2:]
+    assert lines == ["8 0 32 collectives []", "8 8 8 collectives []"], result.stdout

@@ -163,6 +163,12 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
     assert result.returncode == 2 and f"--config.checkpoint={missing}" in result.stderr
     result = run(command(train_root, tmp_path / "b", cache, "--config.batch_size=0"))
     assert result.returncode == 2 and "batch_size=0 does not divide" in result.stderr
+    result = run(command(train_root, tmp_path / "d", cache, "--config.frame_chunk=3"))
+    assert (
+        result.returncode == 2
+        and ("--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames")
+        in result.stderr
+    )
     result = run(
         command(
             train_root,
@@ -187,6 +193,7 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
         f"--config.train.teacher={tmp_path / 'teacher'}",
         "--config.train.mixup_alpha=0.2",
         "--config.train.cutmix_alpha=1.0",
+        "--config.frame_chunk=8",  # the ViT in 2 steps of 8 frames, training and evaluation
     ]
     result = run(command(train_root, tmp_path / "run", cache, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
