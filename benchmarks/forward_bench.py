@@ -59,7 +59,7 @@ def matmul_runners(dtype: str, n: int, with_torch: bool) -> tuple[dict, float]:
     if with_torch:
         device = "cuda" if on_gpu else "cpu"
         ta, tb = (
-            torch.from_numpy(np.asarray(x, np.float32)).to(device, DTYPES[dtype]) for x in (a, b)
+            torch.from_numpy(np.array(x, np.float32)).to(device, DTYPES[dtype]) for x in (a, b)
         )
 
         def run_torch():

@@ -33,8 +33,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "heads_first")
 AGGREGATES = ("transformer", "mean")
 
 # On CPU the spatial ViT runs a few frames at a time, so that a step's activations stay near
-# the size of the last-level cache: 4 ViT-B/16 frames per step ran the 12 blocks 8% faster than
-# 16 at once and a 2-video batch 20-25% faster (BENCHMARKS.md).
+# the size of the last-level cache: steps of 4 ViT-B/16 frames ran STAM-16 1.04x / 1.26x /
+# 1.35x faster at batch 1 / 2 / 4 than all frames at once, and a training step 1.29x
+# (2-core AMD EPYC with 32 MiB of L3, BENCHMARKS.md).
 _CPU_STEP_BYTES = 10 * 2**20
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
