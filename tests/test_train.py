@@ -70,8 +70,9 @@ def run(cmd, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def uninterrupted(train_root, cache, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    result = run(command(train_root, workdir, cache))
+    result = run(command(train_root, workdir, cache), env={"JAX_LOG_COMPILES": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / "stderr.log").write_text(result.stderr)
     return workdir
 
 
@@ -88,6 +89,9 @@ def test_training_writes_metrics_checkpoints_and_final_params(uninterrupted):
         int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
     )
     assert steps == [3, 6, 8]  # every save_every steps, and the last
+    # The train step compiled once for all 8 steps (JAX_LOG_COMPILES logs every compilation).
+    log = (uninterrupted / "stderr.log").read_text()
+    assert log.count("Compiling jit(step_fn)") == 1, log[-3000:]
     # TensorBoard events hold the same numbers as metrics.jsonl.
     from tensorboardX.proto.event_pb2 import Event
 
