@@ -1,17 +1,26 @@
-"""Where the time goes: one ViT-B block and its parts, stam-jax against PyTorch, on 16 frames.
+"""Where the time goes: one ViT-B block and its parts, stam-jax against PyTorch, side by side.
 
-    python benchmarks/block_profile.py
+    python benchmarks/block_profile.py                                   # CPU, float32, 16 frames
+    python benchmarks/block_profile.py --dtype bfloat16 --frames 512 --torch-sdpa   # a GPU
+    python benchmarks/block_profile.py --smoke                           # tiny sizes (CI)
 
-Median wall seconds of 5 calls (after a warm-up) on a (16, 197, 768) input, i.e. one STAM-16
-video's frames through one of the 12 blocks, and the dense matmul rate of each library, all in
-one run so that the machine's drift hits both.
+Median wall seconds of `--repeats` calls (after a warm-up) of each part on a (frames, 197, 768)
+input (16 frames: one STAM-16 video through one of its 12 blocks; 512: a batch of 32), stam-jax
+jitted with its model's own modules, PyTorch the reference's (`convert/torch_reference.py`,
+autocast for half precision, its fused SDPA attention with `--torch-sdpa`), and each library's
+n x n x n matmul rate, the parts alternating between the libraries so that drift hits both.
+Parts: the whole block; attention (qkv, core, projection); the attention core alone; the MLP
+(fc1, exact GELU, fc2); one LayerNorm; the GELU alone; the 768 -> 3072 Linear. Needs only jax,
+flax, numpy and torch (plus this repository), so it runs on a lent GPU machine too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -19,19 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from convert.torch_reference import Attention as TorchAttention
 from convert.torch_reference import Block as TorchBlock
-from stam_jax.model import Block, FusedQKVAttention, Mlp
+from stam_jax.model import Block, FusedQKVAttention, Mlp, _layer_norm, _resolve_attention_impl
 
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    """Median of `repeats` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Gelu(nn.Module):
@@ -41,45 +42,140 @@ class _Gelu(nn.Module):
 
 
 class _Dense(nn.Module):
+    features: int
+    dtype: object
+
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(3072)(x)
+        return nn.Dense(self.features, dtype=self.dtype)(x)
 
 
-def jax_seconds(module: nn.Module, x: np.ndarray) -> float:
-    """Median seconds of the jitted module on `x`."""
-    variables = module.init(jax.random.key(0), x)
-    fn, device_x = jax.jit(module.apply), jnp.asarray(x)
-    return median_seconds(lambda: fn(variables, device_x).block_until_ready())
+class _LayerNorm(nn.Module):
+    dtype: object
+
+    @nn.compact
+    def __call__(self, x):
+        return _layer_norm("norm", 1e-5, self.dtype, jnp.float32)(x)
+
+
+def _attention_core(impl: str, heads: int) -> Callable:
+    """The attention core on q, k, v of shape (frames, tokens, heads, head_dim)."""
+
+    def core(q, k, v):
+        if impl == "heads_first":
+            q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+            logits = jnp.matmul(q, k.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1).astype(q.dtype)
+            return jnp.matmul(probs, v).transpose(0, 2, 1, 3)
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+    return core
+
+
+def _sync_jax(fn: Callable, *args) -> Callable[[], None]:
+    return lambda: jax.block_until_ready(fn(*args))
 
 
 def main() -> None:
-    """Prints one JSON object: seconds per part for each library."""
+    """Prints one JSON object: median seconds per part for each library, and matmul rates."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--torch-sdpa", action="store_true", help="PyTorch's fused attention")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
+    args = parser.parse_args()
+    width, heads, hidden, tokens = 768, 12, 3072, 197
+    if args.smoke:
+        width, heads, hidden, tokens, args.frames, args.repeats = 64, 4, 128, 17, 2, 1
+        args.matmul_size = 128
+    dtype = jnp.dtype(args.dtype)
+    on_gpu = jax.default_backend() == "gpu"
+    device = "cuda" if on_gpu else "cpu"
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((16, 197, 768), dtype=np.float32)
-    hidden = rng.standard_normal((16, 197, 3072), dtype=np.float32)
-    out = {"jax": {}, "torch": {}}
-    out["jax"]["block"] = jax_seconds(Block(12, 3072), x)
-    out["jax"]["attention"] = jax_seconds(FusedQKVAttention(12), x)
-    out["jax"]["mlp"] = jax_seconds(Mlp(3072), x)
-    out["jax"]["gelu"] = jax_seconds(_Gelu(), hidden)
-    out["jax"]["dense_768_3072"] = jax_seconds(_Dense(), x)
-    block, tx, th = TorchBlock(768, 12, 3072).eval(), torch.from_numpy(x), torch.from_numpy(hidden)
-    linear = torch.nn.Linear(768, 3072)
-    with torch.inference_mode():
-        out["torch"]["block"] = median_seconds(lambda: block(tx))
-        out["torch"]["attention"] = median_seconds(lambda: block.attn(tx))
-        out["torch"]["mlp"] = median_seconds(lambda: block.mlp(tx))
-        out["torch"]["gelu"] = median_seconds(lambda: torch.nn.functional.gelu(th))
-        out["torch"]["dense_768_3072"] = median_seconds(lambda: linear(tx))
-    n = 2048
-    a, ta = jnp.ones((n, n)), torch.ones(n, n)
-    matmul = jax.jit(lambda m: m @ m)
-    out["jax"]["matmul_gflops"] = 2 * n**3 / median_seconds(lambda: matmul(a).block_until_ready())
-    out["torch"]["matmul_gflops"] = 2 * n**3 / median_seconds(lambda: ta @ ta)
-    for lib in out.values():
-        lib["matmul_gflops"] /= 1e9
-    print(json.dumps({k: {p: round(v, 4) for p, v in d.items()} for k, d in out.items()}, indent=1))
+    x = rng.standard_normal((args.frames, tokens, width), dtype=np.float32)
+    h = rng.standard_normal((args.frames, tokens, hidden), dtype=np.float32)
+    qkv = rng.standard_normal((3, args.frames, tokens, heads, width // heads), dtype=np.float32)
+
+    jax_parts = {
+        "block": Block(heads, hidden, dtype=dtype),
+        "attention": FusedQKVAttention(heads, dtype=dtype),
+        "mlp": Mlp(hidden, dtype=dtype),
+        "layernorm": _LayerNorm(dtype),
+        "gelu": _Gelu(),
+        "dense_to_mlp": _Dense(hidden, dtype),
+    }
+    runners: dict[str, dict[str, Callable[[], None]]] = {"jax": {}, "torch": {}}
+    for part, module in jax_parts.items():
+        data = jnp.asarray(h if part == "gelu" else x, dtype)
+        variables = jax.jit(module.init)(jax.random.key(0), data)
+        runners["jax"][part] = _sync_jax(jax.jit(module.apply), variables, data)
+    impl = _resolve_attention_impl("auto", dtype)
+    core = jax.jit(_attention_core(impl, heads))
+    runners["jax"]["attention_core"] = _sync_jax(core, *jnp.asarray(qkv, dtype))
+
+    block = TorchBlock(width, heads, hidden).eval().to(device)
+    tx, th = (torch.from_numpy(a).to(device) for a in (x, h))
+    tq, tk, tv = (torch.from_numpy(a).to(device).transpose(1, 2) for a in qkv)
+    linear = torch.nn.Linear(width, hidden).to(device)
+    norm = torch.nn.LayerNorm(width).to(device)
+    torch_parts = {
+        "block": lambda: block(tx),
+        "attention": lambda: block.attn(tx),
+        "attention_core": (
+            (lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv))
+            if args.torch_sdpa
+            else (lambda: ((tq @ tk.transpose(-2, -1)) * block.attn.scale).softmax(-1) @ tv)
+        ),
+        "mlp": lambda: block.mlp(tx),
+        "layernorm": lambda: norm(tx),
+        "gelu": lambda: torch.nn.functional.gelu(th),
+        "dense_to_mlp": lambda: linear(tx),
+    }
+
+    def torch_runner(fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with (
+                torch.inference_mode(),
+                torch.autocast(device, DTYPES[args.dtype], enabled=args.dtype != "float32"),
+            ):
+                fn()
+            if on_gpu:
+                torch.cuda.synchronize()
+
+        return run
+
+    runners["torch"] = {part: torch_runner(fn) for part, fn in torch_parts.items()}
+    n = args.matmul_size
+    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype)
+    runners["jax"]["matmul"] = _sync_jax(jax.jit(lambda m: m @ m), a)
+    ta = torch.from_numpy(np.array(a, np.float32)).to(device, DTYPES[args.dtype])
+    runners["torch"]["matmul"] = torch_runner(lambda: ta @ ta)
+
+    TorchAttention.use_sdpa = args.torch_sdpa
+    samples: dict[str, dict[str, list[float]]] = {lib: {} for lib in runners}
+    for part in runners["jax"]:
+        for lib in runners:
+            runners[lib][part]()  # warm-up (and compile)
+        for _ in range(args.repeats):
+            for lib in runners:
+                start = time.perf_counter()
+                runners[lib][part]()
+                samples[lib].setdefault(part, []).append(time.perf_counter() - start)
+    TorchAttention.use_sdpa = False
+    out = {
+        "device": str(jax.devices()[0]),
+        "dtype": args.dtype,
+        "frames": args.frames,
+        "jax_attention": impl,
+        "torch_attention": "sdpa" if args.torch_sdpa else "explicit",
+    }
+    for lib, parts in samples.items():
+        seconds = {part: statistics.median(times) for part, times in parts.items()}
+        seconds["matmul_gflops"] = 2 * n**3 / seconds.pop("matmul") / 1e9
+        out[lib] = {part: round(value, 5) for part, value in seconds.items()}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ PY=${PYTHON:-python3}
 
 if [ "${SMOKE:-0}" = 1 ]; then
   M16=stam_tiny M64=stam_tiny_mean B_SMALL=2 B_LARGE=4 B_TRAIN=4 MM=256 REP=1 INNER=1 VIDEOS=2
-  HALF=float32 T=300
+  HALF=float32 T=300 BLOCK="--smoke"
 else
   M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
-  HALF=bfloat16 T=1
+  HALF=bfloat16 T=1 BLOCK="--frames 512 --repeats 10 --matmul-size 8192"
 fi
 
 DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
@@ -51,6 +51,8 @@ F=benchmarks/forward_bench.py
 step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
   --attention auto,xla --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
+# Where the gap to PyTorch's SDPA lies: one ViT block's parts on a batch of 32 videos' frames.
+step block_${HALF} 60 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
 step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
 step fwd64_${HALF} 80 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
   --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM

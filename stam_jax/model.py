@@ -454,6 +454,7 @@ class STAM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    @nn.nowrap
     def frames_per_step(self, frames: int) -> int:
         """How many of a batch's `frames` (batch x T) one step of the spatial ViT takes.
 
@@ -567,7 +568,7 @@ class STAM(nn.Module):
             x = dropout(_prepend_cls_add_pos(module, x), deterministic=deterministic)
             for blk in blocks:
                 x = blk(x, deterministic)
-            return norm(x[:, 0])  # LayerNorm is per token: only the cls tokens are needed
+            return norm(x)[:, 0]
 
         chunk = self.frames_per_step(images.shape[0])
         if chunk == images.shape[0]:

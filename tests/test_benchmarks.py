@@ -58,7 +58,7 @@ def test_train_bench_smoke():
 
 def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    env["ONLY"] = "precision train16 fwd64_float32"
+    env["ONLY"] = "precision block_float32 train16 fwd64_float32"
     result = subprocess.run(
         ["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
@@ -66,6 +66,7 @@ def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
     steps = (tmp_path / "steps.log").read_text().splitlines()
     assert [line.split(":")[0] for line in steps[:-1]] == [
         "step precision",
+        "step block_float32",
         "step train16",
         "step fwd64_float32",
     ]
@@ -109,10 +110,13 @@ def test_eval_bench_smoke():
     assert all(row["input_wait_s"] >= 0 for row in rows)
 
 
-def test_block_profile_runs():
-    (row,) = run_script("benchmarks/block_profile.py")
-    assert row["jax"]["block"] > 0 and row["torch"]["block"] > 0
-    assert row["jax"]["matmul_gflops"] > 0
+def test_block_profile_smoke():
+    (row,) = run_script("benchmarks/block_profile.py", "--smoke", "--torch-sdpa")
+    parts = {"block", "attention", "attention_core", "mlp", "layernorm", "gelu", "dense_to_mlp"}
+    for lib in ("jax", "torch"):
+        assert set(row[lib]) == parts | {"matmul_gflops"}
+        assert all(value > 0 for value in row[lib].values())
+    assert row["jax_attention"] == "heads_first" and row["torch_attention"] == "sdpa"
 
 
 def test_prepared_bench_smoke(tmp_path):
