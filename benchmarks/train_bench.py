@@ -63,7 +63,7 @@ def main() -> None:
         rng.integers(0, model.num_classes, args.batch).astype(np.int32), batch_sharding
     )
     weights = jax.device_put(np.ones(args.batch, np.float32), batch_sharding)
-    params = jax.jit(model.clone(frame_chunk=0).init)(jax.random.key(0), videos[:1])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
     tx, schedule = make_optimizer(config.train, params)
     replicated = sharding.replicated(mesh)
     state = jax.jit(lambda p: initial_state(model, tx, config.train, p), out_shardings=replicated)(

@@ -186,8 +186,7 @@ def abstract_params(model: STAM) -> dict[str, Any]:
     """Shapes and dtypes of `model`'s params, without allocating them."""
     t, s = model.num_frames, model.image_size
     video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
-    init = model.clone(frame_chunk=0).init  # one video may not divide into frame_chunk steps
-    return jax.eval_shape(lambda v: init(jax.random.key(0), v), video)["params"]
+    return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
 
 
 def check_params(model: STAM, params: Mapping[str, Any]) -> None:

@@ -570,7 +570,9 @@ class STAM(nn.Module):
                 x = blk(x, deterministic)
             return norm(x)[:, 0]
 
-        chunk = self.frames_per_step(images.shape[0])
+        # The params do not depend on the steps: init (often on one video, whose frames may not
+        # divide into frame_chunk steps) runs all frames at once.
+        chunk = images.shape[0] if self.is_initializing() else self.frames_per_step(images.shape[0])
         if chunk == images.shape[0]:
             features = spatial(self, images)
         else:

@@ -357,9 +357,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
-    # One video's frames may not divide into frame_chunk steps; the params do not depend on it.
-    init = model.clone(frame_chunk=0).init
-    params = jax.jit(init)(jax.random.key(config.seed), video)["params"]
+    params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
     params = _initial_params(model, params, config, workdir)
     tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)

@@ -404,7 +404,7 @@ replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 videos = jax.ShapeDtypeStruct((8, 4, 32, 32, 3), np.uint8, sharding=batch)
 for chunk in (0, 8):
     model = create_model("stam_tiny", frame_chunk=chunk)
-    params = model.clone(frame_chunk=0).init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3)))
+    params = model.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3)))  # 4 frames: init is whole
     forward = jax.jit(model.apply, in_shardings=(replicated, batch), out_shardings=batch)
     text = forward.lower(params, videos).compile().as_text()
     found = sorted(set(re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)))
