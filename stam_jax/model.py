@@ -86,6 +86,27 @@ def _spatial_attention_impl(impl: AttentionImpl, dtype: Dtype, remat: bool) -> A
     return impl
 
 
+class _ColumnDense(nn.Module):
+    """`nn.Dense`'s params and arithmetic, optionally computing only some output columns.
+
+    Declares `kernel` `(in, features)` and `bias` `(features,)` as `nn.Dense` does (same names,
+    initialisers and rng streams), so it can stand in for one in a parameter tree.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, start: int = 0, stop: int | None = None) -> jax.Array:
+        kernel = self.param("kernel", _dense_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        kernel, bias = kernel[:, start:stop], bias[start:stop]
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
 def _prepend_cls_add_pos(module: nn.Module, x: jax.Array) -> jax.Array:
     """Prepends the learned `cls_token` and adds the learned `pos_embed` (params of `module`)."""
     batch, length, width = x.shape
@@ -109,6 +130,8 @@ class FusedQKVAttention(nn.Module):
       dropout_rate: dropout on the attention probabilities (training only).
       attention_impl: 'auto', 'xla', 'cudnn' or 'heads_first' (see `STAM`).
       sow_weights: record the attention probabilities in 'intermediates' (heads-first path).
+      first_query_only: only the first token's output is wanted: keys and values are computed
+        for every token, the query for the first one only; returns `(batch, 1, width)`.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -119,6 +142,7 @@ class FusedQKVAttention(nn.Module):
     dropout_rate: float = 0.0
     attention_impl: AttentionImpl = "auto"
     sow_weights: bool = False
+    first_query_only: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -129,11 +153,20 @@ class FusedQKVAttention(nn.Module):
             raise ValueError(f"width {width} does not divide into num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+        dropout = self.dropout_rate > 0.0 and not deterministic
+        if self.first_query_only:
+            # One query per sequence: the attention core is a small matrix-vector product, run
+            # heads-first (cuDNN's fused kernel is not made for a single query).
+            qkv = _ColumnDense(3 * width, self.dtype, self.param_dtype, name=self.qkv_name)
+            q = qkv(x[:, :1], 0, width).reshape(batch, 1, self.num_heads, head_dim)
+            kv = qkv(x, width).reshape(batch, length, 2, self.num_heads, head_dim)
+            out = self._heads_first(q, kv[:, :, 0], kv[:, :, 1], deterministic=not dropout)
+            out = out.reshape(batch, 1, width)
+            return nn.Dense(width, name=self.out_name, **dense)(out)
         qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         impl = _resolve_attention_impl(self.attention_impl, self.dtype)
-        dropout = self.dropout_rate > 0.0 and not deterministic
         if impl == "heads_first" or dropout or self.sow_weights:
             out = self._heads_first(q, k, v, deterministic=not dropout)
         elif impl == "cudnn" and self.attention_impl == "auto":
@@ -197,7 +230,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm ViT block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+    """A pre-norm ViT block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+
+    With `first_token_only`, only the first (cls) token's output is computed, `(B, 1, D)`:
+    every token still serves as a key and value, so that output is the same as the full
+    block's first token (up to float rounding).
+    """
 
     num_heads: int
     mlp_dim: int
@@ -206,6 +244,7 @@ class Block(nn.Module):
     layer_norm_eps: float = 1e-5
     attention_impl: AttentionImpl = "auto"
     sow_attention: bool = False
+    first_token_only: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -217,9 +256,12 @@ class Block(nn.Module):
             self.num_heads,
             attention_impl=self.attention_impl,
             sow_weights=self.sow_attention,
+            first_query_only=self.first_token_only,
             name="attn",
             **types,
         )(y, deterministic)
+        if self.first_token_only:
+            x = x[:, :1]
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path_rate)(y, deterministic)
         y = _layer_norm("norm2", self.layer_norm_eps, **types)(x)
@@ -555,6 +597,9 @@ class STAM(nn.Module):
                 self.layer_norm_eps,
                 block_attention,
                 i in self.spatial_attention_layers,
+                # Only the cls token leaves the ViT: the last block computes only its output,
+                # unless its full attention is recorded.
+                i == self.depth - 1 and i not in self.spatial_attention_layers,
                 name=f"blocks_{i}",
                 **types,
             )
@@ -630,10 +675,17 @@ class STAM(nn.Module):
         return (self.image_size // self.patch_size) ** 2
 
     def macs_per_video(self) -> int:
-        """Multiply-accumulates of one forward pass (matmuls and attention), for cost tables."""
+        """Multiply-accumulates of one forward pass (matmuls and attention), for cost tables.
+
+        Counts what runs: the last ViT block computes the cls token's output only (keys and
+        values for every token), unless its attention is recorded.
+        """
         n, d, t = self.num_patches + 1, self.hidden_size, self.num_frames
-        spatial = self.num_patches * d * 3 * self.patch_size**2
-        spatial += self.depth * (n * d * 4 * d + 2 * n * n * d + 2 * n * d * self.mlp_dim)
+        block = n * d * 4 * d + 2 * n * n * d + 2 * n * d * self.mlp_dim
+        spatial = self.num_patches * d * 3 * self.patch_size**2 + self.depth * block
+        if self.depth and self.depth - 1 not in self.spatial_attention_layers:
+            last = n * d * 2 * d + 2 * d * d + 2 * n * d + 2 * d * self.mlp_dim
+            spatial += last - block
         temporal = 0
         if self.aggregate == "transformer":
             dt, m = self.temporal_hidden_size or d, t + 1

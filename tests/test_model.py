@@ -258,12 +258,21 @@ def test_attention_weights_on_request():
     params = random_params(config)
     videos = random_videos(config, batch=3)
     plain = create_model("stam_tiny").apply({"params": params}, videos)
-    model = create_model("stam_tiny", spatial_attention_layers=(1,), temporal_attention=True)
+    model = create_model("stam_tiny", spatial_attention_layers=(0,), temporal_attention=True)
     logits, state = model.apply({"params": params}, videos, mutable=["intermediates"])
     np.testing.assert_array_equal(logits, plain)  # same forward, weights recorded on the way
     found = state["intermediates"]
+    # (B*T frames, heads, 1 + 16 patches, 1 + 16 patches)
+    assert found["blocks_0"]["attn"]["attention_weights"][0].shape == (3 * 4, 2, 17, 17)
+    assert "blocks_1" not in found  # only the requested block recorded anything
+    # The last block normally computes the cls token's output only; recording its attention
+    # runs it over every token (every row recorded), the same logits up to rounding.
+    model = model.clone(spatial_attention_layers=(1,))
+    logits, state = model.apply({"params": params}, videos, mutable=["intermediates"])
+    np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
+    found = state["intermediates"]
     spatial = found["blocks_1"]["attn"]["attention_weights"][0]
-    assert spatial.shape == (3 * 4, 2, 17, 17)  # (B*T frames, heads, 1 + 16 patches, ...)
+    assert spatial.shape == (3 * 4, 2, 17, 17)
     for layer in range(2):
         temporal = found["aggregate"]["transformer_enc"][f"layers_{layer}"]["self_attn"]
         weights = temporal["attention_weights"][0]
@@ -271,7 +280,7 @@ def test_attention_weights_on_request():
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
         assert weights.dtype == jnp.float32
     np.testing.assert_allclose(spatial.sum(-1), 1.0, rtol=1e-5)
-    assert "blocks_0" not in found  # only the requested block recorded anything
+    assert "blocks_0" not in found
     with pytest.raises(
         ValueError, match=r"spatial_attention_layers \[2\] are not blocks of this 2-block ViT"
     ):
@@ -304,6 +313,43 @@ def test_remat_changes_memory_not_results():
 
     assert "optimization_barrier" in lowered(True)
     assert "optimization_barrier" not in lowered(False)
+
+
+def test_last_block_computes_only_the_cls_token():
+    config = model_config(create_model("stam_tiny"))
+    params = random_params(config)
+    videos = random_videos(config, batch=2)
+    # Recording the last block's attention runs it over every token, as the official model does.
+    full = create_model("stam_tiny", spatial_attention_layers=(1,))
+
+    def loss_and_grads(model):
+        def loss(p):
+            logits, _ = model.apply({"params": p}, videos, mutable=["intermediates"])
+            return (logits * jnp.arange(logits.shape[-1])).sum()
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    value, grads = loss_and_grads(create_model("stam_tiny"))
+    full_value, full_grads = loss_and_grads(full)
+    np.testing.assert_allclose(value, full_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+    # At full size the last block's other 196 tokens are 6.9% of the FLOPs; XLA's count of
+    # what runs and `macs_per_video` (the matmuls: 1.6% under XLA's count) agree on it.
+    def flops(model):
+        video = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.uint8)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), video)
+        apply = lambda v, x: model.apply(v, x, mutable=["intermediates"])[0]  # noqa: E731
+        return jax.jit(apply).lower(shapes, video).cost_analysis()["flops"]
+
+    pruned = create_model("stam_16", frame_chunk=0)
+    unpruned = pruned.clone(spatial_attention_layers=(11,))
+    for model in (pruned, unpruned):
+        assert 0.98 < 2 * model.macs_per_video() / flops(model) < 0.99
+    expected = pruned.macs_per_video() / unpruned.macs_per_video()
+    assert expected == pytest.approx(0.931, abs=1e-3)
+    assert flops(pruned) / flops(unpruned) == pytest.approx(expected, abs=1e-3)
 
 
 def test_frame_chunk_steps_give_the_same_model():

@@ -80,8 +80,11 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     start = state
     for half in (slice(0, 4), slice(4, 8)) * 2:
         state, _ = small(state, videos[half], labels[half], weights[half])
+    # Adam divides by the gradients' own scale, which lifts float rounding in the summed
+    # gradients to about 3e-4 of the learning rate here (summing the two halves in the other
+    # order moves params by 2e-6); feeding one half twice instead moves every leaf by 2e-2.
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-3 * 1e-2),
         big_state.params,
         state.params,
     )
