@@ -3,6 +3,7 @@
     python benchmarks/forward_bench.py --models stam_16,stam_64 --batches 1,2 --repeats 3
     python benchmarks/forward_bench.py --dtype bfloat16 --batches 8,32 --attention auto,xla \
         --torch-sdpa --torch-compile                      # a GPU
+    python benchmarks/forward_bench.py --batches 1,2 --last-block cls,all --no-torch
     python benchmarks/forward_bench.py --smoke          # tiny sizes, seconds (CI)
 
 Needs only jax, flax, numpy and torch (plus this repository), so it runs on a lent GPU machine
@@ -74,10 +75,18 @@ def matmul_runners(dtype: str, n: int, with_torch: bool) -> tuple[dict, float]:
     return runners, 2.0 * n**3 * inner
 
 
-def flops_per_video(name: str, dtype: str, params, videos: np.ndarray) -> float:
+def flops_per_video(
+    name: str, dtype: str, params, videos: np.ndarray, last_block_cls_only: bool = True
+) -> float:
     """XLA's FLOP count for one video, from the all-XLA forward (no opaque custom calls)."""
     # All frames in one step: XLA counts a loop's body once, not once per step.
-    model = create_model(name, dtype=dtype, attention_impl="heads_first", frame_chunk=0)
+    model = create_model(
+        name,
+        dtype=dtype,
+        attention_impl="heads_first",
+        frame_chunk=0,
+        last_block_cls_only=last_block_cls_only,
+    )
     cost = jax.jit(model.apply).lower({"params": params}, videos).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     if not cost:  # some backends (jax 0.11's GPU) give no estimate: count the matmuls instead
@@ -86,18 +95,25 @@ def flops_per_video(name: str, dtype: str, params, videos: np.ndarray) -> float:
 
 
 def _paths(args: argparse.Namespace) -> dict[str, dict]:
-    """stam-jax runners by label: each attention path at each `--frame-chunk` setting.
+    """stam-jax runners by label: each attention path at each `--frame-chunk` and `--last-block`.
 
-    A path at the default chunking ('auto') is labelled by its attention alone ('auto', 'xla');
-    others get the chunk appended ('auto_chunk0': all frames at once).
+    A path at the defaults (chunking 'auto', last block 'cls') is labelled by its attention
+    alone ('auto', 'xla'); others get the setting appended ('auto_chunk0': all frames at once;
+    'auto_lastall': the last block on every token).
     """
     paths = {}
-    for chunk in args.frame_chunk.split(","):
-        for impl in args.attention.split(","):
-            label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
-            paths[label] = dict(
-                attention_impl=impl, frame_chunk=None if chunk == "auto" else int(chunk)
-            )
+    for last in args.last_block.split(","):
+        if last not in ("cls", "all"):
+            raise SystemExit(f"--last-block {last!r}: use 'cls', 'all' or 'cls,all'.")
+        for chunk in args.frame_chunk.split(","):
+            for impl in args.attention.split(","):
+                label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
+                label += "" if last == "cls" else "_lastall"
+                paths[label] = dict(
+                    attention_impl=impl,
+                    frame_chunk=None if chunk == "auto" else int(chunk),
+                    last_block_cls_only=last == "cls",
+                )
     return paths
 
 
@@ -187,10 +203,15 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
         if key != first:
             ratio = result[f"{first}_videos_per_s"] / result[f"{key}_videos_per_s"]
             result[f"{first}_over_{key}"] = round(ratio, 3)
-    flops = flops_per_video(name, dtype, params, videos)
-    result["gflop_per_video"] = round(flops / 1e9, 3)
+    flops = {
+        last: flops_per_video(name, dtype, params, videos, last)
+        for last in {paths[impl]["last_block_cls_only"] for impl in impls}
+    }
+    result["gflop_per_video"] = round(flops[paths[impls[0]]["last_block_cls_only"]] / 1e9, 3)
+    if len(flops) > 1:
+        result["gflop_per_video_lastall"] = round(flops[False] / 1e9, 3)
     for impl in impls:
-        achieved = flops * result[f"jax_{impl}_videos_per_s"]
+        achieved = flops[paths[impl]["last_block_cls_only"]] * result[f"jax_{impl}_videos_per_s"]
         result[f"jax_{impl}_tflops"] = round(achieved / 1e12, 3)
         # Model FLOP utilisation against the faster library's matmul in this alternation.
         result[f"jax_{impl}_mfu_vs_matmul"] = round(achieved / max(rates.values()), 3)
@@ -215,6 +236,12 @@ def main() -> None:
         help="stam-jax frame_chunk settings, comma-separated: 'auto' (the default rule), 0 "
         "(all frames at once), or frames per step",
     )
+    parser.add_argument(
+        "--last-block",
+        default="cls",
+        help="stam-jax last ViT block: 'cls' (the cls token only, the default), 'all' (every "
+        "token, as the official code), or 'cls,all'",
+    )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")
     parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
@@ -226,6 +253,7 @@ def main() -> None:
     if args.smoke:
         args.models, args.batches, args.repeats, args.matmul_size = "stam_tiny", "2", 1, 256
         args.attention, args.torch_sdpa, args.frame_chunk = "auto,xla", True, "auto,2"
+        args.last_block = "cls,all"
     print(
         json.dumps(
             {

@@ -48,8 +48,10 @@ step() {  # step NAME SECONDS COMMAND...
 } | tee "$OUT/machine.txt"
 
 F=benchmarks/forward_bench.py
+# 'lastall' runners: the last ViT block on every token, as before the cls-only last block.
 step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
-  --attention auto,xla --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+  --attention auto,xla --last-block cls,all --torch-sdpa --repeats $REP --inner $INNER \
+  --matmul-size $MM
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
 # Where the gap to PyTorch's SDPA lies: one ViT block's parts on a batch of 32 videos' frames.
 step block_${HALF} 60 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK

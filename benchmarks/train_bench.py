@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory, without the input pipeline.
 
     python benchmarks/train_bench.py --model stam_tiny --batch 8 --steps 20
-    python benchmarks/train_bench.py --model stam_16 --batch 1 --steps 3
+    python benchmarks/train_bench.py --model stam_16 --batch 1 --steps 3 [--last-block all]
     python benchmarks/train_bench.py --model stam_16 --batch 16 --dtype bfloat16 --remat   # GPU
 
 Times the jitted train step of `run_train.py` (`stam_jax.train`: forward and backward with
@@ -45,13 +45,19 @@ def main() -> None:
     parser.add_argument(
         "--frame-chunk", type=int, default=None, help="frames per ViT step; default: automatic"
     )
+    parser.add_argument(
+        "--last-block",
+        choices=("cls", "all"),
+        default="cls",
+        help="the last ViT block on the cls token only (default) or on every token (official)",
+    )
     args = parser.parse_args()
     config = base_config(args.model)
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
     config.attention_impl, config.frame_chunk = args.attention, args.frame_chunk
     config.model_overrides.drop_path_rate = args.drop_path
     config.train.steps = 1000
-    model = model_from_run_config(config)
+    model = model_from_run_config(config).clone(last_block_cls_only=args.last_block == "cls")
     t, s = model.num_frames, model.image_size
     rng = np.random.default_rng(0)
     mesh = sharding.data_mesh()
@@ -105,6 +111,7 @@ def main() -> None:
         "batch": args.batch,
         "dtype": args.dtype,
         "remat": args.remat,
+        "last_block": args.last_block,
         "attention": args.attention,
         "frames_per_step": model.frames_per_step(args.batch * t),
         "compile_s": round(compile_s, 2),

@@ -19,6 +19,7 @@ RUNTIME_FIELDS = (
     "temporal_attention",
     "remat",
     "frame_chunk",
+    "last_block_cls_only",
 )
 ARCH_FIELDS = tuple(
     f.name

@@ -38,9 +38,12 @@ def test_forward_bench_smoke():
     model = rows[1]
     assert model["matmul_tflops"]["matmul_jax"] > 0 and model["matmul_tflops"]["matmul_torch"] > 0
     paths = ["auto", "xla", "auto_chunk2", "xla_chunk2"]
+    paths += [f"{p}_lastall" for p in paths]  # the last ViT block on every token
     assert model["model"] == "stam_tiny" and model["attention"] == paths
     # 2 videos x 4 frames: the tiny model runs at once by default, in 4 steps of 2 with chunk 2
-    assert model["frames_per_step"] == {"auto": 8, "xla": 8, "auto_chunk2": 2, "xla_chunk2": 2}
+    assert model["frames_per_step"] == {p: 2 if "chunk2" in p else 8 for p in paths}
+    # The last block's other tokens are 29% of the tiny model's FLOPs.
+    assert model["gflop_per_video"] < 0.8 * model["gflop_per_video_lastall"]
     for runner in [f"jax_{p}" for p in paths] + ["torch_eager", "torch_sdpa"]:
         assert model[f"{runner}_videos_per_s"] > 0
     assert model["jax_auto_over_torch_eager"] > 0 and model["jax_auto_mfu_vs_matmul"] > 0
@@ -49,9 +52,10 @@ def test_forward_bench_smoke():
 
 
 def test_train_bench_smoke():
-    args = ("--batch", "4", "--steps", "2", "--remat", "--frame-chunk", "8")
+    args = ("--batch", "4", "--steps", "2", "--remat", "--frame-chunk", "8", "--last-block", "all")
     (row,) = run_script("benchmarks/train_bench.py", *args)
     assert row["model"] == "stam_tiny" and row["remat"] is True and row["frames_per_step"] == 8
+    assert row["last_block"] == "all"
     assert row["steps_per_s"] > 0 and row["tflop_per_step"] >= 0 and row["peak_rss_MiB"] > 0
     assert 0 < row["loss"] < 10
 
