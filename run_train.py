@@ -34,7 +34,8 @@ def main(argv: list[str]) -> None:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(4)
-    print(f"trained to step {summary['step']}; final params in {summary.get('final')}")
+    resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
+    print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 
 
 if __name__ == "__main__":

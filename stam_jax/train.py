@@ -305,7 +305,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
       workdir: output folder (checkpoints, metrics, final params).
 
     Returns:
-      A summary: final step, last metrics, where the outputs are.
+      A summary: final step, the step it resumed from (0: a fresh start), last metrics,
+      where the outputs are.
 
     Raises:
       TrainConfigError: before any compute, for bad data, batch or optimizer settings.
@@ -526,7 +527,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             outputs["final_ema"] = str(
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
-    return {"step": int(state.step), "last_metrics": last, **outputs}
+    return {"step": int(state.step), "resumed_from": start, "last_metrics": last, **outputs}
 
 
 def _periodic_eval(

@@ -28,10 +28,17 @@ def free_port() -> int:
 
 
 def run_processes(
-    commands: Sequence[list[str]], devices_each: int, timeout: int = 600
+    commands: Sequence[list[str]],
+    devices_each: int,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> list[tuple[int, str, str]]:
     """Starts the processes of one multi-process run together; (exit status, stdout, stderr)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
+        **(env or {}),
+    }
     procs = [
         subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -313,12 +313,16 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
 
 def test_two_processes_train_from_a_prepared_dataset_as_one(prepared_train, tmp_path):
     # Each process reads its rows of every global batch of one shuffled stream: the same
-    # params, bit for bit, as one process with two devices.
+    # params, bit for bit, as one process with two devices, even when both processes are
+    # killed while a checkpoint is being written and the run resumes (each process's grain
+    # position is restored from the last complete checkpoint).
     cache = tmp_path / "cache"
+    every_2 = "--config.train.save_every=2"
     one = run_command(
-        command(prepared_train, tmp_path / "one", cache, *SHORT), {"XLA_FLAGS": TWO_DEVICES}
+        command(prepared_train, tmp_path / "one", cache, *SHORT, every_2),
+        {"XLA_FLAGS": TWO_DEVICES},
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    train_two_processes(prepared_train, tmp_path / "two", cache)
+    train_two_processes(prepared_train, tmp_path / "two", cache, every_2, kill_at=2)
     want = checkpoints.load(tmp_path / "one/final")[1]
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "two/final")[1], want)

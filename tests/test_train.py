@@ -234,18 +234,34 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     assert result.returncode == 2 and "has num_classes=7, the student 10" in result.stderr
 
 
-def train_two_processes(root: Path, workdir: Path, cache: Path) -> None:
-    """run_train.py as 2 processes of 1 device each (jax.distributed on localhost)."""
-    flags = [f"--config.distributed.coordinator=localhost:{free_port()}"]
-    flags.append("--config.distributed.num_processes=2")
-    commands = [
-        [*command(root, workdir, cache, *SHORT), *flags, f"--config.distributed.process_id={rank}"]
-        for rank in range(2)
-    ]
-    results = run_processes(commands, devices_each=1)
+def train_two_processes(
+    root: Path, workdir: Path, cache: Path, *extra: str, kill_at: int | None = None
+) -> None:
+    """run_train.py as 2 processes of 1 device each (jax.distributed on localhost).
+
+    With `kill_at`, both processes are first SIGKILLed while the checkpoint of that step is
+    being written, then the run is started again and resumes.
+    """
+
+    def commands() -> list[list[str]]:
+        flags = [
+            f"--config.distributed.coordinator=localhost:{free_port()}",
+            "--config.distributed.num_processes=2",
+        ]
+        base = command(root, workdir, cache, *SHORT, *extra)
+        return [[*base, *flags, f"--config.distributed.process_id={rank}"] for rank in range(2)]
+
+    if kill_at is not None:
+        killed = run_processes(commands(), devices_each=1, env={KILL_HOOK: str(kill_at)})
+        assert [returncode for returncode, _, _ in killed] == [-signal.SIGKILL] * 2, killed
+        assert not (workdir / "final").exists()
+        saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+        assert 1 <= max(saved) <= kill_at, saved  # an earlier checkpoint to resume from
+    results = run_processes(commands(), devices_each=1)
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
-    assert "trained to step 4" in results[0][1]
+    resumed = "" if kill_at is None else f" (resumed from step {max(saved)})"
+    assert f"trained to step 4{resumed}; final params in" in results[0][1]
     assert "final params in None" in results[1][1]  # only process 0 writes the params
 
 
