@@ -434,7 +434,8 @@ class STAM(nn.Module):
     (`model.apply(v, x, mutable=['intermediates'])`), and so are, on request
     (`spatial_attention_layers`, `temporal_attention`), attention probabilities
     `(batch, heads, queries, keys)` under `.../attn` and `.../self_attn` (`attention_weights`):
-    the same forward, which then takes the heads-first attention path for those layers.
+    the same forward, which then takes the heads-first attention path for those layers (and,
+    for the last ViT block, computes every token: logits equal up to float rounding).
 
     Attributes:
       num_classes: classifier outputs (400 for Kinetics-400).
