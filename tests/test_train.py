@@ -256,7 +256,7 @@ def train_two_processes(
         assert [returncode for returncode, _, _ in killed] == [-signal.SIGKILL] * 2, killed
         assert not (workdir / "final").exists()
         saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-        assert 1 <= max(saved) <= kill_at, saved  # an earlier checkpoint to resume from
+        assert 1 <= max(saved) <= kill_at, saved  # a complete checkpoint to resume from
     results = run_processes(commands(), devices_each=1)
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
