@@ -7,12 +7,15 @@ Writes `--videos` H.264 videos (10 s, 30 fps, 340x256) into a Kinetics-style fol
 reporting what it reports: videos/s over the evaluation loop (input and model together,
 compile excluded), compile seconds, the seconds the loop waited for input, and the whole
 command's wall time. `--inputs videos,raw,jpeg` runs it, one after the other, on the videos and
-on prepared copies of them (`python -m stam_jax.data.prepare`, not timed), one JSON each.
+on prepared copies of them (`python -m stam_jax.data.prepare`, not timed), one JSON each;
+`--repeat 2` runs each twice (with `--cache-dir`: a cold start, then one hitting the cache).
+The videos are written by one process per core.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -30,6 +33,11 @@ from stam_jax.data.synthetic import index_frame, write_video
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _write(path: Path, seed: int, height: int, width: int) -> None:
+    frames = (index_frame(j, height, width, seed=seed) for j in range(300))
+    write_video(path, frames, 30)
+
+
 def main() -> None:
     """Prints one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -43,24 +51,31 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=340)
     parser.add_argument("--inputs", default="videos", help="comma list of videos, raw, jpeg")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of run_eval.py per input")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]
     (work / "classes.txt").write_text("\n".join(classes) + "\n")
-    for i in range(args.videos):
-        frames = (index_frame(j, args.height, args.width, seed=i) for j in range(300))
-        write_video(work / "val" / classes[i % 4] / f"video_{i}.mp4", frames, 30)
+    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, args.videos)) as pool:
+        paths = [work / "val" / classes[i % 4] / f"video_{i}.mp4" for i in range(args.videos)]
+        writes = [pool.submit(_write, p, i, args.height, args.width) for i, p in enumerate(paths)]
+        for write in writes:
+            write.result()
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), video)["params"]
     checkpoints.save(work / "ckpt", model, params)
     del params
     config = args.config or f"configs/{args.model}.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for inputs in args.inputs.split(","):
+    # The repository first, then whatever the caller's path holds (packages carried to a GPU).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    runs = [name for name in args.inputs.split(",") for _ in range(args.repeat)]
+    for run, inputs in enumerate(runs):
         root = work / "val"
         if inputs != "videos":
             root = work / f"prepared_{inputs}"
+        if inputs != "videos" and not root.exists():
             prepare = [sys.executable, "-m", "stam_jax.data.prepare", f"--src={work / 'val'}"]
             prepare += [f"--out={root}", f"--config={config}", f"--encoding={inputs}"]
             prepare += [f"--config.data.class_list={work / 'classes.txt'}"]
@@ -76,20 +91,21 @@ def main() -> None:
             f"--config.data.workers={args.workers}",
             "--config.progress=False",
             f"--config.compilation_cache_dir={args.cache_dir}",
-            f"--workdir={work / f'out_{inputs}'}",
+            f"--workdir={work / f'out_{run}_{inputs}'}",
         ]
         if inputs == "videos":
             cmd.append(f"--config.data.class_list={work / 'classes.txt'}")
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True, env=env)
         wall = time.perf_counter() - start
-        results = json.loads((work / f"out_{inputs}" / "results.json").read_text())
+        results = json.loads((work / f"out_{run}_{inputs}" / "results.json").read_text())
         timing = results["timing"]
         print(
             json.dumps(
                 {
                     "model": args.model,
                     "inputs": inputs,
+                    "run": run,
                     "dtype": args.dtype,
                     "videos": results["counts"]["evaluated"],
                     "batch": args.batch,
@@ -100,8 +116,7 @@ def main() -> None:
                     "compile_s": timing["compile_s"],
                     "first_batch_after_s": timing["first_batch_after_s"],
                     "command_wall_s": round(wall, 1),
-                },
-                indent=1,
+                }
             )
         )
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -262,6 +263,7 @@ def main() -> None:
                 "torch": torch.__version__,
                 "dtype": args.dtype,
                 "matmul_size": args.matmul_size,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""),
             }
         ),
         flush=True,

@@ -17,10 +17,12 @@ PY=${PYTHON:-python3}
 
 if [ "${SMOKE:-0}" = 1 ]; then
   M16=stam_tiny M64=stam_tiny_mean B_SMALL=2 B_LARGE=4 B_TRAIN=4 MM=256 REP=1 INNER=1 VIDEOS=2
-  HALF=float32 T=300 BLOCK="--smoke"
+  HALF=float32 T=300 BLOCK="--smoke" E2E="--model stam_tiny --config configs/tiny.py --height 48"
+  E2E="$E2E --width 64 --videos 4 --batch 2"
 else
   M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
   HALF=bfloat16 T=1 BLOCK="--frames 512 --repeats 10 --matmul-size 8192"
+  E2E="--model stam_16 --videos 96 --batch 32"
 fi
 
 DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
@@ -52,23 +54,34 @@ F=benchmarks/forward_bench.py
 step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
   --attention auto,xla --last-block cls,all --torch-sdpa --repeats $REP --inner $INNER \
   --matmul-size $MM
+# Where a whole forward's device time goes, kernel by kernel, stam-jax against PyTorch's SDPA.
+step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
+# run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
+rm -rf /tmp/stam_suite_eval_cache
+step eval_e2e 100 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
+  --cache-dir /tmp/stam_suite_eval_cache
+# XLA's GEMM choices, stam-jax alone, one process each: the defaults, then with a flag.
+for flags in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true; do
+  step xla_flags 45 env XLA_FLAGS="$flags" $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+    --no-torch --repeats $REP --inner $INNER --matmul-size $MM
+done
+step train16_remat 120 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
+  --steps 5 --remat
+step fwd16_float16 60 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
+  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+step fwd64_${HALF} 80 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
+  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
+step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
 # Where the gap to PyTorch's SDPA lies: one ViT block's parts on a batch of 32 videos' frames.
 step block_${HALF} 60 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
-step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
-step fwd64_${HALF} 80 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
-  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
-step fwd16_float16 60 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
-  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
-step train16_remat 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
-  --steps 10 --remat --attention xla
 step fwd16_${HALF}_small 60 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF \
   --repeats $REP --inner $INNER --matmul-size $MM
 for i in 1 2; do  # compile time: empty persistent cache, then a second process hitting it
   step compile_cache 40 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF --no-torch \
     --repeats 1 --matmul-size 256 --cache-dir /tmp/stam_suite_xla_cache
 done
-rm -rf /tmp/stam_suite_xla_cache
+rm -rf /tmp/stam_suite_xla_cache /tmp/stam_suite_eval_cache
 step fwd16_torch_compile 200 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
   --torch-compile --repeats $REP --inner $INNER --matmul-size $MM
 echo done | tee -a "$OUT/steps.log"

@@ -62,21 +62,26 @@ def test_train_bench_smoke():
 
 def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    env["ONLY"] = "precision block_float32 train16 fwd64_float32"
+    env["ONLY"] = "kprof_float32 train16 fwd64_float32"
     result = subprocess.run(
         ["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     steps = (tmp_path / "steps.log").read_text().splitlines()
     assert [line.split(":")[0] for line in steps[:-1]] == [
-        "step precision",
-        "step block_float32",
-        "step train16",
+        "step kprof_float32",
         "step fwd64_float32",
+        "step train16",
     ]
     assert all("rc=0" in line for line in steps[:-1]) and steps[-1] == "done"
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {"step": "train16"} in rows and any(row.get("model") == "stam_tiny_mean" for row in rows)
+    (kprof,) = [row for row in rows if "jax_auto" in row]  # the kernel profile's row
+    for lib in ("jax_auto", "torch_sdpa"):
+        assert kprof[lib]["kernel_ms_per_forward"] > 0 and kprof[lib]["top_kernels_ms"]
+        assert sum(kprof[lib]["ms_by_kind"].values()) > 0.99 * kprof[lib]["kernel_ms_per_forward"]
+    # PyTorch's CPU ops are named: its convolution, matmuls and fused attention are told apart.
+    assert {"convolution", "matmul", "attention"} <= set(kprof["torch_sdpa"]["ms_by_kind"])
 
 
 def test_decode_bench_smoke():
@@ -109,7 +114,7 @@ def test_eval_bench_smoke():
         "benchmarks/eval_bench.py",
         *[*args, "--height", "48", "--width", "64", "--workers", "0", "--inputs", "videos,raw"],
     )
-    assert [row["inputs"] for row in rows] == ["videos", "raw"]
+    assert [(row["run"], row["inputs"]) for row in rows] == [(0, "videos"), (1, "raw")]
     assert all(row["videos"] == 4 and row["videos_per_s"] > 0 for row in rows)
     assert all(row["input_wait_s"] >= 0 for row in rows)
 
@@ -156,3 +161,21 @@ def test_xla_cpu_flags_smoke():
     (row,) = run_script("benchmarks/xla_cpu_flags.py", "--rounds", "1", "--repeats", "1")
     assert set(row["gflop_per_s"]) == {"default", "onednn", "onednn_dot_fusion", "xnnpack", "torch"}
     assert all(r[0]["gemm"] > 0 and r[0]["gemm_gelu"] > 0 for r in row["gflop_per_s"].values())
+
+
+def test_kernel_profile_kinds():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernel_profile import kind_of, summarise
+
+    # Kernel names as the GPU profilers report them (cuBLAS, cuDNN, XLA fusions, PyTorch).
+    assert kind_of("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT [custom-call.12]") == "matmul"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_knob_7 [custom-call.3]") == "attention"
+    assert kind_of("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16 [convolution.1]") == "convolution"
+    assert kind_of("gemm_fusion_dot_7") == "matmul"
+    assert kind_of("loop_add_fusion_3") == "other"
+    assert kind_of("vectorized_layer_norm_kernel") == "other"
+    got = summarise([("gemm_a", 0.004), ("gemm_a", 0.002), ("loop_add", 0.001)], 2, 0.01, 1)
+    assert got["ms_by_kind"] == {"matmul": 3.0, "other": 0.5}
+    assert got["wall_ms_per_forward"] == 5.0 and got["kernel_ms_per_forward"] == 3.5
+    assert got["top_kernels_ms"] == {"gemm_a": 3.0} and got["kernels_per_forward"] == 1.5
