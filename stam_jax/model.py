@@ -107,6 +107,19 @@ class _ColumnDense(nn.Module):
         return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """Exact GELU, `x * (1 + erf(x / sqrt(2))) / 2`, computed in float32, returned in x's dtype.
+
+    The formula of PyTorch's `nn.GELU()`. `jax.nn.gelu(approximate=False)` computes the same
+    function through `erfc`, which XLA expands into about twice the arithmetic: the GELU of the
+    MLPs was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of 56.8 ms,
+    twice PyTorch's GELU; BENCHMARKS.md), and this form runs it 2.8x faster in bfloat16 on CPU.
+    """
+    y = x.astype(jnp.float32)
+    y = y * 0.5 * (1.0 + jax.lax.erf(y * jnp.float32(0.7071067811865476)))
+    return y.astype(x.dtype)
+
+
 def _prepend_cls_add_pos(module: nn.Module, x: jax.Array) -> jax.Array:
     """Prepends the learned `cls_token` and adds the learned `pos_embed` (params of `module`)."""
     batch, length, width = x.shape
@@ -163,13 +176,23 @@ class FusedQKVAttention(nn.Module):
             out = self._heads_first(q, kv[:, :, 0], kv[:, :, 1], deterministic=not dropout)
             out = out.reshape(batch, 1, width)
             return nn.Dense(width, name=self.out_name, **dense)(out)
-        qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
-        qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         impl = _resolve_attention_impl(self.attention_impl, self.dtype)
         if impl == "heads_first" or dropout or self.sow_weights:
+            qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
+            qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             out = self._heads_first(q, k, v, deterministic=not dropout)
-        elif impl == "cudnn" and self.attention_impl == "auto":
+            return nn.Dense(width, name=self.out_name, **dense)(out.reshape(batch, length, width))
+        # (B, T, heads, head_dim) for `jax.nn.dot_product_attention`: q, k and v each from its
+        # own columns of the fused kernel, so that each is a matmul's output as it is. Sliced
+        # out of one fused output, each was copied before the cuDNN kernel (3.4 of 56.8 ms of
+        # a bfloat16 forward on an H100, BENCHMARKS.md).
+        qkv = _ColumnDense(3 * width, self.dtype, self.param_dtype, name=self.qkv_name)
+        q, k, v = (
+            qkv(x, i * width, (i + 1) * width).reshape(batch, length, self.num_heads, head_dim)
+            for i in range(3)
+        )
+        if impl == "cudnn" and self.attention_impl == "auto":
             try:
                 out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             except NotImplementedError:  # shape, GPU or cuDNN version cuDNN cannot serve
@@ -223,7 +246,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
         y = nn.Dense(self.hidden_dim, name="fc1", **dense)(x)
-        y = nn.gelu(y, approximate=False)
+        y = gelu_exact(y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         y = nn.Dense(x.shape[-1], name="fc2", **dense)(y)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -269,8 +292,38 @@ class Block(nn.Module):
         return x + DropPath(self.drop_path_rate)(y, deterministic)
 
 
+class _PatchProjection(nn.Module):
+    """`nn.Conv(features, (p, p), strides=(p, p), padding='VALID')` as one matmul over patches.
+
+    Declares the convolution's `kernel` `(p, p, channels, features)` and `bias` (same names,
+    initialisers and rng streams as `nn.Conv`), flattens each patch in the kernel's (row,
+    column, channel) order and multiplies. The same sums as the strided convolution; cuDNN ran
+    that convolution (3 input channels) at 4.2 ms of a 56.8 ms bfloat16 forward on an H100 for
+    0.7% of its FLOPs, and XLA:CPU 1.5x slower than this matmul (BENCHMARKS.md).
+    """
+
+    features: int
+    patch_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        frames, height, width, channels = images.shape
+        shape = (p, p, channels, self.features)
+        kernel = self.param("kernel", _dense_init, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(images, kernel, bias, dtype=self.dtype)
+        rows, cols = height // p, width // p  # 'VALID': a partial patch at the edge is dropped
+        x = x[:, : rows * p, : cols * p].reshape(frames, rows, p, cols, p, channels)
+        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(frames, rows * cols, p * p * channels)
+        y = jax.lax.dot_general(x, kernel.reshape(-1, self.features), (((2,), (0,)), ((), ())))
+        return y + bias
+
+
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches through a strided convolution (`patch_embed/proj`)."""
+    """Non-overlapping patches, projected (`patch_embed/proj`, the official strided conv)."""
 
     patch_size: int
     hidden_size: int
@@ -279,19 +332,10 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        p = self.patch_size
-        x = nn.Conv(
-            self.hidden_size,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=_dense_init,
-            name="proj",
+        """`(F, H, W, 3)` frames to `(F, patches, hidden)` tokens, patches in row-major order."""
+        return _PatchProjection(
+            self.hidden_size, self.patch_size, self.dtype, self.param_dtype, name="proj"
         )(images)
-        # Row-major patch order, as PyTorch's flatten(2) of (N, C, h, w).
-        return x.reshape(x.shape[0], -1, self.hidden_size)
 
 
 class TemporalEncoderLayer(nn.Module):
