@@ -10,8 +10,12 @@ jitted with its model's own modules, PyTorch the reference's (`convert/torch_ref
 autocast for half precision, its fused SDPA attention with `--torch-sdpa`), and each library's
 n x n x n matmul rate, the parts alternating between the libraries so that drift hits both.
 Parts: the whole block; attention (qkv, core, projection); the attention core alone; the MLP
-(fc1, exact GELU, fc2); one LayerNorm; the GELU alone; the 768 -> 3072 Linear. Needs only jax,
-flax, numpy and torch (plus this repository), so it runs on a lent GPU machine too.
+(fc1, exact GELU, fc2); one LayerNorm; the GELU alone; the 768 -> 3072 Linear; the patch
+embedding of the frames. Beside three of them, stam-jax's earlier form, timed in the same
+alternation so each change's effect is a same-run ratio (PyTorch runs its own form again):
+'gelu_erfc' (`jax.nn.gelu`, through erfc), 'patch_embed_conv' (the strided convolution),
+'attention_sliced_qkv' (q, k, v sliced out of one fused matmul's output). Needs only jax, flax,
+numpy and torch (plus this repository), so it runs on a lent GPU machine too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,16 @@ import torch
 
 from convert.torch_reference import Attention as TorchAttention
 from convert.torch_reference import Block as TorchBlock
-from stam_jax.model import Block, FusedQKVAttention, Mlp, _layer_norm, _resolve_attention_impl
+from convert.torch_reference import PatchEmbed as TorchPatchEmbed
+from stam_jax.model import (
+    Block,
+    FusedQKVAttention,
+    Mlp,
+    PatchEmbed,
+    _layer_norm,
+    _resolve_attention_impl,
+    gelu_exact,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +51,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class _Gelu(nn.Module):
     @nn.compact
     def __call__(self, x):
+        return gelu_exact(x)
+
+
+class _GeluErfc(nn.Module):
+    @nn.compact
+    def __call__(self, x):
         return nn.gelu(x, approximate=False)
+
+
+class _PatchEmbedConv(nn.Module):
+    """The patch embedding as it was: one strided convolution."""
+
+    patch: int
+    width: int
+    dtype: object
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch
+        y = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype)(images)
+        return y.reshape(y.shape[0], -1, self.width)
+
+
+class _SlicedQKVAttention(nn.Module):
+    """The attention as it was on the `jax.nn.dot_product_attention` paths: one fused q|k|v
+    matmul, then q, k and v sliced out of its output."""
+
+    heads: int
+    impl: str
+    dtype: object
+
+    @nn.compact
+    def __call__(self, x):
+        batch, length, width = x.shape
+        qkv = nn.Dense(3 * width, dtype=self.dtype)(x)
+        qkv = qkv.reshape(batch, length, 3, self.heads, width // self.heads)
+        out = _attention_core(self.impl, self.heads)(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return nn.Dense(width, dtype=self.dtype)(out.reshape(batch, length, width))
 
 
 class _Dense(nn.Module):
@@ -86,10 +136,11 @@ def main() -> None:
     parser.add_argument("--torch-sdpa", action="store_true", help="PyTorch's fused attention")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
     args = parser.parse_args()
-    width, heads, hidden, tokens = 768, 12, 3072, 197
+    width, heads, hidden, tokens, patch = 768, 12, 3072, 197, 16
     if args.smoke:
         width, heads, hidden, tokens, args.frames, args.repeats = 64, 4, 128, 17, 2, 1
         args.matmul_size = 128
+    side = patch * round((tokens - 1) ** 0.5)  # frames of (tokens - 1) patches
     dtype = jnp.dtype(args.dtype)
     on_gpu = jax.default_backend() == "gpu"
     device = "cuda" if on_gpu else "cpu"
@@ -97,6 +148,8 @@ def main() -> None:
     x = rng.standard_normal((args.frames, tokens, width), dtype=np.float32)
     h = rng.standard_normal((args.frames, tokens, hidden), dtype=np.float32)
     qkv = rng.standard_normal((3, args.frames, tokens, heads, width // heads), dtype=np.float32)
+    images = rng.random((args.frames, side, side, 3), dtype=np.float32)
+    impl = _resolve_attention_impl("auto", dtype)
 
     jax_parts = {
         "block": Block(heads, hidden, dtype=dtype),
@@ -105,13 +158,17 @@ def main() -> None:
         "layernorm": _LayerNorm(dtype),
         "gelu": _Gelu(),
         "dense_to_mlp": _Dense(hidden, dtype),
+        "patch_embed": PatchEmbed(patch, width, dtype=dtype),
+        "gelu_erfc": _GeluErfc(),
+        "patch_embed_conv": _PatchEmbedConv(patch, width, dtype),
+        "attention_sliced_qkv": _SlicedQKVAttention(heads, impl, dtype),
     }
     runners: dict[str, dict[str, Callable[[], None]]] = {"jax": {}, "torch": {}}
     for part, module in jax_parts.items():
-        data = jnp.asarray(h if part == "gelu" else x, dtype)
+        data = {"gelu": h, "gelu_erfc": h, "patch_embed": images, "patch_embed_conv": images}
+        data = jnp.asarray(data.get(part, x), dtype)
         variables = jax.jit(module.init)(jax.random.key(0), data)
         runners["jax"][part] = _sync_jax(jax.jit(module.apply), variables, data)
-    impl = _resolve_attention_impl("auto", dtype)
     core = jax.jit(_attention_core(impl, heads))
     runners["jax"]["attention_core"] = _sync_jax(core, *jnp.asarray(qkv, dtype))
 
@@ -120,6 +177,8 @@ def main() -> None:
     tq, tk, tv = (torch.from_numpy(a).to(device).transpose(1, 2) for a in qkv)
     linear = torch.nn.Linear(width, hidden).to(device)
     norm = torch.nn.LayerNorm(width).to(device)
+    patch_embed = TorchPatchEmbed(patch, width).to(device)
+    timages = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
     torch_parts = {
         "block": lambda: block(tx),
         "attention": lambda: block.attn(tx),
@@ -132,6 +191,11 @@ def main() -> None:
         "layernorm": lambda: norm(tx),
         "gelu": lambda: torch.nn.functional.gelu(th),
         "dense_to_mlp": lambda: linear(tx),
+        "patch_embed": lambda: patch_embed(timages),
+        # PyTorch's own forms again, beside stam-jax's earlier ones.
+        "gelu_erfc": lambda: torch.nn.functional.gelu(th),
+        "patch_embed_conv": lambda: patch_embed(timages),
+        "attention_sliced_qkv": lambda: block.attn(tx),
     }
 
     def torch_runner(fn: Callable) -> Callable[[], None]:

@@ -24,11 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+# This process writes the videos and the checkpoint on the CPU, leaving the accelerator and its
+# memory to run_eval.py (on a GPU, a JAX process here would hold 60-75% of its memory).
+_CALLER_PLATFORMS = os.environ.get("JAX_PLATFORMS")
+os.environ["JAX_PLATFORMS"] = "cpu"
 
-from stam_jax import checkpoints, create_model
-from stam_jax.data.synthetic import index_frame, write_video
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stam_jax import checkpoints, create_model  # noqa: E402
+from stam_jax.data.synthetic import index_frame, write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,8 +57,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=340)
     parser.add_argument("--inputs", default="videos", help="comma list of videos, raw, jpeg")
     parser.add_argument("--repeat", type=int, default=1, help="runs of run_eval.py per input")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per run_eval.py")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    start = time.perf_counter()
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]
     (work / "classes.txt").write_text("\n".join(classes) + "\n")
@@ -66,10 +73,15 @@ def main() -> None:
     params = jax.jit(model.init)(jax.random.key(0), video)["params"]
     checkpoints.save(work / "ckpt", model, params)
     del params
+    setup_s = round(time.perf_counter() - start, 1)
+    print(json.dumps({"videos_written": args.videos, "setup_s": setup_s}), flush=True)
     config = args.config or f"configs/{args.model}.py"
     # The repository first, then whatever the caller's path holds (packages carried to a GPU).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
+    env.pop("JAX_PLATFORMS")
+    if _CALLER_PLATFORMS is not None:
+        env["JAX_PLATFORMS"] = _CALLER_PLATFORMS
     runs = [name for name in args.inputs.split(",") for _ in range(args.repeat)]
     for run, inputs in enumerate(runs):
         root = work / "val"
@@ -96,7 +108,7 @@ def main() -> None:
         if inputs == "videos":
             cmd.append(f"--config.data.class_list={work / 'classes.txt'}")
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env, timeout=args.timeout)
         wall = time.perf_counter() - start
         results = json.loads((work / f"out_{run}_{inputs}" / "results.json").read_text())
         timing = results["timing"]
@@ -117,7 +129,8 @@ def main() -> None:
                     "first_batch_after_s": timing["first_batch_after_s"],
                     "command_wall_s": round(wall, 1),
                 }
-            )
+            ),
+            flush=True,
         )
 
 

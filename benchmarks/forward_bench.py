@@ -13,11 +13,11 @@ official explicit attention, optionally with PyTorch's fused `scaled_dot_product
 `torch.compile`), under autocast for half precision, alternating all runners `--repeats` times
 so drift hits each, and reports the median videos/s of each and the ratios to stam-jax's first
 path. FLOPs per video are what stam-jax runs (its last ViT block computes the cls token only:
-532.5 GFLOP per STAM-16 video, where the official computation of every token takes 572.7), from
+525.8 GFLOP per STAM-16 video, where the official computation of every token takes 564.9), from
 XLA's cost analysis of the all-XLA ('heads_first') forward with all frames in one step (the
 analysis counts a loop's body once), so that a fused cuDNN kernel, which the analysis cannot see
 into, does not shrink the count (where the backend gives no analysis, from
-`STAM.macs_per_video`: matmuls only, 1.6% under XLA). The matmul rate is an
+`STAM.macs_per_video`: matmuls only, 0.3% under XLA). The matmul rate is an
 n x n x n product on random data in the same dtype, jax's and torch's, timed in the same
 alternation as the models; model FLOP utilisation is achieved FLOP/s over the faster of the two.
 Also: jit compile time and the process's peak memory (RSS on CPU, device peak on GPU).

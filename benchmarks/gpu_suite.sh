@@ -58,23 +58,27 @@ step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
 step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
 # run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
 rm -rf /tmp/stam_suite_eval_cache
-step eval_e2e 100 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
-  --cache-dir /tmp/stam_suite_eval_cache
-# XLA's GEMM choices, stam-jax alone, one process each: the defaults, then with a flag.
-for flags in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true; do
-  step xla_flags 45 env XLA_FLAGS="$flags" $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
+  --cache-dir /tmp/stam_suite_eval_cache --timeout 60
+# The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
+# beside their replacements, same run: one ViT block's parts on a batch of 32 videos' frames.
+step block_${HALF} 90 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
+# XLA's Triton GEMMs off (cuBLAS for every matmul), stam-jax alone, one process each, in the
+# order default, off, default, off so that drift shows.
+for flags in "" --xla_gpu_enable_triton_gemm=false "" --xla_gpu_enable_triton_gemm=false; do
+  step xla_flags 70 env XLA_FLAGS="$flags" $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
     --no-torch --repeats $REP --inner $INNER --matmul-size $MM
 done
+step kprof_${HALF}_no_triton_gemm 60 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+  $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF --no-torch
 step train16_remat 120 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
   --steps 5 --remat
-step fwd16_float16 60 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
+step fwd16_float16 100 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
   --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
-step fwd64_${HALF} 80 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
+step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
   --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
-# Where the gap to PyTorch's SDPA lies: one ViT block's parts on a batch of 32 videos' frames.
-step block_${HALF} 60 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
 step fwd16_${HALF}_small 60 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF \
   --repeats $REP --inner $INNER --matmul-size $MM
 for i in 1 2; do  # compile time: empty persistent cache, then a second process hitting it

@@ -9,7 +9,8 @@ PyTorch reference (`convert/torch_reference.py`, autocast for half precision, wi
 `scaled_dot_product_attention` unless `--torch-eager`) under `torch.profiler`. Each kernel's
 device time is summed by kind - matmul, attention, convolution, other (LayerNorm, GELU, residual
 adds, casts, copies) - and reported per forward, with the wall time per forward, so the gap
-between the two libraries can be read off kind by kind, and the top kernels of each. On a CPU
+between the two libraries can be read off kind by kind, and the top kernels of each (stam-jax's
+with the JAX operation each came from, read from the compiled HLO's metadata). On a CPU
 (smoke mode) the same is done with XLA's CPU thunks and PyTorch's aten ops, to exercise the code.
 Needs only jax, flax, numpy and torch (plus this repository).
 """
@@ -20,6 +21,7 @@ import argparse
 import collections
 import json
 import pathlib
+import re
 import tempfile
 import time
 
@@ -73,6 +75,15 @@ def summarise(kernels: list[tuple[str, float]], calls: int, wall_s: float, top: 
     }
 
 
+_HLO_OP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{.*?op_name="([^"]*)"', re.M)
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Each instruction's JAX source (`op_name` metadata) by name, '.' written '_' as in
+    kernel names (a fusion's kernel is named after the fusion; identical fusions share one)."""
+    return {name.replace(".", "_"): op for name, op in _HLO_OP.findall(hlo_text)}
+
+
 def _xspace_kernels(path: pathlib.Path) -> list[tuple[str, float]]:
     """(name, seconds) of every device kernel in a jax profile; XLA's CPU thunks on a CPU."""
     data = jax.profiler.ProfileData.from_file(str(path))
@@ -100,7 +111,9 @@ def _xspace_kernels(path: pathlib.Path) -> list[tuple[str, float]]:
 
 
 def profile_jax(forward, params, videos, calls: int, top: int) -> dict:
-    """Device kernels of `calls` stam-jax forwards, summarised."""
+    """Device kernels of `calls` stam-jax forwards, summarised, with the JAX source of each of
+    the top kernels that the compiled HLO names."""
+    sources = hlo_sources(forward.lower(params, videos).compile().as_text())
     for _ in range(2):
         forward(params, videos).block_until_ready()
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -115,7 +128,13 @@ def profile_jax(forward, params, videos, calls: int, top: int) -> dict:
         if not paths:
             raise SystemExit(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
         kernels = _xspace_kernels(paths[-1])
-    return summarise(kernels, calls, wall, top)
+    result = summarise(kernels, calls, wall, top)
+    result["top_kernels_source"] = {
+        name: sources[base]
+        for name in result["top_kernels_ms"]
+        if (base := name.split(" [")[0].replace(".", "_")) in sources
+    }
+    return result
 
 
 def profile_torch(run, on_gpu: bool, calls: int, top: int) -> dict:
