@@ -111,9 +111,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU, `x * (1 + erf(x / sqrt(2))) / 2`, computed in float32, returned in x's dtype.
 
     The formula of PyTorch's `nn.GELU()`. `jax.nn.gelu(approximate=False)` computes the same
-    function through `erfc`, which XLA expands into about twice the arithmetic: the GELU of the
-    MLPs was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of 56.8 ms,
-    twice PyTorch's GELU; BENCHMARKS.md), and this form runs it 2.8x faster in bfloat16 on CPU.
+    function through `erfc`, which XLA expands into about twice the arithmetic: by its size,
+    the MLPs' GELU was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of
+    56.8 ms, twice PyTorch's GELU; BENCHMARKS.md); this form ran 2.1x (bfloat16) and 1.5x
+    (float32) faster on CPU.
     """
     y = x.astype(jnp.float32)
     y = y * 0.5 * (1.0 + jax.lax.erf(y * jnp.float32(0.7071067811865476)))
@@ -299,7 +300,7 @@ class _PatchProjection(nn.Module):
     initialisers and rng streams as `nn.Conv`), flattens each patch in the kernel's (row,
     column, channel) order and multiplies. The same sums as the strided convolution; cuDNN ran
     that convolution (3 input channels) at 4.2 ms of a 56.8 ms bfloat16 forward on an H100 for
-    0.7% of its FLOPs, and XLA:CPU 1.5x slower than this matmul (BENCHMARKS.md).
+    0.7% of its FLOPs, and XLA:CPU 1.2-1.6x slower than this matmul (BENCHMARKS.md).
     """
 
     features: int
