@@ -111,8 +111,8 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU, `x * (1 + erf(x / sqrt(2))) / 2`, computed in float32, returned in x's dtype.
 
     The formula of PyTorch's `nn.GELU()`. `jax.nn.gelu(approximate=False)` computes the same
-    function through `erfc`, which XLA expands into about twice the arithmetic: by its size,
-    the MLPs' GELU was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of
+    function through `erfc`, which jax lowers to a longer expansion (66 operations per element
+    in XLA's count, which keeps `erf` as one operation): by its size, the MLPs' GELU was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of
     56.8 ms, twice PyTorch's GELU; BENCHMARKS.md); this form ran 2.1x (bfloat16) and 1.5x
     (float32) faster on CPU.
     """
