@@ -112,9 +112,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
     The formula of PyTorch's `nn.GELU()`. `jax.nn.gelu(approximate=False)` computes the same
     function through `erfc`, which jax lowers to a longer expansion (66 operations per element
-    in XLA's count, which keeps `erf` as one operation): by its size, the MLPs' GELU was the largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of
-    56.8 ms, twice PyTorch's GELU; BENCHMARKS.md); this form ran 2.1x (bfloat16) and 1.5x
-    (float32) faster on CPU.
+    in XLA's count, which keeps `erf` as one operation). By its size, the MLPs' GELU was the
+    largest non-matmul kernel of a bfloat16 forward on an H100 (10.6 of 56.8 ms, twice
+    PyTorch's GELU; BENCHMARKS.md); this form ran 2.1x (bfloat16) and 1.5x (float32) faster
+    on CPU.
     """
     y = x.astype(jnp.float32)
     y = y * 0.5 * (1.0 + jax.lax.erf(y * jnp.float32(0.7071067811865476)))
