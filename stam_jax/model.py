@@ -167,29 +167,34 @@ class FusedQKVAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} does not divide into num_heads={self.num_heads}.")
         head_dim = width // self.num_heads
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
         dropout = self.dropout_rate > 0.0 and not deterministic
+        # One fused q|k|v kernel (nn.Dense's params), of which each path computes the columns
+        # it needs; the output projection.
+        qkv = _ColumnDense(3 * width, self.dtype, self.param_dtype, name=self.qkv_name)
+        proj = nn.Dense(
+            width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=_dense_init,
+            name=self.out_name,
+        )
         if self.first_query_only:
             # One query per sequence: the attention core is a small matrix-vector product, run
             # heads-first (cuDNN's fused kernel is not made for a single query).
-            qkv = _ColumnDense(3 * width, self.dtype, self.param_dtype, name=self.qkv_name)
             q = qkv(x[:, :1], 0, width).reshape(batch, 1, self.num_heads, head_dim)
             kv = qkv(x, width).reshape(batch, length, 2, self.num_heads, head_dim)
             out = self._heads_first(q, kv[:, :, 0], kv[:, :, 1], deterministic=not dropout)
-            out = out.reshape(batch, 1, width)
-            return nn.Dense(width, name=self.out_name, **dense)(out)
+            return proj(out.reshape(batch, 1, width))
         impl = _resolve_attention_impl(self.attention_impl, self.dtype)
         if impl == "heads_first" or dropout or self.sow_weights:
-            qkv = nn.Dense(3 * width, name=self.qkv_name, **dense)(x)
-            qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            fused = qkv(x).reshape(batch, length, 3, self.num_heads, head_dim)
+            q, k, v = fused[:, :, 0], fused[:, :, 1], fused[:, :, 2]
             out = self._heads_first(q, k, v, deterministic=not dropout)
-            return nn.Dense(width, name=self.out_name, **dense)(out.reshape(batch, length, width))
+            return proj(out.reshape(batch, length, width))
         # (B, T, heads, head_dim) for `jax.nn.dot_product_attention`: q, k and v each from its
         # own columns of the fused kernel, so that each is a matmul's output as it is. Sliced
         # out of one fused output, each was copied before the cuDNN kernel (3.4 of 56.8 ms of
         # a bfloat16 forward on an H100, BENCHMARKS.md).
-        qkv = _ColumnDense(3 * width, self.dtype, self.param_dtype, name=self.qkv_name)
         q, k, v = (
             qkv(x, i * width, (i + 1) * width).reshape(batch, length, self.num_heads, head_dim)
             for i in range(3)
@@ -201,8 +206,7 @@ class FusedQKVAttention(nn.Module):
                 out = self._heads_first(q, k, v, deterministic=True)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-        out = out.reshape(batch, length, width)
-        return nn.Dense(width, name=self.out_name, **dense)(out)
+        return proj(out.reshape(batch, length, width))
 
     def _heads_first(self, q, k, v, deterministic: bool) -> jax.Array:
         """Attention with heads as a batch axis, `(B, N, T, H)`, probabilities materialised.
