@@ -31,6 +31,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,33 @@ def matmul_runners(dtype: str, n: int, with_torch: bool) -> tuple[dict, float]:
 
         runners["matmul_torch"] = run_torch
     return runners, 2.0 * n**3 * inner
+
+
+def torch_reference(model, videos: np.ndarray, device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The PyTorch reference of `model` on `device`, and `videos` as its `(B*T, 3, H, W)` float
+    frames in [0, 1]."""
+    s = model.image_size
+    reference = reference_from_config(model_config(model)).eval().to(device)
+    frames = torch.from_numpy(videos).to(device).reshape(-1, s, s, 3).permute(0, 3, 1, 2)
+    return reference, frames.float().div(255)
+
+
+def torch_forward(module, frames: torch.Tensor, dtype: str, sdpa: bool) -> Callable[[], None]:
+    """One forward of the reference `module` (inference mode, autocast for half precision, the
+    official attention or PyTorch's fused SDPA), waited for on a GPU."""
+    device = frames.device.type
+
+    def run() -> None:
+        Attention.use_sdpa = sdpa
+        with (
+            torch.inference_mode(),
+            torch.autocast(device, DTYPES[dtype], enabled=dtype != "float32"),
+        ):
+            module(frames)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
 
 
 def flops_per_video(
@@ -144,36 +172,18 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
 
         runners[f"jax_{impl}"] = run_jax
 
-    on_gpu = jax.default_backend() == "gpu"
-    device = "cuda" if on_gpu else "cpu"
     if not args.no_torch:
-        reference = reference_from_config(model_config(model)).eval().to(device)
-        frames = torch.from_numpy(videos).to(device).reshape(-1, s, s, 3).permute(0, 3, 1, 2)
-        frames = frames.float().div(255)
-        autocast = dtype != "float32"
-
-        def torch_runner(module, sdpa: bool):
-            def run():
-                Attention.use_sdpa = sdpa
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(device, DTYPES[dtype], enabled=autocast),
-                ):
-                    module(frames)
-                if on_gpu:
-                    torch.cuda.synchronize()
-
-            return run
-
-        runners["torch_eager"] = torch_runner(reference, sdpa=False)
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        reference, frames = torch_reference(model, videos, device)
+        runners["torch_eager"] = torch_forward(reference, frames, dtype, sdpa=False)
         if args.torch_sdpa:
-            runners["torch_sdpa"] = torch_runner(reference, sdpa=True)
+            runners["torch_sdpa"] = torch_forward(reference, frames, dtype, sdpa=True)
         if args.torch_compile:
             compiled_ref = torch.compile(reference)
             start = time.perf_counter()
-            torch_runner(compiled_ref, sdpa=False)()
+            torch_forward(compiled_ref, frames, dtype, sdpa=False)()
             compile_s["torch_compile"] = round(time.perf_counter() - start, 2)
-            runners["torch_compile"] = torch_runner(compiled_ref, sdpa=False)
+            runners["torch_compile"] = torch_forward(compiled_ref, frames, dtype, sdpa=False)
     matmuls, matmul_flops = matmul_runners(dtype, args.matmul_size, not args.no_torch)
     runners.update(matmuls)
     for run in runners.values():

@@ -28,11 +28,11 @@ import time
 import jax
 import numpy as np
 import torch
+from forward_bench import DTYPES, torch_forward, torch_reference  # this folder's
 
-from convert.torch_reference import Attention, reference_from_config
-from stam_jax import create_model, model_config
+from convert.torch_reference import Attention
+from stam_jax import create_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Substrings of kernel (or HLO op) names, lower-cased, checked in this order.
 KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "attention", "softmax")),
@@ -196,21 +196,8 @@ def main() -> None:
         forward, params, jax.device_put(videos), args.calls, args.top
     )
     if not args.no_torch:
-        device = "cuda" if on_gpu else "cpu"
-        reference = reference_from_config(model_config(model)).eval().to(device)
-        frames = torch.from_numpy(videos).to(device).reshape(-1, s, s, 3).permute(0, 3, 1, 2)
-        frames = frames.float().div(255)
-
-        def run() -> None:
-            Attention.use_sdpa = not args.torch_eager
-            with (
-                torch.inference_mode(),
-                torch.autocast(device, DTYPES[args.dtype], enabled=args.dtype != "float32"),
-            ):
-                reference(frames)
-            if on_gpu:
-                torch.cuda.synchronize()
-
+        reference, frames = torch_reference(model, videos, "cuda" if on_gpu else "cpu")
+        run = torch_forward(reference, frames, args.dtype, sdpa=not args.torch_eager)
         label = "torch_eager" if args.torch_eager else "torch_sdpa"
         out[label] = profile_torch(run, on_gpu, args.calls, args.top)
         Attention.use_sdpa = False
