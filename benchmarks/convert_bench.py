@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,18 @@ def main() -> None:
     parser.add_argument("--model", default="stam_16")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="convert_bench_"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        _measure(args, Path(args.workdir))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="convert_bench_"))
+    try:
+        _measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, workdir: Path) -> None:
     pth, ckpt, back = workdir / "official.pth", workdir / "ckpt", workdir / "back.pth"
     py = sys.executable
     model = create_model(args.model)  # head counts are not stored in checkpoints

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,13 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="decode_bench_"))
+    try:
+        _measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, workdir: Path) -> None:
     paths = [
         write_video(
             workdir / f"v{i}.mp4", (index_frame(j, 256, 340, seed=i) for j in range(300)), 30

@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,19 @@ def main() -> None:
     parser.add_argument("--inputs", default="videos", help="comma list of videos, raw, jpeg")
     parser.add_argument("--repeat", type=int, default=1, help="runs of run_eval.py per input")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run_eval.py")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    try:
+        _measure(args, work)
+    finally:
+        if args.keep:
+            print(json.dumps({"work_folder": str(work)}), flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, work: Path) -> None:
     start = time.perf_counter()
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]

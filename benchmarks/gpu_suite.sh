@@ -18,11 +18,11 @@ PY=${PYTHON:-python3}
 if [ "${SMOKE:-0}" = 1 ]; then
   M16=stam_tiny M64=stam_tiny_mean B_SMALL=2 B_LARGE=4 B_TRAIN=4 MM=256 REP=1 INNER=1 VIDEOS=2
   HALF=float32 T=300 BLOCK="--smoke" E2E="--model stam_tiny --config configs/tiny.py --height 48"
-  E2E="$E2E --width 64 --videos 4 --batch 2"
+  E2E="$E2E --width 64 --videos 4 --batch 2" PREP="$E2E"
 else
   M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
   HALF=bfloat16 T=1 BLOCK="--frames 512 --repeats 10 --matmul-size 8192"
-  E2E="--model stam_16 --videos 96 --batch 32"
+  E2E="--model stam_16 --videos 96 --batch 32" PREP="--model stam_16 --videos 256 --batch 32"
 fi
 
 DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
@@ -47,6 +47,9 @@ step() {  # step NAME SECONDS COMMAND...
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>&1
   $PY -c 'import jax, flax, optax, torch; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, jax.devices())'
+  # What the input steps need beyond the image (carried as wheels): PyAV, and for prepared
+  # datasets tensorflow-datasets, grain and array_record.
+  $PY -c 'import av, grain, tensorflow_datasets as t, google.protobuf as p; print("av", av.__version__, "tfds", t.__version__, "protobuf", p.__version__)' 2>&1 | tail -1
 } | tee "$OUT/machine.txt"
 
 F=benchmarks/forward_bench.py
@@ -59,6 +62,11 @@ step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_L
 # run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
 rm -rf /tmp/stam_suite_eval_cache
 step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
+  --cache-dir /tmp/stam_suite_eval_cache --timeout 60
+# The same run_eval.py reading a raw prepared copy of 256 videos (stam_jax.data.prepare, not
+# timed), then decoding the videos themselves; the cache is warm from eval_e2e. Does the loop
+# wait for input (input_wait_s) at the GPU's rate?
+step eval_prepared 150 $PY benchmarks/eval_bench.py $PREP --dtype $HALF --inputs raw,videos \
   --cache-dir /tmp/stam_suite_eval_cache --timeout 60
 # The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
 # beside their replacements, same run: one ViT block's parts on a batch of 32 videos' frames.
