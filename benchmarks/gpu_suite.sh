@@ -68,6 +68,8 @@ step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
 # wait for input (input_wait_s) at the GPU's rate?
 step eval_prepared 150 $PY benchmarks/eval_bench.py $PREP --dtype $HALF --inputs raw,videos \
   --cache-dir /tmp/stam_suite_eval_cache --timeout 60
+# One batch to the device as uint8 (what the pipeline sends) against float32 scaled on the host.
+step transfer 30 $PY benchmarks/transfer_bench.py --batch $B_LARGE --repeats 20
 # The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
 # beside their replacements, same run: one ViT block's parts on a batch of 32 videos' frames.
 step block_${HALF} 90 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
@@ -86,6 +88,8 @@ step fwd16_float16 100 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
 step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
   --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
+step train16_no_donate 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN \
+  --dtype $HALF --steps 10 --no-donate
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS
 step fwd16_${HALF}_small 60 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF \
   --repeats $REP --inner $INNER --matmul-size $MM

@@ -52,6 +52,11 @@ def main() -> None:
         default="cls",
         help="the last ViT block on the cls token only (default) or on every token (official)",
     )
+    parser.add_argument(
+        "--no-donate",
+        action="store_true",
+        help="keep the input train state alive during the step (run_train.py donates it)",
+    )
     args = parser.parse_args()
     config = base_config(args.model)
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
@@ -83,7 +88,7 @@ def main() -> None:
             _train_step(model, tx, schedule, config.train, 0, model.num_classes),
             in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
             out_shardings=(replicated, replicated),
-            donate_argnums=0,
+            donate_argnums=() if args.no_donate else 0,
         )
 
     lowered = jit_step(model).lower(state, videos, labels, weights)
@@ -115,6 +120,7 @@ def main() -> None:
         "batch": args.batch,
         "dtype": args.dtype,
         "remat": args.remat,
+        "donate": not args.no_donate,
         "last_block": args.last_block,
         "attention": args.attention,
         "frames_per_step": model.frames_per_step(args.batch * t),

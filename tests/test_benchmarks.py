@@ -123,6 +123,14 @@ def test_eval_bench_smoke():
     assert all(row["input_wait_s"] >= 0 for row in rows)
 
 
+def test_transfer_bench_smoke():
+    args = ["--batch", "2", "--frames", "3", "--size", "8", "--repeats", "2"]
+    (row,) = run_script("benchmarks/transfer_bench.py", *args)
+    assert row["batch_shape"] == [2, 3, 8, 8, 3]
+    assert row["uint8"]["bytes"] == 1152 and row["float32"]["bytes"] == 4608
+    assert row["float32_put_only"]["bytes"] == 4608 and row["float32"]["ms"] > 0
+
+
 def test_block_profile_smoke():
     (row,) = run_script("benchmarks/block_profile.py", "--smoke", "--torch-sdpa")
     parts = {"block", "attention", "attention_core", "mlp", "layernorm", "gelu", "dense_to_mlp"}
