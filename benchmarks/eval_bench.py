@@ -9,7 +9,8 @@ compile excluded), compile seconds, the seconds the loop waited for input, and t
 command's wall time. `--inputs videos,raw,jpeg` runs it, one after the other, on the videos and
 on prepared copies of them (`python -m stam_jax.data.prepare`, not timed), one JSON each;
 `--repeat 2` runs each twice (with `--cache-dir`: a cold start, then one hitting the cache).
-The videos are written by one process per core.
+The videos are written by one process per core; `--unique N` encodes only N of them and
+fills the rest with hard links to those (decoding costs the same; writing is the slow part).
 """
 
 from __future__ import annotations
@@ -60,7 +61,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of run_eval.py per input")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run_eval.py")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
+    parser.add_argument(
+        "--unique", type=int, default=0, help="videos to encode, the rest linked (0: all)"
+    )
     args = parser.parse_args()
+    if args.videos < 1 or args.unique < 0:
+        parser.error(f"--videos {args.videos} / --unique {args.unique}: need >= 1 / >= 0")
+    unknown = set(args.inputs.split(",")) - {"videos", "raw", "jpeg"}
+    if unknown:
+        parser.error(f"--inputs {args.inputs!r}: {sorted(unknown)} unknown; use videos, raw, jpeg")
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     try:
         _measure(args, work)
@@ -76,17 +85,22 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]
     (work / "classes.txt").write_text("\n".join(classes) + "\n")
-    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, args.videos)) as pool:
-        paths = [work / "val" / classes[i % 4] / f"video_{i}.mp4" for i in range(args.videos)]
-        writes = [pool.submit(_write, p, i, args.height, args.width) for i, p in enumerate(paths)]
+    paths = [work / "val" / classes[i % 4] / f"video_{i}.mp4" for i in range(args.videos)]
+    unique = min(args.unique or args.videos, args.videos)
+    with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, unique)) as pool:
+        writes = [pool.submit(_write, paths[i], i, args.height, args.width) for i in range(unique)]
         for write in writes:
             write.result()
+    for i in range(unique, args.videos):
+        paths[i].parent.mkdir(parents=True, exist_ok=True)
+        os.link(paths[i % unique], paths[i])
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), video)["params"]
     checkpoints.save(work / "ckpt", model, params)
     del params
     setup_s = round(time.perf_counter() - start, 1)
-    print(json.dumps({"videos_written": args.videos, "setup_s": setup_s}), flush=True)
+    written = {"videos_written": args.videos, "videos_encoded": unique, "setup_s": setup_s}
+    print(json.dumps(written), flush=True)
     config = args.config or f"configs/{args.model}.py"
     # The repository first, then whatever the caller's path holds (packages carried to a GPU).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

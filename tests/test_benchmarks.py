@@ -112,12 +112,13 @@ def test_precision_smoke():
 
 def test_eval_bench_smoke():
     args = ["--model", "stam_tiny", "--config", "configs/tiny.py", "--videos", "4", "--batch", "2"]
+    args += ["--unique", "3"]  # three encoded, the fourth a link to the first
     rows = run_script(
         "benchmarks/eval_bench.py",
         *[*args, "--height", "48", "--width", "64", "--workers", "0", "--inputs", "videos,raw"],
     )
     setup, *rows = rows
-    assert setup["videos_written"] == 4 and setup["setup_s"] > 0
+    assert setup["videos_written"] == 4 and setup["videos_encoded"] == 3 and setup["setup_s"] > 0
     assert [(row["run"], row["inputs"]) for row in rows] == [(0, "videos"), (1, "raw")]
     assert all(row["videos"] == 4 and row["videos_per_s"] > 0 for row in rows)
     assert all(row["input_wait_s"] >= 0 for row in rows)
