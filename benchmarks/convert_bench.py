@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,9 @@ def main() -> None:
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         _measure(args, Path(args.workdir))
-        return
-    workdir = Path(tempfile.mkdtemp(prefix="convert_bench_"))
-    try:
-        _measure(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="convert_bench_") as workdir:
+            _measure(args, Path(workdir))
 
 
 def _measure(args: argparse.Namespace, workdir: Path) -> None:

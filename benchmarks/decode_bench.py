@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,11 +41,8 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=256)
     parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="decode_bench_"))
-    try:
-        _measure(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="decode_bench_") as workdir:
+        _measure(args, Path(workdir))
 
 
 def _measure(args: argparse.Namespace, workdir: Path) -> None:
