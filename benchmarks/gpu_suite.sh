@@ -5,6 +5,9 @@
 #   OUT=results_dir bash benchmarks/gpu_suite.sh          # on the GPU machine
 #   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh   # the same steps at tiny sizes (CPU)
 #
+# An offline GPU machine without PyAV, ml_collections or the prepared-dataset packages gets them
+# as wheels from benchmarks/offline_wheels.sh.
+#
 # Results: $OUT/results.jsonl (per step a {"step": ...} line, then the step's JSON lines),
 # $OUT/stderr.log, $OUT/steps.log (exit status and seconds per step), $OUT/machine.txt.
 set -u
