@@ -25,7 +25,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
   HALF=bfloat16 T=1 BLOCK="--frames 512 --repeats 10 --matmul-size 8192"
-  E2E="--model stam_16 --videos 96 --batch 32" PREP="--model stam_16 --videos 256 --unique 64 --batch 32"
+  E2E="--model stam_16 --videos 96 --batch 32"
+  PREP="--model stam_16 --videos 256 --unique 64 --batch 32"
 fi
 
 DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
@@ -66,9 +67,9 @@ step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_L
 rm -rf /tmp/stam_suite_eval_cache
 step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
   --cache-dir /tmp/stam_suite_eval_cache --timeout 60
-# The same run_eval.py reading a raw prepared copy of 256 videos (64 encoded, 4 links to each;
-# stam_jax.data.prepare, not timed), then decoding the videos themselves; the cache is warm from eval_e2e. Does the loop
-# wait for input (input_wait_s) at the GPU's rate?
+# The same run_eval.py reading a raw prepared copy of 256 videos (64 encoded, each linked 4
+# times; stam_jax.data.prepare, not timed), then decoding the videos themselves; the cache is
+# warm from eval_e2e. Does the loop wait for input (input_wait_s) at the GPU's rate?
 step eval_prepared 150 $PY benchmarks/eval_bench.py $PREP --dtype $HALF --inputs raw,videos \
   --cache-dir /tmp/stam_suite_eval_cache --timeout 60
 # One batch to the device as uint8 (what the pipeline sends) against float32 scaled on the host.
