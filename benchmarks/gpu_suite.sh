@@ -53,7 +53,8 @@ step() {  # step NAME SECONDS COMMAND...
   $PY -c 'import jax, flax, optax, torch; print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, jax.devices())'
   # What the input steps need beyond the image (carried as wheels): PyAV, and for prepared
   # datasets tensorflow-datasets, grain and array_record.
-  $PY -c 'import av, grain, tensorflow_datasets as t, google.protobuf as p; print("av", av.__version__, "tfds", t.__version__, "protobuf", p.__version__)' 2>&1 | tail -1
+  $PY -c 'import av, grain, tensorflow_datasets as t, google.protobuf as p
+print("av", av.__version__, "tfds", t.__version__, "protobuf", p.__version__)' 2>&1 | tail -1
 } | tee "$OUT/machine.txt"
 
 F=benchmarks/forward_bench.py
