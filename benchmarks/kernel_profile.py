@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from forward_bench import DTYPES, torch_forward, torch_reference  # this folder's
 
-from convert.torch_reference import Attention
 from stam_jax import create_model
 
 # Substrings of kernel (or HLO op) names, lower-cased, checked in this order.
@@ -200,7 +199,6 @@ def main() -> None:
         run = torch_forward(reference, frames, args.dtype, sdpa=not args.torch_eager)
         label = "torch_eager" if args.torch_eager else "torch_sdpa"
         out[label] = profile_torch(run, on_gpu, args.calls, args.top)
-        Attention.use_sdpa = False
     print(json.dumps(out))
 
 
