@@ -48,7 +48,9 @@ def main() -> None:
 def _measure(args: argparse.Namespace, workdir: Path) -> None:
     paths = [
         write_video(
-            workdir / f"v{i}.mp4", (index_frame(j, 256, 340, seed=i) for j in range(300)), 30
+            workdir / f"v{i}.mp4",
+            (index_frame(j, args.height, args.width, seed=i) for j in range(300)),
+            30,
         )
         for i in range(args.videos)
     ]
