@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from stam_jax.data.loader import decode_in_order
-from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.data.synthetic import write_index_video
 from stam_jax.data.video import ClipSpec
 
 
@@ -47,11 +47,7 @@ def main() -> None:
 
 def _measure(args: argparse.Namespace, workdir: Path) -> None:
     paths = [
-        write_video(
-            workdir / f"v{i}.mp4",
-            (index_frame(j, args.height, args.width, seed=i) for j in range(300)),
-            30,
-        )
+        write_index_video(workdir / f"v{i}.mp4", i, args.height, args.width)
         for i in range(args.videos)
     ]
     spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)

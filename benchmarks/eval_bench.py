@@ -35,14 +35,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stam_jax import checkpoints, create_model  # noqa: E402
-from stam_jax.data.synthetic import index_frame, write_video  # noqa: E402
+from stam_jax.data.synthetic import write_index_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _write(path: Path, seed: int, height: int, width: int) -> None:
-    frames = (index_frame(j, height, width, seed=seed) for j in range(300))
-    write_video(path, frames, 30)
 
 
 def main() -> None:
@@ -88,7 +83,10 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
     paths = [work / "val" / classes[i % 4] / f"video_{i}.mp4" for i in range(args.videos)]
     unique = min(args.unique or args.videos, args.videos)
     with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, unique)) as pool:
-        writes = [pool.submit(_write, paths[i], i, args.height, args.width) for i in range(unique)]
+        writes = [
+            pool.submit(write_index_video, paths[i], i, args.height, args.width)
+            for i in range(unique)
+        ]
         for write in writes:
             write.result()
     for i in range(unique, args.videos):

@@ -31,7 +31,7 @@ import numpy as np
 from stam_jax.data.loader import decode_in_order, decode_train_item
 from stam_jax.data.prepare import prepare
 from stam_jax.data.prepared import open_prepared
-from stam_jax.data.synthetic import index_frame, write_video
+from stam_jax.data.synthetic import write_index_video
 from stam_jax.data.video import ClipSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +70,7 @@ def main() -> None:
         return
     src = work / "videos"
     for i in range(args.videos):
-        frames = (index_frame(j, args.height, args.width, seed=i) for j in range(300))
-        write_video(src / f"class_{i % 4}" / f"video_{i}.mp4", frames, 30)
+        write_index_video(src / f"class_{i % 4}" / f"video_{i}.mp4", i, args.height, args.width)
     spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
     paths = sorted(src.rglob("*.mp4"))
     results: dict = {"videos": args.videos, "spec": spec.__dict__}

@@ -76,6 +76,14 @@ def index_frame(index: int, height: int, width: int, seed: int = 0) -> np.ndarra
     return frame
 
 
+def write_index_video(
+    path: str | Path, seed: int = 0, height: int = 256, width: int = 340, frames: int = 300
+) -> Path:
+    """`frames` `index_frame`s (texture `seed`) at 30 fps: by default a 10-s 340x256 H.264 clip,
+    Kinetics-like in length and size (the benchmarks' test video)."""
+    return write_video(path, (index_frame(j, height, width, seed=seed) for j in range(frames)), 30)
+
+
 def read_index(frame: np.ndarray, short: float | None = None) -> int:
     """Recovers the index of an `index_frame` after resizing and centre cropping.
 
