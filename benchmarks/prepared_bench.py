@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,10 +62,13 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile JPEG training clips (one core)"
     )
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="prepared_bench_"))
+    with tempfile.TemporaryDirectory(prefix="prepared_bench_") as work:
+        _measure(args, Path(work))
+
+
+def _measure(args: argparse.Namespace, work: Path) -> None:
     if args.check_only:
         print(json.dumps({"agreement": check(args, work)}, indent=1))
-        shutil.rmtree(work, ignore_errors=True)
         return
     src = work / "videos"
     for i in range(args.videos):
@@ -154,7 +156,6 @@ def main() -> None:
     if args.check_ckpt:
         results["agreement"] = check(args, work)
     print(json.dumps(results, indent=1))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def profile_train_jpeg(path: Path, spec: ClipSpec, repeat: int) -> dict:
