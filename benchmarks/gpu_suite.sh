@@ -6,7 +6,8 @@
 #   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh   # the same steps at tiny sizes (CPU)
 #
 # An offline GPU machine without PyAV, ml_collections or the prepared-dataset packages gets them
-# as wheels from benchmarks/offline_wheels.sh.
+# as wheels from benchmarks/offline_wheels.sh, installed there by benchmarks/install_wheels.sh:
+#   bash benchmarks/install_wheels.sh .whl /tmp/site && export PYTHONPATH=/tmp/site
 #
 # Results: $OUT/results.jsonl (per step a {"step": ...} line, then the step's JSON lines),
 # $OUT/stderr.log, $OUT/steps.log (exit status and seconds per step), $OUT/machine.txt.

@@ -7,9 +7,9 @@
 #
 #   PY_VERSION=3.12 DEST=.whl bash benchmarks/offline_wheels.sh
 #
-# On the offline machine:
-#   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site
+# On the offline machine (installs them into /tmp/site, adding the carried protobuf only where
+# the machine's own is too old for the carried generated code):
+#   bash benchmarks/install_wheels.sh .whl /tmp/site && export PYTHONPATH=/tmp/site
 set -euo pipefail
 PY_VERSION=${PY_VERSION:-3.12}
 DEST=${DEST:-.whl}
@@ -29,4 +29,10 @@ $PIP download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSIO
   portpicker==1.6.0 termcolor==3.3.0 toml==0.10.2
 # promise is published as a source archive only: build its (pure Python) wheel here.
 $PIP wheel --quiet --no-deps -w "$DEST" promise==2.3
-ls -la "$DEST"
+# tensorflow-metadata's and googleapis-common-protos' generated code refuses a protobuf runtime
+# older than the protoc that wrote it (6.31.1 and 6.33.5): install_wheels.sh adds this one only
+# where the machine's protobuf is older. Kept apart so that it never shadows a newer one.
+mkdir -p "$DEST/protobuf"
+$PIP download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+  --implementation cp "${PLATFORMS[@]}" -d "$DEST/protobuf" protobuf==6.33.5
+ls -la "$DEST" "$DEST/protobuf"
