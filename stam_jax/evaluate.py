@@ -218,6 +218,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     local, first_batch_at, input_wait_s = _run_loop(
         compiled, params, decoded, steps, batch_shape, mesh, progress
     )
+    decoded.close()  # stops the reading workers now (see stam_jax.data.reading.close)
     local[3].update(skipped)
     progress.close()
     eval_s = time.perf_counter() - eval_start

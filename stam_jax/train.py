@@ -15,6 +15,7 @@ same params, bit for bit, as an uninterrupted run.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -514,6 +515,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
         progress.update(1)
     progress.close()
+    if loader:  # stop grain's workers and free their shared memory now (reading.close)
+        reading.close(clips)
+        loader = clips = batches = None
+        gc.collect()
     if board:
         board.close()
     manager.wait_until_finished()
