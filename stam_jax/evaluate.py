@@ -186,7 +186,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     params = checkpoints.read_params(config.checkpoint, model)
     params = sharding.put_replicated(
-        jax.tree.map(lambda x: x.astype(model.param_dtype), params), mesh
+        jax.tree.map(lambda x: x.astype(model.param_dtype, copy=False), params), mesh
     )
     batch_shape = (config.batch_size, spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
     batch_sharding = sharding.batch_sharded(mesh)
