@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
 from stam_jax.data.folder import DatasetError, VideoFolder
-from stam_jax.data.loader import decode_in_order, worker_count
+from stam_jax.data.loader import Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
@@ -184,35 +184,42 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     per_process = math.ceil(total / nproc)
     steps = math.ceil(per_process / local_batch)
 
+    # Refused here, before any decoding, if the checkpoint does not fit the model.
     params = checkpoints.read_params(config.checkpoint, model)
-    params = sharding.put_replicated(
-        jax.tree.map(lambda x: x.astype(model.param_dtype, copy=False), params), mesh
-    )
-    batch_shape = (config.batch_size, spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
-    batch_sharding = sharding.batch_sharded(mesh)
-    forward = jax.jit(
-        _forward_fn(model, config.eval.average),
-        in_shardings=(sharding.replicated(mesh), batch_sharding),
-        out_shardings=(batch_sharding, batch_sharding),
-    )
-    compile_start = time.perf_counter()
-    abstract = jax.ShapeDtypeStruct(batch_shape, np.uint8, sharding=batch_sharding)
-    compiled = forward.lower(params, abstract).compile()
-    compile_s = time.perf_counter() - compile_start
-
+    # The input starts now: its workers start and decode the first videos while the forward is
+    # traced and compiled.
     workers, prefetch = worker_count(config.data.workers), config.data.prefetch or 2 * local_batch
     if prepared:
         from stam_jax.data.reading import eval_items
 
-        decoded = eval_items(prepared, workers, prefetch, pid, nproc)
+        items = eval_items(prepared, workers, prefetch, pid, nproc)
         skipped = prepared.outcomes if pid == 0 else {}
     else:
         positions = list(range(pid, len(folder.items), nproc))
         raw = decode_in_order(
             [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
         )
-        decoded = (dataclasses.replace(d, position=positions[d.position]) for d in raw)
+        items = (dataclasses.replace(d, position=positions[d.position]) for d in raw)
         skipped = {}
+    decoded = Started(items)
+    try:
+        params = sharding.put_replicated(
+            jax.tree.map(lambda x: x.astype(model.param_dtype, copy=False), params), mesh
+        )
+        batch_shape = (config.batch_size, spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
+        batch_sharding = sharding.batch_sharded(mesh)
+        forward = jax.jit(
+            _forward_fn(model, config.eval.average),
+            in_shardings=(sharding.replicated(mesh), batch_sharding),
+            out_shardings=(batch_sharding, batch_sharding),
+        )
+        compile_start = time.perf_counter()
+        abstract = jax.ShapeDtypeStruct(batch_shape, np.uint8, sharding=batch_sharding)
+        compiled = forward.lower(params, abstract).compile()
+        compile_s = time.perf_counter() - compile_start
+    except BaseException:
+        decoded.close()
+        raise
     progress = progress_bar(steps, "eval", "batch", config.progress and pid == 0)
     eval_start = time.perf_counter()
     local, first_batch_at, input_wait_s = _run_loop(

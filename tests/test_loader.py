@@ -1,12 +1,15 @@
-"""Ordered parallel decoding: order, bounded look-ahead, and surviving a worker that dies."""
+"""Ordered parallel decoding: order, bounded look-ahead, surviving a worker that dies, and
+starting the input before the first `next()`."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
+import pytest
 
-from stam_jax.data.loader import Decoded, ordered_map
+from stam_jax.data.loader import Decoded, Started, ordered_map
 
 
 def crash_on_bad(position: int, name: str) -> Decoded:
@@ -39,3 +42,58 @@ def test_in_process_mode_is_lazy():
     next(stream)
     next(stream)
     assert calls == [0, 1]  # nothing is decoded ahead of the consumer
+
+
+def test_started_produces_the_first_item_before_it_is_asked_for():
+    produced, release = threading.Event(), threading.Event()
+    closed = []
+
+    def items():
+        try:
+            for i in range(5):
+                if i == 1:
+                    release.wait(10)  # the second item only once the test allows it
+                produced.set()
+                yield i
+        finally:
+            closed.append(True)
+
+    stream = Started(items())
+    assert produced.wait(10)  # the first item exists and nobody has called next()
+    release.set()
+    assert list(stream) == [0, 1, 2, 3, 4]  # the same items, in order, once each
+    assert closed == [True]
+
+
+def test_started_close_stops_a_stream_never_read():
+    closed = []
+
+    def items():
+        try:
+            yield from range(3)
+        finally:
+            closed.append(True)
+
+    stream = Started(items())
+    stream.close()
+    assert closed == [True]
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_started_over_worker_processes_keeps_order_and_shuts_down():
+    jobs = [(i, "x") for i in range(6)]
+    stream = Started(ordered_map(crash_on_bad, jobs, workers=2, prefetch=2))
+    assert [d.position for d in stream] == list(range(6))
+    stream.close()
+
+
+def test_started_raises_the_first_items_error_at_next_and_on_empty_stops():
+    def failing():
+        raise ValueError("no first item")
+        yield  # a generator
+
+    stream = Started(failing())
+    with pytest.raises(ValueError, match="no first item"):
+        next(stream)
+    assert list(Started(iter([]))) == []

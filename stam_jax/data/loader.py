@@ -9,10 +9,13 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_train_clip, load_views
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -80,6 +83,45 @@ def ordered_map(fn, jobs: Sequence[tuple], workers: int, prefetch: int) -> Itera
     if workers == 0:
         return (fn(*job) for job in jobs)
     return iter(_ParallelDecoder(fn, jobs, workers, prefetch))
+
+
+class Started(Iterator[T]):
+    """`items`, begun now: a background thread asks for the first item at once.
+
+    What `items` needs before its first item (starting worker processes, decoding the first
+    videos) then overlaps whatever the caller does meanwhile, such as reading params and
+    compiling, and the first batch is ready sooner. After the first item everything runs in the
+    caller's thread, as `items` itself would. An error producing the first item is raised by
+    the first `next()`. `close()` waits for that first item and closes `items` (when it has a
+    `close`), whether or not anything was read.
+    """
+
+    def __init__(self, items: Iterator[T]):
+        self._items = items
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stam-input")
+        self._first: concurrent.futures.Future | None = self._thread.submit(next, items, _END)
+        self._thread.shutdown(wait=False)  # the thread ends once the first item is in
+
+    def __next__(self) -> T:
+        if self._first is not None:
+            first, self._first = self._first, None
+            item = first.result()
+            if item is _END:
+                raise StopIteration
+            return item
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stops `items` (see above); nothing can be read afterwards."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            concurrent.futures.wait([first])
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+
+_END = object()
 
 
 class _ParallelDecoder:
