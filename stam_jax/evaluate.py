@@ -222,10 +222,12 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         raise
     progress = progress_bar(steps, "eval", "batch", config.progress and pid == 0)
     eval_start = time.perf_counter()
-    local, first_batch_at, input_wait_s = _run_loop(
-        compiled, params, decoded, steps, batch_shape, mesh, progress
-    )
-    decoded.close()  # stops the reading workers now (see stam_jax.data.reading.close)
+    try:
+        local, first_batch_at, input_wait_s = _run_loop(
+            compiled, params, decoded, steps, batch_shape, mesh, progress
+        )
+    finally:
+        decoded.close()  # stops the reading workers now (see stam_jax.data.reading.close)
     local[3].update(skipped)
     progress.close()
     eval_s = time.perf_counter() - eval_start

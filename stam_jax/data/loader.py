@@ -89,8 +89,8 @@ class Started(Iterator[T]):
     """`items`, begun now: a background thread asks for the first item at once.
 
     What `items` needs before its first item (starting worker processes, decoding the first
-    videos) then overlaps whatever the caller does meanwhile, such as reading params and
-    compiling, and the first batch is ready sooner. After the first item everything runs in the
+    videos) then overlaps whatever the caller does meanwhile, such as compiling, and the first
+    batch is ready sooner. After the first item everything runs in the
     caller's thread, as `items` itself would. An error producing the first item is raised by
     the first `next()`. `close()` waits for that first item and closes `items` (when it has a
     `close`), whether or not anything was read.
