@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
 from stam_jax.data.folder import DatasetError, VideoFolder
-from stam_jax.data.loader import Started, decode_in_order, worker_count
+from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
@@ -121,6 +122,21 @@ def _forward_fn(model: STAM, average: str):
     return forward
 
 
+def _at_positions(
+    decoded: Generator[Decoded, None, None], positions: list[int]
+) -> Iterator[Decoded]:
+    """`decoded` with each video's position in the whole folder; closing this closes `decoded`.
+
+    So closing the evaluation's input stops the decoding processes at once, rather than
+    whenever the decoder is garbage collected.
+    """
+    try:
+        for d in decoded:
+            yield dataclasses.replace(d, position=positions[d.position])
+    finally:
+        decoded.close()
+
+
 def _allgather_rows(array: np.ndarray) -> np.ndarray:
     """Concatenates every process's rows (equal shapes) in process order."""
     if jax.process_count() == 1:
@@ -199,7 +215,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         raw = decode_in_order(
             [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
         )
-        items = (dataclasses.replace(d, position=positions[d.position]) for d in raw)
+        items = _at_positions(raw, positions)
         skipped = {}
     decoded = Started(items)
     try:

@@ -313,3 +313,34 @@ def test_class_list_file(video_root, tiny_ckpt, tmp_path):
         evaluate(
             config_for(tiny_ckpt[0], video_root, **{"data.class_list": str(class_list)}), tmp_path
         )
+
+
+def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_path, monkeypatch):
+    """The input starts before compiling; a failure there or in the loop stops its workers."""
+    import multiprocessing
+
+    import stam_jax.evaluate as evaluate_module
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    config = config_for(tiny_ckpt[0], video_root, batch_size=4, **{"data.workers": 2})
+
+    def no_forward(*args):
+        raise RuntimeError("compile failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_forward_fn", no_forward)
+        with pytest.raises(RuntimeError, match="compile failed") as failed:
+            evaluate(config, tmp_path / "compile")
+        # `failed` holds the traceback, so evaluate's frame (and its decoder) is still alive.
+        assert "evaluate" in [entry.name for entry in failed.traceback]
+        assert {p.pid for p in multiprocessing.active_children()} == before
+
+    def loop_fails(*args):
+        raise KeyboardInterrupt  # as Ctrl-C during the loop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_run_loop", loop_fails)
+        with pytest.raises(KeyboardInterrupt) as interrupted:
+            evaluate(config, tmp_path / "loop")
+        assert "evaluate" in [entry.name for entry in interrupted.traceback]
+        assert {p.pid for p in multiprocessing.active_children()} == before

@@ -7,7 +7,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,11 +59,11 @@ def decode_with(load, position: int, path: str, spec: ClipSpec) -> Decoded:
 
 def decode_in_order(
     paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int
-) -> Iterator[Decoded]:
+) -> Generator[Decoded, None, None]:
     """Yields every video's `Decoded` (evaluation views), in the order of `paths`.
 
     At most `prefetch` videos are decoded ahead of the consumer, so memory stays flat however
-    many videos there are.
+    many videos there are. Closing the generator ends the worker processes.
 
     Args:
       paths: video files.
@@ -75,7 +75,9 @@ def decode_in_order(
     return ordered_map(decode_one, jobs, workers, prefetch)
 
 
-def ordered_map(fn, jobs: Sequence[tuple], workers: int, prefetch: int) -> Iterator[Decoded]:
+def ordered_map(
+    fn, jobs: Sequence[tuple], workers: int, prefetch: int
+) -> Generator[Decoded, None, None]:
     """`fn(*job)` for every job, in order, in `workers` processes (0: in this one).
 
     `fn` must never raise (it returns a failed `Decoded` instead) and job[0] is its position.
