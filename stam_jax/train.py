@@ -429,98 +429,103 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
     failed = skipped = 0
-    for step in range(start, train.steps):
-        if loader:
-            batch = next(batches)
-            videos, labels = batch["video"], batch["label"]
-            weights = np.ones(local_batch, np.float32)
-        else:
-            videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
-            labels = np.zeros(local_batch, np.int32)
-            weights = np.zeros(local_batch, np.float32)
-            for row in range(local_batch):
-                item = next(decoded)
-                if item.status == "ok":
-                    videos[row], weights[row] = item.views[0], 1.0
-                    labels[row] = jobs.label(item.position)
-                else:
-                    failed += 1  # weight 0: a bad file costs its slot, never the run
-        state, metrics = step_fn(
-            state,
-            sharding.to_global(videos, batch_sharding),
-            sharding.to_global(labels, batch_sharding),
-            sharding.to_global(weights, batch_sharding),
-            teacher_params,
-        )
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
-            skipped += 1
-            if jax.process_index() == 0:
-                print(
-                    f"step {step + 1}: float16 gradients not finite at loss scale "
-                    f"{metrics['loss_scale']:g}; step skipped (params unchanged), scale halved",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if metrics["loss_scale"] <= 1.0:
+    try:
+        for step in range(start, train.steps):
+            if loader:
+                batch = next(batches)
+                videos, labels = batch["video"], batch["label"]
+                weights = np.ones(local_batch, np.float32)
+            else:
+                videos = np.zeros((local_batch, *video.shape[1:]), np.uint8)
+                labels = np.zeros(local_batch, np.int32)
+                weights = np.zeros(local_batch, np.float32)
+                for row in range(local_batch):
+                    item = next(decoded)
+                    if item.status == "ok":
+                        videos[row], weights[row] = item.views[0], 1.0
+                        labels[row] = jobs.label(item.position)
+                    else:
+                        failed += 1  # weight 0: a bad file costs its slot, never the run
+            state, metrics = step_fn(
+                state,
+                sharding.to_global(videos, batch_sharding),
+                sharding.to_global(labels, batch_sharding),
+                sharding.to_global(weights, batch_sharding),
+                teacher_params,
+            )
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
+                skipped += 1
+                if jax.process_index() == 0:
+                    print(
+                        f"step {step + 1}: float16 gradients not finite at loss scale "
+                        f"{metrics['loss_scale']:g}; step skipped (params unchanged), scale halved",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                if metrics["loss_scale"] <= 1.0:
+                    manager.wait_until_finished()
+                    raise NonFiniteError(
+                        f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
+                        f"checkpoints up to step {manager.latest_step()} intact. Use bfloat16."
+                    )
+            elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 manager.wait_until_finished()
                 raise NonFiniteError(
-                    f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
-                    f"checkpoints up to step {manager.latest_step()} intact. Use bfloat16."
+                    f"step {step + 1}: loss {metrics['loss']}, gradient norm "
+                    f"{metrics['grad_norm']}; stopped before saving, checkpoints up to step "
+                    f"{manager.latest_step()} intact. Lower --config.train.learning_rate or use "
+                    "bfloat16 instead of float16."
                 )
-        elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            manager.wait_until_finished()
-            raise NonFiniteError(
-                f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
-                f"stopped before saving, checkpoints up to step {manager.latest_step()} intact. "
-                "Lower --config.train.learning_rate or use bfloat16 instead of float16."
-            )
-        done = step + 1
-        if done % train.log_every == 0 or done == train.steps:
-            elapsed = time.perf_counter() - timer
-            rate = (done - timer_step) / elapsed if elapsed > 0 else 0.0
-            last = {
-                "step": done,
-                **metrics,
-                "steps_per_s": rate,
-                "videos_per_s": rate * config.batch_size,
-                "failed_videos": failed,
-            }
-            if float16:
-                last["skipped_steps"] = skipped
-            if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                for name, value in last.items():
-                    if name != "step":
-                        board.add_scalar(f"train/{name}", value, done)
-                board.flush()
-            timer, timer_step = time.perf_counter(), done
-        if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
-            scores = _periodic_eval(config, Path(workdir), model, state, done)
-            if log:
-                with open(log, "a") as f:
-                    f.write(json.dumps({"step": done, **scores}) + "\n")
-                for name, value in scores.items():
-                    board.add_scalar(f"eval/{name}", value, done)
-                board.flush()
-            timer = time.perf_counter()  # evaluation time is not training time
-        items = {"state": ocp.args.StandardSave(state)}
-        if (loader and manager.should_save(done)) or (loader and done == train.steps):
-            # Every process's grain iterator position, taken now (the save itself is async).
-            position = sharding.allgather_json(clips.get_state().decode())
-            items["data"] = ocp.args.JsonSave({"grain": position})
-        saved = manager.save(done, args=ocp.args.Composite(**items), force=done == train.steps)
-        if saved and done == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
-        progress.update(1)
-    progress.close()
-    if loader:  # stop grain's workers and free their shared memory now (reading.close)
-        reading.close(clips)
-        loader = clips = batches = None
-        gc.collect()
-    if board:
-        board.close()
+            done = step + 1
+            if done % train.log_every == 0 or done == train.steps:
+                elapsed = time.perf_counter() - timer
+                rate = (done - timer_step) / elapsed if elapsed > 0 else 0.0
+                last = {
+                    "step": done,
+                    **metrics,
+                    "steps_per_s": rate,
+                    "videos_per_s": rate * config.batch_size,
+                    "failed_videos": failed,
+                }
+                if float16:
+                    last["skipped_steps"] = skipped
+                if log:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    for name, value in last.items():
+                        if name != "step":
+                            board.add_scalar(f"train/{name}", value, done)
+                    board.flush()
+                timer, timer_step = time.perf_counter(), done
+            if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
+                scores = _periodic_eval(config, Path(workdir), model, state, done)
+                if log:
+                    with open(log, "a") as f:
+                        f.write(json.dumps({"step": done, **scores}) + "\n")
+                    for name, value in scores.items():
+                        board.add_scalar(f"eval/{name}", value, done)
+                    board.flush()
+                timer = time.perf_counter()  # evaluation time is not training time
+            items = {"state": ocp.args.StandardSave(state)}
+            if (loader and manager.should_save(done)) or (loader and done == train.steps):
+                # Every process's grain iterator position, taken now (the save itself is async).
+                position = sharding.allgather_json(clips.get_state().decode())
+                items["data"] = ocp.args.JsonSave({"grain": position})
+            saved = manager.save(done, args=ocp.args.Composite(**items), force=done == train.steps)
+            if saved and done == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
+            progress.update(1)
+        progress.close()
+    finally:  # however the loop ends, the input's workers stop now and the log is closed
+        if loader:  # and grain's shared memory is freed (reading.close)
+            reading.close(clips)
+            loader = clips = batches = None
+            gc.collect()
+        else:
+            decoded.close()
+        if board:
+            board.close()
     manager.wait_until_finished()
     outputs = {}
     if jax.process_index() == 0:

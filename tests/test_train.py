@@ -272,3 +272,30 @@ def test_two_processes_train_as_one(train_root, cache, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     train_two_processes(train_root, tmp_path / "two", cache)
     chex.assert_trees_all_equal(final_params(tmp_path / "two"), final_params(tmp_path / "one"))
+
+
+def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkeypatch):
+    """However the loop ends, the decoding workers stop then, not when Python collects them."""
+    import multiprocessing
+
+    import stam_jax.train as train_module
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.train.root, config.batch_size = str(train_root), 4
+    config.train.steps, config.train.warmup_steps = 4, 1
+    config.data.workers, config.progress, config.compilation_cache_dir = 2, False, ""
+    before = {p.pid for p in multiprocessing.active_children()}
+
+    def failing_step(*args):
+        def step(*inputs):
+            raise RuntimeError("step failed")
+
+        return step
+
+    monkeypatch.setattr(train_module, "_train_step", failing_step)
+    with pytest.raises(RuntimeError, match="step failed") as failed:
+        train_module.train_and_evaluate(config, tmp_path)
+    # `failed` holds the traceback, so the training frame and its decoder are still alive.
+    assert "train_and_evaluate" in [entry.name for entry in failed.traceback]
+    assert {p.pid for p in multiprocessing.active_children()} == before
