@@ -167,6 +167,28 @@ def test_an_interrupted_prepare_resumes_to_the_same_dataset(videos, ckpt, tmp_pa
     assert (out / META_FILE).read_bytes() == (straight / META_FILE).read_bytes()
 
 
+def test_decoding_processes_end_when_preparing_fails(videos, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import stam_jax.data.prepare as prepare_module
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    write_part = prepare_module._write_part
+
+    def disk_full_at_the_second_shard(parts, shard, results, bar):
+        if shard == 1:
+            raise OSError("No space left on device")
+        write_part(parts, shard, results, bar)
+
+    monkeypatch.setattr(prepare_module, "_write_part", disk_full_at_the_second_shard)
+    with pytest.raises(OSError, match="No space left") as failed:
+        prepare(videos, tmp_path / "full", SPEC, workers=2, shard_size=3, progress=False)
+    # `failed` holds the traceback, so prepare's frame and its decoder are still alive.
+    assert "prepare" in [entry.name for entry in failed.traceback]
+    assert {p.pid for p in multiprocessing.active_children()} == before
+    assert (tmp_path / "full" / ".prepare" / "part-00000.json").exists()  # kept for a resume
+
+
 def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
     out, _ = prepared_raw
     foreign = tmp_path / "foreign"

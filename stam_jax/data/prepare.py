@@ -220,11 +220,14 @@ def prepare(
     processes = worker_count(workers)
     results = ordered_map(_record, jobs, processes, prefetch=4 * max(processes, 1))
     kill_after = int(os.environ.get(STOP_HOOK, "-1"))
-    for written, s in enumerate(todo, start=1):
-        count = min((s + 1) * shard_size, n) - s * shard_size
-        _write_part(parts, s, (next(results) for _ in range(count)), bar)
-        if written == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between shards
+    try:
+        for written, s in enumerate(todo, start=1):
+            count = min((s + 1) * shard_size, n) - s * shard_size
+            _write_part(parts, s, (next(results) for _ in range(count)), bar)
+            if written == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between shards
+    finally:
+        results.close()  # the decoding processes end now, however the writing ended
     bar.close()
     return _finish(out, parts, num_shards, settings, listing, folder)
 
