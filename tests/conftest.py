@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -25,6 +26,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def child_pids() -> set[int]:
+    """The pids of this process's multiprocessing children that still run (decoding workers).
+
+    A child that has exited but is not yet reaped (a zombie) has ended, and is left out:
+    `active_children()` alone may still list a worker that was terminated and waited for, while
+    the pool's own manager thread is reaping it at the same moment.
+    """
+    running = set()
+    for child in multiprocessing.active_children():
+        try:
+            state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue  # already reaped
+        if state not in ("Z", "X"):
+            running.add(child.pid)
+    return running
 
 
 def run_processes(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, free_port, random_params
+from conftest import TINY_CONFIGS, child_pids, free_port, random_params
 
 from configs.tiny import get_config
 from stam_jax import checkpoints, create_model
@@ -317,11 +317,9 @@ def test_class_list_file(video_root, tiny_ckpt, tmp_path):
 
 def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_path, monkeypatch):
     """The input starts before compiling; a failure there or in the loop stops its workers."""
-    import multiprocessing
-
     import stam_jax.evaluate as evaluate_module
 
-    before = {p.pid for p in multiprocessing.active_children()}
+    before = child_pids()
     config = config_for(tiny_ckpt[0], video_root, batch_size=4, **{"data.workers": 2})
 
     def no_forward(*args):
@@ -333,7 +331,7 @@ def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_pa
             evaluate(config, tmp_path / "compile")
         # `failed` holds the traceback, so evaluate's frame (and its decoder) is still alive.
         assert "evaluate" in [entry.name for entry in failed.traceback]
-        assert {p.pid for p in multiprocessing.active_children()} == before
+        assert child_pids() == before
 
     def loop_fails(*args):
         raise KeyboardInterrupt  # as Ctrl-C during the loop
@@ -343,4 +341,4 @@ def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_pa
         with pytest.raises(KeyboardInterrupt) as interrupted:
             evaluate(config, tmp_path / "loop")
         assert "evaluate" in [entry.name for entry in interrupted.traceback]
-        assert {p.pid for p in multiprocessing.active_children()} == before
+        assert child_pids() == before

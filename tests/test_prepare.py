@@ -13,7 +13,7 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, free_port, random_params, run_processes
+from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
 from test_eval import config_for, make_folder, read_predictions
 from test_train import SHORT, TWO_DEVICES, command, train_two_processes
 from test_train import run as run_command
@@ -168,11 +168,9 @@ def test_an_interrupted_prepare_resumes_to_the_same_dataset(videos, ckpt, tmp_pa
 
 
 def test_decoding_processes_end_when_preparing_fails(videos, tmp_path, monkeypatch):
-    import multiprocessing
-
     import stam_jax.data.prepare as prepare_module
 
-    before = {p.pid for p in multiprocessing.active_children()}
+    before = child_pids()
     write_part = prepare_module._write_part
 
     def disk_full_at_the_second_shard(parts, shard, results, bar):
@@ -185,7 +183,7 @@ def test_decoding_processes_end_when_preparing_fails(videos, tmp_path, monkeypat
         prepare(videos, tmp_path / "full", SPEC, workers=2, shard_size=3, progress=False)
     # `failed` holds the traceback, so prepare's frame and its decoder are still alive.
     assert "prepare" in [entry.name for entry in failed.traceback]
-    assert {p.pid for p in multiprocessing.active_children()} == before
+    assert child_pids() == before
     assert (tmp_path / "full" / ".prepare" / "part-00000.json").exists()  # kept for a resume
 
 

@@ -14,7 +14,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import free_port, run_processes
+from conftest import child_pids, free_port, run_processes
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
@@ -276,8 +276,6 @@ def test_two_processes_train_as_one(train_root, cache, tmp_path):
 
 def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkeypatch):
     """However the loop ends, the decoding workers stop then, not when Python collects them."""
-    import multiprocessing
-
     import stam_jax.train as train_module
     from configs.tiny import get_config
 
@@ -285,7 +283,7 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
     config.train.root, config.batch_size = str(train_root), 4
     config.train.steps, config.train.warmup_steps = 4, 1
     config.data.workers, config.progress, config.compilation_cache_dir = 2, False, ""
-    before = {p.pid for p in multiprocessing.active_children()}
+    before = child_pids()
 
     def failing_step(*args):
         def step(*inputs):
@@ -298,4 +296,4 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
         train_module.train_and_evaluate(config, tmp_path)
     # `failed` holds the traceback, so the training frame and its decoder are still alive.
     assert "train_and_evaluate" in [entry.name for entry in failed.traceback]
-    assert {p.pid for p in multiprocessing.active_children()} == before
+    assert child_pids() == before
