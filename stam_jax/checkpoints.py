@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ from stam_jax.variants import model_config, model_from_config
 
 FORMAT = "stam_jax"
 VERSION = 1
+
+# An overwrite writes the new checkpoint to DIR + _NEW first, then renames DIR to DIR + _OLD,
+# DIR + _NEW to DIR, and only then deletes DIR + _OLD: a run killed at any point leaves a complete
+# checkpoint at DIR, or (between the two renames only) both complete ones under these names.
+_NEW, _OLD = ".stam-jax-new", ".stam-jax-old"
 
 
 class CheckpointError(ValueError):
@@ -54,6 +59,102 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
+def is_checkpoint_dir(directory: str | os.PathLike) -> bool:
+    """Whether `directory` is a stam-jax checkpoint directory (holds `config/` and `params/`)."""
+    path = Path(directory)
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and (path / "config").is_dir()
+        and (path / "params").is_dir()
+    )
+
+
+def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuses a checkpoint destination that `save` could not or must not write; deletes nothing.
+
+    With `overwrite`, an existing destination is replaced only if it is a stam-jax checkpoint
+    directory or an empty directory; a file, a symbolic link or any other directory is refused.
+    Cheap: call it before a long conversion so that no work is lost to a bad output path.
+
+    Args:
+      directory: the checkpoint directory to be written.
+      overwrite: whether an existing checkpoint directory may be replaced (`--force`).
+
+    Returns:
+      The absolute destination path.
+
+    Raises:
+      CheckpointError: naming the path, why it cannot be written, and what to do instead.
+    """
+    path = Path(os.path.abspath(directory))  # 'out/..' and '.' have a name to stage beside
+    keep = "so nothing was deleted: choose a new directory."
+    if path.is_symlink():
+        raise CheckpointError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); a checkpoint is never written "
+            "through or over a link: pass the directory itself, or a new directory."
+        )
+    if path.exists():
+        if not overwrite:
+            raise CheckpointError(
+                f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
+            )
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is a file, not a checkpoint directory; --force replaces only a stam-jax "
+                f"checkpoint directory or an empty directory, {keep}"
+            )
+        if not is_checkpoint_dir(path):
+            try:
+                names = sorted(p.name for p in path.iterdir())
+            except OSError as e:
+                raise CheckpointError(f"cannot read {path}: {e.strerror or e}.") from None
+            if names:
+                shown = ", ".join(names[:5]) + (
+                    f" and {len(names) - 5} more" if len(names) > 5 else ""
+                )
+                raise CheckpointError(
+                    f"{path} is not a stam-jax checkpoint (it holds {shown}); --force replaces "
+                    f"only a stam-jax checkpoint directory or an empty directory, {keep}"
+                )
+    # The nearest existing folder above must be a directory this process can write to.
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(
+            f"cannot create {path}: {parent} is not a directory (a file or a broken link is in "
+            "the way); choose another path."
+        )
+    for folder in (parent, path) if path.exists() else (parent,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CheckpointError(
+                f"cannot write {path}: {folder} is not writable (permission denied or a "
+                "read-only file system); choose a directory you can write to."
+            )
+    return path
+
+
+def _siblings(path: Path, suffix: str) -> Iterator[Path]:
+    """`path + suffix` and orbax's temporary folders for it, where they exist."""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if name == path.name + suffix or name.startswith(f"{path.name}{suffix}.orbax-checkpoint-"):
+            yield path.parent / name
+
+
+def _remove_leftovers(path: Path, *suffixes: str) -> None:
+    """Deletes what an interrupted save of `path` left beside it (never anything else)."""
+    for suffix in suffixes:
+        for leftover in _siblings(path, suffix):
+            if leftover.is_symlink() or not leftover.is_dir():
+                continue  # not ours
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save(
     directory: str | os.PathLike,
     model: STAM,
@@ -64,23 +165,26 @@ def save(
 ) -> Path:
     """Writes `params` and `model`'s architecture to `directory`.
 
+    An overwrite is safe to interrupt: the new checkpoint is written beside `directory` first and
+    swapped in by renames, and the old one is deleted only after; `directory` then always holds a
+    complete checkpoint (see `_require_checkpoint` for the one narrow exception).
+
     Args:
       directory: destination; must not exist unless `overwrite`.
       model: the `STAM` whose params these are (its run-time dtype is not saved).
       params: the params tree (numpy or jax arrays).
       metadata: free JSON-serialisable facts (source file, source dtype, ...).
-      overwrite: replace an existing directory.
+      overwrite: replace an existing checkpoint directory (or an empty directory); anything else
+        at `directory` is refused (`check_destination`).
 
     Returns:
       The absolute checkpoint path.
+
+    Raises:
+      CheckpointError: a destination that cannot be written (nothing deleted), params that do not
+        fit `model`, or a write that failed (the old checkpoint, if any, kept).
     """
-    path = Path(directory).absolute()
-    if path.exists():
-        if not overwrite:
-            raise CheckpointError(
-                f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
-            )
-        shutil.rmtree(path)
+    path = check_destination(directory, overwrite=overwrite)
     check_params(model, params)
     # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole. In a
     # multi-host run it takes only global arrays, so there the leaves go as numpy.
@@ -91,27 +195,63 @@ def save(
         "model": model_config(model),
         "metadata": dict(metadata or {}),
     }
-    with _checkpointer() as ckpt:
-        ckpt.save(
-            path,
-            ocp.args.Composite(
-                params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(config)
-            ),
-        )
+    new, old = path.with_name(path.name + _NEW), path.with_name(path.name + _OLD)
+    try:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty directory: nothing to keep
+        replacing = path.exists()
+        _remove_leftovers(path, _NEW)  # a staging copy an interrupted save left
+        with _checkpointer() as ckpt:
+            ckpt.save(
+                new if replacing else path,
+                ocp.args.Composite(
+                    params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(config)
+                ),
+            )
+        if replacing:
+            _remove_leftovers(path, _OLD)
+            os.rename(path, old)
+            try:
+                os.rename(new, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+        _remove_leftovers(path, _OLD, _NEW)
+    except BaseException as e:
+        _remove_leftovers(path, _NEW)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"cannot write {path}: {e.strerror or e}"
+                + (f" ({e.filename})" if e.filename else "")
+                + "; any previous checkpoint there is unchanged."
+            ) from None
+        raise
     return path
 
 
 def _require_checkpoint(directory: str | os.PathLike) -> Path:
     path = Path(directory).absolute()
+    convert = "convert an official .pth with: python -m convert stam_16.pth OUT_DIR"
+    if not path.exists():
+        left = [
+            p for suffix in (_NEW, _OLD) for p in _siblings(path, suffix) if is_checkpoint_dir(p)
+        ]
+        if left:
+            raise CheckpointError(
+                f"{path} does not exist, but an overwrite of it was interrupted and left "
+                + " and ".join(
+                    f"{p} (the {'new' if p.name.endswith(_NEW) else 'previous'} checkpoint)"
+                    for p in left
+                )
+                + f": rename the one you want to {path}."
+            )
     if not path.is_dir():
         raise CheckpointError(
-            f"{path} is not a directory; expected a stam-jax checkpoint directory "
-            "(convert an official .pth with: python -m convert stam_16.pth OUT_DIR)."
+            f"{path} is not a directory; expected a stam-jax checkpoint directory ({convert})."
         )
     if not (path / "config").is_dir() or not (path / "params").is_dir():
         raise CheckpointError(
-            f"{path} is not a stam-jax checkpoint (no 'config' and 'params' inside); "
-            "convert an official .pth with: python -m convert stam_16.pth OUT_DIR."
+            f"{path} is not a stam-jax checkpoint (no 'config' and 'params' inside); {convert}."
         )
     return path
 

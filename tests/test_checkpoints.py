@@ -1,0 +1,111 @@
+"""stam-jax checkpoint directories: what an overwrite may replace, interrupted writes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import chex
+import orbax.checkpoint as ocp
+import pytest
+from conftest import TINY_CONFIGS, random_params
+
+from stam_jax import checkpoints, create_model
+from stam_jax.checkpoints import CheckpointError
+
+TINY = TINY_CONFIGS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[object, dict, dict, Path]:
+    """(model, params A, params B, a checkpoint of A to copy)."""
+    model = create_model("stam_tiny")
+    first, second = random_params(TINY, seed=0), random_params(TINY, seed=1)
+    path = checkpoints.save(tmp_path_factory.mktemp("ckpt") / "a", model, first)
+    return model, first, second, path
+
+
+def leftovers(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f"{path.name}."))
+
+
+def test_overwrite_replaces_only_checkpoints_or_empty_dirs(tiny, tmp_path):
+    model, first, second, saved = tiny
+    # A folder of the user's files, a file and a link are refused, and nothing is deleted.
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "stam_16.pth").write_bytes(b"weights")
+    (folder / "notes.txt").write_text("keep")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    link = tmp_path / "link"
+    shutil.copytree(saved, tmp_path / "target")
+    link.symlink_to(tmp_path / "target")
+    refusals = {
+        folder: r"downloads is not a stam-jax checkpoint \(it holds notes\.txt, stam_16\.pth\)"
+        r".*so nothing was deleted",
+        afile: r"afile is a file, not a checkpoint directory.*nothing was deleted",
+        link: r"link is a symbolic link \(to .*target\)",
+    }
+    for path, message in refusals.items():
+        with pytest.raises(CheckpointError, match=message):
+            checkpoints.save(path, model, second, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "stam_16.pth"]
+    assert afile.read_text() == "keep"
+    chex.assert_trees_all_equal(checkpoints.load(link)[1], first)
+
+    # An empty directory and a checkpoint directory are replaced.
+    (tmp_path / "empty").mkdir()
+    checkpoints.save(tmp_path / "empty", model, second, overwrite=True)
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "empty")[1], second)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved, ckpt)
+    checkpoints.save(ckpt, model, second, overwrite=True)
+    chex.assert_trees_all_equal(checkpoints.load(ckpt)[1], second)
+    assert leftovers(ckpt) == []
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, PermissionError], ids=["ctrl_c", "oserror"])
+def test_interrupted_overwrite_keeps_the_old_checkpoint(failure, tiny, tmp_path, monkeypatch):
+    model, first, second, saved = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved, ckpt)
+
+    def fail_midway(self, directory):  # the new checkpoint is written, not yet committed
+        raise failure(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", fail_midway)
+    expected = KeyboardInterrupt if failure is KeyboardInterrupt else CheckpointError
+    with pytest.raises(expected) as info:
+        checkpoints.save(ckpt, model, second, overwrite=True)
+    if expected is CheckpointError:
+        assert f"cannot write {ckpt}: Permission denied" in str(info.value)
+        assert "previous checkpoint there is unchanged" in str(info.value)
+    chex.assert_trees_all_equal(checkpoints.load(ckpt)[1], first)
+    assert leftovers(ckpt) == []
+
+
+def test_leftovers_of_a_killed_overwrite(tiny, tmp_path):
+    model, first, second, saved = tiny
+    ckpt = tmp_path / "ckpt"
+    # Killed while writing the new checkpoint: a staging copy is left; the next save removes it.
+    shutil.copytree(saved, ckpt)
+    (tmp_path / "ckpt.stam-jax-new.orbax-checkpoint-tmp-123").mkdir()
+    shutil.copytree(saved, tmp_path / "ckpt.stam-jax-new")
+    checkpoints.save(ckpt, model, second, overwrite=True)
+    chex.assert_trees_all_equal(checkpoints.load(ckpt)[1], second)
+    assert leftovers(ckpt) == []
+
+    # Killed between its two renames: both complete checkpoints remain, and are named.
+    os.rename(ckpt, tmp_path / "ckpt.stam-jax-old")
+    shutil.copytree(saved, tmp_path / "ckpt.stam-jax-new")
+    with pytest.raises(
+        CheckpointError,
+        match=r"ckpt does not exist, but an overwrite of it was interrupted and left .*"
+        r"ckpt\.stam-jax-new \(the new checkpoint\) and .*ckpt\.stam-jax-old \(the previous "
+        r"checkpoint\): rename the one you want to .*ckpt\.",
+    ):
+        checkpoints.read_config(ckpt)
+    checkpoints.save(ckpt, model, first)
+    assert leftovers(ckpt) == []
