@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -250,18 +251,71 @@ def _require_checkpoint(directory: str | os.PathLike) -> Path:
             f"{path} is not a directory; expected a stam-jax checkpoint directory ({convert})."
         )
     if not (path / "config").is_dir() or not (path / "params").is_dir():
+        runs = [name for name in ("final", "final_ema") if is_checkpoint_dir(path / name)]
+        if runs or (path / "checkpoints").is_dir():
+            if runs:
+                use = " or ".join(str(path / name) for name in runs)
+                hint = f"pass {use}" + (" (the EMA params)" if "final_ema" in runs else "")
+            else:
+                hint = f"pass {path / 'final'} once training has finished"
+            raise CheckpointError(
+                f"{path} looks like a run_train.py workdir, not a stam-jax checkpoint: {hint}. "
+                "(Its checkpoints/ holds the train state for resuming, not a checkpoint to load.)"
+            )
         raise CheckpointError(
             f"{path} is not a stam-jax checkpoint (no 'config' and 'params' inside); {convert}."
         )
     return path
 
 
+def _damaged(path: Path, error: BaseException) -> CheckpointError:
+    """The error for a checkpoint directory whose files orbax cannot read."""
+    lines = str(error).strip().splitlines()
+    detail = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return CheckpointError(
+        f"{path} is damaged or incompletely copied ({type(error).__name__}: {detail}); copy it "
+        "again from a complete original, or write it anew."
+    )
+
+
+def _quiet_closed_loop_reports(unraisable: Any) -> None:
+    # When one read of a damaged checkpoint fails, orbax closes its event loop while tensorstore
+    # still completes the other reads; each then reports 'Event loop is closed' as unraisable.
+    # Those reports are noise beside the CheckpointError, so they are dropped; any other
+    # unraisable report goes to the hook that was installed before.
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    _quiet_closed_loop_reports.previous(unraisable)
+
+
+_quiet_closed_loop_reports.previous = sys.unraisablehook
+
+
+def _quiet_abandoned_reads() -> None:
+    if sys.unraisablehook is not _quiet_closed_loop_reports:
+        _quiet_closed_loop_reports.previous = sys.unraisablehook
+        sys.unraisablehook = _quiet_closed_loop_reports
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """Reads only the JSON config (model fields and metadata) of a checkpoint."""
+    """Reads only the JSON config (model fields and metadata) of a checkpoint.
+
+    Raises:
+      CheckpointError: not a checkpoint directory, a damaged one, or one of another format.
+    """
     path = _require_checkpoint(directory)
-    with _checkpointer() as ckpt:
-        restored = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = restored["config"]
+    _quiet_abandoned_reads()
+    try:
+        with _checkpointer() as ckpt:
+            restored = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
+        config = restored["config"]
+    except Exception as e:
+        raise _damaged(path, e) from None
+    if not isinstance(config, dict):
+        raise _damaged(path, ValueError(f"config/metadata holds a {type(config).__name__}"))
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} holds format {config.get('format')!r}, not {FORMAT!r}.")
     if config.get("version", 0) > VERSION:
@@ -309,16 +363,28 @@ def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
 
     Returns:
       The params tree of numpy arrays, in their stored dtype.
+
+    Raises:
+      CheckpointError: not a checkpoint directory, a damaged one, or params that do not fit.
     """
     path = _require_checkpoint(directory)
+    _quiet_abandoned_reads()
     with _checkpointer() as ckpt:
-        stored = ckpt.metadata(path).item_metadata["params"]
+        try:
+            stored = ckpt.metadata(path).item_metadata["params"]
+        except Exception as e:
+            raise _damaged(path, e) from None
+        if not stored:
+            raise _damaged(path, ValueError("params/_METADATA is missing or empty"))
         check_params(model, stored)  # from the metadata: refused before any tensor is read
         # Host arrays: valid whatever devices wrote the checkpoint or read it now.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        restored = ckpt.restore(
-            path, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
-        )
+        try:
+            restored = ckpt.restore(
+                path, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
+            )
+        except Exception as e:
+            raise _damaged(path, e) from None
     return restored["params"]
 
 

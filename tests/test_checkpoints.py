@@ -1,4 +1,4 @@
-"""stam-jax checkpoint directories: what an overwrite may replace, interrupted writes."""
+"""stam-jax checkpoint directories: what an overwrite may replace, interrupted writes, damage."""
 
 from __future__ import annotations
 
@@ -109,3 +109,48 @@ def test_leftovers_of_a_killed_overwrite(tiny, tmp_path):
         checkpoints.read_config(ckpt)
     checkpoints.save(ckpt, model, first)
     assert leftovers(ckpt) == []
+
+
+def damage_manifest(path: Path) -> None:
+    (path / "params" / "manifest.ocdbt").unlink()
+
+
+def damage_chunks(path: Path) -> None:
+    for chunk in (path / "params").rglob("d/*"):
+        os.truncate(chunk, chunk.stat().st_size // 2)
+
+
+def damage_config(path: Path) -> None:
+    (path / "config" / "metadata").unlink()
+
+
+def damage_json(path: Path) -> None:
+    (path / "config" / "metadata").write_text('{"format": "stam_jax", ')
+
+
+@pytest.mark.parametrize("damage", [damage_manifest, damage_chunks, damage_config, damage_json])
+def test_damaged_checkpoint_is_one_clear_error(damage, tiny, tmp_path):
+    _, _, _, saved = tiny
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved, ckpt)
+    damage(ckpt)
+    with pytest.raises(CheckpointError, match=f"{ckpt} is damaged or incompletely copied \\("):
+        checkpoints.load(ckpt)
+
+
+def test_training_workdir_names_its_final_checkpoints(tiny, tmp_path):
+    _, _, _, saved = tiny
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "100").mkdir(parents=True)
+    with pytest.raises(
+        CheckpointError,
+        match=r"run looks like a run_train\.py workdir, not a stam-jax checkpoint: pass "
+        r".*run/final once training has finished",
+    ):
+        checkpoints.read_config(workdir)
+    shutil.copytree(saved, workdir / "final")
+    shutil.copytree(saved, workdir / "final_ema")
+    with pytest.raises(
+        CheckpointError, match=r"workdir.*: pass .*run/final or .*run/final_ema \(the EMA params\)"
+    ):
+        checkpoints.load(workdir)
