@@ -107,6 +107,7 @@ class Report:
     unexpected: list[str] = dataclasses.field(default_factory=list)
     stripped_prefix: bool = False
     source_dtypes: list[str] = dataclasses.field(default_factory=list)
+    non_finite: list[str] = dataclasses.field(default_factory=list)
 
     def warnings(self) -> list[str]:
         """Human-readable warnings, one per line."""
@@ -122,6 +123,12 @@ class Report:
                 f"{len(self.unexpected)} unexpected keys ignored (pass --strict to refuse): "
                 + ", ".join(self.unexpected)
             )
+        if self.non_finite:
+            out.append(
+                "NaN or Inf values in the weights (the model's outputs will likely be NaN; was "
+                f"the run diverged or the file damaged?), {len(self.non_finite)} tensor(s): "
+                + ", ".join(self.non_finite)
+            )
         return out
 
 
@@ -136,8 +143,24 @@ def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Removes DistributedDataParallel's `module.` prefix from every key that has it."""
+    """Removes DistributedDataParallel's `module.` prefix from every key that has it.
+
+    Raises:
+      ConversionError: a key present both with and without the prefix (`head.weight` and
+        `module.head.weight`): which one holds the weights is not knowable.
+    """
     stripped = any(k.startswith("module.") for k in state_dict)
+    collisions = sorted(
+        k for k in state_dict if k.startswith("module.") and k.removeprefix("module.") in state_dict
+    )
+    if collisions:
+        shown = ", ".join(f"{k.removeprefix('module.')} and {k}" for k in collisions[:10])
+        more = f" (and {len(collisions) - 10} more pairs)" if len(collisions) > 10 else ""
+        raise ConversionError(
+            f"the state dict holds keys both with and without the 'module.' prefix: {shown}"
+            f"{more}; which of each pair holds the weights is not knowable, so nothing was "
+            "converted. Re-save it with one copy of each key (e.g. the model's own state_dict())."
+        )
     out = {k.removeprefix("module."): v for k, v in state_dict.items()}
     return out, stripped
 
@@ -179,6 +202,13 @@ def infer_config(
     Returns:
       A dict of `STAM` architecture fields.
     """
+    for flag, value in (
+        ("--num-heads", num_heads),
+        ("--temporal-heads", temporal_heads),
+        ("--num-frames", num_frames),
+    ):
+        if value is not None and value < 1:
+            raise ConversionError(f"{flag} {value} is not a count; pass {flag} N with N >= 1.")
     keys = list(state_dict)
     width, chans, patch, patch_w = _need(state_dict, "patch_embed.proj.weight", "the patch size")
     if chans != 3 or patch != patch_w:
@@ -204,7 +234,7 @@ def infer_config(
             f"the ViT head count is not stored in checkpoints and the default, width/64, does "
             f"not apply to width {width}; pass --num-heads."
         )
-    heads = num_heads or width // 64
+    heads = width // 64 if num_heads is None else num_heads
     if heads < 1 or width % heads:
         raise ConversionError(f"width {width} does not divide into {heads} heads; fix --num-heads.")
     config["num_heads"] = heads
@@ -217,7 +247,7 @@ def infer_config(
                 f"--num-frames {num_frames} contradicts aggregate.pos_embed, which holds "
                 f"T={t_frames}; leave --num-frames out for transformer checkpoints."
             )
-        t_heads = temporal_heads or 8
+        t_heads = 8 if temporal_heads is None else temporal_heads
         if t_width % t_heads:
             raise ConversionError(
                 f"temporal width {t_width} does not divide into {t_heads} heads; pass "
@@ -237,6 +267,12 @@ def infer_config(
             raise ConversionError(
                 "this checkpoint has no 'aggregate.*' tensors (a mean-aggregate model), so the "
                 "frame count T is not stored in it; pass --num-frames T."
+            )
+        if temporal_heads is not None:
+            raise ConversionError(
+                f"--temporal-heads {temporal_heads} does not apply: this checkpoint has no "
+                "'aggregate.*' tensors (a mean-aggregate model, without a temporal transformer); "
+                "leave --temporal-heads out for mean-aggregate checkpoints."
             )
         config.update(aggregate="mean", num_frames=num_frames)
     return config
@@ -293,6 +329,8 @@ def torch_to_flax(
             report.source_dtypes.append(str(value.dtype))
         perm = _TO_FLAX[layout]
         value = np.asarray(value)  # reads a lazily loaded tensor now, one at a time
+        if not np.isfinite(value).all():
+            report.non_finite.append(torch_key)
         if perm is not None:
             value = value.transpose(perm)
         # Always a fresh float32 device buffer (float16/bfloat16 upcast exactly), never a view

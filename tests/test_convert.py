@@ -366,3 +366,34 @@ def test_save_refuses_params_of_another_model(tmp_path):
     ):
         checkpoints.save(tmp_path / "ckpt", other, params)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_key_with_and_without_module_prefix_is_refused(official_pth):
+    def duplicate(sd):
+        sd["module.head.weight"] = torch.zeros_like(sd["head.weight"])
+
+    pth, _ = official_pth(TINY, edit=duplicate)
+    with pytest.raises(
+        ConversionError,
+        match=r"both with and without the 'module\.' prefix: head\.weight and module\.head\.weight",
+    ):
+        torch_to_flax(load_state_dict(pth), **convert_kwargs(TINY))
+
+
+def test_head_and_frame_counts_must_be_at_least_one(official_pth):
+    sd = load_state_dict(official_pth(TINY)[0])
+    bad = {
+        "--num-heads 0": dict(num_heads=0, temporal_heads=4),
+        "--temporal-heads 0": dict(num_heads=2, temporal_heads=0),
+        "--temporal-heads -4": dict(num_heads=2, temporal_heads=-4),
+        "--num-frames -3": dict(num_heads=2, temporal_heads=4, num_frames=-3),
+    }
+    for flag, kwargs in bad.items():
+        with pytest.raises(ConversionError, match=f"{flag} is not a count; pass .* N >= 1"):
+            torch_to_flax(sd, **kwargs)
+
+    mean = load_state_dict(official_pth(TINY_CONFIGS["mean"], name="mean.pth")[0])
+    with pytest.raises(ConversionError, match=r"--num-frames 0 is not a count"):
+        torch_to_flax(mean, num_heads=2, num_frames=0)
+    with pytest.raises(ConversionError, match=r"--temporal-heads 8 does not apply.*mean-aggregate"):
+        torch_to_flax(mean, num_heads=2, num_frames=4, temporal_heads=8)
