@@ -47,21 +47,24 @@ def convert_checkpoint(
       pth: official checkpoint (`{'model': sd}`, `{'state_dict': sd}` or a bare state dict).
       out_dir: destination directory (must not exist unless `overwrite`).
       strict: refuse unexpected keys instead of warning.
-      overwrite: replace an existing `out_dir`.
+      overwrite: replace an existing `out_dir` if it is a stam-jax checkpoint or empty
+        (`checkpoints.check_destination`); the old one is kept until the new one is complete.
       num_heads: ViT heads if not width/64 (heads are not visible in tensor shapes).
       temporal_heads: temporal heads if not 8.
       num_frames: T, needed only for mean-aggregate checkpoints.
 
     Returns:
       (checkpoint path, inferred model config, report of warnings).
+
+    Raises:
+      ConversionError: the `.pth` cannot be read or converted (naming the file or keys).
+      checkpoints.CheckpointError: `out_dir` cannot or must not be written.
     """
     from convert.torch_io import load_state_dict
 
     pth = Path(pth)
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        # Checked before the (possibly long) read so no work is lost to a typo.
-        raise ConversionError(f"{out} already exists; choose a new directory or pass --force.")
+    # Checked before the (possibly long) read so no work is lost to a typo or a bad output path.
+    out = checkpoints.check_destination(out_dir, overwrite=overwrite)
     state_dict = load_state_dict(pth)
     config, params, report = torch_to_flax(
         state_dict,
@@ -80,6 +83,7 @@ def convert_checkpoint(
         "source_dtypes": report.source_dtypes,
         "zero_filled": report.zero_filled,
         "ignored_keys": report.unexpected,
+        "non_finite": report.non_finite,
     }
     path = checkpoints.save(
         out, model_from_config(config), params, metadata=metadata, overwrite=overwrite
@@ -98,18 +102,21 @@ def export_checkpoint(
 
     Args:
       ckpt_dir: a stam-jax checkpoint directory.
-      out_pth: destination file.
+      out_pth: destination file; missing parent directories are created.
       dtype: tensor dtype; default: the dtype the checkpoint was converted from, else float32.
       overwrite: replace an existing file.
 
     Returns:
       (written path, dtype used).
+
+    Raises:
+      ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), or
+        a bad `dtype`.
+      checkpoints.CheckpointError: `ckpt_dir` is not a readable stam-jax checkpoint.
     """
     from convert.torch_io import save_state_dict
 
-    out = Path(out_pth)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; choose another name or pass --force.")
+    out = _check_output_file(Path(out_pth), overwrite)
     config = checkpoints.read_config(ckpt_dir)
     if dtype is None:
         sources = config["metadata"].get("source_dtypes", [])
@@ -123,8 +130,38 @@ def export_checkpoint(
         import ml_dtypes
 
         np_dtype = ml_dtypes.bfloat16
-    save_state_dict(flax_to_torch(model, params, np_dtype, consume=True), out)
+    state_dict = flax_to_torch(model, params, np_dtype, consume=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
+    save_state_dict(state_dict, out)
     return out, dtype
+
+
+def _check_output_file(out: Path, overwrite: bool) -> Path:
+    """Refuses an output `.pth` path that cannot be written, before any work is done."""
+    if out.is_dir():
+        raise ConversionError(
+            f"{out} is a directory; pass the name of the .pth file to write "
+            f"(e.g. {out / 'stam.pth'})."
+        )
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise ConversionError(f"{out} already exists; choose another name or pass --force.")
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(
+            f"cannot create {out}: {parent} is not a directory (a file or a broken link is in "
+            "the way); choose another path."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(
+            f"cannot write {out}: {parent} is not writable (permission denied or a read-only "
+            "file system); choose a directory you can write to."
+        )
+    return out
 
 
 __all__ = ["ConversionError", "convert_checkpoint", "export_checkpoint"]

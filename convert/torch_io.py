@@ -13,6 +13,7 @@ Writing (`save_state_dict`) uses `torch.save`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import os
@@ -145,10 +146,7 @@ def _read_zip(path: Path) -> Any:
     archive = zipfile.ZipFile(path)
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     if len(pickles) != 1:
-        raise ConversionError(
-            f"{path} is a zip archive but not a PyTorch checkpoint (found {len(pickles)} "
-            "data.pkl entries, expected 1)."
-        )
+        raise ConversionError(_not_a_torch_zip(path, archive))
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = f"{prefix}byteorder"
     if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
@@ -173,7 +171,52 @@ def _first_line(e: BaseException) -> str:
         if "WeightsUnpickler error:" in line:  # torch's own refusal, legacy files
             detail = line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
             return detail or "unrecognised pickle content"
-    return text.splitlines()[0] if text else type(e).__name__
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "strerror:" in first:  # torch.save: "[enforce fail at ...] . open file failed with ..."
+        return first.rsplit("strerror:", 1)[1].strip()
+    # torch's advice to load with weights_only=False would run the file's code: never passed on.
+    return first.split(" In PyTorch 2.6")[0] if "weights_only" in first else first
+
+
+_CONVERT_READS = "python -m convert reads official PyTorch .pth files (stam_16.pth, stam_64.pth)"
+
+
+def _not_a_pth(path: Path, head: bytes, size: int) -> str | None:
+    """What a common non-.pth file is, from its first bytes (None: no recognised format)."""
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return (
+            f"{path} is a safetensors file, not a PyTorch .pth; {_CONVERT_READS}. Re-save it "
+            "as one: from safetensors.torch import load_file; "
+            f"torch.save({{'model': load_file('{path.name}')}}, 'stam.pth')."
+        )
+    if head[257:262] == b"ustar":
+        return (
+            f"{path} is a tar archive, not a PyTorch .pth; {_CONVERT_READS}. Extract it first "
+            f"(tar -xf {path.name}) and convert the .pth inside."
+        )
+    if head[:2] == b"\x1f\x8b":
+        return (
+            f"{path} is gzip-compressed, not a PyTorch .pth; {_CONVERT_READS}. Extract it "
+            f"first (tar -xzf {path.name} for a .tar.gz, else gunzip {path.name}) and convert "
+            "the .pth inside."
+        )
+    return None
+
+
+def _not_a_torch_zip(path: Path, archive: zipfile.ZipFile) -> str:
+    names = archive.namelist()
+    if names and all(n.endswith(".npy") for n in names):
+        return (
+            f"{path} is a numpy .npz archive, not a PyTorch .pth; {_CONVERT_READS}. Re-save the "
+            "arrays as one: torch.save({'model': {k: torch.from_numpy(v) for k, v in "
+            f"numpy.load('{path.name}').items()}}, 'stam.pth')."
+        )
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{path} is a zip archive but not a PyTorch checkpoint (no single data.pkl inside; it "
+        f"holds {shown or 'nothing'}); {_CONVERT_READS}. If the archive holds a .pth, extract it "
+        f"first (unzip {path.name}) and convert that."
+    )
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
@@ -201,7 +244,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if size == 0:
         raise ConversionError(f"{path} is empty (0 bytes): the download or copy did not finish.")
     with open(path, "rb") as f:
-        zip_magic = f.read(4) == b"PK\x03\x04"
+        head = f.read(512)
+    zip_magic = head[:4] == b"PK\x03\x04"
+    other = None if zip_magic else _not_a_pth(path, head, size)
+    if other:
+        raise ConversionError(other)
     if zip_magic and not zipfile.is_zipfile(path):
         raise ConversionError(
             f"{path} is a truncated or corrupt zip-format .pth ({size} bytes; its zip directory "
@@ -265,9 +312,15 @@ def _check_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             )
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in ("float32", "float16", "bfloat16"):
+            fix = ""
+            if dtype == "float64":
+                fix = (
+                    " Re-save it in float32: sd = torch.load(PATH, weights_only=True)['model']; "
+                    "torch.save({'model': {k: v.float() for k, v in sd.items()}}, 'stam_f32.pth')."
+                )
             raise ConversionError(
                 f"state dict entry {key!r} has dtype {dtype}; expected float32, float16 or "
-                "bfloat16 weights."
+                f"bfloat16 weights.{fix}"
             )
         out[key] = value if isinstance(value, LazyTensor) else _torch_to_numpy(value)
     return out
@@ -290,6 +343,9 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
       state_dict: key -> numpy array (float32, float16 or bfloat16).
       path: destination `.pth`; written to a temporary name and renamed, so a crash never
         leaves a half-written file under the final name.
+
+    Raises:
+      ConversionError: no torch, or the file could not be written (no `.partial` is left).
     """
     try:
         import torch
@@ -306,5 +362,12 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
             tensors[key] = torch.from_numpy(value)
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"model": tensors}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"model": tensors}, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports I/O failures as either
+            raise ConversionError(f"cannot write {path}: {_first_line(e)}") from None
+        raise

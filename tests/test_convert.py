@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
+import re
 import subprocess
 import sys
+import tarfile
+import zipfile
+from pathlib import Path
 
 import chex
 import jax
@@ -368,6 +375,82 @@ def test_save_refuses_params_of_another_model(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_force_refuses_outputs_that_are_not_checkpoints_before_reading(
+    official_pth, tmp_path, monkeypatch, capsys
+):
+    # A folder holding the source .pth and other files is never deleted by --force.
+    pth, _ = official_pth(TINY)
+    (tmp_path / "notes.txt").write_text("keep")
+    assert convert_main([str(pth), str(tmp_path), "--force", *cli_args(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a stam-jax checkpoint (it holds notes.txt" in err
+    assert "nothing was deleted" in err and pth.exists() and (tmp_path / "notes.txt").exists()
+
+    # Bad outputs are refused before the (here absent) .pth is read.
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: Path(p).name != "locked" and real_access(p, mode)
+    )
+    cases = {
+        (afile, "--force"): r"afile is a file, not a checkpoint directory",
+        (tmp_path / "link", "--force"): r"link is a symbolic link \(to .*nowhere\)",
+        (afile / "sub",): r"cannot create .*afile/sub: .*afile is not a directory",
+        (tmp_path / "locked" / "ckpt",): r"cannot write .*locked/ckpt: .*locked is not writable",
+    }
+    for (out, *flags), message in cases.items():
+        args = [str(tmp_path / "absent.pth"), str(out), *flags, *cli_args(TINY)]
+        assert convert_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert re.search(message, err), err
+    assert afile.read_text() == "keep"
+
+
+def test_to_torch_output_paths(official_pth, tmp_path, monkeypatch, capsys):
+    pth, _ = official_pth(TINY)
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(pth, ckpt, **convert_kwargs(TINY))
+    # Missing parent directories are created.
+    nested = tmp_path / "new" / "deeper" / "back.pth"
+    assert to_torch_main([str(ckpt), str(nested)]) == 0
+    assert_state_dicts_identical(load_official(pth), load_official(nested))
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: Path(p).name != "locked" and real_access(p, mode)
+    )
+    cases = {
+        (tmp_path / "new", "--force"): r"new is a directory; pass the name of the \.pth file",
+        (afile / "x.pth",): r"cannot create .*afile/x\.pth: .*afile is not a directory",
+        (tmp_path / "locked" / "x.pth",): r"cannot write .*locked/x\.pth: .*locked is not writable",
+    }
+    for (out, *flags), message in cases.items():
+        # Checked before the (here absent) checkpoint is read.
+        assert to_torch_main([str(tmp_path / "absent"), str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+
+    # A write that fails midway is one clear error, and leaves no .partial file.
+    real_save = torch.save
+
+    def fail_midway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:1] . strerror: No space left")
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    assert to_torch_main([str(ckpt), str(tmp_path / "full.pth")]) == 2
+    assert "error: cannot write " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("full")) == []
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deeper"]
+
+
 def test_key_with_and_without_module_prefix_is_refused(official_pth):
     def duplicate(sd):
         sd["module.head.weight"] = torch.zeros_like(sd["head.weight"])
@@ -397,3 +480,54 @@ def test_head_and_frame_counts_must_be_at_least_one(official_pth):
         torch_to_flax(mean, num_heads=2, num_frames=0)
     with pytest.raises(ConversionError, match=r"--temporal-heads 8 does not apply.*mean-aggregate"):
         torch_to_flax(mean, num_heads=2, num_frames=4, temporal_heads=8)
+
+
+def test_common_non_pth_files_are_named(official_pth, tmp_path):
+    pth, _ = official_pth(TINY)
+    header = json.dumps({"head.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    safetensors = tmp_path / "stam.safetensors"
+    safetensors.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(8))
+    tar = tmp_path / "stam.tar"
+    with tarfile.open(tar, "w") as archive:
+        archive.add(pth, arcname="stam_16.pth")
+    tgz = tmp_path / "stam.tar.gz"
+    tgz.write_bytes(gzip.compress(tar.read_bytes()))
+    npz = tmp_path / "stam.npz"
+    np.savez(npz, head=np.zeros(2))
+    plain_zip = tmp_path / "stam.zip"
+    with zipfile.ZipFile(plain_zip, "w") as archive:
+        archive.write(pth, "stam_16.pth")
+    reads = r"python -m convert reads official PyTorch \.pth files"
+    cases = {
+        safetensors: rf"is a safetensors file, not a PyTorch \.pth; {reads}.*load_file",
+        tar: rf"is a tar archive, not a PyTorch \.pth; {reads}.*Extract it first \(tar -xf",
+        tgz: rf"is gzip-compressed, not a PyTorch \.pth; {reads}.*Extract it first \(tar -xzf",
+        npz: rf"is a numpy \.npz archive, not a PyTorch \.pth; {reads}",
+        plain_zip: rf"holds stam_16\.pth\); {reads}.*extract it first \(unzip stam\.zip\)",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConversionError, match=message) as info:
+            load_state_dict(path)
+        assert "weights_only=False" not in str(info.value) and "download" not in str(info.value)
+
+
+def test_float64_fix_and_non_finite_weights_warning(official_pth, tmp_path, capsys):
+    f64, _ = official_pth(TINY, edit=lambda sd: sd.update({"head.bias": sd["head.bias"].double()}))
+    with pytest.raises(
+        ConversionError, match=r"has dtype float64.*Re-save it in float32.*v\.float"
+    ):
+        load_state_dict(f64)
+
+    def poison(sd):
+        sd["head.bias"][0] = float("nan")
+        sd["norm.weight"][1] = float("inf")
+
+    pth, _ = official_pth(TINY, edit=poison, name="nan.pth")
+    assert convert_main([str(pth), str(tmp_path / "ckpt"), *cli_args(TINY)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: NaN or Inf values in the weights" in err
+    assert "2 tensor(s): norm.weight, head.bias" in err
+    assert checkpoints.read_config(tmp_path / "ckpt")["metadata"]["non_finite"] == [
+        "norm.weight",
+        "head.bias",
+    ]
