@@ -2,8 +2,20 @@
 
 Classes are the sub-folder names of `root`, sorted in Python string order (or read from a
 class-list file, one name per line); a video's label is its class's index. Inside a class folder,
-files are found recursively (following links), walking folders in sorted order and files in
+files are found recursively (following links), walking folders in sorted path order and files in
 sorted name order, keeping the video extensions.
+
+What is not a class or a video is left out and recorded in `VideoFolder.ignored`, never silently:
+
+- hidden and system entries (names starting with '.', `__MACOSX`, `lost+found`, ...): never a
+  class, a sub-folder to walk or a video (e.g. `.ipynb_checkpoints/`, `.git/`, macOS `._x.mp4`
+  resource forks, which are not videos);
+- files directly in the root (outside any class folder), and files in class folders without a
+  video extension;
+- a linked folder that leads back to a folder the walk is inside (a loop: `ln -s .. up`);
+- a file reached a second time in the same class through a link (listed once, where it comes
+  first). The same file reached from two classes is refused: its label would be ambiguous;
+- folders that cannot be read.
 """
 
 from __future__ import annotations
@@ -12,7 +24,27 @@ import dataclasses
 import os
 from pathlib import Path
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+# System folders that are never classes (besides every name starting with '.').
+JUNK_NAMES = frozenset(
+    {"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+)
+
+# Why an entry was ignored (`Ignored.reason`).
+HIDDEN = "hidden"  # a hidden or system file or folder
+NOT_VIDEO = "not_video"  # a file in a class folder without a video extension
+ROOT_FILE = "root_file"  # a file directly in the root, outside any class folder
+LINK_LOOP = "link_loop"  # a linked folder leading back to a folder the walk is inside
+DUPLICATE = "duplicate"  # a file already listed in the same class, reached through a link
+UNREADABLE = "unreadable"  # a folder that could not be read
+REASONS = {
+    HIDDEN: "hidden or system entries",
+    NOT_VIDEO: "files without a video extension",
+    ROOT_FILE: "files in the root outside any class folder",
+    LINK_LOOP: "linked folders leading back to a folder they are in",
+    DUPLICATE: "videos listed twice through a link",
+    UNREADABLE: "unreadable folders",
+}
 
 
 class DatasetError(ValueError):
@@ -28,6 +60,21 @@ class VideoItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ignored:
+    """An entry under the root that is neither a class nor a video.
+
+    Attributes:
+      path: relative to the root (a folder or a file).
+      reason: one of `REASONS`.
+      note: details (the file it duplicates, the read error), or ''.
+    """
+
+    path: str
+    reason: str
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class VideoFolder:
     """The listing of a video folder.
 
@@ -36,26 +83,99 @@ class VideoFolder:
       classes: class names; index = label.
       items: videos in the official order (by class, then sorted path).
       empty_classes: classes with no video file.
+      ignored: entries that are neither classes nor videos, sorted by path (see the module
+        docstring); empty for a listing read back from a prepared dataset.
     """
 
     root: Path
     classes: tuple[str, ...]
     items: tuple[VideoItem, ...]
     empty_classes: tuple[str, ...]
+    ignored: tuple[Ignored, ...] = ()
+
+
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is a hidden or system entry (never a class or a video)."""
+    return name.startswith(".") or name in JUNK_NAMES
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (blank lines ignored)."""
+    """Class names from a UTF-8 text file, one per line (blank lines and a BOM ignored)."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(
+            f"--config.data.class_list={path} is a folder; give a text file with one class name "
+            "per line, in label order."
+        )
     if not path.is_file():
         raise DatasetError(f"class-list file {path} does not exist.")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM is not part of a name
+    except UnicodeDecodeError as e:
+        raise DatasetError(
+            f"class-list file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+            f"offset {e.start}); save it as UTF-8."
+        ) from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"class-list file {path} repeats {duplicates}.")
     if not names:
         raise DatasetError(f"class-list file {path} is empty.")
     return names
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
+
+
+def _class_files(
+    root: str, name: str, wanted: tuple[str, ...], ignored: list[Ignored]
+) -> list[tuple[str, str]]:
+    """(path relative to the root, real path) of the videos of one class, in the official order.
+
+    The order is `sorted(os.walk(root/name, followlinks=True))`'s: folders by path string,
+    files by name. A linked folder is walked unless it leads to a folder the walk is inside.
+    """
+    top = os.path.join(root, name)
+    inside = frozenset({os.path.realpath(root), os.path.realpath(top)})
+    folders: list[tuple[str, str, list[os.DirEntry]]] = []
+    stack = [(top, os.path.realpath(top), inside)]
+    while stack:
+        folder, real, chain = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            ignored.append(Ignored(os.path.relpath(folder, root), UNREADABLE, e.strerror or ""))
+            continue
+        files = []
+        for entry in entries:
+            rel = os.path.relpath(entry.path, root)
+            if is_hidden(entry.name):
+                ignored.append(Ignored(rel, HIDDEN))
+            elif _is_dir(entry):
+                target = os.path.realpath(entry.path)
+                if target in chain:
+                    note = f"-> {os.path.relpath(target, os.path.realpath(root))}"
+                    ignored.append(Ignored(rel, LINK_LOOP, note))
+                else:
+                    stack.append((entry.path, target, chain | {target}))
+            elif entry.name.lower().endswith(wanted):
+                files.append(entry)
+            else:
+                ignored.append(Ignored(rel, NOT_VIDEO))
+        folders.append((folder, real, files))
+    found = []
+    for _, real, files in sorted(folders, key=lambda f: f[0]):
+        for entry in sorted(files, key=lambda e: e.name):
+            # A file that is not itself a link is where its folder really is.
+            link = entry.is_symlink()
+            target = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+            found.append((os.path.relpath(entry.path, root), target))
+    return found
 
 
 def list_videos(
@@ -72,17 +192,28 @@ def list_videos(
       extensions: video file extensions (case-insensitive).
 
     Returns:
-      The `VideoFolder`.
+      The `VideoFolder`; what is neither a class nor a video is in its `ignored`.
 
     Raises:
-      DatasetError: a missing root, no class folders, or no video at all.
+      DatasetError: a missing root, no class folders, no video at all, or a file that two
+        classes reach through links.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist or is not a directory.")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    named = read_class_list(class_list) if class_list else []
+    ignored: list[Ignored] = []
+    folders = []
+    for entry in os.scandir(root):
+        if entry.name not in named and is_hidden(entry.name):
+            ignored.append(Ignored(entry.name, HIDDEN))
+        elif _is_dir(entry):
+            folders.append(entry.name)
+        else:
+            ignored.append(Ignored(entry.name, ROOT_FILE))
+    folders.sort()
     if class_list:
-        classes = read_class_list(class_list)
+        classes = named
         unknown = sorted(set(folders) - set(classes))
         if unknown:
             raise DatasetError(
@@ -94,17 +225,23 @@ def list_videos(
     if not classes:
         raise DatasetError(f"{root} has no class sub-folders; expected root/<class>/<video>.")
     items, empty = [], []
+    first: dict[str, tuple[str, int]] = {}  # real path -> (listed path, label)
     wanted = tuple(e.lower() for e in extensions)
     for label, name in enumerate(classes):
         found = []
-        class_dir = root / name
-        if class_dir.is_dir():
-            for folder, _, files in sorted(os.walk(class_dir, followlinks=True)):
-                found += [
-                    os.path.relpath(os.path.join(folder, f), root)
-                    for f in sorted(files)
-                    if f.lower().endswith(wanted)
-                ]
+        if (root / name).is_dir():
+            for path, real in _class_files(str(root), name, wanted, ignored):
+                if real not in first:
+                    first[real] = (path, label)
+                    found.append(path)
+                elif first[real][1] == label:
+                    ignored.append(Ignored(path, DUPLICATE, f"= {first[real][0]}"))
+                else:
+                    raise DatasetError(
+                        f"{root / path} and {root / first[real][0]} are the same file (through "
+                        f"a link) in two classes, {name!r} and {classes[first[real][1]]!r}: its "
+                        "label is ambiguous. Remove the link or one of the two."
+                    )
         if not found:
             empty.append(name)
         items += [VideoItem(path, label) for path in found]
@@ -113,4 +250,16 @@ def list_videos(
             f"{root} holds no video files with extensions {', '.join(extensions)} in its "
             f"{len(classes)} class folders."
         )
-    return VideoFolder(root, tuple(classes), tuple(items), tuple(empty))
+    ignored.sort(key=lambda i: i.path)
+    return VideoFolder(root, tuple(classes), tuple(items), tuple(empty), tuple(ignored))
+
+
+def ignored_summary(ignored: tuple[Ignored, ...] | list[Ignored], examples: int = 10) -> dict:
+    """`ignored` as {reason: {'count': n, 'paths': the first `examples` paths}} (for reports)."""
+    out: dict[str, dict] = {}
+    for entry in ignored:
+        group = out.setdefault(entry.reason, {"count": 0, "paths": []})
+        group["count"] += 1
+        if len(group["paths"]) < examples:
+            group["paths"].append(f"{entry.path} {entry.note}".strip())
+    return out

@@ -1,0 +1,95 @@
+"""Listing video folders: what is a class, what is a video, and what is reported as ignored."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stam_jax.data.folder import DatasetError, list_videos, read_class_list
+
+
+def touch(root: Path, *paths: str) -> None:
+    """Empty files (listing never opens them)."""
+    for path in paths:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"")
+
+
+def ignored(folder) -> dict[str, str]:
+    return {i.path: i.reason for i in folder.ignored}
+
+
+def test_hidden_junk_and_non_video_entries_are_not_classes_or_videos(tmp_path):
+    touch(
+        tmp_path,
+        "b/v.mp4",
+        "b/w.MOV",  # common containers PyAV reads
+        "b/x.m4v",
+        "b/notes.txt",
+        "b/._v.mp4",  # a macOS resource fork: not a video
+        "b/.cache/y.mp4",
+        "a/v.avi",
+        ".ipynb_checkpoints/v-checkpoint.mp4",
+        ".git/HEAD",
+        "__MACOSX/a/._v.avi",
+        "loose.mp4",
+    )
+    (tmp_path / "c").mkdir()  # an empty class keeps its label
+    folder = list_videos(tmp_path)
+    assert folder.classes == ("a", "b", "c") and folder.empty_classes == ("c",)
+    assert [(i.path, i.label) for i in folder.items] == [
+        ("a/v.avi", 0),
+        ("b/v.mp4", 1),
+        ("b/w.MOV", 1),
+        ("b/x.m4v", 1),
+    ]
+    assert ignored(folder) == {
+        ".git": "hidden",
+        ".ipynb_checkpoints": "hidden",
+        "__MACOSX": "hidden",
+        "b/.cache": "hidden",
+        "b/._v.mp4": "hidden",
+        "b/notes.txt": "not_video",
+        "loose.mp4": "root_file",
+    }
+
+
+def test_link_loops_are_not_walked_and_linked_duplicates_count_once(tmp_path):
+    root = tmp_path / "root"
+    touch(root, "a/v.mp4", "a/sub/w.mp4", "b/v.mp4")
+    touch(tmp_path, "store/x.mp4")
+    os.symlink("..", root / "a" / "up")  # back to the root: every class again
+    os.symlink(".", root / "a" / "sub" / "self")
+    os.symlink("sub", root / "a" / "again")  # the same videos, same class
+    os.symlink("v.mp4", root / "b" / "twice.mp4")  # the first of the two by name
+    os.symlink(tmp_path / "store" / "x.mp4", root / "b" / "x.mp4")  # a video stored elsewhere
+    folder = list_videos(root)
+    assert [(i.path, i.label) for i in folder.items] == [
+        ("a/v.mp4", 0),
+        ("a/again/w.mp4", 0),  # the first of the two in the official order
+        ("b/twice.mp4", 1),
+        ("b/x.mp4", 1),
+    ]
+    assert ignored(folder) == {
+        "a/again/self": "link_loop",
+        "a/sub/self": "link_loop",
+        "a/sub/w.mp4": "duplicate",
+        "a/up": "link_loop",
+        "b/v.mp4": "duplicate",
+    }
+    os.symlink("../a/v.mp4", root / "b" / "other.mp4")  # one file, two labels
+    with pytest.raises(DatasetError, match=r"same file .* in two classes, 'b' and 'a'"):
+        list_videos(root)
+
+
+def test_class_list_files(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_bytes("\ufeffabseiling\r\nair drumming\r\n\r\n".encode())
+    assert read_class_list(path) == ["abseiling", "air drumming"]  # BOM and CRLF stripped
+    path.write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        read_class_list(path)
+    with pytest.raises(DatasetError, match=r"class_list=.* is a folder; give a text file"):
+        read_class_list(tmp_path)
