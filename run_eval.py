@@ -4,8 +4,9 @@
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR
 
 Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
-evaluated, 2 when the run is refused before any compute (the message says why), 3 when it
-finished but some videos were skipped (too short or undecodable: listed in results.json).
+evaluated, 2 when the run is refused before any compute, with one `error: ...` line saying why
+(a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
+videos were skipped (too short or undecodable: listed in results.json).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from stam_jax.cli import parse_flags, refuse
 from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
@@ -29,12 +31,11 @@ def main(argv: list[str]) -> None:
     try:
         results = evaluate(_CONFIG.value, _WORKDIR.value)
     except EvalConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)
     counts = results["counts"]
     sys.exit(EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from stam_jax.cli import parse_flags
 from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
@@ -40,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # a bad flag: one `error:` line, exit 2

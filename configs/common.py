@@ -35,7 +35,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.checkpoint = ""
     config.dtype = "float32"  # compute dtype: float32, bfloat16 or float16
     config.param_dtype = "float32"
-    config.attention_impl = "auto"  # auto (cuDNN for half precision on GPU), xla, cudnn
+    # auto (cuDNN for half precision on GPU, else heads_first), xla, cudnn (GPU only), heads_first
+    config.attention_impl = "auto"
     config.remat = False  # activation checkpointing of the ViT blocks (training memory)
     # Frames per step of the spatial ViT (must divide batch x T); None: automatic (all at once,
     # but ~4 ViT-B frames per device on CPU, which runs faster); 0: all frames at once.
@@ -69,14 +70,16 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # Training (run_train.py).
     config.train = ml_collections.ConfigDict()
     config.train.root = ""  # training videos, root/<class>/<video>
-    config.train.steps = 1000  # optimizer steps in the whole run
+    # Batches in the whole run (loop steps, as checkpoints count them); warm-up and cosine
+    # decay span them. With accumulate=k the optimizer updates every k batches.
+    config.train.steps = 1000
     config.train.optimizer = "adamw"  # adamw or sgd (with momentum)
     config.train.learning_rate = 1e-4  # peak, after linear warm-up; cosine decay to the end
     config.train.warmup_steps = 100
     config.train.weight_decay = 0.05  # not on biases, norms, position embeddings, cls tokens
     config.train.momentum = 0.9  # sgd only
     config.train.grad_clip = 1.0  # global-norm clipping (0: off)
-    config.train.accumulate = 1  # micro-batches per optimizer step
+    config.train.accumulate = 1  # batches per optimizer update (must divide train.steps)
     config.train.label_smoothing = 0.1
     # Mixup / CutMix (0: off): one draw per batch, the same CutMix box in every frame.
     config.train.mixup_alpha = 0.0

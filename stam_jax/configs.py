@@ -2,10 +2,49 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from typing import Any
 
-from stam_jax.model import STAM
-from stam_jax.variants import create_model
+from stam_jax.model import AGGREGATES, ATTENTION_IMPLS, STAM
+from stam_jax.variants import VARIANTS, create_model, parse_dtype
+
+
+def check_run_config(config: Any) -> None:
+    """Refuses run-time model fields no model can be built with, naming the flag to fix.
+
+    Raises:
+      ValueError: an unknown `model`, `dtype`, `param_dtype`, `attention_impl`, or a
+        `model_overrides` value out of range.
+    """
+    if config.model not in VARIANTS:
+        raise ValueError(
+            f"--config.model={config.model!r} is not a registered variant; use one of "
+            f"{', '.join(sorted(VARIANTS))} (configs/*.py set it for you)."
+        )
+    for key in ("dtype", "param_dtype"):
+        try:
+            parse_dtype(config[key])
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"--config.{key}={config[key]!r} is not supported; use float32, bfloat16 or "
+                "float16."
+            ) from None
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"--config.attention_impl={config.attention_impl!r} is not supported; use one of "
+            f"{', '.join(ATTENTION_IMPLS)}."
+        )
+    overrides = config.model_overrides
+    for key in ("num_classes", "num_frames"):
+        if overrides[key] is not None and overrides[key] < 1:
+            raise ValueError(f"--config.model_overrides.{key}={overrides[key]}; it must be >= 1.")
+    if overrides.aggregate is not None and overrides.aggregate not in AGGREGATES:
+        raise ValueError(
+            f"--config.model_overrides.aggregate={overrides.aggregate!r}; use one of "
+            f"{', '.join(AGGREGATES)}."
+        )
 
 
 def model_from_run_config(config: Any) -> STAM:
@@ -17,7 +56,11 @@ def model_from_run_config(config: Any) -> STAM:
 
     Returns:
       The (unbound) `STAM` module.
+
+    Raises:
+      ValueError: see `check_run_config`; the message names the flag.
     """
+    check_run_config(config)
     return create_model(
         config.model,
         **{k: v for k, v in dict(config.model_overrides).items() if v is not None},
@@ -27,3 +70,26 @@ def model_from_run_config(config: Any) -> STAM:
         remat=config.remat,
         frame_chunk=config.frame_chunk,
     )
+
+
+@functools.cache
+def _config_files() -> tuple[tuple[str, int, int], ...]:
+    """(path, frames, crop) of each run config in the `configs` package (its default run)."""
+    try:
+        package = importlib.import_module("configs")
+    except ImportError:  # stam_jax used outside its repository
+        return ()
+    out = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        try:
+            config = importlib.import_module(f"configs.{info.name}").get_config()
+            frames = model_from_run_config(config).num_frames
+        except Exception:  # not a run config (common.py): these are only suggestions
+            continue
+        out.append((f"configs/{info.name}.py", frames, config.data.crop))
+    return tuple(out)
+
+
+def config_files_for(num_frames: int, image_size: int) -> list[str]:
+    """The files in `configs/` whose run samples `num_frames` frames cropped to `image_size`."""
+    return [path for path, t, crop in _config_files() if (t, crop) == (num_frames, image_size)]

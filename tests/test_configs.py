@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from stam_jax.configs import model_from_run_config
+from stam_jax.cli import parse_flags
+from stam_jax.configs import config_files_for, model_from_run_config
 from stam_jax.variants import variant_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +47,48 @@ def test_run_train_without_data_is_refused():
     )
     assert result.returncode == 2
     assert "no training data: pass --config.train.root=VIDEO_ROOT" in result.stderr
+
+
+def test_bad_run_config_values_name_the_flag():
+    def refused(message, **values):
+        config = importlib.import_module("configs.tiny").get_config()
+        for key, value in values.items():
+            node, *path = key.split("__")
+            target = config if not path else config[node]
+            target[path[0] if path else node] = value
+        with pytest.raises(ValueError, match=message):
+            model_from_run_config(config)
+
+    refused(r"--config.dtype='fp16' is not supported; use float32, bfloat16", dtype="fp16")
+    refused(r"--config.param_dtype='bf16' is not supported", param_dtype="bf16")
+    refused(r"--config.model='stam_99' is not a registered variant; use one of", model="stam_99")
+    refused(
+        r"--config.attention_impl='flash' .* auto, xla, cudnn, heads_first", attention_impl="flash"
+    )
+    refused(r"--config.model_overrides.num_frames=0", model_overrides__num_frames=0)
+    assert config_files_for(16, 224) == ["configs/stam_16.py"]
+    assert config_files_for(8, 224) == []
+
+
+def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    def error(*args):
+        argv = ["run_eval.py", "--config=configs/tiny.py", *args]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags finds overrides in sys.argv
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+        flags.DEFINE_string("workdir", None, "", flag_values=values)
+        with pytest.raises(SystemExit) as exit_:
+            parse_flags(argv, values)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+        return err
+
+    assert error("--config.data.rot=/x") == (
+        "error: unknown config field 'rot' (--config.data.rot). "
+        'Did you mean "root" instead of "rot"?\n'
+    )
+    assert "--config.batch_size=abc: invalid literal" in error("--config.batch_size=abc")
+    assert "unexpected arguments ['stray']" in error("stray")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config():\n    raise ValueError('no such run')\n")
+    assert error(f"--config={bad}").endswith("ValueError: no such run\n")

@@ -1,0 +1,76 @@
+"""What run_eval.py and run_train.py share: flag errors as one `error:` line and exit status 2.
+
+absl prints a bad flag as 'FATAL Flags parsing error' (exit 1), and an unknown config field
+(`--config.data.rot=X`) escapes it as a 50-line ml_collections traceback; `parse_flags` turns
+both, and a config file that cannot be loaded, into one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from absl import flags
+
+EXIT_REFUSED = 2  # refused before any compute
+
+
+def refuse(message: object) -> NoReturn:
+    """Prints `error: message` to stderr and exits with `EXIT_REFUSED`."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_REFUSED)
+
+
+def _innermost_text(error: BaseException) -> str:
+    """The text of an exception that wraps others as its argument (ml_collections does)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    if error.args and isinstance(error.args[0], str):
+        return error.args[0]
+    return str(error)
+
+
+def flag_error_message(error: BaseException, argv: list[str]) -> str:
+    """One line saying which flag is wrong and how, from an error raised while parsing `argv`."""
+    text = _innermost_text(error)
+    if "Traceback (most recent call last)" in text:  # a config file that raised
+        head = text.split("Traceback")[0].strip().rstrip(":")
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return f"{head}: {last}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(error, KeyError | AttributeError) and lines:
+        # ml_collections: "'rot'" then 'Did you mean "root" instead of "rot"?'.
+        field = lines[0].strip("'\"")
+        used = [
+            a.split("=", 1)[0]
+            for a in argv[1:]
+            if a.startswith("--config.") and field in a.split("=", 1)[0].split(".")
+        ]
+        where = f" ({used[0]})" if used else ""
+        hint = f" {' '.join(lines[1:])}" if len(lines) > 1 else ""
+        return f"unknown config field {field!r}{where}.{hint}"
+    return " ".join(lines) or type(error).__name__
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """An absl `flags_parser` for `app.run`: a bad flag exits 2 with one `error:` line.
+
+    Also loads the `--config` file now, so that one that cannot be loaded is reported the same
+    way, and refuses stray positional arguments (all options are --flags).
+
+    Args:
+      argv: the command line, program name first.
+      flag_values: the flags to parse into (absl's global `FLAGS` for the CLIs).
+
+    Returns:
+      The arguments left after the flags (the program name).
+    """
+    try:
+        rest = flag_values(argv)
+        if "config" in flag_values:
+            _ = flag_values["config"].value  # config_flags loads the file lazily
+    except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        refuse(flag_error_message(e, argv))
+    if len(rest) > 1:
+        refuse(f"unexpected arguments {rest[1:]}; every option is a flag (--name=value).")
+    return rest
