@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Generator, Iterator
@@ -24,13 +25,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
-from stam_jax.data.folder import DatasetError, VideoFolder
+from stam_jax.configs import config_files_for, model_from_run_config
+from stam_jax.data.folder import HIDDEN, REASONS, DatasetError, VideoFolder, ignored_summary
 from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
-from stam_jax.variants import create_model, model_from_config
+from stam_jax.variants import model_from_config
 
 EXIT_SKIPPED = 3  # run_eval.py's exit status when some videos could not be evaluated
 
@@ -55,7 +57,71 @@ def _clip_spec(config: Any, model: STAM) -> ClipSpec:
         raise EvalConfigError(f"data config: {e}") from None
 
 
+def _check_workdir(workdir: str | Path | None) -> Path:
+    """`--workdir` as a Path, refused (nothing created) if results could not be written there."""
+    if workdir is None or not str(workdir).strip():
+        raise EvalConfigError(
+            "--workdir is empty; name the folder for results.json and predictions.jsonl "
+            "(created if needed)."
+        )
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise EvalConfigError(f"--workdir={path} is a file; name a folder.")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise EvalConfigError(
+            f"--workdir={path} cannot be created: {existing} is a file, not a folder."
+        )
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalConfigError(f"--workdir={path} cannot be written: {existing} is read-only.")
+    return path
+
+
+def _check_distributed(dist: Any) -> None:
+    """Refuses multi-process settings that `jax.distributed` would fail on, naming the flag."""
+    n, pid = dist.num_processes, dist.process_id
+    if n < 0:
+        raise EvalConfigError(
+            f"--config.distributed.num_processes={n}; use 1 (one process), N > 1 with a "
+            "coordinator, or 0 (JAX discovers the cluster)."
+        )
+    if n > 1 and not dist.coordinator:
+        raise EvalConfigError(
+            f"--config.distributed.num_processes={n} needs --config.distributed.coordinator="
+            "HOST:PORT (process 0's address, the same in every process), or set num_processes=0 "
+            "to let JAX discover a cluster it knows (SLURM, TPU pods)."
+        )
+    if n >= 1 and not 0 <= pid < n:
+        raise EvalConfigError(
+            f"--config.distributed.process_id={pid} with num_processes={n}; give each process "
+            f"a distinct id from 0 to {n - 1}."
+        )
+
+
+def _config_model(config: Any) -> STAM:
+    """The model the run config names (variant + overrides), refused with the flag to fix."""
+    try:
+        return model_from_run_config(config)
+    except ValueError as e:
+        raise EvalConfigError(str(e)) from None
+
+
+def _frame_count_fix(config: Any, t: int, image_size: int) -> str:
+    """What to pass so that the config samples `t` frames: config files for it, or an override."""
+    files = config_files_for(t, image_size)
+    fixes = [f"--config {' or '.join(files)}"] if files else []
+    if config.model_overrides.num_frames is not None or not files:
+        fixes.append(f"--config.model_overrides.num_frames={t}")
+    rate = config.data.frame_rate
+    return (
+        f"use {' or '.join(fixes)}. --config.data.frame_rate sets how many seconds the T frames "
+        f"cover (now {t} frames at {rate} fps = {t / rate:g} s; the official protocol samples "
+        f"the first 10 s: frame_rate={t / 10:g})."
+    )
+
+
 def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
+    config_model = _config_model(config)
     if not config.checkpoint:
         raise EvalConfigError(
             "no checkpoint: pass --config.checkpoint=CKPT_DIR (convert an official .pth with "
@@ -63,26 +129,35 @@ def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
         )
     try:
         stored = checkpoints.read_config(config.checkpoint)
+        model = model_from_config(
+            stored["model"],
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            attention_impl=config.attention_impl,
+            frame_chunk=config.frame_chunk,
+        )
     except checkpoints.CheckpointError as e:
         raise EvalConfigError(str(e)) from None
-    model = model_from_config(
-        stored["model"],
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        attention_impl=config.attention_impl,
-        frame_chunk=config.frame_chunk,
-    )
-    expected_t = create_model(config.model).num_frames
+    except (ValueError, KeyError, TypeError) as e:  # a config.json this version cannot build
+        raise EvalConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
+    expected_t = config_model.num_frames
     if model.num_frames != expected_t:
+        override = config.model_overrides.num_frames
+        how = f" with --config.model_overrides.num_frames={override}" if override else ""
         raise EvalConfigError(
             f"checkpoint {config.checkpoint} is a T={model.num_frames} model, but the config "
-            f"samples clips for {config.model} (T={expected_t}); use configs/stam_"
-            f"{model.num_frames}.py or --config.model=stam_{model.num_frames}."
+            f"samples clips for {config.model}{how} (T={expected_t}); "
+            + _frame_count_fix(config, model.num_frames, model.image_size)
         )
     if model.image_size != config.data.crop:
         raise EvalConfigError(
             f"checkpoint {config.checkpoint} takes {model.image_size}px frames but "
             f"--config.data.crop={config.data.crop}; set it to {model.image_size}."
+        )
+    if model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise EvalConfigError(
+            f"--config.attention_impl=cudnn needs an NVIDIA GPU, but JAX's backend is "
+            f"{jax.default_backend()!r}; use auto, xla or heads_first."
         )
     return model, stored
 
@@ -100,13 +175,40 @@ def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, A
     except (PreparedError, DatasetError) as e:
         raise EvalConfigError(str(e)) from None
     if len(folder.classes) != model.num_classes:
-        raise EvalConfigError(
-            f"{root} has {len(folder.classes)} classes but the checkpoint has "
-            f"{model.num_classes} outputs; labels would not line up. Give the full class list "
-            "with --config.data.class_list=FILE (one name per line, in label order)"
-            + (" when preparing the dataset." if prepared else ".")
-        )
+        raise EvalConfigError(_class_count_message(config, folder, model, prepared is not None))
     return folder, prepared
+
+
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "eval"})
+
+
+def _class_count_message(config: Any, folder: VideoFolder, model: STAM, prepared: bool) -> str:
+    """Why the classes found do not fit the checkpoint's outputs, and what to change."""
+    root, class_list, n = config.data.root, config.data.class_list, len(folder.classes)
+    head = f"the checkpoint has {model.num_classes} outputs; labels would not line up."
+    if class_list:
+        return (
+            f"--config.data.class_list={class_list} names {n} classes but {head} Give a class "
+            f"list with the checkpoint's {model.num_classes} names, one per line, in label order"
+            + (" (when preparing the dataset)." if prepared else ".")
+        )
+    names = ", ".join(folder.classes[:10]) + (" ..." if n > 10 else "")
+    kind = "classes" if prepared else "class folders"
+    message = f"{root} has {n} classes but {head} Its {kind}: {names}."
+    hidden = [i.path for i in folder.ignored if i.reason == HIDDEN and "/" not in i.path]
+    if hidden:
+        message += f" (Hidden and system folders are not classes: {', '.join(hidden[:5])}.)"
+    splits = [c for c in folder.classes if c.lower() in SPLIT_NAMES]
+    if splits and not prepared:
+        return (
+            f"{message} {', '.join(splits)} look{'s' if len(splits) == 1 else ''} like dataset "
+            f"splits, not classes: point --config.data.root at one of them (e.g. "
+            f"{Path(root) / splits[-1]})."
+        )
+    return (
+        f"{message} Give the full class list with --config.data.class_list=FILE (one name per "
+        "line, in label order)" + (" when preparing the dataset." if prepared else ".")
+    )
 
 
 def _forward_fn(model: STAM, average: str):
@@ -167,14 +269,23 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
       workdir: output folder for `results.json` and `predictions.jsonl`.
 
     Returns:
-      The results dict (also written as `results.json`).
+      The results dict (also written as `results.json`). When no video was evaluated its
+      metrics are NaN (null in `results.json`, which is always valid JSON).
 
     Raises:
-      EvalConfigError: before any compute, for a missing or mismatched checkpoint, data root,
-        class count, batch size or data option.
+      EvalConfigError: before `workdir` is created and before any compute, for a bad config
+        value (variant, dtypes, attention, frames, distributed settings), a missing or
+        mismatched checkpoint, data root, class list or class count, batch size, data option,
+        or a `workdir` that cannot be created.
     """
     start = time.perf_counter()
+    # Config values first: nothing is created and nothing joins or computes before they pass.
+    workdir = _check_workdir(workdir)
     dist = config.distributed
+    _check_distributed(dist)
+    _config_model(config)
+    if config.eval.average not in ("logits", "softmax"):
+        raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     model, stored = _load_model(config)
@@ -183,16 +294,12 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)
     except ValueError as e:
         raise EvalConfigError(f"--config.frame_chunk: {e}") from None
-    if config.eval.average not in ("logits", "softmax"):
-        raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
     folder, prepared = _list_data(config, model, spec)
     mesh = sharding.data_mesh()
     try:
         local_batch = sharding.local_batch_size(config.batch_size, mesh)
     except ValueError as e:
         raise EvalConfigError(str(e)) from None
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
 
     # This process's share of the videos, and a step count every process agrees on.
     pid, nproc = jax.process_index(), jax.process_count()
@@ -201,7 +308,14 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     steps = math.ceil(per_process / local_batch)
 
     # Refused here, before any decoding, if the checkpoint does not fit the model.
-    params = checkpoints.read_params(config.checkpoint, model)
+    try:
+        params = checkpoints.read_params(config.checkpoint, model)
+    except checkpoints.CheckpointError as e:
+        raise EvalConfigError(str(e)) from None
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalConfigError(f"--workdir={workdir} cannot be created: {e.strerror}.") from None
     # The input starts now: its workers start and decode the first videos while the forward is
     # traced and compiled.
     workers, prefetch = worker_count(config.data.workers), config.data.prefetch or 2 * local_batch
@@ -276,6 +390,8 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "dropped": dropped,
         "failed": failed,
         "empty_classes": list(folder.empty_classes),
+        # Entries under the root that are neither classes nor videos, by reason (a few paths).
+        "ignored": ignored_summary(folder.ignored),
         "classes": list(folder.classes),
         "timing": {
             "compile_s": round(compile_s, 3),
@@ -364,8 +480,20 @@ def _collect(pending, positions: list, logits: list, scores: list) -> None:
     scores.append(ranked[keep].astype(np.float32))
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write(workdir, results, folder, positions, labels, logits, scores) -> None:
-    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    text = json.dumps(_finite(results), indent=1, default=str, allow_nan=False)
+    (workdir / "results.json").write_text(text + "\n")
     k = min(5, logits.shape[1] if logits.size else 5)
     with open(workdir / "predictions.jsonl", "w") as f:
         for p, label, row, score in zip(positions, labels, logits, scores, strict=True):
@@ -376,19 +504,32 @@ def _write(workdir, results, folder, positions, labels, logits, scores) -> None:
                 "top5": [int(c) for c in top],
                 "logits": [float(x) for x in row],
             }
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(_finite(line), allow_nan=False) + "\n")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
 def _summary(results: dict[str, Any], workdir: Path) -> None:
     m, c, t = results["metrics"], results["counts"], results["timing"]
     print(
-        f"top-1 {100 * m['top1']:.2f}%  top-5 {100 * m['top5']:.2f}%  mean class accuracy "
-        f"{100 * m['mean_class_accuracy']:.2f}%  on {c['evaluated']} of {c['listed']} videos "
+        f"top-1 {_percent(m['top1'])}  top-5 {_percent(m['top5'])}  mean class accuracy "
+        f"{_percent(m['mean_class_accuracy'])}  on {c['evaluated']} of {c['listed']} videos "
         f"({c['dropped_too_short']} dropped as too short, {c['failed']} failed to decode)"
     )
     print(
         f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s (compile {t['compile_s']:.1f}s "
         f"excluded), {results['devices']} device(s); results in {workdir / 'results.json'}"
     )
+    empty = results["empty_classes"]
+    if empty:
+        print(
+            f"{len(empty)} of {len(results['classes'])} classes have no video (their labels "
+            f"are kept): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+        )
+    for reason, group in results["ignored"].items():
+        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
+        print(f"ignored {group['count']} {REASONS[reason]}: {shown}")
     for entry in results["dropped"][:5] + results["failed"][:5]:
         print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, child_pids, free_port, random_params
@@ -342,3 +344,129 @@ def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_pa
             evaluate(config, tmp_path / "loop")
         assert "evaluate" in [entry.name for entry in interrupted.traceback]
         assert child_pids() == before
+
+
+def strict_json(path: Path) -> dict:
+    """results.json parsed as strict JSON (Python's json accepts NaN by default)."""
+
+    def no_constant(name):
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=no_constant)
+
+
+def test_frame_count_is_the_configs_with_overrides(video_root, tiny_ckpt, tmp_path, capsys):
+    """A T=8 checkpoint, which no variant has, evaluates with model_overrides.num_frames=8."""
+    model = create_model("stam_tiny", num_frames=8)
+    params = jax.tree.map(  # stam_tiny's, but for the temporal position embedding (T + 1 rows)
+        lambda want, have: have if want.shape == have.shape else np.zeros(want.shape, want.dtype),
+        checkpoints.abstract_params(model),
+        tiny_ckpt[1],
+    )
+    ckpt = checkpoints.save(tmp_path / "t8", model, params)
+    with pytest.raises(EvalConfigError) as refused:
+        evaluate(config_for(ckpt, video_root), tmp_path / "out")
+    message = str(refused.value)
+    assert "T=8 model, but the config samples clips for stam_tiny (T=4); use --config" in message
+    assert "stam_8" not in message and "--config.data.frame_rate sets how many seconds" in message
+    with pytest.raises(EvalConfigError, match=r"num_frames=6 \(T=6\); .*num_frames=8\b"):
+        evaluate(config_for(ckpt, video_root, **{"model_overrides.num_frames": 6}), tmp_path)
+    # 8 frames at 2 fps need 4 s: every video here is shorter, so none is evaluated.
+    config = config_for(
+        ckpt, video_root, batch_size=4, **{"model_overrides.num_frames": 8, "data.frame_rate": 2.0}
+    )
+    results = evaluate(config, tmp_path / "out")
+    assert results["counts"]["evaluated"] == 0 and results["counts"]["dropped_too_short"] == 20
+    written = strict_json(tmp_path / "out" / "results.json")
+    assert written["metrics"] == {"top1": None, "top5": None, "mean_class_accuracy": None}
+    assert "top-1 n/a" in capsys.readouterr().out
+
+
+def test_ignored_entries_and_empty_classes_are_reported(tiny_ckpt, tmp_path, capsys):
+    root = make_folder(tmp_path / "root", per_class=1)
+    (root / "class_9" / "video_0.mp4").unlink()  # an empty class keeps its label
+    (root / "class_3" / "video_0.mp4").rename(root / "class_3" / "video_0.mov")
+    (root / ".ipynb_checkpoints").mkdir()  # was class 0, shifting every label by one
+    (root / "__MACOSX").mkdir()
+    (root / "README.txt").write_text("Kinetics-400 val\n")
+    (root / "class_0" / "._video_0.mp4").write_bytes(b"\x00\x05\x16\x07")  # macOS fork
+    (root / "class_1" / "notes.txt").write_text("-\n")
+    os.symlink("..", root / "class_2" / "up")  # a loop: every class again, inside class_2
+    results = evaluate(config_for(tiny_ckpt[0], root, batch_size=4), tmp_path / "out")
+    assert results["counts"] == {"listed": 9, "evaluated": 9, "dropped_too_short": 0, "failed": 0}
+    assert results["classes"] == [f"class_{c}" for c in range(10)]
+    labels = {p["path"]: p["label"] for p in read_predictions(tmp_path / "out")}
+    assert labels["class_3/video_0.mov"] == 3 and labels["class_8/video_0.mp4"] == 8
+    assert strict_json(tmp_path / "out" / "results.json")["ignored"] == {
+        "hidden": {
+            "count": 3,
+            "paths": [".ipynb_checkpoints", "__MACOSX", "class_0/._video_0.mp4"],
+        },
+        "root_file": {"count": 1, "paths": ["README.txt"]},
+        "not_video": {"count": 1, "paths": ["class_1/notes.txt"]},
+        "link_loop": {"count": 1, "paths": ["class_2/up -> ."]},
+    }
+    out = capsys.readouterr().out
+    assert "1 of 10 classes have no video (their labels are kept): class_9" in out
+    assert "ignored 3 hidden or system entries: .ipynb_checkpoints, __MACOSX, class_0/" in out
+    assert "ignored 1 files in the root outside any class folder: README.txt" in out
+
+
+def test_bad_config_values_are_refused_before_anything_is_created(video_root, tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+
+    def refused(message, workdir=out, **overrides):
+        config = config_for(overrides.pop("checkpoint", tiny_ckpt[0]), video_root, **overrides)
+        with pytest.raises(EvalConfigError, match=message):
+            evaluate(config, workdir)
+
+    refused(r"--config.dtype='fp16' is not supported", dtype="fp16")
+    refused(r"--config.param_dtype='bf16' is not supported", param_dtype="bf16")
+    refused(r"--config.model='stam_99' is not a registered variant", model="stam_99")
+    refused(r"--config.attention_impl='flash' is not supported", attention_impl="flash")
+    if jax.default_backend() != "gpu":
+        refused(r"attention_impl=cudnn needs an NVIDIA GPU", attention_impl="cudnn")
+    refused(
+        r"num_processes=2 needs --config.distributed.coordinator=HOST:PORT",
+        **{"distributed.num_processes": 2},
+    )
+    refused(
+        r"--config.distributed.process_id=1 with num_processes=1", **{"distributed.process_id": 1}
+    )
+    refused(r"--workdir is empty", workdir="")
+    (tmp_path / "file").write_text("")
+    refused(r"--workdir=.*file is a file; name a folder", workdir=tmp_path / "file")
+    refused(r"cannot be created: .*file is a file, not a folder", workdir=tmp_path / "file" / "x")
+    misfit = tmp_path / "misfit"  # its config says mlp_dim=48, its params hold 64
+    shutil.copytree(tiny_ckpt[0], misfit)
+    meta = json.loads((misfit / "config" / "metadata").read_text())
+    meta["model"]["mlp_dim"] = 48
+    (misfit / "config" / "metadata").write_text(json.dumps(meta))
+    refused(r"params do not fit the model", checkpoint=misfit)
+    eleven = tmp_path / "eleven.txt"
+    eleven.write_text("".join(f"class_{c}\n" for c in range(11)))
+    refused(
+        r"class_list=.*eleven.txt names 11 classes but the checkpoint has 10 outputs",
+        **{"data.class_list": str(eleven)},
+    )
+    splits = tmp_path / "k400"
+    for split in ("train", "val"):
+        (splits / split / "abseiling").mkdir(parents=True)
+        (splits / split / "abseiling" / "x.mp4").write_bytes(b"")
+    refused(
+        r"has 2 classes .* Its class folders: train, val\. train, val look like dataset splits, "
+        r"not classes: point --config.data.root at one of them \(e\.g\. .*k400/val\)",
+        **{"data.root": str(splits)},
+    )
+    assert not out.exists()
+
+
+def test_cli_unknown_config_field_is_one_line(tmp_path):
+    proc = run_subprocess([f"--workdir={tmp_path / 'out'}", "--config.data.rot=/x"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert err == (
+        "error: unknown config field 'rot' (--config.data.rot). "
+        'Did you mean "root" instead of "rot"?\n'
+    )
+    assert not (tmp_path / "out").exists()
