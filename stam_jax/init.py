@@ -380,6 +380,12 @@ def read_vit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]
         from convert.torch_io import load_state_dict
 
         tensors = load_state_dict(path)
+    if any(key.removeprefix("module.").startswith("aggregate.") for key in tensors):
+        raise InitError(
+            f"{path} is an official STAM checkpoint (it holds aggregate.* tensors), not an image "
+            f"ViT; read as one, its temporal transformer would be dropped. Convert it first: "
+            f"python -m convert {path} CKPT_DIR, then pass --config.checkpoint=CKPT_DIR."
+        )
     out, ignored = {}, []
     for key, value in tensors.items():
         key = key.removeprefix("module.")

@@ -54,7 +54,7 @@ from stam_jax.losses import (
 )
 from stam_jax.model import STAM
 from stam_jax.progress import progress_bar
-from stam_jax.variants import variant_name
+from stam_jax.variants import model_from_config, variant_name
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
 
@@ -102,30 +102,91 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
-    """The optimizer and its learning-rate schedule, from `config.train`."""
-    if train.warmup_steps >= train.steps:
-        raise TrainConfigError(
-            f"train.warmup_steps={train.warmup_steps} is not below train.steps={train.steps}; "
-            "lower --config.train.warmup_steps (the cosine decay needs the steps after it)."
-        )
+    """The optimizer and its learning-rate schedule, from `config.train`.
+
+    `train.steps` and `train.warmup_steps` count batches (loop steps). With `train.accumulate`
+    = k, the optimizer updates once every k batches, at the rate the returned schedule gives
+    the first batch of those k, so the warm-up and the cosine decay span the run whatever k is.
+
+    Returns:
+      (optimizer, schedule): `schedule(step)` is the learning rate at batch `step`.
+    """
+    check_train_config(train)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, train.learning_rate, max(train.warmup_steps, 1), max(train.steps, 2)
     )
+    k = train.accumulate
+    # Inside MultiSteps the optimizer counts its own updates, one per k batches.
+    rate = schedule if k == 1 else (lambda update: schedule(update * k))
     mask = decay_mask(params)
     if train.optimizer == "adamw":
-        opt = optax.adamw(schedule, weight_decay=train.weight_decay, mask=mask)
-    elif train.optimizer == "sgd":
+        opt = optax.adamw(rate, weight_decay=train.weight_decay, mask=mask)
+    else:
         opt = optax.chain(
             optax.add_decayed_weights(train.weight_decay, mask),
-            optax.sgd(schedule, momentum=train.momentum),
+            optax.sgd(rate, momentum=train.momentum),
         )
-    else:
-        raise TrainConfigError(f"train.optimizer={train.optimizer!r}; use 'adamw' or 'sgd'.")
     if train.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
-    if train.accumulate > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=train.accumulate)
+    if k > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=k)
     return opt, schedule
+
+
+def check_train_config(train: Any) -> None:
+    """Refuses `config.train` values that cannot make a sensible run, naming the flag and fix.
+
+    Raises:
+      TrainConfigError: the first bad value found.
+    """
+
+    def refuse(field: str, rule: str) -> None:
+        raise TrainConfigError(
+            f"train.{field}={train[field]!r}: {rule}; fix --config.train.{field}."
+        )
+
+    for field in ("steps", "accumulate", "log_every", "save_every", "keep", "loss_scale_period"):
+        if not isinstance(train[field], int) or train[field] < 1:
+            refuse(field, "must be a whole number >= 1")
+    for field in ("warmup_steps", "eval_every"):
+        if not isinstance(train[field], int) or train[field] < 0:
+            refuse(field, "must be a whole number >= 0 (0: off)")
+    if train.warmup_steps >= train.steps:
+        refuse(
+            "warmup_steps",
+            f"the warm-up must end before train.steps={train.steps} (the cosine decay needs "
+            "the steps after it)",
+        )
+    if train.steps % train.accumulate:
+        k = train.accumulate
+        lower, upper = train.steps // k * k, (train.steps // k + 1) * k
+        refuse(
+            "steps",
+            f"not a multiple of train.accumulate={k} (the optimizer updates once every {k} "
+            f"batches, so the last {train.steps % k} would be computed for nothing); use "
+            f"{lower or upper} or {upper}",
+        )
+    if train.optimizer not in ("adamw", "sgd"):
+        refuse("optimizer", "use 'adamw' or 'sgd'")
+    if not train.learning_rate > 0:
+        refuse("learning_rate", "must be > 0 (it is the peak rate, after the warm-up)")
+    for field in ("weight_decay", "grad_clip", "mixup_alpha", "cutmix_alpha"):
+        if not train[field] >= 0:
+            refuse(field, "must be >= 0 (0: off)")
+    if not train.temporal_pos_embed_std >= 0:
+        refuse("temporal_pos_embed_std", "must be >= 0 (0: the official 0.02 init)")
+    for field in ("momentum", "ema_decay", "label_smoothing"):
+        if not 0 <= train[field] < 1:
+            refuse(field, "must be in [0, 1)")
+    if not 0 <= train.mix_switch_prob <= 1:
+        refuse("mix_switch_prob", "is a probability, in [0, 1]")
+    if not train.loss_scale_initial >= 1:
+        refuse("loss_scale_initial", "must be >= 1 (float16 only; default 2^15)")
+    if train.teacher:
+        if not 0 <= train.distill_weight <= 1:
+            refuse("distill_weight", "must be in [0, 1]")
+        if not train.distill_temperature > 0:
+            refuse("distill_temperature", "must be > 0")
 
 
 def _train_step(
@@ -200,7 +261,8 @@ def _train_step(
             "loss": loss,
             "accuracy": correct.sum() / jnp.maximum(weights.sum(), 1.0),
             "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state.step // max(train.accumulate, 1)),
+            # The rate of this batch's update: the rate at the first batch of its k.
+            "learning_rate": schedule(state.step // train.accumulate * train.accumulate),
         }
         if float16:
             metrics["loss_scale"] = state.loss_scale.scale
@@ -314,10 +376,19 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
       NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
     """
     train = config.train
+    check_train_config(train)  # every refusal below comes before any compute or file
+    if not workdir:
+        raise TrainConfigError("--workdir is empty; name the folder for this run's outputs.")
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainConfigError(f"--workdir={workdir} is a file; name a folder.")
+    try:
+        model = model_from_run_config(config)
+    except ValueError as e:  # an unknown variant, dtype or attention implementation
+        raise TrainConfigError(str(e)) from None
     dist = config.distributed
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
-    model = model_from_run_config(config)
     spec = ClipSpec(
         model.num_frames,
         config.data.frame_rate,
@@ -355,19 +426,37 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"{train.root} has {usable} videos, fewer than one batch "
             f"(batch_size={config.batch_size})."
         )
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    teacher = _teacher_model(config, model)
+    workers = worker_count(config.data.workers)
+    # A restart in the same workdir resumes from its last checkpoint: what it finds is read
+    # (nothing is written) before the run is allowed to go on.
+    has_checkpoints = (workdir / "checkpoints").is_dir()
+    manager = _checkpoint_manager(workdir, train) if has_checkpoints else None
+    start = (manager.latest_step() or 0) if manager else 0
+    _check_same_run(config, workdir, start)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
-    params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
-    params = _initial_params(model, params, config, workdir)
-    tx, schedule = make_optimizer(train, params)
     replicated = sharding.replicated(mesh)
-
     float16 = _loss_scaled(model)
-    state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(params)
-    del params
-    workers = worker_count(config.data.workers)
+    if start:  # the params, optimizer state and EMA come from the checkpoint
+        abstract = checkpoints.abstract_params(model)
+        tx, schedule = make_optimizer(train, abstract)
+        state = jax.eval_shape(lambda p: initial_state(model, tx, train, p), abstract)
+    else:
+        params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
+        params, report = _initial_params(model, params, config)
+        workdir.mkdir(parents=True, exist_ok=True)
+        manager = manager or _checkpoint_manager(workdir, train)
+        _write_run_record(config, workdir)
+        if jax.process_index() == 0:
+            (workdir / "init_report.txt").write_text(report + "\n")
+            if config.checkpoint:
+                print(report, flush=True)
+        tx, schedule = make_optimizer(train, params)
+        state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(
+            params
+        )
+        del params
     prefetch = config.data.prefetch or 2 * local_batch
     loader = None
     if prepared:
@@ -376,8 +465,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         loader = reading.train_loader(prepared, spec, config.seed, local_batch, workers, prefetch)
         clips = iter(loader)
         batches = reading.batches(clips, local_batch)
-    manager = _checkpoint_manager(workdir, train)
-    start = manager.latest_step() or 0
     if start:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state
@@ -403,8 +490,14 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     "position is saved per worker)."
                 )
             clips.set_state(saved.encode())
+        if jax.process_index() == 0:
+            print(
+                f"resuming {workdir} from step {start} of {train.steps} (params, optimizer "
+                "state and EMA from its checkpoint; --config.checkpoint is not read again)",
+                flush=True,
+            )
     batch_sharding = sharding.batch_sharded(mesh)
-    teacher, teacher_params = _teacher(config, model, replicated)
+    teacher_params = _teacher_params(config, replicated) if teacher else None
     step_fn = jax.jit(
         _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
@@ -582,14 +675,18 @@ def _periodic_eval(
     return scores
 
 
-def _teacher(config: Any, model: STAM, replicated) -> tuple[STAM | None, Any]:
-    """The distillation teacher from `config.train.teacher` (None without one)."""
+def _teacher_model(config: Any, model: STAM) -> STAM | None:
+    """The distillation teacher of `config.train.teacher` (None without one), checked against
+    the student from its config alone (no tensor is read)."""
     if not config.train.teacher:
-        return None, None
+        return None
     try:
-        teacher, params = checkpoints.load(config.train.teacher)
+        stored = checkpoints.read_config(config.train.teacher)
     except checkpoints.CheckpointError as e:
         raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
+    teacher = model_from_config(stored["model"]).clone(
+        dtype=model.dtype, attention_impl=model.attention_impl, frame_chunk=model.frame_chunk
+    )
     for name in ("num_frames", "image_size", "num_classes"):
         if getattr(teacher, name) != getattr(model, name):
             raise TrainConfigError(
@@ -597,19 +694,83 @@ def _teacher(config: Any, model: STAM, replicated) -> tuple[STAM | None, Any]:
                 f"{getattr(teacher, name)}, the student {getattr(model, name)}: the teacher "
                 "sees the student's clips and its logits are the soft targets, so both must match."
             )
-    if not 0.0 <= config.train.distill_weight <= 1.0 or config.train.distill_temperature <= 0:
+    return teacher
+
+
+def _teacher_params(config: Any, replicated) -> Any:
+    """The teacher's params (float32), replicated over the mesh."""
+    try:
+        _, params = checkpoints.load(config.train.teacher)
+    except checkpoints.CheckpointError as e:
+        raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
+    return jax.device_put(params, replicated)
+
+
+# Fields a restart may change: how the run is executed, logged, saved or evaluated, not what
+# it computes. Any other change would silently mix two runs in one workdir.
+_RESTART_MAY_CHANGE = (
+    "progress",
+    "compilation_cache_dir",
+    "distributed",
+    "attention_impl",
+    "remat",
+    "frame_chunk",
+    "data.workers",
+    "data.prefetch",
+    "train.log_every",
+    "train.save_every",
+    "train.keep",
+    "train.eval_every",
+    "train.eval_root",
+)
+RUN_RECORD = "run_config.json"
+
+
+def _run_record(config: Any) -> dict[str, Any]:
+    """The config fields that define what a run computes, flattened ('train.steps': 1000)."""
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if not any(k == f or k.startswith(f + ".") for f in _RESTART_MAY_CHANGE)
+    }
+
+
+def _write_run_record(config: Any, workdir: Path) -> None:
+    """Saves the fields a restart must not change (process 0), for `_check_same_run`."""
+    if jax.process_index() == 0:
+        staging = workdir / f"{RUN_RECORD}.tmp"
+        staging.write_text(json.dumps(_run_record(config), indent=1) + "\n")
+        staging.replace(workdir / RUN_RECORD)
+
+
+def _check_same_run(config: Any, workdir: Path, start: int) -> None:
+    """Refuses to resume the run in `workdir` with a config that computes something else."""
+    record = workdir / RUN_RECORD
+    if not start or not record.exists():  # a fresh start, or a run from before the record
+        return
+    saved = json.loads(record.read_text())
+    now = json.loads(json.dumps(_run_record(config)))  # tuples as lists, as saved
+    changed = [
+        f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+        for k in sorted(saved.keys() | now.keys())
+        if saved.get(k) != now.get(k)
+    ]
+    if changed:
         raise TrainConfigError(
-            f"train.distill_weight={config.train.distill_weight} (use 0..1) or "
-            f"train.distill_temperature={config.train.distill_temperature} (use > 0)."
+            f"{workdir} holds a run at step {start} made with other settings; resuming would mix "
+            "two runs (for train.steps: the learning-rate schedule spans the whole run, so a "
+            "longer run is not a continuation). Changed:\n  "
+            + "\n  ".join(changed)
+            + "\nRestore those values to resume, or start a new --workdir (from this run's "
+            f"params: --config.checkpoint={workdir / 'final'} once it has finished). "
+            f"{workdir / RUN_RECORD} holds the run's settings."
         )
-    teacher = teacher.clone(
-        dtype=model.dtype, attention_impl=model.attention_impl, frame_chunk=model.frame_chunk
-    )
-    return teacher, jax.device_put(params, replicated)
 
 
-def _initial_params(model: STAM, fresh: Any, config: Any, workdir: Path) -> Any:
-    """The params a run starts from: fresh, or from `config.checkpoint` (reported by name)."""
+def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
+    """The params a run starts from, fresh or from `config.checkpoint`, and the report naming
+    where each tensor came from (for `init_report.txt`)."""
     std = config.train.temporal_pos_embed_std
     if config.checkpoint:
         try:
@@ -623,14 +784,9 @@ def _initial_params(model: STAM, fresh: Any, config: Any, workdir: Path) -> Any:
         if std > 0 and "aggregate" in params and "pos_embed" in params["aggregate"]:
             params = redraw_temporal_pos_embed(params, std)
             report.append(f"aggregate/pos_embed: drawn with std {std}")
-    if jax.process_index() == 0:
-        source = config.checkpoint or "fresh"
-        name = variant_name(model) or "a custom STAM"
-        text = "\n".join([f"initialisation of {name} from {source}", *report])
-        (workdir / "init_report.txt").write_text(text + "\n")
-        if config.checkpoint:
-            print(text, flush=True)
-    return params
+    source = config.checkpoint or "fresh"
+    name = variant_name(model) or "a custom STAM"
+    return params, "\n".join([f"initialisation of {name} from {source}", *report])
 
 
 def _truncate_log(path: Path, step: int) -> None:

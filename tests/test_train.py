@@ -297,3 +297,84 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
     # `failed` holds the traceback, so the training frame and its decoder are still alive.
     assert "train_and_evaluate" in [entry.name for entry in failed.traceback]
     assert child_pids() == before
+
+
+def tiny_config(root: Path, **train):
+    """configs/tiny.py as `command` sets it, for calling train_and_evaluate in this process."""
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.train.root, config.batch_size = str(root), 4
+    config.train.update(steps=8, save_every=3, log_every=2, learning_rate=1e-3, warmup_steps=2)
+    config.data.workers, config.progress, config.compilation_cache_dir = 0, False, ""
+    config.train.update(train)
+    return config
+
+
+def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    cases = [
+        (dict(keep=0), "train.keep=0: must be a whole number >= 1"),
+        (dict(save_every=0), "train.save_every=0: must be a whole number >= 1"),
+        (dict(log_every=0), "train.log_every=0: must be a whole number >= 1"),
+        (dict(steps=0, warmup_steps=0), "train.steps=0: must be a whole number >= 1"),
+        (dict(accumulate=0), "train.accumulate=0: must be a whole number >= 1"),
+        (dict(accumulate=3), "train.steps=8: not a multiple of train.accumulate=3 .* use 6 or 9"),
+        (dict(learning_rate=-1e-3), r"train.learning_rate=-0.001: must be > 0"),
+        (dict(mixup_alpha=-1.0), r"train.mixup_alpha=-1.0: must be >= 0"),
+        (dict(grad_clip=-1.0), r"train.grad_clip=-1.0: must be >= 0"),
+        (dict(ema_decay=1.5), r"train.ema_decay=1.5: must be in \[0, 1\)"),
+        (dict(warmup_steps=8), r"train.warmup_steps=8: the warm-up must end before"),
+        (dict(optimizer="lamb"), r"train.optimizer='lamb': use 'adamw' or 'sgd'"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(TrainConfigError, match=message + r".*fix --config\.train\."):
+            train_and_evaluate(tiny_config(train_root, **settings), tmp_path / "run")
+    config = tiny_config(train_root)
+    config.dtype = "bfloat61"
+    with pytest.raises(TrainConfigError, match="dtype='bfloat61' is not supported"):
+        train_and_evaluate(config, tmp_path / "run")
+    # An official STAM .pth is not an image ViT: refused rather than read without its
+    # temporal transformer.
+    from convert.torch_io import save_state_dict
+
+    official = tmp_path / "stam_tiny.pth"
+    save_state_dict({"aggregate.cls_token": np.zeros((1, 1, 32), np.float32)}, official)
+    config.dtype, config.checkpoint = "float32", str(official)
+    official_stam = r"is an official STAM checkpoint.*python -m convert"
+    with pytest.raises(TrainConfigError, match=official_stam):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TrainConfigError, match="is a file"):
+        train_and_evaluate(tiny_config(train_root), tmp_path / "file")
+
+
+def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    metrics = (workdir / "metrics.jsonl").read_text()
+    report = (workdir / "init_report.txt").read_text()
+    changes = [
+        (dict(learning_rate=2e-3), "train.learning_rate: 0.001 -> 0.002"),
+        (dict(steps=12), "train.steps: 8 -> 12"),
+    ]
+    for settings, change in changes:
+        with pytest.raises(TrainConfigError, match="made with other settings") as refused:
+            train_and_evaluate(tiny_config(train_root, **settings), workdir)
+        assert change in str(refused.value)
+    config = tiny_config(train_root)
+    config.seed = 1
+    with pytest.raises(TrainConfigError, match="seed: 0 -> 1"):
+        train_and_evaluate(config, workdir)
+    assert (workdir / "metrics.jsonl").read_text() == metrics
+    # How the run is logged, saved or run may change: it resumes (here at its last step).
+    summary = train_and_evaluate(tiny_config(train_root, log_every=4, keep=5), workdir)
+    assert summary["resumed_from"] == 8 and summary["step"] == 8
+    assert "resuming" in capsys.readouterr().out
+    assert (workdir / "init_report.txt").read_text() == report  # not rewritten on a resume

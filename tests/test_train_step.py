@@ -16,7 +16,7 @@ from configs.common import base_config
 from stam_jax import create_model
 from stam_jax.train import (
     TrainConfigError,
-    _teacher,
+    _teacher_model,
     _train_step,
     decay_mask,
     initial_state,
@@ -71,15 +71,21 @@ def test_ema_follows_the_params():
 
 
 def test_accumulating_k_micro_batches_equals_one_big_batch():
-    settings = dict(learning_rate=1e-2, warmup_steps=1, label_smoothing=0.1)
-    big, state, videos, labels, weights = setup(batch=8, **settings)
+    # train.steps and warmup_steps count batches: 6 half batches with accumulate=2 are 3
+    # optimizer updates, at the rates of 3 full batches (0 in the warm-up, the peak, then half
+    # of it in the cosine decay), so both runs make the same updates.
+    settings = dict(learning_rate=1e-2, label_smoothing=0.1)
+    big, state, videos, labels, weights = setup(batch=8, steps=3, warmup_steps=1, **settings)
     big_state = state
-    for _ in range(2):  # the first step's learning rate is 0 (warm-up starts at 0)
+    for _ in range(3):
         big_state, _ = big(big_state, videos, labels, weights)
-    small, state, _, _, _ = setup(batch=8, accumulate=2, **settings)
+    small, state, _, _, _ = setup(batch=8, accumulate=2, steps=6, warmup_steps=2, **settings)
     start = state
-    for half in (slice(0, 4), slice(4, 8)) * 2:
-        state, _ = small(state, videos[half], labels[half], weights[half])
+    rates = []
+    for half in (slice(0, 4), slice(4, 8)) * 3:
+        state, metrics = small(state, videos[half], labels[half], weights[half])
+        rates.append(float(metrics["learning_rate"]))
+    np.testing.assert_allclose(rates, [0, 0, 1e-2, 1e-2, 5e-3, 5e-3], rtol=1e-6)
     # Adam divides by the gradients' own scale, which lifts float rounding in the summed
     # gradients to about 3e-4 of the learning rate here (summing the two halves in the other
     # order moves params by 2e-6); feeding one half twice instead moves every leaf by 2e-2.
@@ -140,10 +146,10 @@ def test_teacher_must_see_what_the_student_sees(tmp_path):
     config = base_config("stam_tiny")
     config.train.teacher = str(tmp_path / "teacher")
     with pytest.raises(TrainConfigError, match="has num_frames=8, the student 4"):
-        _teacher(config, create_model("stam_tiny"), None)
+        _teacher_model(config, create_model("stam_tiny"))
     config.train.teacher = str(tmp_path / "missing")
     with pytest.raises(TrainConfigError, match=r"--config\.train\.teacher="):
-        _teacher(config, create_model("stam_tiny"), None)
+        _teacher_model(config, create_model("stam_tiny"))
 
 
 EIGHT_DEVICES = """
