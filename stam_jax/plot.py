@@ -1,13 +1,17 @@
 """Pictures of a run directory: training curves and evaluation breakdowns, as PNGs.
 
-    python -m stam_jax.plot WORKDIR
+    python -m stam_jax.plot WORKDIR [--out DIR]
 
 - `WORKDIR/metrics.jsonl` (a training run: one JSON object per line with `step` and any of
-  `loss`, `accuracy`, `learning_rate`, `videos_per_s`, and `eval_top1`) -> `WORKDIR/train.png`:
-  one panel per quantity against the step.
+  `loss`, `accuracy`, `learning_rate`, `videos_per_s`; the periodic evaluation's rows hold
+  `top1` and `ema_top1`) -> `train.png`: one panel per quantity against the step, the two
+  evaluation accuracies in one panel. A last line cut off by a run stopped mid-write is skipped
+  with a warning.
 - `WORKDIR/results.json` + `WORKDIR/predictions.jsonl` (a `run_eval.py` output) ->
-  `WORKDIR/eval.png`: per-class top-1 accuracy, worst classes first, and the most confused
+  `eval.png`: per-class top-1 accuracy, worst classes first, and the most confused
   (true, predicted) class pairs.
+
+The pictures go to `--out DIR` (created if missing; default: WORKDIR).
 """
 
 from __future__ import annotations
@@ -15,12 +19,23 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-TRAIN_KEYS = ("loss", "accuracy", "learning_rate", "videos_per_s", "eval_top1")
+# Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
+# periodic evaluation as {"step": N, "top1": x, "ema_top1": y} rows.
+TRAIN_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("accuracy", ("accuracy",)),
+    ("learning rate", ("learning_rate",)),
+    ("videos per s", ("videos_per_s",)),
+    ("evaluation top-1", ("top1", "ema_top1")),
+)
+TRAIN_KEYS = tuple(key for _, keys in TRAIN_PANELS for key in keys)
 
 
 def _pyplot():
@@ -32,47 +47,135 @@ def _pyplot():
     return plt
 
 
-def plot_training(metrics_file: Path, out: Path) -> Path:
-    """Training curves from a metrics JSON-lines file."""
-    series: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-    for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+def _not_json(path: Path, error: json.JSONDecodeError, line: int | None = None) -> str:
+    """`path[:line] is not JSON (why, column)`, the line being the file's when given."""
+    if line is None:
+        return f"{path} is not JSON ({error.msg}: line {error.lineno} column {error.colno})."
+    return f"{path}:{line} is not JSON ({error.msg}: column {error.colno})."
+
+
+def _text(path: Path) -> str:
+    """The file's text; one that is not UTF-8 is refused by name."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}); is it the right file?"
+        ) from None
+
+
+def read_json_lines(path: Path, *, skip_cut_last: bool = False) -> list[tuple[int, dict]]:
+    """The objects of a JSON-lines file with their line numbers (blank lines are skipped).
+
+    Args:
+      path: the file.
+      skip_cut_last: a last line that is not JSON (a writer killed mid-line) is skipped with a
+        warning on stderr instead of refused.
+
+    Raises:
+      ValueError: a line that is not a JSON object, named by file and line number.
+    """
+    lines = [(n, line) for n, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{metrics_file}:{number} is not JSON ({e.msg}).") from None
+            if skip_cut_last and i == len(lines) - 1:
+                print(
+                    f"warning: skipped {path}:{number}, the last line, which is not JSON "
+                    f"({e.msg}): a run stopped while writing it.",
+                    file=sys.stderr,
+                )
+                continue
+            raise ValueError(_not_json(path, e, number)) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} holds a {type(row).__name__}, not a JSON object.")
+        rows.append((number, row))
+    return rows
+
+
+def _save(fig: Any, out: Path) -> Path:
+    """Writes `fig` to `out`; a file-system error names the path and the `--out` option."""
+    plt = _pyplot()
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write {out} ({e.strerror or e}); pass --out DIR to write the pictures "
+            "to a folder you can write to."
+        ) from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_training(metrics_file: Path, out: Path) -> Path:
+    """Training curves and periodic-evaluation accuracy from a metrics JSON-lines file."""
+    series: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for _, row in read_json_lines(metrics_file, skip_cut_last=True):
         for key in TRAIN_KEYS:
-            if key in row and "step" in row:
+            if row.get(key) is not None and "step" in row:
                 series[key].append((row["step"], row[key]))
-    if not series:
+    panels = [(title, keys) for title, keys in TRAIN_PANELS if any(k in series for k in keys)]
+    if not panels:
         raise ValueError(f"{metrics_file} has no 'step' rows with any of {TRAIN_KEYS}.")
     plt = _pyplot()
     fig, axes = plt.subplots(
-        1, len(series), figsize=(4.0 * len(series), 3.2), dpi=100, squeeze=False
+        1, len(panels), figsize=(4.0 * len(panels), 3.2), dpi=100, squeeze=False
     )
-    for ax, (key, points) in zip(axes[0], series.items(), strict=True):
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, linewidth=1.2)
-        ax.set_title(key.replace("_", " "))
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in (k for k in keys if k in series):
+            steps, values = zip(*series[key], strict=True)
+            few = len(steps) <= 20  # periodic evaluations: a handful of points
+            ax.plot(steps, values, linewidth=1.2, marker="o" if few else None, ms=3, label=key)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
+
+
+def _read_results(results_file: Path) -> dict[str, Any]:
+    """results.json as a dict; a file that is not JSON is named with the position."""
+    try:
+        results = json.loads(_text(results_file))
+    except json.JSONDecodeError as e:
+        raise ValueError(_not_json(results_file, e)) from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{results_file} holds a {type(results).__name__}, not a JSON object.")
+    return results
+
+
+def _nothing_evaluated(results_file: Path, predictions_file: Path, results: dict) -> str:
+    """Why there is no picture of an evaluation whose predictions file is empty."""
+    counts = results.get("counts")
+    if not isinstance(counts, dict) or "listed" not in counts:
+        return f"{predictions_file} holds no predictions."
+    return (
+        f"{counts.get('evaluated', 0)} of {counts['listed']} videos were evaluated "
+        f"({counts.get('dropped_too_short', 0)} dropped as too short, "
+        f"{counts.get('failed', 0)} failed to decode), so there is nothing to plot; "
+        f"{results_file} lists each video's reason under 'dropped' and 'failed'."
+    )
 
 
 def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst: int = 30) -> Path:
     """Per-class accuracy (worst first) and the most confused class pairs of an evaluation."""
-    results = json.loads(results_file.read_text())
+    results = _read_results(results_file)
     classes = results.get("classes") or []
-    rows = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+    rows = read_json_lines(predictions_file)
     if not rows:
-        raise ValueError(f"{predictions_file} holds no predictions.")
+        raise ValueError(_nothing_evaluated(results_file, predictions_file, results))
     correct: dict[int, list[bool]] = collections.defaultdict(list)
     confusions: collections.Counter = collections.Counter()
-    for row in rows:
+    for number, row in rows:
+        if not isinstance(row.get("label"), int) or not row.get("top5"):
+            raise ValueError(
+                f"{predictions_file}:{number} lacks an integer 'label' or a non-empty 'top5'."
+            )
         predicted = row["top5"][0]
         correct[row["label"]].append(predicted == row["label"])
         if predicted != row["label"]:
@@ -95,44 +198,75 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
         right.barh(range(len(pairs))[::-1], [n for _, n in pairs], color="#8172b2")
         right.set_yticks(range(len(pairs))[::-1], labels, fontsize=7)
     right.set_title("most confused pairs (true -> predicted), videos")
-    top1 = results.get("metrics", {}).get("top1")
+    top1 = (results.get("metrics") or {}).get("top1")
     if top1 is not None:
         fig.suptitle(f"top-1 {top1:.1%} over {len(rows)} videos", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    return _save(fig, out)
+
+
+def _output_dir(out: str | Path) -> Path:
+    """`--out`, created if missing; refused when it cannot be made or written to."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"cannot create the output folder {out} ({e.strerror or e}); pass --out DIR, a "
+            "folder you can write to."
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write to {out} (permission denied); pass --out DIR to write the pictures "
+            "to a folder you can write to."
+        )
     return out
 
 
-def plot_workdir(workdir: str | Path) -> list[Path]:
-    """Writes every picture the run directory has data for; returns their paths."""
+def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Writes every picture the run directory has data for; returns their paths.
+
+    Args:
+      workdir: a training or evaluation output directory.
+      out: the folder the pictures go to (created if missing); default `workdir`.
+    """
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise ValueError(f"{workdir} is not a directory.")
-    written = []
-    if (workdir / "metrics.jsonl").is_file():
-        written.append(plot_training(workdir / "metrics.jsonl", workdir / "train.png"))
-    if (workdir / "results.json").is_file() and (workdir / "predictions.jsonl").is_file():
-        written.append(
-            plot_evaluation(
-                workdir / "results.json", workdir / "predictions.jsonl", workdir / "eval.png"
-            )
-        )
-    if not written:
+    metrics = workdir / "metrics.jsonl"
+    results, predictions = workdir / "results.json", workdir / "predictions.jsonl"
+    training = metrics.is_file()
+    evaluation = results.is_file() and predictions.is_file()
+    if not training and not evaluation:
         raise ValueError(
             f"{workdir} has neither metrics.jsonl (a training run) nor results.json with "
             "predictions.jsonl (a run_eval.py output)."
         )
+    folder = _output_dir(workdir if out is None else out)
+    written = []
+    if training:
+        written.append(plot_training(metrics, folder / "train.png"))
+    if evaluation:
+        written.append(plot_evaluation(results, predictions, folder / "eval.png"))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m stam_jax.plot", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m stam_jax.plot",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("workdir", help="a training or evaluation output directory")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the pictures (created if missing; default: WORKDIR)",
+    )
     args = parser.parse_args(argv)
     try:
-        for path in plot_workdir(args.workdir):
+        for path in plot_workdir(args.workdir, args.out):
             print(f"wrote {path}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

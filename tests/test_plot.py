@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.figure
 import numpy as np
 from PIL import Image
 
@@ -45,8 +46,74 @@ def test_training_and_evaluation_pictures(tmp_path, capsys):
 def test_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "has neither metrics.jsonl" in capsys.readouterr().err
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{oops\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{oops\n{"step": 2}\n')
     assert main([str(tmp_path)]) == 2
     assert "metrics.jsonl:2 is not JSON" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_periodic_evaluation_accuracy_is_drawn(tmp_path, capsys):
+    # As train.py writes metrics.jsonl: training rows, and {"step", "top1", "ema_top1"} rows
+    # from the periodic evaluation.
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(10, 101, 10):
+            f.write(json.dumps({"step": step, "loss": 1 / step, "learning_rate": 1e-3}) + "\n")
+            if step % 50 == 0:
+                f.write(json.dumps({"step": step, "top1": step / 200, "ema_top1": step / 250}))
+                f.write("\n")
+    assert main([str(tmp_path)]) == 0
+    # loss, learning rate and one panel for both evaluation accuracies.
+    assert nonblank_png(tmp_path / "train.png", (1200, 320))
+
+
+def test_a_cut_last_line_is_skipped_and_bad_json_is_named(tmp_path, capsys):
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    assert main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipped {tmp_path / 'metrics.jsonl'}:4, the last line" in captured.err
+    assert "wrote" in captured.out and nonblank_png(tmp_path / "train.png", (400, 320))
+    (tmp_path / "metrics.jsonl").unlink()
+
+    write_eval(tmp_path, [(0, [0, 1])], ["a", "b"])
+    (tmp_path / "results.json").write_text('{"metrics": {"top1": 0.5}, "classes": ["a"')
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'results.json'} is not JSON (Expecting" in err and "line 1 column" in err
+    write_eval(tmp_path, [(0, [0, 1])], ["a", "b"])
+    with open(tmp_path / "predictions.jsonl", "a") as f:
+        f.write('\n{"path": "y.mp4", "label": 1\n')  # line 3, after a blank line 2
+    assert main([str(tmp_path)]) == 2
+    assert f"{tmp_path / 'predictions.jsonl'}:3 is not JSON" in capsys.readouterr().err
+
+
+def test_nothing_evaluated_and_where_pictures_go(tmp_path, capsys, monkeypatch):
+    counts = {"listed": 6, "evaluated": 0, "dropped_too_short": 5, "failed": 1}
+    (tmp_path / "results.json").write_text(
+        json.dumps({"metrics": {"top1": None}, "counts": counts, "classes": ["a"]})
+    )
+    (tmp_path / "predictions.jsonl").write_text("")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "0 of 6 videos were evaluated (5 dropped as too short, 1 failed to decode)" in err
+    assert f"{tmp_path / 'results.json'} lists each video's reason" in err
+
+    write_eval(tmp_path, [(0, [0, 1]), (1, [0, 1])], ["a", "b"])
+    assert main([str(tmp_path), "--out", str(tmp_path / "new" / "pictures")]) == 0
+    assert nonblank_png(tmp_path / "new" / "pictures" / "eval.png", (1300, 260))
+    assert not (tmp_path / "eval.png").exists()
+    (tmp_path / "file").write_text("")
+    assert main([str(tmp_path), "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create the output folder {tmp_path / 'file' / 'sub'}")
+    assert "pass --out DIR" in err and len(err.splitlines()) == 1
+
+    def read_only(*args, **kwargs):  # what savefig meets in a folder it may not write to
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write {tmp_path / 'eval.png'} (Permission denied)" in err
+    assert "pass --out DIR" in err and len(err.splitlines()) == 1
