@@ -97,3 +97,31 @@ def test_started_raises_the_first_items_error_at_next_and_on_empty_stops():
     with pytest.raises(ValueError, match="no first item"):
         next(stream)
     assert list(Started(iter([]))) == []
+
+
+def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch):
+    # After a worker dies, submit() can fail with OSError ("handle is closed") while the pool's
+    # manager thread closes its queues; the decoder carries on, in order, with every job.
+    import concurrent.futures
+
+    from stam_jax.data import loader
+
+    failures = {"left": 2}
+
+    class FlakyPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            if failures["left"] and (failures["left"] == 2 or self._pending_work_items):
+                failures["left"] -= 1  # the very first submit (nothing pending), then a later one
+                raise OSError("handle is closed")
+            return super().submit(*args, **kwargs)
+
+    def flaky_pool(self):
+        import multiprocessing
+
+        return FlakyPool(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    monkeypatch.setattr(loader._ParallelDecoder, "_pool", flaky_pool)
+    names = ["a", "b", "c", "d", "e"]
+    results = list(ordered_map(crash_on_bad, [(i, n) for i, n in enumerate(names)], 1, 2))
+    assert failures["left"] == 0
+    assert [(r.position, r.status) for r in results] == [(i, "ok") for i in range(5)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import dataclasses
 import multiprocessing
 import os
@@ -124,6 +125,10 @@ class Started(Iterator[T]):
 
 
 _END = object()
+# What `ProcessPoolExecutor.submit` raises after a worker died: BrokenProcessPool once the pool
+# knows, or, in the moment its manager thread closes the queues, OSError ("handle is closed")
+# from starting a replacement worker (seen in CI on Python 3.11).
+_SUBMIT_FAILURES = (concurrent.futures.process.BrokenProcessPool, OSError)
 
 
 class _ParallelDecoder:
@@ -156,8 +161,15 @@ class _ParallelDecoder:
                 ):
                     try:
                         future = pool.submit(self.fn, *self.jobs[next_position])
-                    except concurrent.futures.process.BrokenProcessPool:
-                        break  # a worker died: handled below through the head's result
+                    except _SUBMIT_FAILURES:
+                        # A worker died: the pool refuses work, or (while its manager thread
+                        # is tearing it down) fails to start a replacement worker. The head's
+                        # result says which job it was; with nothing pending, a fresh pool.
+                        if pending:
+                            break
+                        _discard(pool)
+                        pool = self._pool()
+                        continue
                     pending.append(future)
                     next_position += 1
                 head = pending[0]
