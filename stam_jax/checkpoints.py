@@ -312,6 +312,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         with _checkpointer() as ckpt:
             restored = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
         config = restored["config"]
+    except MemoryError:  # not a damaged file
+        raise
     except Exception as e:
         raise _damaged(path, e) from None
     if not isinstance(config, dict):
@@ -372,6 +374,8 @@ def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
     with _checkpointer() as ckpt:
         try:
             stored = ckpt.metadata(path).item_metadata["params"]
+        except MemoryError:  # not a damaged file
+            raise
         except Exception as e:
             raise _damaged(path, e) from None
         if not stored:
@@ -383,6 +387,8 @@ def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
             restored = ckpt.restore(
                 path, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
             )
+        except MemoryError:  # not a damaged file
+            raise
         except Exception as e:
             raise _damaged(path, e) from None
     return restored["params"]
