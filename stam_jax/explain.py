@@ -1,11 +1,19 @@
-"""What STAM looks at in one video: temporal and spatial attention, as one PNG.
+"""What STAM looks at in one video: temporal and spatial attention, as one picture (PNG by default).
 
     python -m stam_jax.explain --checkpoint CKPT_DIR VIDEO [--out FILE.png] [--classes FILE]
+        [--frame-rate FPS]
 
 The video is sampled and transformed exactly as the evaluation does. The picture shows the
 sampled frames as a strip with the spatial attention rollout of each frame's ViT overlaid, the
 weight each frame gets from the temporal cls token (per layer, heads averaged, and rolled out
-across layers), and the top-5 classes with their probabilities.
+across layers), and the top-5 classes with their probabilities. A model that averages its frames
+(`aggregate='mean'`, no temporal transformer) has no temporal attention: that panel then shows
+the equal weight 1/T of every frame, labelled as such.
+
+The frames are sampled at `--frame-rate` (default T / 10 s: T frames over the first 10 s, as the
+released models were evaluated); `--out` is a .png, .pdf, .svg or .jpg file (no suffix: .png),
+its missing folders are created. A bad video path, flag or `--out` is refused before the
+checkpoint is loaded.
 
 Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention plus the identity
 (the residual path), rows renormalised; the product over layers; the cls token's row of it.
@@ -14,14 +22,28 @@ Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 # Frame rate per clip length of the released models: T frames over the first 10 s.
 SECONDS = 10.0
+# What --out may end with (matplotlib writes these; .png when there is no suffix).
+SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error:` line with exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints `error: message` and exits 2 (argparse's hook for a bad command line)."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def rollout(layers: list[np.ndarray]) -> np.ndarray:
@@ -45,38 +67,174 @@ def rollout(layers: list[np.ndarray]) -> np.ndarray:
     return result
 
 
+def check_frame_rate(frame_rate: float | None, name: str = "frame_rate") -> None:
+    """Refuses a sampling rate that is not a positive, finite number (None: the default).
+
+    Raises:
+      ValueError: naming `name` (the flag, for the CLI) and the default.
+    """
+    if frame_rate is not None and not (math.isfinite(frame_rate) and frame_rate > 0):
+        raise ValueError(
+            f"{name} {frame_rate:g}: use a positive number of frames per second, or leave it out "
+            f"for the default T / {SECONDS:g} s (T frames over the first {SECONDS:g} s)."
+        )
+
+
+def check_video(video: str | Path) -> Path:
+    """The video path, refused unless it is a file that can be opened.
+
+    Raises:
+      ValueError: missing, a directory, or unreadable; the message names the path.
+    """
+    path = Path(video)
+    if not path.exists():
+        raise ValueError(f"video {path} does not exist; pass the path of a video file.")
+    if not path.is_file():
+        raise ValueError(f"video {path} is a directory, not a video file; pass one video.")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"video {path} cannot be opened ({e.strerror or e}).") from None
+    return path
+
+
+def output_path(out: str | Path | None, video: str | Path) -> Path:
+    """The file the picture goes to, checked before any work.
+
+    Args:
+      out: `--out`: a .png/.pdf/.svg/.jpg file, `.png` appended when it has no suffix; None for
+        VIDEO's name + `.explain.png` in the current folder.
+      video: the video path (for the default name).
+
+    Returns:
+      The path that will be written (missing parent folders are created when it is).
+
+    Raises:
+      ValueError: a directory, an unsupported suffix, or a parent that is not a writable folder.
+    """
+    default = f"{Path(video).name}.explain.png"
+    if out is None:
+        path = Path(default)
+    else:
+        text = str(out)
+        path = Path(text)
+        if path.is_dir() or text.endswith(("/", os.sep)):
+            raise ValueError(
+                f"--out {text} is a directory; name the picture file, e.g. {path / default}."
+            )
+        if not path.suffix:
+            path = path.with_name(path.name + ".png")
+        elif path.suffix.lower() not in SUFFIXES:
+            raise ValueError(
+                f"--out {text}: pictures cannot be written as {path.suffix!r}; end it with "
+                f"{', '.join(SUFFIXES[:-1])} (no suffix: .png)."
+            )
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a directory; name the picture file.")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot write in {parent} (permission denied).")
+    return path
+
+
+def _video_error(video: Path, error: Exception) -> str:
+    """One readable line for a file PyAV cannot read (no errno, no repeated path)."""
+    text = re.sub(r"\[Errno -?\d+\] ", "", str(error))
+    text = text.replace(f": '{video}'", "").replace(f": {video}", "")
+    return f"cannot read {video} as a video: {text}"
+
+
+def _sampling(video: Path, num_frames: int, frame_rate: float | None):
+    """The clip spec's rate, refused (with the rate that would fit) when the video is too short.
+
+    Returns:
+      The sampling rate.
+
+    Raises:
+      VideoError: the file cannot be read. TooShortError: fewer than `num_frames` frames.
+    """
+    from stam_jax.data.video import TooShortError, VideoError, probe, resample_indices
+
+    rate = frame_rate if frame_rate is not None else num_frames / SECONDS
+    try:
+        count, fps = probe(video)
+    except VideoError as e:
+        raise VideoError(_video_error(video, e)) from None
+    got = len(resample_indices(count, fps, rate))
+    if got >= num_frames:
+        return rate
+    which = (
+        f"the default: T / {SECONDS:g} s, T = {num_frames}"
+        if frame_rate is None
+        else "--frame-rate"
+    )
+    frames = "frame" if got == 1 else "frames"
+    where = f"{video} gives only {got} {frames} at {rate:g} fps ({which})"
+    have = f"it has {count} frames at {fps:g} fps, {count / fps:.1f} s"
+    fit = math.ceil(num_frames * fps / count * 100) / 100
+    while len(resample_indices(count, fps, fit)) < num_frames:
+        fit = round(fit + 0.01, 2)
+    if fit <= fps:
+        fix = f"pass --frame-rate {fit:g} (or more) or use a longer video"
+    else:  # fewer frames than the clip: only repeated frames would fill it
+        fix = "use a longer video"
+    raise TooShortError(f"{where}; a clip needs {num_frames} ({have}): {fix}.")
+
+
 def explain_video(checkpoint: str | Path, video: str | Path, frame_rate: float | None = None):
     """Runs the model on one video and returns everything the picture shows.
+
+    The video path, the rate and whether the video is long enough are checked before the
+    checkpoint's params are loaded.
 
     Args:
       checkpoint: a stam-jax checkpoint directory.
       video: a video file.
-      frame_rate: sampling rate; default T / 10 s (the released models' protocol).
+      frame_rate: sampling rate; default (None) T / 10 s (the released models' protocol).
 
     Returns:
-      A dict: `frames` (T, S, S, 3) uint8, `probabilities` (classes,), `temporal_layers`
-      (layers, T) cls-to-frame weights with heads averaged, `temporal_rollout` (T,),
-      `spatial_rollout` (T, grid, grid).
+      A dict: `frames` (T, S, S, 3) uint8, `probabilities` (classes,), `aggregate` (the model's:
+      'transformer' or 'mean'), `temporal_layers` (layers, T) cls-to-frame weights with heads
+      averaged (no layers for 'mean'), `temporal_rollout` (T,) (for 'mean': 1/T each, the
+      average's weights), `spatial_rollout` (T, grid, grid).
+
+    Raises:
+      ValueError: a bad rate or video path. CheckpointError: an unreadable checkpoint.
+      VideoError: a video that cannot be decoded or is too short for a clip.
     """
     import jax
 
     from stam_jax import checkpoints
-    from stam_jax.data.video import ClipSpec, load_views
+    from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_views
 
+    check_frame_rate(frame_rate)
+    video = check_video(video)
+    num_frames = int(checkpoints.read_config(checkpoint)["model"]["num_frames"])
+    rate = _sampling(video, num_frames, frame_rate)
     model, params = checkpoints.load(checkpoint)
     model = model.clone(spatial_attention_layers=tuple(range(model.depth)), temporal_attention=True)
     spec = ClipSpec(
         num_frames=model.num_frames,
-        frame_rate=frame_rate or model.num_frames / SECONDS,
+        frame_rate=rate,
         resize=int(model.image_size / 0.875),
         crop=model.image_size,
     )
-    views = load_views(video, spec)
+    try:
+        views = load_views(video, spec)
+    except TooShortError:
+        raise
+    except VideoError as e:
+        raise VideoError(_video_error(video, e)) from None
     logits, state = jax.jit(lambda p, v: model.apply({"params": p}, v, mutable="intermediates"))(
         params, views
     )
     found = state["intermediates"]
-    out: dict[str, Any] = {"frames": views[0]}
+    out: dict[str, Any] = {"frames": views[0], "aggregate": model.aggregate}
     out["probabilities"] = np.asarray(jax.nn.softmax(logits[0]))
     if model.aggregate == "transformer":
         encoder = found["aggregate"]["transformer_enc"]
@@ -86,9 +244,9 @@ def explain_video(checkpoint: str | Path, video: str | Path, frame_rate: float |
         ]
         out["temporal_layers"] = np.stack([w.mean(axis=0)[0, 1:] for w in temporal])
         out["temporal_rollout"] = rollout(temporal)[0, 1:]
-    else:  # frame averaging: every frame weighs the same
-        uniform = np.full(model.num_frames, 1.0 / model.num_frames)
-        out["temporal_layers"], out["temporal_rollout"] = uniform[None], uniform
+    else:  # frame averaging: no attention, every frame weighs 1/T
+        out["temporal_layers"] = np.zeros((0, model.num_frames))
+        out["temporal_rollout"] = np.full(model.num_frames, 1.0 / model.num_frames)
     spatial = [
         np.asarray(found[f"blocks_{i}"]["attn"]["attention_weights"][0]) for i in range(model.depth)
     ]
@@ -97,14 +255,15 @@ def explain_video(checkpoint: str | Path, video: str | Path, frame_rate: float |
     return out
 
 
-def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = None) -> Path:
-    """Writes the picture of `explain_video`'s result as a PNG."""
+def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
+    """The matplotlib figure of `explain_video`'s result (close it when done)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     frames, heat = result["frames"], result["spatial_rollout"]
+    averaged = result.get("aggregate") == "mean"
     t = frames.shape[0]
     cols = min(t, 8)
     rows = -(-t // cols)
@@ -125,13 +284,21 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
         ax.axis("off")
     ax = fig.add_subplot(grid[rows, :])
     x = np.arange(t)
-    ax.bar(x, result["temporal_rollout"], color="#4c72b0", alpha=0.5, label="rollout over layers")
-    for layer, weights in enumerate(result["temporal_layers"]):
-        ax.plot(x, weights, marker="o", markersize=3, linewidth=1, label=f"layer {layer}")
+    if averaged:
+        ax.bar(x, result["temporal_rollout"], color="#999999", alpha=0.5)
+        ax.set_title(
+            f"frame averaging (no temporal transformer): every frame weighs 1/T = 1/{t}",
+            fontsize=9,
+        )
+        ax.set_ylabel("weight in the average")
+    else:
+        ax.bar(x, result["temporal_rollout"], color="#4c72b0", alpha=0.5, label="rollout")
+        for layer, weights in enumerate(result["temporal_layers"]):
+            ax.plot(x, weights, marker="o", markersize=3, linewidth=1, label=f"layer {layer}")
+        ax.set_ylabel("weight from the temporal cls token")
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
     ax.set_xticks(x)
     ax.set_xlabel("sampled frame")
-    ax.set_ylabel("weight from the temporal cls token")
-    ax.legend(fontsize=7, ncol=4, loc="upper right")
     ax = fig.add_subplot(grid[rows + 1, :])
     probs = result["probabilities"]
     top = np.argsort(-probs)[:5]
@@ -143,37 +310,76 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability (top 5)")
     fig.tight_layout()
+    return fig
+
+
+def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = None) -> Path:
+    """Writes the picture of `explain_video`'s result to `path` (format from its suffix).
+
+    Missing parent folders are created.
+
+    Raises:
+      ValueError: the file cannot be written; the message names it.
+    """
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    fig = figure(result, classes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        raise ValueError(
+            f"cannot write {path} ({e.strerror or e}); choose another --out."
+        ) from None
+    finally:
+        plt.close(fig)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m stam_jax.explain", description=__doc__)
+    parser = _Parser(
+        prog="python -m stam_jax.explain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("video", help="video file")
     parser.add_argument("--checkpoint", required=True, help="stam-jax checkpoint directory")
-    parser.add_argument("--out", help="PNG to write (default: VIDEO's name + .explain.png)")
+    parser.add_argument(
+        "--out",
+        help="picture to write: .png, .pdf, .svg or .jpg (no suffix: .png); missing folders are "
+        "created (default: VIDEO's name + .explain.png)",
+    )
     parser.add_argument("--classes", help="class names, one per line, in label order")
-    parser.add_argument("--frame-rate", type=float, help="default: T / 10 s")
+    parser.add_argument(
+        "--frame-rate",
+        type=float,
+        help=f"frames per second to sample (default: T / {SECONDS:g} s)",
+    )
     args = parser.parse_args(argv)
-    from stam_jax.checkpoints import CheckpointError
     from stam_jax.data.folder import DatasetError, read_class_list
     from stam_jax.data.video import VideoError
 
     try:
+        # The flags and paths first: no jax import, no checkpoint read before they are fine.
+        check_frame_rate(args.frame_rate, "--frame-rate")
+        check_video(args.video)
+        out = output_path(args.out, args.video)
         classes = read_class_list(args.classes) if args.classes else None
+        if classes:
+            from stam_jax import checkpoints
+
+            expected = checkpoints.read_config(args.checkpoint)["model"]["num_classes"]
+            if len(classes) != expected:
+                raise DatasetError(
+                    f"{args.classes} names {len(classes)} classes; the model has {expected}."
+                )
         result = explain_video(args.checkpoint, args.video, args.frame_rate)
-        if classes and len(classes) != result["probabilities"].size:
-            raise DatasetError(
-                f"{args.classes} names {len(classes)} classes; the model has "
-                f"{result['probabilities'].size}."
-            )
-    except (CheckpointError, DatasetError, VideoError, ValueError) as e:
+        out = draw(result, out, classes)
+    except (DatasetError, VideoError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = draw(result, args.out or f"{Path(args.video).name}.explain.png", classes)
     print(f"wrote {out}")
     return 0
 

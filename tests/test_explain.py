@@ -7,9 +7,9 @@ import pytest
 from conftest import TINY_CONFIGS, random_params
 from PIL import Image
 
-from stam_jax import checkpoints, create_model
+from stam_jax import checkpoints, create_model, model_config
 from stam_jax.data.synthetic import index_frame, write_video
-from stam_jax.explain import explain_video, main, rollout
+from stam_jax.explain import explain_video, figure, main, rollout
 
 
 def test_rollout_on_a_hand_built_case():
@@ -54,10 +54,11 @@ def test_explain_cli_writes_a_readable_png(explained, tmp_path, capsys):
     root, video = explained
     names = tmp_path / "classes.txt"
     names.write_text("\n".join(f"action {c}" for c in range(10)) + "\n")
-    out = tmp_path / "picture.png"
+    out = tmp_path / "new" / "picture"  # a missing folder, no suffix: PNG, named .png
     args = [str(video), "--checkpoint", str(root / "ckpt"), "--frame-rate", "4"]
     assert main([*args, "--out", str(out), "--classes", str(names)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
+    out = tmp_path / "new" / "picture.png"
+    assert capsys.readouterr().out == f"wrote {out}\n"
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (800, 630)  # 4 frames in one row
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -67,7 +68,7 @@ def test_explain_cli_writes_a_readable_png(explained, tmp_path, capsys):
 def test_explain_cli_errors(explained, tmp_path, capsys):
     root, video = explained
     assert main([str(tmp_path / "none.mp4"), "--checkpoint", str(root / "ckpt")]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert f"error: video {tmp_path / 'none.mp4'} does not exist" in capsys.readouterr().err
     names = tmp_path / "classes.txt"
     names.write_text("a\nb\n")
     args = [
@@ -83,3 +84,56 @@ def test_explain_cli_errors(explained, tmp_path, capsys):
     assert "names 2 classes; the model has 10" in capsys.readouterr().err
     assert main([str(video), "--checkpoint", str(tmp_path)]) == 2
     assert "is not a stam-jax checkpoint" in capsys.readouterr().err
+
+
+def test_explain_refuses_bad_input_before_loading_the_model(
+    explained, tmp_path, capsys, monkeypatch
+):
+    root, video = explained
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the input was checked")
+
+    monkeypatch.setattr(checkpoints, "load", not_now)
+    ckpt = ["--checkpoint", str(root / "ckpt")]
+
+    def refused(*args: str) -> str:
+        assert main([*args, *ckpt]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    assert f"video {tmp_path} is a directory" in refused(str(tmp_path))
+    junk = tmp_path / "junk.mp4"
+    junk.write_text("not a video")
+    assert f"error: cannot read {junk} as a video: " in refused(str(junk))
+    for rate in ("0", "nan", "-1"):
+        err = refused(str(video), "--frame-rate", rate)
+        assert f"--frame-rate {rate}: use a positive number" in err and "T / 10 s" in err
+    # 40 frames at 10 fps: the default T / 10 s = 0.4 fps keeps 2 of the 4 frames a clip needs.
+    err = refused(str(video))
+    assert f"{video} gives only 2 frames at 0.4 fps (the default: T / 10 s, T = 4)" in err
+    assert "a clip needs 4" in err and "pass --frame-rate 1 (or more) or use a longer video" in err
+    assert "gives only 1 frame at 0.3 fps (--frame-rate)" in refused(
+        str(video), "--frame-rate", ".3"
+    )
+    assert "'.txt'; end it with .png, .pdf" in refused(str(video), "--out", str(tmp_path / "a.txt"))
+    assert f"--out {tmp_path} is a directory" in refused(str(video), "--out", str(tmp_path))
+    assert f"{junk} is a file, not a folder" in refused(str(video), "--out", str(junk / "p.png"))
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_frame_averaging_model_is_not_drawn_as_attention(explained):
+    root, video = explained
+    model = create_model("stam_tiny", aggregate="mean")
+    checkpoints.save(root / "mean", model, random_params(model_config(model), seed=3))
+    result = explain_video(root / "mean", video, frame_rate=4.0)
+    assert result["aggregate"] == "mean" and result["temporal_layers"].shape == (0, 4)
+    np.testing.assert_allclose(result["temporal_rollout"], 0.25)
+    fig = figure(result)
+    texts = [ax.get_title() + ax.get_ylabel() for ax in fig.axes]
+    assert any(
+        "frame averaging (no temporal transformer): every frame weighs 1/T" in t for t in texts
+    )
+    assert not any("temporal cls token" in t for t in texts)
+    assert all(ax.get_legend() is None for ax in fig.axes)  # no "layer 0", no "rollout"
