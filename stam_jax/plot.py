@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -36,6 +36,15 @@ TRAIN_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluation top-1", ("top1", "ema_top1")),
 )
 TRAIN_KEYS = tuple(key for _, keys in TRAIN_PANELS for key in keys)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error:` line with exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints `error: message` and exits 2 (argparse's hook for a bad command line)."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _pyplot():
@@ -253,7 +262,7 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m stam_jax.plot",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,6 +6,7 @@ import json
 
 import matplotlib.figure
 import numpy as np
+import pytest
 from PIL import Image
 
 from stam_jax.plot import main
@@ -51,6 +52,10 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "metrics.jsonl:2 is not JSON" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--outt", "x"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --outt x\n"
 
 
 def test_periodic_evaluation_accuracy_is_drawn(tmp_path, capsys):
