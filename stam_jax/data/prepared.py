@@ -11,7 +11,8 @@ A prepared folder holds:
 - `dataset_info.json`, `features.json`, `label.labels.txt`, `metadata.json`: TFDS metadata, so
   `tfds.builder_from_directory(DIR).as_data_source('validation')` opens it;
 - `stam_prepare.json`: how it was made (kind, encoding, sampling), the source folder's full
-  listing (paths, labels, classes) and every dropped or failed video with its reason.
+  listing (paths, labels, classes, classes without videos, and the entries the listing left
+  out: `ignored`, [path, reason, note] rows) and every dropped or failed video with its reason.
 
 Two kinds:
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from stam_jax.data.folder import VideoFolder, VideoItem, list_videos
+from stam_jax.data.folder import Ignored, VideoFolder, VideoItem, list_videos
 from stam_jax.data.video import ClipSpec, augment_clip
 
 FORMAT_VERSION = 1
@@ -107,7 +108,8 @@ class PreparedDataset:
       kind: 'eval' or 'train'.
       encoding: 'raw' or 'jpeg'.
       spec: the sampling (and, for `eval`, the views) it was made with.
-      folder: the source folder's listing (its root, paths relative to it, labels, classes).
+      folder: the source folder's listing (its root, paths relative to it, labels, classes,
+        empty classes and the entries it left out, as listed when the dataset was prepared).
       outcomes: listing index -> {'status': 'too_short'|'failed', 'reason'} for every video
         that has no record.
       num_records: records in the split.
@@ -179,6 +181,8 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         classes=tuple(meta["classes"]),
         items=tuple(VideoItem(p, int(label)) for p, label in meta["items"]),
         empty_classes=tuple(meta["empty_classes"]),
+        # Datasets prepared before 'ignored' was stored have none recorded.
+        ignored=tuple(Ignored(*row) for row in meta.get("ignored", [])),
     )
     return PreparedDataset(
         path=path,
