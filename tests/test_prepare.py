@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,15 @@ from pathlib import Path
 import chex
 import numpy as np
 import pytest
+from absl import flags
 from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
 from test_eval import config_for, make_folder, read_predictions
 from test_train import SHORT, TWO_DEVICES, command, train_two_processes
 from test_train import run as run_command
 
 from stam_jax import checkpoints, create_model
+from stam_jax.cli import parse_flags
+from stam_jax.data import prepare as prepare_module
 from stam_jax.data.prepare import STOP_HOOK, prepare
 from stam_jax.data.prepared import META_FILE, PreparedError, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
@@ -33,10 +37,18 @@ TRAIN_SPEC = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32, short_vi
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    """12 videos: 10 good ones, one too short for a 4-frame clip, one empty file."""
+    """12 videos: 10 good ones, one too short for a 4-frame clip, one empty file.
+
+    And entries the listing leaves out: a hidden folder in the root and in a class (with a
+    video), and a non-video file.
+    """
     root = make_folder(tmp_path_factory.mktemp("videos"), per_class=1)
     write_video(root / "class_2" / "short.mp4", (index_frame(i, 48, 64) for i in range(5)), 10)
     (root / "class_3" / "zero.mp4").write_bytes(b"")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "class_1" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "class_1" / "video_0.mp4", root / "class_1" / ".ipynb_checkpoints")
+    (root / "class_5" / "notes.txt").write_text("not a video")
     return root
 
 
@@ -86,6 +98,14 @@ def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, vide
     assert meta["complete"] and meta["kind"] == "eval" and meta["encoding"] == "raw"
     assert meta["counts"] == {"listed": 12, "records": 10, "dropped_too_short": 1, "failed": 1}
     assert not (out / ".prepare").exists()
+    # What the listing left out is stored (and printed), so evaluations can report it.
+    assert meta["ignored"] == [
+        [".ipynb_checkpoints", "hidden", ""],
+        ["class_1/.ipynb_checkpoints", "hidden", ""],
+        ["class_5/notes.txt", "not_video", ""],
+    ]
+    assert "ignored 2 hidden or system entries: .ipynb_checkpoints" in result.stdout
+    assert "ignored 1 files without a video extension: class_5/notes.txt" in result.stdout
     # A standard TFDS dataset: any TFDS reader opens it, without TensorFlow.
     import tensorflow_datasets as tfds
 
@@ -93,6 +113,7 @@ def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, vide
     assert builder.info.features["label"].names == [f"class_{c}" for c in range(10)]
     assert [d["path"] for d in builder.info.metadata["dropped"]] == ["class_2/short.mp4"]
     assert [d["path"] for d in builder.info.metadata["failed"]] == ["class_3/zero.mp4"]
+    assert len(builder.info.metadata["ignored"]) == 3
     assert len(builder.info.splits["validation"].shard_lengths) == 3  # 4 + 4 + 2 records
     source = builder.as_data_source(split="validation")
     listing = meta["items"]
@@ -117,8 +138,9 @@ def test_raw_prepared_evaluation_is_bit_identical(prepared_raw, from_videos, ckp
     results = json.loads((tmp_path / "results.json").read_text())
     want_results, want = from_videos
     assert read_predictions(tmp_path) == want  # paths, labels, top-5 and every logit, exactly
-    for key in ("metrics", "counts", "dropped", "failed", "classes", "empty_classes"):
+    for key in ("metrics", "counts", "dropped", "failed", "classes", "empty_classes", "ignored"):
         assert results[key] == want_results[key], key
+    assert set(results["ignored"]) == {"hidden", "not_video"}  # not {} for the prepared copy
     assert results["timing"]["input_wait_s"] >= 0
     # grain's workers are stopped and their shared memory freed before exit (reading.close):
     # before that, this run printed the resource tracker's warning (6 runs of 6).
@@ -208,6 +230,130 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
             prepare(videos, tmp_path / "x", SPEC, progress=False, **kwargs)
     with pytest.raises(PreparedError, match="does not exist"):
         prepare(tmp_path / "missing", tmp_path / "y", SPEC, progress=False)
+
+
+def prepare_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m stam_jax.data.prepare --config=configs/tiny.py ARGS`, in this process.
+
+    Returns (exit status, stdout, stderr).
+    """
+    argv = ["prepare", f"--config={ROOT / 'configs/tiny.py'}", "--config.progress=False", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads --config.* overrides there
+    values = flags.FlagValues()
+    prepare_module.define_flags(values)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        prepare_module.main(parse_flags(argv, values), values)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def refused(monkeypatch, capsys, *args: str) -> str:
+    """The one `error:` line of a prepare command that must exit 2."""
+    code, out, err = prepare_main(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), (code, out, err)
+    return err
+
+
+def test_cli_flag_errors_are_one_line_and_exit_2(videos, tmp_path, monkeypatch, capsys):
+    # Were a 40-55 line traceback (config) or absl's FATAL line (flags), with exit 1; a stray
+    # argument was ignored.
+    src, out = f"--src={videos}", f"--out={tmp_path / 'out'}"
+    assert "unknown config field 'rot' (--config.data.rot)" in refused(
+        monkeypatch, capsys, src, out, "--config.data.rot=3"
+    )
+    assert "--kind=trian: value should be one of <eval|train>" in refused(
+        monkeypatch, capsys, src, out, "--kind=trian"
+    )
+    assert "unexpected arguments ['stray']" in refused(monkeypatch, capsys, src, out, "stray")
+    assert "--src" in refused(monkeypatch, capsys, out)
+    # -1 is one process per core, 0 this process: any other negative count is a mistake.
+    assert "--workers=-5; use -1 (one decoding process per core), 0" in refused(
+        monkeypatch, capsys, src, out, "--workers=-5"
+    )
+    assert "--config.data.workers=-2; use -1" in refused(
+        monkeypatch, capsys, src, out, "--config.data.workers=-2"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_in_or_around_src_and_a_prepared_src_are_refused(
+    videos, prepared_raw, tmp_path, monkeypatch, capsys
+):
+    # --out inside --src was accepted: the dataset became one more (empty) class of the videos.
+    inside = videos / "prepared"
+    err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={inside}")
+    assert f"--out {inside} is inside --src {videos}" in err
+    assert not inside.exists()
+    for out, where in [(videos, "is the same folder as"), (videos.parent, "contains")]:
+        with pytest.raises(PreparedError, match=f"--out {out} {where} --src {videos}"):
+            prepare(videos, out, SPEC, progress=False)
+    linked = tmp_path / "link"  # compared resolved: a link to the videos is the same folder
+    linked.symlink_to(videos)
+    with pytest.raises(PreparedError, match="is inside --src"):
+        prepare(videos, linked / "out", SPEC, progress=False)
+    err = refused(monkeypatch, capsys, f"--src={prepared_raw[0]}", f"--out={tmp_path / 'again'}")
+    assert f"--src {prepared_raw[0]} is already a prepared dataset (it holds {META_FILE}" in err
+    assert f"made from {videos}" in err
+
+
+def test_an_out_that_cannot_be_written_is_refused(videos, tmp_path, monkeypatch, capsys):
+    # Were PermissionError / NotADirectoryError tracebacks.
+    (tmp_path / "file").write_text("")
+    err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={tmp_path / 'file' / 'x'}")
+    assert f"cannot be created: {tmp_path / 'file'} is a file, not a folder" in err
+    with monkeypatch.context() as patch:  # tests run as root, who may write anywhere
+        patch.setattr(prepare_module.os, "access", lambda path, mode: False)
+        err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={tmp_path / 'a' / 'b'}")
+    assert f"--out {tmp_path / 'a' / 'b'} cannot be written: {tmp_path} is not writable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_ctrl_c_says_how_far_it_got_and_how_to_resume(videos, tmp_path, monkeypatch, capsys):
+    write_part = prepare_module._write_part
+
+    def ctrl_c_in_the_second_shard(parts, shard, results, bar):
+        if shard == 1:
+            raise KeyboardInterrupt
+        write_part(parts, shard, results, bar)
+
+    monkeypatch.setattr(prepare_module, "_write_part", ctrl_c_in_the_second_shard)
+    out = tmp_path / "out"
+    args = f"--src={videos}", f"--out={out}", "--workers=0", "--shard_size=3"
+    code, _, err = prepare_main(monkeypatch, capsys, *args)
+    assert code == 130  # was a KeyboardInterrupt traceback
+    assert err == (
+        f"interrupted: 1 of 4 shards of {out} are prepared and kept; run the same command "
+        "again to resume.\n"
+    )
+
+
+def test_empty_classes_and_ignored_entries_are_kept_and_printed(
+    videos, tmp_path, monkeypatch, capsys
+):
+    src = tmp_path / "src"
+    (src / "class_a").mkdir(parents=True)
+    (src / "class_b" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(videos / "class_0" / "video_0.mp4", src / "class_a")
+    out = tmp_path / "out"
+    code, stdout, _ = prepare_main(
+        monkeypatch, capsys, f"--src={src}", f"--out={out}", "--workers=0"
+    )
+    assert code == 0
+    assert "1 of 2 classes have no video (their labels are kept): class_b" in stdout
+    assert "ignored 1 hidden or system entries: class_b/.ipynb_checkpoints" in stdout
+    folder = open_prepared(out).folder
+    assert folder.empty_classes == ("class_b",)
+    assert [(i.path, i.reason) for i in folder.ignored] == [
+        ("class_b/.ipynb_checkpoints", "hidden")
+    ]
+    # A dataset prepared before 'ignored' was stored still opens (with nothing ignored).
+    meta = json.loads((out / META_FILE).read_text())
+    del meta["ignored"]
+    (out / META_FILE).write_text(json.dumps(meta))
+    assert open_prepared(out).folder.ignored == ()
+    code, stdout, _ = prepare_main(monkeypatch, capsys, f"--src={src}", f"--out={out}")
+    assert code == 0 and "nothing to do" in stdout and "\nignored" not in stdout
 
 
 def test_evaluation_refuses_a_mismatched_prepared_dataset(prepared_raw, ckpt, tmp_path):

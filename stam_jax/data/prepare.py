@@ -10,25 +10,40 @@ bit-identical to evaluating the videos). `--kind train` stores every sampled fra
 not cropped; `run_train.py --config.train.root=TRAIN_PREPARED` draws clips, crops and flips from
 them. Videos are decoded in parallel (`--workers`, default one per core) with a progress bar.
 
-Interrupted? Run the same command again: finished shards are kept and the rest is done. Videos
-that are too short or cannot be decoded are recorded in the dataset (`stam_prepare.json`,
-`metadata.json`) with the same reasons `run_eval.py` gives, and listed at the end.
+Interrupted (Ctrl-C, a kill, a full disk)? Run the same command again: finished shards are kept
+and the rest is done. Videos that are too short or cannot be decoded are recorded in the dataset
+(`stam_prepare.json`, `metadata.json`) with the same reasons `run_eval.py` gives, and listed at
+the end; so are the entries the folder listing leaves out (hidden/system entries, non-video
+files, link loops, duplicates) and the classes without videos, which `run_eval.py` then reports
+from the prepared dataset as it would from the videos.
 
-Exit status: 0 every video prepared, 2 refused (the message says why), 3 finished with some
-videos skipped.
+Exit status: 0 every video prepared, 2 refused before anything is written (one `error:` line
+saying why: a bad flag or config value, an --out inside or around --src, an --out that cannot
+be written, ...), 3 finished with some videos skipped, 130 interrupted (Ctrl-C; rerun to resume).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from stam_jax.data.folder import DatasetError, VideoFolder, list_videos
+from absl import flags
+
+from stam_jax.cli import parse_flags, refuse
+from stam_jax.data.folder import (
+    REASONS,
+    DatasetError,
+    Ignored,
+    VideoFolder,
+    ignored_summary,
+    list_videos,
+)
 from stam_jax.data.loader import Decoded, decode_with, ordered_map, worker_count
 from stam_jax.data.prepared import (
     DATASET_NAME,
@@ -41,11 +56,13 @@ from stam_jax.data.prepared import (
     PreparedError,
     encode_jpeg,
     features,
+    is_prepared,
 )
 from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -65,6 +82,10 @@ class Job:
 
 def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Decoded:
     """One video's serialized record in `views` (bytes), or why there is none; never raises."""
+    if multiprocessing.parent_process() is not None:
+        # A decoding process: a terminal's Ctrl-C reaches the whole process group, and the
+        # parent reports it once (the pool's processes would each print a traceback).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The evaluation's own decoding and outcomes (too short, failed, with the same reasons).
     load = load_views if job.kind == "eval" else load_sampled_frames
     decoded = decode_with(load, position, path, job.spec)
@@ -99,6 +120,57 @@ def _listing(folder: VideoFolder) -> dict[str, Any]:
         "items": [[item.path, item.label] for item in folder.items],
         "empty_classes": list(folder.empty_classes),
     }
+
+
+def _ignored(folder: VideoFolder) -> list[list[str]]:
+    """What the listing left out, as [path, reason, note] rows (`stam_prepare.json` 'ignored')."""
+    return [[entry.path, entry.reason, entry.note] for entry in folder.ignored]
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    """Refuses a `src` that is a prepared dataset and an `out` equal to, in or around `src`."""
+    if is_prepared(src):
+        try:
+            made_from = f", made from {json.loads((src / META_FILE).read_text())['source']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            made_from = ""
+        raise PreparedError(
+            f"--src {src} is already a prepared dataset (it holds {META_FILE}{made_from}); "
+            "evaluate or train from it directly (--config.data.root / --config.train.root), or "
+            "give the video folder as --src."
+        )
+    source, target = src.resolve(), out.resolve()
+    if target == source:
+        where, why = "is the same folder as", "the dataset's files would be mixed with the videos"
+    elif source in target.parents:
+        where, why = "is inside", "the dataset would be listed as a class or a video"
+    elif target in source.parents:
+        where, why = "contains", "the dataset's files would be mixed with the videos"
+    else:
+        return
+    raise PreparedError(
+        f"--out {out} {where} --src {src} (resolved: {target} and {source}); give an --out "
+        f"outside the video folder ({why})."
+    )
+
+
+def _check_writable(out: Path) -> None:
+    """Refuses an `out` that cannot be created or written (nothing is created)."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None:  # cannot happen for a real path ('/' or '.' exists): let mkdir tell
+        return
+    if not existing.is_dir():
+        if existing == out:
+            raise PreparedError(f"--out {out} is a file; give a folder.")
+        raise PreparedError(
+            f"--out {out} cannot be created: {existing} is a file, not a folder; give a folder "
+            "path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PreparedError(
+            f"--out {out} cannot be written: {existing} is not writable (permission denied or a "
+            "read-only file system); give a folder you can write to."
+        )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -180,11 +252,20 @@ def prepare(
         raise PreparedError(f"--jpeg_quality {jpeg_quality}; use 1-100 (95 keeps top-1).")
     if shard_size < 1:
         raise PreparedError(f"--shard_size {shard_size}; use >= 1.")
+    if workers < -1:
+        raise PreparedError(
+            f"--workers {workers}; use -1 (one decoding process per core), 0 (decode in this "
+            "process) or a number of processes."
+        )
+    src, out = Path(src), Path(out)
+    _check_paths(src, out)
+    complete = _is_complete(out)
+    if not complete:
+        _check_writable(out)
     try:
         folder = list_videos(src, class_list or None)
     except DatasetError as e:
         raise PreparedError(str(e)) from None
-    out = Path(out)
     settings = _settings(folder, spec, kind, encoding, jpeg_quality, shard_size)
     listing = _listing(folder)
     meta = _check_out(out, settings, listing)
@@ -192,8 +273,15 @@ def prepare(
         print(f"{out} is already prepared ({meta['num_records']} records); nothing to do.")
         return meta
     parts = out / PARTS
-    parts.mkdir(parents=True, exist_ok=True)
-    _write_json(out / META_FILE, {**settings, **listing, "complete": False})
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            out / META_FILE, {**settings, **listing, "ignored": _ignored(folder), "complete": False}
+        )
+    except OSError as e:
+        raise PreparedError(
+            f"--out {out} cannot be written: {e}; give a folder you can write to."
+        ) from None
 
     n = len(folder.items)
     num_shards = -(-n // shard_size)
@@ -228,8 +316,16 @@ def prepare(
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die between shards
     finally:
         results.close()  # the decoding processes end now, however the writing ended
-    bar.close()
+        bar.close()  # (an interruption's message then starts on a line of its own)
     return _finish(out, parts, num_shards, settings, listing, folder)
+
+
+def _is_complete(out: Path) -> bool:
+    """Whether `out` holds a finished prepared dataset (whose settings are checked later)."""
+    try:
+        return bool(json.loads((out / META_FILE).read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_part(parts: Path, shard: int, results, bar) -> None:
@@ -305,12 +401,19 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
             f"STAM {settings['kind']} data ({settings['encoding']}) prepared by stam-jax from "
             f"{settings['source']}"
         ),
-        metadata=tfds.core.MetadataDict(counts=counts, dropped=dropped, failed=failed),
+        metadata=tfds.core.MetadataDict(
+            counts=counts,
+            dropped=dropped,
+            failed=failed,
+            empty_classes=listing["empty_classes"],
+            ignored=[{"path": p, "reason": r, "note": n} for p, r, n in _ignored(folder)],
+        ),
         check_data=False,
     )
     meta = {
         **settings,
         **listing,
+        "ignored": _ignored(folder),
         "outcomes": outcomes,
         "num_records": sum(lengths),
         "counts": counts,
@@ -324,25 +427,94 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
 
 
 def _summary(meta: dict[str, Any], out: Path) -> None:
+    """Prints what was prepared, and what was skipped, empty or left out of the listing."""
     c = meta["counts"]
     print(
         f"prepared {c['records']} of {c['listed']} videos into {out} ({meta['kind']}, "
         f"{meta['encoding']}; {c['dropped_too_short']} dropped as too short, {c['failed']} "
         "failed to decode)"
     )
+    empty = meta["empty_classes"]
+    if empty:
+        print(
+            f"{len(empty)} of {len(meta['classes'])} classes have no video (their labels are "
+            f"kept): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+        )
+    ignored = [Ignored(*row) for row in meta.get("ignored", [])]  # absent: prepared before
+    for reason, group in ignored_summary(ignored).items():
+        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
+        print(f"ignored {group['count']} {REASONS[reason]}: {shown}")
     for p, o in list(meta["outcomes"].items())[:10]:
         print(f"  skipped {meta['items'][int(p)][0]}: {o['reason']}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> None:
-    """Command-line entry point (absl flags; see the module docstring)."""
-    del argv
-    from absl import flags
+def _interrupted(out: Path) -> str:
+    """What an interrupted run leaves in `out`, and how to go on."""
+    try:
+        meta = json.loads((out / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or "items" not in meta:
+        return f"interrupted before anything was prepared in {out}."
+    if meta.get("complete"):
+        return f"interrupted, but {out} was already finished ({meta['num_records']} records)."
+    total = -(-len(meta["items"]) // meta["shard_size"])
+    done = len(list((out / PARTS).glob("part-*.json")))
+    return (
+        f"interrupted: {done} of {total} shards of {out} are prepared and kept; run the same "
+        "command again to resume."
+    )
 
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the command line's flags (see the module docstring) in `flag_values`."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "run config (sampling, views)", flag_values=flag_values
+    )
+    define = {"flag_values": flag_values}
+    flags.DEFINE_string("src", None, "video folder: SRC/<class>/<video>", **define)
+    flags.DEFINE_string("out", None, "dataset folder to write (or finish)", **define)
+    flags.DEFINE_enum(
+        "kind", "eval", list(KINDS), "eval: model inputs; train: resized frames", **define
+    )
+    flags.DEFINE_enum("encoding", "raw", list(ENCODINGS), "raw uint8 pixels or JPEG", **define)
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for --encoding jpeg", **define)
+    flags.DEFINE_integer(
+        "workers",
+        None,
+        "decoding processes: -1 one per core, 0 in this process (default config.data.workers)",
+        **define,
+    )
+    flags.DEFINE_integer("shard_size", 256, "videos per shard", **define)
+    flags.mark_flags_as_required(["config", "src", "out"], flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Command-line entry point: `app.run(main, flags_parser=parse_flags)` (absl flags).
+
+    Args:
+      argv: what is left of the command line after the flags (the program name).
+      flag_values: the parsed flags (see `define_flags`).
+
+    Exits with 0 (all prepared), 2 (refused: one `error:` line), 3 (some videos skipped) or
+    130 (interrupted; the same command resumes).
+    """
+    del argv
+    try:
+        code = _run(flag_values)
+    except KeyboardInterrupt:
+        print(_interrupted(Path(flag_values.out)), file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def _run(f: flags.FlagValues) -> int:
+    """`main` without the Ctrl-C handling; the exit status (a refusal exits here)."""
     from stam_jax.configs import model_from_run_config
 
-    f = flags.FLAGS
-    config = _CONFIG.value
+    config = f.config
     try:
         model = model_from_run_config(config)
         spec = ClipSpec(
@@ -355,8 +527,14 @@ def main(argv: list[str]) -> None:
             short_videos=config.data.short_videos if f.kind == "eval" else "pad",
         )
     except ValueError as e:
-        print(f"error: config: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"config: {e}")
+    workers = config.data.workers if f.workers is None else f.workers
+    if workers < -1:
+        name = "--config.data.workers" if f.workers is None else "--workers"
+        refuse(
+            f"{name}={workers}; use -1 (one decoding process per core), 0 (decode in this "
+            "process) or a number of processes."
+        )
     try:
         meta = prepare(
             f.src,
@@ -366,28 +544,18 @@ def main(argv: list[str]) -> None:
             encoding=f.encoding,
             jpeg_quality=f.jpeg_quality,
             class_list=config.data.class_list or None,
-            workers=config.data.workers if f.workers is None else f.workers,
+            workers=workers,
             shard_size=f.shard_size,
             progress=config.progress,
         )
     except PreparedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)
     _summary(meta, Path(f.out))
-    sys.exit(EXIT_SKIPPED if meta["outcomes"] else 0)
+    return EXIT_SKIPPED if meta["outcomes"] else 0
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import app
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "run config (sampling, views)")
-    flags.DEFINE_string("src", None, "video folder: SRC/<class>/<video>")
-    flags.DEFINE_string("out", None, "dataset folder to write (or finish)")
-    flags.DEFINE_enum("kind", "eval", list(KINDS), "eval: model inputs; train: resized frames")
-    flags.DEFINE_enum("encoding", "raw", list(ENCODINGS), "raw uint8 pixels or JPEG")
-    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for --encoding jpeg")
-    flags.DEFINE_integer("workers", None, "decoding processes (default config.data.workers)")
-    flags.DEFINE_integer("shard_size", 256, "videos per shard")
-    flags.mark_flags_as_required(["config", "src", "out"])
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
