@@ -18,6 +18,7 @@ import numpy as np
 
 from convert.mapping import ConversionError, Report, flax_to_torch, torch_to_flax
 from stam_jax import checkpoints
+from stam_jax.paths import unwritable
 from stam_jax.variants import model_from_config
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
@@ -148,19 +149,9 @@ def _check_output_file(out: Path, overwrite: bool) -> Path:
         )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ConversionError(f"{out} already exists; choose another name or pass --force.")
-    parent = out.absolute().parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConversionError(
-            f"cannot create {out}: {parent} is not a directory (a file or a broken link is in "
-            "the way); choose another path."
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(
-            f"cannot write {out}: {parent} is not writable (permission denied or a read-only "
-            "file system); choose a directory you can write to."
-        )
+    problem = unwritable(out)
+    if problem:
+        raise ConversionError(f"cannot write {out}: {problem}; choose another path.")
     return out
 
 

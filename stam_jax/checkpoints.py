@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stam_jax.model import STAM
+from stam_jax.paths import unwritable
 from stam_jax.variants import model_config, model_from_config
 
 FORMAT = "stam_jax"
@@ -118,21 +119,10 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
                     f"{path} is not a stam-jax checkpoint (it holds {shown}); --force replaces "
                     f"only a stam-jax checkpoint directory or an empty directory, {keep}"
                 )
-    # The nearest existing folder above must be a directory this process can write to.
-    parent = path.parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CheckpointError(
-            f"cannot create {path}: {parent} is not a directory (a file or a broken link is in "
-            "the way); choose another path."
-        )
-    for folder in (parent, path) if path.exists() else (parent,):
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise CheckpointError(
-                f"cannot write {path}: {folder} is not writable (permission denied or a "
-                "read-only file system); choose a directory you can write to."
-            )
+    # Created in the parent; an existing checkpoint is also emptied before it is replaced.
+    problem = unwritable(path) or (unwritable(path, into=True) if path.exists() else None)
+    if problem:
+        raise CheckpointError(f"cannot write {path}: {problem}; choose another path.")
     return path
 
 

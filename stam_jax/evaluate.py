@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Generator, Iterator
@@ -31,6 +30,7 @@ from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
+from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config
 
@@ -67,13 +67,9 @@ def _check_workdir(workdir: str | Path | None) -> Path:
     path = Path(workdir)
     if path.exists() and not path.is_dir():
         raise EvalConfigError(f"--workdir={path} is a file; name a folder.")
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise EvalConfigError(
-            f"--workdir={path} cannot be created: {existing} is a file, not a folder."
-        )
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise EvalConfigError(f"--workdir={path} cannot be written: {existing} is read-only.")
+    problem = unwritable(path, into=True)
+    if problem:
+        raise EvalConfigError(f"cannot write --workdir={path}: {problem}; name another folder.")
     return path
 
 

@@ -31,6 +31,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from stam_jax.paths import unwritable
+
 # Frame rate per clip length of the released models: T frames over the first 10 s.
 SECONDS = 10.0
 # What --out may end with (matplotlib writes these; .png when there is no suffix).
@@ -132,13 +134,9 @@ def output_path(out: str | Path | None, video: str | Path) -> Path:
             )
         if path.is_dir():
             raise ValueError(f"--out {path} is a directory; name the picture file.")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {path}: {parent} is a file, not a folder; choose another path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: cannot write in {parent} (permission denied).")
+    problem = unwritable(path)
+    if problem:
+        raise ValueError(f"cannot write --out {path}: {problem}; choose another path.")
     return path
 
 

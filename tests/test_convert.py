@@ -398,7 +398,7 @@ def test_force_refuses_outputs_that_are_not_checkpoints_before_reading(
     cases = {
         (afile, "--force"): r"afile is a file, not a checkpoint directory",
         (tmp_path / "link", "--force"): r"link is a symbolic link \(to .*nowhere\)",
-        (afile / "sub",): r"cannot create .*afile/sub: .*afile is not a directory",
+        (afile / "sub",): r"cannot write .*afile/sub: .*afile is a file, not a folder",
         (tmp_path / "locked" / "ckpt",): r"cannot write .*locked/ckpt: .*locked is not writable",
     }
     for (out, *flags), message in cases.items():
@@ -428,7 +428,7 @@ def test_to_torch_output_paths(official_pth, tmp_path, monkeypatch, capsys):
     )
     cases = {
         (tmp_path / "new", "--force"): r"new is a directory; pass the name of the \.pth file",
-        (afile / "x.pth",): r"cannot create .*afile/x\.pth: .*afile is not a directory",
+        (afile / "x.pth",): r"cannot write .*afile/x\.pth: .*afile is a file, not a folder",
         (tmp_path / "locked" / "x.pth",): r"cannot write .*locked/x\.pth: .*locked is not writable",
     }
     for (out, *flags), message in cases.items():

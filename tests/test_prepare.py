@@ -301,11 +301,11 @@ def test_an_out_that_cannot_be_written_is_refused(videos, tmp_path, monkeypatch,
     # Were PermissionError / NotADirectoryError tracebacks.
     (tmp_path / "file").write_text("")
     err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={tmp_path / 'file' / 'x'}")
-    assert f"cannot be created: {tmp_path / 'file'} is a file, not a folder" in err
+    assert f"cannot write --out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file" in err
     with monkeypatch.context() as patch:  # tests run as root, who may write anywhere
         patch.setattr(prepare_module.os, "access", lambda path, mode: False)
         err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={tmp_path / 'a' / 'b'}")
-    assert f"--out {tmp_path / 'a' / 'b'} cannot be written: {tmp_path} is not writable" in err
+    assert f"cannot write --out {tmp_path / 'a' / 'b'}: {tmp_path} is not writable" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 

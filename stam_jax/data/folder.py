@@ -84,7 +84,8 @@ class VideoFolder:
       items: videos in the official order (by class, then sorted path).
       empty_classes: classes with no video file.
       ignored: entries that are neither classes nor videos, sorted by path (see the module
-        docstring); empty for a listing read back from a prepared dataset.
+        docstring); a prepared dataset stores its source's (none for one prepared before
+        stam-jax recorded them).
     """
 
     root: Path

@@ -59,6 +59,7 @@ from stam_jax.data.prepared import (
     is_prepared,
 )
 from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
+from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
@@ -156,21 +157,11 @@ def _check_paths(src: Path, out: Path) -> None:
 
 def _check_writable(out: Path) -> None:
     """Refuses an `out` that cannot be created or written (nothing is created)."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is None:  # cannot happen for a real path ('/' or '.' exists): let mkdir tell
-        return
-    if not existing.is_dir():
-        if existing == out:
-            raise PreparedError(f"--out {out} is a file; give a folder.")
-        raise PreparedError(
-            f"--out {out} cannot be created: {existing} is a file, not a folder; give a folder "
-            "path."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreparedError(
-            f"--out {out} cannot be written: {existing} is not writable (permission denied or a "
-            "read-only file system); give a folder you can write to."
-        )
+    if out.exists() and not out.is_dir():
+        raise PreparedError(f"--out {out} is a file; give a folder.")
+    problem = unwritable(out, into=True)
+    if problem:
+        raise PreparedError(f"cannot write --out {out}: {problem}; give another folder.")
 
 
 def _write_json(path: Path, data: Any) -> None:

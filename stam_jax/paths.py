@@ -1,0 +1,34 @@
+"""Output paths: why one cannot be written, found before any work is done."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def unwritable(path: str | os.PathLike, *, into: bool = False) -> str | None:
+    """Why `path` cannot be created or written, or None when nothing visible stands in the way.
+
+    The nearest existing entry at or above the folder that will be written to must be a
+    directory this process may write to: `path`'s parent for a file or folder created or
+    replaced there, `path` itself with `into=True` (a folder that is written into). Nothing is
+    created.
+
+    Args:
+      path: the output file or folder.
+      into: `path` is a folder whose contents are written.
+
+    Returns:
+      e.g. "/data is a file, not a folder", or None.
+    """
+    start = Path(os.path.abspath(path))
+    start = start if into else start.parent
+    existing = next((p for p in (start, *start.parents) if p.exists() or p.is_symlink()), None)
+    if existing is None:  # cannot happen: '/' exists
+        return None
+    if not existing.is_dir():
+        kind = "a broken link" if not existing.exists() else "a file"
+        return f"{existing} is {kind}, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable (permission denied or a read-only file system)"
+    return None
