@@ -125,3 +125,19 @@ def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch):
     results = list(ordered_map(crash_on_bad, [(i, n) for i, n in enumerate(names)], 1, 2))
     assert failures["left"] == 0
     assert [(r.position, r.status) for r in results] == [(i, "ok") for i in range(5)]
+
+
+def interrupt_handler(position: int, name: str) -> Decoded:
+    import signal
+
+    return Decoded(position, None, "ok", str(signal.getsignal(signal.SIGINT)))
+
+
+def test_decoding_processes_leave_ctrl_c_to_the_parent():
+    # A terminal's Ctrl-C reaches every process of the group: only the parent reacts (and
+    # ends the workers), instead of each worker printing a KeyboardInterrupt traceback.
+    import signal
+
+    results = list(ordered_map(interrupt_handler, [(0, "a"), (1, "b")], workers=2, prefetch=2))
+    assert [r.reason for r in results] == [str(signal.SIG_IGN)] * 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not the parent's

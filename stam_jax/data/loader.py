@@ -8,6 +8,7 @@ import concurrent.futures.process
 import dataclasses
 import multiprocessing
 import os
+import signal
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -146,7 +147,9 @@ class _ParallelDecoder:
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
         # 'spawn': forking a process that holds JAX's threads can deadlock.
         context = multiprocessing.get_context("spawn")
-        return concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        return concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_leave_interrupts_to_the_parent
+        )
 
     def __iter__(self) -> Iterator[Decoded]:
         pool = self._pool()
@@ -192,6 +195,13 @@ class _ParallelDecoder:
                 yield result
         finally:
             _discard(pool)
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """Run in each decoding process: Ctrl-C reaches a terminal's whole process group, and the
+    parent reacts to it once (it stops and ends the workers), where every worker would also
+    print a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:

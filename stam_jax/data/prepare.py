@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -83,10 +82,6 @@ class Job:
 
 def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Decoded:
     """One video's serialized record in `views` (bytes), or why there is none; never raises."""
-    if multiprocessing.parent_process() is not None:
-        # A decoding process: a terminal's Ctrl-C reaches the whole process group, and the
-        # parent reports it once (the pool's processes would each print a traceback).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The evaluation's own decoding and outcomes (too short, failed, with the same reasons).
     load = load_views if job.kind == "eval" else load_sampled_frames
     decoded = decode_with(load, position, path, job.spec)
