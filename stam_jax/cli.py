@@ -38,6 +38,8 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
         return f"{head}: {last}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Failed loading config file" in text:  # a missing or unreadable --config file
+        return f"cannot load the --config file: {lines[-1]}"
     if isinstance(error, KeyError | AttributeError) and lines:
         # ml_collections: "'rot'" then 'Did you mean "root" instead of "rot"?'.
         field = lines[0].strip("'\"")
@@ -68,7 +70,9 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     try:
         rest = flag_values(argv)
         if "config" in flag_values:
-            _ = flag_values["config"].value  # config_flags loads the file lazily
+            config = flag_values["config"].value  # config_flags loads the file lazily
+            if config is not None:
+                config.keys()  # one that failed to load raises on first use, not before
     except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
         refuse(flag_error_message(e, argv))
     if len(rest) > 1:

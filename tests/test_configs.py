@@ -92,3 +92,7 @@ def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config():\n    raise ValueError('no such run')\n")
     assert error(f"--config={bad}").endswith("ValueError: no such run\n")
+    missing = tmp_path / "nope.py"  # was a 40-line traceback with exit 1
+    assert error(f"--config={missing}") == (
+        f"error: cannot load the --config file: [Errno 2] No such file or directory: '{missing}'\n"
+    )
