@@ -6,7 +6,7 @@
 Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
 evaluated, 2 when the run is refused before any compute, with one `error: ...` line saying why
 (a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
-videos were skipped (too short or undecodable: listed in results.json).
+videos were skipped (too short or undecodable: listed in results.json), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
 from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
@@ -32,6 +32,9 @@ def main(argv: list[str]) -> None:
         results = evaluate(_CONFIG.value, _WORKDIR.value)
     except EvalConfigError as e:
         refuse(e)
+    except KeyboardInterrupt:  # the decoding processes have already been ended
+        print("interrupted: nothing was written (results come at the end).", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     counts = results["counts"]
     sys.exit(EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0)
 

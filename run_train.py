@@ -5,7 +5,8 @@
 
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
 end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py). Exit status: 0
-done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient.
+done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient, 130 interrupted
+(Ctrl-C; the checkpoints are kept, the same command resumes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import parse_flags
+from stam_jax.cli import EXIT_INTERRUPTED, parse_flags
 from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
@@ -35,6 +36,13 @@ def main(argv: list[str]) -> None:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(4)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the checkpoints in {_WORKDIR.value}/checkpoints are kept; run the "
+            "same command again to resume from the last one.",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_INTERRUPTED)
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 

@@ -13,6 +13,7 @@ from typing import NoReturn
 from absl import flags
 
 EXIT_REFUSED = 2  # refused before any compute
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def refuse(message: object) -> NoReturn:

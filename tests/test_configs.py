@@ -96,3 +96,29 @@ def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert error(f"--config={missing}") == (
         f"error: cannot load the --config file: [Errno 2] No such file or directory: '{missing}'\n"
     )
+
+
+CTRL_C = """
+import sys, types
+import {module} as cli
+def interrupted(*args):
+    raise KeyboardInterrupt
+cli.{target} = interrupted
+cli._CONFIG = cli._WORKDIR = types.SimpleNamespace(value="w")
+cli.main([])
+"""
+
+
+def test_ctrl_c_is_one_line_and_exit_130():
+    # Was Python's KeyboardInterrupt traceback; the decoding processes end with the run.
+    for module, target, says in [
+        ("run_eval", "evaluate", "nothing was written"),
+        ("run_train", "train_and_evaluate", "w/checkpoints are kept; run the same command"),
+    ]:
+        code = CTRL_C.format(module=module, target=target)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 130, result.stderr[-2000:]
+        assert result.stderr.startswith("interrupted: ") and result.stderr.count("\n") == 1
+        assert says in result.stderr

@@ -34,7 +34,7 @@ from typing import Any
 
 from absl import flags
 
-from stam_jax.cli import parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
 from stam_jax.data.folder import (
     REASONS,
     DatasetError,
@@ -62,7 +62,6 @@ from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
 WRITER_OPTIONS = "group_size:1,uncompressed"
