@@ -136,6 +136,14 @@ def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
         raise EvalConfigError(str(e)) from None
     except (ValueError, KeyError, TypeError) as e:  # a config.json this version cannot build
         raise EvalConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
+    for name in ("num_classes", "aggregate"):  # the checkpoint defines the architecture
+        wanted = config.model_overrides[name]
+        if wanted is not None and wanted != getattr(model, name):
+            raise EvalConfigError(
+                f"--config.model_overrides.{name}={wanted!r}, but checkpoint "
+                f"{config.checkpoint} holds {name}={getattr(model, name)!r}: evaluation runs "
+                "the checkpoint's architecture; drop the override."
+            )
     expected_t = config_model.num_frames
     if model.num_frames != expected_t:
         override = config.model_overrides.num_frames
@@ -529,3 +537,6 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         print(f"ignored {group['count']} {REASONS[reason]}: {shown}")
     for entry in results["dropped"][:5] + results["failed"][:5]:
         print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    unshown = max(len(results["dropped"]) - 5, 0) + max(len(results["failed"]) - 5, 0)
+    if unshown:
+        print(f"  ... and {unshown} more, each with its reason in {workdir / 'results.json'}")

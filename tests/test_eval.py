@@ -434,6 +434,15 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
         r"--config.distributed.process_id=1 with num_processes=1", **{"distributed.process_id": 1}
     )
     refused(r"--workdir is empty", workdir="")
+    # The checkpoint defines the architecture: an override that contradicts it was ignored.
+    refused(
+        r"model_overrides.num_classes=11, but checkpoint .* holds num_classes=10",
+        **{"model_overrides.num_classes": 11},
+    )
+    refused(
+        r"model_overrides.aggregate='mean', but checkpoint .* holds aggregate='transformer'",
+        **{"model_overrides.aggregate": "mean"},
+    )
     (tmp_path / "file").write_text("")
     refused(r"--workdir=.*file is a file; name a folder", workdir=tmp_path / "file")
     refused(r"cannot write .*file/x: .*file is a file, not", workdir=tmp_path / "file" / "x")
