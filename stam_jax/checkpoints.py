@@ -11,6 +11,7 @@ checkpoint is one call away from logits.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -72,6 +73,34 @@ def is_checkpoint_dir(directory: str | os.PathLike) -> bool:
     )
 
 
+# What orbax writes in a stam-jax checkpoint directory, and in its `config/` and `params/`
+# (names starting with '_' and orbax's OCDBT files too): anything else is a user's file.
+_WRITTEN = {
+    ".": {"config", "params", "commit_success.txt"},
+    "config": {"metadata", "commit_success.txt"},
+    "params": {"d", "array_metadatas", "manifest.ocdbt", "commit_success.txt", "descriptor"},
+}
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Entries of checkpoint directory `path` that orbax did not write there, or that make it
+    something else than a stam-jax checkpoint (e.g. a project folder with `config/`, `params/`)."""
+    foreign = []
+    for folder, names in _WRITTEN.items():
+        for entry in sorted((path / folder).iterdir()):
+            name = entry.name
+            if name in names or name.startswith(("_", "ocdbt.process_")):
+                continue
+            foreign.append(name if folder == "." else f"{folder}/{name}")
+    try:
+        config = json.loads((path / "config" / "metadata").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        foreign.append("config/ without a stam-jax config")
+    return foreign
+
+
 def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Refuses a checkpoint destination that `save` could not or must not write; deletes nothing.
 
@@ -99,7 +128,8 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
     if path.exists():
         if not overwrite:
             raise CheckpointError(
-                f"{path} already exists; choose a new directory or pass overwrite=True (--force)."
+                f"{path} already exists; choose a new directory or pass --force (overwrite=True "
+                "from Python) to replace it."
             )
         if not path.is_dir():
             raise CheckpointError(
@@ -118,6 +148,16 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
                 raise CheckpointError(
                     f"{path} is not a stam-jax checkpoint (it holds {shown}); --force replaces "
                     f"only a stam-jax checkpoint directory or an empty directory, {keep}"
+                )
+        else:
+            foreign = _foreign_entries(path)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (
+                    f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+                )
+                raise CheckpointError(
+                    f"{path} holds what a stam-jax checkpoint does not ({shown}); replacing it "
+                    f"would delete them, {keep} (or move them out first)."
                 )
     # Created in the parent; an existing checkpoint is also emptied before it is replaced.
     problem = unwritable(path) or (unwritable(path, into=True) if path.exists() else None)

@@ -53,6 +53,25 @@ def test_overwrite_replaces_only_checkpoints_or_empty_dirs(tiny, tmp_path):
             checkpoints.save(path, model, second, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "stam_16.pth"]
     assert afile.read_text() == "keep"
+    # A project that happens to hold config/ and params/, and a checkpoint holding the user's
+    # own files, are refused too: replacing either would delete those files.
+    project = tmp_path / "project"
+    for name in ("config", "params", "src"):
+        (project / name).mkdir(parents=True)
+    (project / "config" / "app.yaml").write_text("keep")
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds what a stam-jax checkpoint does not \("
+        r"src, config/app\.yaml, config/ without a stam-jax config\)",
+    ):
+        checkpoints.save(project, model, second, overwrite=True)
+    shutil.copytree(saved, tmp_path / "mine")
+    (tmp_path / "mine" / "stam_16.pth").write_bytes(b"weights")
+    (tmp_path / "mine" / "params" / "NOTES.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match=r"\(stam_16\.pth, params/NOTES\.txt\)"):
+        checkpoints.save(tmp_path / "mine", model, second, overwrite=True)
+    assert (project / "config" / "app.yaml").exists() and (tmp_path / "mine/stam_16.pth").exists()
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "mine")[1], first)
     chex.assert_trees_all_equal(checkpoints.load(link)[1], first)
 
     # An empty directory and a checkpoint directory are replaced.
