@@ -745,26 +745,54 @@ def _write_run_record(config: Any, workdir: Path) -> None:
 
 
 def _check_same_run(config: Any, workdir: Path, start: int) -> None:
-    """Refuses to resume the run in `workdir` with a config that computes something else."""
+    """Refuses to resume the run in `workdir` with a config that computes something else.
+
+    Fields only one side holds (added to or removed from stam-jax since the run started) are
+    not compared; a run from before the record is resumed with a warning.
+    """
     record = workdir / RUN_RECORD
-    if not start or not record.exists():  # a fresh start, or a run from before the record
+    if not start:
         return
-    saved = json.loads(record.read_text())
+    if not record.exists():
+        print(
+            f"warning: {workdir} has no {RUN_RECORD} (a run started by an older stam-jax), so "
+            "this restart cannot check that its settings are the run's; resuming.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    try:
+        saved = json.loads(record.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a {type(saved).__name__}, not the settings")
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(
+            f"cannot read {record} ({e}), which holds the settings of the run at step {start} in "
+            f"{workdir}; restore it, or start a new --workdir."
+        ) from None
     now = json.loads(json.dumps(_run_record(config)))  # tuples as lists, as saved
+    # Only fields both know: one added or removed by another stam-jax version is not compared.
     changed = [
-        f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
-        for k in sorted(saved.keys() | now.keys())
-        if saved.get(k) != now.get(k)
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        for k in sorted(saved)
+        if now.get(k, saved[k]) != saved[k]
     ]
     if changed:
+        steps = any(line.startswith("train.steps:") for line in changed)
         raise TrainConfigError(
             f"{workdir} holds a run at step {start} made with other settings; resuming would mix "
-            "two runs (for train.steps: the learning-rate schedule spans the whole run, so a "
-            "longer run is not a continuation). Changed:\n  "
+            "two runs"
+            + (
+                " (the learning-rate schedule spans train.steps, so a longer run is not a "
+                "continuation)"
+                if steps
+                else ""
+            )
+            + ". Changed:\n  "
             + "\n  ".join(changed)
             + "\nRestore those values to resume, or start a new --workdir (from this run's "
             f"params: --config.checkpoint={workdir / 'final'} once it has finished). "
-            f"{workdir / RUN_RECORD} holds the run's settings."
+            f"{record} holds the run's settings."
         )
 
 

@@ -373,6 +373,17 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     with pytest.raises(TrainConfigError, match="seed: 0 -> 1"):
         train_and_evaluate(config, workdir)
     assert (workdir / "metrics.jsonl").read_text() == metrics
+    # A field the record lacks (added to stam-jax after the run started) is not compared; an
+    # unreadable record is refused naming it.
+    record = json.loads((workdir / "run_config.json").read_text())
+    del record["train.distill_weight"]
+    (workdir / "run_config.json").write_text(json.dumps(record))
+    config = tiny_config(train_root, distill_weight=0.25)
+    assert train_and_evaluate(config, workdir)["resumed_from"] == 8
+    (workdir / "run_config.json").write_text('{"batch_size": 4, "chec')
+    with pytest.raises(TrainConfigError, match=r"cannot read .*run_config\.json \("):
+        train_and_evaluate(tiny_config(train_root), workdir)
+    (workdir / "run_config.json").write_text(json.dumps(record))
     # How the run is logged, saved or run may change: it resumes (here at its last step).
     summary = train_and_evaluate(tiny_config(train_root, log_every=4, keep=5), workdir)
     assert summary["resumed_from"] == 8 and summary["step"] == 8
