@@ -12,7 +12,7 @@ from stam_jax.variants import model_from_config, variant_name
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the converter CLI; returns the exit status (0 ok, 2 refused input)."""
+    """Runs the converter CLI; returns the exit status (0 ok, 2 refused input, 130 interrupted)."""
     parser = argparse.ArgumentParser(
         prog="python -m convert",
         description="Convert an official STAM .pth (stam_16.pth, stam_64.pth) into a stam-jax "
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
+        print(
+            "interrupted: nothing was written (a checkpoint already there is kept).",
+            file=sys.stderr,
+        )
+        return 130
     for warning in report.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     name = variant_name(model_from_config(config)) or "custom"

@@ -10,7 +10,7 @@ from stam_jax.checkpoints import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the exporter CLI; returns the exit status (0 ok, 2 refused input)."""
+    """Runs the exporter CLI; returns the exit status (0 ok, 2 refused input, 130 interrupted)."""
     parser = argparse.ArgumentParser(
         prog="python -m convert.to_torch",
         description="Write a stam-jax checkpoint as an official STAM {'model': state_dict} .pth, "
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
+        print("interrupted: the .pth was not written.", file=sys.stderr)
+        return 130
     print(f"wrote {path} ({dtype})")
     return 0
 

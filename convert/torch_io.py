@@ -209,7 +209,7 @@ def _not_a_torch_zip(path: Path, archive: zipfile.ZipFile) -> str:
         return (
             f"{path} is a numpy .npz archive, not a PyTorch .pth; {_CONVERT_READS}. Re-save the "
             "arrays as one: torch.save({'model': {k: torch.from_numpy(v) for k, v in "
-            f"numpy.load('{path.name}').items()}}, 'stam.pth')."
+            f"numpy.load('{path.name}').items()}}}}, 'stam.pth')."
         )
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return (

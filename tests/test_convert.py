@@ -509,6 +509,28 @@ def test_common_non_pth_files_are_named(official_pth, tmp_path):
         with pytest.raises(ConversionError, match=message) as info:
             load_state_dict(path)
         assert "weights_only=False" not in str(info.value) and "download" not in str(info.value)
+    with pytest.raises(ConversionError) as info:
+        load_state_dict(npz)
+    advice = str(info.value).split("as one: ")[1].removesuffix(".")
+    compile(advice, "advice", "eval")  # pasteable as written (had an unbalanced brace)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    import convert.__main__ as convert_cli
+    import convert.to_torch as to_torch_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_cli, "convert_checkpoint", interrupted)
+    monkeypatch.setattr(to_torch_cli, "export_checkpoint", interrupted)
+    assert convert_main(["in.pth", str(tmp_path / "out")]) == 130
+    assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "out.pth")]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "interrupted: nothing was written (a checkpoint already there is kept).",
+        "interrupted: the .pth was not written.",
+    ]
 
 
 def test_float64_fix_and_non_finite_weights_warning(official_pth, tmp_path, capsys):
