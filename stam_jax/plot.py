@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+
+from stam_jax.paths import unwritable
 
 # Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
 # periodic evaluation as {"step": N, "top1": x, "ema_top1": y} rows.
@@ -215,8 +216,13 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
 
 
 def _output_dir(out: str | Path) -> Path:
-    """`--out`, created if missing; refused when it cannot be made or written to."""
+    """`--out`, created if missing; refused (nothing created) when it cannot be made or written."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass --out DIR, a folder for the pictures.")
+    problem = unwritable(out, into=True)
+    if problem:
+        raise ValueError(f"cannot write --out {out}: {problem}; pass --out DIR, another folder.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -224,11 +230,6 @@ def _output_dir(out: str | Path) -> Path:
             f"cannot create the output folder {out} ({e.strerror or e}); pass --out DIR, a "
             "folder you can write to."
         ) from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"cannot write to {out} (permission denied); pass --out DIR to write the pictures "
-            "to a folder you can write to."
-        )
     return out
 
 

@@ -111,8 +111,11 @@ def test_nothing_evaluated_and_where_pictures_go(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     assert main([str(tmp_path), "--out", str(tmp_path / "file" / "sub")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot create the output folder {tmp_path / 'file' / 'sub'}")
+    want = f"error: cannot write --out {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file"
+    assert err.startswith(want)
     assert "pass --out DIR" in err and len(err.splitlines()) == 1
+    assert main([str(tmp_path), "--out", str(tmp_path / "file")]) == 2  # said 'File exists'
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'file'} is a file;")
 
     def read_only(*args, **kwargs):  # what savefig meets in a folder it may not write to
         raise PermissionError(13, "Permission denied")
