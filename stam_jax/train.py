@@ -250,6 +250,9 @@ def _train_step(
         params = optax.apply_updates(state.params, updates)
         d = train.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        if isinstance(tx, optax.MultiSteps):  # the EMA follows the updates, not the batches
+            updated = tx.has_updated(opt_state)
+            ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
         if float16:  # a skipped step leaves everything as it was
             params, opt_state, ema = jax.tree.map(
                 lambda n, o: jnp.where(finite, n, o),

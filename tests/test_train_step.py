@@ -73,8 +73,8 @@ def test_ema_follows_the_params():
 def test_accumulating_k_micro_batches_equals_one_big_batch():
     # train.steps and warmup_steps count batches: 6 half batches with accumulate=2 are 3
     # optimizer updates, at the rates of 3 full batches (0 in the warm-up, the peak, then half
-    # of it in the cosine decay), so both runs make the same updates.
-    settings = dict(learning_rate=1e-2, label_smoothing=0.1)
+    # of it in the cosine decay), so both runs make the same updates, and the same EMA steps.
+    settings = dict(learning_rate=1e-2, label_smoothing=0.1, ema_decay=0.5)
     big, state, videos, labels, weights = setup(batch=8, steps=3, warmup_steps=1, **settings)
     big_state = state
     for _ in range(3):
@@ -91,8 +91,8 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     # order moves params by 2e-6); feeding one half twice instead moves every leaf by 2e-2.
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-3 * 1e-2),
-        big_state.params,
-        state.params,
+        (big_state.params, big_state.ema_params),  # the EMA too: once per update, as the params
+        (state.params, state.ema_params),
     )
     moved = jax.tree.map(lambda a, b: not np.allclose(a, b), state.params, start.params)
     assert all(jax.tree.leaves(moved))  # the comparison is not between unchanged params
