@@ -101,6 +101,11 @@ def _foreign_entries(path: Path) -> list[str]:
     return foreign
 
 
+def _some(names: list[str]) -> str:
+    """The first five names, and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Refuses a checkpoint destination that `save` could not or must not write; deletes nothing.
 
@@ -142,22 +147,16 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
             except OSError as e:
                 raise CheckpointError(f"cannot read {path}: {e.strerror or e}.") from None
             if names:
-                shown = ", ".join(names[:5]) + (
-                    f" and {len(names) - 5} more" if len(names) > 5 else ""
-                )
                 raise CheckpointError(
-                    f"{path} is not a stam-jax checkpoint (it holds {shown}); --force replaces "
-                    f"only a stam-jax checkpoint directory or an empty directory, {keep}"
+                    f"{path} is not a stam-jax checkpoint (it holds {_some(names)}); --force "
+                    f"replaces only a stam-jax checkpoint directory or an empty directory, {keep}"
                 )
         else:
             foreign = _foreign_entries(path)
             if foreign:
-                shown = ", ".join(foreign[:5]) + (
-                    f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-                )
                 raise CheckpointError(
-                    f"{path} holds what a stam-jax checkpoint does not ({shown}); replacing it "
-                    f"would delete them, {keep} (or move them out first)."
+                    f"{path} holds what a stam-jax checkpoint does not ({_some(foreign)}); "
+                    f"replacing it would delete them, {keep} (or move them out first)."
                 )
     # Created in the parent; an existing checkpoint is also emptied before it is replaced.
     problem = unwritable(path) or (unwritable(path, into=True) if path.exists() else None)

@@ -65,8 +65,6 @@ def _check_workdir(workdir: str | Path | None) -> Path:
             "(created if needed)."
         )
     path = Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise EvalConfigError(f"--workdir={path} is a file; name a folder.")
     problem = unwritable(path, into=True)
     if problem:
         raise EvalConfigError(f"cannot write --workdir={path}: {problem}; name another folder.")

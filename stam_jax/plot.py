@@ -218,8 +218,6 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
 def _output_dir(out: str | Path) -> Path:
     """`--out`, created if missing; refused (nothing created) when it cannot be made or written."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass --out DIR, a folder for the pictures.")
     problem = unwritable(out, into=True)
     if problem:
         raise ValueError(f"cannot write --out {out}: {problem}; pass --out DIR, another folder.")

@@ -53,6 +53,7 @@ from stam_jax.losses import (
     unscale,
 )
 from stam_jax.model import STAM
+from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config, variant_name
 
@@ -383,8 +384,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     if not workdir:
         raise TrainConfigError("--workdir is empty; name the folder for this run's outputs.")
     workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise TrainConfigError(f"--workdir={workdir} is a file; name a folder.")
+    problem = unwritable(workdir, into=True)  # found now, not at the first checkpoint
+    if problem:
+        raise TrainConfigError(f"cannot write --workdir={workdir}: {problem}; name another folder.")
     try:
         model = model_from_run_config(config)
     except ValueError as e:  # an unknown variant, dtype or attention implementation

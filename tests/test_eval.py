@@ -444,7 +444,7 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
         **{"model_overrides.aggregate": "mean"},
     )
     (tmp_path / "file").write_text("")
-    refused(r"--workdir=.*file is a file; name a folder", workdir=tmp_path / "file")
+    refused(r"--workdir=.*file: .*file is a file, not a folder", workdir=tmp_path / "file")
     refused(r"cannot write .*file/x: .*file is a file, not", workdir=tmp_path / "file" / "x")
     misfit = tmp_path / "misfit"  # its config says mlp_dim=48, its params hold 64
     shutil.copytree(tiny_ckpt[0], misfit)

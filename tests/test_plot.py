@@ -115,7 +115,8 @@ def test_nothing_evaluated_and_where_pictures_go(tmp_path, capsys, monkeypatch):
     assert err.startswith(want)
     assert "pass --out DIR" in err and len(err.splitlines()) == 1
     assert main([str(tmp_path), "--out", str(tmp_path / "file")]) == 2  # said 'File exists'
-    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'file'} is a file;")
+    want = f"error: cannot write --out {tmp_path / 'file'}: {tmp_path / 'file'} is a file,"
+    assert capsys.readouterr().err.startswith(want)
 
     def read_only(*args, **kwargs):  # what savefig meets in a folder it may not write to
         raise PermissionError(13, "Permission denied")

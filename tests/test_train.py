@@ -347,8 +347,14 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("")
-    with pytest.raises(TrainConfigError, match="is a file"):
+    with pytest.raises(TrainConfigError, match=r"--workdir=.*file: .*file is a file, not a"):
         train_and_evaluate(tiny_config(train_root), tmp_path / "file")
+    (tmp_path / "locked").mkdir()
+    locked = r"--workdir=.*locked/run: .*locked is not writable"
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(TrainConfigError, match=locked):
+        # Tests run as root, who may write anywhere.
+        patch.setattr(os, "access", lambda path, mode: not str(path).endswith("locked"))
+        train_and_evaluate(tiny_config(train_root), tmp_path / "locked" / "run")
 
 
 def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp_path, capsys):

@@ -151,8 +151,6 @@ def _check_paths(src: Path, out: Path) -> None:
 
 def _check_writable(out: Path) -> None:
     """Refuses an `out` that cannot be created or written (nothing is created)."""
-    if out.exists() and not out.is_dir():
-        raise PreparedError(f"--out {out} is a file; give a folder.")
     problem = unwritable(out, into=True)
     if problem:
         raise PreparedError(f"cannot write --out {out}: {problem}; give another folder.")
