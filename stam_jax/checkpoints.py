@@ -11,6 +11,7 @@ checkpoint is one call away from logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -329,6 +330,19 @@ def _quiet_abandoned_reads() -> None:
         sys.unraisablehook = _quiet_closed_loop_reports
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Orbax reading `path`: whatever it raises is one `CheckpointError` saying the checkpoint
+    is damaged (`_damaged`), except running out of memory, which is not the file's fault."""
+    _quiet_abandoned_reads()
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise _damaged(path, e) from None
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads only the JSON config (model fields and metadata) of a checkpoint.
 
@@ -336,15 +350,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
       CheckpointError: not a checkpoint directory, a damaged one, or one of another format.
     """
     path = _require_checkpoint(directory)
-    _quiet_abandoned_reads()
-    try:
-        with _checkpointer() as ckpt:
-            restored = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
-        config = restored["config"]
-    except MemoryError:  # not a damaged file
-        raise
-    except Exception as e:
-        raise _damaged(path, e) from None
+    with _reading(path), _checkpointer() as ckpt:
+        config = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     if not isinstance(config, dict):
         raise _damaged(path, ValueError(f"config/metadata holds a {type(config).__name__}"))
     if config.get("format") != FORMAT:
@@ -399,27 +406,18 @@ def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
       CheckpointError: not a checkpoint directory, a damaged one, or params that do not fit.
     """
     path = _require_checkpoint(directory)
-    _quiet_abandoned_reads()
     with _checkpointer() as ckpt:
-        try:
+        with _reading(path):
             stored = ckpt.metadata(path).item_metadata["params"]
-        except MemoryError:  # not a damaged file
-            raise
-        except Exception as e:
-            raise _damaged(path, e) from None
         if not stored:
             raise _damaged(path, ValueError("params/_METADATA is missing or empty"))
         check_params(model, stored)  # from the metadata: refused before any tensor is read
         # Host arrays: valid whatever devices wrote the checkpoint or read it now.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        try:
+        with _reading(path):
             restored = ckpt.restore(
                 path, ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=as_numpy))
             )
-        except MemoryError:  # not a damaged file
-            raise
-        except Exception as e:
-            raise _damaged(path, e) from None
     return restored["params"]
 
 
