@@ -1,12 +1,14 @@
-"""What run_eval.py and run_train.py share: flag errors as one `error:` line and exit status 2.
+"""What the command-line tools share: a bad command line is one `error:` line and exit status 2.
 
 absl prints a bad flag as 'FATAL Flags parsing error' (exit 1), and an unknown config field
 (`--config.data.rot=X`) escapes it as a 50-line ml_collections traceback; `parse_flags` turns
-both, and a config file that cannot be loaded, into one line naming the flag.
+both, and a config file that cannot be loaded, into one line naming the flag. `ArgumentParser`
+does the same for the argparse tools (explain, plot).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import NoReturn
 
@@ -20,6 +22,15 @@ def refuse(message: object) -> NoReturn:
     """Prints `error: message` to stderr and exits with `EXIT_REFUSED`."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_REFUSED)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are one `error:` line with exit status 2 (no usage block), as
+    the absl CLIs' (`parse_flags`)."""
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's hook for a bad command line: `refuse(message)`."""
+        refuse(message)
 
 
 def _innermost_text(error: BaseException) -> str:

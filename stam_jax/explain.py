@@ -27,25 +27,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.paths import unwritable
 
 # Frame rate per clip length of the released models: T frames over the first 10 s.
 SECONDS = 10.0
 # What --out may end with (matplotlib writes these; .png when there is no suffix).
 SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose refusals are one `error:` line with exit status 2 (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Prints `error: message` and exits 2 (argparse's hook for a bad command line)."""
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def rollout(layers: list[np.ndarray]) -> np.ndarray:
@@ -337,7 +329,7 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m stam_jax.explain",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -21,10 +21,11 @@ import collections
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.paths import unwritable
 
 # Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
@@ -37,15 +38,6 @@ TRAIN_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluation top-1", ("top1", "ema_top1")),
 )
 TRAIN_KEYS = tuple(key for _, keys in TRAIN_PANELS for key in keys)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose refusals are one `error:` line with exit status 2 (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        """Prints `error: message` and exits 2 (argparse's hook for a bad command line)."""
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _pyplot():
@@ -261,7 +253,7 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m stam_jax.plot",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
