@@ -25,7 +25,13 @@ from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
 from stam_jax.configs import config_files_for, model_from_run_config
-from stam_jax.data.folder import HIDDEN, REASONS, DatasetError, VideoFolder, ignored_summary
+from stam_jax.data.folder import (
+    HIDDEN,
+    DatasetError,
+    VideoFolder,
+    ignored_summary,
+    listing_report,
+)
 from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
@@ -524,15 +530,8 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s (compile {t['compile_s']:.1f}s "
         f"excluded), {results['devices']} device(s); results in {workdir / 'results.json'}"
     )
-    empty = results["empty_classes"]
-    if empty:
-        print(
-            f"{len(empty)} of {len(results['classes'])} classes have no video (their labels "
-            f"are kept): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
-        )
-    for reason, group in results["ignored"].items():
-        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
-        print(f"ignored {group['count']} {REASONS[reason]}: {shown}")
+    for line in listing_report(results["classes"], results["empty_classes"], results["ignored"]):
+        print(line)
     for entry in results["dropped"][:5] + results["failed"][:5]:
         print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     unshown = max(len(results["dropped"]) - 5, 0) + max(len(results["failed"]) - 5, 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -264,3 +265,23 @@ def ignored_summary(ignored: tuple[Ignored, ...] | list[Ignored], examples: int 
         if len(group["paths"]) < examples:
             group["paths"].append(f"{entry.path} {entry.note}".strip())
     return out
+
+
+def listing_report(classes: Sequence[str], empty: Sequence[str], ignored: dict) -> list[str]:
+    """The lines that tell a user which classes have no video and what the listing left out.
+
+    Args:
+      classes: every class name.
+      empty: the classes without a video.
+      ignored: `ignored_summary(...)` of the listing.
+    """
+    lines = []
+    if empty:
+        lines.append(
+            f"{len(empty)} of {len(classes)} classes have no video (their labels are kept): "
+            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+        )
+    for reason, group in ignored.items():
+        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
+        lines.append(f"ignored {group['count']} {REASONS[reason]}: {shown}")
+    return lines

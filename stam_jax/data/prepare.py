@@ -36,12 +36,12 @@ from absl import flags
 
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
 from stam_jax.data.folder import (
-    REASONS,
     DatasetError,
     Ignored,
     VideoFolder,
     ignored_summary,
     list_videos,
+    listing_report,
 )
 from stam_jax.data.loader import Decoded, decode_with, ordered_map, worker_count
 from stam_jax.data.prepared import (
@@ -417,16 +417,9 @@ def _summary(meta: dict[str, Any], out: Path) -> None:
         f"{meta['encoding']}; {c['dropped_too_short']} dropped as too short, {c['failed']} "
         "failed to decode)"
     )
-    empty = meta["empty_classes"]
-    if empty:
-        print(
-            f"{len(empty)} of {len(meta['classes'])} classes have no video (their labels are "
-            f"kept): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
-        )
     ignored = [Ignored(*row) for row in meta.get("ignored", [])]  # absent: prepared before
-    for reason, group in ignored_summary(ignored).items():
-        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
-        print(f"ignored {group['count']} {REASONS[reason]}: {shown}")
+    for line in listing_report(meta["classes"], meta["empty_classes"], ignored_summary(ignored)):
+        print(line)
     for p, o in list(meta["outcomes"].items())[:10]:
         print(f"  skipped {meta['items'][int(p)][0]}: {o['reason']}", file=sys.stderr)
 
