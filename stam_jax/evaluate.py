@@ -120,8 +120,9 @@ def _frame_count_fix(config: Any, t: int, image_size: int) -> str:
     )
 
 
-def _load_model(config: Any) -> tuple[STAM, dict[str, Any]]:
-    config_model = _config_model(config)
+def _load_model(config: Any, config_model: STAM) -> tuple[STAM, dict[str, Any]]:
+    """The checkpoint's model at the run's dtypes, and its stored config, refused where it does
+    not fit `config_model` (what the config samples clips for)."""
     if not config.checkpoint:
         raise EvalConfigError(
             "no checkpoint: pass --config.checkpoint=CKPT_DIR (convert an official .pth with "
@@ -291,12 +292,12 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     workdir = _check_workdir(workdir)
     dist = config.distributed
     _check_distributed(dist)
-    _config_model(config)
+    config_model = _config_model(config)
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
-    model, stored = _load_model(config)
+    model, stored = _load_model(config, config_model)
     spec = _clip_spec(config, model)
     try:
         model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)

@@ -502,7 +502,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 flush=True,
             )
     batch_sharding = sharding.batch_sharded(mesh)
-    teacher_params = _teacher_params(config, replicated) if teacher else None
+    teacher_params = _teacher_params(config, teacher, replicated) if teacher else None
     step_fn = jax.jit(
         _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
@@ -702,13 +702,13 @@ def _teacher_model(config: Any, model: STAM) -> STAM | None:
     return teacher
 
 
-def _teacher_params(config: Any, replicated) -> Any:
-    """The teacher's params (float32), replicated over the mesh."""
+def _teacher_params(config: Any, teacher: STAM, replicated) -> Any:
+    """The params of `teacher` (from `_teacher_model`) in its param dtype, replicated."""
     try:
-        _, params = checkpoints.load(config.train.teacher)
+        params = checkpoints.read_params(config.train.teacher, teacher)
     except checkpoints.CheckpointError as e:
         raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
-    return jax.device_put(params, replicated)
+    return jax.device_put(jax.tree.map(lambda x: x.astype(teacher.param_dtype), params), replicated)
 
 
 # Fields a restart may change: how the run is executed, logged, saved or evaluated, not what
