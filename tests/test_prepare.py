@@ -17,8 +17,7 @@ import pytest
 from absl import flags
 from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
 from test_eval import config_for, make_folder, read_predictions
-from test_train import SHORT, TWO_DEVICES, command, train_two_processes
-from test_train import run as run_command
+from test_train import TWO_DEVICES, train_two_processes
 
 from stam_jax import checkpoints, create_model
 from stam_jax.cli import parse_flags
@@ -393,22 +392,36 @@ def train_command(root: Path, workdir: Path, cache: Path, workers: int = 0) -> l
     ]
 
 
-def test_training_from_a_prepared_dataset_resumes_exactly(prepared_train, tmp_path):
-    cache = tmp_path / "cache"
-    straight = run(train_command(prepared_train, tmp_path / "straight", cache))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    data = json.loads((tmp_path / "straight/checkpoints/3/data/metadata").read_text())
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train_cache")
+
+
+@pytest.fixture(scope="module")
+def straight(prepared_train, train_cache, tmp_path_factory) -> Path:
+    """8 steps in one process with two devices: the reference for the resumed and 2-process runs."""
+    workdir = tmp_path_factory.mktemp("straight")
+    result = run(train_command(prepared_train, workdir, train_cache), env=TWO_DEVICES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_training_from_a_prepared_dataset_resumes_exactly(
+    prepared_train, train_cache, straight, tmp_path
+):
+    data = json.loads((straight / "checkpoints/3/data/metadata").read_text())
     assert json.loads(data["grain"][0])["last_seen_indices"] == {"0": 11}  # 3 steps x 4 clips
 
     # Killed while saving step 6, resumed from step 3's params and data position.
-    killed = run(train_command(prepared_train, tmp_path / "killed", cache), env={KILL_HOOK: "6"})
+    command = train_command(prepared_train, tmp_path, train_cache)
+    killed = run(command, env={KILL_HOOK: "6", **TWO_DEVICES})
     assert killed.returncode == -signal.SIGKILL
-    refused = run(train_command(prepared_train, tmp_path / "killed", cache, workers=2))
+    refused = run(train_command(prepared_train, tmp_path, train_cache, workers=2))
     assert refused.returncode == 2 and "--config.data.workers=0" in refused.stderr
-    resumed = run(train_command(prepared_train, tmp_path / "killed", cache))
+    resumed = run(command, env=TWO_DEVICES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    want = checkpoints.load(tmp_path / "straight/final")[1]
-    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "killed/final")[1], want)
+    want = checkpoints.load(straight / "final")[1]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
 
 
 def test_grain_workers_give_the_same_clips(prepared_train):
@@ -485,18 +498,14 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
         np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_train_from_a_prepared_dataset_as_one(prepared_train, tmp_path):
+def test_two_processes_train_from_a_prepared_dataset_as_one(
+    prepared_train, train_cache, straight, tmp_path
+):
     # Each process reads its rows of every global batch of one shuffled stream: the same
     # params, bit for bit, as one process with two devices, even when both processes are
     # killed while a checkpoint is being written and the run resumes (each process's grain
     # position is restored from the last complete checkpoint).
-    cache = tmp_path / "cache"
-    every_2 = "--config.train.save_every=2"
-    one = run_command(
-        command(prepared_train, tmp_path / "one", cache, *SHORT, every_2),
-        {"XLA_FLAGS": TWO_DEVICES},
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    train_two_processes(prepared_train, tmp_path / "two", cache, every_2, kill_at=2)
-    want = checkpoints.load(tmp_path / "one/final")[1]
-    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "two/final")[1], want)
+    command = [sys.executable, *train_command(prepared_train, tmp_path, train_cache)]
+    train_two_processes(command, tmp_path, kill_at=6)
+    want = checkpoints.load(straight / "final")[1]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +22,7 @@ from stam_jax import checkpoints, create_model
 from stam_jax.train import KILL_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
-TWO_DEVICES = "--xla_force_host_platform_device_count=2"
-SHORT = ("--config.train.steps=4", "--config.train.save_every=4")  # later flags win
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def run(cmd, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def uninterrupted(train_root, cache, tmp_path_factory):
+    """8 steps in one process with two devices: the reference for the resumed and 2-process runs."""
     workdir = tmp_path_factory.mktemp("straight")
-    result = run(command(train_root, workdir, cache), env={"JAX_LOG_COMPILES": "1"})
+    result = run(command(train_root, workdir, cache), env={"JAX_LOG_COMPILES": "1", **TWO_DEVICES})
     assert result.returncode == 0, result.stderr[-3000:]
     (workdir / "stderr.log").write_text(result.stderr)
     return workdir
@@ -117,17 +118,31 @@ def test_training_writes_metrics_checkpoints_and_final_params(uninterrupted):
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema), strict=True)
     )
     # The trained params are not the initial ones: the optimizer moved them.
-    init = create_model("stam_tiny").init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))[
-        "params"
-    ]
+    init = jax.jit(create_model("stam_tiny").init)(
+        jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8)
+    )["params"]
     assert not np.array_equal(params["head"]["kernel"], init["head"]["kernel"])
 
 
+def test_tensorboard_is_written_without_importing_torch(tmp_path):
+    # tensorboardX imports PyTorch if it is installed (seconds of each start), only to accept
+    # torch tensors; training imports it without, and torch still imports afterwards.
+    code = (
+        "import sys; from pathlib import Path; from stam_jax.train import _summary_writer; "
+        "w = _summary_writer(Path(sys.argv[1]), None); w.add_scalar('loss', 0.5, 3); w.close(); "
+        "print('torch' in sys.modules); import torch; print(torch.ones(2).sum().item())"
+    )
+    result = run([sys.executable, "-c", code, str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "2.0"]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+
+
 def test_sigkill_during_a_save_then_resume_is_bit_exact(train_root, cache, uninterrupted, tmp_path):
-    killed = run(command(train_root, tmp_path, cache), env={KILL_HOOK: "6"})
+    killed = run(command(train_root, tmp_path, cache), env={KILL_HOOK: "6", **TWO_DEVICES})
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "final").exists()
-    resumed = run(command(train_root, tmp_path, cache))
+    resumed = run(command(train_root, tmp_path, cache), env=TWO_DEVICES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, want_ema = final_params(uninterrupted)
     got, got_ema = final_params(tmp_path)
@@ -139,6 +154,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, unint
     proc = subprocess.Popen(
         command(train_root, tmp_path, cache),
         cwd=ROOT,
+        env={**os.environ, **TWO_DEVICES},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -152,27 +168,34 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, unint
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = run(command(train_root, tmp_path, cache))
+    resumed = run(command(train_root, tmp_path, cache), env=TWO_DEVICES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     chex.assert_trees_all_equal(final_params(tmp_path)[0], final_params(uninterrupted)[0])
 
 
 def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
+    # Through the command line: a refusal is one `error:` line and exit status 2.
     result = run(
         command(train_root, tmp_path / "a", cache, "--config.model_overrides.num_classes=7")
     )
     assert result.returncode == 2 and "has 10 classes but the model has 7 outputs" in result.stderr
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
     missing = tmp_path / "vit_b16.npz"
-    result = run(command(train_root, tmp_path / "i", cache, f"--config.checkpoint={missing}"))
-    assert result.returncode == 2 and f"--config.checkpoint={missing}" in result.stderr
-    result = run(command(train_root, tmp_path / "b", cache, "--config.batch_size=0"))
-    assert result.returncode == 2 and "batch_size=0 does not divide" in result.stderr
-    result = run(command(train_root, tmp_path / "d", cache, "--config.frame_chunk=3"))
-    assert (
-        result.returncode == 2
-        and ("--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames")
-        in result.stderr
-    )
+    config = tiny_config(train_root)
+    config.checkpoint = str(missing)
+    with pytest.raises(TrainConfigError, match=re.escape(f"--config.checkpoint={missing}")):
+        train_and_evaluate(config, tmp_path / "i")
+    config = tiny_config(train_root)
+    config.batch_size = 0
+    with pytest.raises(TrainConfigError, match="batch_size=0 does not divide"):
+        train_and_evaluate(config, tmp_path / "b")
+    config = tiny_config(train_root)
+    config.frame_chunk = 3
+    chunk = "--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames"
+    with pytest.raises(TrainConfigError, match=re.escape(chunk)):
+        train_and_evaluate(config, tmp_path / "d")
+    # A loss that overflows stops the run with exit status 4, before it saves anything.
     result = run(
         command(
             train_root,
@@ -188,7 +211,9 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
 
 def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_path):
     teacher = create_model("stam_tiny")
-    params = teacher.init(jax.random.key(5), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+    params = jax.jit(teacher.init)(jax.random.key(5), np.zeros((1, 4, 32, 32, 3), np.uint8))[
+        "params"
+    ]
     checkpoints.save(tmp_path / "teacher", teacher, params)
     extra = [
         "--config.train.steps=4",
@@ -220,24 +245,21 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
         checkpoints.load(run_dir / f"eval/step_{best['step']}/{best['params']}")[1],
     )
     # Refused before any compute: evaluation without a folder, a teacher of another size.
-    result = run(command(train_root, tmp_path / "x", cache, "--config.train.eval_every=2"))
-    assert result.returncode == 2 and "needs --config.train.eval_root" in result.stderr
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    with pytest.raises(TrainConfigError, match=r"needs --config\.train\.eval_root"):
+        train_and_evaluate(tiny_config(train_root, eval_every=2), tmp_path / "x")
     other = create_model("stam_tiny", num_classes=7)
-    checkpoints.save(
-        tmp_path / "t7",
-        other,
-        other.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"],
-    )
-    result = run(
-        command(train_root, tmp_path / "y", cache, f"--config.train.teacher={tmp_path / 't7'}")
-    )
-    assert result.returncode == 2 and "has num_classes=7, the student 10" in result.stderr
+    shapes = jax.eval_shape(other.init, jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes["params"])
+    checkpoints.save(tmp_path / "t7", other, zeros)  # refused on its config: values unused
+    with pytest.raises(TrainConfigError, match="has num_classes=7, the student 10"):
+        train_and_evaluate(tiny_config(train_root, teacher=str(tmp_path / "t7")), tmp_path / "y")
 
 
-def train_two_processes(
-    root: Path, workdir: Path, cache: Path, *extra: str, kill_at: int | None = None
-) -> None:
-    """run_train.py as 2 processes of 1 device each (jax.distributed on localhost).
+def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = None) -> None:
+    """`base`, a run_train.py command for 8 steps into `workdir`, as 2 processes of 1 device each
+    (jax.distributed on localhost).
 
     With `kill_at`, both processes are first SIGKILLed while the checkpoint of that step is
     being written, then the run is started again and resumes.
@@ -248,7 +270,6 @@ def train_two_processes(
             f"--config.distributed.coordinator=localhost:{free_port()}",
             "--config.distributed.num_processes=2",
         ]
-        base = command(root, workdir, cache, *SHORT, *extra)
         return [[*base, *flags, f"--config.distributed.process_id={rank}"] for rank in range(2)]
 
     if kill_at is not None:
@@ -261,17 +282,15 @@ def train_two_processes(
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
     resumed = "" if kill_at is None else f" (resumed from step {max(saved)})"
-    assert f"trained to step 4{resumed}; final params in" in results[0][1]
+    assert f"trained to step 8{resumed}; final params in" in results[0][1]
     assert "final params in None" in results[1][1]  # only process 0 writes the params
 
 
-def test_two_processes_train_as_one(train_root, cache, tmp_path):
-    # The same global batches (each process decodes its rows), so the same params, bit for bit,
-    # as one process with two devices.
-    one = run(command(train_root, tmp_path / "one", cache, *SHORT), env={"XLA_FLAGS": TWO_DEVICES})
-    assert one.returncode == 0, one.stderr[-3000:]
-    train_two_processes(train_root, tmp_path / "two", cache)
-    chex.assert_trees_all_equal(final_params(tmp_path / "two"), final_params(tmp_path / "one"))
+def test_two_processes_train_as_one(train_root, cache, uninterrupted, tmp_path):
+    # Each process decodes its rows of every global batch, so the params and their EMA are
+    # those of one process with two devices, bit for bit.
+    train_two_processes(command(train_root, tmp_path, cache), tmp_path)
+    chex.assert_trees_all_equal(final_params(tmp_path), final_params(uninterrupted))
 
 
 def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from configs.common import base_config
 from stam_jax import create_model
+from stam_jax.losses import LossScale
 from stam_jax.train import (
     TrainConfigError,
     _teacher_model,
@@ -27,6 +29,17 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_DROPOUT = dict(temporal_dropout_rate=0.0, drop_path_rate=0.0)
 
 
+@functools.cache
+def _jitted_init():
+    return jax.jit(create_model("stam_tiny", **NO_DROPOUT).init)  # compiled once per process
+
+
+@functools.cache
+def initial_params(seed: int = 1) -> dict:
+    """The tiny model's params (float32 whatever the compute dtype), made once per seed."""
+    return _jitted_init()(jax.random.key(seed), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+
+
 def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
     config = base_config("stam_tiny")
     config.train.update(train)
@@ -34,7 +47,7 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
     rng = np.random.default_rng(seed)
     videos = rng.integers(0, 256, (batch, 4, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, batch).astype(np.int32)
-    params = model.init(jax.random.key(1), videos[:1])["params"]
+    params = initial_params()
     tx, schedule = make_optimizer(config.train, params)
     state = initial_state(model, tx, config.train, params)
     step = _train_step(model, tx, schedule, config.train, 0, 10, teacher)
@@ -42,9 +55,7 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
 
 
 def test_weight_decay_mask_spares_biases_norms_and_tokens():
-    model = create_model("stam_tiny")
-    params = model.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
-    flat = flax.traverse_util.flatten_dict(decay_mask(params), sep="/")
+    flat = flax.traverse_util.flatten_dict(decay_mask(initial_params()), sep="/")
     assert flat["blocks_0/attn/qkv/kernel"] and flat["head/kernel"]
     assert flat["patch_embed/proj/kernel"]
     for name in ("head/bias", "blocks_0/norm1/scale", "norm/bias", "pos_embed", "cls_token"):
@@ -114,7 +125,7 @@ def test_distillation_from_an_identical_teacher_adds_nothing():
     )
     _, same = step(state, videos, labels, weights, state.params)
     assert abs(float(same["loss"])) < 1e-5 and float(same["grad_norm"]) < 1e-4
-    other = teacher.init(jax.random.key(7), videos[:1])["params"]
+    other = initial_params(seed=7)  # the teacher's architecture, other weights
     _, differ = step(state, videos, labels, weights, other)
     assert float(differ["loss"]) > 1e-3 and float(differ["grad_norm"]) > 1e-4
 
@@ -125,9 +136,8 @@ def test_float16_loss_scaling_skips_overflowing_steps():
     assert float(metrics["skipped"]) == 1.0 and int(new.step) == 1
     assert float(new.loss_scale.scale) == 2.0**39
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
-    step, state, videos, labels, weights = setup(
-        dtype="float16", loss_scale_initial=2.0**8, warmup_steps=1
-    )
+    # The scale is part of the state, so the same compiled step runs from a small one.
+    state = state.replace(loss_scale=LossScale.create(2.0**8))
     new = state
     for _ in range(2):  # the first step's learning rate is 0 (warm-up starts at 0)
         new, metrics = step(new, videos, labels, weights)
@@ -141,7 +151,8 @@ def test_teacher_must_see_what_the_student_sees(tmp_path):
     from stam_jax import checkpoints
 
     teacher = create_model("stam_tiny", num_frames=8)
-    params = teacher.init(jax.random.key(0), np.zeros((1, 8, 32, 32, 3), np.uint8))["params"]
+    shapes = jax.eval_shape(teacher.init, jax.random.key(0), np.zeros((1, 8, 32, 32, 3), np.uint8))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes["params"])  # values unused
     checkpoints.save(tmp_path / "teacher", teacher, params)
     config = base_config("stam_tiny")
     config.train.teacher = str(tmp_path / "teacher")
