@@ -19,8 +19,10 @@ from ml_collections import config_flags
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
 from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where results are written")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the folder results are written to")
 
 
 def main(argv: list[str]) -> None:

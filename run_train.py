@@ -19,8 +19,12 @@ from ml_collections import config_flags
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags
 from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and final params")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "the folder of the run: checkpoints, metrics, final params"
+)
 
 
 def main(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ does the same for the argparse tools (explain, plot).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import NoReturn
 
@@ -86,6 +87,10 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
             if config is not None:
                 config.keys()  # one that failed to load raises on first use, not before
     except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        missing = re.search(r"Flag --(\w+) must have a value other than None", str(e))
+        if missing and missing.group(1) in flag_values:  # absl: "flag --x=None: Flag --x must..."
+            name = missing.group(1)
+            refuse(f"--{name} is required: {flag_values[name].help} (--{name}=...).")
         refuse(flag_error_message(e, argv))
     if len(rest) > 1:
         refuse(f"unexpected arguments {rest[1:]}; every option is a flag (--name=value).")

@@ -71,12 +71,13 @@ def test_bad_run_config_values_name_the_flag():
 
 
 def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
-    def error(*args):
-        argv = ["run_eval.py", "--config=configs/tiny.py", *args]
+    def error(*args, workdir="--workdir=w"):
+        argv = ["run_eval.py", "--config=configs/tiny.py", *args, *([workdir] if workdir else [])]
         monkeypatch.setattr(sys, "argv", argv)  # config_flags finds overrides in sys.argv
         values = flags.FlagValues()
         config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-        flags.DEFINE_string("workdir", None, "", flag_values=values)
+        flags.DEFINE_string("workdir", None, "where results are written", flag_values=values)
+        flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
         with pytest.raises(SystemExit) as exit_:
             parse_flags(argv, values)
         err = capsys.readouterr().err
@@ -92,6 +93,11 @@ def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config():\n    raise ValueError('no such run')\n")
     assert error(f"--config={bad}").endswith("ValueError: no such run\n")
+    # A required flag left out is named with what it is for (was absl's "Flag --workdir must
+    # have a value other than None").
+    assert error(workdir="") == (
+        "error: --workdir is required: where results are written (--workdir=...).\n"
+    )
     missing = tmp_path / "nope.py"  # was a 40-line traceback with exit 1
     assert error(f"--config={missing}") == (
         f"error: cannot load the --config file: [Errno 2] No such file or directory: '{missing}'\n"
