@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ VERSION = 1
 # DIR + _NEW to DIR, and only then deletes DIR + _OLD: a run killed at any point leaves a complete
 # checkpoint at DIR, or (between the two renames only) both complete ones under these names.
 _NEW, _OLD = ".stam-jax-new", ".stam-jax-old"
+_T = TypeVar("_T")
 
 
 class CheckpointError(ValueError):
@@ -343,13 +345,55 @@ def _reading(path: Path) -> Iterator[None]:
         raise _damaged(path, e) from None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which directory `path` names now (None: none), to tell when an overwrite swapped it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+_READ_TRIES = 3
+
+
+def _read_unchanged(path: Path, read: Callable[[], _T]) -> _T:
+    """`read()`, again if the checkpoint at `path` was replaced while it ran.
+
+    An overwrite (`save(..., overwrite=True)`, `python -m convert --force`) swaps the new
+    directory in by two renames. A read that spans them can fail on a file that moved, or
+    see parts of both checkpoints; it is then made again, from the new one.
+    """
+    for attempt in range(_READ_TRIES):
+        before = _identity(path)
+        try:
+            result = read()
+        except CheckpointError:
+            if _identity(path) == before:
+                raise
+        else:
+            if _identity(path) == before:
+                return result
+        if attempt < _READ_TRIES - 1:
+            time.sleep(0.2 * (attempt + 1))  # let the overwrite end its renames
+    raise CheckpointError(
+        f"{path} was replaced while it was read, {_READ_TRIES} times in a row; read it once "
+        "the overwrite (e.g. python -m convert --force) has finished."
+    )
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads only the JSON config (model fields and metadata) of a checkpoint.
 
     Raises:
       CheckpointError: not a checkpoint directory, a damaged one, or one of another format.
     """
-    path = _require_checkpoint(directory)
+    path = Path(directory).absolute()
+    return _read_unchanged(path, lambda: _read_config(path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    path = _require_checkpoint(path)
     with _reading(path), _checkpointer() as ckpt:
         config = ckpt.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     if not isinstance(config, dict):
@@ -384,11 +428,16 @@ def load(
     Returns:
       The `STAM` module and its params (jax arrays on the default device).
     """
-    config = read_config(directory)
-    model = model_from_config(
-        config["model"], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
-    )
-    params = read_params(directory, model)
+    path = Path(directory).absolute()
+
+    def read() -> tuple[STAM, dict[str, Any]]:  # the config and params of one directory
+        config = _read_config(path)
+        model = model_from_config(
+            config["model"], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+        return model, _read_params(path, model)
+
+    model, params = _read_unchanged(path, read)
     return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
 
 
@@ -405,7 +454,12 @@ def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
     Raises:
       CheckpointError: not a checkpoint directory, a damaged one, or params that do not fit.
     """
-    path = _require_checkpoint(directory)
+    path = Path(directory).absolute()
+    return _read_unchanged(path, lambda: _read_params(path, model))
+
+
+def _read_params(path: Path, model: STAM) -> dict[str, Any]:
+    path = _require_checkpoint(path)
     with _checkpointer() as ckpt:
         with _reading(path):
             stored = ckpt.metadata(path).item_metadata["params"]

@@ -190,3 +190,63 @@ def test_reports_of_abandoned_reads_are_silenced_and_nothing_else(monkeypatch):
     sys.unraisablehook(closed)
     sys.unraisablehook(other)
     assert seen == [other]
+
+
+def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
+    tiny, tmp_path, monkeypatch
+):
+    model, first, second, saved = tiny
+    path = tmp_path / "ckpt"
+    shutil.copytree(saved, path)
+    read_params = checkpoints._read_params
+    calls = []
+
+    def swapped_mid_read(directory, model_):
+        # The first read meets `convert --force` swapping the new checkpoint in, and fails on
+        # a file that moved; the read is made again, whole, from the new checkpoint.
+        calls.append(directory)
+        if len(calls) == 1:
+            checkpoints.save(path, model, second, overwrite=True)
+            raise checkpoints._damaged(directory, FileNotFoundError("params/d/0.0"))
+        return read_params(directory, model_)
+
+    monkeypatch.setattr(checkpoints, "_read_params", swapped_mid_read)
+    chex.assert_trees_all_equal(checkpoints.load(path)[1], second)
+    assert len(calls) == 2
+    # A read that succeeds across a swap may hold parts of both: it is made again too.
+    calls.clear()
+
+    def swapped_after_read(directory, model_):
+        calls.append(directory)
+        params = read_params(directory, model_)
+        if len(calls) == 1:
+            checkpoints.save(path, model, first, overwrite=True)
+        return params
+
+    monkeypatch.setattr(checkpoints, "_read_params", swapped_after_read)
+    chex.assert_trees_all_equal(checkpoints.read_params(path, model), first)
+    assert len(calls) == 2
+    # Damage with no overwrite under way is reported at once, not retried.
+    calls.clear()
+
+    def damaged(directory, model_):
+        calls.append(directory)
+        raise checkpoints._damaged(directory, ValueError("bad chunk"))
+
+    monkeypatch.setattr(checkpoints, "_read_params", damaged)
+    with pytest.raises(CheckpointError, match="is damaged or incompletely copied"):
+        checkpoints.read_params(path, model)
+    assert len(calls) == 1
+    # An overwrite at every try: the error says so rather than calling the checkpoint damaged.
+    monkeypatch.setattr(checkpoints.time, "sleep", lambda seconds: None)
+
+    def always_swapped(directory, model_):
+        os.rename(path, tmp_path / "moved")
+        os.rename(tmp_path / "moved", tmp_path / "moved2")
+        shutil.copytree(tmp_path / "moved2", path)
+        shutil.rmtree(tmp_path / "moved2")
+        raise checkpoints._damaged(directory, FileNotFoundError("params/d/0.0"))
+
+    monkeypatch.setattr(checkpoints, "_read_params", always_swapped)
+    with pytest.raises(CheckpointError, match="was replaced while it was read, 3 times in a row"):
+        checkpoints.read_params(path, model)
