@@ -192,3 +192,9 @@ def test_kernel_profile_kinds():
     assert got["ms_by_kind"] == {"matmul": 3.0, "other": 0.5}
     assert got["wall_ms_per_forward"] == 5.0 and got["kernel_ms_per_forward"] == 3.5
     assert got["top_kernels_ms"] == {"gemm_a": 3.0} and got["kernels_per_forward"] == 1.5
+
+
+def test_tensorboard_import_smoke():
+    (row,) = run_script("benchmarks/tensorboard_import.py", "--repeats", "1")
+    assert row["torch_imported"] == {"with_torch": True, "stam_jax": False}
+    assert row["median_s"]["with_torch"] > 0 and row["median_s"]["stam_jax"] > 0
