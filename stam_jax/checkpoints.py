@@ -346,12 +346,17 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
-    """Which directory `path` names now (None: none), to tell when an overwrite swapped it."""
+    """Which directory `path` names now (None: none), to tell when an overwrite swapped it.
+
+    The directory's change and modification times: an overwrite swaps in a directory written
+    later, and reading changes neither. (Not the inode number, which some FUSE file systems
+    renumber while a directory stays the same.)
+    """
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino
+    return stat.st_ctime_ns, stat.st_mtime_ns
 
 
 _READ_TRIES = 3
