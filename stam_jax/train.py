@@ -368,8 +368,9 @@ def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
     """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors, which
-    training never logs; that import cost 3.7 s of each start on a 2-core machine. While
-    tensorboardX is imported, `import torch` fails, and tensorboardX goes on without it.
+    training never logs; that import cost 1.4 s of each start on a 2-core machine
+    (`benchmarks/tensorboard_import.py`). While tensorboardX is imported, `import torch` fails,
+    and tensorboardX goes on without it.
     """
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises
