@@ -8,6 +8,7 @@ import time
 
 from convert import ConversionError, convert_checkpoint
 from stam_jax.checkpoints import CheckpointError
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
 from stam_jax.variants import model_from_config, variant_name
 
 
@@ -40,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:  # what was being written is removed or never renamed into place
         print(
             "interrupted: nothing was written (a checkpoint already there is kept).",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     for warning in report.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     name = variant_name(model_from_config(config)) or "custom"

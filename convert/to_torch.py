@@ -7,6 +7,7 @@ import sys
 
 from convert import TORCH_DTYPES, ConversionError, export_checkpoint
 from stam_jax.checkpoints import CheckpointError
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except KeyboardInterrupt:  # what was being written is removed or never renamed into place
         print("interrupted: the .pth was not written.", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(f"wrote {path} ({dtype})")
     return 0
 
