@@ -62,6 +62,9 @@ from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
+_WORKERS_RULE = (
+    "use -1 (one decoding process per core), 0 (decode in this process) or a number of processes."
+)
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -236,10 +239,7 @@ def prepare(
     if shard_size < 1:
         raise PreparedError(f"--shard_size {shard_size}; use >= 1.")
     if workers < -1:
-        raise PreparedError(
-            f"--workers {workers}; use -1 (one decoding process per core), 0 (decode in this "
-            "process) or a number of processes."
-        )
+        raise PreparedError(f"--workers {workers}; {_WORKERS_RULE}")
     src, out = Path(src), Path(out)
     _check_paths(src, out)
     complete = _is_complete(out)
@@ -363,6 +363,7 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
         "dropped_too_short": len(dropped),
         "failed": len(failed),
     }
+    ignored = _ignored(folder)
     spec = ClipSpec(**settings["spec"])
     feature_dict = features(settings["kind"], settings["encoding"], spec, tuple(folder.classes))
     template = tfds.core.ShardedFileTemplate(
@@ -389,14 +390,14 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
             dropped=dropped,
             failed=failed,
             empty_classes=listing["empty_classes"],
-            ignored=[{"path": p, "reason": r, "note": n} for p, r, n in _ignored(folder)],
+            ignored=[{"path": p, "reason": r, "note": n} for p, r, n in ignored],
         ),
         check_data=False,
     )
     meta = {
         **settings,
         **listing,
-        "ignored": _ignored(folder),
+        "ignored": ignored,
         "outcomes": outcomes,
         "num_records": sum(lengths),
         "counts": counts,
@@ -507,10 +508,7 @@ def _run(f: flags.FlagValues) -> int:
     workers = config.data.workers if f.workers is None else f.workers
     if workers < -1:
         name = "--config.data.workers" if f.workers is None else "--workers"
-        refuse(
-            f"{name}={workers}; use -1 (one decoding process per core), 0 (decode in this "
-            "process) or a number of processes."
-        )
+        refuse(f"{name}={workers}; {_WORKERS_RULE}")
     try:
         meta = prepare(
             f.src,
