@@ -125,7 +125,7 @@ def export_checkpoint(
     if dtype not in TORCH_DTYPES:
         raise ConversionError(f"dtype={dtype!r} is not one of {TORCH_DTYPES}.")
     model = model_from_config(config["model"])
-    params = checkpoints.read_params(ckpt_dir, model)
+    params = checkpoints.read_params(ckpt_dir, model, config=config)
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         import ml_dtypes

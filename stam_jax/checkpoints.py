@@ -446,21 +446,51 @@ def load(
     return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
 
 
-def read_params(directory: str | os.PathLike, model: STAM) -> dict[str, Any]:
+def read_params(
+    directory: str | os.PathLike, model: STAM, *, config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Reads a checkpoint's params as host numpy arrays, checked against `model` first.
 
     Args:
       directory: a stam-jax checkpoint directory.
       model: the model the params must fit (e.g. from `read_config`).
+      config: what `read_config` returned for `directory` earlier, if the caller built `model`
+        or anything else from it: the params are then refused if an overwrite has since
+        replaced the checkpoint with one of another config, rather than mixed with it.
 
     Returns:
       The params tree of numpy arrays, in their stored dtype.
 
     Raises:
-      CheckpointError: not a checkpoint directory, a damaged one, or params that do not fit.
+      CheckpointError: not a checkpoint directory, a damaged one, one replaced since `config`
+        was read, or params that do not fit.
     """
     path = Path(directory).absolute()
-    return _read_unchanged(path, lambda: _read_params(path, model))
+
+    def read() -> dict[str, Any]:
+        if config is not None:
+            _check_same_config(path, config, _read_config(path))
+        return _read_params(path, model)
+
+    return _read_unchanged(path, read)
+
+
+def _check_same_config(path: Path, before: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Raises `CheckpointError` if the config at `path` is no longer `before`."""
+    if now == before:
+        return
+    old, new = before.get("model", {}), now.get("model", {})
+    changed = [
+        f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+        for name in sorted(set(old) | set(new))
+        if old.get(name) != new.get(name)
+    ]
+    what = "model " + ", ".join(changed) if changed else "the same model, other metadata"
+    raise CheckpointError(
+        f"{path} was replaced after its config was read, by an overwrite such as "
+        f"python -m convert --force ({what}); nothing was read from the new one: start again "
+        "to use it."
+    )
 
 
 def _read_params(path: Path, model: STAM) -> dict[str, Any]:

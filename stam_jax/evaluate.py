@@ -318,7 +318,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     # Refused here, before any decoding, if the checkpoint does not fit the model.
     try:
-        params = checkpoints.read_params(config.checkpoint, model)
+        params = checkpoints.read_params(config.checkpoint, model, config=stored)
     except checkpoints.CheckpointError as e:
         raise EvalConfigError(str(e)) from None
     try:

@@ -198,16 +198,20 @@ def explain_video(checkpoint: str | Path, video: str | Path, frame_rate: float |
       VideoError: a video that cannot be decoded or is too short for a clip.
     """
     import jax
+    import jax.numpy as jnp
 
     from stam_jax import checkpoints
     from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_views
+    from stam_jax.variants import model_from_config
 
     check_frame_rate(frame_rate)
     video = check_video(video)
-    num_frames = int(checkpoints.read_config(checkpoint)["model"]["num_frames"])
-    rate = _sampling(video, num_frames, frame_rate)
-    model, params = checkpoints.load(checkpoint)
+    stored = checkpoints.read_config(checkpoint)
+    model = model_from_config(stored["model"])
     model = model.clone(spatial_attention_layers=tuple(range(model.depth)), temporal_attention=True)
+    rate = _sampling(video, model.num_frames, frame_rate)  # the video checked before the read
+    params = checkpoints.read_params(checkpoint, model, config=stored)
+    params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
     spec = ClipSpec(
         num_frames=model.num_frames,
         frame_rate=rate,

@@ -155,8 +155,9 @@ def init_from_checkpoint(
     if str(checkpoint).endswith(VIT_SUFFIXES):
         source, notes = read_vit(checkpoint)
     else:
-        source_model = model_from_config(checkpoints.read_config(checkpoint)["model"])
-        params = checkpoints.read_params(checkpoint, source_model)
+        stored = checkpoints.read_config(checkpoint)
+        source_model = model_from_config(stored["model"])
+        params = checkpoints.read_params(checkpoint, source_model, config=stored)
         source, notes = traverse_util.flatten_dict(params, sep="/"), []
     target = traverse_util.flatten_dict(fresh, sep="/")
 

@@ -450,7 +450,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             f"{train.root} has {usable} videos, fewer than one batch "
             f"(batch_size={config.batch_size})."
         )
-    teacher = _teacher_model(config, model)
+    teacher_read = _teacher_model(config, model)  # (teacher, its stored config) or None
+    teacher = teacher_read[0] if teacher_read else None
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read
     # (nothing is written) before the run is allowed to go on.
@@ -521,7 +522,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 flush=True,
             )
     batch_sharding = sharding.batch_sharded(mesh)
-    teacher_params = _teacher_params(config, teacher, replicated) if teacher else None
+    teacher_params = _teacher_params(config, *teacher_read, replicated) if teacher_read else None
     step_fn = jax.jit(
         _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
@@ -697,9 +698,9 @@ def _periodic_eval(
     return scores
 
 
-def _teacher_model(config: Any, model: STAM) -> STAM | None:
-    """The distillation teacher of `config.train.teacher` (None without one), checked against
-    the student from its config alone (no tensor is read)."""
+def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | None:
+    """The distillation teacher of `config.train.teacher` and its stored config (None without
+    one), checked against the student from its config alone (no tensor is read)."""
     if not config.train.teacher:
         return None
     try:
@@ -716,13 +717,14 @@ def _teacher_model(config: Any, model: STAM) -> STAM | None:
                 f"{getattr(teacher, name)}, the student {getattr(model, name)}: the teacher "
                 "sees the student's clips and its logits are the soft targets, so both must match."
             )
-    return teacher
+    return teacher, stored
 
 
-def _teacher_params(config: Any, teacher: STAM, replicated) -> Any:
-    """The params of `teacher` (from `_teacher_model`) in its param dtype, replicated."""
+def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any], replicated) -> Any:
+    """The params of `teacher` (from `_teacher_model`, with the config it was built from) in
+    its param dtype, replicated."""
     try:
-        params = checkpoints.read_params(config.train.teacher, teacher)
+        params = checkpoints.read_params(config.train.teacher, teacher, config=stored)
     except checkpoints.CheckpointError as e:
         raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
     return jax.device_put(jax.tree.map(lambda x: x.astype(teacher.param_dtype), params), replicated)

@@ -13,6 +13,7 @@ from conftest import TINY_CONFIGS, random_params
 
 from stam_jax import checkpoints, create_model
 from stam_jax.checkpoints import CheckpointError
+from stam_jax.variants import model_config
 
 TINY = TINY_CONFIGS["tiny"]
 
@@ -249,4 +250,35 @@ def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
 
     monkeypatch.setattr(checkpoints, "_read_params", always_swapped)
     with pytest.raises(CheckpointError, match="was replaced while it was read, 3 times in a row"):
+        checkpoints.read_params(path, model)
+
+
+def test_params_read_after_the_config_are_refused_from_a_checkpoint_replaced_between(
+    tiny, tmp_path
+):
+    # run_eval, the teacher of run_train and the converters read the config first and build
+    # the model from it; an overwrite before the params are read must not go unnoticed.
+    model, first, second, saved = tiny
+    path = tmp_path / "ckpt"
+    shutil.copytree(saved, path)
+    stored = checkpoints.read_config(path)
+    # The same config: the new params are what the model was built for, and are read.
+    checkpoints.save(path, model, second, overwrite=True)
+    chex.assert_trees_all_equal(checkpoints.read_params(path, model, config=stored), second)
+    # Another model: refused, naming what changed, instead of a param-shape listing.
+    other = create_model("stam_tiny", num_classes=7)
+    checkpoints.save(path, other, random_params(model_config(other), seed=2), overwrite=True)
+    with pytest.raises(
+        CheckpointError,
+        match=r"ckpt was replaced after its config was read, by an overwrite such as python -m "
+        r"convert --force \(model num_classes 10 -> 7\); nothing was read from the new one",
+    ):
+        checkpoints.read_params(path, model, config=stored)
+    # The same model with other metadata: refused too (the caller reports the old metadata).
+    checkpoints.save(path, model, first, overwrite=True, metadata={"source": "elsewhere"})
+    with pytest.raises(CheckpointError, match=r"\(the same model, other metadata\)"):
+        checkpoints.read_params(path, model, config=stored)
+    # Without `config`, the params are checked against the model alone.
+    checkpoints.save(path, other, random_params(model_config(other), seed=2), overwrite=True)
+    with pytest.raises(CheckpointError, match="params do not fit the model"):
         checkpoints.read_params(path, model)
