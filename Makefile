@@ -8,16 +8,30 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo selfcheck install clean
+.PHONY: test lint demo selfcheck install clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Installed at the versions in constraints.txt, so that a commit's CI result does not change when
+# a dependency publishes a release; `make lock` re-resolves them from pyproject.toml's ranges.
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[torch,test,prepared]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[torch,test,prepared]"
 	touch $(STAMP)
+
+# Newest versions pyproject.toml allows, in a scratch venv, written to constraints.txt.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet "$(TORCH_PIN)"
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e ".[torch,test,prepared]"
+	{ sed -n '1,2p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+	  | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
