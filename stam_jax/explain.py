@@ -176,7 +176,9 @@ def _sampling(video: Path, num_frames: int, frame_rate: float | None):
     raise TooShortError(f"{where}; a clip needs {num_frames} ({have}): {fix}.")
 
 
-def explain_video(checkpoint: str | Path, video: str | Path, frame_rate: float | None = None):
+def explain_video(
+    checkpoint: str | Path, video: str | Path, frame_rate: float | None = None
+) -> dict[str, Any]:
     """Runs the model on one video and returns everything the picture shows.
 
     The video path, the rate and whether the video is long enough are checked before the

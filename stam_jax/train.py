@@ -84,7 +84,9 @@ def _loss_scaled(model: STAM) -> bool:
     return jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
 
 
-def initial_state(model: STAM, tx: optax.GradientTransformation, train: Any, params: Any):
+def initial_state(
+    model: STAM, tx: optax.GradientTransformation, train: Any, params: Any
+) -> TrainState:
     """The state at step 0: params in `model.param_dtype`, their EMA, a loss scale for float16."""
     params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
     scale = LossScale.create(train.loss_scale_initial) if _loss_scaled(model) else None

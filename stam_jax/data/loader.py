@@ -9,9 +9,9 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -47,7 +47,9 @@ def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
     return decode_with(load_views, position, path, spec)
 
 
-def decode_with(load, position: int, path: str, spec: ClipSpec) -> Decoded:
+def decode_with(
+    load: Callable[[str, ClipSpec], Any], position: int, path: str, spec: ClipSpec
+) -> Decoded:
     """`load(path, spec)` as a `Decoded`, every error turned into an outcome (never raises)."""
     try:
         return Decoded(position, load(path, spec), "ok")
@@ -78,7 +80,7 @@ def decode_in_order(
 
 
 def ordered_map(
-    fn, jobs: Sequence[tuple], workers: int, prefetch: int
+    fn: Callable[..., Decoded], jobs: Sequence[tuple], workers: int, prefetch: int
 ) -> Generator[Decoded, None, None]:
     """`fn(*job)` for every job, in order, in `workers` processes (0: in this one).
 
