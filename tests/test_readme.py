@@ -96,7 +96,7 @@ def test_the_training_loop_example_trains(tmp_path):
         "linearly along time)"
     )
     assert np.isfinite(float(scope["loss"])) and scope["videos"].shape == (8, 8, 32, 32, 3)
-    # Three AdamW updates were applied: every matrix moved away from its initial value.
+    # Three AdamW updates were applied: every tensor moved away from its initial value.
     model, fresh = scope["model"], scope["fresh"]
     start, _ = init_from_checkpoint(model, fresh, ckpt)
     moved = jax.tree.map(
