@@ -278,9 +278,16 @@ def _require_checkpoint(directory: str | os.PathLike) -> Path:
                 )
                 + f": rename the one you want to {path}."
             )
-    if not path.is_dir():
+    if path.is_file() and path.suffix.lower() in (".pth", ".pt"):
         raise CheckpointError(
-            f"{path} is not a directory; expected a stam-jax checkpoint directory ({convert})."
+            f"{path} is a PyTorch file; a stam-jax checkpoint directory is expected: convert it "
+            f"once with python -m convert {path} {path.with_suffix('')} and pass "
+            f"{path.with_suffix('')}."
+        )
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(
+            f"{path} {what}; expected a stam-jax checkpoint directory ({convert})."
         )
     if not (path / "config").is_dir() or not (path / "params").is_dir():
         runs = [name for name in ("final", "final_ema") if is_checkpoint_dir(path / name)]

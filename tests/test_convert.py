@@ -346,7 +346,20 @@ def test_existing_output_needs_force(official_pth, tmp_path, capsys):
 
 def test_to_torch_refuses_non_checkpoints(tmp_path, capsys):
     assert to_torch_main([str(tmp_path / "nothing"), str(tmp_path / "x.pth")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "nothing does not exist; expected a stam-jax checkpoint directory" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "afile").write_text("x")
+    assert to_torch_main([str(tmp_path / "afile"), str(tmp_path / "x.pth")]) == 2
+    assert "afile is not a directory" in capsys.readouterr().err
+    # The arguments swapped: the .pth is named with the command that converts it.
+    pth = tmp_path / "stam_16.pth"
+    pth.write_bytes(b"PK")
+    assert to_torch_main([str(pth), str(tmp_path / "ckpt")]) == 2
+    assert (
+        f"{pth} is a PyTorch file; a stam-jax checkpoint directory is expected: convert it once "
+        f"with python -m convert {pth} {tmp_path / 'stam_16'} and pass {tmp_path / 'stam_16'}."
+    ) in capsys.readouterr().err
     assert to_torch_main([str(tmp_path), str(tmp_path / "x.pth")]) == 2
     assert "is not a stam-jax checkpoint" in capsys.readouterr().err
 
