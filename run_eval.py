@@ -17,7 +17,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
-from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
+from stam_jax.interrupts import interrupts_held, keep_interrupts
+
+# JAX and the rest are imported in main(): the decoding processes (spawned) import this module
+# too, and would each spend about 2 s importing JAX and Flax they never use.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
@@ -28,17 +31,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the folder results are written 
 def main(argv: list[str]) -> None:
     """Entry point."""
     del argv
+    keep_interrupts()
     if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the report
         logging.set_verbosity(logging.WARNING)
+    try:
+        sys.exit(_evaluate())
+    except KeyboardInterrupt:  # the decoding processes have already been ended
+        print("interrupted: nothing was written (results come at the end).", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _evaluate() -> int:
+    with interrupts_held():
+        from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
+
     try:
         results = evaluate(_CONFIG.value, _WORKDIR.value)
     except EvalConfigError as e:
         refuse(e)
-    except KeyboardInterrupt:  # the decoding processes have already been ended
-        print("interrupted: nothing was written (results come at the end).", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
     counts = results["counts"]
-    sys.exit(EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0)
+    return EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, parse_flags
-from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
+from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
+from stam_jax.interrupts import interrupts_held, keep_interrupts
+
+# JAX and the rest are imported in main(): the decoding processes (spawned) import this module
+# too, and would each spend about 2 s importing JAX and Flax they never use.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
@@ -30,16 +33,11 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     """Entry point."""
     del argv
+    keep_interrupts()
     if not flags.FLAGS["verbosity"].present:  # keep orbax's INFO lines out of the output
         logging.set_verbosity(logging.WARNING)
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except TrainConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(4)
+        _train()
     except KeyboardInterrupt:
         print(
             f"interrupted: the checkpoints in {_WORKDIR.value}/checkpoints are kept; run the "
@@ -47,6 +45,19 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _train() -> None:
+    with interrupts_held():
+        from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
+
+    try:
+        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except TrainConfigError as e:
+        refuse(e)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 

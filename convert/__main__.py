@@ -9,6 +9,7 @@ import time
 from convert import ConversionError, convert_checkpoint
 from stam_jax.checkpoints import CheckpointError
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
+from stam_jax.interrupts import keep_interrupts
 from stam_jax.variants import model_from_config, variant_name
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int, help="T, for mean-aggregate checkpoints only")
     args = parser.parse_args(argv)
 
+    keep_interrupts()
     start = time.perf_counter()
     try:
         path, config, report = convert_checkpoint(

@@ -8,6 +8,7 @@ import sys
 from convert import TORCH_DTYPES, ConversionError, export_checkpoint
 from stam_jax.checkpoints import CheckpointError
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
+from stam_jax.interrupts import keep_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="overwrite OUT.pth if it exists")
     args = parser.parse_args(argv)
+    keep_interrupts()
     try:
         path, dtype = export_checkpoint(
             args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM
 from stam_jax.paths import unwritable
 from stam_jax.variants import model_config, model_from_config
@@ -229,14 +230,19 @@ def save(
         "metadata": dict(metadata or {}),
     }
     new, old = path.with_name(path.name + _NEW), path.with_name(path.name + _OLD)
+    written = None  # a complete new directory, until it is in place
     try:
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # an empty directory: nothing to keep
         replacing = path.exists()
         _remove_leftovers(path, _NEW)  # a staging copy an interrupted save left
-        with _checkpointer() as ckpt:
+        # Orbax's write is not cut by a Ctrl-C (cut, it leaves its temporary directory and its
+        # threads print errors): the interrupt comes once the write is whole, and the new
+        # checkpoint is then removed below.
+        with interrupts_held(), _checkpointer() as ckpt:
+            written = new if replacing else path
             ckpt.save(
-                new if replacing else path,
+                written,
                 ocp.args.Composite(
                     params=ocp.args.PyTreeSave(params), config=ocp.args.JsonSave(config)
                 ),
@@ -249,9 +255,12 @@ def save(
             except BaseException:
                 os.rename(old, path)
                 raise
+        written = None
         _remove_leftovers(path, _OLD, _NEW)
     except BaseException as e:
         _remove_leftovers(path, _NEW)
+        if written == path and isinstance(e, KeyboardInterrupt):
+            shutil.rmtree(path, ignore_errors=True)  # interrupted: nothing is written
         if isinstance(e, OSError):
             raise CheckpointError(
                 f"cannot write {path}: {e.strerror or e}"

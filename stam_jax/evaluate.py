@@ -366,9 +366,9 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             compiled, params, decoded, steps, batch_shape, mesh, progress
         )
     finally:
+        progress.close()  # its line ends before anything else is printed (Ctrl-C's line too)
         decoded.close()  # stops the reading workers now (see stam_jax.data.reading.close)
     local[3].update(skipped)
-    progress.close()
     eval_s = time.perf_counter() - eval_start
     all_pos, all_logits, all_scores, all_outcomes = _gather(*local, per_process, model.num_classes)
     first_batch_after_s = (first_batch_at or time.perf_counter()) - start

@@ -15,6 +15,7 @@ same params, bit for bit, as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -43,6 +44,7 @@ from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
+from stam_jax.interrupts import interrupts_held
 from stam_jax.losses import (
     LossScale,
     adjust,
@@ -630,12 +632,21 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 # Every process's grain iterator position, taken now (the save itself is async).
                 position = sharding.allgather_json(clips.get_state().decode())
                 items["data"] = ocp.args.JsonSave({"grain": position})
-            saved = manager.save(done, args=ocp.args.Composite(**items), force=done == train.steps)
+            with interrupts_held():  # started whole, or not at all
+                saved = manager.save(
+                    done, args=ocp.args.Composite(**items), force=done == train.steps
+                )
             if saved and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
             progress.update(1)
-        progress.close()
+    except BaseException:
+        # A save under way is let finish: its checkpoint is whole, and orbax's threads do not
+        # fail (printing pages of errors) in an interpreter that is shutting down.
+        with contextlib.suppress(Exception):
+            manager.wait_until_finished()
+        raise
     finally:  # however the loop ends, the input's workers stop now and the log is closed
+        progress.close()  # its line ends before anything else is printed
         if loader:  # and grain's shared memory is freed (reading.close)
             reading.close(clips)
             loader = clips = batches = None

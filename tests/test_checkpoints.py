@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import chex
@@ -282,3 +284,42 @@ def test_params_read_after_the_config_are_refused_from_a_checkpoint_replaced_bet
     checkpoints.save(path, other, random_params(model_config(other), seed=2), overwrite=True)
     with pytest.raises(CheckpointError, match="params do not fit the model"):
         checkpoints.read_params(path, model)
+
+
+def test_a_ctrl_c_during_a_save_comes_after_the_write_and_leaves_nothing(
+    tiny, tmp_path, monkeypatch
+):
+    model, first, second, saved = tiny
+    make_checkpointer = checkpoints._checkpointer
+    interrupted_saves = []
+
+    class Interrupted:  # orbax's checkpointer, with a Ctrl-C in the middle of its write
+        def __enter__(self):
+            self.inner = make_checkpointer().__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def save(self, path, args):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python would act on the signal here
+            self.inner.save(path, args)
+            interrupted_saves.append(path)
+
+    monkeypatch.setattr(checkpoints, "_checkpointer", Interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        # A new checkpoint: written whole, then removed; the interrupt reaches the caller.
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save(tmp_path / "new", model, first)
+        # An overwrite: the old checkpoint stays, the staged new one is removed.
+        shutil.copytree(saved, tmp_path / "old")
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save(tmp_path / "old", model, second, overwrite=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(interrupted_saves) == 2  # each write ran to its end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    monkeypatch.undo()
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "old")[1], first)

@@ -4,6 +4,7 @@ starting the input before the first `next()`."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import numpy as np
@@ -79,6 +80,33 @@ def test_started_close_stops_a_stream_never_read():
     assert closed == [True]
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_started_close_after_a_ctrl_c_during_the_first_wait():
+    # Ctrl-C while next() waits for the first item leaves the background thread inside the
+    # generator: close() waits for it, then closes the generator (run_eval.py used to raise
+    # "ValueError: generator already executing" here, exit 1 instead of 130).
+    closed, release = [], threading.Event()
+
+    def items():
+        try:
+            release.wait(10)
+            yield from range(3)
+        finally:
+            closed.append(True)
+
+    stream = Started(items())
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Timer(0.6, release.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            next(stream)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not release.is_set()  # interrupted while the first item was still being made
+    stream.close()
+    assert release.is_set() and closed == [True]
 
 
 def test_started_over_worker_processes_keeps_order_and_shuts_down():

@@ -110,8 +110,10 @@ class Started(Iterator[T]):
 
     def __next__(self) -> T:
         if self._first is not None:
-            first, self._first = self._first, None
-            item = first.result()
+            # Forgotten only once it is in: a Ctrl-C during the wait leaves the thread inside
+            # `next(items)`, and `close()` must then wait for it before closing `items`.
+            item = self._first.result()
+            self._first = None
             if item is _END:
                 raise StopIteration
             return item
@@ -165,7 +167,7 @@ class _ParallelDecoder:
                     and len(pending) < self.prefetch
                 ):
                     try:
-                        future = pool.submit(self.fn, *self.jobs[next_position])
+                        future = _submit(pool, self.fn, self.jobs[next_position])
                     except _SUBMIT_FAILURES:
                         # A worker died: the pool refuses work, or (while its manager thread
                         # is tearing it down) fails to start a replacement worker. The head's
@@ -188,7 +190,7 @@ class _ParallelDecoder:
                     next_position = position + 1
                     if not isolating:  # retry the head alone to find the culprit
                         isolating = True
-                        pending.append(pool.submit(self.fn, *self.jobs[position]))
+                        pending.append(_submit(pool, self.fn, self.jobs[position]))
                         continue
                     result = Decoded(position, None, "failed", "the decoder process crashed")
                 else:
@@ -199,11 +201,27 @@ class _ParallelDecoder:
             _discard(pool)
 
 
+def _submit(
+    pool: concurrent.futures.ProcessPoolExecutor, fn: Callable[..., Decoded], job: tuple
+) -> concurrent.futures.Future:
+    """`pool.submit(fn, *job)` with SIGINT held in this thread: a decoding process it starts
+    inherits the held signal, and keeps a Ctrl-C pending until `_leave_interrupts_to_the_parent`
+    has set it to be ignored (it would otherwise print a KeyboardInterrupt traceback from
+    wherever its start-up was, such as importing numpy). A Ctrl-C meanwhile reaches this
+    process once the submit returns."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *job)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _leave_interrupts_to_the_parent() -> None:
     """Run in each decoding process: Ctrl-C reaches a terminal's whole process group, and the
     parent reacts to it once (it stops and ends the workers), where every worker would also
-    print a KeyboardInterrupt traceback."""
+    print a KeyboardInterrupt traceback. A Ctrl-C held since the start (`_submit`) is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:

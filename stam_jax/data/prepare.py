@@ -58,6 +58,7 @@ from stam_jax.data.prepared import (
     is_prepared,
 )
 from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
+from stam_jax.interrupts import keep_interrupts
 from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -479,6 +480,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     130 (interrupted; the same command resumes).
     """
     del argv
+    keep_interrupts()
     try:
         code = _run(flag_values)
     except KeyboardInterrupt:
