@@ -5,8 +5,9 @@
 
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
 end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py). Exit status: 0
-done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient, 130 interrupted
-(Ctrl-C; the checkpoints are kept, the same command resumes).
+done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient or on training
+videos that mostly cannot be used, 130 interrupted (Ctrl-C; the checkpoints are kept, the same
+command resumes).
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def main(argv: list[str]) -> None:
 
 def _train() -> None:
     with interrupts_held():
-        from stam_jax.train import NonFiniteError, TrainConfigError, train_and_evaluate
+        from stam_jax.train import TrainConfigError, TrainStopped, train_and_evaluate
 
     try:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainConfigError as e:
         refuse(e)
-    except NonFiniteError as e:
+    except TrainStopped as e:  # a non-finite loss, or videos that cannot be used
         print(f"error: {e}", file=sys.stderr)
         sys.exit(4)
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""

@@ -75,7 +75,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.train.steps = 1000
     config.train.optimizer = "adamw"  # adamw or sgd (with momentum)
     config.train.learning_rate = 1e-4  # peak, after linear warm-up; cosine decay to the end
-    config.train.warmup_steps = 100
+    config.train.warmup_steps = 100  # linear from 0; 0: none (the full rate at step 1)
     config.train.weight_decay = 0.05  # not on biases, norms, position embeddings, cls tokens
     config.train.momentum = 0.9  # sgd only
     config.train.grad_clip = 1.0  # global-norm clipping (0: off)

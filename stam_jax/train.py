@@ -66,8 +66,20 @@ class TrainConfigError(ValueError):
     """A run refused before any compute; the message names the value and the fix."""
 
 
-class NonFiniteError(RuntimeError):
+class TrainStopped(RuntimeError):
+    """Training stopped partway, with the step; the checkpoints saved so far are intact."""
+
+
+class NonFiniteError(TrainStopped):
     """The loss or the gradient went NaN/Inf; raised with the step number."""
+
+
+class UnusableDataError(TrainStopped):
+    """Most of the training videos seen so far could not be decoded or were too short."""
+
+
+# The stop rule for failing videos: more than this share of at least this many videos seen.
+_UNUSABLE_SHARE, _UNUSABLE_AFTER = 0.5, 32
 
 
 @flax.struct.dataclass
@@ -117,9 +129,12 @@ def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformatio
       (optimizer, schedule): `schedule(step)` is the learning rate at batch `step`.
     """
     check_train_config(train)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train.learning_rate, max(train.warmup_steps, 1), max(train.steps, 2)
-    )
+    if train.warmup_steps > 0:  # from 0 up to the rate over the warm-up, then cosine decay
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, train.learning_rate, train.warmup_steps, max(train.steps, 2)
+        )
+    else:  # no warm-up: the full rate at the first step
+        schedule = optax.cosine_decay_schedule(train.learning_rate, max(train.steps, 1))
     k = train.accumulate
     # Inside MultiSteps the optimizer counts its own updates, one per k batches.
     rate = schedule if k == 1 else (lambda update: schedule(update * k))
@@ -208,7 +223,9 @@ def _train_step(
     Mixup/CutMix (one draw per batch, the same box in every frame), label smoothing,
     distillation from `teacher` (run in the same step, its logits constant), dropout and drop
     path; under float16, dynamic loss scaling: a step whose gradients are not finite is skipped
-    (params, optimizer state and EMA unchanged) and the scale halved.
+    (params, optimizer state and EMA unchanged) and the scale halved. A batch in which no video
+    could be used (every one failed to decode: weight 0) is skipped the same way, rather than
+    let weight decay alone move the params.
     """
     mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
     float16 = _loss_scaled(model)
@@ -258,12 +275,12 @@ def _train_step(
         if isinstance(tx, optax.MultiSteps):  # the EMA follows the updates, not the batches
             updated = tx.has_updated(opt_state)
             ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
-        if float16:  # a skipped step leaves everything as it was
-            params, opt_state, ema = jax.tree.map(
-                lambda n, o: jnp.where(finite, n, o),
-                (params, opt_state, ema),
-                (state.params, state.opt_state, state.ema_params),
-            )
+        keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was
+        params, opt_state, ema = jax.tree.map(
+            lambda n, o: jnp.where(keep, n, o),
+            (params, opt_state, ema),
+            (state.params, state.opt_state, state.ema_params),
+        )
         correct = (jnp.argmax(logits, -1) == labels) * weights
         metrics = {
             "loss": loss,
@@ -271,6 +288,7 @@ def _train_step(
             "grad_norm": optax.global_norm(grads),
             # The rate of this batch's update: the rate at the first batch of its k.
             "learning_rate": schedule(state.step // train.accumulate * train.accumulate),
+            "videos": weights.sum(),  # of the batch, usable (all processes)
         }
         if float16:
             metrics["loss_scale"] = state.loss_scale.scale
@@ -285,6 +303,47 @@ def _train_step(
         return new_state, metrics
 
     return step_fn
+
+
+class _Unusable:
+    """The training videos that could not be used: each named once on stderr, listed in
+    `WORKDIR/failed_videos.jsonl` (process 0's; other processes print theirs), and the run
+    stopped when they are most of what it has seen (`_UNUSABLE_SHARE` of at least
+    `_UNUSABLE_AFTER` videos): a folder of files that do not decode trains nothing."""
+
+    def __init__(self, workdir: Path, start: int):
+        self.log = workdir / "failed_videos.jsonl" if jax.process_index() == 0 else None
+        self.named: set[str] = set()
+        self.start, self.seen, self.used = start, 0, 0.0
+
+    def add(self, step: int, path: str, item: Any) -> None:
+        """Reports one video that failed at `step` (a `Decoded` with its status and reason)."""
+        if path in self.named:
+            return  # it fails again in every epoch: named once
+        self.named.add(path)
+        print(
+            f"warning: step {step}: {path} skipped ({item.status}: {item.reason}); it will be "
+            "skipped in every epoch.",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.log:
+            row = {"step": step, "path": path, "status": item.status, "reason": item.reason}
+            with open(self.log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def check(self, step: int, batch: int, used: float, root: str) -> None:
+        """Counts a step's usable videos (all processes); stops the run on the rule above."""
+        self.seen, self.used = self.seen + batch, self.used + used
+        failed = self.seen - int(self.used)
+        if self.seen >= _UNUSABLE_AFTER and failed > _UNUSABLE_SHARE * self.seen:
+            raise UnusableDataError(
+                f"step {step}: {failed} of the {self.seen} training videos of steps "
+                f"{self.start + 1}-{step} could not be used (they failed to decode or are too "
+                f"short; each is named above"
+                + (f" and in {self.log}" if self.log else "")
+                + f"). Check --config.train.root={root}; checkpoints saved so far are intact."
+            )
 
 
 class _Jobs(Sequence):
@@ -401,12 +460,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     Raises:
       TrainConfigError: before any compute, for bad data, batch or optimizer settings.
       NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
+      UnusableDataError: more than half of at least 32 training videos seen could not be used.
     """
     train = config.train
     check_train_config(train)  # every refusal below comes before any compute or file
     if not workdir:
         raise TrainConfigError("--workdir is empty; name the folder for this run's outputs.")
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax takes absolute paths only
     problem = unwritable(workdir, into=True)  # found now, not at the first checkpoint
     if problem:
         raise TrainConfigError(f"cannot write --workdir={workdir}: {problem}; name another folder.")
@@ -549,6 +609,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
     failed = skipped = 0
+    unusable = _Unusable(workdir, start)
     try:
         for step in range(start, train.steps):
             if loader:
@@ -566,6 +627,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                         labels[row] = jobs.label(item.position)
                     else:
                         failed += 1  # weight 0: a bad file costs its slot, never the run
+                        unusable.add(step + 1, jobs[item.position][1], item)
             state, metrics = step_fn(
                 state,
                 sharding.to_global(videos, batch_sharding),
@@ -574,6 +636,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 teacher_params,
             )
             metrics = {k: float(v) for k, v in metrics.items()}
+            unusable.check(step + 1, config.batch_size, metrics.pop("videos"), train.root)
             if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
                 skipped += 1
                 if jax.process_index() == 0:

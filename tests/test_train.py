@@ -257,6 +257,36 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
         train_and_evaluate(tiny_config(train_root, teacher=str(tmp_path / "t7")), tmp_path / "y")
 
 
+def test_videos_that_cannot_be_used_stop_the_run_and_are_named(tmp_path, monkeypatch, capsys):
+    # Files that are not videos: each named once (they recur every epoch) and listed; the run
+    # stops once more than half of 32 videos seen failed, instead of "training" to the end.
+    from stam_jax.train import UnusableDataError, train_and_evaluate
+
+    root = tmp_path / "bad"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            (root / name / f"v{i}.mp4").write_text("not a video")
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README (orbax needs absolute)
+    config = tiny_config(root, steps=20, save_every=100)
+    config.model_overrides.num_classes = 2
+    with pytest.raises(UnusableDataError) as stopped:
+        train_and_evaluate(config, "runs/bad")
+    log = tmp_path / "runs" / "bad" / "failed_videos.jsonl"
+    assert str(stopped.value) == (
+        "step 8: 32 of the 32 training videos of steps 1-8 could not be used (they failed to "
+        f"decode or are too short; each is named above and in {log}). Check "
+        f"--config.train.root={root}; checkpoints saved so far are intact."
+    )
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    paths = sorted(str(p) for p in root.rglob("*.mp4"))
+    assert sorted(row["path"] for row in rows) == paths and {r["status"] for r in rows} == {
+        "failed"
+    }
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(warnings) == 8 and all(line.startswith("warning: step ") for line in warnings)
+
+
 def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = None) -> None:
     """`base`, a run_train.py command for 8 steps into `workdir`, as 2 processes of 1 device each
     (jax.distributed on localhost).

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import flax
 import jax
 import numpy as np
@@ -79,6 +80,32 @@ def test_ema_follows_the_params():
     new, _ = step(state, videos, labels, weights)
     want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
     jax.tree.map(np.testing.assert_allclose, new.ema_params, want)
+
+
+def test_a_batch_of_failed_videos_changes_nothing_but_the_step():
+    # Every video failed (weight 0): no gradient, and weight decay alone must not move params.
+    step, state, videos, labels, weights = setup(weight_decay=0.5, ema_decay=0.5, warmup_steps=0)
+    new, metrics = step(state, videos, labels, np.zeros_like(weights))
+    assert int(new.step) == 1 and float(metrics["videos"]) == 0.0
+    chex.assert_trees_all_equal(
+        (new.params, new.opt_state, new.ema_params),
+        (state.params, state.opt_state, state.ema_params),
+    )
+    # One usable video is a real step.
+    weights[1:] = 0.0
+    moved, metrics = step(state, videos, labels, weights)
+    assert float(metrics["videos"]) == 1.0
+    assert not np.array_equal(moved.params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def test_the_learning_rate_starts_at_zero_with_a_warm_up_and_at_the_full_rate_without():
+    config = base_config("stam_tiny").train
+    config.update(learning_rate=1e-3, steps=100, warmup_steps=10)
+    _, schedule = make_optimizer(config, initial_params())
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3)
+    config.warmup_steps = 0
+    _, schedule = make_optimizer(config, initial_params())
+    assert float(schedule(0)) == pytest.approx(1e-3) and float(schedule(100)) == 0.0
 
 
 def test_accumulating_k_micro_batches_equals_one_big_batch():
