@@ -6,7 +6,8 @@
 Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
 evaluated, 2 when the run is refused before any compute, with one `error: ...` line saying why
 (a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
-videos were skipped (too short or undecodable: listed in results.json), 130 interrupted (Ctrl-C).
+videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _evaluate() -> int:
     except EvalConfigError as e:
         refuse(e)
     counts = results["counts"]
-    return EXIT_SKIPPED if counts["dropped_too_short"] or counts["failed"] else 0
+    skipped = counts["dropped_too_short"] or counts["failed"] or counts["non_finite"]
+    return EXIT_SKIPPED if skipped else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -377,6 +378,18 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     order = np.argsort(all_pos[keep], kind="stable")
     done_pos = all_pos[keep][order]
     logits, scores = all_logits[keep][order], all_scores[keep][order]
+    # NaN/Inf logits (non-finite weights, a float16 overflow) are no prediction: such videos
+    # are listed apart and left out, where an argmax would have called them class 0.
+    finite = np.isfinite(logits).all(axis=1)
+    non_finite = [
+        {
+            "path": folder.items[p].path,
+            "label": folder.items[p].label,
+            "reason": "the model gave non-finite logits (NaN/Inf)",
+        }
+        for p in done_pos[~finite].tolist()
+    ]
+    done_pos, logits, scores = done_pos[finite], logits[finite], scores[finite]
     labels = np.array([folder.items[p].label for p in done_pos], np.int64)
     metrics = _metrics(labels, scores, model.num_classes)
 
@@ -395,9 +408,11 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             "evaluated": int(done_pos.size),
             "dropped_too_short": len(dropped),
             "failed": len(failed),
+            "non_finite": len(non_finite),
         },
         "dropped": dropped,
         "failed": failed,
+        "non_finite": non_finite,
         "empty_classes": list(folder.empty_classes),
         # Entries under the root that are neither classes nor videos, by reason (a few paths).
         "ignored": ignored_summary(folder.ignored),
@@ -405,7 +420,7 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         "timing": {
             "compile_s": round(compile_s, 3),
             "eval_s": round(eval_s, 3),
-            "videos_per_s": round(done_pos.size / eval_s, 3) if eval_s > 0 else None,
+            "videos_per_s": round(finite.size / eval_s, 3) if eval_s > 0 else None,
             "first_batch_after_s": round(first_batch_after_s, 3),
             # Time the loop waited for this process's input (0: the device never waited).
             "input_wait_s": round(input_wait_s, 3),
@@ -419,7 +434,27 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     if pid == 0:
         _write(workdir, results, folder, done_pos, labels, logits, scores)
         _summary(results, workdir)
+        if non_finite:
+            print(_non_finite_warning(len(non_finite), len(finite), model, stored), file=sys.stderr)
     return results
+
+
+def _non_finite_warning(bad: int, total: int, model: STAM, stored: dict[str, Any]) -> str:
+    """Why `bad` of `total` videos may have had NaN/Inf logits, and what to do."""
+    stored_non_finite = stored.get("metadata", {}).get("non_finite")
+    if stored_non_finite:
+        why = (
+            f"the checkpoint holds non-finite values ({', '.join(map(str, stored_non_finite))}, "
+            "as python -m convert warned): convert a sound checkpoint"
+        )
+    elif jnp.dtype(model.dtype) == jnp.float16:
+        why = "float16 overflowed: evaluate with --config.dtype=bfloat16 or float32"
+    else:
+        why = "check the checkpoint's params for NaN/Inf"
+    return (
+        f"warning: {bad} of {total} videos gave non-finite logits (NaN/Inf) and are left out of "
+        f"the metrics (listed under non_finite in results.json): {why}."
+    )
 
 
 def _run_loop(compiled, params, decoded, steps, batch_shape, mesh, progress):
@@ -525,7 +560,9 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
     print(
         f"top-1 {_percent(m['top1'])}  top-5 {_percent(m['top5'])}  mean class accuracy "
         f"{_percent(m['mean_class_accuracy'])}  on {c['evaluated']} of {c['listed']} videos "
-        f"({c['dropped_too_short']} dropped as too short, {c['failed']} failed to decode)"
+        f"({c['dropped_too_short']} dropped as too short, {c['failed']} failed to decode"
+        + (f", {c['non_finite']} with NaN/Inf logits" if c.get("non_finite") else "")
+        + ")"
     )
     print(
         f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s (compile {t['compile_s']:.1f}s "

@@ -683,11 +683,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 timer, timer_step = time.perf_counter(), done
             if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
                 scores = _periodic_eval(config, Path(workdir), model, state, done)
-                if log:
+                if log:  # no video evaluated: top-1 is null (strict JSON), not NaN
+                    scores = {k: v if math.isfinite(v) else None for k, v in scores.items()}
                     with open(log, "a") as f:
-                        f.write(json.dumps({"step": done, **scores}) + "\n")
+                        f.write(json.dumps({"step": done, **scores}, allow_nan=False) + "\n")
                     for name, value in scores.items():
-                        board.add_scalar(f"eval/{name}", value, done)
+                        if value is not None:
+                            board.add_scalar(f"eval/{name}", value, done)
                     board.flush()
                 timer = time.perf_counter()  # evaluation time is not training time
             items = {"state": ocp.args.StandardSave(state)}

@@ -105,7 +105,13 @@ def test_cli_end_to_end(video_root, tiny_ckpt, tmp_path, reference_run):
     assert "top-1" in result.stdout and "videos/s" in result.stdout
     assert "eval: 100%" in result.stderr  # the progress bar ran to the end
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["counts"] == {"listed": 20, "evaluated": 20, "dropped_too_short": 0, "failed": 0}
+    assert results["counts"] == {
+        "listed": 20,
+        "evaluated": 20,
+        "dropped_too_short": 0,
+        "failed": 0,
+        "non_finite": 0,
+    }
     assert results["timing"]["compile_s"] > 0 and results["timing"]["videos_per_s"] > 0
     assert any((tmp_path / "xla_cache").iterdir())  # the compiled forward was cached
     predictions = read_predictions(tmp_path)
@@ -254,13 +260,45 @@ def test_bad_files_are_counted_listed_and_the_run_finishes(awkward_root, tiny_ck
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err  # finished, but something was skipped
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["counts"] == {"listed": 14, "evaluated": 10, "dropped_too_short": 1, "failed": 3}
+    assert results["counts"] == {
+        "listed": 14,
+        "evaluated": 10,
+        "dropped_too_short": 1,
+        "failed": 3,
+        "non_finite": 0,
+    }
     assert [d["path"] for d in results["dropped"]] == ["class_2/short.mp4"]
     assert "a clip needs 4" in results["dropped"][0]["reason"]
     failed = {f["path"]: f["reason"] for f in results["failed"]}
     assert sorted(failed) == ["class_3/zero.mp4", "class_5/notes.avi", "class_6/truncated.mp4"]
     assert all(reason for reason in failed.values())
     assert "skipped class_2/short.mp4" in err
+
+
+def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
+    # A checkpoint holding NaN gave every video "class 0" through the argmax, and a top-5 of
+    # 50% on 10 classes: such videos are now listed apart, out of the metrics, and said.
+    params = jax.tree.map(np.array, tiny_ckpt[1])
+    params["pos_embed"][0, 0, 0] = np.nan
+    nan_ckpt = checkpoints.save(tmp_path / "nan", create_model("stam_tiny"), params)
+    results = evaluate(config_for(nan_ckpt, video_root), tmp_path / "out")
+    assert results["counts"] == {
+        "listed": 20,
+        "evaluated": 0,
+        "dropped_too_short": 0,
+        "failed": 0,
+        "non_finite": 20,
+    }
+    assert all(np.isnan(v) for v in results["metrics"].values())  # null in results.json
+    assert results["non_finite"][0] == {
+        "path": "class_0/video_0.mp4",
+        "label": 0,
+        "reason": "the model gave non-finite logits (NaN/Inf)",
+    }
+    assert read_predictions(tmp_path / "out") == []
+    err = capsys.readouterr().err
+    assert "warning: 20 of 20 videos gave non-finite logits (NaN/Inf)" in err
+    assert strict_json(tmp_path / "out" / "results.json")["metrics"]["top1"] is None
 
 
 def test_pad_mode_keeps_short_videos(awkward_root, tiny_ckpt, tmp_path):
@@ -393,7 +431,13 @@ def test_ignored_entries_and_empty_classes_are_reported(tiny_ckpt, tmp_path, cap
     (root / "class_1" / "notes.txt").write_text("-\n")
     os.symlink("..", root / "class_2" / "up")  # a loop: every class again, inside class_2
     results = evaluate(config_for(tiny_ckpt[0], root, batch_size=4), tmp_path / "out")
-    assert results["counts"] == {"listed": 9, "evaluated": 9, "dropped_too_short": 0, "failed": 0}
+    assert results["counts"] == {
+        "listed": 9,
+        "evaluated": 9,
+        "dropped_too_short": 0,
+        "failed": 0,
+        "non_finite": 0,
+    }
     assert results["classes"] == [f"class_{c}" for c in range(10)]
     labels = {p["path"]: p["label"] for p in read_predictions(tmp_path / "out")}
     assert labels["class_3/video_0.mov"] == 3 and labels["class_8/video_0.mp4"] == 8
