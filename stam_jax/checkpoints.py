@@ -160,7 +160,8 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool = False) 
             if foreign:
                 raise CheckpointError(
                     f"{path} holds what a stam-jax checkpoint does not ({_some(foreign)}); "
-                    f"replacing it would delete them, {keep} (or move them out first)."
+                    f"replacing it would delete them, so nothing was deleted: choose a new "
+                    "directory, or move them out first."
                 )
     # Created in the parent; an existing checkpoint is also emptied before it is replaced.
     problem = unwritable(path) or (unwritable(path, into=True) if path.exists() else None)

@@ -67,6 +67,18 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
     return " ".join(lines) or type(error).__name__
 
 
+def _flag_list(flag_values: flags.FlagValues) -> str:
+    """The program's own flags (not absl's, nor the config's fields), as `--a, --b`."""
+    own = sorted(
+        flag.name
+        for module, module_flags in flag_values.flags_by_module_dict().items()
+        if not module.startswith("absl.")
+        for flag in module_flags
+        if "." not in flag.name
+    )
+    return ", ".join(f"--{name}" for name in dict.fromkeys(own))
+
+
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """An absl `flags_parser` for `app.run`: a bad flag exits 2 with one `error:` line.
 
@@ -91,6 +103,22 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         if missing and missing.group(1) in flag_values:  # absl: "flag --x=None: Flag --x must..."
             name = missing.group(1)
             refuse(f"--{name} is required: {flag_values[name].help} (--{name}=...).")
+        early = re.search(r"Found (--config\.[\w.]+)\S* in argv before a value for", str(e))
+        if early:
+            refuse(f"{early.group(1)} comes before --config: name the config file first.")
+        unknown = re.search(r"Unknown command line flag '([\w.-]+)'", str(e))
+        if unknown and "config" in flag_values:
+            name = unknown.group(1)
+            if name.startswith("config.") and flag_values["config"].value is None:
+                refuse(
+                    f"--{name} sets a field of the run config, but no --config was given: "
+                    f"name it first, e.g. --config configs/stam_16.py --{name}=..."
+                )
+            if not name.startswith("config."):
+                refuse(
+                    f"unknown flag --{name}; the flags are {_flag_list(flag_values)}, and the "
+                    f"run config's fields are set as --config.FIELD (e.g. --config.{name})."
+                )
         refuse(flag_error_message(e, argv))
     if len(rest) > 1:
         refuse(f"unexpected arguments {rest[1:]}; every option is a flag (--name=value).")

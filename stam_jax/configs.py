@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 from typing import Any
 
 from stam_jax.model import AGGREGATES, ATTENTION_IMPLS, STAM
@@ -45,6 +46,25 @@ def check_run_config(config: Any) -> None:
             f"--config.model_overrides.aggregate={overrides.aggregate!r}; use one of "
             f"{', '.join(AGGREGATES)}."
         )
+
+
+_DATA_FIELDS = (
+    "frame_rate",
+    "resize",
+    "crop",
+    "num_clips",
+    "num_crops",
+    "short_videos",
+    "train_flip",
+    "train_min_area",
+)
+
+
+def name_data_flags(error: Exception) -> str:
+    """A `ClipSpec` error with its field names as the flags that set them
+    (`crop=300` -> `--config.data.crop=300`)."""
+    fields = "|".join(_DATA_FIELDS)
+    return re.sub(rf"(?<![\w.])({fields})=", r"--config.data.\1=", str(error))
 
 
 def model_from_run_config(config: Any) -> STAM:

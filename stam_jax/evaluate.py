@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stam_jax import checkpoints, sharding
-from stam_jax.configs import config_files_for, model_from_run_config
+from stam_jax.configs import config_files_for, model_from_run_config, name_data_flags
 from stam_jax.data.folder import (
     HIDDEN,
     DatasetError,
@@ -61,7 +61,7 @@ def _clip_spec(config: Any, model: STAM) -> ClipSpec:
             short_videos=data.short_videos,
         )
     except ValueError as e:
-        raise EvalConfigError(f"data config: {e}") from None
+        raise EvalConfigError(name_data_flags(e)) from None
 
 
 def _check_workdir(workdir: str | Path | None) -> Path:
@@ -75,6 +75,11 @@ def _check_workdir(workdir: str | Path | None) -> Path:
     problem = unwritable(path, into=True)
     if problem:
         raise EvalConfigError(f"cannot write --workdir={path}: {problem}; name another folder.")
+    if checkpoints.is_checkpoint_dir(path):  # the results would make it unreplaceable by --force
+        raise EvalConfigError(
+            f"--workdir={path} is a stam-jax checkpoint; write the results to a folder of their "
+            f"own, e.g. --workdir={path.parent / (path.name + '_eval')}."
+        )
     return path
 
 

@@ -71,7 +71,12 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
       ValueError: naming the batch size, the device count and the nearest valid sizes.
     """
     devices = mesh.devices.size
-    if global_batch < 1 or global_batch % devices:
+    if global_batch < 1:
+        raise ValueError(
+            f"batch_size={global_batch}: must be at least 1 (a multiple of the {devices} "
+            f"device(s)), e.g. --config.batch_size={devices}."
+        )
+    if global_batch % devices:
         lower = max(devices, global_batch // devices * devices)
         raise ValueError(
             f"batch_size={global_batch} does not divide over {devices} devices; use a multiple "

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from stam_jax import checkpoints, sharding
 from stam_jax.augment import mix_videos
-from stam_jax.configs import model_from_run_config
+from stam_jax.configs import model_from_run_config, name_data_flags
 from stam_jax.data.folder import DatasetError, VideoFolder
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
@@ -477,14 +477,17 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     dist = config.distributed
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
-    spec = ClipSpec(
-        model.num_frames,
-        config.data.frame_rate,
-        config.data.resize,
-        config.data.crop,
-        train_flip=config.data.train_flip,
-        train_min_area=config.data.train_min_area,
-    )
+    try:
+        spec = ClipSpec(
+            model.num_frames,
+            config.data.frame_rate,
+            config.data.resize,
+            config.data.crop,
+            train_flip=config.data.train_flip,
+            train_min_area=config.data.train_min_area,
+        )
+    except ValueError as e:
+        raise TrainConfigError(name_data_flags(e)) from None
     folder, prepared = _training_data(config, spec)
     if len(folder.classes) != model.num_classes:
         raise TrainConfigError(

@@ -318,7 +318,8 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
     refused(r"no checkpoint: pass --config.checkpoint", checkpoint="")
     refused(r"is not a stam-jax checkpoint", checkpoint=str(tmp_path))
     refused(r"does not exist or is not a directory", **{"data.root": str(tmp_path / "nowhere")})
-    refused(r"batch_size=0 does not divide over 1 devices", batch_size=0)
+    refused(r"batch_size=0: must be at least 1 \(a multiple of the 1 device\(s\)\)", batch_size=0)
+    refused(r"--config.data.num_clips=0, num_frames=4: use >= 1", **{"data.num_clips": 0})
     refused(r"num_crops=2; use 1 \(official\) or 3", **{"data.num_crops": 2})
     refused(r"T=4 model, but the config samples clips for stam_16 \(T=16\)", model="stam_16")
     refused(r"takes 32px frames but --config.data.crop=48", **{"data.crop": 48})
@@ -335,6 +336,10 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
     write_video(few / "a" / "x.mp4", (index_frame(i, 48, 64) for i in range(20)), 10)
     refused(r"has 2 classes but the checkpoint has 10 outputs", **{"data.root": str(few)})
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    # Results written into a checkpoint would make it unreplaceable by convert --force.
+    with pytest.raises(EvalConfigError, match=r"tiny is a stam-jax checkpoint; write the results"):
+        evaluate(config_for(tiny_ckpt[0], video_root), tiny_ckpt[0])
+    assert not (tiny_ckpt[0] / "results.json").exists()
 
 
 def test_class_list_file(video_root, tiny_ckpt, tmp_path):
@@ -523,3 +528,33 @@ def test_cli_unknown_config_field_is_one_line(tmp_path):
         'Did you mean "root" instead of "rot"?\n'
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.checkpoint=x"],
+            "--config.checkpoint sets a field of the run config, but no --config was given: name "
+            "it first, e.g. --config configs/stam_16.py --config.checkpoint=...",
+        ),
+        (
+            ["--config.data.workers=0", "--config", "configs/tiny.py"],
+            "--config.data.workers comes before --config: name the config file first.",
+        ),
+        (
+            ["--config", "configs/tiny.py", "--dtype=bfloat16"],
+            "unknown flag --dtype; the flags are --config, --workdir, and the run config's fields "
+            "are set as --config.FIELD (e.g. --config.dtype).",
+        ),
+    ],
+)
+def test_cli_flag_mistakes_say_what_to_write(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "run_eval.py", *args, f"--workdir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n")

@@ -188,7 +188,7 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
         train_and_evaluate(config, tmp_path / "i")
     config = tiny_config(train_root)
     config.batch_size = 0
-    with pytest.raises(TrainConfigError, match="batch_size=0 does not divide"):
+    with pytest.raises(TrainConfigError, match="batch_size=0: must be at least 1"):
         train_and_evaluate(config, tmp_path / "b")
     config = tiny_config(train_root)
     config.frame_chunk = 3

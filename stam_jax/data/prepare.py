@@ -491,7 +491,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def _run(f: flags.FlagValues) -> int:
     """`main` without the Ctrl-C handling; the exit status (a refusal exits here)."""
-    from stam_jax.configs import model_from_run_config
+    from stam_jax.configs import model_from_run_config, name_data_flags
 
     config = f.config
     try:
@@ -506,7 +506,7 @@ def _run(f: flags.FlagValues) -> int:
             short_videos=config.data.short_videos if f.kind == "eval" else "pad",
         )
     except ValueError as e:
-        refuse(f"config: {e}")
+        refuse(name_data_flags(e))
     workers = config.data.workers if f.workers is None else f.workers
     if workers < -1:
         name = "--config.data.workers" if f.workers is None else "--workers"
