@@ -191,6 +191,10 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
     with pytest.raises(TrainConfigError, match="batch_size=0: must be at least 1"):
         train_and_evaluate(config, tmp_path / "b")
     config = tiny_config(train_root)
+    config.data.crop = 300
+    with pytest.raises(TrainConfigError, match=r"--config.data.crop=300 is larger than --config"):
+        train_and_evaluate(config, tmp_path / "c")
+    config = tiny_config(train_root)
     config.frame_chunk = 3
     chunk = "--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames"
     with pytest.raises(TrainConfigError, match=re.escape(chunk)):
