@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 AttentionImpl = str  # 'auto' | 'xla' | 'cudnn' | 'heads_first'
@@ -612,6 +613,17 @@ class STAM(nn.Module):
             raise ValueError(
                 f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
             )
+        if isinstance(videos, np.ndarray) and videos.dtype != np.uint8 and videos.size:
+            # Host frames (not traced under jit): one pass over them before they go to the device.
+            low, high = float(videos.min()), float(videos.max())
+            if high > 1.5 or low < -0.5:
+                looks = "mean/std-normalised values" if low < -0.5 else "0-255 pixel values"
+                raise ValueError(
+                    f"float videos range over [{low:g}, {high:g}], which looks like {looks}; "
+                    "STAM takes float frames in [0, 1] with no mean/std normalisation, as the "
+                    "official transform makes them: pass the uint8 frames as they are, or "
+                    "divide them by 255."
+                )
 
     def _preprocess(self, videos: jax.Array) -> jax.Array:
         if videos.dtype == jnp.uint8:

@@ -84,6 +84,19 @@ def test_input_shape_and_dtype_are_checked():
         ValueError, match=r"dtype int32; pass uint8 in \[0, 255\] or float in \[0, 1\]"
     ):
         model.apply({"params": params}, jnp.zeros((1, 4, 32, 32, 3), jnp.int32))
+    # Float frames are taken in [0, 1]: 0-255 values or normalised ones, given eagerly as numpy,
+    # are refused instead of giving wrong logits.
+    frames = random_videos(model_config(model), batch=1)
+    with pytest.raises(ValueError, match=r"range over \[0, 2\d\d\], which looks like 0-255 pixel"):
+        model.apply({"params": params}, frames.astype(np.float32))
+    with pytest.raises(ValueError, match=r"looks like mean/std-normalised values; STAM takes"):
+        model.apply({"params": params}, (frames / 255.0 - 0.45) / 0.22)
+    np.testing.assert_allclose(  # the same frames in [0, 1] are fine, and are uint8's logits
+        model.apply({"params": params}, frames.astype(np.float32) / 255.0),
+        model.apply({"params": params}, frames),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match=r"image_size=30 is not a multiple of patch_size=8"):
         create_model("stam_tiny", image_size=30).init(
             jax.random.key(0), jnp.zeros((1, 4, 30, 30, 3))
