@@ -65,6 +65,12 @@ def convert_checkpoint(
 
     pth = Path(pth)
     # Checked before the (possibly long) read so no work is lost to a typo or a bad output path.
+    if str(out_dir).lower().endswith((".pth", ".pt")):  # the two commands mixed up
+        raise ConversionError(
+            f"{out_dir} names a PyTorch file, but python -m convert writes a stam-jax checkpoint "
+            "directory: name a directory (e.g. ckpt/stam_16); python -m convert.to_torch writes "
+            ".pth files."
+        )
     out = checkpoints.check_destination(out_dir, overwrite=overwrite)
     state_dict = load_state_dict(pth)
     config, params, report = torch_to_flax(

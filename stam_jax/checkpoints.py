@@ -311,6 +311,10 @@ def _require_checkpoint(directory: str | os.PathLike) -> Path:
                 f"{path} looks like a run_train.py workdir, not a stam-jax checkpoint: {hint}. "
                 "(Its checkpoints/ holds the train state for resuming, not a checkpoint to load.)"
             )
+        if is_checkpoint_dir(path.parent):
+            raise CheckpointError(
+                f"{path} is a folder inside the checkpoint {path.parent}: pass {path.parent}."
+            )
         raise CheckpointError(
             f"{path} is not a stam-jax checkpoint (no 'config' and 'params' inside); {convert}."
         )

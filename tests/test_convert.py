@@ -18,7 +18,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS, cli_args, convert_kwargs, random_videos, torch_logits
+from conftest import (
+    TINY_CONFIGS,
+    cli_args,
+    convert_kwargs,
+    random_params,
+    random_videos,
+    torch_logits,
+)
 
 from convert import ConversionError, convert_checkpoint, export_checkpoint
 from convert.__main__ import main as convert_main
@@ -344,6 +351,15 @@ def test_existing_output_needs_force(official_pth, tmp_path, capsys):
     assert to_torch_main([str(out), str(back), "--force"]) == 0
 
 
+def test_a_pth_output_name_is_refused(tmp_path, capsys, official_pth):
+    pth, _ = official_pth(TINY)
+    assert convert_main([str(pth), str(tmp_path / "out.pth"), *cli_args(TINY)]) == 2
+    assert "out.pth names a PyTorch file, but python -m convert writes a stam-jax checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_to_torch_refuses_non_checkpoints(tmp_path, capsys):
     assert to_torch_main([str(tmp_path / "nothing"), str(tmp_path / "x.pth")]) == 2
     assert "nothing does not exist; expected a stam-jax checkpoint directory" in (
@@ -352,6 +368,13 @@ def test_to_torch_refuses_non_checkpoints(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert to_torch_main([str(tmp_path / "afile"), str(tmp_path / "x.pth")]) == 2
     assert "afile is not a directory" in capsys.readouterr().err
+    # A folder inside a checkpoint names the checkpoint.
+    ckpt = tmp_path / "saved"
+    checkpoints.save(ckpt, create_model("stam_tiny"), random_params(TINY))
+    assert to_torch_main([str(ckpt / "params"), str(tmp_path / "x.pth")]) == 2
+    assert f"{ckpt / 'params'} is a folder inside the checkpoint {ckpt}: pass {ckpt}." in (
+        capsys.readouterr().err
+    )
     # The arguments swapped: the .pth is named with the command that converts it.
     pth = tmp_path / "stam_16.pth"
     pth.write_bytes(b"PK")
