@@ -105,11 +105,11 @@ def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
 
 
 CTRL_C = """
-import sys, types
+import importlib, sys, types
 import {module} as cli
 def interrupted(*args):
     raise KeyboardInterrupt
-cli.{target} = interrupted
+setattr(importlib.import_module("{library}"), "{target}", interrupted)
 cli._CONFIG = cli._WORKDIR = types.SimpleNamespace(value="w")
 cli.main([])
 """
@@ -117,11 +117,16 @@ cli.main([])
 
 def test_ctrl_c_is_one_line_and_exit_130():
     # Was Python's KeyboardInterrupt traceback; the decoding processes end with the run.
-    for module, target, says in [
-        ("run_eval", "evaluate", "nothing was written"),
-        ("run_train", "train_and_evaluate", "w/checkpoints are kept; run the same command"),
+    for module, library, target, says in [
+        ("run_eval", "stam_jax.evaluate", "evaluate", "nothing was written"),
+        (
+            "run_train",
+            "stam_jax.train",
+            "train_and_evaluate",
+            "w/checkpoints are kept; run the same command",
+        ),
     ]:
-        code = CTRL_C.format(module=module, target=target)
+        code = CTRL_C.format(module=module, library=library, target=target)
         result = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,15 +245,29 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     best = json.loads((run_dir / "best.json").read_text())
     top = max(max(row["top1"], row["ema_top1"]) for row in evals)
     assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
-    chex.assert_trees_all_equal(
-        checkpoints.load(run_dir / "best")[1],
-        checkpoints.load(run_dir / f"eval/step_{best['step']}/{best['params']}")[1],
-    )
+    # Only the best params are kept, and they are the ones that scored it.
+    for step in (2, 4):
+        names = sorted(p.name for p in (run_dir / f"eval/step_{step}").iterdir())
+        assert names == ["ema_results", "params_results"]
+    from stam_jax.evaluate import evaluate
+
+    config = tiny_config(train_root)
+    config.checkpoint, config.data.root = str(run_dir / "best"), str(train_root)
+    config.frame_chunk = 8  # as in the run
+    again = evaluate(config, tmp_path / "again")
+    assert again["metrics"]["top1"] == best["top1"]
     # Refused before any compute: evaluation without a folder, a teacher of another size.
     from stam_jax.train import TrainConfigError, train_and_evaluate
 
     with pytest.raises(TrainConfigError, match=r"needs --config\.train\.eval_root"):
         train_and_evaluate(tiny_config(train_root, eval_every=2), tmp_path / "x")
+    renamed = tmp_path / "renamed"  # the same count of classes, one of another name
+    shutil.copytree(train_root, renamed)
+    (renamed / "class_9").rename(renamed / "zzz_other")
+    with pytest.raises(TrainConfigError, match=r"label 9 is 'zzz_other' there, 'class_9' in "):
+        train_and_evaluate(
+            tiny_config(train_root, eval_every=2, eval_root=str(renamed)), tmp_path / "z"
+        )
     other = create_model("stam_tiny", num_classes=7)
     shapes = jax.eval_shape(other.init, jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes["params"])
