@@ -9,9 +9,10 @@ does the same for the argparse tools (explain, plot).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags
 
@@ -43,8 +44,25 @@ def _innermost_text(error: BaseException) -> str:
     return str(error)
 
 
-def flag_error_message(error: BaseException, argv: list[str]) -> str:
-    """One line saying which flag is wrong and how, from an error raised while parsing `argv`."""
+def _fields_at(config: Any, flag: str) -> str | None:
+    """The fields of the config node that `flag` (--config.a.b.name) sets a field of, listed."""
+    node = config
+    for part in flag.split(".")[1:-1]:
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return None
+    try:
+        names = sorted(node.keys())
+    except AttributeError:
+        return None
+    parent = flag.rsplit(".", 1)[0]
+    return f"The fields of {parent} are {', '.join(names)}."
+
+
+def flag_error_message(error: BaseException, argv: list[str], config: Any = None) -> str:
+    """One line saying which flag is wrong and how, from an error raised while parsing `argv`
+    (`config`: the loaded run config, to list the valid fields where no close one is found)."""
     text = _innermost_text(error)
     if "Traceback (most recent call last)" in text:  # a config file that raised
         head = text.split("Traceback")[0].strip().rstrip(":")
@@ -63,6 +81,9 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
         ]
         where = f" ({used[0]})" if used else ""
         hint = f" {' '.join(lines[1:])}" if len(lines) > 1 else ""
+        if not hint and used and config is not None:
+            fields = _fields_at(config, used[0])
+            hint = f" {fields}" if fields else ""
         return f"unknown config field {field!r}{where}.{hint}"
     return " ".join(lines) or type(error).__name__
 
@@ -77,6 +98,27 @@ def _flag_list(flag_values: flags.FlagValues) -> str:
         if "." not in flag.name
     )
     return ", ".join(f"--{name}" for name in dict.fromkeys(own))
+
+
+def _config_file_default(argv: list[str]) -> Any:
+    """The run config that `--config FILE[:ARG]` in `argv` defines, before any override (None
+    if there is none or it does not load): what an unknown field's message lists from."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if not spec:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        loader = importlib.util.spec_from_file_location("_stam_run_config", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # reported by the parse itself
+        return None
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -119,7 +161,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
                     f"unknown flag --{name}; the flags are {_flag_list(flag_values)}, and the "
                     f"run config's fields are set as --config.FIELD (e.g. --config.{name})."
                 )
-        refuse(flag_error_message(e, argv))
+        refuse(flag_error_message(e, argv, _config_file_default(argv)))
     if len(rest) > 1:
         refuse(f"unexpected arguments {rest[1:]}; every option is a flag (--name=value).")
     return rest

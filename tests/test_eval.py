@@ -543,6 +543,12 @@ def test_cli_unknown_config_field_is_one_line(tmp_path):
             "--config.data.workers comes before --config: name the config file first.",
         ),
         (
+            ["--config=configs/demo.py:stam", "--config.model_overrides.temporal_heads=8"],
+            "unknown config field 'temporal_heads' (--config.model_overrides.temporal_heads). "
+            "The fields of --config.model_overrides are aggregate, drop_path_rate, dropout_rate, "
+            "num_classes, num_frames, temporal_dropout_rate.",
+        ),
+        (
             ["--config", "configs/tiny.py", "--dtype=bfloat16"],
             "unknown flag --dtype; the flags are --config, --workdir, and the run config's fields "
             "are set as --config.FIELD (e.g. --config.dtype).",
