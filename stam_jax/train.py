@@ -429,7 +429,7 @@ def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
     try:
         return list_root(root, "train", spec, config.data.class_list or None)
     except (PreparedError, DatasetError) as e:
-        raise TrainConfigError(str(e)) from None
+        raise TrainConfigError(f"--config.train.root: {e}") from None
 
 
 def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
@@ -525,11 +525,18 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 "(or set train.eval_every=0)."
             )
         _check_eval_root(config, model, folder.classes)
+    elif train.eval_root and jax.process_index() == 0:
+        print(
+            f"warning: --config.train.eval_root={train.eval_root} is not used: periodic "
+            "evaluation is off (train.eval_every=0); set --config.train.eval_every=N to "
+            "evaluate every N steps.",
+            file=sys.stderr,
+        )
     usable = prepared.num_records if prepared else len(folder.items)
     if usable < config.batch_size:
         raise TrainConfigError(
-            f"{train.root} has {usable} videos, fewer than one batch "
-            f"(batch_size={config.batch_size})."
+            f"--config.train.root={train.root} has {usable} videos, fewer than one batch "
+            f"(--config.batch_size={config.batch_size}); lower the batch size or add videos."
         )
     teacher_read = _teacher_model(config, model)  # (teacher, its stored config) or None
     teacher = teacher_read[0] if teacher_read else None
@@ -815,7 +822,9 @@ def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | No
             raise TrainConfigError(
                 f"--config.train.teacher={config.train.teacher} has {name}="
                 f"{getattr(teacher, name)}, the student {getattr(model, name)}: the teacher "
-                "sees the student's clips and its logits are the soft targets, so both must match."
+                "sees the student's clips and its logits are the soft targets, so both must match: "
+                "use a teacher of the student's frames, frame size and classes (or train it "
+                "first, from this one, with those)."
             )
     return teacher, stored
 
