@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -546,7 +547,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     has_checkpoints = (workdir / "checkpoints").is_dir()
     manager = _checkpoint_manager(workdir, train) if has_checkpoints else None
     start = (manager.latest_step() or 0) if manager else 0
-    _check_same_run(config, workdir, start)
+    _check_same_run(config, workdir, start, folder)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     replicated = sharding.replicated(mesh)
@@ -560,7 +561,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         params, report = _initial_params(model, params, config)
         workdir.mkdir(parents=True, exist_ok=True)
         manager = manager or _checkpoint_manager(workdir, train)
-        _write_run_record(config, workdir)
+        _write_run_record(config, workdir, folder)
         if jax.process_index() == 0:
             (workdir / "init_report.txt").write_text(report + "\n")
             if config.checkpoint:
@@ -859,25 +860,36 @@ _RESTART_MAY_CHANGE = (
 RUN_RECORD = "run_config.json"
 
 
-def _run_record(config: Any) -> dict[str, Any]:
-    """The config fields that define what a run computes, flattened ('train.steps': 1000)."""
+def _listing_digest(folder: VideoFolder) -> str:
+    """A digest of what the training data is: its classes, and each video's path and label."""
+    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+_LISTING = "train.root_listing"  # the run record's entry for `_listing_digest`
+
+
+def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
+    """The config fields that define what a run computes, flattened ('train.steps': 1000), and
+    the digest of the training data's listing (the data may move, not change)."""
     flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-    return {
+    record = {
         k: v
         for k, v in sorted(flat.items())
         if not any(k == f or k.startswith(f + ".") for f in _RESTART_MAY_CHANGE)
     }
+    return {**record, _LISTING: _listing_digest(folder)}
 
 
-def _write_run_record(config: Any, workdir: Path) -> None:
+def _write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
     """Saves the fields a restart must not change (process 0), for `_check_same_run`."""
     if jax.process_index() == 0:
         staging = workdir / f"{RUN_RECORD}.tmp"
-        staging.write_text(json.dumps(_run_record(config), indent=1) + "\n")
+        staging.write_text(json.dumps(_run_record(config, folder), indent=1) + "\n")
         staging.replace(workdir / RUN_RECORD)
 
 
-def _check_same_run(config: Any, workdir: Path, start: int) -> None:
+def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) -> None:
     """Refuses to resume the run in `workdir` with a config that computes something else.
 
     Fields only one side holds (added to or removed from stam-jax since the run started) are
@@ -903,12 +915,22 @@ def _check_same_run(config: Any, workdir: Path, start: int) -> None:
             f"cannot read {record} ({e}), which holds the settings of the run at step {start} in "
             f"{workdir}; restore it, or start a new --workdir."
         ) from None
-    now = json.loads(json.dumps(_run_record(config)))  # tuples as lists, as saved
+    now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
     # Only fields both know: one added or removed by another stam-jax version is not compared.
+    changed = [k for k in sorted(saved) if now.get(k, saved[k]) != saved[k]]
+    if changed == ["train.root"] and saved.get(_LISTING) == now[_LISTING]:
+        print(
+            f"the training data moved from {saved['train.root']} to {now['train.root']}: the "
+            f"same {len(folder.items)} videos, classes and labels; resuming.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     changed = [
         f"{k}: {saved[k]!r} -> {now[k]!r}"
-        for k in sorted(saved)
-        if now.get(k, saved[k]) != saved[k]
+        if k != _LISTING
+        else f"{k}: the videos, classes or labels of the training data differ"
+        for k in changed
     ]
     if changed:
         steps = any(line.startswith("train.steps:") for line in changed)
@@ -923,8 +945,8 @@ def _check_same_run(config: Any, workdir: Path, start: int) -> None:
             )
             + ". Changed:\n  "
             + "\n  ".join(changed)
-            + "\nRestore those values to resume, or start a new --workdir (from this run's "
-            f"params: --config.checkpoint={workdir / 'final'} once it has finished). "
+            + "\nRestore those values to resume (the training data may move to another "
+            "--config.train.root, with the same files), or start a new --workdir. "
             f"{record} holds the run's settings."
         )
 

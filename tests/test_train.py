@@ -463,3 +463,13 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     assert summary["resumed_from"] == 8 and summary["step"] == 8
     assert "resuming" in capsys.readouterr().out
     assert (workdir / "init_report.txt").read_text() == report  # not rewritten on a resume
+    # The training data may move (the same files elsewhere), not change.
+    moved = tmp_path / "moved"
+    shutil.copytree(train_root, moved)
+    assert train_and_evaluate(tiny_config(moved), workdir)["resumed_from"] == 8
+    assert f"the training data moved from {train_root} to {moved}: the same 10 videos" in (
+        capsys.readouterr().err
+    )
+    next(moved.rglob("*.mp4")).rename(moved / "class_0" / "renamed.mp4")
+    with pytest.raises(TrainConfigError, match="the videos, classes or labels of the training"):
+        train_and_evaluate(tiny_config(moved), workdir)
