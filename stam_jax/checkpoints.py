@@ -309,7 +309,14 @@ def _require_checkpoint(directory: str | os.PathLike) -> Path:
                 hint = f"pass {path / 'final'} once training has finished"
             raise CheckpointError(
                 f"{path} looks like a run_train.py workdir, not a stam-jax checkpoint: {hint}. "
-                "(Its checkpoints/ holds the train state for resuming, not a checkpoint to load.)"
+                "(Its checkpoints/ holds the train state for resuming; python -m "
+                f"stam_jax.export {path} OUT_DIR --step N makes a checkpoint of a saved step.)"
+            )
+        if (path / "state").is_dir() and path.parent.name == "checkpoints":
+            raise CheckpointError(
+                f"{path} is a saved train state of the run in {path.parent.parent}, not a "
+                f"stam-jax checkpoint: make one of its params with python -m stam_jax.export "
+                f"{path} OUT_DIR (--ema for their EMA), and pass OUT_DIR."
             )
         if is_checkpoint_dir(path.parent):
             raise CheckpointError(

@@ -473,3 +473,42 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     next(moved.rglob("*.mp4")).rename(moved / "class_0" / "renamed.mp4")
     with pytest.raises(TrainConfigError, match="the videos, classes or labels of the training"):
         train_and_evaluate(tiny_config(moved), workdir)
+
+
+def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys):
+    from stam_jax.export import main as export_main
+
+    saved = sorted(
+        int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert saved[-1] == 8 and len(saved) >= 2
+    # The last step's params and EMA are the run's final ones, bit for bit.
+    assert export_main([str(uninterrupted), str(tmp_path / "last")]) == 0
+    assert export_main([str(uninterrupted), str(tmp_path / "ema"), "--ema"]) == 0
+    final, final_ema = final_params(uninterrupted)
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "last")[1], final)
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "ema")[1], final_ema)
+    # A step midway, named by its folder: a checkpoint of the run's model, saying its source.
+    midway = uninterrupted / "checkpoints" / str(saved[0])
+    refused = re.escape(f"{midway} is a saved train state of the run in {uninterrupted}")
+    with pytest.raises(checkpoints.CheckpointError, match=refused):
+        checkpoints.load(midway)
+    assert export_main([str(midway), str(tmp_path / "mid")]) == 0
+    assert f"wrote {tmp_path / 'mid'}: the params of step {saved[0]}" in capsys.readouterr().out
+    config = checkpoints.read_config(tmp_path / "mid")
+    assert config["metadata"] == {"source": str(midway), "step": saved[0], "params": "params"}
+    assert config["model"] == checkpoints.read_config(uninterrupted / "final")["model"]
+    mid = checkpoints.load(tmp_path / "mid")[1]
+    assert not np.array_equal(mid["head"]["kernel"], final["head"]["kernel"])
+    # Refusals: one line each, nothing written.
+    for args, message in [
+        (
+            [str(uninterrupted), str(tmp_path / "x"), "--step", "5"],
+            f"has no saved step 5; it has {saved}",
+        ),
+        ([str(uninterrupted), str(tmp_path / "last")], "already exists"),
+        ([str(tmp_path), str(tmp_path / "x")], "has no run_config.json"),
+    ]:
+        assert export_main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

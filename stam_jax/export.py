@@ -1,0 +1,165 @@
+"""Params of any saved step of a training run, as a stam-jax checkpoint.
+
+    python -m stam_jax.export RUN_DIR OUT_DIR [--step N] [--ema] [--force]
+
+`run_train.py` writes `RUN_DIR/final` and `final_ema` at the end; during the run,
+`RUN_DIR/checkpoints/N` hold the whole train state (params, optimizer state, EMA) for resuming.
+This takes the params (or with `--ema` their EMA) of step N (default: the last saved) out of
+that state into a checkpoint that `run_eval.py`, `--config.checkpoint`, `convert.to_torch` and
+`stam_jax.explain` read: to evaluate a run midway, or to start again from before it diverged.
+The architecture is the run's (`RUN_DIR/run_config.json`). `RUN_DIR/checkpoints/N` may be given
+for RUN_DIR (then `--step` is N). Exit status: 0 written, 2 refused (one `error:` line, nothing
+written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
+
+RUN_RECORD = "run_config.json"  # as stam_jax.train writes it
+
+
+class ExportError(ValueError):
+    """A run directory, step or output that cannot be exported; the message says what to do."""
+
+
+def _run_and_step(run_dir: Path, step: int | None) -> tuple[Path, int | None]:
+    """(the run directory, the step asked for) from RUN_DIR or RUN_DIR/checkpoints/N."""
+    if run_dir.name.isdigit() and run_dir.parent.name == "checkpoints":
+        named = int(run_dir.name)
+        if step is not None and step != named:
+            raise ExportError(f"{run_dir} is step {named}, but --step={step}; give one of them.")
+        return run_dir.parent.parent, named
+    return run_dir, step
+
+
+def _model(run_dir: Path) -> Any:
+    """The run's model (architecture only), from its run record."""
+    from stam_jax.variants import create_model
+
+    record_file = run_dir / RUN_RECORD
+    if not record_file.is_file():
+        what = "a run_train.py workdir" if (run_dir / "checkpoints").is_dir() else "a run"
+        raise ExportError(
+            f"{run_dir} has no {RUN_RECORD}, so the run's architecture is unknown: pass the "
+            f"folder run_train.py wrote (--workdir), not {what} without one."
+        )
+    try:
+        record = json.loads(record_file.read_text())
+        overrides = {
+            key.split(".", 1)[1]: value
+            for key, value in record.items()
+            if key.startswith("model_overrides.") and value is not None
+        }
+        return create_model(record["model"], **overrides)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"cannot read the run's architecture from {record_file}: {e}.") from None
+
+
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    ema: bool = False,
+    overwrite: bool = False,
+) -> tuple[Path, int]:
+    """Writes the params (or EMA params) of a saved step of a `run_train.py` run as a checkpoint.
+
+    Args:
+      run_dir: the run's workdir, or its `checkpoints/N` (then `step` is N).
+      out_dir: the stam-jax checkpoint directory to write.
+      step: the saved step; None: the last one.
+      ema: the EMA of the params instead of the params.
+      overwrite: replace `out_dir` if it is a stam-jax checkpoint (see `checkpoints.save`).
+
+    Returns:
+      (the checkpoint written, the step it holds).
+
+    Raises:
+      ExportError: no such run, step or train state, naming what there is.
+      checkpoints.CheckpointError: `out_dir` cannot or must not be written (checked first).
+    """
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from stam_jax import checkpoints
+
+    run, step = _run_and_step(Path(run_dir).absolute(), step)
+    checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read
+    model = _model(run)
+    saved = run / "checkpoints"
+    manager = ocp.CheckpointManager(saved) if saved.is_dir() else None
+    steps = sorted(manager.all_steps()) if manager else []
+    if not steps:
+        raise ExportError(f"{run} has no saved training step (no {saved}/N).")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ExportError(f"{run} has no saved step {step}; it has {steps}.")
+    name = "ema_params" if ema else "params"
+    manager.close()
+    state = saved / str(step) / "state"  # the train state, in orbax's PyTree format
+    try:
+        with ocp.PyTreeCheckpointer() as ckpt:
+            wanted = {name: ckpt.metadata(state).item_metadata[name]}
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            restored = ckpt.restore(
+                state,
+                args=ocp.args.PyTreeRestore(
+                    item=wanted, restore_args=as_numpy, partial_restore=True
+                ),
+            )
+        params = restored[name]
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise ExportError(f"cannot read the {name} of {state}: {e}.") from None
+    try:
+        checkpoints.check_params(model, params)
+    except checkpoints.CheckpointError as e:
+        raise ExportError(f"{saved / str(step)} does not hold the run's model: {e}") from None
+    metadata = {"source": str(saved / str(step)), "step": step, "params": name}
+    return checkpoints.save(out_dir, model, params, metadata=metadata, overwrite=overwrite), step
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    parser = ArgumentParser(
+        prog="python -m stam_jax.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", help="a run_train.py workdir, or its checkpoints/N")
+    parser.add_argument("out_dir", help="the stam-jax checkpoint directory to write")
+    parser.add_argument("--step", type=int, help="the saved step (default: the last one)")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the params")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT_DIR")
+    args = parser.parse_args(argv)
+    from absl import logging
+
+    from stam_jax.checkpoints import CheckpointError
+    from stam_jax.interrupts import keep_interrupts
+
+    keep_interrupts()
+    logging.set_verbosity(logging.ERROR)  # orbax's notes on the train state's format
+    try:
+        path, step = export(
+            args.run_dir, args.out_dir, step=args.step, ema=args.ema, overwrite=args.force
+        )
+    except (ExportError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"wrote {path}: the {'EMA params' if args.ema else 'params'} of step {step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
