@@ -198,3 +198,11 @@ def test_tensorboard_import_smoke():
     (row,) = run_script("benchmarks/tensorboard_import.py", "--repeats", "1")
     assert row["torch_imported"] == {"with_torch": True, "stam_jax": False}
     assert row["median_s"]["with_torch"] > 0 and row["median_s"]["stam_jax"] > 0
+
+
+def test_worker_start_smoke():
+    rows = run_script("benchmarks/worker_start.py", "--repeats", "1", "--workers", "1")
+    assert [row["variant"] for row in rows] == ["now", "jax_at_top"]
+    assert all(
+        row["first_results_s_median"] > 0 and row["worker_rss_mib_median"] > 0 for row in rows
+    )

@@ -67,7 +67,7 @@ def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return ckpt, make_folder(root / "videos")
 
 
-@pytest.mark.parametrize("after", [0.4, 1.2, 2.0, 2.8])
+@pytest.mark.parametrize("after", [0.4, 2.0])  # importing JAX; decoding and compiling
 def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
     # As a terminal does: SIGINT to the whole process group, decoding processes included.
     ckpt, videos = eval_inputs
