@@ -200,6 +200,16 @@ def _not_a_pth(path: Path, head: bytes, size: int) -> str | None:
             f"first (tar -xzf {path.name} for a .tar.gz, else gunzip {path.name}) and convert "
             "the .pth inside."
         )
+    if b"<html" in head.lower() or head.lstrip().lower().startswith(b"<!doctype"):
+        return (
+            f"{path} is a web page ({size} bytes), not a PyTorch .pth: the download saved an "
+            "error or sign-in page instead of the file. Download it again (and check its size)."
+        )
+    if not head.startswith(b"\x80"):  # a legacy .pth is a pickle: protocol 2+ opens with 0x80
+        return (
+            f"{path} is not a PyTorch .pth ({size} bytes, starting {head[:16]!r}): neither the "
+            f"zip format of torch.save nor its legacy pickle; {_CONVERT_READS}."
+        )
     return None
 
 

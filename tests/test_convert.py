@@ -210,11 +210,14 @@ def test_damaged_and_wrong_files(official_pth, tmp_path):
     text.write_text("not a checkpoint\n")
     npy = tmp_path / "array.npy"
     np.save(npy, np.zeros(4))
+    html = tmp_path / "stam_16.pth"  # what a failed download saves
+    html.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
     cases = {
         truncated: r"truncated or corrupt zip-format \.pth",
         empty: r"is empty \(0 bytes\)",
-        text: r"not.* a PyTorch checkpoint \(17 bytes",
-        npy: r"is not a PyTorch checkpoint",
+        text: r"is not a PyTorch \.pth \(17 bytes, starting b'not a checkpoint'\): neither",
+        npy: r"array\.npy is not a PyTorch \.pth \(\d+ bytes, starting b'\\x93NUMPY",
+        html: r"is a web page \(\d+ bytes\), not a PyTorch \.pth: the download saved an error",
         tmp_path / "absent.pth": r"no such file",
         tmp_path: r"is a directory",
     }
