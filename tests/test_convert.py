@@ -216,7 +216,7 @@ def test_damaged_and_wrong_files(official_pth, tmp_path):
         truncated: r"truncated or corrupt zip-format \.pth",
         empty: r"is empty \(0 bytes\)",
         text: r"is not a PyTorch \.pth \(17 bytes, starting b'not a checkpoint'\): neither",
-        npy: r"array\.npy is not a PyTorch \.pth \(\d+ bytes, starting b'\\x93NUMPY",
+        npy: r"array\.npy is not a PyTorch \.pth \(\d+ bytes, starting b\"\\x93NUMPY",
         html: r"is a web page \(\d+ bytes\), not a PyTorch \.pth: the download saved an error",
         tmp_path / "absent.pth": r"no such file",
         tmp_path: r"is a directory",
