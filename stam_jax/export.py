@@ -96,15 +96,18 @@ def export(
     checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read
     model = _model(run)
     saved = run / "checkpoints"
-    manager = ocp.CheckpointManager(saved) if saved.is_dir() else None
-    steps = sorted(manager.all_steps()) if manager else []
+    # Finished saves only (orbax renames a save in progress into place when it is whole). Read
+    # from the folder, not through an orbax CheckpointManager: starting one deletes the
+    # unfinished saves it finds, which would be those of a run still training.
+    steps = sorted(
+        int(p.name) for p in (saved.iterdir() if saved.is_dir() else ()) if p.name.isdigit()
+    )
     if not steps:
         raise ExportError(f"{run} has no saved training step (no {saved}/N).")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ExportError(f"{run} has no saved step {step}; it has {steps}.")
     name = "ema_params" if ema else "params"
-    manager.close()
     state = saved / str(step) / "state"  # the train state, in orbax's PyTree format
     try:
         with ocp.PyTreeCheckpointer() as ckpt:

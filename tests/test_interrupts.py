@@ -58,6 +58,20 @@ def test_a_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command()
     assert runs["plain"].stdout == "went on\n" and "Exception ignored" in runs["plain"].stderr
 
 
+def start_in_own_group(script: str, *flags: str) -> subprocess.Popen:
+    """`script --config=configs/tiny.py *flags` in a process group of its own, so that a SIGINT
+    to the group reaches it and its children as a terminal's Ctrl-C does."""
+    return subprocess.Popen(
+        [sys.executable, script, "--config=configs/tiny.py", *flags],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("interrupts")
@@ -72,22 +86,12 @@ def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
     # As a terminal does: SIGINT to the whole process group, decoding processes included.
     ckpt, videos = eval_inputs
     workdir = tmp_path / "out"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "run_eval.py",
-            "--config=configs/tiny.py",
-            f"--config.checkpoint={ckpt}",
-            f"--config.data.root={videos}",
-            "--config.data.workers=2",
-            f"--workdir={workdir}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    process = start_in_own_group(
+        "run_eval.py",
+        f"--config.checkpoint={ckpt}",
+        f"--config.data.root={videos}",
+        "--config.data.workers=2",
+        f"--workdir={workdir}",
     )
     time.sleep(after)
     os.killpg(process.pid, signal.SIGINT)
@@ -107,25 +111,15 @@ def test_run_train_stops_on_ctrl_c_during_a_save(eval_inputs, tmp_path):
     # (orbax's threads used to print pages of errors and leave a *.orbax-checkpoint-tmp).
     _, videos = eval_inputs
     workdir = tmp_path / "run"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "run_train.py",
-            "--config=configs/tiny.py",
-            f"--config.train.root={videos}",
-            "--config.batch_size=4",
-            "--config.train.steps=100000",
-            "--config.train.save_every=1",
-            "--config.train.keep=2",
-            "--config.data.workers=0",
-            f"--workdir={workdir}",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    process = start_in_own_group(
+        "run_train.py",
+        f"--config.train.root={videos}",
+        "--config.batch_size=4",
+        "--config.train.steps=100000",
+        "--config.train.save_every=1",
+        "--config.train.keep=2",
+        "--config.data.workers=0",
+        f"--workdir={workdir}",
     )
     deadline = time.monotonic() + 300
     while not (workdir / "checkpoints" / "3").is_dir():
