@@ -22,8 +22,6 @@ from typing import Any
 
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 
-RUN_RECORD = "run_config.json"  # as stam_jax.train writes it
-
 
 class ExportError(ValueError):
     """A run directory, step or output that cannot be exported; the message says what to do."""
@@ -41,6 +39,7 @@ def _run_and_step(run_dir: Path, step: int | None) -> tuple[Path, int | None]:
 
 def _model(run_dir: Path) -> Any:
     """The run's model (architecture only), from its run record."""
+    from stam_jax.train import RUN_RECORD
     from stam_jax.variants import create_model
 
     record_file = run_dir / RUN_RECORD
