@@ -461,17 +461,37 @@ def load(
     Returns:
       The `STAM` module and its params (jax arrays on the default device).
     """
+    _, model, params = read(
+        directory, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+    )
+    return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+
+
+def read(
+    directory: str | os.PathLike, **runtime: Any
+) -> tuple[dict[str, Any], STAM, dict[str, Any]]:
+    """Reads a checkpoint's config, its model and its params, all from one directory even when
+    an overwrite swaps it meanwhile.
+
+    Args:
+      directory: a stam-jax checkpoint directory.
+      **runtime: run-time model fields (`dtype`, `param_dtype`, `attention_impl`).
+
+    Returns:
+      (the config as `read_config` gives it, the model, the params as host numpy arrays in
+      their stored dtype).
+
+    Raises:
+      CheckpointError: not a checkpoint directory, or a damaged one.
+    """
     path = Path(directory).absolute()
 
-    def read() -> tuple[STAM, dict[str, Any]]:  # the config and params of one directory
+    def read_all() -> tuple[dict[str, Any], STAM, dict[str, Any]]:
         config = _read_config(path)
-        model = model_from_config(
-            config["model"], dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
-        )
-        return model, _read_params(path, model)
+        model = model_from_config(config["model"], **runtime)
+        return config, model, _read_params(path, model)
 
-    model, params = _read_unchanged(path, read)
-    return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+    return _read_unchanged(path, read_all)
 
 
 def read_params(

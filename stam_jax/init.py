@@ -39,7 +39,6 @@ from flax import traverse_util
 
 from stam_jax import checkpoints
 from stam_jax.model import STAM
-from stam_jax.variants import model_from_config
 
 SPATIAL_POS_EMBED = "pos_embed"
 TEMPORAL_POS_EMBED = "aggregate/pos_embed"
@@ -155,9 +154,7 @@ def init_from_checkpoint(
     if str(checkpoint).endswith(VIT_SUFFIXES):
         source, notes = read_vit(checkpoint)
     else:
-        stored = checkpoints.read_config(checkpoint)
-        source_model = model_from_config(stored["model"])
-        params = checkpoints.read_params(checkpoint, source_model, config=stored)
+        params = checkpoints.read(checkpoint)[2]
         source, notes = traverse_util.flatten_dict(params, sep="/"), []
     target = traverse_util.flatten_dict(fresh, sep="/")
 
