@@ -3,162 +3,27 @@
     python -m convert stam_16.pth ckpt/stam_16          # official -> stam-jax
     python -m convert.to_torch ckpt/stam_16 out.pth     # stam-jax -> official
 
-The key/layout table lives in `convert.mapping`; `.pth` reading and writing in `convert.torch_io`.
+The conversions live in `convert.core`, the key/layout table in `convert.mapping`, `.pth`
+reading and writing in `convert.torch_io`. The exports below are imported on first use, so that
+`python -m convert` has its Ctrl-C handling in place before JAX is imported.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import os
-from pathlib import Path
+import importlib
 from typing import Any
-
-import numpy as np
-
-from convert.mapping import ConversionError, Report, flax_to_torch, torch_to_flax
-from stam_jax import checkpoints
-from stam_jax.paths import unwritable
-from stam_jax.variants import model_from_config
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def convert_checkpoint(
-    pth: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    strict: bool = False,
-    overwrite: bool = False,
-    num_heads: int | None = None,
-    temporal_heads: int | None = None,
-    num_frames: int | None = None,
-) -> tuple[Path, dict[str, Any], Report]:
-    """Converts an official `.pth` into a stam-jax checkpoint directory.
-
-    Args:
-      pth: official checkpoint (`{'model': sd}`, `{'state_dict': sd}` or a bare state dict).
-      out_dir: destination directory (must not exist unless `overwrite`).
-      strict: refuse unexpected keys instead of warning.
-      overwrite: replace an existing `out_dir` if it is a stam-jax checkpoint or empty
-        (`checkpoints.check_destination`); the old one is kept until the new one is complete.
-      num_heads: ViT heads if not width/64 (heads are not visible in tensor shapes).
-      temporal_heads: temporal heads if not 8.
-      num_frames: T, needed only for mean-aggregate checkpoints.
-
-    Returns:
-      (checkpoint path, inferred model config, report of warnings).
-
-    Raises:
-      ConversionError: the `.pth` cannot be read or converted (naming the file or keys).
-      checkpoints.CheckpointError: `out_dir` cannot or must not be written.
-    """
-    from convert.torch_io import load_state_dict
-
-    pth = Path(pth)
-    # Checked before the (possibly long) read so no work is lost to a typo or a bad output path.
-    if str(out_dir).lower().endswith((".pth", ".pt")):  # the two commands mixed up
-        raise ConversionError(
-            f"{out_dir} names a PyTorch file, but python -m convert writes a stam-jax checkpoint "
-            "directory: name a directory (e.g. ckpt/stam_16); python -m convert.to_torch writes "
-            ".pth files."
-        )
-    out = checkpoints.check_destination(out_dir, overwrite=overwrite)
-    state_dict = load_state_dict(pth)
-    config, params, report = torch_to_flax(
-        state_dict,
-        strict=strict,
-        num_heads=num_heads,
-        temporal_heads=temporal_heads,
-        num_frames=num_frames,
-    )
-    # Release the file mapping before saving: at most about two copies of the weights are
-    # ever resident (BENCHMARKS.md, converter).
-    del state_dict
-    gc.collect()
-    metadata = {
-        "source": pth.name,
-        "source_sha256": _sha256(pth),
-        "source_dtypes": report.source_dtypes,
-        "zero_filled": report.zero_filled,
-        "ignored_keys": report.unexpected,
-        "non_finite": report.non_finite,
-    }
-    path = checkpoints.save(
-        out, model_from_config(config), params, metadata=metadata, overwrite=overwrite
-    )
-    return path, config, report
+_EXPORTS = {
+    "ConversionError": "convert.mapping",
+    "convert_checkpoint": "convert.core",
+    "export_checkpoint": "convert.core",
+}
+__all__ = sorted([*_EXPORTS, "TORCH_DTYPES"])
 
 
-def export_checkpoint(
-    ckpt_dir: str | os.PathLike,
-    out_pth: str | os.PathLike,
-    *,
-    dtype: str | None = None,
-    overwrite: bool = False,
-) -> tuple[Path, str]:
-    """Writes a stam-jax checkpoint back as an official `{'model': state_dict}` `.pth`.
-
-    Args:
-      ckpt_dir: a stam-jax checkpoint directory.
-      out_pth: destination file; missing parent directories are created.
-      dtype: tensor dtype; default: the dtype the checkpoint was converted from, else float32.
-      overwrite: replace an existing file.
-
-    Returns:
-      (written path, dtype used).
-
-    Raises:
-      ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), or
-        a bad `dtype`.
-      checkpoints.CheckpointError: `ckpt_dir` is not a readable stam-jax checkpoint.
-    """
-    from convert.torch_io import save_state_dict
-
-    out = _check_output_file(Path(out_pth), overwrite)
-    config = checkpoints.read_config(ckpt_dir)
-    if dtype is None:
-        sources = config["metadata"].get("source_dtypes", [])
-        dtype = sources[0] if len(sources) == 1 and sources[0] in TORCH_DTYPES else "float32"
-    if dtype not in TORCH_DTYPES:
-        raise ConversionError(f"dtype={dtype!r} is not one of {TORCH_DTYPES}.")
-    model = model_from_config(config["model"])
-    params = checkpoints.read_params(ckpt_dir, model, config=config)
-    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
-    if np_dtype is None:
-        import ml_dtypes
-
-        np_dtype = ml_dtypes.bfloat16
-    state_dict = flax_to_torch(model, params, np_dtype, consume=True)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
-    save_state_dict(state_dict, out)
-    return out, dtype
-
-
-def _check_output_file(out: Path, overwrite: bool) -> Path:
-    """Refuses an output `.pth` path that cannot be written, before any work is done."""
-    if out.is_dir():
-        raise ConversionError(
-            f"{out} is a directory; pass the name of the .pth file to write "
-            f"(e.g. {out / 'stam.pth'})."
-        )
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ConversionError(f"{out} already exists; choose another name or pass --force.")
-    problem = unwritable(out)
-    if problem:
-        raise ConversionError(f"cannot write {out}: {problem}; choose another path.")
-    return out
-
-
-__all__ = ["ConversionError", "convert_checkpoint", "export_checkpoint"]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'convert' has no attribute {name!r}")

@@ -6,11 +6,8 @@ import argparse
 import sys
 import time
 
-from convert import ConversionError, convert_checkpoint
-from stam_jax.checkpoints import CheckpointError
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
-from stam_jax.interrupts import keep_interrupts
-from stam_jax.variants import model_from_config, variant_name
+from stam_jax.interrupts import interrupts_held, keep_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_interrupts()
     start = time.perf_counter()
     try:
+        with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
+            from convert.core import ConversionError, convert_checkpoint
+            from stam_jax.checkpoints import CheckpointError
+            from stam_jax.variants import model_from_config, variant_name
         path, config, report = convert_checkpoint(
             args.pth,
             args.out_dir,
@@ -41,15 +42,16 @@ def main(argv: list[str] | None = None) -> int:
             temporal_heads=args.temporal_heads,
             num_frames=args.num_frames,
         )
-    except (ConversionError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+    # First: the error classes below are bound only once their import has run.
     except KeyboardInterrupt:  # what was being written is removed or never renamed into place
         print(
             "interrupted: nothing was written (a checkpoint already there is kept).",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     for warning in report.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     name = variant_name(model_from_config(config)) or "custom"

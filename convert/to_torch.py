@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert import TORCH_DTYPES, ConversionError, export_checkpoint
-from stam_jax.checkpoints import CheckpointError
+from convert import TORCH_DTYPES
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
-from stam_jax.interrupts import keep_interrupts
+from stam_jax.interrupts import interrupts_held, keep_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,15 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     keep_interrupts()
     try:
+        with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
+            from convert.core import ConversionError, export_checkpoint
+            from stam_jax.checkpoints import CheckpointError
         path, dtype = export_checkpoint(
             args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
         )
-    except (ConversionError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_REFUSED
+    # First: the error classes below are bound only once their import has run.
     except KeyboardInterrupt:  # what was being written is removed or never renamed into place
         print("interrupted: the .pth was not written.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ConversionError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     print(f"wrote {path} ({dtype})")
     return 0
 

@@ -555,14 +555,13 @@ def test_common_non_pth_files_are_named(official_pth, tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    import convert.__main__ as convert_cli
-    import convert.to_torch as to_torch_cli
+    import convert.core
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_cli, "convert_checkpoint", interrupted)
-    monkeypatch.setattr(to_torch_cli, "export_checkpoint", interrupted)
+    monkeypatch.setattr(convert.core, "convert_checkpoint", interrupted)
+    monkeypatch.setattr(convert.core, "export_checkpoint", interrupted)
     assert convert_main(["in.pth", str(tmp_path / "out")]) == 130
     assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "out.pth")]) == 130
     err = capsys.readouterr().err.splitlines()

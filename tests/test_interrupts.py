@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIGS, random_params
+from conftest import TINY_CONFIGS, cli_args, random_params
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
@@ -135,3 +135,30 @@ def test_run_train_stops_on_ctrl_c_during_a_save(eval_inputs, tmp_path):
     ]
     left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert left and all(name.isdigit() for name in left), left
+
+
+@pytest.mark.parametrize("command", ["convert", "convert.to_torch"])
+def test_convert_stops_on_ctrl_c_while_importing_jax(official_pth, eval_inputs, tmp_path, command):
+    # JAX takes about a second to import; a Ctrl-C then used to be lost ("Exception ignored",
+    # exit 0 with the output written) or to print a traceback.
+    if command == "convert":
+        pth, _ = official_pth(TINY_CONFIGS["tiny"])
+        args = [str(pth), str(tmp_path / "ckpt"), *cli_args(TINY_CONFIGS["tiny"])]
+        message = "interrupted: nothing was written (a checkpoint already there is kept)."
+    else:
+        args = [str(eval_inputs[0]), str(tmp_path / "out.pth")]
+        message = "interrupted: the .pth was not written."
+    process = subprocess.Popen(
+        [sys.executable, "-m", command, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    time.sleep(0.4)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert (process.returncode, err) == (130, message + "\n")
+    assert not any(tmp_path.glob("ckpt*")) and not (tmp_path / "out.pth").exists()
