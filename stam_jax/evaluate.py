@@ -276,12 +276,14 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, num_classes: int) -> dict[s
     }
 
 
-def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[str, Any]:
     """Evaluates `config.checkpoint` on `config.data.root`; writes results to `workdir`.
 
     Args:
       config: a run config (`configs/stam_16.py` and friends).
       workdir: output folder for `results.json` and `predictions.jsonl`.
+      report: print the summary (metrics, speed, skipped videos) on process 0; the periodic
+        evaluation of training prints its own, shorter one.
 
     Returns:
       The results dict (also written as `results.json`). When no video was evaluated its
@@ -438,7 +440,8 @@ def evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     }
     if pid == 0:
         _write(workdir, results, folder, done_pos, labels, logits, scores)
-        _summary(results, workdir)
+        if report:
+            _summary(results, workdir)
         if non_finite:
             print(_non_finite_warning(len(non_finite), len(finite), model, stored), file=sys.stderr)
     return results

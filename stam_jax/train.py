@@ -633,6 +633,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     )
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
+    named: set[str] = set()  # videos the periodic evaluation skipped, named once
     failed = skipped = 0
     unusable = _Unusable(workdir, start)
     try:
@@ -707,7 +708,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     board.flush()
                 timer, timer_step = time.perf_counter(), done
             if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
-                scores = _periodic_eval(config, Path(workdir), model, state, done)
+                scores = _periodic_eval(config, Path(workdir), model, state, done, named)
                 if log:  # no video evaluated: top-1 is null (strict JSON), not NaN
                     scores = {k: v if math.isfinite(v) else None for k, v in scores.items()}
                     with open(log, "a") as f:
@@ -760,7 +761,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
 
 def _periodic_eval(
-    config: Any, workdir: Path, model: STAM, state: TrainState, step: int
+    config: Any, workdir: Path, model: STAM, state: TrainState, step: int, named: set[str]
 ) -> dict[str, float]:
     """Evaluates the params (and their EMA) on `train.eval_root` with `stam_jax.evaluate`.
 
@@ -768,6 +769,8 @@ def _periodic_eval(
     and evaluated from there (results.json, predictions.jsonl in `{params,ema}_results`); the
     best by top-1 so far then becomes `workdir/best`, with `workdir/best.json` (step, which
     params, top-1), which survive a resume, and any other is deleted (a STAM-16 set is 0.45 GB).
+    Prints one line for the step, and names a skipped video the first time only (`named`
+    holds those already named).
     """
     from stam_jax.evaluate import evaluate
 
@@ -778,7 +781,8 @@ def _periodic_eval(
     here = workdir / "eval" / f"step_{step}"
     best_file = workdir / "best.json"
     best = json.loads(best_file.read_text()) if best_file.exists() else {"top1": -1.0}
-    scores = {}
+    scores, counts, new_best = {}, {}, None
+    skipped: list[dict[str, Any]] = []
     for name, params in sets.items():
         if jax.process_index() == 0:
             checkpoints.save(here / name, model, params, overwrite=True)
@@ -788,7 +792,9 @@ def _periodic_eval(
             multihost_utils.sync_global_devices(f"eval checkpoint {step} {name}")
         eval_config = _eval_config(config)
         eval_config.checkpoint = str(here / name)
-        results = evaluate(eval_config, here / f"{name}_results")
+        results = evaluate(eval_config, here / f"{name}_results", report=False)
+        counts[name] = results["counts"]
+        skipped = results["dropped"] + results["failed"] + results.get("non_finite", [])
         top1 = float(results["metrics"]["top1"])
         scores["top1" if name == "params" else "ema_top1"] = top1
         if jax.process_index() == 0:  # every process has read it: evaluate gathers at its end
@@ -801,9 +807,46 @@ def _periodic_eval(
                 shutil.rmtree(old, ignore_errors=True)
                 best = {"step": step, "params": name, "top1": top1}
                 best_file.write_text(json.dumps(best) + "\n")
+                new_best = name
             else:
                 shutil.rmtree(here / name)
+    if jax.process_index() == 0:
+        _eval_report(step, scores, counts, skipped, named, here, new_best, workdir / "best")
     return scores
+
+
+def _eval_report(
+    step: int,
+    scores: dict[str, float],
+    counts: dict[str, dict[str, int]],
+    skipped: list[dict[str, Any]],
+    named: set[str],
+    here: Path,
+    new_best: str | None,
+    best: Path,
+) -> None:
+    """The periodic evaluation's line, and the skipped videos not named before (to stderr)."""
+    c = counts["params"]
+    top1 = f"top-1 {_percent(scores['top1'])}"
+    if "ema_top1" in scores:
+        top1 = f"{top1} (EMA {_percent(scores['ema_top1'])})"
+    left_out = c["listed"] - c["evaluated"]
+    line = f"eval at step {step}: {top1} on {c['evaluated']} of {c['listed']} videos"
+    if "ema" in counts and counts["ema"]["evaluated"] != c["evaluated"]:
+        line += f" (EMA on {counts['ema']['evaluated']})"
+    if left_out:
+        line += f", {left_out} left out (reasons in {here}/params_results/results.json)"
+    if new_best:
+        line += f"; new best ({new_best}) in {best}"
+    print(line)
+    for entry in skipped:
+        if entry["path"] not in named:
+            named.add(entry["path"])
+            print(f"  eval skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%" if math.isfinite(value) else "n/a"
 
 
 def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | None:

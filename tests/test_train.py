@@ -245,6 +245,11 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     best = json.loads((run_dir / "best.json").read_text())
     top = max(max(row["top1"], row["ema_top1"]) for row in evals)
     assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
+    # One line per evaluation, both sets on it (not evaluate's whole summary once per set).
+    lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
+    assert [line.split(":")[0] for line in lines] == ["eval at step 2", "eval at step 4"]
+    assert all(" on 10 of 10 videos" in line and "(EMA " in line for line in lines), lines
+    assert "videos/s" not in result.stdout
     # Only the best params are kept, and they are the ones that scored it.
     for step in (2, 4):
         names = sorted(p.name for p in (run_dir / f"eval/step_{step}").iterdir())
@@ -512,3 +517,33 @@ def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys)
         assert export_main(args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
+    from stam_jax.train import _eval_report
+
+    counts = {"listed": 3, "evaluated": 2}
+    broken = {"path": "a/broken.mp4", "reason": "failed: InvalidDataError"}
+    nan = {"path": "b/x.mp4", "reason": "the model gave non-finite logits (NaN/Inf)"}
+    named: set[str] = set()
+    for step, skipped in ((2, [broken]), (4, [broken, nan])):
+        _eval_report(
+            step,
+            {"top1": 0.5, "ema_top1": float("nan")},
+            {"params": counts, "ema": {**counts, "evaluated": 0}},
+            skipped,
+            named,
+            tmp_path / f"step_{step}",
+            "params" if step == 2 else None,
+            tmp_path / "best",
+        )
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"eval at step {step}: top-1 50.00% (EMA n/a) on 2 of 3 videos (EMA on 0), 1 left out "
+        f"(reasons in {tmp_path}/step_{step}/params_results/results.json)" + end
+        for step, end in ((2, f"; new best (params) in {tmp_path / 'best'}"), (4, ""))
+    ]
+    assert err.splitlines() == [
+        "  eval skipped a/broken.mp4: failed: InvalidDataError",
+        "  eval skipped b/x.mp4: the model gave non-finite logits (NaN/Inf)",
+    ]
