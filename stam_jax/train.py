@@ -308,12 +308,16 @@ def _train_step(
 
 class _Unusable:
     """The training videos that could not be used: each named once on stderr, listed in
-    `WORKDIR/failed_videos.jsonl` (process 0's; other processes print theirs), and the run
-    stopped when they are most of what it has seen (`_UNUSABLE_SHARE` of at least
-    `_UNUSABLE_AFTER` videos): a folder of files that do not decode trains nothing."""
+    `WORKDIR/failed_videos.jsonl` (with several processes, each lists the videos it decoded in
+    `failed_videos.process_K.jsonl`), and the run stopped when they are most of what it has
+    seen (`_UNUSABLE_SHARE` of at least `_UNUSABLE_AFTER` videos): a folder of files that do
+    not decode trains nothing."""
 
     def __init__(self, workdir: Path, start: int):
-        self.log = workdir / "failed_videos.jsonl" if jax.process_index() == 0 else None
+        name = "failed_videos.jsonl"
+        if jax.process_count() > 1:
+            name = f"failed_videos.process_{jax.process_index()}.jsonl"
+        self.log = workdir / name
         self.named: set[str] = set()
         self.start, self.seen, self.used = start, 0, 0.0
 
@@ -328,10 +332,9 @@ class _Unusable:
             file=sys.stderr,
             flush=True,
         )
-        if self.log:
-            row = {"step": step, "path": path, "status": item.status, "reason": item.reason}
-            with open(self.log, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        row = {"step": step, "path": path, "status": item.status, "reason": item.reason}
+        with open(self.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def check(self, step: int, batch: int, used: float, root: str) -> None:
         """Counts a step's usable videos (all processes); stops the run on the rule above."""
@@ -341,9 +344,8 @@ class _Unusable:
             raise UnusableDataError(
                 f"step {step}: {failed} of the {self.seen} training videos of steps "
                 f"{self.start + 1}-{step} could not be used (they failed to decode or are too "
-                f"short; each is named above"
-                + (f" and in {self.log}" if self.log else "")
-                + f"). Check --config.train.root={root}; checkpoints saved so far are intact."
+                f"short; each is named above and in {self.log}). Check "
+                f"--config.train.root={root}; checkpoints saved so far are intact."
             )
 
 

@@ -311,6 +311,33 @@ def test_videos_that_cannot_be_used_stop_the_run_and_are_named(tmp_path, monkeyp
     assert len(warnings) == 8 and all(line.startswith("warning: step ") for line in warnings)
 
 
+def test_each_process_lists_the_videos_it_could_not_use(tmp_path, monkeypatch):
+    # Multi-host: every process decodes its own rows, so each lists its own failures (only
+    # process 0's used to be written anywhere but its stderr).
+    from types import SimpleNamespace
+
+    from stam_jax.train import _Unusable
+
+    failure = SimpleNamespace(status="failed", reason="InvalidDataError")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda rank=rank: rank)
+        unusable = _Unusable(tmp_path, start=0)
+        unusable.add(3, f"/videos/{rank}.mp4", failure)
+        unusable.add(5, f"/videos/{rank}.mp4", failure)  # named once
+    for rank in (0, 1):
+        rows = (tmp_path / f"failed_videos.process_{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(row) for row in rows] == [
+            {
+                "step": 3,
+                "path": f"/videos/{rank}.mp4",
+                "status": "failed",
+                "reason": "InvalidDataError",
+            }
+        ]
+    assert not (tmp_path / "failed_videos.jsonl").exists()
+
+
 def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = None) -> None:
     """`base`, a run_train.py command for 8 steps into `workdir`, as 2 processes of 1 device each
     (jax.distributed on localhost).
