@@ -58,11 +58,11 @@ def test_a_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command()
     assert runs["plain"].stdout == "went on\n" and "Exception ignored" in runs["plain"].stderr
 
 
-def start_in_own_group(script: str, *flags: str) -> subprocess.Popen:
-    """`script --config=configs/tiny.py *flags` in a process group of its own, so that a SIGINT
-    to the group reaches it and its children as a terminal's Ctrl-C does."""
+def start_in_own_group(*args: str) -> subprocess.Popen:
+    """`python *args` in a process group of its own, so that a SIGINT to the group reaches it
+    and its children as a terminal's Ctrl-C does."""
     return subprocess.Popen(
-        [sys.executable, script, "--config=configs/tiny.py", *flags],
+        [sys.executable, *args],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -88,6 +88,7 @@ def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
     workdir = tmp_path / "out"
     process = start_in_own_group(
         "run_eval.py",
+        "--config=configs/tiny.py",
         f"--config.checkpoint={ckpt}",
         f"--config.data.root={videos}",
         "--config.data.workers=2",
@@ -113,6 +114,7 @@ def test_run_train_stops_on_ctrl_c_during_a_save(eval_inputs, tmp_path):
     workdir = tmp_path / "run"
     process = start_in_own_group(
         "run_train.py",
+        "--config=configs/tiny.py",
         f"--config.train.root={videos}",
         "--config.batch_size=4",
         "--config.train.steps=100000",
@@ -148,15 +150,7 @@ def test_convert_stops_on_ctrl_c_while_importing_jax(official_pth, eval_inputs, 
     else:
         args = [str(eval_inputs[0]), str(tmp_path / "out.pth")]
         message = "interrupted: the .pth was not written."
-    process = subprocess.Popen(
-        [sys.executable, "-m", command, *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_in_own_group("-m", command, *args)
     time.sleep(0.4)
     os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
