@@ -89,7 +89,8 @@ def resample_temporal_pos_embed(pos_embed: Any, num_frames: int) -> np.ndarray:
         resized = np.repeat(frames, num_frames, axis=0)
     else:
         shape = (num_frames, frames.shape[1])
-        resized = np.asarray(jax.image.resize(jnp.asarray(frames), shape, "linear"))
+        resized = jax.image.resize(jnp.asarray(frames), shape, "linear", antialias=False)
+        resized = np.asarray(resized)
     return np.concatenate([pos[:, :1], resized[None]], axis=1)
 
 

@@ -178,3 +178,18 @@ def test_mean_model_reports_unused_aggregate(base):
     unused = sum(k.startswith("aggregate/") for k in source)
     assert f"unused from the checkpoint: aggregate ({unused} tensors)" in report
     assert any("temporal_pos_embed_std=1.0 ignored" in line for line in report)
+
+
+@pytest.mark.parametrize("num_frames", [3, 8, 16, 40])
+def test_temporal_resampling_is_plain_linear_interpolation(num_frames):
+    # Sample i of n sits at (i + 0.5) / n of the time axis, as documented; downsampling is not
+    # low-pass filtered (jax.image.resize antialiases by default: 16 -> 8 moved rows by 5.9).
+    frames = np.arange(16, dtype=np.float32) ** 2
+    pos = np.concatenate([[-1.0], frames]).astype(np.float32).reshape(1, 17, 1)
+    pos = np.repeat(pos, 2, axis=2)
+    new = resample_temporal_pos_embed(pos, num_frames)
+    at = (np.arange(num_frames) + 0.5) * 16 / num_frames - 0.5
+    expected = np.interp(at, np.arange(16), frames)  # edges held beyond the first/last centre
+    np.testing.assert_allclose(new[0, 1:, 0], expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(new[0, 1:, 1], new[0, 1:, 0])
+    assert new[0, 0, 0] == -1.0
