@@ -475,6 +475,26 @@ class MeanAggregate(nn.Module):
         return jnp.mean(frames.astype(jnp.float32), axis=1).astype(self.dtype)
 
 
+# v / 255 in float32 for every uint8 v, rounded as torchvision's ToTensor rounds it. Compiled,
+# XLA turns a division by the constant 255 into a multiplication by its reciprocal, which gives
+# 126 of the 256 values one ulp off; a table look-up is exact (1.2-1.4x the division's ~1 ms
+# per 2 videos on CPU, beside seconds of model: BENCHMARKS.md, transfer_bench.py).
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def _concrete(videos: Any) -> bool:
+    """Whether `videos` holds values this process can read: not traced under jit, and not an
+    array spread over several hosts (reading it would need every process to take part)."""
+    if isinstance(videos, np.ndarray):
+        return True
+    return not isinstance(videos, jax.core.Tracer) and videos.is_fully_addressable
+
+
+def uint8_to_unit(videos: jax.Array) -> jax.Array:
+    """uint8 pixels as float32 in [0, 1], bit for bit the values of torchvision's `ToTensor`."""
+    return jnp.take(jnp.asarray(_UINT8_TO_UNIT), videos, mode="clip")
+
+
 class STAM(nn.Module):
     """STAM: a ViT on every frame, a temporal transformer over the frame features, a head.
 
@@ -613,8 +633,8 @@ class STAM(nn.Module):
             raise ValueError(
                 f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
             )
-        if isinstance(videos, np.ndarray) and videos.dtype != np.uint8 and videos.size:
-            # Host frames (not traced under jit): one pass over them before they go to the device.
+        if videos.dtype != np.uint8 and videos.size and _concrete(videos):
+            # Frames given as values (numpy, or a jax array outside jit): one pass over them.
             low, high = float(videos.min()), float(videos.max())
             if high > 1.5 or low < -0.5:
                 looks = "mean/std-normalised values" if low < -0.5 else "0-255 pixel values"
@@ -627,8 +647,7 @@ class STAM(nn.Module):
 
     def _preprocess(self, videos: jax.Array) -> jax.Array:
         if videos.dtype == jnp.uint8:
-            # Same float32 division as torchvision's ToTensor, then cast to the compute dtype.
-            return (videos.astype(jnp.float32) / 255.0).astype(self.dtype)
+            return uint8_to_unit(videos).astype(self.dtype)
         return videos.astype(self.dtype)
 
     @nn.compact

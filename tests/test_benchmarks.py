@@ -129,6 +129,7 @@ def test_transfer_bench_smoke():
     assert row["batch_shape"] == [2, 3, 8, 8, 3]
     assert row["uint8"]["bytes"] == 1152 and row["float32"]["bytes"] == 4608
     assert row["float32_put_only"]["bytes"] == 4608 and row["float32"]["ms"] > 0
+    assert row["scale_table"]["ms"] > 0 and row["scale_divide"]["ms"] > 0
 
 
 def test_block_profile_smoke():

@@ -84,13 +84,16 @@ def test_input_shape_and_dtype_are_checked():
         ValueError, match=r"dtype int32; pass uint8 in \[0, 255\] or float in \[0, 1\]"
     ):
         model.apply({"params": params}, jnp.zeros((1, 4, 32, 32, 3), jnp.int32))
-    # Float frames are taken in [0, 1]: 0-255 values or normalised ones, given eagerly as numpy,
-    # are refused instead of giving wrong logits.
+    # Float frames are taken in [0, 1]: 0-255 values or normalised ones, given eagerly as numpy
+    # or as jax arrays, are refused instead of giving wrong logits.
     frames = random_videos(model_config(model), batch=1)
-    with pytest.raises(ValueError, match=r"range over \[0, 2\d\d\], which looks like 0-255 pixel"):
-        model.apply({"params": params}, frames.astype(np.float32))
-    with pytest.raises(ValueError, match=r"looks like mean/std-normalised values; STAM takes"):
-        model.apply({"params": params}, (frames / 255.0 - 0.45) / 0.22)
+    for to in (np.asarray, jnp.asarray):
+        with pytest.raises(ValueError, match=r"range over \[0, 2\d\d\], which looks like 0-255"):
+            model.apply({"params": params}, to(frames.astype(np.float32)))
+        with pytest.raises(ValueError, match=r"looks like mean/std-normalised values; STAM takes"):
+            model.apply({"params": params}, to((frames / 255.0 - 0.45) / 0.22))
+    # Under jit the values are not known when the model is traced: nothing to check.
+    jax.jit(model.apply)({"params": params}, frames.astype(np.float32))
     np.testing.assert_allclose(  # the same frames in [0, 1] are fine, and are uint8's logits
         model.apply({"params": params}, frames.astype(np.float32) / 255.0),
         model.apply({"params": params}, frames),
@@ -518,3 +521,15 @@ def test_frame_chunk_steps_keep_a_sharded_batch_on_its_devices():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()[-2:]
     assert lines == ["8 0 32 collectives []", "8 8 8 collectives []"], result.stdout
+
+
+def test_uint8_frames_are_scaled_exactly_as_to_tensor_does():
+    # Compiled, x / 255 became x * (1 / 255): 126 of the 256 values one ulp off ToTensor's.
+    import torch
+
+    from stam_jax.model import uint8_to_unit
+
+    pixels = np.arange(256, dtype=np.uint8)
+    expected = torch.from_numpy(pixels).float().div(255).numpy()
+    np.testing.assert_array_equal(np.asarray(jax.jit(uint8_to_unit)(pixels)), expected)
+    np.testing.assert_array_equal(np.asarray(uint8_to_unit(pixels)), expected)
