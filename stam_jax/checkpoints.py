@@ -208,7 +208,8 @@ def save(
       directory: destination; must not exist unless `overwrite`.
       model: the `STAM` whose params these are (its run-time dtype is not saved).
       params: the params tree (numpy or jax arrays).
-      metadata: free JSON-serialisable facts (source file, source dtype, ...).
+      metadata: free facts (source file, source dtype, ...): str keys, plain JSON values (no
+        numpy numbers, no NaN); anything else is refused before anything is written.
       overwrite: replace an existing checkpoint directory (or an empty directory); anything else
         at `directory` is refused (`check_destination`).
 
@@ -217,10 +218,12 @@ def save(
 
     Raises:
       CheckpointError: a destination that cannot be written (nothing deleted), params that do not
-        fit `model`, or a write that failed (the old checkpoint, if any, kept).
+        fit `model`, metadata that is not JSON, or a write that failed (the old checkpoint, if
+        any, kept; a new one is removed whole).
     """
     path = check_destination(directory, overwrite=overwrite)
     check_params(model, params)
+    metadata = _json_metadata(metadata)
     # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole. In a
     # multi-host run it takes only global arrays, so there the leaves go as numpy.
     params = jax.tree.map(jnp.asarray if jax.process_count() == 1 else np.asarray, params)
@@ -228,7 +231,7 @@ def save(
         "format": FORMAT,
         "version": VERSION,
         "model": model_config(model),
-        "metadata": dict(metadata or {}),
+        "metadata": metadata,
     }
     new, old = path.with_name(path.name + _NEW), path.with_name(path.name + _OLD)
     written = None  # a complete new directory, until it is in place
@@ -260,8 +263,8 @@ def save(
         _remove_leftovers(path, _OLD, _NEW)
     except BaseException as e:
         _remove_leftovers(path, _NEW)
-        if written == path and isinstance(e, KeyboardInterrupt):
-            shutil.rmtree(path, ignore_errors=True)  # interrupted: nothing is written
+        if written == path:  # interrupted or failed: nothing is written
+            _remove_leftovers(path, "")
         if isinstance(e, OSError):
             raise CheckpointError(
                 f"cannot write {path}: {e.strerror or e}"
@@ -270,6 +273,23 @@ def save(
             ) from None
         raise
     return path
+
+
+def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`metadata` as a dict, refused before anything is written unless it is plain JSON."""
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        try:
+            if not isinstance(key, str):
+                raise TypeError(f"keys must be str, not {type(key).__name__}")
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"metadata[{key!r}] = {value!r} cannot be stored as JSON ({e}); pass plain Python "
+                "values: str keys, and float(x) / int(x) / x.tolist() for numpy values, None for "
+                "NaN. Nothing was written."
+            ) from None
+    return metadata
 
 
 def _require_checkpoint(directory: str | os.PathLike) -> Path:

@@ -323,3 +323,45 @@ def test_a_ctrl_c_during_a_save_comes_after_the_write_and_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     monkeypatch.undo()
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "old")[1], first)
+
+
+def test_metadata_that_is_not_json_is_refused_before_any_write(tiny, tmp_path):
+    # A numpy float used to fail inside orbax's writer thread: pages of tracebacks, a
+    # *.orbax-checkpoint-tmp left behind, and a retry that failed on it.
+    import numpy as np
+
+    model, first, _, _ = tiny
+    out = tmp_path / "m"
+    bad = {
+        "top1": (np.float32(0.8), r"metadata\['top1'\] = np\.float32\(0\.8\) cannot be stored"),
+        "loss": (float("nan"), r"metadata\['loss'\] = nan cannot be stored as JSON \(Out of range"),
+        3: ("x", r"metadata\[3\] = 'x' cannot be stored as JSON \(keys must be str, not int\)"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(CheckpointError, match=message + r".*Nothing was written\."):
+            checkpoints.save(out, model, first, metadata={key: value})
+        assert list(tmp_path.iterdir()) == []
+    checkpoints.save(out, model, first, metadata={"top1": 0.8, "steps": [1, 2]})
+    assert checkpoints.read_config(out)["metadata"] == {"top1": 0.8, "steps": [1, 2]}
+
+
+def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
+    model, first, _, _ = tiny
+    out = tmp_path / "c"
+
+    class Failing:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def save(self, path, args):
+            (Path(path) / "params").mkdir(parents=True)
+            Path(f"{path}.orbax-checkpoint-tmp-17").mkdir()
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoints, "_checkpointer", Failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoints.save(out, model, first)
+    assert list(tmp_path.iterdir()) == []
