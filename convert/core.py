@@ -101,7 +101,7 @@ def export_checkpoint(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
-) -> tuple[Path, str]:
+) -> tuple[Path, str, list[str]]:
     """Writes a stam-jax checkpoint back as an official `{'model': state_dict}` `.pth`.
 
     Args:
@@ -111,7 +111,9 @@ def export_checkpoint(
       overwrite: replace an existing file.
 
     Returns:
-      (written path, dtype used).
+      (written path, dtype used, notes): the notes (`official_notes`) say what of the model
+      the `.pth` cannot carry: settings the official code does not have, and the flags that
+      `python -m convert` needs to read it back.
 
     Raises:
       ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), or
@@ -140,7 +142,48 @@ def export_checkpoint(
     except OSError as e:
         raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
     save_state_dict(state_dict, out)
-    return out, dtype
+    return out, dtype, official_notes(config["model"])
+
+
+def official_notes(model: dict[str, Any]) -> list[str]:
+    """What a `.pth` written from a model of config `model` does not carry.
+
+    Shapes carry the sizes; the official code fixes the rest: LayerNorm eps 1e-5, a temporal
+    transformer as wide as the ViT, and head counts of width/64 and 8. Lines starting with
+    "warning:" mean the official code cannot load the file or gives other logits; "note:"
+    lines name the `python -m convert` flags that read it back as it was.
+    """
+    notes = []
+    if model.get("layer_norm_eps", 1e-5) != 1e-5:
+        notes.append(
+            f"warning: layer_norm_eps={model['layer_norm_eps']:g} is not stored in a .pth; the "
+            "official code (and python -m convert) uses 1e-5, so its logits will differ from "
+            "this model's."
+        )
+    width = model["hidden_size"]
+    transformer = model.get("aggregate", "transformer") == "transformer"
+    temporal_width = model.get("temporal_hidden_size") or width
+    if transformer and temporal_width != width:
+        notes.append(
+            f"warning: the temporal transformer is {temporal_width} wide and the ViT {width}: "
+            "the .pth holds aggregate.input_proj, which the official code does not have, so "
+            "it cannot load the file (python -m convert can)."
+        )
+    unstored = {}  # what the .pth does not store -> the flag that gives it back
+    if width % 64 or model["num_heads"] != width // 64:
+        unstored["the ViT head count"] = f"--num-heads {model['num_heads']}"
+    if transformer and model.get("temporal_heads", 8) != 8:
+        unstored["the temporal head count"] = f"--temporal-heads {model['temporal_heads']}"
+    if not transformer:
+        unstored["T (a mean aggregate has no temporal tensors)"] = (
+            f"--num-frames {model['num_frames']}"
+        )
+    if unstored:
+        notes.append(
+            f"note: the .pth does not store {' or '.join(unstored)}; read it back with: "
+            f"python -m convert FILE.pth OUT_DIR {' '.join(unstored.values())}"
+        )
+    return notes
 
 
 def _check_output_file(out: Path, overwrite: bool) -> Path:

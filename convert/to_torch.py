@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
             from convert.core import ConversionError, export_checkpoint
             from stam_jax.checkpoints import CheckpointError
-        path, dtype = export_checkpoint(
+        path, dtype, notes = export_checkpoint(
             args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
         )
     # First: the error classes below are bound only once their import has run.
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"wrote {path} ({dtype})")
     return 0
 

@@ -50,12 +50,15 @@ def assert_state_dicts_identical(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
-def test_round_trip_is_bit_exact(name, official_pth, tmp_path):
+def test_round_trip_is_bit_exact(name, official_pth, tmp_path, capsys):
     config = TINY_CONFIGS[name]
     pth, _ = official_pth(config)
     convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(config))
     assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth")]) == 0
     assert_state_dicts_identical(load_official(pth), load_official(tmp_path / "back.pth"))
+    # The flags that read it back as it was (its head counts are not the official ones).
+    flags = " ".join(cli_args(config))
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"OUT_DIR {flags}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -457,6 +460,7 @@ def test_to_torch_output_paths(official_pth, tmp_path, monkeypatch, capsys):
     nested = tmp_path / "new" / "deeper" / "back.pth"
     assert to_torch_main([str(ckpt), str(nested)]) == 0
     assert_state_dicts_identical(load_official(pth), load_official(nested))
+    assert "note: the .pth does not store the ViT head count" in capsys.readouterr().err
 
     afile = tmp_path / "afile"
     afile.write_text("keep")
@@ -590,4 +594,28 @@ def test_float64_fix_and_non_finite_weights_warning(official_pth, tmp_path, caps
     assert checkpoints.read_config(tmp_path / "ckpt")["metadata"]["non_finite"] == [
         "norm.weight",
         "head.bias",
+    ]
+
+
+def test_export_says_what_the_pth_does_not_carry():
+    from convert.core import official_notes
+
+    official = {"hidden_size": 768, "num_heads": 12, "temporal_heads": 8, "num_frames": 16}
+    assert official_notes(official) == []
+    assert official_notes({**official, "layer_norm_eps": 1e-6}) == [
+        "warning: layer_norm_eps=1e-06 is not stored in a .pth; the official code (and python "
+        "-m convert) uses 1e-5, so its logits will differ from this model's."
+    ]
+    assert official_notes({**official, "temporal_hidden_size": 384}) == [
+        "warning: the temporal transformer is 384 wide and the ViT 768: the .pth holds "
+        "aggregate.input_proj, which the official code does not have, so it cannot load the "
+        "file (python -m convert can)."
+    ]
+    assert official_notes({**official, "num_heads": 6, "temporal_heads": 4}) == [
+        "note: the .pth does not store the ViT head count or the temporal head count; read it "
+        "back with: python -m convert FILE.pth OUT_DIR --num-heads 6 --temporal-heads 4"
+    ]
+    assert official_notes({**official, "aggregate": "mean", "temporal_heads": 4}) == [
+        "note: the .pth does not store T (a mean aggregate has no temporal tensors); read it "
+        "back with: python -m convert FILE.pth OUT_DIR --num-frames 16"
     ]
