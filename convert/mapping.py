@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stam_jax.checkpoints import abstract_params
+from stam_jax.checkpoints import _some, abstract_params
 from stam_jax.model import STAM
 from stam_jax.variants import model_from_config
 
@@ -165,12 +165,34 @@ def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     return out, stripped
 
 
-def _count(keys: list[str], pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+def _count(keys: list[str], prefix: str, what: str) -> int:
+    """How many layers `prefix0.`, `prefix1.`, ... the keys hold; a gap in the numbering is
+    refused, naming the keys past it (a damaged file, or keys that do not belong)."""
+    numbered = {
+        k: int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))
+    }
+    found = set(numbered.values())
     if found != set(range(len(found))):
-        missing = sorted(set(range(max(found) + 1)) - found)
-        raise ConversionError(f"layers {missing} are missing from the sequence {pattern!r}.")
+        gap = min(set(range(max(found) + 1)) - found)
+        past = [k for k, i in numbered.items() if i > gap]
+        raise ConversionError(
+            f"the {what} ({prefix}N.*) are numbered {_ranges(sorted(found))}: {prefix}{gap}.* "
+            f"is missing, so the {len(past)} key(s) past it do not fit a model of {gap} "
+            f"layers: {_some(past)}. Remove them if they do not belong (del state_dict[key], "
+            "then torch.save), or use an undamaged copy of the file."
+        )
     return len(found)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _need(sd: Mapping[str, Any], key: str, why: str) -> tuple[int, ...]:
@@ -226,7 +248,7 @@ def infer_config(
         image_size=grid * patch,
         patch_size=patch,
         hidden_size=width,
-        depth=_count(keys, r"blocks\.(\d+)\."),
+        depth=_count(keys, "blocks.", "ViT blocks"),
         mlp_dim=_need(state_dict, "blocks.0.mlp.fc1.weight", "the MLP width")[0],
     )
     if num_heads is None and width % 64:
@@ -258,7 +280,7 @@ def infer_config(
             aggregate="transformer",
             num_frames=t_frames,
             temporal_hidden_size=None if t_width == width else t_width,
-            temporal_depth=_count(keys, prefix.replace(".", r"\.") + r"\.(\d+)\."),
+            temporal_depth=_count(keys, f"{prefix}.", "temporal layers"),
             temporal_heads=t_heads,
             temporal_mlp_dim=_need(state_dict, f"{prefix}.0.linear1.weight", "the temporal FF")[0],
         )

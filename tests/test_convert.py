@@ -338,7 +338,11 @@ def test_missing_layer_in_sequence(official_pth):
             del sd[key]
 
     pth, _ = official_pth(TINY, edit=drop_block)
-    with pytest.raises(ConversionError, match=r"layers \[0\] are missing"):
+    with pytest.raises(
+        ConversionError,
+        match=r"the ViT blocks \(blocks\.N\.\*\) are numbered 1: blocks\.0\.\* is missing, so "
+        r"the \d+ key\(s\) past it do not fit a model of 0 layers: blocks\.1\.",
+    ):
         torch_to_flax(load_state_dict(pth), **convert_kwargs(TINY))
 
 
@@ -619,3 +623,20 @@ def test_export_says_what_the_pth_does_not_carry():
         "note: the .pth does not store T (a mean aggregate has no temporal tensors); read it "
         "back with: python -m convert FILE.pth OUT_DIR --num-frames 16"
     ]
+
+
+def test_a_gap_in_the_layer_numbers_names_the_keys_past_it(official_pth, tmp_path):
+    def stray(sd):
+        sd["aggregate.transformer_enc.layers.5.linear1.weight"] = torch.zeros(2, 2)
+
+    pth, _ = official_pth(TINY, edit=stray, name="stray.pth")
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(pth, tmp_path / "out", **convert_kwargs(TINY))
+    assert str(info.value) == (
+        "the temporal layers (aggregate.transformer_enc.layers.N.*) are numbered 0-1, 5: "
+        "aggregate.transformer_enc.layers.2.* is missing, so the 1 key(s) past it do not fit a "
+        "model of 2 layers: aggregate.transformer_enc.layers.5.linear1.weight. Remove them if "
+        "they do not belong (del state_dict[key], then torch.save), or use an undamaged copy of "
+        "the file."
+    )
+    assert not (tmp_path / "out").exists()
