@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +172,50 @@ def test_decoding_processes_leave_ctrl_c_to_the_parent():
     results = list(ordered_map(interrupt_handler, [(0, "a"), (1, "b")], workers=2, prefetch=2))
     assert [r.reason for r in results] == [str(signal.SIG_IGN)] * 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not the parent's
+
+
+_MID_SEND = """
+import concurrent.futures, multiprocessing, os, threading, time
+from multiprocessing.connection import Connection
+
+from stam_jax.data.loader import _discard
+
+receiving = threading.Event()
+read = Connection._recv
+
+
+def paused(self, size, *args):
+    # The pool's reader thread stops before a large result's body: its worker is left blocked
+    # part-way through sending it, as happens when a Ctrl-C comes during a 0.6 MB result.
+    if size > 1 << 20:
+        receiving.set()
+        time.sleep(1)
+    return read(self, size, *args)
+
+
+Connection._recv = paused
+
+if __name__ == "__main__":
+    spawn = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn)
+    pool.submit(bytes, 8 << 20)
+    assert receiving.wait(60)
+    _discard(pool)
+    print("discarded")
+"""
+
+
+def test_shutting_down_while_a_worker_sends_a_result_does_not_hang(tmp_path):
+    # A worker terminated mid-send left the pool's reader waiting for the rest of the message
+    # forever, and the process never exited (a Ctrl-C during prepare hung 2 times in 8).
+    script = tmp_path / "mid_send.py"
+    script.write_text(_MID_SEND)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout) == (0, "discarded\n"), result.stderr

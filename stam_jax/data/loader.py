@@ -9,6 +9,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -225,19 +226,32 @@ def _leave_interrupts_to_the_parent() -> None:
 
 
 def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Shuts `pool` down without waiting on its workers, which are terminated.
+    """Shuts `pool` down: the jobs not started are cancelled, the workers end.
 
-    `shutdown()` of a pool broken by a dying worker can hang forever on Python 3.11: the
-    executor's manager thread joins the surviving workers, which sit waiting for more work
-    (seen in CI). The jobs still queued are no longer wanted, so the workers are ended here.
+    A worker is not terminated while it may be sending a result: killed part-way through, it
+    leaves the executor's manager thread waiting forever for the rest of the message, and the
+    process hung at exit (seen on a Ctrl-C with 0.6 MB results). So the workers finish the jobs
+    they hold (a video each, at most two) and exit; one still busy after `_GRACE_S` (a decoder
+    stuck on a file) is terminated. A broken pool's surviving workers are idle, waiting for
+    work its manager thread will never send (on Python 3.11 its shutdown then hangs on them,
+    seen in CI): they are terminated at once.
     """
     workers = list((getattr(pool, "_processes", None) or {}).values())
+    if getattr(pool, "_broken", False):
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + _GRACE_S
+    for worker in workers:
+        worker.join(timeout=max(deadline - time.monotonic(), 0))
     for worker in workers:
         if worker.is_alive():
             worker.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
-    for worker in workers:
-        worker.join(timeout=10)
+            worker.join(timeout=10)
+
+
+_GRACE_S = 30.0
 
 
 def decode_train_item(position: int, path: str, spec: ClipSpec, seed: tuple[int, ...]) -> Decoded:
