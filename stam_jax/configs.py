@@ -8,6 +8,7 @@ import pkgutil
 import re
 from typing import Any
 
+from stam_jax.data.loader import WORKERS_RULE
 from stam_jax.model import AGGREGATES, ATTENTION_IMPLS, STAM
 from stam_jax.variants import VARIANTS, create_model, parse_dtype
 
@@ -17,7 +18,7 @@ def check_run_config(config: Any) -> None:
 
     Raises:
       ValueError: an unknown `model`, `dtype`, `param_dtype`, `attention_impl`, or a
-        `model_overrides` value out of range.
+        `model_overrides`, `data.workers` or `data.prefetch` value out of range.
     """
     if config.model not in VARIANTS:
         raise ValueError(
@@ -36,6 +37,14 @@ def check_run_config(config: Any) -> None:
         raise ValueError(
             f"--config.attention_impl={config.attention_impl!r} is not supported; use one of "
             f"{', '.join(ATTENTION_IMPLS)}."
+        )
+    data = config.get("data")
+    if data is not None and data.workers < -1:
+        raise ValueError(f"--config.data.workers={data.workers}; {WORKERS_RULE}")
+    if data is not None and data.prefetch < 0:
+        raise ValueError(
+            f"--config.data.prefetch={data.prefetch}; use the number of videos to decode ahead, "
+            "or 0 for twice the per-process batch."
         )
     overrides = config.model_overrides
     for key in ("num_classes", "num_frames"):

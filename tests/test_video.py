@@ -169,6 +169,16 @@ def test_clip_spec_validation():
         ClipSpec(short_videos="skip")
     with pytest.raises(ValueError, match=r"crop=300 is larger than resize=256"):
         ClipSpec(crop=300)
+    # NaN and infinity used to pass, and every video then "failed to decode".
+    for rate in (0, -1.6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"frame_rate={rate}; use a positive number"):
+            ClipSpec(frame_rate=rate)
+    with pytest.raises(ValueError, match=r"resize=1000000; use a side of 1 to 4096 pixels"):
+        ClipSpec(resize=1_000_000)  # frames of 10^12 pixels: the process was killed
+    with pytest.raises(ValueError, match=r"crop=0; use a side of 1 to 4096"):
+        ClipSpec(crop=0)
+    with pytest.raises(ValueError, match=r"train_min_area=0; use an area fraction in \(0, 1\]"):
+        ClipSpec(train_min_area=0)
 
 
 def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):

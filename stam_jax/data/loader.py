@@ -38,6 +38,12 @@ class Decoded:
     reason: str = ""
 
 
+# What a decoding-process count may be (`worker_count`), for the messages that refuse others.
+WORKERS_RULE = (
+    "use -1 (one decoding process per core), 0 (decode in this process) or a number of processes."
+)
+
+
 def worker_count(requested: int) -> int:
     """Decoding processes to use: `requested`, or one per available core when it is negative."""
     return requested if requested >= 0 else max(len(os.sched_getaffinity(0)), 1)

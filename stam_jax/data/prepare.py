@@ -43,7 +43,13 @@ from stam_jax.data.folder import (
     list_videos,
     listing_report,
 )
-from stam_jax.data.loader import Decoded, decode_with, ordered_map, worker_count
+from stam_jax.data.loader import (
+    WORKERS_RULE,
+    Decoded,
+    decode_with,
+    ordered_map,
+    worker_count,
+)
 from stam_jax.data.prepared import (
     DATASET_NAME,
     ENCODINGS,
@@ -63,9 +69,6 @@ from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_SKIPPED = 3
-_WORKERS_RULE = (
-    "use -1 (one decoding process per core), 0 (decode in this process) or a number of processes."
-)
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
 WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -240,7 +243,7 @@ def prepare(
     if shard_size < 1:
         raise PreparedError(f"--shard_size {shard_size}; use >= 1.")
     if workers < -1:
-        raise PreparedError(f"--workers {workers}; {_WORKERS_RULE}")
+        raise PreparedError(f"--workers {workers}; {WORKERS_RULE}")
     src, out = Path(src), Path(out)
     _check_paths(src, out)
     complete = _is_complete(out)
@@ -510,7 +513,7 @@ def _run(f: flags.FlagValues) -> int:
     workers = config.data.workers if f.workers is None else f.workers
     if workers < -1:
         name = "--config.data.workers" if f.workers is None else "--workers"
-        refuse(f"{name}={workers}; {_WORKERS_RULE}")
+        refuse(f"{name}={workers}; {WORKERS_RULE}")
     try:
         meta = prepare(
             f.src,

@@ -34,6 +34,10 @@ class TooShortError(VideoError):
     """A video with fewer sampled frames than the clip length."""
 
 
+# The longest frame side a clip may be resized to: past it, frames take gigabytes each.
+MAX_SIDE = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
     """How clips are sampled and transformed.
@@ -71,10 +75,24 @@ class ClipSpec:
             raise ValueError(f"num_clips={self.num_clips}, num_frames={self.num_frames}: use >= 1.")
         if self.short_videos not in ("official", "pad"):
             raise ValueError(f"short_videos={self.short_videos!r}; use 'official' or 'pad'.")
+        for name in ("resize", "crop"):
+            side = getattr(self, name)
+            if not 1 <= side <= MAX_SIDE:
+                raise ValueError(
+                    f"{name}={side}; use a side of 1 to {MAX_SIDE} pixels (256 and 224 officially)."
+                )
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} is larger than resize={self.resize}.")
-        if self.frame_rate <= 0:
-            raise ValueError(f"frame_rate={self.frame_rate} must be positive.")
+        if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
+            raise ValueError(
+                f"frame_rate={self.frame_rate}; use a positive number of frames per second "
+                "(1.6 for stam_16, 6.4 for stam_64)."
+            )
+        if not 0 < self.train_min_area <= 1:
+            raise ValueError(
+                f"train_min_area={self.train_min_area}; use an area fraction in (0, 1] "
+                "(1.0: the whole frame)."
+            )
 
     @property
     def num_views(self) -> int:
