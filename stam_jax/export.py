@@ -37,11 +37,14 @@ def _run_and_step(run_dir: Path, step: int | None) -> tuple[Path, int | None]:
     return run_dir, step
 
 
-def _model(run_dir: Path) -> Any:
-    """The run's model (architecture only), from its run record."""
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    """The run's recorded settings (`RUN_DIR/run_config.json`, flattened: 'train.steps': 1000)."""
     from stam_jax.train import RUN_RECORD
-    from stam_jax.variants import create_model
 
+    if not run_dir.exists():
+        raise ExportError(
+            f"{run_dir} does not exist; pass the folder run_train.py wrote (its --workdir)."
+        )
     record_file = run_dir / RUN_RECORD
     if not record_file.is_file():
         what = "a run_train.py workdir" if (run_dir / "checkpoints").is_dir() else "a run"
@@ -51,13 +54,29 @@ def _model(run_dir: Path) -> Any:
         )
     try:
         record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the run's architecture from {record_file}: {e}.") from None
+    if not isinstance(record, dict):
+        raise ExportError(
+            f"cannot read the run's architecture from {record_file}: it holds a "
+            f"{type(record).__name__}, not the run's settings (a JSON object, as run_train.py "
+            "writes it); restore the file the run wrote."
+        )
+    return record
+
+
+def _model(record: dict[str, Any], record_file: Path) -> Any:
+    """The run's model (architecture only), from its run record."""
+    from stam_jax.variants import create_model
+
+    try:
         overrides = {
             key.split(".", 1)[1]: value
             for key, value in record.items()
             if key.startswith("model_overrides.") and value is not None
         }
         return create_model(record["model"], **overrides)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ExportError(f"cannot read the run's architecture from {record_file}: {e}.") from None
 
 
@@ -90,10 +109,11 @@ def export(
     import orbax.checkpoint as ocp
 
     from stam_jax import checkpoints
+    from stam_jax.train import RUN_RECORD
 
     run, step = _run_and_step(Path(run_dir).absolute(), step)
     checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read
-    model = _model(run)
+    model = _model(_run_record(run), run / RUN_RECORD)
     saved = run / "checkpoints"
     # Finished saves only (orbax renames a save in progress into place when it is whole). Read
     # from the folder, not through an orbax CheckpointManager: starting one deletes the

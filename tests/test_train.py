@@ -546,6 +546,24 @@ def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_export_refuses_a_missing_run_and_a_record_that_is_not_settings(tmp_path, capsys):
+    from stam_jax.export import main as export_main
+
+    missing = tmp_path / "typo"
+    assert export_main([str(missing), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {missing} does not exist; pass the folder run_train.py wrote (its --workdir).\n"
+    )
+    (tmp_path / "run_config.json").write_text("[1]\n")
+    assert export_main([str(tmp_path), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot read the run's architecture from {tmp_path / 'run_config.json'}: it "
+        "holds a list, not the run's settings (a JSON object, as run_train.py writes it); "
+        "restore the file the run wrote.\n"
+    )
+    assert not (tmp_path / "x").exists()
+
+
 def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
     from stam_jax.train import _eval_report
 
