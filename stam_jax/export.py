@@ -4,12 +4,12 @@
 
 `run_train.py` writes `RUN_DIR/final` and `final_ema` at the end; during the run,
 `RUN_DIR/checkpoints/N` hold the whole train state (params, optimizer state, EMA) for resuming.
-This takes the params (or with `--ema` their EMA) of step N (default: the last saved) out of
-that state into a checkpoint that `run_eval.py`, `--config.checkpoint`, `convert.to_torch` and
-`stam_jax.explain` read: to evaluate a run midway, or to start again from before it diverged.
-The architecture is the run's (`RUN_DIR/run_config.json`). `RUN_DIR/checkpoints/N` may be given
-for RUN_DIR (then `--step` is N). Exit status: 0 written, 2 refused (one `error:` line, nothing
-written), 130 interrupted.
+This takes the params (or with `--ema` their EMA; not for a run with `train.ema_decay=0`) of
+step N (default: the last saved) out of that state into a checkpoint that `run_eval.py`,
+`--config.checkpoint`, `convert.to_torch` and `stam_jax.explain` read: to evaluate a run
+midway, or to start again from before it diverged. The architecture is the run's
+(`RUN_DIR/run_config.json`). `RUN_DIR/checkpoints/N` may be given for RUN_DIR (then `--step` is
+N). Exit status: 0 written, 2 refused (one `error:` line, nothing written), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def export(
       (the checkpoint written, the step it holds).
 
     Raises:
-      ExportError: no such run, step or train state, naming what there is.
+      ExportError: no such run, step or train state, or `ema` for a run that kept no EMA
+        (`train.ema_decay=0`), naming what there is and what to do.
       checkpoints.CheckpointError: `out_dir` cannot or must not be written (checked first).
     """
     import jax
@@ -113,7 +114,13 @@ def export(
 
     run, step = _run_and_step(Path(run_dir).absolute(), step)
     checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read
-    model = _model(_run_record(run), run / RUN_RECORD)
+    record = _run_record(run)
+    model = _model(record, run / RUN_RECORD)
+    if ema and record.get("train.ema_decay") == 0:
+        raise ExportError(
+            f"{run} kept no EMA of its params (train.ema_decay=0 in its {RUN_RECORD}), so "
+            "there is none to export: drop --ema (ema=False from Python) to export the params."
+        )
     saved = run / "checkpoints"
     # Finished saves only (orbax renames a save in progress into place when it is whole). Read
     # from the folder, not through an orbax CheckpointManager: starting one deletes the

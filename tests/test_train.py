@@ -564,6 +564,25 @@ def test_export_refuses_a_missing_run_and_a_record_that_is_not_settings(tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_export_of_the_ema_of_a_run_that_kept_none_is_refused(uninterrupted, tmp_path, capsys):
+    # With train.ema_decay=0 the train state's ema_params are a copy of the params and no
+    # final_ema is written: --ema is refused rather than exporting the params as 'the EMA'.
+    from stam_jax.export import main as export_main
+
+    record = json.loads((uninterrupted / "run_config.json").read_text())
+    assert record["train.ema_decay"] == 0.999
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({**record, "train.ema_decay": 0.0}))
+    (run / "checkpoints").symlink_to(uninterrupted / "checkpoints")
+    assert export_main([str(run), str(tmp_path / "ema"), "--ema"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run} kept no EMA of its params (train.ema_decay=0 in its run_config.json), so "
+        "there is none to export: drop --ema (ema=False from Python) to export the params.\n"
+    )
+    assert not (tmp_path / "ema").exists()
+
+
 def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
     from stam_jax.train import _eval_report
 
