@@ -5,7 +5,7 @@
 `run_train.py` writes `RUN_DIR/final` and `final_ema` at the end; during the run,
 `RUN_DIR/checkpoints/N` hold the whole train state (params, optimizer state, EMA) for resuming.
 This takes the params (or with `--ema` their EMA; not for a run with `train.ema_decay=0`) of
-step N (default: the last saved) out of that state into a checkpoint that `run_eval.py`,
+step N (default: the last complete one) out of that state into a checkpoint that `run_eval.py`,
 `--config.checkpoint`, `convert.to_torch` and `stam_jax.explain` read: to evaluate a run
 midway, or to start again from before it diverged. The architecture is the run's
 (`RUN_DIR/run_config.json`). `RUN_DIR/checkpoints/N` may be given for RUN_DIR (then `--step` is
@@ -25,6 +25,38 @@ from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 
 class ExportError(ValueError):
     """A run directory, step or output that cannot be exported; the message says what to do."""
+
+
+# Orbax writes this file into a step's folder once its save is complete (and, on a local file
+# system, renames the folder from its temporary name only after that).
+_COMMITTED = "commit_success.txt"
+
+
+def _saved_steps(saved: Path) -> tuple[list[int], list[int]]:
+    """(the complete saved steps, the step folders without orbax's mark of a finished save).
+
+    Read from the folder, not through an orbax CheckpointManager: starting one deletes the
+    unfinished saves it finds, which would be those of a run still training.
+    """
+    folders = [p for p in (saved.iterdir() if saved.is_dir() else ()) if p.name.isdigit()]
+    complete = sorted(int(p.name) for p in folders if (p / _COMMITTED).is_file())
+    unfinished = sorted(int(p.name) for p in folders if not (p / _COMMITTED).is_file())
+    return complete, unfinished
+
+
+def _some_steps(saved: Path, steps: list[int]) -> str:
+    """'DIR/7 is' or 'DIR/N for N in [7, 9] are'."""
+    if len(steps) == 1:
+        return f"{saved / str(steps[0])} is"
+    return f"{saved}/N for N in {steps} are"
+
+
+def _others(complete: list[int], step: int) -> str:
+    """What to do instead of reading `step`: the other complete steps to pass to --step."""
+    others = [s for s in complete if s != step]
+    if not others:
+        return "the run has no other complete saved step to export."
+    return f"export another saved step with --step N, N one of {others}."
 
 
 def _run_and_step(run_dir: Path, step: int | None) -> tuple[Path, int | None]:
@@ -93,7 +125,7 @@ def export(
     Args:
       run_dir: the run's workdir, or its `checkpoints/N` (then `step` is N).
       out_dir: the stam-jax checkpoint directory to write.
-      step: the saved step; None: the last one.
+      step: the saved step; None: the last complete one.
       ema: the EMA of the params instead of the params.
       overwrite: replace `out_dir` if it is a stam-jax checkpoint (see `checkpoints.save`).
 
@@ -101,8 +133,8 @@ def export(
       (the checkpoint written, the step it holds).
 
     Raises:
-      ExportError: no such run, step or train state, or `ema` for a run that kept no EMA
-        (`train.ema_decay=0`), naming what there is and what to do.
+      ExportError: no such run or step, an unfinished or damaged step, `ema` for a run that
+        kept no EMA (`train.ema_decay=0`), naming what there is and what to do.
       checkpoints.CheckpointError: `out_dir` cannot or must not be written (checked first).
     """
     import jax
@@ -122,22 +154,33 @@ def export(
             "there is none to export: drop --ema (ema=False from Python) to export the params."
         )
     saved = run / "checkpoints"
-    # Finished saves only (orbax renames a save in progress into place when it is whole). Read
-    # from the folder, not through an orbax CheckpointManager: starting one deletes the
-    # unfinished saves it finds, which would be those of a run still training.
-    steps = sorted(
-        int(p.name) for p in (saved.iterdir() if saved.is_dir() else ()) if p.name.isdigit()
-    )
-    if not steps:
-        raise ExportError(f"{run} has no saved training step (no {saved}/N).")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ExportError(f"{run} has no saved step {step}; it has {steps}.")
+    complete, unfinished = _saved_steps(saved)
+    if step is None and not complete:
+        raise ExportError(
+            f"{run} has no complete saved training step (no {saved}/N holding orbax's "
+            f"{_COMMITTED}"
+            + (f"; {_some_steps(saved, unfinished)} unfinished" if unfinished else "")
+            + "): export once the run has saved one (every train.save_every steps)."
+        )
+    if step is None:
+        step = complete[-1]
+    if step in unfinished:
+        raise ExportError(
+            f"{saved / str(step)} is not a complete saved step (it lacks orbax's {_COMMITTED}: "
+            "a save cut short, or a folder made by other means); " + _others(complete, step)
+        )
+    if step not in complete:
+        raise ExportError(f"{run} has no saved step {step}; it has {complete}.")
     name = "ema_params" if ema else "params"
-    state = saved / str(step) / "state"  # the train state, in orbax's PyTree format
+    folder = saved / str(step)
+    state = folder / "state"  # the train state, in orbax's PyTree format
+    checkpoints._quiet_abandoned_reads()  # orbax's noise after a failed read of a damaged state
     try:
         with ocp.PyTreeCheckpointer() as ckpt:
-            wanted = {name: ckpt.metadata(state).item_metadata[name]}
+            stored = ckpt.metadata(state).item_metadata
+            if not stored or name not in stored:
+                raise ValueError(f"orbax finds no {name} in {state.name}/")
+            wanted = {name: stored[name]}
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
             restored = ckpt.restore(
                 state,
@@ -146,13 +189,19 @@ def export(
                 ),
             )
         params = restored[name]
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise ExportError(f"cannot read the {name} of {state}: {e}.") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+        raise ExportError(
+            f"cannot read the {name} of step {step}: {folder} is damaged or incompletely "
+            f"copied ({type(e).__name__}: {detail[:300]}); " + _others(complete, step)
+        ) from None
     try:
         checkpoints.check_params(model, params)
     except checkpoints.CheckpointError as e:
-        raise ExportError(f"{saved / str(step)} does not hold the run's model: {e}") from None
-    metadata = {"source": str(saved / str(step)), "step": step, "params": name}
+        raise ExportError(f"{folder} does not hold the run's model: {e}") from None
+    metadata = {"source": str(folder), "step": step, "params": name}
     return checkpoints.save(out_dir, model, params, metadata=metadata, overwrite=overwrite), step
 
 

@@ -583,6 +583,59 @@ def test_export_of_the_ema_of_a_run_that_kept_none_is_refused(uninterrupted, tmp
     assert not (tmp_path / "ema").exists()
 
 
+def test_export_takes_only_complete_steps_and_names_a_damaged_one(uninterrupted, tmp_path, capsys):
+    from stam_jax.export import main as export_main
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", workdir / "checkpoints")
+    shutil.copy(uninterrupted / "run_config.json", workdir)
+    saved = workdir / "checkpoints"
+    # A step folder without orbax's commit_success.txt (a save cut short) is not the last step.
+    (saved / "9").mkdir()
+    assert export_main([str(workdir), str(tmp_path / "last")]) == 0
+    assert f"wrote {tmp_path / 'last'}: the params of step 8" in capsys.readouterr().out
+    assert checkpoints.read_config(tmp_path / "last")["metadata"]["step"] == 8
+    for args in ([str(workdir), "--step", "9"], [str(saved / "9")]):
+        assert export_main([*args[:1], str(tmp_path / "x"), *args[1:]]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {saved / '9'} is not a complete saved step (it lacks orbax's "
+            "commit_success.txt: a save cut short, or a folder made by other means); export "
+            "another saved step with --step N, N one of [3, 6, 8].\n"
+        )
+    # A complete step whose files are damaged: one line naming it, without orbax's reports of
+    # its abandoned reads ('Event loop is closed', up to 60 lines at exit), silenced as
+    # checkpoints.read does. In a process of its own, as the command runs: the reports come
+    # when the process ends.
+    shutil.copytree(saved / "8", saved / "10")
+    for chunk in (saved / "10" / "state").rglob("d/*"):
+        os.truncate(chunk, chunk.stat().st_size // 2)
+    script = (
+        "import sys; from stam_jax import checkpoints; from stam_jax.export import main; "
+        "code = main(sys.argv[1:]); "
+        "print(sys.unraisablehook is checkpoints._quiet_closed_loop_reports); sys.exit(code)"
+    )
+    result = run([sys.executable, "-c", script, str(workdir), str(tmp_path / "x")])
+    assert (result.returncode, result.stdout) == (2, "True\n"), result.stderr[-3000:]
+    assert result.stderr.startswith(
+        f"error: cannot read the params of step 10: {saved / '10'} is damaged or incompletely "
+        "copied (ValueError: "
+    )
+    assert result.stderr.endswith(
+        "; export another saved step with --step N, N one of [3, 6, 8].\n"
+    )
+    assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+    # No complete step at all.
+    for step in ("3", "6", "8", "10"):
+        (saved / step / "commit_success.txt").unlink()
+    assert export_main([str(workdir), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {workdir} has no complete saved training step (no {saved}/N holding orbax's "
+        f"commit_success.txt; {saved}/N for N in [3, 6, 8, 9, 10] are unfinished): export "
+        "once the run has saved one (every train.save_every steps).\n"
+    )
+    assert not (tmp_path / "x").exists()
+
+
 def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
     from stam_jax.train import _eval_report
 
