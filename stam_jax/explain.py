@@ -13,7 +13,8 @@ the equal weight 1/T of every frame, labelled as such.
 The frames are sampled at `--frame-rate` (default T / 10 s: T frames over the first 10 s, as the
 released models were evaluated); `--out` is a .png, .pdf, .svg or .jpg file (no suffix: .png),
 its missing folders are created. A bad video path, flag or `--out` is refused before the
-checkpoint is loaded.
+checkpoint is loaded; params holding NaN or Inf (a run that diverged), or probabilities or
+attention that come out NaN or Inf, are refused too: nothing is drawn.
 
 Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention plus the identity
 (the residual path), rows renormalised; the product over layers; the cls token's row of it.
@@ -196,8 +197,9 @@ def explain_video(
       average's weights), `spatial_rollout` (T, grid, grid).
 
     Raises:
-      ValueError: a bad rate or video path. CheckpointError: an unreadable checkpoint.
-      VideoError: a video that cannot be decoded or is too short for a clip.
+      ValueError: a bad rate or video path; params holding NaN or Inf, or probabilities or
+        attention that come out NaN or Inf (nothing to draw). CheckpointError: an unreadable
+        checkpoint. VideoError: a video that cannot be decoded or is too short for a clip.
     """
     import jax
     import jax.numpy as jnp
@@ -213,6 +215,7 @@ def explain_video(
     model = model.clone(spatial_attention_layers=tuple(range(model.depth)), temporal_attention=True)
     rate = _sampling(video, model.num_frames, frame_rate)  # the video checked before the read
     params = checkpoints.read_params(checkpoint, model, config=stored)
+    _check_finite_params(checkpoint, params)
     params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
     spec = ClipSpec(
         num_frames=model.num_frames,
@@ -248,7 +251,42 @@ def explain_video(
     ]
     grid = model.image_size // model.patch_size
     out["spatial_rollout"] = rollout(spatial)[:, 0, 1:].reshape(-1, grid, grid)
+    shown = {
+        "class probabilities": out["probabilities"],
+        "temporal attention": out["temporal_layers"],
+        "spatial attention": out["spatial_rollout"],
+    }
+    bad = [name for name, values in shown.items() if not np.isfinite(values).all()]
+    if bad:
+        raise ValueError(
+            f"the model of {checkpoint} gave NaN or Inf {' and '.join(bad)} for {video} (its "
+            "params are finite: a value overflowed float32), so nothing was drawn; explain a "
+            "checkpoint whose params are of sound magnitude."
+        )
     return out
+
+
+def _check_finite_params(checkpoint: str | Path, params: dict[str, Any]) -> None:
+    """Refuses params holding NaN or Inf: every value drawn from them would be NaN.
+
+    Raises:
+      ValueError: naming the checkpoint and the params (the first five, and how many).
+    """
+    from flax.traverse_util import flatten_dict
+
+    bad = [
+        name
+        for name, value in flatten_dict(params, sep="/").items()
+        if not np.isfinite(value).all()
+    ]
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{checkpoint} holds NaN or Inf values in {len(bad)} param(s) ({names}), so the "
+            "model's probabilities and attention would be NaN and nothing was drawn; explain a "
+            "checkpoint with finite params (a run that diverged: export an earlier step with "
+            "python -m stam_jax.export RUN_DIR OUT_DIR --step N)."
+        )
 
 
 def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, random_params
@@ -141,3 +142,33 @@ def test_a_frame_averaging_model_is_not_drawn_as_attention(explained):
     )
     assert not any("temporal cls token" in t for t in texts)
     assert all(ax.get_legend() is None for ax in fig.axes)  # no "layer 0", no "rollout"
+
+
+def test_non_finite_params_or_outputs_are_refused_not_drawn(explained, tmp_path, capsys):
+    root, video = explained
+    _, model, params = checkpoints.read(root / "ckpt")
+    args = [str(video), "--frame-rate", "4", "--out", str(tmp_path / "p.png"), "--checkpoint"]
+    # NaN in the params (a diverged run): refused naming them, before the model runs.
+    nan = jax.tree.map(np.copy, params)
+    nan["head"]["kernel"][0, 0] = np.nan
+    nan["blocks_1"]["attn"]["qkv"]["bias"][:] = np.inf
+    checkpoints.save(tmp_path / "nan", model, nan)
+    assert main([*args, str(tmp_path / "nan")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'nan'} holds NaN or Inf values in 2 param(s) "
+        "(blocks_1/attn/qkv/bias, head/kernel), so the model's probabilities and attention "
+        "would be NaN and nothing was drawn; explain a checkpoint with finite params (a run "
+        "that diverged: export an earlier step with python -m stam_jax.export RUN_DIR OUT_DIR "
+        "--step N).\n"
+    )
+    # Finite params whose logits overflow float32: the probabilities come out NaN.
+    huge = jax.tree.map(np.copy, params)
+    huge["head"]["kernel"][:] = 3e38
+    checkpoints.save(tmp_path / "huge", model, huge)
+    assert main([*args, str(tmp_path / "huge")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the model of {tmp_path / 'huge'} gave NaN or Inf class probabilities for "
+        f"{video} (its params are finite: a value overflowed float32), so nothing was drawn; "
+        "explain a checkpoint whose params are of sound magnitude.\n"
+    )
+    assert not (tmp_path / "p.png").exists()
