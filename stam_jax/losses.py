@@ -33,12 +33,24 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-example cross-entropy of logits against soft targets, in float32.
 
     Args:
-        logits: `(B, K)` logits of any float dtype.
-        targets: `(B, K)` target distributions (rows summing to 1).
+        logits: `(B, K)` logits of any float dtype (any leading axes: `(..., K)`).
+        targets: target distributions (rows summing to 1), of the logits' shape.
 
     Returns:
         `(B,)` float32 losses `-sum_k targets * log_softmax(logits)`.
+
+    Raises:
+        ValueError: `targets` not of the logits' shape, e.g. integer labels `(B,)`, which would
+            broadcast against `(B, K)` logits when B == K and give wrong losses.
     """
+    if jnp.shape(targets) != jnp.shape(logits) or jnp.ndim(logits) < 1:
+        k = jnp.shape(logits)[-1] if jnp.ndim(logits) else "K"
+        raise ValueError(
+            f"soft_cross_entropy: targets of shape {tuple(jnp.shape(targets))} do not match "
+            f"logits of shape {tuple(jnp.shape(logits))}; targets are distributions over the "
+            f"logits' last axis, in the logits' shape: for integer labels pass "
+            f"jax.nn.one_hot(labels, {k})."
+        )
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
 

@@ -49,6 +49,25 @@ def test_soft_cross_entropy_low_precision_logits(dtype):
     np.testing.assert_allclose(loss, optax.softmax_cross_entropy(logits, targets), atol=1e-2)
 
 
+def test_soft_cross_entropy_refuses_targets_not_of_the_logits_shape():
+    # Integer labels (B,) against (B, K) logits with B == K broadcast without error (each
+    # example's row scaled by the labels) and give wrong losses: refused, naming the fix.
+    logits = jnp.array([[2.0, -1.0], [0.5, 0.3]])
+    labels = jnp.array([0, 1])
+    with pytest.raises(ValueError) as refused:
+        soft_cross_entropy(logits, labels)
+    assert str(refused.value) == (
+        "soft_cross_entropy: targets of shape (2,) do not match logits of shape (2, 2); "
+        "targets are distributions over the logits' last axis, in the logits' shape: for "
+        "integer labels pass jax.nn.one_hot(labels, 2)."
+    )
+    with pytest.raises(ValueError, match=r"targets of shape \(1, 2\) do not match logits of "):
+        jax.jit(soft_cross_entropy)(logits, jnp.ones((1, 2)) / 2)  # refused when traced too
+    # The fix it names gives the true losses.
+    expected = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
+    np.testing.assert_allclose(soft_cross_entropy(logits, jax.nn.one_hot(labels, 2)), expected)
+
+
 def _kd_numpy(student: np.ndarray, teacher: np.ndarray, t: float) -> np.ndarray:
     def softmax(x):
         e = np.exp(x - x.max(axis=-1, keepdims=True))
