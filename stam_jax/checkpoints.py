@@ -476,7 +476,7 @@ def load(
       directory: a checkpoint written by `save` or `python -m convert`.
       dtype: compute dtype of the returned model ('float32', 'bfloat16', 'float16').
       param_dtype: dtype the params are cast to.
-      attention_impl: 'auto', 'xla' or 'cudnn'.
+      attention_impl: 'auto', 'xla', 'cudnn' or 'heads_first' (see `STAM`).
 
     Returns:
       The `STAM` module and its params (jax arrays on the default device).

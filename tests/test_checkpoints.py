@@ -178,6 +178,21 @@ def test_training_workdir_names_its_final_checkpoints(tiny, tmp_path):
         checkpoints.load(workdir)
 
 
+def test_load_documents_and_takes_every_attention_impl(tiny):
+    # The docstring lists exactly the values the model accepts, and each loads.
+    from stam_jax.model import ATTENTION_IMPLS
+
+    _, _, _, saved = tiny
+    documented = next(
+        line for line in checkpoints.load.__doc__.splitlines() if "attention_impl:" in line
+    )
+    assert documented.split(":", 1)[1].split("(")[0].replace(" or ", ", ").strip(" .") == (
+        ", ".join(repr(impl) for impl in ATTENTION_IMPLS)
+    )
+    for impl in ("auto", "xla", "heads_first"):  # 'cudnn' needs an NVIDIA GPU
+        assert checkpoints.load(saved, attention_impl=impl)[0].attention_impl == impl
+
+
 def test_reports_of_abandoned_reads_are_silenced_and_nothing_else(monkeypatch):
     # A failed read of a damaged checkpoint leaves orbax reads that each report 'Event loop is
     # closed' when collected (60 lines under `python -m convert.to_torch`); only those are
