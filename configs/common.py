@@ -94,7 +94,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # halved; doubled after this many good steps).
     config.train.loss_scale_initial = 2.0**15
     config.train.loss_scale_period = 2000
-    config.train.ema_decay = 0.999  # EMA of the params, exported beside them (0: off)
+    # EMA of the params: WORKDIR/final_ema, the EMA set of the periodic evaluation, export --ema.
+    # 0: none of these (the train state then carries a copy of the params in its place).
+    config.train.ema_decay = 0.999
     config.train.log_every = 10
     # Periodic evaluation (0: off) of the params and their EMA on eval_root through run_eval's
     # code; the best by top-1 is kept in WORKDIR/best (WORKDIR/best.json says which).
