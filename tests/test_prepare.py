@@ -231,6 +231,28 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
         prepare(tmp_path / "missing", tmp_path / "y", SPEC, progress=False)
 
 
+def test_a_video_changed_since_prepare_is_refused(videos, tmp_path):
+    # A re-run used to find the dataset "already prepared" (or resume it) from the list of
+    # paths alone: a video replaced or fixed since kept its old record, or its old failure.
+    src = tmp_path / "videos"
+    shutil.copytree(videos, src)
+    out = tmp_path / "out"
+    prepare(src, out, SPEC, workers=0, shard_size=4, progress=False)
+    first = sorted(p for p in src.rglob("*") if p.is_file())[0]
+    stat = first.stat()
+    name = first.relative_to(src).as_posix()
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(PreparedError) as info:
+        prepare(src, out, SPEC, workers=0, shard_size=4, progress=False)
+    assert str(info.value) == (
+        f"1 of the videos under {src} changed since {out} was prepared (their size or "
+        f"modification time differ): {name}; its records were made from the files as they "
+        "were: use another --out, or delete it to start over."
+    )
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as it was: nothing to do
+    assert prepare(src, out, SPEC, workers=0, shard_size=4, progress=False)["complete"]
+
+
 def prepare_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`python -m stam_jax.data.prepare --config=configs/tiny.py ARGS`, in this process.
 

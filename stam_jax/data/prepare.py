@@ -124,6 +124,19 @@ def _listing(folder: VideoFolder) -> dict[str, Any]:
     }
 
 
+def _stamps(folder: VideoFolder) -> list[list[int]]:
+    """[size, modification time (ns)] of every listed video: a re-run into the same `--out`
+    must find the files its records were made from ([-1, -1]: a file gone since the listing)."""
+    stamps = []
+    for item in folder.items:
+        try:
+            stat = os.stat(folder.root / item.path)
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stamps.append([-1, -1])
+    return stamps
+
+
 def _ignored(folder: VideoFolder) -> list[list[str]]:
     """What the listing left out, as [path, reason, note] rows (`stam_prepare.json` 'ignored')."""
     return [[entry.path, entry.reason, entry.note] for entry in folder.ignored]
@@ -170,8 +183,11 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_out(out: Path, settings: dict[str, Any], listing: dict[str, Any]) -> dict | None:
-    """The existing metadata of `out` when it continues this same job; refuses anything else."""
+def _check_out(
+    out: Path, settings: dict[str, Any], listing: dict[str, Any], stamps: list[list[int]]
+) -> dict | None:
+    """The existing metadata of `out` when it continues this same job; refuses anything else,
+    such as videos replaced or edited since (their size or modification time differ)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -198,6 +214,19 @@ def _check_out(out: Path, settings: dict[str, Any], listing: dict[str, Any]) -> 
             f"the videos under {settings['source']} changed since {out} was started "
             f"({len(meta['items'])} listed then, {len(listing['items'])} now); use another "
             "--out, or delete it to start over."
+        )
+    before = meta.get("stamps")  # absent from datasets prepared before they were recorded
+    if before is not None and before != stamps:
+        pairs = zip(before, stamps, strict=True) if len(before) == len(stamps) else ()
+        differ = [a != b for a, b in pairs] or [True] * len(stamps)
+        changed = [item[0] for item, d in zip(listing["items"], differ, strict=True) if d]
+        state = "prepared" if meta.get("complete") else "started"
+        raise PreparedError(
+            f"{len(changed)} of the videos under {settings['source']} changed since {out} was "
+            f"{state} (their size or modification time differ): {', '.join(changed[:5])}"
+            + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            + "; its records were made from the files as they were: use another --out, or "
+            "delete it to start over."
         )
     return meta
 
@@ -254,8 +283,8 @@ def prepare(
     except DatasetError as e:
         raise PreparedError(str(e)) from None
     settings = _settings(folder, spec, kind, encoding, jpeg_quality, shard_size)
-    listing = _listing(folder)
-    meta = _check_out(out, settings, listing)
+    listing, stamps = _listing(folder), _stamps(folder)
+    meta = _check_out(out, settings, listing, stamps)
     if meta and meta.get("complete"):
         print(f"{out} is already prepared ({meta['num_records']} records); nothing to do.")
         return meta
@@ -263,7 +292,14 @@ def prepare(
     try:
         parts.mkdir(parents=True, exist_ok=True)
         _write_json(
-            out / META_FILE, {**settings, **listing, "ignored": _ignored(folder), "complete": False}
+            out / META_FILE,
+            {
+                **settings,
+                **listing,
+                "stamps": stamps,
+                "ignored": _ignored(folder),
+                "complete": False,
+            },
         )
     except OSError as e:
         raise PreparedError(
@@ -304,7 +340,7 @@ def prepare(
     finally:
         results.close()  # the decoding processes end now, however the writing ended
         bar.close()  # (an interruption's message then starts on a line of its own)
-    return _finish(out, parts, num_shards, settings, listing, folder)
+    return _finish(out, parts, num_shards, settings, {**listing, "stamps": stamps}, folder)
 
 
 def _is_complete(out: Path) -> bool:
