@@ -253,6 +253,32 @@ def test_a_video_changed_since_prepare_is_refused(videos, tmp_path):
     assert prepare(src, out, SPEC, workers=0, shard_size=4, progress=False)["complete"]
 
 
+def test_class_names_tfds_cannot_keep_and_no_videos_are_refused(videos, tmp_path):
+    # TFDS keeps label names one per line, stripped: 'new\nline' became two classes and every
+    # later label named the wrong class.
+    src = tmp_path / "videos"
+    one = next(p for p in videos.rglob("*.mp4"))
+    for name in ("ok", "new\nline", "trailing "):
+        (src / name).mkdir(parents=True)
+        shutil.copy(one, src / name / "v.mp4")
+    with pytest.raises(PreparedError) as info:
+        prepare(src, tmp_path / "out", SPEC, workers=0, progress=False)
+    assert str(info.value) == (
+        "class name(s) 'new\\nline', 'trailing ' cannot be stored in a TFDS dataset (its label "
+        "names are kept one per line, without spaces at either end); rename those class folders "
+        "(or their lines in --config.data.class_list). Nothing was written."
+    )
+    assert not (tmp_path / "out").exists()
+    # Files that are not videos: refused, and what the job had written is gone.
+    junk = tmp_path / "junk"
+    for name in ("a", "b"):
+        (junk / name).mkdir(parents=True)
+        (junk / name / "v.mp4").write_text("not a video")
+    with pytest.raises(PreparedError, match=r"none of the 2 videos .* nothing was kept in"):
+        prepare(junk, tmp_path / "out", SPEC, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def prepare_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`python -m stam_jax.data.prepare --config=configs/tiny.py ARGS`, in this process.
 

@@ -24,9 +24,11 @@ be written, ...), 3 finished with some videos skipped, 130 interrupted (Ctrl-C; 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -122,6 +124,18 @@ def _listing(folder: VideoFolder) -> dict[str, Any]:
         "items": [[item.path, item.label] for item in folder.items],
         "empty_classes": list(folder.empty_classes),
     }
+
+
+def _check_class_names(classes: tuple[str, ...]) -> None:
+    """Refuses class names TFDS cannot keep: its label feature stores them one per line,
+    stripped, so a line break or a space at either end would rename or shift the labels."""
+    bad = [n for n in classes if not n.strip() or n != n.strip() or "\n" in n or "\r" in n]
+    if bad:
+        raise PreparedError(
+            f"class name(s) {', '.join(map(repr, bad[:5]))} cannot be stored in a TFDS dataset "
+            "(its label names are kept one per line, without spaces at either end); rename "
+            "those class folders (or their lines in --config.data.class_list). Nothing was written."
+        )
 
 
 def _stamps(folder: VideoFolder) -> list[list[int]]:
@@ -282,6 +296,7 @@ def prepare(
         folder = list_videos(src, class_list or None)
     except DatasetError as e:
         raise PreparedError(str(e)) from None
+    _check_class_names(folder.classes)
     settings = _settings(folder, spec, kind, encoding, jpeg_quality, shard_size)
     listing, stamps = _listing(folder), _stamps(folder)
     meta = _check_out(out, settings, listing, stamps)
@@ -385,10 +400,15 @@ def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]
             os.replace(part, final)
     outcomes = {k: v for sidecar in sidecars for k, v in sidecar["outcomes"].items()}
     lengths = [sidecars[s]["records"] for s in kept]
-    if not lengths:
+    if not lengths:  # a dataset of nothing: what this job wrote goes
+        shutil.rmtree(parts, ignore_errors=True)
+        (out / META_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            out.rmdir()  # if nothing else is there
         raise PreparedError(
             f"none of the {len(folder.items)} videos under {folder.root} could be prepared "
-            f"(first reason: {next(iter(outcomes.values()))['reason']})."
+            f"(first reason: {next(iter(outcomes.values()))['reason']}); nothing was kept in "
+            f"{out}."
         )
 
     skipped = [
