@@ -477,8 +477,8 @@ class MeanAggregate(nn.Module):
 
 # v / 255 in float32 for every uint8 v, rounded as torchvision's ToTensor rounds it. Compiled,
 # XLA turns a division by the constant 255 into a multiplication by its reciprocal, which gives
-# 126 of the 256 values one ulp off; a table look-up is exact (1.2-1.4x the division's ~1 ms
-# per 2 videos on CPU, beside seconds of model: BENCHMARKS.md, transfer_bench.py).
+# 126 of the 256 values one ulp off; a table look-up is exact (1.13x the division's time on
+# CPU, about 0.1 ms per video beside seconds of model: BENCHMARKS.md, transfer_bench.py).
 _UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
 
 
