@@ -11,19 +11,40 @@ reading and writing in `convert.torch_io`. The exports below are imported on fir
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
+if TYPE_CHECKING:  # what type checkers and editors see; at run time, `__getattr__` below
+    from convert.core import convert_checkpoint, export_checkpoint, official_notes
+    from convert.mapping import ConversionError, Report, flax_to_torch, torch_to_flax
+
 _EXPORTS = {
     "ConversionError": "convert.mapping",
+    "Report": "convert.mapping",
     "convert_checkpoint": "convert.core",
     "export_checkpoint": "convert.core",
+    "flax_to_torch": "convert.mapping",
+    "official_notes": "convert.core",
+    "torch_to_flax": "convert.mapping",
 }
-__all__ = sorted([*_EXPORTS, "TORCH_DTYPES"])
+__all__ = [
+    "TORCH_DTYPES",
+    "ConversionError",
+    "Report",
+    "convert_checkpoint",
+    "export_checkpoint",
+    "flax_to_torch",
+    "official_notes",
+    "torch_to_flax",
+]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'convert' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

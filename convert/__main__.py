@@ -28,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_interrupts()
     start = time.perf_counter()
+    interrupted = "interrupted: nothing was written (a checkpoint already there is kept)."
     try:
         with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
             from convert.core import ConversionError, convert_checkpoint
             from stam_jax.checkpoints import CheckpointError
             from stam_jax.variants import model_from_config, variant_name
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
         path, config, report = convert_checkpoint(
             args.pth,
             args.out_dir,
@@ -42,16 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             temporal_heads=args.temporal_heads,
             num_frames=args.num_frames,
         )
-    # First: the error classes below are bound only once their import has run.
-    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
-        print(
-            "interrupted: nothing was written (a checkpoint already there is kept).",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
     for warning in report.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     name = variant_name(model_from_config(config)) or "custom"

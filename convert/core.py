@@ -101,7 +101,7 @@ def export_checkpoint(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
-) -> tuple[Path, str, list[str]]:
+) -> tuple[Path, str]:
     """Writes a stam-jax checkpoint back as an official `{'model': state_dict}` `.pth`.
 
     Args:
@@ -111,9 +111,8 @@ def export_checkpoint(
       overwrite: replace an existing file.
 
     Returns:
-      (written path, dtype used, notes): the notes (`official_notes`) say what of the model
-      the `.pth` cannot carry: settings the official code does not have, and the flags that
-      `python -m convert` needs to read it back.
+      (written path, dtype used). `official_notes` says what of the model a `.pth` cannot
+      carry (`python -m convert.to_torch` prints it).
 
     Raises:
       ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), or
@@ -142,7 +141,7 @@ def export_checkpoint(
     except OSError as e:
         raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
     save_state_dict(state_dict, out)
-    return out, dtype, official_notes(config["model"])
+    return out, dtype
 
 
 def official_notes(model: dict[str, Any]) -> list[str]:
@@ -201,4 +200,4 @@ def _check_output_file(out: Path, overwrite: bool) -> Path:
     return out
 
 
-__all__ = ["ConversionError", "convert_checkpoint", "export_checkpoint"]
+__all__ = ["ConversionError", "convert_checkpoint", "export_checkpoint", "official_notes"]

@@ -27,20 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite OUT.pth if it exists")
     args = parser.parse_args(argv)
     keep_interrupts()
+    interrupted = "interrupted: the .pth was not written."
     try:
         with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
-            from convert.core import ConversionError, export_checkpoint
-            from stam_jax.checkpoints import CheckpointError
-        path, dtype, notes = export_checkpoint(
+            from convert.core import ConversionError, export_checkpoint, official_notes
+            from stam_jax.checkpoints import CheckpointError, read_config
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        path, dtype = export_checkpoint(
             args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
         )
-    # First: the error classes below are bound only once their import has run.
-    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
-        print("interrupted: the .pth was not written.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        notes = official_notes(read_config(args.ckpt_dir)["model"])
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:  # what was being written is removed or never renamed into place
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
     for note in notes:
         print(note, file=sys.stderr)
     print(f"wrote {path} ({dtype})")
