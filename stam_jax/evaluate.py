@@ -276,14 +276,18 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, num_classes: int) -> dict[s
     }
 
 
+# The reason given for a video whose logits hold NaN or Inf (left out of the metrics).
+NON_FINITE_REASON = "the model gave non-finite logits (NaN/Inf)"
+
+
 def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[str, Any]:
     """Evaluates `config.checkpoint` on `config.data.root`; writes results to `workdir`.
 
     Args:
       config: a run config (`configs/stam_16.py` and friends).
       workdir: output folder for `results.json` and `predictions.jsonl`.
-      report: print the summary (metrics, speed, skipped videos) on process 0; the periodic
-        evaluation of training prints its own, shorter one.
+      report: print the summary (metrics, speed, skipped videos, a NaN/Inf logits warning) on
+        process 0; the periodic evaluation of training prints its own, shorter one.
 
     Returns:
       The results dict (also written as `results.json`). When no video was evaluated its
@@ -392,7 +396,7 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         {
             "path": folder.items[p].path,
             "label": folder.items[p].label,
-            "reason": "the model gave non-finite logits (NaN/Inf)",
+            "reason": NON_FINITE_REASON,
         }
         for p in done_pos[~finite].tolist()
     ]
@@ -442,8 +446,9 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         _write(workdir, results, folder, done_pos, labels, logits, scores)
         if report:
             _summary(results, workdir)
-        if non_finite:
-            print(_non_finite_warning(len(non_finite), len(finite), model, stored), file=sys.stderr)
+            if non_finite:
+                warning = _non_finite_warning(len(non_finite), len(finite), model, stored)
+                print(warning, file=sys.stderr)
     return results
 
 

@@ -27,9 +27,20 @@ class ExportError(ValueError):
     """A run directory, step or output that cannot be exported; the message says what to do."""
 
 
-# Orbax writes this file into a step's folder once its save is complete (and, on a local file
-# system, renames the folder from its temporary name only after that).
+# Orbax marks a step's folder as a finished save: with this file (0.12.8 and later, and on
+# file systems without atomic renames), and with a commit time in its `_CHECKPOINT_METADATA`.
 _COMMITTED = "commit_success.txt"
+
+
+def _finished(folder: Path) -> bool:
+    """Whether orbax finished writing the save in `folder` (either mark above)."""
+    if (folder / _COMMITTED).is_file():
+        return True
+    try:
+        metadata = json.loads((folder / "_CHECKPOINT_METADATA").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and bool(metadata.get("commit_timestamp_nsecs"))
 
 
 def _saved_steps(saved: Path) -> tuple[list[int], list[int]]:
@@ -39,8 +50,8 @@ def _saved_steps(saved: Path) -> tuple[list[int], list[int]]:
     unfinished saves it finds, which would be those of a run still training.
     """
     folders = [p for p in (saved.iterdir() if saved.is_dir() else ()) if p.name.isdigit()]
-    complete = sorted(int(p.name) for p in folders if (p / _COMMITTED).is_file())
-    unfinished = sorted(int(p.name) for p in folders if not (p / _COMMITTED).is_file())
+    complete = sorted(int(p.name) for p in folders if _finished(p))
+    unfinished = sorted(int(p.name) for p in folders if not _finished(p))
     return complete, unfinished
 
 
@@ -157,8 +168,8 @@ def export(
     complete, unfinished = _saved_steps(saved)
     if step is None and not complete:
         raise ExportError(
-            f"{run} has no complete saved training step (no {saved}/N holding orbax's "
-            f"{_COMMITTED}"
+            f"{run} has no complete saved training step (no {saved}/N that orbax marked "
+            "finished"
             + (f"; {_some_steps(saved, unfinished)} unfinished" if unfinished else "")
             + "): export once the run has saved one (every train.save_every steps)."
         )
@@ -166,7 +177,7 @@ def export(
         step = complete[-1]
     if step in unfinished:
         raise ExportError(
-            f"{saved / str(step)} is not a complete saved step (it lacks orbax's {_COMMITTED}: "
+            f"{saved / str(step)} is not a complete saved step (orbax did not mark it finished: "
             "a save cut short, or a folder made by other means); " + _others(complete, step)
         )
     if step not in complete:

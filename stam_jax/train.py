@@ -55,7 +55,7 @@ from stam_jax.losses import (
     soft_cross_entropy,
     unscale,
 )
-from stam_jax.model import STAM
+from stam_jax.model import STAM, uint8_to_unit
 from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config, variant_name
@@ -237,7 +237,7 @@ def _train_step(
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
         inputs = videos
         if mixing:
-            inputs = videos.astype(jnp.float32) / 255.0
+            inputs = uint8_to_unit(videos)  # as the model scales uint8 frames
             inputs, targets = mix_videos(
                 jax.random.fold_in(key, 1),
                 inputs,
@@ -784,7 +784,7 @@ def _periodic_eval(
     best_file = workdir / "best.json"
     best = json.loads(best_file.read_text()) if best_file.exists() else {"top1": -1.0}
     scores, counts, new_best = {}, {}, None
-    skipped: list[dict[str, Any]] = []
+    skipped: dict[str, list[dict[str, Any]]] = {}  # per set: the videos left out of its top-1
     for name, params in sets.items():
         if jax.process_index() == 0:
             checkpoints.save(here / name, model, params, overwrite=True)
@@ -796,7 +796,7 @@ def _periodic_eval(
         eval_config.checkpoint = str(here / name)
         results = evaluate(eval_config, here / f"{name}_results", report=False)
         counts[name] = results["counts"]
-        skipped = results["dropped"] + results["failed"] + results.get("non_finite", [])
+        skipped[name] = results["dropped"] + results["failed"] + results["non_finite"]
         top1 = float(results["metrics"]["top1"])
         scores["top1" if name == "params" else "ema_top1"] = top1
         if jax.process_index() == 0:  # every process has read it: evaluate gathers at its end
@@ -821,13 +821,16 @@ def _eval_report(
     step: int,
     scores: dict[str, float],
     counts: dict[str, dict[str, int]],
-    skipped: list[dict[str, Any]],
+    skipped: dict[str, list[dict[str, Any]]],
     named: set[str],
     here: Path,
     new_best: str | None,
     best: Path,
 ) -> None:
-    """The periodic evaluation's line, and the skipped videos not named before (to stderr)."""
+    """The periodic evaluation's line, and (to stderr) the videos a set left out that were not
+    named before: a video that fails to decode once, one with NaN/Inf logits once per set."""
+    from stam_jax.evaluate import NON_FINITE_REASON
+
     c = counts["params"]
     top1 = f"top-1 {_percent(scores['top1'])}"
     if "ema_top1" in scores:
@@ -841,10 +844,14 @@ def _eval_report(
     if new_best:
         line += f"; new best ({new_best}) in {best}"
     print(line)
-    for entry in skipped:
-        if entry["path"] not in named:
-            named.add(entry["path"])
-            print(f"  eval skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    for name, entries in skipped.items():
+        for entry in entries:
+            non_finite = entry["reason"] == NON_FINITE_REASON
+            key = f"{name}:{entry['path']}" if non_finite else entry["path"]
+            if key not in named:
+                named.add(key)
+                whose = f" ({'EMA' if name == 'ema' else name})" if non_finite else ""
+                print(f"  eval skipped {entry['path']}{whose}: {entry['reason']}", file=sys.stderr)
 
 
 def _percent(value: float) -> str:

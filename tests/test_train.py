@@ -220,10 +220,13 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
         "params"
     ]
     checkpoints.save(tmp_path / "teacher", teacher, params)
+    eval_root = tmp_path / "eval_videos"  # the training videos and one that does not decode
+    shutil.copytree(train_root, eval_root)
+    (eval_root / "class_0" / "broken.mp4").write_text("not a video")
     extra = [
         "--config.train.steps=4",
         "--config.train.eval_every=2",
-        f"--config.train.eval_root={train_root}",
+        f"--config.train.eval_root={eval_root}",
         f"--config.train.teacher={tmp_path / 'teacher'}",
         "--config.train.mixup_alpha=0.2",
         "--config.train.cutmix_alpha=1.0",
@@ -248,8 +251,10 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     # One line per evaluation, both sets on it (not evaluate's whole summary once per set).
     lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
     assert [line.split(":")[0] for line in lines] == ["eval at step 2", "eval at step 4"]
-    assert all(" on 10 of 10 videos" in line and "(EMA " in line for line in lines), lines
+    assert all(" on 10 of 11 videos, 1 left out" in line and "(EMA " in line for line in lines)
     assert "videos/s" not in result.stdout
+    # Named once in the whole run, though both sets skipped it at both evaluations.
+    assert result.stderr.count("eval skipped class_0/broken.mp4") == 1, result.stderr[-3000:]
     # Only the best params are kept, and they are the ones that scored it.
     for step in (2, 4):
         names = sorted(p.name for p in (run_dir / f"eval/step_{step}").iterdir())
@@ -598,9 +603,9 @@ def test_export_takes_only_complete_steps_and_names_a_damaged_one(uninterrupted,
     for args in ([str(workdir), "--step", "9"], [str(saved / "9")]):
         assert export_main([*args[:1], str(tmp_path / "x"), *args[1:]]) == 2
         assert capsys.readouterr().err == (
-            f"error: {saved / '9'} is not a complete saved step (it lacks orbax's "
-            "commit_success.txt: a save cut short, or a folder made by other means); export "
-            "another saved step with --step N, N one of [3, 6, 8].\n"
+            f"error: {saved / '9'} is not a complete saved step (orbax did not mark it "
+            "finished: a save cut short, or a folder made by other means); export another saved "
+            "step with --step N, N one of [3, 6, 8].\n"
         )
     # A complete step whose files are damaged: one line naming it, without orbax's reports of
     # its abandoned reads ('Event loop is closed', up to 60 lines at exit), silenced as
@@ -624,31 +629,38 @@ def test_export_takes_only_complete_steps_and_names_a_damaged_one(uninterrupted,
         "; export another saved step with --step N, N one of [3, 6, 8].\n"
     )
     assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+    # Saved by an orbax older than 0.12.8 (no commit_success.txt on a local disk): the commit
+    # time in _CHECKPOINT_METADATA marks the save finished.
+    (saved / "3" / "commit_success.txt").unlink()
+    assert export_main([str(workdir), str(tmp_path / "three"), "--step", "3"]) == 0
+    capsys.readouterr()
     # No complete step at all.
     for step in ("3", "6", "8", "10"):
-        (saved / step / "commit_success.txt").unlink()
+        (saved / step / "commit_success.txt").unlink(missing_ok=True)
+        (saved / step / "_CHECKPOINT_METADATA").unlink()
     assert export_main([str(workdir), str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {workdir} has no complete saved training step (no {saved}/N holding orbax's "
-        f"commit_success.txt; {saved}/N for N in [3, 6, 8, 9, 10] are unfinished): export "
-        "once the run has saved one (every train.save_every steps).\n"
+        f"error: {workdir} has no complete saved training step (no {saved}/N that orbax marked "
+        f"finished; {saved}/N for N in [3, 6, 8, 9, 10] are unfinished): export once the run "
+        "has saved one (every train.save_every steps).\n"
     )
     assert not (tmp_path / "x").exists()
 
 
 def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
+    from stam_jax.evaluate import NON_FINITE_REASON
     from stam_jax.train import _eval_report
 
     counts = {"listed": 3, "evaluated": 2}
     broken = {"path": "a/broken.mp4", "reason": "failed: InvalidDataError"}
-    nan = {"path": "b/x.mp4", "reason": "the model gave non-finite logits (NaN/Inf)"}
+    nan = {"path": "b/x.mp4", "reason": NON_FINITE_REASON}
     named: set[str] = set()
-    for step, skipped in ((2, [broken]), (4, [broken, nan])):
+    for step in (2, 4):
         _eval_report(
             step,
             {"top1": 0.5, "ema_top1": float("nan")},
             {"params": counts, "ema": {**counts, "evaluated": 0}},
-            skipped,
+            {"params": [broken] + [nan] * (step == 4), "ema": [broken, nan]},
             named,
             tmp_path / f"step_{step}",
             "params" if step == 2 else None,
@@ -660,7 +672,9 @@ def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
         f"(reasons in {tmp_path}/step_{step}/params_results/results.json)" + end
         for step, end in ((2, f"; new best (params) in {tmp_path / 'best'}"), (4, ""))
     ]
+    # The decoding failure once; the NaN logits once per set that gave them, each named.
     assert err.splitlines() == [
         "  eval skipped a/broken.mp4: failed: InvalidDataError",
-        "  eval skipped b/x.mp4: the model gave non-finite logits (NaN/Inf)",
+        f"  eval skipped b/x.mp4 (EMA): {NON_FINITE_REASON}",
+        f"  eval skipped b/x.mp4 (params): {NON_FINITE_REASON}",
     ]
