@@ -224,13 +224,14 @@ def save(
     path = check_destination(directory, overwrite=overwrite)
     check_params(model, params)
     metadata = _json_metadata(metadata)
+    architecture = _json_architecture(model)
     # Orbax stages jax arrays to the host in bounded chunks, but copies numpy leaves whole. In a
     # multi-host run it takes only global arrays, so there the leaves go as numpy.
     params = jax.tree.map(jnp.asarray if jax.process_count() == 1 else np.asarray, params)
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "model": model_config(model),
+        "model": architecture,
         "metadata": metadata,
     }
     new, old = path.with_name(path.name + _NEW), path.with_name(path.name + _OLD)
@@ -290,6 +291,22 @@ def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
                 "NaN. Nothing was written."
             ) from None
     return metadata
+
+
+def _json_architecture(model: STAM) -> dict[str, Any]:
+    """`model_config(model)`, refused before anything is written unless it is plain JSON (a
+    field set from a numpy value, such as num_classes=np.int64(5), failed inside orbax)."""
+    config = model_config(model)
+    for field, value in config.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"the model's {field}={value!r} ({type(value).__name__}) cannot be stored in the "
+                f"checkpoint's JSON config; build the model with a plain Python value (e.g. "
+                f"{field}=int(x) or float(x)). Nothing was written."
+            ) from None
+    return config
 
 
 def _require_checkpoint(directory: str | os.PathLike) -> Path:

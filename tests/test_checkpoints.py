@@ -340,7 +340,7 @@ def test_a_ctrl_c_during_a_save_comes_after_the_write_and_leaves_nothing(
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "old")[1], first)
 
 
-def test_metadata_that_is_not_json_is_refused_before_any_write(tiny, tmp_path):
+def test_metadata_or_a_model_that_is_not_json_is_refused_before_any_write(tiny, tmp_path):
     # A numpy float used to fail inside orbax's writer thread: pages of tracebacks, a
     # *.orbax-checkpoint-tmp left behind, and a retry that failed on it.
     import numpy as np
@@ -356,6 +356,9 @@ def test_metadata_that_is_not_json_is_refused_before_any_write(tiny, tmp_path):
         with pytest.raises(CheckpointError, match=message + r".*Nothing was written\."):
             checkpoints.save(out, model, first, metadata={key: value})
         assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match=r"the model's num_classes=np\.int64\(10\) \(int64\)"):
+        checkpoints.save(out, model.clone(num_classes=np.int64(10)), first)
+    assert list(tmp_path.iterdir()) == []
     checkpoints.save(out, model, first, metadata={"top1": 0.8, "steps": [1, 2]})
     assert checkpoints.read_config(out)["metadata"] == {"top1": 0.8, "steps": [1, 2]}
 
