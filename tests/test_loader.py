@@ -219,3 +219,23 @@ def test_shutting_down_while_a_worker_sends_a_result_does_not_hang(tmp_path):
         timeout=120,
     )
     assert (result.returncode, result.stdout) == (0, "discarded\n"), result.stderr
+
+
+def test_a_worker_stuck_on_a_file_is_ended_after_the_grace_time(monkeypatch):
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    from stam_jax.data import loader
+
+    monkeypatch.setattr(loader, "_GRACE_S", 0.5)
+    spawn = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn)
+    pool.submit(int).result()  # the worker is up
+    pool.submit(time.sleep, 60)  # a decoder that never returns
+    time.sleep(0.5)
+    workers = list(pool._processes.values())
+    start = time.monotonic()
+    loader._discard(pool)
+    assert time.monotonic() - start < 15
+    assert workers and not any(worker.is_alive() for worker in workers)

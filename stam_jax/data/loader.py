@@ -249,12 +249,14 @@ def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:
                 worker.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + _GRACE_S
-    for worker in workers:
-        worker.join(timeout=max(deadline - time.monotonic(), 0))
-    for worker in workers:
-        if worker.is_alive():
-            worker.terminate()
-            worker.join(timeout=10)
+    try:
+        for worker in workers:
+            worker.join(timeout=max(deadline - time.monotonic(), 0))
+    finally:  # a second Ctrl-C during the wait ends the workers all the same
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=10)
 
 
 _GRACE_S = 30.0
