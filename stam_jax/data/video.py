@@ -45,8 +45,8 @@ class ClipSpec:
     Attributes:
       num_frames: T, frames per clip.
       frame_rate: sampled frames per second (1.6 for stam_16, 6.4 for stam_64).
-      resize: shorter side after resizing (256 officially).
-      crop: side of the square crop (224 officially).
+      resize: shorter side after resizing (256 officially; 1 to `MAX_SIDE`).
+      crop: side of the square crop (224 officially; at most `resize`).
       num_clips: temporal clips per video, uniformly spaced (1 officially: the first T frames).
       num_crops: spatial crops per clip, 1 (centre, official) or 3 (both ends and centre of the
         longer side).
