@@ -143,11 +143,13 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
 
 
 def test_mixup_and_cutmix_change_the_step_and_stay_finite():
-    plain, state, videos, labels, weights = setup(label_smoothing=0.0)
+    # One compiled step with both on: Mixup or CutMix is drawn at each step (both occur:
+    # test_augment); the plain step is the EMA tests' (compiled once for the module).
+    plain, state, videos, labels, weights = setup(ema_decay=0.5)
+    mixed = setup(ema_decay=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)[0]
     _, base = plain(state, videos, labels, weights)
-    for mix in (dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0)):
-        step, state, videos, labels, weights = setup(label_smoothing=0.0, **mix)
-        _, metrics = step(state, videos, labels, weights)
+    for step in range(3):
+        _, metrics = mixed(state.replace(step=step), videos, labels, weights)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(base["loss"])
 
 
