@@ -829,7 +829,7 @@ def _eval_report(
 ) -> None:
     """The periodic evaluation's line, and (to stderr) the videos a set left out that were not
     named before: a video that fails to decode once, one with NaN/Inf logits once per set."""
-    from stam_jax.evaluate import NON_FINITE_REASON
+    from stam_jax.evaluate import NON_FINITE_REASON, _percent
 
     c = counts["params"]
     top1 = f"top-1 {_percent(scores['top1'])}"
@@ -852,10 +852,6 @@ def _eval_report(
                 named.add(key)
                 whose = f" ({'EMA' if name == 'ema' else name})" if non_finite else ""
                 print(f"  eval skipped {entry['path']}{whose}: {entry['reason']}", file=sys.stderr)
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}%" if math.isfinite(value) else "n/a"
 
 
 def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | None:
