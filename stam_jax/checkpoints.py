@@ -621,3 +621,27 @@ def check_params(model: STAM, params: Mapping[str, Any]) -> None:
     ]
     if problems:
         raise CheckpointError("params do not fit the model:\n  " + "\n  ".join(problems))
+
+
+def non_finite_params(params: Mapping[str, Any]) -> list[str]:
+    """The '/'-joined paths of the params holding NaN or Inf (a run that diverged), in order."""
+    from flax.traverse_util import flatten_dict
+
+    return [
+        name
+        for name, value in flatten_dict(params, sep="/").items()
+        if not np.isfinite(np.asarray(value, np.float32)).all()
+    ]
+
+
+def non_finite_message(source: str | os.PathLike, names: list[str]) -> str:
+    """'`source` holds NaN or Inf values in N param(s) (the first five named)', for refusals."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{source} holds NaN or Inf values in {len(names)} param(s) ({shown})"
+
+
+# What to do about a diverged run's params, for refusals that name them.
+EARLIER_STEP = (
+    "a run that diverged: export an earlier step with "
+    "python -m stam_jax.export RUN_DIR OUT_DIR --step N"
+)

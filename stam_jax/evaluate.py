@@ -333,6 +333,13 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         params = checkpoints.read_params(config.checkpoint, model, config=stored)
     except checkpoints.CheckpointError as e:
         raise EvalConfigError(str(e)) from None
+    bad = checkpoints.non_finite_params(params)
+    if bad:  # every logit would be NaN: refused before any video is decoded
+        raise EvalConfigError(
+            f"--config.checkpoint: {checkpoints.non_finite_message(config.checkpoint, bad)}, so "
+            f"every prediction would be NaN; evaluate a checkpoint with finite params "
+            f"({checkpoints.EARLIER_STEP})."
+        )
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -447,23 +454,21 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         if report:
             _summary(results, workdir)
             if non_finite:
-                warning = _non_finite_warning(len(non_finite), len(finite), model, stored)
+                warning = _non_finite_warning(len(non_finite), len(finite), model)
                 print(warning, file=sys.stderr)
     return results
 
 
-def _non_finite_warning(bad: int, total: int, model: STAM, stored: dict[str, Any]) -> str:
-    """Why `bad` of `total` videos may have had NaN/Inf logits, and what to do."""
-    stored_non_finite = stored.get("metadata", {}).get("non_finite")
-    if stored_non_finite:
-        why = (
-            f"the checkpoint holds non-finite values ({', '.join(map(str, stored_non_finite))}, "
-            "as python -m convert warned): convert a sound checkpoint"
-        )
-    elif jnp.dtype(model.dtype) == jnp.float16:
+def _non_finite_warning(bad: int, total: int, model: STAM) -> str:
+    """Why `bad` of `total` videos had NaN/Inf logits (the params are finite: checked when
+    read), and what to do."""
+    if jnp.dtype(model.dtype) == jnp.float16:
         why = "float16 overflowed: evaluate with --config.dtype=bfloat16 or float32"
     else:
-        why = "check the checkpoint's params for NaN/Inf"
+        why = (
+            f"the params are finite, so a value overflowed {jnp.dtype(model.dtype).name}: check "
+            "the checkpoint's magnitudes"
+        )
     return (
         f"warning: {bad} of {total} videos gave non-finite logits (NaN/Inf) and are left out of "
         f"the metrics (listed under non_finite in results.json): {why}."

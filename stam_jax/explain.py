@@ -272,20 +272,14 @@ def _check_finite_params(checkpoint: str | Path, params: dict[str, Any]) -> None
     Raises:
       ValueError: naming the checkpoint and the params (the first five, and how many).
     """
-    from flax.traverse_util import flatten_dict
+    from stam_jax import checkpoints
 
-    bad = [
-        name
-        for name, value in flatten_dict(params, sep="/").items()
-        if not np.isfinite(value).all()
-    ]
+    bad = checkpoints.non_finite_params(params)
     if bad:
-        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ValueError(
-            f"{checkpoint} holds NaN or Inf values in {len(bad)} param(s) ({names}), so the "
-            "model's probabilities and attention would be NaN and nothing was drawn; explain a "
-            "checkpoint with finite params (a run that diverged: export an earlier step with "
-            "python -m stam_jax.export RUN_DIR OUT_DIR --step N)."
+            f"{checkpoints.non_finite_message(checkpoint, bad)}, so the model's probabilities "
+            "and attention would be NaN and nothing was drawn; explain a checkpoint with finite "
+            f"params ({checkpoints.EARLIER_STEP})."
         )
 
 

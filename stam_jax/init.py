@@ -202,6 +202,14 @@ def init_from_checkpoint(
             f"the checkpoint {checkpoint} cannot initialise this model; shapes differ:\n  "
             + "\n  ".join(problems)
         )
+    taken = {path: source[path] for path in target if path in out and path not in missing}
+    taken = {path: value for path, value in taken.items() if not (head_fresh and path in HEAD)}
+    bad = checkpoints.non_finite_params(taken)
+    if bad:  # training from them would stop at its first step with a NaN loss
+        raise InitError(
+            f"{checkpoints.non_finite_message(checkpoint, bad)}; initialise from a checkpoint "
+            f"with finite params ({checkpoints.EARLIER_STEP})."
+        )
 
     report = [f"{len(copied)} of {len(target)} tensors copied from {checkpoint}", *notes]
     report += resampled

@@ -444,6 +444,12 @@ def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
+def _saved_so_far(manager: ocp.CheckpointManager) -> str:
+    """What a run stopped by a non-finite step leaves to resume from, for its message."""
+    last = manager.latest_step()
+    return "no checkpoint saved yet" if last is None else f"checkpoints up to step {last} intact"
+
+
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
     """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
 
@@ -543,6 +549,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         )
     teacher_read = _teacher_model(config, model)  # (teacher, its stored config) or None
     teacher = teacher_read[0] if teacher_read else None
+    # Read (host arrays) and checked now, before anything is written; on the devices later.
+    teacher_host = _teacher_params(config, *teacher_read) if teacher_read else None
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read
     # (nothing is written) before the run is allowed to go on.
@@ -613,7 +621,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 flush=True,
             )
     batch_sharding = sharding.batch_sharded(mesh)
-    teacher_params = _teacher_params(config, *teacher_read, replicated) if teacher_read else None
+    teacher_params = None
+    if teacher_host is not None:
+        teacher_params = jax.device_put(teacher_host, replicated)
+        del teacher_host
     step_fn = jax.jit(
         _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
@@ -678,14 +689,14 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     manager.wait_until_finished()
                     raise NonFiniteError(
                         f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
-                        f"checkpoints up to step {manager.latest_step()} intact. Use bfloat16."
+                        f"{_saved_so_far(manager)}. Use bfloat16."
                     )
             elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 manager.wait_until_finished()
                 raise NonFiniteError(
                     f"step {step + 1}: loss {metrics['loss']}, gradient norm "
-                    f"{metrics['grad_norm']}; stopped before saving, checkpoints up to step "
-                    f"{manager.latest_step()} intact. Lower --config.train.learning_rate or use "
+                    f"{metrics['grad_norm']}; stopped before saving, {_saved_so_far(manager)}. "
+                    "Lower --config.train.learning_rate or use "
                     "bfloat16 instead of float16."
                 )
             done = step + 1
@@ -878,14 +889,20 @@ def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | No
     return teacher, stored
 
 
-def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any], replicated) -> Any:
-    """The params of `teacher` (from `_teacher_model`, with the config it was built from) in
-    its param dtype, replicated."""
+def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any]) -> Any:
+    """The params of `teacher` (from `_teacher_model`, with the config it was built from) as
+    host arrays in its param dtype, refused if any holds NaN or Inf."""
     try:
         params = checkpoints.read_params(config.train.teacher, teacher, config=stored)
     except checkpoints.CheckpointError as e:
         raise TrainConfigError(f"--config.train.teacher={config.train.teacher}: {e}") from None
-    return jax.device_put(jax.tree.map(lambda x: x.astype(teacher.param_dtype), params), replicated)
+    bad = checkpoints.non_finite_params(params)
+    if bad:  # its logits, and so every distillation loss, would be NaN
+        raise TrainConfigError(
+            f"--config.train.teacher: {checkpoints.non_finite_message(config.train.teacher, bad)}"
+            f"; distil from a teacher with finite params ({checkpoints.EARLIER_STEP})."
+        )
+    return jax.tree.map(lambda x: np.asarray(x).astype(teacher.param_dtype), params)
 
 
 # Fields a restart may change: how the run is executed, logged, saved or evaluated, not what

@@ -276,10 +276,12 @@ def test_bad_files_are_counted_listed_and_the_run_finishes(awkward_root, tiny_ck
 
 
 def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
-    # A checkpoint holding NaN gave every video "class 0" through the argmax, and a top-5 of
-    # 50% on 10 classes: such videos are now listed apart, out of the metrics, and said.
+    # NaN logits gave every video "class 0" through the argmax, and a top-5 of 50% on 10
+    # classes: such videos are now listed apart, out of the metrics, and said. Finite params
+    # whose logits overflow float32 (params holding NaN are refused before any video).
     params = jax.tree.map(np.array, tiny_ckpt[1])
-    params["pos_embed"][0, 0, 0] = np.nan
+    params["norm"]["bias"][:] = 1.0  # every feature near 1, so every logit is +inf
+    params["head"]["kernel"][:] = 3e38
     nan_ckpt = checkpoints.save(tmp_path / "nan", create_model("stam_tiny"), params)
     results = evaluate(config_for(nan_ckpt, video_root), tmp_path / "out")
     assert results["counts"] == {
@@ -298,6 +300,7 @@ def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
     assert read_predictions(tmp_path / "out") == []
     err = capsys.readouterr().err
     assert "warning: 20 of 20 videos gave non-finite logits (NaN/Inf)" in err
+    assert "the params are finite, so a value overflowed float32: check the checkpoint's" in err
     assert strict_json(tmp_path / "out" / "results.json")["metrics"]["top1"] is None
 
 
@@ -564,3 +567,19 @@ def test_cli_flag_mistakes_say_what_to_write(tmp_path, args, message):
         timeout=300,
     )
     assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n")
+
+
+def test_a_checkpoint_holding_nan_is_refused_before_any_video(video_root, tiny_ckpt, tmp_path):
+    # Every logit would be NaN: the run would decode the whole folder to report nothing.
+    params = jax.tree.map(np.array, tiny_ckpt[1])
+    params["norm"]["scale"][5] = np.nan
+    ckpt = checkpoints.save(tmp_path / "diverged", create_model("stam_tiny"), params)
+    with pytest.raises(EvalConfigError) as refused:
+        evaluate(config_for(ckpt, video_root), tmp_path / "out")
+    assert str(refused.value) == (
+        f"--config.checkpoint: {ckpt} holds NaN or Inf values in 1 param(s) (norm/scale), so "
+        "every prediction would be NaN; evaluate a checkpoint with finite params (a run that "
+        "diverged: export an earlier step with python -m stam_jax.export RUN_DIR OUT_DIR "
+        "--step N)."
+    )
+    assert not (tmp_path / "out").exists()

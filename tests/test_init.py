@@ -193,3 +193,33 @@ def test_temporal_resampling_is_plain_linear_interpolation(num_frames):
     np.testing.assert_allclose(new[0, 1:, 0], expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(new[0, 1:, 1], new[0, 1:, 0])
     assert new[0, 0, 0] == -1.0
+
+
+def test_params_holding_nan_or_inf_are_refused_unless_unused(tmp_path):
+    # Training from them would stop at its first step with a NaN loss and blame the learning
+    # rate; a head the model re-initialises (another class count) is not used, so it may hold
+    # anything.
+    model = create_model("stam_tiny")
+    params = fresh_params(model, seed=0)
+    params["blocks_1"]["attn"]["qkv"]["bias"] = (
+        params["blocks_1"]["attn"]["qkv"]["bias"].at[3].set(jnp.nan)
+    )
+    params["head"]["kernel"] = params["head"]["kernel"].at[0, 0].set(jnp.inf)
+    path = checkpoints.save(tmp_path / "diverged", model, params)
+    with pytest.raises(InitError) as refused:
+        init_from_checkpoint(model, fresh_params(model), path)
+    assert str(refused.value) == (
+        f"{path} holds NaN or Inf values in 2 param(s) (blocks_1/attn/qkv/bias, head/kernel); "
+        "initialise from a checkpoint with finite params (a run that diverged: export an "
+        "earlier step with python -m stam_jax.export RUN_DIR OUT_DIR --step N)."
+    )
+    params["blocks_1"]["attn"]["qkv"]["bias"] = jnp.zeros_like(
+        params["blocks_1"]["attn"]["qkv"]["bias"]
+    )
+    path = checkpoints.save(tmp_path / "bad_head", model, params)
+    other = create_model("stam_tiny", num_classes=3)
+    got, report = init_from_checkpoint(other, fresh_params(other), path)
+    assert "head: re-initialised (checkpoint has 10 classes, model 3)" in report
+    assert np.isfinite(flat(got)["head/kernel"]).all()
+    with pytest.raises(InitError, match=r"in 1 param\(s\) \(head/kernel\)"):
+        init_from_checkpoint(model, fresh_params(model), path)

@@ -284,6 +284,16 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     checkpoints.save(tmp_path / "t7", other, zeros)  # refused on its config: values unused
     with pytest.raises(TrainConfigError, match="has num_classes=7, the student 10"):
         train_and_evaluate(tiny_config(train_root, teacher=str(tmp_path / "t7")), tmp_path / "y")
+    diverged = jax.tree.map(np.array, params)
+    diverged["head"]["bias"][2] = np.inf
+    checkpoints.save(tmp_path / "t_inf", teacher, diverged)
+    with pytest.raises(TrainConfigError) as refused:  # its every distillation loss: NaN
+        train_and_evaluate(tiny_config(train_root, teacher=str(tmp_path / "t_inf")), tmp_path / "w")
+    assert str(refused.value).startswith(
+        f"--config.train.teacher: {tmp_path / 't_inf'} holds NaN or Inf values in 1 param(s) "
+        "(head/bias); distil from a teacher with finite params (a run that diverged: export"
+    )
+    assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
 def test_videos_that_cannot_be_used_stop_the_run_and_are_named(tmp_path, monkeypatch, capsys):
@@ -402,6 +412,25 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
     # `failed` holds the traceback, so the training frame and its decoder are still alive.
     assert "train_and_evaluate" in [entry.name for entry in failed.traceback]
     assert child_pids() == before
+
+
+def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_path, monkeypatch):
+    import stam_jax.train as train_module
+
+    def nan_step(*args):
+        def step(state, videos, labels, weights, teacher_params=None):
+            return state, {"loss": np.nan, "grad_norm": np.inf, "videos": weights.sum()}
+
+        return step
+
+    monkeypatch.setattr(train_module, "_train_step", nan_step)
+    with pytest.raises(train_module.NonFiniteError) as stopped:
+        train_module.train_and_evaluate(tiny_config(train_root), tmp_path)
+    assert str(stopped.value) == (
+        "step 1: loss nan, gradient norm inf; stopped before saving, no checkpoint saved yet. "
+        "Lower --config.train.learning_rate or use bfloat16 instead of float16."
+    )
+    assert not any((tmp_path / "checkpoints").iterdir())
 
 
 def tiny_config(root: Path, **train):
