@@ -38,11 +38,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # Test files run in TEST_WORKERS processes (pytest-xdist, one file per worker at a time, so a
-# module's fixtures are built once): 2 workers took 654 s against 848 s serial on 2 cores.
-# --durations lists the slowest tests, to keep the whole suite within its time budget.
+# module's fixtures are built once): 2 workers took 654 s against 848 s serial on 2 cores. The
+# longest files go first (tests/conftest.py: LONGEST_FIRST), in that order rather than xdist's
+# (most tests first). --durations lists the slowest tests, to keep the suite within its budget.
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # Generated videos -> pre-train the ViT -> train STAM and a frame-averaging baseline with
 # run_train.py -> evaluate both with run_eval.py -> convert round trip -> pictures -> report.
