@@ -125,9 +125,9 @@ class Report:
             )
         if self.non_finite:
             out.append(
-                "NaN or Inf values in the weights (the model's outputs will likely be NaN; was "
-                f"the run diverged or the file damaged?), {len(self.non_finite)} tensor(s): "
-                + ", ".join(self.non_finite)
+                "NaN or Inf values in the weights (run_eval.py, run_train.py and "
+                "stam_jax.explain refuse such a checkpoint; did the run diverge, or is the file "
+                f"damaged?), {len(self.non_finite)} tensor(s): " + ", ".join(self.non_finite)
             )
         return out
 
