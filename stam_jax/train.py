@@ -187,6 +187,10 @@ def check_train_config(train: Any) -> None:
             f"batches, so the last {train.steps % k} would be computed for nothing); use "
             f"{lower or upper} or {upper}",
         )
+    for field, value in train.items():
+        # inf passes the range checks below, then makes the loss or the params NaN mid-run.
+        if isinstance(value, float) and not math.isfinite(value):
+            refuse(field, "must be a finite number")
     if train.optimizer not in ("adamw", "sgd"):
         refuse("optimizer", "use 'adamw' or 'sgd'")
     if not train.learning_rate > 0:
@@ -487,6 +491,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """
     train = config.train
     check_train_config(train)  # every refusal below comes before any compute or file
+    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**32:
+        # numpy's data order refuses a negative seed mid-run; jax.random.key folds larger
+        # ones onto others (2**32 gives seed 0's dropout).
+        raise TrainConfigError(
+            f"--config.seed={config.seed}: use a whole number in [0, 2**32), e.g. 0."
+        )
     if not workdir:
         raise TrainConfigError("--workdir is empty; name the folder for this run's outputs.")
     workdir = Path(workdir).absolute()  # orbax takes absolute paths only

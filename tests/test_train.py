@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -461,11 +462,19 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
         (dict(ema_decay=1.5), r"train.ema_decay=1.5: must be in \[0, 1\)"),
         (dict(warmup_steps=8), r"train.warmup_steps=8: the warm-up must end before"),
         (dict(optimizer="lamb"), r"train.optimizer='lamb': use 'adamw' or 'sgd'"),
+        # inf passed the range checks, then stopped the run at step 2 with a NaN loss.
+        (dict(learning_rate=math.inf), r"train.learning_rate=inf: must be a finite number"),
+        (dict(weight_decay=math.inf), r"train.weight_decay=inf: must be a finite number"),
     ]
     for settings, message in cases:
         with pytest.raises(TrainConfigError, match=message + r".*fix --config\.train\."):
             train_and_evaluate(tiny_config(train_root, **settings), tmp_path / "run")
     config = tiny_config(train_root)
+    for seed in (-1, 2**32):  # numpy's data order raised on -1 after the run had started
+        config.seed = seed
+        with pytest.raises(TrainConfigError, match=rf"--config.seed={seed}: use a whole number"):
+            train_and_evaluate(config, tmp_path / "run")
+    config.seed = 0
     config.dtype = "bfloat61"
     with pytest.raises(TrainConfigError, match="dtype='bfloat61' is not supported"):
         train_and_evaluate(config, tmp_path / "run")
