@@ -18,7 +18,8 @@ def check_run_config(config: Any) -> None:
 
     Raises:
       ValueError: an unknown `model`, `dtype`, `param_dtype`, `attention_impl`, or a
-        `model_overrides`, `data.workers` or `data.prefetch` value out of range.
+        `model_overrides` (a count, a dropout rate), `data.workers` or `data.prefetch` value
+        out of range.
     """
     if config.model not in VARIANTS:
         raise ValueError(
@@ -50,6 +51,13 @@ def check_run_config(config: Any) -> None:
     for key in ("num_classes", "num_frames"):
         if overrides[key] is not None and overrides[key] < 1:
             raise ValueError(f"--config.model_overrides.{key}={overrides[key]}; it must be >= 1.")
+    for key in ("dropout_rate", "drop_path_rate", "temporal_dropout_rate"):
+        # Out of range, flax's dropout zeroes every activation or rescales them all.
+        if overrides[key] is not None and not 0 <= overrides[key] < 1:
+            raise ValueError(
+                f"--config.model_overrides.{key}={overrides[key]}; use a probability in [0, 1) "
+                "(0: off)."
+            )
     if overrides.aggregate is not None and overrides.aggregate not in AGGREGATES:
         raise ValueError(
             f"--config.model_overrides.aggregate={overrides.aggregate!r}; use one of "

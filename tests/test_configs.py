@@ -66,6 +66,14 @@ def test_bad_run_config_values_name_the_flag():
         r"--config.attention_impl='flash' .* auto, xla, cudnn, heads_first", attention_impl="flash"
     )
     refused(r"--config.model_overrides.num_frames=0", model_overrides__num_frames=0)
+    # Trained silently: 1.5 zeroed every dropped activation, -0.1 rescaled the residuals.
+    refused(
+        r"overrides.dropout_rate=1.5; use a probability in \[0, 1\)",
+        model_overrides__dropout_rate=1.5,
+    )
+    refused(
+        r"overrides.drop_path_rate=-0.1; use a probability", model_overrides__drop_path_rate=-0.1
+    )
     refused(r"--config.data.workers=-5; use -1 \(one decoding process per core\)", data__workers=-5)
     refused(r"--config.data.prefetch=-3; use the number of videos", data__prefetch=-3)
     assert config_files_for(16, 224) == ["configs/stam_16.py"]
