@@ -322,7 +322,11 @@ class _Unusable:
         if jax.process_count() > 1:
             name = f"failed_videos.process_{jax.process_index()}.jsonl"
         self.log = workdir / name
-        self.named: set[str] = set()
+        # A resume keeps the rows of the steps up to its checkpoint (later ones are redone),
+        # and does not name those videos again: the log is the uninterrupted run's.
+        _truncate_log(self.log, start)
+        rows = self.log.read_text().splitlines() if self.log.exists() else []
+        self.named: set[str] = {json.loads(row)["path"] for row in rows}
         self.start, self.seen, self.used = start, 0, 0.0
 
     def add(self, step: int, path: str, item: Any) -> None:

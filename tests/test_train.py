@@ -354,6 +354,26 @@ def test_each_process_lists_the_videos_it_could_not_use(tmp_path, monkeypatch):
     assert not (tmp_path / "failed_videos.jsonl").exists()
 
 
+def test_a_resume_lists_each_video_it_could_not_use_once(tmp_path):
+    # A resume used to name again every video the run had listed (it fails in every epoch).
+    from types import SimpleNamespace
+
+    from stam_jax.train import _Unusable
+
+    failure = SimpleNamespace(status="failed", reason="InvalidDataError")
+    unusable = _Unusable(tmp_path, start=0)
+    unusable.add(3, "/videos/a.mp4", failure)
+    unusable.add(7, "/videos/b.mp4", failure)  # after the checkpoint of step 5: redone
+    resumed = _Unusable(tmp_path, start=5)
+    resumed.add(6, "/videos/a.mp4", failure)
+    resumed.add(7, "/videos/b.mp4", failure)
+    rows = (tmp_path / "failed_videos.jsonl").read_text().splitlines()
+    assert [(json.loads(row)["step"], json.loads(row)["path"]) for row in rows] == [
+        (3, "/videos/a.mp4"),
+        (7, "/videos/b.mp4"),
+    ]
+
+
 def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = None) -> None:
     """`base`, a run_train.py command for 8 steps into `workdir`, as 2 processes of 1 device each
     (jax.distributed on localhost).
