@@ -972,11 +972,15 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
     """Refuses to resume the run in `workdir` with a config that computes something else.
 
     Fields only one side holds (added to or removed from stam-jax since the run started) are
-    not compared; a run from before the record is resumed with a warning.
+    not compared; a run from before the record is resumed with a warning. With no checkpoint
+    to resume from (`start` 0), a record left by an earlier start is checked the same way.
     """
     record = workdir / RUN_RECORD
-    if not start:
+    # Without a checkpoint (none saved yet, or deleted) the run starts again from step 0, but
+    # over its metrics, TensorBoard events, evaluations and best params: only the same run may.
+    if not start and not record.exists():
         return
+    run = f"the run at step {start}" if start else "a run that left no checkpoint"
     if not record.exists():
         print(
             f"warning: {workdir} has no {RUN_RECORD} (a run started by an older stam-jax), so "
@@ -991,8 +995,8 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
             raise ValueError(f"it holds a {type(saved).__name__}, not the settings")
     except (OSError, ValueError) as e:
         raise TrainConfigError(
-            f"cannot read {record} ({e}), which holds the settings of the run at step {start} in "
-            f"{workdir}; restore it, or start a new --workdir."
+            f"cannot read {record} ({e}), which holds the settings of {run} in {workdir}; "
+            "restore it, or start a new --workdir."
         ) from None
     now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
     # Only fields both know: one added or removed by another stam-jax version is not compared.
@@ -1000,7 +1004,8 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
     if changed == ["train.root"] and saved.get(_LISTING) == now[_LISTING]:
         print(
             f"the training data moved from {saved['train.root']} to {now['train.root']}: the "
-            f"same {len(folder.items)} videos, classes and labels; resuming.",
+            f"same {len(folder.items)} videos, classes and labels; "
+            f"{'resuming' if start else 'starting it again'}.",
             file=sys.stderr,
             flush=True,
         )
@@ -1014,8 +1019,8 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
     if changed:
         steps = any(line.startswith("train.steps:") for line in changed)
         raise TrainConfigError(
-            f"{workdir} holds a run at step {start} made with other settings; resuming would mix "
-            "two runs"
+            f"{workdir} holds {run} made with other settings; "
+            f"{'resuming' if start else 'starting over it'} would mix two runs"
             + (
                 " (the learning-rate schedule spans train.steps, so a longer run is not a "
                 "continuation)"
@@ -1024,7 +1029,8 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
             )
             + ". Changed:\n  "
             + "\n  ".join(changed)
-            + "\nRestore those values to resume (the training data may move to another "
+            + f"\nRestore those values to {'resume' if start else 'run it again'} (the "
+            "training data may move to another "
             "--config.train.root, with the same files), or start a new --workdir. "
             f"{record} holds the run's settings."
         )

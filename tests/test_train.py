@@ -568,6 +568,13 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     next(moved.rglob("*.mp4")).rename(moved / "class_0" / "renamed.mp4")
     with pytest.raises(TrainConfigError, match="the videos, classes or labels of the training"):
         train_and_evaluate(tiny_config(moved), workdir)
+    # Without its checkpoints (deleted, or none saved yet) the run starts again from step 0,
+    # over its metrics, TensorBoard events and best params: other settings used to be taken
+    # silently, keeping the old run's best.
+    shutil.rmtree(workdir / "checkpoints")
+    with pytest.raises(TrainConfigError, match="a run that left no checkpoint made with other"):
+        train_and_evaluate(tiny_config(train_root, learning_rate=2e-3), workdir)
+    assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
 def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys):
