@@ -93,6 +93,13 @@ def mix_videos(
         )
     if not jnp.issubdtype(videos.dtype, jnp.floating):
         raise ValueError(f"videos must be floating point, got dtype {videos.dtype}")
+    if not jnp.issubdtype(targets.dtype, jnp.floating):
+        # Mixed targets keep the targets' dtype: integer ones would be truncated to 0 or 1.
+        raise ValueError(
+            f"targets must be floating point, got dtype {targets.dtype}: mixed targets are "
+            "fractions; pass e.g. jax.nn.one_hot(labels, K) (float32) or "
+            "targets.astype(jnp.float32)"
+        )
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return videos, targets
 

@@ -145,3 +145,13 @@ def test_bad_config_raises_naming_the_value(kwargs, match):
     videos, targets = _batch()
     with pytest.raises(ValueError, match=re.escape(match)):
         mix_videos(jax.random.key(0), videos, targets, **kwargs)
+
+
+def test_integer_targets_are_refused():
+    # Mixed targets keep the targets' dtype: int one-hot rows came back truncated (all 0 but
+    # the rare 1), a silent zero loss.
+    videos, targets = _batch()
+    with pytest.raises(ValueError, match=r"targets must be floating point, got dtype int32"):
+        mix_videos(
+            jax.random.key(0), videos, targets.astype(jnp.int32), mixup_alpha=0.8, cutmix_alpha=0.0
+        )
