@@ -72,10 +72,18 @@ def distillation_loss(
         `(B,)` float32 losses, >= 0, zero where student and teacher logits agree.
 
     Raises:
-        ValueError: `temperature` is not > 0.
+        ValueError: `temperature` is not > 0, or the two logits differ in shape (a teacher's
+            `(B,)` or `(B, 1)` would broadcast against `(B, K)` and give wrong losses).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if jnp.shape(student_logits) != jnp.shape(teacher_logits) or jnp.ndim(student_logits) < 1:
+        raise ValueError(
+            f"distillation_loss: teacher logits of shape {tuple(jnp.shape(teacher_logits))} do "
+            f"not match student logits of shape {tuple(jnp.shape(student_logits))}; both must be "
+            "(B, K) logits over the same K classes, the teacher's unreduced (not its labels or "
+            "probabilities of one class)."
+        )
     teacher = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
     student = student_logits.astype(jnp.float32) / temperature
     teacher_log_probs = jax.nn.log_softmax(teacher, axis=-1)

@@ -110,6 +110,14 @@ def test_distillation_rejects_bad_temperature():
         distillation_loss(logits, logits, -1.0)
 
 
+@pytest.mark.parametrize("teacher_shape", [(7,), (7, 1), (7, 5)])
+def test_distillation_refuses_teacher_logits_not_of_the_students_shape(teacher_shape):
+    # (B,) and (B, 1) broadcast against (B, K) student logits (B == K here): silent wrong losses.
+    student = jnp.zeros((7, 7))
+    with pytest.raises(ValueError, match=rf"teacher logits of shape \({teacher_shape[0]},"):
+        distillation_loss(student, jnp.zeros(teacher_shape), 2.0)
+
+
 def test_loss_scale_create():
     ls = LossScale.create()
     assert ls.scale.dtype == jnp.float32 and float(ls.scale) == 2.0**15
