@@ -634,7 +634,15 @@ class STAM(nn.Module):
                 f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
             )
         if videos.dtype != np.uint8 and videos.size and _concrete(videos):
-            # Frames given as values (numpy, or a jax array outside jit): one pass over them.
+            # Frames given as values (numpy, or a jax array outside jit): read here, twice.
+            # NaN would pass the range check below (it compares False, and XLA's min and max
+            # may skip it), giving NaN logits.
+            xp = np if isinstance(videos, np.ndarray) else jnp
+            if not bool(xp.isfinite(videos).all()):
+                raise ValueError(
+                    "float videos hold NaN or Inf values; STAM takes float frames in [0, 1]: "
+                    "check the decoding or the arithmetic that made them."
+                )
             low, high = float(videos.min()), float(videos.max())
             if high > 1.5 or low < -0.5:
                 looks = "mean/std-normalised values" if low < -0.5 else "0-255 pixel values"

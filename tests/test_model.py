@@ -92,6 +92,13 @@ def test_input_shape_and_dtype_are_checked():
             model.apply({"params": params}, to(frames.astype(np.float32)))
         with pytest.raises(ValueError, match=r"looks like mean/std-normalised values; STAM takes"):
             model.apply({"params": params}, to((frames / 255.0 - 0.45) / 0.22))
+        # NaN passed the range check (it compares False) and gave NaN logits; Inf was called
+        # 0-255 pixel values.
+        for bad in (np.nan, np.inf):
+            broken = frames.astype(np.float32) / 255.0
+            broken[0, 1, 2, 3, 0] = bad
+            with pytest.raises(ValueError, match=r"float videos hold NaN or Inf values"):
+                model.apply({"params": params}, to(broken))
     # Under jit the values are not known when the model is traced: nothing to check.
     jax.jit(model.apply)({"params": params}, frames.astype(np.float32))
     np.testing.assert_allclose(  # the same frames in [0, 1] are fine, and are uint8's logits
