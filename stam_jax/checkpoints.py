@@ -604,6 +604,12 @@ def abstract_params(model: STAM) -> dict[str, Any]:
 
 def check_params(model: STAM, params: Mapping[str, Any]) -> None:
     """Raises `CheckpointError` naming every param whose path or shape does not fit `model`."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        # Else every param would be listed twice, as missing and as unexpected.
+        raise CheckpointError(
+            "params do not fit the model: they are the whole variables ({'params': ...}); pass "
+            "the params tree, variables['params']."
+        )
     expected = {
         jax.tree_util.keystr(k): tuple(v.shape)
         for k, v in jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]

@@ -363,6 +363,14 @@ def test_metadata_or_a_model_that_is_not_json_is_refused_before_any_write(tiny, 
     assert checkpoints.read_config(out)["metadata"] == {"top1": 0.8, "steps": [1, 2]}
 
 
+def test_variables_instead_of_params_are_refused_with_the_fix(tiny, tmp_path):
+    # model.init's whole output: every param was listed twice, as missing and as unexpected.
+    model, first, _, _ = tiny
+    with pytest.raises(CheckpointError, match=r"whole variables .*pass the params tree, var"):
+        checkpoints.save(tmp_path / "v", model, {"params": first})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
     model, first, _, _ = tiny
     out = tmp_path / "c"
