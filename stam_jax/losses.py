@@ -190,8 +190,14 @@ def adjust(
         The new `LossScale`.
 
     Raises:
-        ValueError: a static argument out of range.
+        ValueError: a static argument out of range, or `finite` not a scalar.
     """
+    if jnp.ndim(finite) != 0:
+        # A per-example or per-leaf `finite` would broadcast the scale into an array.
+        raise ValueError(
+            f"finite must be a scalar bool, e.g. all_finite(grads), got shape "
+            f"{tuple(jnp.shape(finite))}"
+        )
     if not period >= 1:
         raise ValueError(f"period must be >= 1, got {period!r}")
     if not factor > 1:

@@ -160,6 +160,9 @@ def test_adjust_does_not_overflow_and_validates():
     assert float(adjust(big, jnp.asarray(True), period=1).scale) == 2.0**127
     with pytest.raises(ValueError, match="period must be >= 1, got 0"):
         adjust(big, jnp.asarray(True), period=0)
+    # A per-example `finite` (B,) made the scale a (B,) array.
+    with pytest.raises(ValueError, match=r"finite must be a scalar bool.*got shape \(2,\)"):
+        adjust(big, jnp.asarray([True, False]))
 
 
 def test_scale_unscale_round_trip():
