@@ -143,7 +143,7 @@ def init_from_checkpoint(
         the checkpoint's and the model's shapes), or `fresh` does not fit `model`.
       checkpoints.CheckpointError: `checkpoint` is not a readable stam-jax checkpoint.
     """
-    if temporal_pos_embed_std < 0:
+    if not temporal_pos_embed_std >= 0:  # NaN too: it compares False and was ignored
         raise ValueError(f"temporal_pos_embed_std={temporal_pos_embed_std} must be >= 0.")
     if isinstance(fresh, Mapping) and set(fresh) == {"params"}:
         raise InitError("pass the params tree (variables['params']), not the whole variables.")

@@ -165,6 +165,15 @@ def test_incompatible_width_raises(base):
     assert "cls_token: checkpoint (1, 1, 32), model (1, 1, 48)" in message
 
 
+@pytest.mark.parametrize("std", [-1.0, float("nan")])
+def test_bad_temporal_pos_embed_std_is_refused(base, std):
+    # NaN compared False to 0 and was silently ignored.
+    path, _ = base
+    model = create_model("stam_tiny")
+    with pytest.raises(ValueError, match=rf"temporal_pos_embed_std={std} must be >= 0"):
+        init_from_checkpoint(model, fresh_params(model), path, temporal_pos_embed_std=std)
+
+
 def test_mean_model_reports_unused_aggregate(base):
     path, source = base
     model = create_model("stam_tiny", num_frames=8, aggregate="mean")
