@@ -12,7 +12,9 @@ model's own freshly initialised params) leaf by leaf and decides, for each '/'-j
   checkpoint gives every frame its one row). A mean-aggregate model has no aggregate params,
   so nothing temporal is resampled for it;
 - `head/kernel`, `head/bias` of another class count: kept fresh (re-initialised);
-- any other shape mismatch: `InitError`, naming each path and both shapes;
+- any other shape mismatch: `InitError`, naming each path and both shapes; so are other
+  `num_heads` or `temporal_heads` (same shapes, another function), and another
+  `layer_norm_eps` is reported;
 - absent from the checkpoint (e.g. a transformer aggregate for a mean-aggregate checkpoint):
   kept fresh and reported, grouped by top-level module.
 
@@ -39,6 +41,7 @@ from flax import traverse_util
 
 from stam_jax import checkpoints
 from stam_jax.model import STAM
+from stam_jax.variants import model_config
 
 SPATIAL_POS_EMBED = "pos_embed"
 TEMPORAL_POS_EMBED = "aggregate/pos_embed"
@@ -155,7 +158,7 @@ def init_from_checkpoint(
     if str(checkpoint).endswith(VIT_SUFFIXES):
         source, notes = read_vit(checkpoint)
     else:
-        params = checkpoints.read(checkpoint)[2]
+        config, _, params = checkpoints.read(checkpoint)
         source, notes = traverse_util.flatten_dict(params, sep="/"), []
     target = traverse_util.flatten_dict(fresh, sep="/")
 
@@ -202,6 +205,8 @@ def init_from_checkpoint(
             f"the checkpoint {checkpoint} cannot initialise this model; shapes differ:\n  "
             + "\n  ".join(problems)
         )
+    if not str(checkpoint).endswith(VIT_SUFFIXES):  # after the shapes, which say more
+        notes += _same_shape_differences(model, config["model"], checkpoint)
     taken = {path: source[path] for path in target if path in out and path not in missing}
     taken = {path: value for path, value in taken.items() if not (head_fresh and path in HEAD)}
     bad = checkpoints.non_finite_params(taken)
@@ -244,6 +249,36 @@ def init_from_checkpoint(
                 "(not in the checkpoint)"
             )
     return traverse_util.unflatten_dict(out, sep="/"), report
+
+
+# Fields that change what the params compute but not their shapes: a checkpoint of other heads
+# would be copied whole into a model that splits its kernels otherwise.
+_SAME_SHAPE_FIELDS = ("num_heads", "temporal_heads")
+
+
+def _same_shape_differences(
+    model: STAM, stored: Mapping[str, Any], checkpoint: str | os.PathLike
+) -> list[str]:
+    """Report notes for the checkpoint's config against `model`'s; `InitError` for other heads."""
+    ours = model_config(model)
+    differ = [
+        f"{name}={stored[name]!r} (the model has {ours[name]!r})"
+        for name in _SAME_SHAPE_FIELDS
+        if name in stored and name in ours and stored[name] != ours[name]
+    ]
+    if differ:
+        raise InitError(
+            f"the checkpoint {checkpoint} has {', '.join(differ)}: its params have the model's "
+            "shapes but split into other attention heads, a different function; build the model "
+            "with the checkpoint's head counts."
+        )
+    eps = stored.get("layer_norm_eps", model.layer_norm_eps)
+    if eps != model.layer_norm_eps:
+        return [
+            f"layer_norm_eps: the checkpoint's is {eps:g}, the model's {model.layer_norm_eps:g} "
+            "(weights copied as they are)"
+        ]
+    return []
 
 
 def _normal_like(leaf: Any, std: float) -> jax.Array:

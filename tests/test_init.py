@@ -174,6 +174,26 @@ def test_bad_temporal_pos_embed_std_is_refused(base, std):
         init_from_checkpoint(model, fresh_params(model), path, temporal_pos_embed_std=std)
 
 
+@pytest.mark.parametrize("field", ["num_heads", "temporal_heads"])
+def test_other_head_counts_are_refused(base, field):
+    # Same shapes, so every tensor was copied ("10 of 10 tensors copied") into a model that
+    # splits them into other heads: a different function, reported as a perfect copy.
+    path, _ = base
+    model = create_model("stam_tiny", **{field: 1})
+    with pytest.raises(InitError, match=rf"{field}=\d \(the model has 1\).*other attention heads"):
+        init_from_checkpoint(model, fresh_params(model), path)
+
+
+def test_other_layer_norm_eps_is_reported(base):
+    path, source = base
+    model = create_model("stam_tiny", layer_norm_eps=1e-6)
+    _, report = init_from_checkpoint(model, fresh_params(model), path)
+    assert report == [
+        f"{len(source)} of {len(source)} tensors copied from {path}",
+        "layer_norm_eps: the checkpoint's is 1e-05, the model's 1e-06 (weights copied as they are)",
+    ]
+
+
 def test_mean_model_reports_unused_aggregate(base):
     path, source = base
     model = create_model("stam_tiny", num_frames=8, aggregate="mean")
