@@ -452,6 +452,10 @@ def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
+# Why a run stopped on a non-finite step is retried with other settings in a new workdir.
+_NEW_WORKDIR = "a restart in this one must keep its settings"
+
+
 def _saved_so_far(manager: ocp.CheckpointManager) -> str:
     """What a run stopped by a non-finite step leaves to resume from, for its message."""
     last = manager.latest_step()
@@ -703,15 +707,17 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     manager.wait_until_finished()
                     raise NonFiniteError(
                         f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
-                        f"{_saved_so_far(manager)}. Use bfloat16."
+                        f"{_saved_so_far(manager)}. Use --config.dtype=bfloat16, in a new "
+                        f"--workdir ({_NEW_WORKDIR})."
                     )
             elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 manager.wait_until_finished()
                 raise NonFiniteError(
                     f"step {step + 1}: loss {metrics['loss']}, gradient norm "
                     f"{metrics['grad_norm']}; stopped before saving, {_saved_so_far(manager)}. "
-                    "Lower --config.train.learning_rate or use "
-                    "bfloat16 instead of float16."
+                    "Lower --config.train.learning_rate"
+                    + (" or use --config.dtype=bfloat16" if float16 else "")
+                    + f", in a new --workdir ({_NEW_WORKDIR})."
                 )
             done = step + 1
             if done % train.log_every == 0 or done == train.steps:

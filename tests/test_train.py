@@ -449,7 +449,8 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
         train_module.train_and_evaluate(tiny_config(train_root), tmp_path)
     assert str(stopped.value) == (
         "step 1: loss nan, gradient norm inf; stopped before saving, no checkpoint saved yet. "
-        "Lower --config.train.learning_rate or use bfloat16 instead of float16."
+        "Lower --config.train.learning_rate, in a new --workdir (a restart in this one must "
+        "keep its settings)."
     )
     assert not any((tmp_path / "checkpoints").iterdir())
 
