@@ -452,14 +452,18 @@ def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-# Why a run stopped on a non-finite step is retried with other settings in a new workdir.
-_NEW_WORKDIR = "a restart in this one must keep its settings"
-
-
 def _saved_so_far(manager: ocp.CheckpointManager) -> str:
     """What a run stopped by a non-finite step leaves to resume from, for its message."""
     last = manager.latest_step()
     return "no checkpoint saved yet" if last is None else f"checkpoints up to step {last} intact"
+
+
+def _retry_where(manager: ocp.CheckpointManager) -> str:
+    """Where a run stopped by a non-finite step is retried with other settings: a new workdir
+    once it has saved a checkpoint (a restart in this one must keep its settings)."""
+    if manager.latest_step() is None:
+        return ""
+    return ", in a new --workdir (a restart in this one must keep its settings)"
 
 
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
@@ -707,8 +711,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     manager.wait_until_finished()
                     raise NonFiniteError(
                         f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
-                        f"{_saved_so_far(manager)}. Use --config.dtype=bfloat16, in a new "
-                        f"--workdir ({_NEW_WORKDIR})."
+                        f"{_saved_so_far(manager)}. Use --config.dtype=bfloat16"
+                        f"{_retry_where(manager)}."
                     )
             elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 manager.wait_until_finished()
@@ -717,7 +721,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     f"{metrics['grad_norm']}; stopped before saving, {_saved_so_far(manager)}. "
                     "Lower --config.train.learning_rate"
                     + (" or use --config.dtype=bfloat16" if float16 else "")
-                    + f", in a new --workdir ({_NEW_WORKDIR})."
+                    + f"{_retry_where(manager)}."
                 )
             done = step + 1
             if done % train.log_every == 0 or done == train.steps:
@@ -974,6 +978,14 @@ def _write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
         staging.replace(workdir / RUN_RECORD)
 
 
+def _left_results(workdir: Path) -> bool:
+    """Whether a run in `workdir` logged metrics or kept best params (what a new one would mix
+    with)."""
+    log = workdir / "metrics.jsonl"
+    logged = log.exists() and any(line.strip() for line in log.read_text().splitlines())
+    return logged or (workdir / "best.json").exists()
+
+
 def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) -> None:
     """Refuses to resume the run in `workdir` with a config that computes something else.
 
@@ -984,7 +996,9 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
     record = workdir / RUN_RECORD
     # Without a checkpoint (none saved yet, or deleted) the run starts again from step 0, but
     # over its metrics, TensorBoard events, evaluations and best params: only the same run may.
-    if not start and not record.exists():
+    # One that stopped before logging anything (a refusal mid-start, a NaN loss at step 1)
+    # left nothing to mix with, and may start again with other settings.
+    if not start and not (record.exists() and _left_results(workdir)):
         return
     run = f"the run at step {start}" if start else "a run that left no checkpoint"
     if not record.exists():

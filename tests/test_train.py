@@ -449,10 +449,13 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
         train_module.train_and_evaluate(tiny_config(train_root), tmp_path)
     assert str(stopped.value) == (
         "step 1: loss nan, gradient norm inf; stopped before saving, no checkpoint saved yet. "
-        "Lower --config.train.learning_rate, in a new --workdir (a restart in this one must "
-        "keep its settings)."
+        "Lower --config.train.learning_rate."
     )
     assert not any((tmp_path / "checkpoints").iterdir())
+    # Nothing was logged or saved, so the run may start again here with other settings (not
+    # refused as another run: it trains, and this step stops it again).
+    with pytest.raises(train_module.NonFiniteError, match=r"^step 1: loss nan"):
+        train_module.train_and_evaluate(tiny_config(train_root, learning_rate=1e-4), tmp_path)
 
 
 def tiny_config(root: Path, **train):
