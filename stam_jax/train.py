@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from stam_jax import checkpoints, sharding
 from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config, name_data_flags
-from stam_jax.data.folder import DatasetError, VideoFolder
+from stam_jax.data.folder import ClassListError, DatasetError, VideoFolder
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
@@ -439,6 +439,8 @@ def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
         )
     try:
         return list_root(root, "train", spec, config.data.class_list or None)
+    except ClassListError as e:  # names its own flag
+        raise TrainConfigError(str(e)) from None
     except (PreparedError, DatasetError) as e:
         raise TrainConfigError(f"--config.train.root: {e}") from None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stam_jax.data.folder import DatasetError, list_videos, read_class_list
+from stam_jax.data.folder import ClassListError, DatasetError, list_videos, read_class_list
 
 
 def touch(root: Path, *paths: str) -> None:
@@ -93,3 +93,5 @@ def test_class_list_files(tmp_path):
         read_class_list(path)
     with pytest.raises(DatasetError, match=r"class_list=.* is a folder; give a text file"):
         read_class_list(tmp_path)
+    with pytest.raises(ClassListError, match=r"^--config\.data\.class_list=.*missing: no such"):
+        read_class_list(tmp_path / "missing")

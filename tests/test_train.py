@@ -499,6 +499,11 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
         with pytest.raises(TrainConfigError, match=rf"--config.seed={seed}: use a whole number"):
             train_and_evaluate(config, tmp_path / "run")
     config.seed = 0
+    config.data.class_list = str(tmp_path / "classes.txt")  # named as itself, not as train.root
+    missing = f"--config.data.class_list={tmp_path / 'classes.txt'}: no such file; give a text"
+    with pytest.raises(TrainConfigError, match="^" + re.escape(missing)):
+        train_and_evaluate(config, tmp_path / "run")
+    config.data.class_list = ""
     config.dtype = "bfloat61"
     with pytest.raises(TrainConfigError, match="dtype='bfloat61' is not supported"):
         train_and_evaluate(config, tmp_path / "run")

@@ -52,6 +52,10 @@ class DatasetError(ValueError):
     """A video folder that cannot be evaluated; the message says what to fix."""
 
 
+class ClassListError(DatasetError):
+    """A class-list file (--config.data.class_list) that cannot be read; the message names it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoItem:
     """One video: its path relative to the root, and its label."""
@@ -104,26 +108,28 @@ def is_hidden(name: str) -> bool:
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class names from a UTF-8 text file, one per line (blank lines and a BOM ignored)."""
     path = Path(path)
+    flag = f"--config.data.class_list={path}"
     if path.is_dir():
-        raise DatasetError(
-            f"--config.data.class_list={path} is a folder; give a text file with one class name "
-            "per line, in label order."
+        raise ClassListError(
+            f"{flag} is a folder; give a text file with one class name per line, in label order."
         )
     if not path.is_file():
-        raise DatasetError(f"class-list file {path} does not exist.")
+        raise ClassListError(
+            f"{flag}: no such file; give a text file with one class name per line."
+        )
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM is not part of a name
     except UnicodeDecodeError as e:
-        raise DatasetError(
-            f"class-list file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
-            f"offset {e.start}); save it as UTF-8."
+        raise ClassListError(
+            f"{flag} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save "
+            "it as UTF-8."
         ) from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DatasetError(f"class-list file {path} repeats {duplicates}.")
+        raise ClassListError(f"{flag} repeats {duplicates}.")
     if not names:
-        raise DatasetError(f"class-list file {path} is empty.")
+        raise ClassListError(f"{flag} is empty.")
     return names
 
 
