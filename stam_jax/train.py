@@ -819,7 +819,8 @@ def _periodic_eval(
         sets["ema"] = host.ema_params
     here = workdir / "eval" / f"step_{step}"
     best_file = workdir / "best.json"
-    best = json.loads(best_file.read_text()) if best_file.exists() else {"top1": -1.0}
+    eval_root = str(Path(config.train.eval_root).absolute())
+    best = _read_best(best_file, eval_root)
     scores, counts, new_best = {}, {}, None
     skipped: dict[str, list[dict[str, Any]]] = {}  # per set: the videos left out of its top-1
     for name, params in sets.items():
@@ -844,7 +845,7 @@ def _periodic_eval(
                     (workdir / "best").rename(old)
                 (here / name).rename(workdir / "best")
                 shutil.rmtree(old, ignore_errors=True)
-                best = {"step": step, "params": name, "top1": top1}
+                best = {"step": step, "params": name, "top1": top1, "eval_root": eval_root}
                 best_file.write_text(json.dumps(best) + "\n")
                 new_best = name
             else:
@@ -852,6 +853,27 @@ def _periodic_eval(
     if jax.process_index() == 0:
         _eval_report(step, scores, counts, skipped, named, here, new_best, workdir / "best")
     return scores
+
+
+def _read_best(best_file: Path, eval_root: str) -> dict[str, Any]:
+    """The best evaluation so far from `best.json`; none if it was measured on another
+    `train.eval_root` (a resume may change it), whose top-1 is not comparable."""
+    if not best_file.exists():
+        return {"top1": -1.0}
+    best = json.loads(best_file.read_text())
+    if best.get("eval_root", eval_root) != eval_root:
+        from stam_jax.evaluate import _percent
+
+        if jax.process_index() == 0:
+            print(
+                f"note: the best top-1 so far ({_percent(best['top1'])} at step {best['step']}) "
+                f"was measured on {best['eval_root']}; this run evaluates on {eval_root}, so its "
+                f"next evaluation becomes the best there (replacing {best_file.parent / 'best'}).",
+                file=sys.stderr,
+                flush=True,
+            )
+        return {"top1": -1.0}
+    return best
 
 
 def _eval_report(

@@ -249,6 +249,7 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     best = json.loads((run_dir / "best.json").read_text())
     top = max(max(row["top1"], row["ema_top1"]) for row in evals)
     assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
+    assert best["eval_root"] == str(eval_root)
     # One line per evaluation, both sets on it (not evaluate's whole summary once per set).
     lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
     assert [line.split(":")[0] for line in lines] == ["eval at step 2", "eval at step 4"]
@@ -456,6 +457,26 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
     # refused as another run: it trains, and this step stops it again).
     with pytest.raises(train_module.NonFiniteError, match=r"^step 1: loss nan"):
         train_module.train_and_evaluate(tiny_config(train_root, learning_rate=1e-4), tmp_path)
+
+
+def test_a_best_measured_on_another_eval_root_is_not_compared(tmp_path, capsys):
+    # A resume may change train.eval_root; a top-1 on other videos says nothing of these.
+    from stam_jax.train import _read_best
+
+    best_file = tmp_path / "best.json"
+    assert _read_best(best_file, "/data/val") == {"top1": -1.0}  # no evaluation yet
+    saved = {"step": 4, "params": "ema", "top1": 0.75, "eval_root": "/data/val"}
+    best_file.write_text(json.dumps(saved))
+    assert _read_best(best_file, "/data/val") == saved
+    assert _read_best(best_file, "/data/val_full") == {"top1": -1.0}
+    assert capsys.readouterr().err == (
+        "note: the best top-1 so far (75.00% at step 4) was measured on /data/val; this run "
+        "evaluates on /data/val_full, so its next evaluation becomes the best there (replacing "
+        f"{tmp_path / 'best'}).\n"
+    )
+    del saved["eval_root"]  # written before the root was recorded: compared as before
+    best_file.write_text(json.dumps(saved))
+    assert _read_best(best_file, "/data/val_full") == saved
 
 
 def tiny_config(root: Path, **train):
