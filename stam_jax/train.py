@@ -819,8 +819,8 @@ def _periodic_eval(
         sets["ema"] = host.ema_params
     here = workdir / "eval" / f"step_{step}"
     best_file = workdir / "best.json"
-    eval_root = str(Path(config.train.eval_root).absolute())
-    best = _read_best(best_file, eval_root)
+    protocol = _eval_protocol(config)
+    best = _read_best(best_file, protocol)
     scores, counts, new_best = {}, {}, None
     skipped: dict[str, list[dict[str, Any]]] = {}  # per set: the videos left out of its top-1
     for name, params in sets.items():
@@ -845,7 +845,7 @@ def _periodic_eval(
                     (workdir / "best").rename(old)
                 (here / name).rename(workdir / "best")
                 shutil.rmtree(old, ignore_errors=True)
-                best = {"step": step, "params": name, "top1": top1, "eval_root": eval_root}
+                best = {"step": step, "params": name, "top1": top1, "eval": protocol}
                 best_file.write_text(json.dumps(best) + "\n")
                 new_best = name
             else:
@@ -855,25 +855,37 @@ def _periodic_eval(
     return scores
 
 
-def _read_best(best_file: Path, eval_root: str) -> dict[str, Any]:
-    """The best evaluation so far from `best.json`; none if it was measured on another
-    `train.eval_root` (a resume may change it), whose top-1 is not comparable."""
+def _eval_protocol(config: Any) -> dict[str, Any]:
+    """What the periodic evaluation's top-1 is measured on: the eval root and the settings that
+    only it uses (a resume may change them, and `best.json` records them)."""
+    return {
+        "eval_root": str(Path(config.train.eval_root).absolute()),
+        **{f"data.{k}": config.data[k] for k in ("num_clips", "num_crops", "short_videos")},
+        "eval.average": config.eval.average,
+    }
+
+
+def _read_best(best_file: Path, protocol: dict[str, Any]) -> dict[str, Any]:
+    """The best evaluation so far from `best.json`; none if it was measured otherwise (another
+    eval root or views, see `_eval_protocol`), as its top-1 is not comparable."""
     if not best_file.exists():
         return {"top1": -1.0}
     best = json.loads(best_file.read_text())
-    if best.get("eval_root", eval_root) != eval_root:
+    was = best.get("eval", protocol)  # a best.json from before the record: compared as is
+    changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in protocol.items() if was.get(k) != v]
+    if not changed:
+        return best
+    if jax.process_index() == 0:
         from stam_jax.evaluate import _percent
 
-        if jax.process_index() == 0:
-            print(
-                f"note: the best top-1 so far ({_percent(best['top1'])} at step {best['step']}) "
-                f"was measured on {best['eval_root']}; this run evaluates on {eval_root}, so its "
-                f"next evaluation becomes the best there (replacing {best_file.parent / 'best'}).",
-                file=sys.stderr,
-                flush=True,
-            )
-        return {"top1": -1.0}
-    return best
+        print(
+            f"note: the best top-1 so far ({_percent(best['top1'])} at step {best['step']}) was "
+            f"measured otherwise ({'; '.join(changed)}), so this run's next evaluation becomes "
+            f"the best (replacing {best_file.parent / 'best'}).",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"top1": -1.0}
 
 
 def _eval_report(
@@ -969,6 +981,12 @@ _RESTART_MAY_CHANGE = (
     "train.keep",
     "train.eval_every",
     "train.eval_root",
+    # Only the periodic evaluation reads these (its best restarts when they change).
+    "data.root",
+    "data.num_clips",
+    "data.num_crops",
+    "data.short_videos",
+    "eval",
 )
 RUN_RECORD = "run_config.json"
 

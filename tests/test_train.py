@@ -249,7 +249,7 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     best = json.loads((run_dir / "best.json").read_text())
     top = max(max(row["top1"], row["ema_top1"]) for row in evals)
     assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
-    assert best["eval_root"] == str(eval_root)
+    assert best["eval"]["eval_root"] == str(eval_root)
     # One line per evaluation, both sets on it (not evaluate's whole summary once per set).
     lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
     assert [line.split(":")[0] for line in lines] == ["eval at step 2", "eval at step 4"]
@@ -459,24 +459,34 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
         train_module.train_and_evaluate(tiny_config(train_root, learning_rate=1e-4), tmp_path)
 
 
-def test_a_best_measured_on_another_eval_root_is_not_compared(tmp_path, capsys):
-    # A resume may change train.eval_root; a top-1 on other videos says nothing of these.
-    from stam_jax.train import _read_best
+def test_a_best_measured_otherwise_is_not_compared(train_root, tmp_path, capsys):
+    # A resume may change the eval root and the views; a top-1 measured otherwise says nothing.
+    from stam_jax.train import _eval_protocol, _read_best
 
+    config = tiny_config(train_root, eval_root=str(tmp_path / "val"))
+    protocol = _eval_protocol(config)
+    assert protocol == {
+        "eval_root": str(tmp_path / "val"),
+        "data.num_clips": 1,
+        "data.num_crops": 1,
+        "data.short_videos": "official",
+        "eval.average": "logits",
+    }
     best_file = tmp_path / "best.json"
-    assert _read_best(best_file, "/data/val") == {"top1": -1.0}  # no evaluation yet
-    saved = {"step": 4, "params": "ema", "top1": 0.75, "eval_root": "/data/val"}
+    assert _read_best(best_file, protocol) == {"top1": -1.0}  # no evaluation yet
+    saved = {"step": 4, "params": "ema", "top1": 0.75, "eval": protocol}
     best_file.write_text(json.dumps(saved))
-    assert _read_best(best_file, "/data/val") == saved
-    assert _read_best(best_file, "/data/val_full") == {"top1": -1.0}
+    assert _read_best(best_file, protocol) == saved
+    config.train.eval_root, config.data.num_crops = str(tmp_path / "val_full"), 3
+    assert _read_best(best_file, _eval_protocol(config)) == {"top1": -1.0}
     assert capsys.readouterr().err == (
-        "note: the best top-1 so far (75.00% at step 4) was measured on /data/val; this run "
-        "evaluates on /data/val_full, so its next evaluation becomes the best there (replacing "
-        f"{tmp_path / 'best'}).\n"
+        "note: the best top-1 so far (75.00% at step 4) was measured otherwise (eval_root "
+        f"'{tmp_path / 'val'}' -> '{tmp_path / 'val_full'}'; data.num_crops 1 -> 3), so this "
+        f"run's next evaluation becomes the best (replacing {tmp_path / 'best'}).\n"
     )
-    del saved["eval_root"]  # written before the root was recorded: compared as before
+    del saved["eval"]  # written before the settings were recorded: compared as before
     best_file.write_text(json.dumps(saved))
-    assert _read_best(best_file, "/data/val_full") == saved
+    assert _read_best(best_file, _eval_protocol(config)) == saved
 
 
 def tiny_config(root: Path, **train):
@@ -583,8 +593,11 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     with pytest.raises(TrainConfigError, match=r"cannot read .*run_config\.json \("):
         train_and_evaluate(tiny_config(train_root), workdir)
     (workdir / "run_config.json").write_text(json.dumps(record))
-    # How the run is logged, saved or run may change: it resumes (here at its last step).
-    summary = train_and_evaluate(tiny_config(train_root, log_every=4, keep=5), workdir)
+    # How the run is logged, saved, run or evaluated may change: it resumes (here at its last
+    # step). The evaluation's views are its own (its best restarts when they change).
+    config = tiny_config(train_root, log_every=4, keep=5)
+    config.data.num_crops, config.eval.average = 3, "softmax"
+    summary = train_and_evaluate(config, workdir)
     assert summary["resumed_from"] == 8 and summary["step"] == 8
     assert "resuming" in capsys.readouterr().out
     assert (workdir / "init_report.txt").read_text() == report  # not rewritten on a resume
