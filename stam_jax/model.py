@@ -623,6 +623,11 @@ class STAM(nn.Module):
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
             )
         expected = (self.num_frames, self.image_size, self.image_size, 3)
+        if not hasattr(videos, "ndim") or not hasattr(videos, "dtype"):
+            raise TypeError(
+                f"videos is a {type(videos).__name__}; pass an array (numpy or jax) of shape "
+                f"(batch, {', '.join(map(str, expected))}), e.g. np.stack(frames) for a list."
+            )
         if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
             raise ValueError(
                 f"videos have shape {tuple(videos.shape)}; this model expects "

@@ -80,6 +80,9 @@ def test_input_shape_and_dtype_are_checked():
     for shape, message in bad.items():
         with pytest.raises(ValueError, match=message):
             model.apply({"params": params}, jnp.zeros(shape, jnp.uint8))
+    frames = [np.zeros((4, 32, 32, 3), np.uint8)]  # a list of videos: AttributeError 'ndim'
+    with pytest.raises(TypeError, match=r"videos is a list; pass an array .* np\.stack\(frames\)"):
+        model.apply({"params": params}, frames)
     with pytest.raises(
         ValueError, match=r"dtype int32; pass uint8 in \[0, 255\] or float in \[0, 1\]"
     ):
