@@ -688,8 +688,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     if item.status == "ok":
                         videos[row], weights[row] = item.views[0], 1.0
                         labels[row] = jobs.label(item.position)
-                    else:
-                        failed += 1  # weight 0: a bad file costs its slot, never the run
+                    else:  # weight 0: a bad file costs its slot, never the run
                         unusable.add(step + 1, jobs[item.position][1], item)
             state, metrics = step_fn(
                 state,
@@ -699,7 +698,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 teacher_params,
             )
             metrics = {k: float(v) for k, v in metrics.items()}
-            unusable.check(step + 1, config.batch_size, metrics.pop("videos"), train.root)
+            usable = metrics.pop("videos")  # of the global batch: every process's rows
+            failed += config.batch_size - round(usable)
+            unusable.check(step + 1, config.batch_size, usable, train.root)
             if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
                 skipped += 1
                 if jax.process_index() == 0:

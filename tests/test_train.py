@@ -326,6 +326,9 @@ def test_videos_that_cannot_be_used_stop_the_run_and_are_named(tmp_path, monkeyp
     }
     warnings = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert len(warnings) == 8 and all(line.startswith("warning: step ") for line in warnings)
+    # metrics.jsonl counts the videos of every batch that could not be used (all processes').
+    metrics = (tmp_path / "runs" / "bad" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["failed_videos"] for row in metrics] == [8, 16, 24]
 
 
 def test_each_process_lists_the_videos_it_could_not_use(tmp_path, monkeypatch):
