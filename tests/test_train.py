@@ -175,7 +175,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, unint
     chex.assert_trees_all_equal(final_params(tmp_path)[0], final_params(uninterrupted)[0])
 
 
-def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
+def test_refusals_and_non_finite_stop(train_root, cache, uninterrupted, tmp_path):
     # Through the command line: a refusal is one `error:` line and exit status 2.
     result = run(
         command(train_root, tmp_path / "a", cache, "--config.model_overrides.num_classes=7")
@@ -201,18 +201,25 @@ def test_refusals_and_non_finite_stop(train_root, cache, tmp_path):
     chunk = "--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames"
     with pytest.raises(TrainConfigError, match=re.escape(chunk)):
         train_and_evaluate(config, tmp_path / "d")
-    # A loss that overflows stops the run with exit status 4, before it saves anything.
+    # A loss that overflows stops the run with exit status 4, before it saves anything. The
+    # run is `uninterrupted`'s (its compiled step is in the cache) from params whose logits
+    # overflow float32: the head sees ones (its LayerNorm's scale 0, bias 1) through 3e38s.
+    model, params = checkpoints.load(uninterrupted / "final")
+    params = jax.tree.map(np.array, params)
+    norm = params["aggregate"]["transformer_enc"]["norm"]
+    norm["scale"][:], norm["bias"][:], params["head"]["kernel"][:] = 0.0, 1.0, 3e38
+    checkpoints.save(tmp_path / "overflowing", model, params)
     result = run(
         command(
-            train_root,
-            tmp_path / "c",
-            cache,
-            "--config.train.learning_rate=1e30",
-            "--config.train.grad_clip=0",
-        )
+            train_root, tmp_path / "c", cache, f"--config.checkpoint={tmp_path / 'overflowing'}"
+        ),
+        env=TWO_DEVICES,
     )
     assert result.returncode == 4, result.stderr[-2000:]
-    assert "stopped before saving" in result.stderr and "step " in result.stderr
+    assert result.stderr.endswith(
+        "error: step 1: loss nan, gradient norm nan; stopped before saving, no checkpoint saved "
+        "yet. Lower --config.train.learning_rate.\n"
+    ), result.stderr[-2000:]
 
 
 def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_path):
