@@ -1094,8 +1094,13 @@ def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder)
             + "\n  ".join(changed)
             + f"\nRestore those values to {'resume' if start else 'run it again'} (the "
             "training data may move to another "
-            "--config.train.root, with the same files), or start a new --workdir. "
-            f"{record} holds the run's settings."
+            "--config.train.root, with the same files), or start a new --workdir"
+            + (
+                f" (to train longer: --config.checkpoint={workdir / 'final'} there)"
+                if steps and (workdir / "final").exists()
+                else ""
+            )
+            + f". {record} holds the run's settings."
         )
 
 

@@ -607,6 +607,9 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
         with pytest.raises(TrainConfigError, match="made with other settings") as refused:
             train_and_evaluate(tiny_config(train_root, **settings), workdir)
         assert change in str(refused.value)
+        # A finished run asked for more steps: how to train longer, from its final params.
+        longer = f"new --workdir (to train longer: --config.checkpoint={workdir / 'final'} there)."
+        assert (longer in str(refused.value)) == ("steps" in settings)
     config = tiny_config(train_root)
     config.seed = 1
     with pytest.raises(TrainConfigError, match="seed: 0 -> 1"):
