@@ -276,20 +276,28 @@ def save(
     return path
 
 
+def _not_json(key: Any, value: Any) -> str | None:
+    """Why `{key: value}` cannot be stored in the checkpoint's JSON config, or None."""
+    if not isinstance(key, str):
+        return f"keys must be str, not {type(key).__name__}"
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """`metadata` as a dict, refused before anything is written unless it is plain JSON."""
     metadata = dict(metadata or {})
     for key, value in metadata.items():
-        try:
-            if not isinstance(key, str):
-                raise TypeError(f"keys must be str, not {type(key).__name__}")
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as e:
+        why = _not_json(key, value)
+        if why is not None:
             raise CheckpointError(
-                f"metadata[{key!r}] = {value!r} cannot be stored as JSON ({e}); pass plain Python "
-                "values: str keys, and float(x) / int(x) / x.tolist() for numpy values, None for "
-                "NaN. Nothing was written."
-            ) from None
+                f"metadata[{key!r}] = {value!r} cannot be stored as JSON ({why}); pass plain "
+                "Python values: str keys, and float(x) / int(x) / x.tolist() for numpy values, "
+                "None for NaN. Nothing was written."
+            )
     return metadata
 
 
@@ -298,14 +306,12 @@ def _json_architecture(model: STAM) -> dict[str, Any]:
     field set from a numpy value, such as num_classes=np.int64(5), failed inside orbax)."""
     config = model_config(model)
     for field, value in config.items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
+        if _not_json(field, value) is not None:
             raise CheckpointError(
                 f"the model's {field}={value!r} ({type(value).__name__}) cannot be stored in the "
                 f"checkpoint's JSON config; build the model with a plain Python value (e.g. "
                 f"{field}=int(x) or float(x)). Nothing was written."
-            ) from None
+            )
     return config
 
 
