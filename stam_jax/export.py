@@ -50,8 +50,9 @@ def _saved_steps(saved: Path) -> tuple[list[int], list[int]]:
     unfinished saves it finds, which would be those of a run still training.
     """
     folders = [p for p in (saved.iterdir() if saved.is_dir() else ()) if p.name.isdigit()]
-    complete = sorted(int(p.name) for p in folders if _finished(p))
-    unfinished = sorted(int(p.name) for p in folders if not _finished(p))
+    finished = {int(p.name): _finished(p) for p in folders}  # one look at each folder
+    complete = sorted(step for step, done in finished.items() if done)
+    unfinished = sorted(step for step, done in finished.items() if not done)
     return complete, unfinished
 
 

@@ -207,8 +207,9 @@ def init_from_checkpoint(
         )
     if not str(checkpoint).endswith(VIT_SUFFIXES):  # after the shapes, which say more
         notes += _same_shape_differences(model, config["model"], checkpoint)
-    taken = {path: source[path] for path in target if path in out and path not in missing}
-    taken = {path: value for path, value in taken.items() if not (head_fresh and path in HEAD)}
+    # What the model takes from the checkpoint: not the paths it lacks, nor a re-initialised head.
+    fresh_paths = {*missing, *(HEAD if head_fresh else ())}
+    taken = {path: source[path] for path in out if path not in fresh_paths}
     bad = checkpoints.non_finite_params(taken)
     if bad:  # training from them would stop at its first step with a NaN loss
         raise InitError(

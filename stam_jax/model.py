@@ -639,7 +639,7 @@ class STAM(nn.Module):
                 f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
             )
         if videos.dtype != np.uint8 and videos.size and _concrete(videos):
-            # Frames given as values (numpy, or a jax array outside jit): read here, twice.
+            # Frames given as values (numpy, or a jax array outside jit): read here (3 passes).
             # NaN would pass the range check below (it compares False, and XLA's min and max
             # may skip it), giving NaN logits.
             xp = np if isinstance(videos, np.ndarray) else jnp

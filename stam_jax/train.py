@@ -324,9 +324,7 @@ class _Unusable:
         self.log = workdir / name
         # A resume keeps the rows of the steps up to its checkpoint (later ones are redone),
         # and does not name those videos again: the log is the uninterrupted run's.
-        _truncate_log(self.log, start)
-        rows = self.log.read_text().splitlines() if self.log.exists() else []
-        self.named: set[str] = {json.loads(row)["path"] for row in rows}
+        self.named: set[str] = {json.loads(row)["path"] for row in _truncate_log(self.log, start)}
         self.start, self.seen, self.used = start, 0, 0.0
 
     def add(self, step: int, path: str, item: Any) -> None:
@@ -344,10 +342,15 @@ class _Unusable:
         with open(self.log, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    @property
+    def failed(self) -> int:
+        """The videos (all processes) that could not be used since this start of the run."""
+        return self.seen - round(self.used)
+
     def check(self, step: int, batch: int, used: float, root: str) -> None:
         """Counts a step's usable videos (all processes); stops the run on the rule above."""
         self.seen, self.used = self.seen + batch, self.used + used
-        failed = self.seen - int(self.used)
+        failed = self.failed
         if self.seen >= _UNUSABLE_AFTER and failed > _UNUSABLE_SHARE * self.seen:
             raise UnusableDataError(
                 f"step {step}: {failed} of the {self.seen} training videos of steps "
@@ -454,18 +457,17 @@ def _checkpoint_manager(workdir: Path, train: Any) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-def _saved_so_far(manager: ocp.CheckpointManager) -> str:
-    """What a run stopped by a non-finite step leaves to resume from, for its message."""
+def _stopped(manager: ocp.CheckpointManager, fix: str) -> str:
+    """The end of a non-finite stop's message: what the run leaves to resume from, then `fix`,
+    to be tried in a new workdir once a checkpoint exists (a restart in this one must keep its
+    settings)."""
     last = manager.latest_step()
-    return "no checkpoint saved yet" if last is None else f"checkpoints up to step {last} intact"
-
-
-def _retry_where(manager: ocp.CheckpointManager) -> str:
-    """Where a run stopped by a non-finite step is retried with other settings: a new workdir
-    once it has saved a checkpoint (a restart in this one must keep its settings)."""
-    if manager.latest_step() is None:
-        return ""
-    return ", in a new --workdir (a restart in this one must keep its settings)"
+    if last is None:
+        return f"no checkpoint saved yet. {fix}."
+    return (
+        f"checkpoints up to step {last} intact. {fix}, in a new --workdir (a restart in this "
+        "one must keep its settings)."
+    )
 
 
 def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
@@ -645,10 +647,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 flush=True,
             )
     batch_sharding = sharding.batch_sharded(mesh)
-    teacher_params = None
-    if teacher_host is not None:
-        teacher_params = jax.device_put(teacher_host, replicated)
-        del teacher_host
+    teacher_params = None if teacher_host is None else jax.device_put(teacher_host, replicated)
+    del teacher_host  # not held for the whole run
     step_fn = jax.jit(
         _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
@@ -671,7 +671,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     last: dict[str, float] = {}
     timer, timer_step = time.perf_counter(), start
     named: set[str] = set()  # videos the periodic evaluation skipped, named once
-    failed = skipped = 0
+    skipped = 0
     unusable = _Unusable(workdir, start)
     try:
         for step in range(start, train.steps):
@@ -698,9 +698,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 teacher_params,
             )
             metrics = {k: float(v) for k, v in metrics.items()}
-            usable = metrics.pop("videos")  # of the global batch: every process's rows
-            failed += config.batch_size - round(usable)
-            unusable.check(step + 1, config.batch_size, usable, train.root)
+            # Usable videos of the global batch: every process's rows.
+            unusable.check(step + 1, config.batch_size, metrics.pop("videos"), train.root)
             if metrics.get("skipped"):  # float16: the step was skipped and the scale lowered
                 skipped += 1
                 if jax.process_index() == 0:
@@ -714,17 +713,18 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     manager.wait_until_finished()
                     raise NonFiniteError(
                         f"step {step + 1}: gradients not finite even at float16 loss scale 1; "
-                        f"{_saved_so_far(manager)}. Use --config.dtype=bfloat16"
-                        f"{_retry_where(manager)}."
+                        + _stopped(manager, "Use --config.dtype=bfloat16")
                     )
             elif not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 manager.wait_until_finished()
                 raise NonFiniteError(
                     f"step {step + 1}: loss {metrics['loss']}, gradient norm "
-                    f"{metrics['grad_norm']}; stopped before saving, {_saved_so_far(manager)}. "
-                    "Lower --config.train.learning_rate"
-                    + (" or use --config.dtype=bfloat16" if float16 else "")
-                    + f"{_retry_where(manager)}."
+                    f"{metrics['grad_norm']}; stopped before saving, "
+                    + _stopped(
+                        manager,
+                        "Lower --config.train.learning_rate"
+                        + (" or use --config.dtype=bfloat16" if float16 else ""),
+                    )
                 )
             done = step + 1
             if done % train.log_every == 0 or done == train.steps:
@@ -735,7 +735,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     **metrics,
                     "steps_per_s": rate,
                     "videos_per_s": rate * config.batch_size,
-                    "failed_videos": failed,
+                    "failed_videos": unusable.failed,
                 }
                 if float16:
                     last["skipped_steps"] = skipped
@@ -1125,10 +1125,12 @@ def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
     return params, "\n".join([f"initialisation of {name} from {source}", *report])
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drops rows past `step` (logged after the checkpoint a resumed run restarts from)."""
+def _truncate_log(path: Path, step: int) -> list[str]:
+    """Drops rows past `step` (logged after the checkpoint a resumed run restarts from); returns
+    the rows kept."""
     if not path.exists():
-        return
+        return []
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
+    return kept
