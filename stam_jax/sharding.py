@@ -97,11 +97,19 @@ def local_rows(array: jax.Array) -> np.ndarray:
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Places a tree of host arrays on every device of the mesh."""
+    """Places a tree of host values on every device of the mesh.
+
+    Leaves may be numpy or jax arrays, or Python / numpy scalars (0-d arrays). Dtypes are
+    JAX's (float64 becomes float32 unless `jax_enable_x64` is on), as `jax.device_put` gives.
+    """
     sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(x.shape, sharding, lambda _: x), tree
-    )
+
+    def put(x: Any) -> jax.Array:
+        host = np.asarray(x)  # a scalar has no .shape; a jax array is fetched once
+        host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+        return jax.make_array_from_callback(host.shape, sharding, lambda _: host)
+
+    return jax.tree.map(put, tree)
 
 
 def allgather_json(obj: Any) -> list[Any]:
