@@ -281,9 +281,21 @@ def _not_json(key: Any, value: Any) -> str | None:
     if not isinstance(key, str):
         return f"keys must be str, not {type(key).__name__}"
     try:
-        json.dumps(value, allow_nan=False)
+        json.dumps(value, allow_nan=False)  # also refuses a value that contains itself
     except (TypeError, ValueError) as e:
         return str(e)
+    # json.dumps turns int, float, bool and None keys of nested dicts into strings: read back,
+    # such a dict would not be the one given.
+    nested = [value]
+    while nested:
+        item = nested.pop()
+        if isinstance(item, dict):
+            for inner, child in item.items():
+                if not isinstance(inner, str):
+                    return f"key {inner!r} inside it: keys must be str, not {type(inner).__name__}"
+                nested.append(child)
+        elif isinstance(item, (list, tuple)):
+            nested.extend(item)
     return None
 
 

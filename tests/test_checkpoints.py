@@ -351,6 +351,13 @@ def test_metadata_or_a_model_that_is_not_json_is_refused_before_any_write(tiny, 
         "top1": (np.float32(0.8), r"metadata\['top1'\] = np\.float32\(0\.8\) cannot be stored"),
         "loss": (float("nan"), r"metadata\['loss'\] = nan cannot be stored as JSON \(Out of range"),
         3: ("x", r"metadata\[3\] = 'x' cannot be stored as JSON \(keys must be str, not int\)"),
+        # json.dumps would have saved these keys as "1" and "null", read back as other keys
+        "per_class": (
+            [{1: 0.5}],
+            r"metadata\['per_class'\] = \[\{1: 0\.5\}\] cannot be stored as JSON \(key 1 inside "
+            r"it: keys must be str, not int\)",
+        ),
+        "by": ({"a": {None: 1}}, r"\(key None inside it: keys must be str, not NoneType\)"),
     }
     for key, (value, message) in bad.items():
         with pytest.raises(CheckpointError, match=message + r".*Nothing was written\."):
