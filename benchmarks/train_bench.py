@@ -30,7 +30,7 @@ import numpy as np
 from configs.common import base_config
 from stam_jax import sharding
 from stam_jax.configs import model_from_run_config
-from stam_jax.train import _train_step, initial_state, make_optimizer
+from stam_jax.train_step import initial_state, make_optimizer, make_train_step
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
 
     def jit_step(model):
         return jax.jit(
-            _train_step(model, tx, schedule, config.train, 0, model.num_classes),
+            make_train_step(model, tx, schedule, config.train, 0, model.num_classes),
             in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
             out_shardings=(replicated, replicated),
             donate_argnums=() if args.no_donate else 0,

@@ -83,7 +83,7 @@ def _run_and_step(run_dir: Path, step: int | None) -> tuple[Path, int | None]:
 
 def _run_record(run_dir: Path) -> dict[str, Any]:
     """The run's recorded settings (`RUN_DIR/run_config.json`, flattened: 'train.steps': 1000)."""
-    from stam_jax.train import RUN_RECORD
+    from stam_jax.resume import RUN_RECORD
 
     if not run_dir.exists():
         raise ExportError(
@@ -154,7 +154,7 @@ def export(
     import orbax.checkpoint as ocp
 
     from stam_jax import checkpoints
-    from stam_jax.train import RUN_RECORD
+    from stam_jax.resume import RUN_RECORD
 
     run, step = _run_and_step(Path(run_dir).absolute(), step)
     checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read

@@ -7,6 +7,9 @@ restored) and, at the end, the params and their EMA as
 stam-jax checkpoints `workdir/final` and `workdir/final_ema` (for `run_eval.py`, `convert.to_torch`,
 `stam_jax.explain`).
 
+The step, the train state and the optimizer are in `stam_jax.train_step`, the periodic
+evaluation in `stam_jax.train_eval`, and what a restart must keep in `stam_jax.resume`.
+
 Exact resume: everything random is a function of (seed, step) — the data order of an epoch, each
 clip's augmentation, the dropout keys — so the train state (step, params, optimizer state, EMA)
 is all a checkpoint needs. A run killed at any moment and restarted from its workdir reaches the
@@ -17,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,16 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from stam_jax import checkpoints, sharding
-from stam_jax.augment import mix_videos
 from stam_jax.configs import model_from_run_config, name_data_flags
 from stam_jax.data.folder import ClassListError, DatasetError, VideoFolder
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
@@ -46,25 +42,22 @@ from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.interrupts import interrupts_held
-from stam_jax.losses import (
-    LossScale,
-    adjust,
-    all_finite,
-    distillation_loss,
-    scale_loss,
-    soft_cross_entropy,
-    unscale,
-)
-from stam_jax.model import STAM, uint8_to_unit
+from stam_jax.model import STAM
 from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
+from stam_jax.resume import check_same_run, truncate_log, write_run_record
+from stam_jax.train_eval import check_eval_root, periodic_eval
+from stam_jax.train_step import (
+    TrainConfigError,
+    check_train_config,
+    initial_state,
+    loss_scaled,
+    make_optimizer,
+    make_train_step,
+)
 from stam_jax.variants import model_from_config, variant_name
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
-
-
-class TrainConfigError(ValueError):
-    """A run refused before any compute; the message names the value and the fix."""
 
 
 class TrainStopped(RuntimeError):
@@ -83,233 +76,6 @@ class UnusableDataError(TrainStopped):
 _UNUSABLE_SHARE, _UNUSABLE_AFTER = 0.5, 32
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a checkpoint holds; the rest of the run is derived from (seed, step)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    ema_params: Any
-    loss_scale: LossScale | None = None  # float16 training only
-
-
-def _loss_scaled(model: STAM) -> bool:
-    """float16 compute trains with dynamic loss scaling."""
-    return jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
-
-
-def initial_state(
-    model: STAM, tx: optax.GradientTransformation, train: Any, params: Any
-) -> TrainState:
-    """The state at step 0: params in `model.param_dtype`, their EMA, a loss scale for float16."""
-    params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
-    scale = LossScale.create(train.loss_scale_initial) if _loss_scaled(model) else None
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
-
-
-def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: matrices and kernels, not biases, norms, tokens."""
-    flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict(
-        {
-            path: value.ndim >= 2 and path[-1] not in ("pos_embed", "cls_token")
-            for path, value in flat.items()
-        }
-    )
-
-
-def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
-    """The optimizer and its learning-rate schedule, from `config.train`.
-
-    `train.steps` and `train.warmup_steps` count batches (loop steps). With `train.accumulate`
-    = k, the optimizer updates once every k batches, at the rate the returned schedule gives
-    the first batch of those k, so the warm-up and the cosine decay span the run whatever k is.
-
-    Returns:
-      (optimizer, schedule): `schedule(step)` is the learning rate at batch `step`.
-    """
-    check_train_config(train)
-    if train.warmup_steps > 0:  # from 0 up to the rate over the warm-up, then cosine decay
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, train.learning_rate, train.warmup_steps, max(train.steps, 2)
-        )
-    else:  # no warm-up: the full rate at the first step
-        schedule = optax.cosine_decay_schedule(train.learning_rate, max(train.steps, 1))
-    k = train.accumulate
-    # Inside MultiSteps the optimizer counts its own updates, one per k batches.
-    rate = schedule if k == 1 else (lambda update: schedule(update * k))
-    mask = decay_mask(params)
-    if train.optimizer == "adamw":
-        opt = optax.adamw(rate, weight_decay=train.weight_decay, mask=mask)
-    else:
-        opt = optax.chain(
-            optax.add_decayed_weights(train.weight_decay, mask),
-            optax.sgd(rate, momentum=train.momentum),
-        )
-    if train.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
-    if k > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=k)
-    return opt, schedule
-
-
-def check_train_config(train: Any) -> None:
-    """Refuses `config.train` values that cannot make a sensible run, naming the flag and fix.
-
-    Raises:
-      TrainConfigError: the first bad value found.
-    """
-
-    def refuse(field: str, rule: str) -> None:
-        raise TrainConfigError(
-            f"train.{field}={train[field]!r}: {rule}; fix --config.train.{field}."
-        )
-
-    for field in ("steps", "accumulate", "log_every", "save_every", "keep", "loss_scale_period"):
-        if not isinstance(train[field], int) or train[field] < 1:
-            refuse(field, "must be a whole number >= 1")
-    for field in ("warmup_steps", "eval_every"):
-        if not isinstance(train[field], int) or train[field] < 0:
-            refuse(field, "must be a whole number >= 0 (0: off)")
-    if train.warmup_steps >= train.steps:
-        refuse(
-            "warmup_steps",
-            f"the warm-up must end before train.steps={train.steps} (the cosine decay needs "
-            "the steps after it)",
-        )
-    if train.steps % train.accumulate:
-        k = train.accumulate
-        lower, upper = train.steps // k * k, (train.steps // k + 1) * k
-        refuse(
-            "steps",
-            f"not a multiple of train.accumulate={k} (the optimizer updates once every {k} "
-            f"batches, so the last {train.steps % k} would be computed for nothing); use "
-            f"{lower or upper} or {upper}",
-        )
-    for field, value in train.items():
-        # inf passes the range checks below, then makes the loss or the params NaN mid-run.
-        if isinstance(value, float) and not math.isfinite(value):
-            refuse(field, "must be a finite number")
-    if train.optimizer not in ("adamw", "sgd"):
-        refuse("optimizer", "use 'adamw' or 'sgd'")
-    if not train.learning_rate > 0:
-        refuse("learning_rate", "must be > 0 (it is the peak rate, after the warm-up)")
-    for field in ("weight_decay", "grad_clip", "mixup_alpha", "cutmix_alpha"):
-        if not train[field] >= 0:
-            refuse(field, "must be >= 0 (0: off)")
-    if not train.temporal_pos_embed_std >= 0:
-        refuse("temporal_pos_embed_std", "must be >= 0 (0: the official 0.02 init)")
-    for field in ("momentum", "ema_decay", "label_smoothing"):
-        if not 0 <= train[field] < 1:
-            refuse(field, "must be in [0, 1)")
-    if not 0 <= train.mix_switch_prob <= 1:
-        refuse("mix_switch_prob", "is a probability, in [0, 1]")
-    if not train.loss_scale_initial >= 1:
-        refuse("loss_scale_initial", "must be >= 1 (float16 only; default 2^15)")
-    if train.teacher:
-        if not 0 <= train.distill_weight <= 1:
-            refuse("distill_weight", "must be in [0, 1]")
-        if not train.distill_temperature > 0:
-            refuse("distill_temperature", "must be > 0")
-
-
-def _train_step(
-    model: STAM,
-    tx,
-    schedule,
-    train: Any,
-    seed: int,
-    num_classes: int,
-    teacher: STAM | None = None,
-):
-    """The jitted step: (state, videos, labels, weights[, teacher params]) -> (state, metrics).
-
-    Mixup/CutMix (one draw per batch, the same box in every frame), label smoothing,
-    distillation from `teacher` (run in the same step, its logits constant), dropout and drop
-    path; under float16, dynamic loss scaling: a step whose gradients are not finite is skipped
-    (params, optimizer state and EMA unchanged) and the scale halved. A batch in which no video
-    could be used (every one failed to decode: weight 0) is skipped the same way, rather than
-    let weight decay alone move the params.
-    """
-    mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
-    float16 = _loss_scaled(model)
-    weight, temperature = train.distill_weight, train.distill_temperature
-
-    def step_fn(state: TrainState, videos, labels, weights, teacher_params=None):
-        key = jax.random.fold_in(jax.random.key(seed), state.step)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
-        inputs = videos
-        if mixing:
-            inputs = uint8_to_unit(videos)  # as the model scales uint8 frames
-            inputs, targets = mix_videos(
-                jax.random.fold_in(key, 1),
-                inputs,
-                targets,
-                mixup_alpha=train.mixup_alpha,
-                cutmix_alpha=train.cutmix_alpha,
-                switch_prob=train.mix_switch_prob,
-            )
-        teacher_logits = None
-        if teacher is not None:
-            teacher_logits = teacher.apply({"params": teacher_params}, inputs)
-
-        def loss_fn(params):
-            logits = model.apply(
-                {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
-            )
-            losses = soft_cross_entropy(logits, targets)
-            if teacher_logits is not None:
-                kd = distillation_loss(logits, teacher_logits, temperature)
-                losses = (1.0 - weight) * losses + weight * kd
-            loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-            scaled = scale_loss(state.loss_scale, loss) if float16 else loss
-            return scaled, (loss, logits)
-
-        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        finite = jnp.array(True)
-        loss_scale = state.loss_scale
-        if float16:
-            grads = unscale(state.loss_scale, grads)
-            finite = all_finite(grads)
-            loss_scale = adjust(state.loss_scale, finite, period=train.loss_scale_period)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        d = train.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        if isinstance(tx, optax.MultiSteps):  # the EMA follows the updates, not the batches
-            updated = tx.has_updated(opt_state)
-            ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
-        keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was
-        params, opt_state, ema = jax.tree.map(
-            lambda n, o: jnp.where(keep, n, o),
-            (params, opt_state, ema),
-            (state.params, state.opt_state, state.ema_params),
-        )
-        correct = (jnp.argmax(logits, -1) == labels) * weights
-        metrics = {
-            "loss": loss,
-            "accuracy": correct.sum() / jnp.maximum(weights.sum(), 1.0),
-            "grad_norm": optax.global_norm(grads),
-            # The rate of this batch's update: the rate at the first batch of its k.
-            "learning_rate": schedule(state.step // train.accumulate * train.accumulate),
-            "videos": weights.sum(),  # of the batch, usable (all processes)
-        }
-        if float16:
-            metrics["loss_scale"] = state.loss_scale.scale
-            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_params=ema,
-            loss_scale=loss_scale,
-        )
-        return new_state, metrics
-
-    return step_fn
-
-
 class _Unusable:
     """The training videos that could not be used: each named once on stderr, listed in
     `WORKDIR/failed_videos.jsonl` (with several processes, each lists the videos it decoded in
@@ -324,7 +90,7 @@ class _Unusable:
         self.log = workdir / name
         # A resume keeps the rows of the steps up to its checkpoint (later ones are redone),
         # and does not name those videos again: the log is the uninterrupted run's.
-        self.named: set[str] = {json.loads(row)["path"] for row in _truncate_log(self.log, start)}
+        self.named: set[str] = {json.loads(row)["path"] for row in truncate_log(self.log, start)}
         self.start, self.seen, self.used = start, 0, 0.0
 
     def add(self, step: int, path: str, item: Any) -> None:
@@ -397,39 +163,6 @@ class _Jobs(Sequence):
         epoch, k = divmod(step + self.start, self.per_epoch)
         slot = k * self.batch + jax.process_index() * self.local + row
         return self.folder.items[self.order(epoch)[slot]].label
-
-
-def _eval_config(config: Any) -> ml_collections.ConfigDict:
-    """The run config of the periodic evaluation: `train.eval_root` as the data, no progress bar."""
-    eval_config = ml_collections.ConfigDict(config.to_dict())
-    eval_config.data.root = config.train.eval_root
-    eval_config.progress = False
-    return eval_config
-
-
-def _check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> None:
-    """Refuses, before training, an eval root that the periodic evaluation would refuse, or
-    whose classes are not the training data's `classes` (labels are indices into both)."""
-    from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data
-
-    eval_config = _eval_config(config)
-    try:
-        folder, _ = _list_data(eval_config, model, _clip_spec(eval_config, model))
-    except EvalConfigError as e:
-        raise TrainConfigError(f"--config.train.eval_root: {e}") from None
-    if tuple(folder.classes) != tuple(classes):
-        label, train_name, eval_name = next(
-            (i, a, b)
-            for i, (a, b) in enumerate(zip(classes, folder.classes, strict=True))
-            if a != b
-        )
-        raise TrainConfigError(
-            f"--config.train.eval_root={config.train.eval_root}: its classes are not the "
-            f"training data's (label {label} is {eval_name!r} there, {train_name!r} in "
-            f"{config.train.root}), so its labels would not line up with the model's outputs; "
-            "give both the same class folders, or name them all in label order with "
-            "--config.data.class_list."
-        )
 
 
 def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
@@ -559,7 +292,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
                 "(or set train.eval_every=0)."
             )
-        _check_eval_root(config, model, folder.classes)
+        check_eval_root(config, model, folder.classes)
     elif train.eval_root and jax.process_index() == 0:
         print(
             f"warning: --config.train.eval_root={train.eval_root} is not used: periodic "
@@ -583,11 +316,11 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     has_checkpoints = (workdir / "checkpoints").is_dir()
     manager = _checkpoint_manager(workdir, train) if has_checkpoints else None
     start = (manager.latest_step() or 0) if manager else 0
-    _check_same_run(config, workdir, start, folder)
+    check_same_run(config, workdir, start, folder)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     replicated = sharding.replicated(mesh)
-    float16 = _loss_scaled(model)
+    float16 = loss_scaled(model)
     if start:  # the params, optimizer state and EMA come from the checkpoint
         abstract = checkpoints.abstract_params(model)
         tx, schedule = make_optimizer(train, abstract)
@@ -597,7 +330,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         params, report = _initial_params(model, params, config)
         workdir.mkdir(parents=True, exist_ok=True)
         manager = manager or _checkpoint_manager(workdir, train)
-        _write_run_record(config, workdir, folder)
+        write_run_record(config, workdir, folder)
         if jax.process_index() == 0:
             (workdir / "init_report.txt").write_text(report + "\n")
             if config.checkpoint:
@@ -650,7 +383,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     teacher_params = None if teacher_host is None else jax.device_put(teacher_host, replicated)
     del teacher_host  # not held for the whole run
     step_fn = jax.jit(
-        _train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
+        make_train_step(model, tx, schedule, train, config.seed, model.num_classes, teacher),
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -662,7 +395,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
     board = None
     if log:
-        _truncate_log(log, start)
+        truncate_log(log, start)
         # purge_step: a resumed run hides the events logged after its checkpoint.
         board = _summary_writer(workdir / "tensorboard", purge_step=start or None)
     progress = progress_bar(
@@ -748,7 +481,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                     board.flush()
                 timer, timer_step = time.perf_counter(), done
             if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
-                scores = _periodic_eval(config, Path(workdir), model, state, done, named)
+                scores = periodic_eval(config, Path(workdir), model, state, done, named)
                 if log:  # no video evaluated: top-1 is null (strict JSON), not NaN
                     scores = {k: v if math.isfinite(v) else None for k, v in scores.items()}
                     with open(log, "a") as f:
@@ -800,132 +533,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     return {"step": int(state.step), "resumed_from": start, "last_metrics": last, **outputs}
 
 
-def _periodic_eval(
-    config: Any, workdir: Path, model: STAM, state: TrainState, step: int, named: set[str]
-) -> dict[str, float]:
-    """Evaluates the params (and their EMA) on `train.eval_root` with `stam_jax.evaluate`.
-
-    Each evaluated set is saved as a stam-jax checkpoint in `workdir/eval/step_N/{params,ema}`
-    and evaluated from there (results.json, predictions.jsonl in `{params,ema}_results`); the
-    best by top-1 so far then becomes `workdir/best`, with `workdir/best.json` (step, which
-    params, top-1), which survive a resume, and any other is deleted (a STAM-16 set is 0.45 GB).
-    Prints one line for the step, and names a skipped video the first time only (`named`
-    holds those already named).
-    """
-    from stam_jax.evaluate import evaluate
-
-    host = jax.device_get(state)
-    sets = {"params": host.params}
-    if config.train.ema_decay > 0:
-        sets["ema"] = host.ema_params
-    here = workdir / "eval" / f"step_{step}"
-    best_file = workdir / "best.json"
-    protocol = _eval_protocol(config)
-    best = _read_best(best_file, protocol)
-    scores, counts, new_best = {}, {}, None
-    skipped: dict[str, list[dict[str, Any]]] = {}  # per set: the videos left out of its top-1
-    for name, params in sets.items():
-        if jax.process_index() == 0:
-            checkpoints.save(here / name, model, params, overwrite=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"eval checkpoint {step} {name}")
-        eval_config = _eval_config(config)
-        eval_config.checkpoint = str(here / name)
-        results = evaluate(eval_config, here / f"{name}_results", report=False)
-        counts[name] = results["counts"]
-        skipped[name] = results["dropped"] + results["failed"] + results["non_finite"]
-        top1 = float(results["metrics"]["top1"])
-        scores["top1" if name == "params" else "ema_top1"] = top1
-        if jax.process_index() == 0:  # every process has read it: evaluate gathers at its end
-            if top1 > best["top1"]:
-                old = workdir / "best.old"
-                shutil.rmtree(old, ignore_errors=True)
-                if (workdir / "best").exists():
-                    (workdir / "best").rename(old)
-                (here / name).rename(workdir / "best")
-                shutil.rmtree(old, ignore_errors=True)
-                best = {"step": step, "params": name, "top1": top1, "eval": protocol}
-                best_file.write_text(json.dumps(best) + "\n")
-                new_best = name
-            else:
-                shutil.rmtree(here / name)
-    if jax.process_index() == 0:
-        _eval_report(step, scores, counts, skipped, named, here, new_best, workdir / "best")
-    return scores
-
-
-def _eval_protocol(config: Any) -> dict[str, Any]:
-    """What the periodic evaluation's top-1 is measured on: the eval root and the settings that
-    only it uses (a resume may change them, and `best.json` records them)."""
-    return {
-        "eval_root": str(Path(config.train.eval_root).absolute()),
-        **{f"data.{k}": config.data[k] for k in ("num_clips", "num_crops", "short_videos")},
-        "eval.average": config.eval.average,
-    }
-
-
-def _read_best(best_file: Path, protocol: dict[str, Any]) -> dict[str, Any]:
-    """The best evaluation so far from `best.json`; none if it was measured otherwise (another
-    eval root or views, see `_eval_protocol`), as its top-1 is not comparable."""
-    if not best_file.exists():
-        return {"top1": -1.0}
-    best = json.loads(best_file.read_text())
-    was = best.get("eval", protocol)  # a best.json from before the record: compared as is
-    changed = [f"{k} {was.get(k)!r} -> {v!r}" for k, v in protocol.items() if was.get(k) != v]
-    if not changed:
-        return best
-    if jax.process_index() == 0:
-        from stam_jax.evaluate import _percent
-
-        print(
-            f"note: the best top-1 so far ({_percent(best['top1'])} at step {best['step']}) was "
-            f"measured otherwise ({'; '.join(changed)}), so this run's next evaluation becomes "
-            f"the best (replacing {best_file.parent / 'best'}).",
-            file=sys.stderr,
-            flush=True,
-        )
-    return {"top1": -1.0}
-
-
-def _eval_report(
-    step: int,
-    scores: dict[str, float],
-    counts: dict[str, dict[str, int]],
-    skipped: dict[str, list[dict[str, Any]]],
-    named: set[str],
-    here: Path,
-    new_best: str | None,
-    best: Path,
-) -> None:
-    """The periodic evaluation's line, and (to stderr) the videos a set left out that were not
-    named before: a video that fails to decode once, one with NaN/Inf logits once per set."""
-    from stam_jax.evaluate import NON_FINITE_REASON, _percent
-
-    c = counts["params"]
-    top1 = f"top-1 {_percent(scores['top1'])}"
-    if "ema_top1" in scores:
-        top1 = f"{top1} (EMA {_percent(scores['ema_top1'])})"
-    left_out = c["listed"] - c["evaluated"]
-    line = f"eval at step {step}: {top1} on {c['evaluated']} of {c['listed']} videos"
-    if "ema" in counts and counts["ema"]["evaluated"] != c["evaluated"]:
-        line += f" (EMA on {counts['ema']['evaluated']})"
-    if left_out:
-        line += f", {left_out} left out (reasons in {here}/params_results/results.json)"
-    if new_best:
-        line += f"; new best ({new_best}) in {best}"
-    print(line)
-    for name, entries in skipped.items():
-        for entry in entries:
-            non_finite = entry["reason"] == NON_FINITE_REASON
-            key = f"{name}:{entry['path']}" if non_finite else entry["path"]
-            if key not in named:
-                named.add(key)
-                whose = f" ({'EMA' if name == 'ema' else name})" if non_finite else ""
-                print(f"  eval skipped {entry['path']}{whose}: {entry['reason']}", file=sys.stderr)
-
-
 def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | None:
     """The distillation teacher of `config.train.teacher` and its stored config (None without
     one), checked against the student from its config alone (no tensor is read)."""
@@ -966,144 +573,6 @@ def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any]) -> Any:
     return jax.tree.map(lambda x: np.asarray(x).astype(teacher.param_dtype), params)
 
 
-# Fields a restart may change: how the run is executed, logged, saved or evaluated, not what
-# it computes. Any other change would silently mix two runs in one workdir.
-_RESTART_MAY_CHANGE = (
-    "progress",
-    "compilation_cache_dir",
-    "distributed",
-    "attention_impl",
-    "remat",
-    "frame_chunk",
-    "data.workers",
-    "data.prefetch",
-    "train.log_every",
-    "train.save_every",
-    "train.keep",
-    "train.eval_every",
-    "train.eval_root",
-    # Only the periodic evaluation reads these (its best restarts when they change).
-    "data.root",
-    "data.num_clips",
-    "data.num_crops",
-    "data.short_videos",
-    "eval",
-)
-RUN_RECORD = "run_config.json"
-
-
-def _listing_digest(folder: VideoFolder) -> str:
-    """A digest of what the training data is: its classes, and each video's path and label."""
-    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
-_LISTING = "train.root_listing"  # the run record's entry for `_listing_digest`
-
-
-def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
-    """The config fields that define what a run computes, flattened ('train.steps': 1000), and
-    the digest of the training data's listing (the data may move, not change)."""
-    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-    record = {
-        k: v
-        for k, v in sorted(flat.items())
-        if not any(k == f or k.startswith(f + ".") for f in _RESTART_MAY_CHANGE)
-    }
-    return {**record, _LISTING: _listing_digest(folder)}
-
-
-def _write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
-    """Saves the fields a restart must not change (process 0), for `_check_same_run`."""
-    if jax.process_index() == 0:
-        staging = workdir / f"{RUN_RECORD}.tmp"
-        staging.write_text(json.dumps(_run_record(config, folder), indent=1) + "\n")
-        staging.replace(workdir / RUN_RECORD)
-
-
-def _left_results(workdir: Path) -> bool:
-    """Whether a run in `workdir` logged metrics or kept best params (what a new one would mix
-    with)."""
-    log = workdir / "metrics.jsonl"
-    logged = log.exists() and any(line.strip() for line in log.read_text().splitlines())
-    return logged or (workdir / "best.json").exists()
-
-
-def _check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) -> None:
-    """Refuses to resume the run in `workdir` with a config that computes something else.
-
-    Fields only one side holds (added to or removed from stam-jax since the run started) are
-    not compared; a run from before the record is resumed with a warning. With no checkpoint
-    to resume from (`start` 0), a record left by an earlier start is checked the same way.
-    """
-    record = workdir / RUN_RECORD
-    # Without a checkpoint (none saved yet, or deleted) the run starts again from step 0, but
-    # over its metrics, TensorBoard events, evaluations and best params: only the same run may.
-    # One that stopped before logging anything (a refusal mid-start, a NaN loss at step 1)
-    # left nothing to mix with, and may start again with other settings.
-    if not start and not (record.exists() and _left_results(workdir)):
-        return
-    run = f"the run at step {start}" if start else "a run that left no checkpoint"
-    if not record.exists():
-        print(
-            f"warning: {workdir} has no {RUN_RECORD} (a run started by an older stam-jax), so "
-            "this restart cannot check that its settings are the run's; resuming.",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
-    try:
-        saved = json.loads(record.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError(f"it holds a {type(saved).__name__}, not the settings")
-    except (OSError, ValueError) as e:
-        raise TrainConfigError(
-            f"cannot read {record} ({e}), which holds the settings of {run} in {workdir}; "
-            "restore it, or start a new --workdir."
-        ) from None
-    now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
-    # Only fields both know: one added or removed by another stam-jax version is not compared.
-    changed = [k for k in sorted(saved) if now.get(k, saved[k]) != saved[k]]
-    if changed == ["train.root"] and saved.get(_LISTING) == now[_LISTING]:
-        print(
-            f"the training data moved from {saved['train.root']} to {now['train.root']}: the "
-            f"same {len(folder.items)} videos, classes and labels; "
-            f"{'resuming' if start else 'starting it again'}.",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
-    changed = [
-        f"{k}: {saved[k]!r} -> {now[k]!r}"
-        if k != _LISTING
-        else f"{k}: the videos, classes or labels of the training data differ"
-        for k in changed
-    ]
-    if changed:
-        steps = any(line.startswith("train.steps:") for line in changed)
-        raise TrainConfigError(
-            f"{workdir} holds {run} made with other settings; "
-            f"{'resuming' if start else 'starting over it'} would mix two runs"
-            + (
-                " (the learning-rate schedule spans train.steps, so a longer run is not a "
-                "continuation)"
-                if steps
-                else ""
-            )
-            + ". Changed:\n  "
-            + "\n  ".join(changed)
-            + f"\nRestore those values to {'resume' if start else 'run it again'} (the "
-            "training data may move to another "
-            "--config.train.root, with the same files), or start a new --workdir"
-            + (
-                f" (to train longer: --config.checkpoint={workdir / 'final'} there)"
-                if steps and (workdir / "final").exists()
-                else ""
-            )
-            + f". {record} holds the run's settings."
-        )
-
-
 def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
     """The params a run starts from, fresh or from `config.checkpoint`, and the report naming
     where each tensor came from (for `init_report.txt`)."""
@@ -1123,14 +592,3 @@ def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
     source = config.checkpoint or "fresh"
     name = variant_name(model) or "a custom STAM"
     return params, "\n".join([f"initialisation of {name} from {source}", *report])
-
-
-def _truncate_log(path: Path, step: int) -> list[str]:
-    """Drops rows past `step` (logged after the checkpoint a resumed run restarts from); returns
-    the rows kept."""
-    if not path.exists():
-        return []
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-    return kept

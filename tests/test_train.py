@@ -458,7 +458,7 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
 
         return step
 
-    monkeypatch.setattr(train_module, "_train_step", failing_step)
+    monkeypatch.setattr(train_module, "make_train_step", failing_step)
     with pytest.raises(RuntimeError, match="step failed") as failed:
         train_module.train_and_evaluate(config, tmp_path)
     # `failed` holds the traceback, so the training frame and its decoder are still alive.
@@ -475,7 +475,7 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
 
         return step
 
-    monkeypatch.setattr(train_module, "_train_step", nan_step)
+    monkeypatch.setattr(train_module, "make_train_step", nan_step)
     with pytest.raises(train_module.NonFiniteError) as stopped:
         train_module.train_and_evaluate(tiny_config(train_root), tmp_path)
     assert str(stopped.value) == (
@@ -491,7 +491,7 @@ def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_pat
 
 def test_a_best_measured_otherwise_is_not_compared(train_root, tmp_path, capsys):
     # A resume may change the eval root and the views; a top-1 measured otherwise says nothing.
-    from stam_jax.train import _eval_protocol, _read_best
+    from stam_jax.train_eval import _eval_protocol, _read_best
 
     config = tiny_config(train_root, eval_root=str(tmp_path / "val"))
     protocol = _eval_protocol(config)
@@ -790,7 +790,7 @@ def test_export_takes_only_complete_steps_and_names_a_damaged_one(uninterrupted,
 
 def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
     from stam_jax.evaluate import NON_FINITE_REASON
-    from stam_jax.train import _eval_report
+    from stam_jax.train_eval import _eval_report
 
     counts = {"listed": 3, "evaluated": 2}
     broken = {"path": "a/broken.mp4", "reason": "failed: InvalidDataError"}

@@ -17,13 +17,13 @@ import pytest
 from configs.common import base_config
 from stam_jax import create_model
 from stam_jax.losses import LossScale
-from stam_jax.train import (
+from stam_jax.train import _teacher_model
+from stam_jax.train_step import (
     TrainConfigError,
-    _teacher_model,
-    _train_step,
     decay_mask,
     initial_state,
     make_optimizer,
+    make_train_step,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
     state = initial_state(model, tx, config.train, params)
     key = (dtype, id(teacher), tuple(sorted(train.items())))
     if key not in _STEPS:
-        _STEPS[key] = jax.jit(_train_step(model, tx, schedule, config.train, 0, 10, teacher))
+        _STEPS[key] = jax.jit(make_train_step(model, tx, schedule, config.train, 0, 10, teacher))
     return _STEPS[key], state, videos, labels, np.ones(batch, np.float32)
 
 

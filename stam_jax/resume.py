@@ -1,0 +1,168 @@
+"""What a restart of a training run must keep: the run record (`WORKDIR/run_config.json`, the
+settings that define what a run computes) and the metrics log cut back to the checkpoint.
+
+A restart in the same workdir continues one run, so it may change how the run is executed,
+logged, saved or evaluated, not what it computes (`check_same_run`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+
+from stam_jax.data.folder import VideoFolder
+from stam_jax.train_step import TrainConfigError
+
+# Fields a restart may change: how the run is executed, logged, saved or evaluated, not what
+# it computes. Any other change would silently mix two runs in one workdir.
+_RESTART_MAY_CHANGE = (
+    "progress",
+    "compilation_cache_dir",
+    "distributed",
+    "attention_impl",
+    "remat",
+    "frame_chunk",
+    "data.workers",
+    "data.prefetch",
+    "train.log_every",
+    "train.save_every",
+    "train.keep",
+    "train.eval_every",
+    "train.eval_root",
+    # Only the periodic evaluation reads these (its best restarts when they change).
+    "data.root",
+    "data.num_clips",
+    "data.num_crops",
+    "data.short_videos",
+    "eval",
+)
+RUN_RECORD = "run_config.json"
+
+
+def _listing_digest(folder: VideoFolder) -> str:
+    """A digest of what the training data is: its classes, and each video's path and label."""
+    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+_LISTING = "train.root_listing"  # the run record's entry for `_listing_digest`
+
+
+def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
+    """The config fields that define what a run computes, flattened ('train.steps': 1000), and
+    the digest of the training data's listing (the data may move, not change)."""
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    record = {
+        k: v
+        for k, v in sorted(flat.items())
+        if not any(k == f or k.startswith(f + ".") for f in _RESTART_MAY_CHANGE)
+    }
+    return {**record, _LISTING: _listing_digest(folder)}
+
+
+def write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
+    """Saves the fields a restart must not change (process 0), for `check_same_run`."""
+    if jax.process_index() == 0:
+        staging = workdir / f"{RUN_RECORD}.tmp"
+        staging.write_text(json.dumps(_run_record(config, folder), indent=1) + "\n")
+        staging.replace(workdir / RUN_RECORD)
+
+
+def _left_results(workdir: Path) -> bool:
+    """Whether a run in `workdir` logged metrics or kept best params (what a new one would mix
+    with)."""
+    log = workdir / "metrics.jsonl"
+    logged = log.exists() and any(line.strip() for line in log.read_text().splitlines())
+    return logged or (workdir / "best.json").exists()
+
+
+def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) -> None:
+    """Refuses to resume the run in `workdir` with a config that computes something else.
+
+    Fields only one side holds (added to or removed from stam-jax since the run started) are
+    not compared; a run from before the record is resumed with a warning. With no checkpoint
+    to resume from (`start` 0), a record left by an earlier start is checked the same way.
+    """
+    record = workdir / RUN_RECORD
+    # Without a checkpoint (none saved yet, or deleted) the run starts again from step 0, but
+    # over its metrics, TensorBoard events, evaluations and best params: only the same run may.
+    # One that stopped before logging anything (a refusal mid-start, a NaN loss at step 1)
+    # left nothing to mix with, and may start again with other settings.
+    if not start and not (record.exists() and _left_results(workdir)):
+        return
+    run = f"the run at step {start}" if start else "a run that left no checkpoint"
+    if not record.exists():
+        print(
+            f"warning: {workdir} has no {RUN_RECORD} (a run started by an older stam-jax), so "
+            "this restart cannot check that its settings are the run's; resuming.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    try:
+        saved = json.loads(record.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a {type(saved).__name__}, not the settings")
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(
+            f"cannot read {record} ({e}), which holds the settings of {run} in {workdir}; "
+            "restore it, or start a new --workdir."
+        ) from None
+    now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
+    # Only fields both know: one added or removed by another stam-jax version is not compared.
+    changed = [k for k in sorted(saved) if now.get(k, saved[k]) != saved[k]]
+    if changed == ["train.root"] and saved.get(_LISTING) == now[_LISTING]:
+        print(
+            f"the training data moved from {saved['train.root']} to {now['train.root']}: the "
+            f"same {len(folder.items)} videos, classes and labels; "
+            f"{'resuming' if start else 'starting it again'}.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    changed = [
+        f"{k}: {saved[k]!r} -> {now[k]!r}"
+        if k != _LISTING
+        else f"{k}: the videos, classes or labels of the training data differ"
+        for k in changed
+    ]
+    if changed:
+        steps = any(line.startswith("train.steps:") for line in changed)
+        raise TrainConfigError(
+            f"{workdir} holds {run} made with other settings; "
+            f"{'resuming' if start else 'starting over it'} would mix two runs"
+            + (
+                " (the learning-rate schedule spans train.steps, so a longer run is not a "
+                "continuation)"
+                if steps
+                else ""
+            )
+            + ". Changed:\n  "
+            + "\n  ".join(changed)
+            + f"\nRestore those values to {'resume' if start else 'run it again'} (the "
+            "training data may move to another "
+            "--config.train.root, with the same files), or start a new --workdir"
+            + (
+                f" (to train longer: --config.checkpoint={workdir / 'final'} there)"
+                if steps and (workdir / "final").exists()
+                else ""
+            )
+            + f". {record} holds the run's settings."
+        )
+
+
+def truncate_log(path: Path, step: int) -> list[str]:
+    """Drops rows past `step` (logged after the checkpoint a resumed run restarts from); returns
+    the rows kept."""
+    if not path.exists():
+        return []
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return kept

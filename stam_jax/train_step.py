@@ -1,0 +1,260 @@
+"""One training step: the train state, the optimizer from `config.train`, and the jitted step.
+
+The pieces of `stam_jax.train`'s loop that a loop of one's own reuses: `TrainState`,
+`initial_state`, `make_optimizer` (with `decay_mask`), `check_train_config` and
+`make_train_step` (Mixup/CutMix, label smoothing, distillation, float16 loss scaling, the EMA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from stam_jax.augment import mix_videos
+from stam_jax.losses import (
+    LossScale,
+    adjust,
+    all_finite,
+    distillation_loss,
+    scale_loss,
+    soft_cross_entropy,
+    unscale,
+)
+from stam_jax.model import STAM, uint8_to_unit
+
+
+class TrainConfigError(ValueError):
+    """A run refused before any compute; the message names the value and the fix."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds; the rest of the run is derived from (seed, step)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    loss_scale: LossScale | None = None  # float16 training only
+
+
+def loss_scaled(model: STAM) -> bool:
+    """float16 compute trains with dynamic loss scaling."""
+    return jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
+
+
+def initial_state(
+    model: STAM, tx: optax.GradientTransformation, train: Any, params: Any
+) -> TrainState:
+    """The state at step 0: params in `model.param_dtype`, their EMA, a loss scale for float16."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+    scale = LossScale.create(train.loss_scale_initial) if loss_scaled(model) else None
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: matrices and kernels, not biases, norms, tokens."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {
+            path: value.ndim >= 2 and path[-1] not in ("pos_embed", "cls_token")
+            for path, value in flat.items()
+        }
+    )
+
+
+def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and its learning-rate schedule, from `config.train`.
+
+    `train.steps` and `train.warmup_steps` count batches (loop steps). With `train.accumulate`
+    = k, the optimizer updates once every k batches, at the rate the returned schedule gives
+    the first batch of those k, so the warm-up and the cosine decay span the run whatever k is.
+
+    Returns:
+      (optimizer, schedule): `schedule(step)` is the learning rate at batch `step`.
+    """
+    check_train_config(train)
+    if train.warmup_steps > 0:  # from 0 up to the rate over the warm-up, then cosine decay
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, train.learning_rate, train.warmup_steps, max(train.steps, 2)
+        )
+    else:  # no warm-up: the full rate at the first step
+        schedule = optax.cosine_decay_schedule(train.learning_rate, max(train.steps, 1))
+    k = train.accumulate
+    # Inside MultiSteps the optimizer counts its own updates, one per k batches.
+    rate = schedule if k == 1 else (lambda update: schedule(update * k))
+    mask = decay_mask(params)
+    if train.optimizer == "adamw":
+        opt = optax.adamw(rate, weight_decay=train.weight_decay, mask=mask)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(train.weight_decay, mask),
+            optax.sgd(rate, momentum=train.momentum),
+        )
+    if train.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
+    if k > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=k)
+    return opt, schedule
+
+
+def check_train_config(train: Any) -> None:
+    """Refuses `config.train` values that cannot make a sensible run, naming the flag and fix.
+
+    Raises:
+      TrainConfigError: the first bad value found.
+    """
+
+    def refuse(field: str, rule: str) -> None:
+        raise TrainConfigError(
+            f"train.{field}={train[field]!r}: {rule}; fix --config.train.{field}."
+        )
+
+    for field in ("steps", "accumulate", "log_every", "save_every", "keep", "loss_scale_period"):
+        if not isinstance(train[field], int) or train[field] < 1:
+            refuse(field, "must be a whole number >= 1")
+    for field in ("warmup_steps", "eval_every"):
+        if not isinstance(train[field], int) or train[field] < 0:
+            refuse(field, "must be a whole number >= 0 (0: off)")
+    if train.warmup_steps >= train.steps:
+        refuse(
+            "warmup_steps",
+            f"the warm-up must end before train.steps={train.steps} (the cosine decay needs "
+            "the steps after it)",
+        )
+    if train.steps % train.accumulate:
+        k = train.accumulate
+        lower, upper = train.steps // k * k, (train.steps // k + 1) * k
+        refuse(
+            "steps",
+            f"not a multiple of train.accumulate={k} (the optimizer updates once every {k} "
+            f"batches, so the last {train.steps % k} would be computed for nothing); use "
+            f"{lower or upper} or {upper}",
+        )
+    for field, value in train.items():
+        # inf passes the range checks below, then makes the loss or the params NaN mid-run.
+        if isinstance(value, float) and not math.isfinite(value):
+            refuse(field, "must be a finite number")
+    if train.optimizer not in ("adamw", "sgd"):
+        refuse("optimizer", "use 'adamw' or 'sgd'")
+    if not train.learning_rate > 0:
+        refuse("learning_rate", "must be > 0 (it is the peak rate, after the warm-up)")
+    for field in ("weight_decay", "grad_clip", "mixup_alpha", "cutmix_alpha"):
+        if not train[field] >= 0:
+            refuse(field, "must be >= 0 (0: off)")
+    if not train.temporal_pos_embed_std >= 0:
+        refuse("temporal_pos_embed_std", "must be >= 0 (0: the official 0.02 init)")
+    for field in ("momentum", "ema_decay", "label_smoothing"):
+        if not 0 <= train[field] < 1:
+            refuse(field, "must be in [0, 1)")
+    if not 0 <= train.mix_switch_prob <= 1:
+        refuse("mix_switch_prob", "is a probability, in [0, 1]")
+    if not train.loss_scale_initial >= 1:
+        refuse("loss_scale_initial", "must be >= 1 (float16 only; default 2^15)")
+    if train.teacher:
+        if not 0 <= train.distill_weight <= 1:
+            refuse("distill_weight", "must be in [0, 1]")
+        if not train.distill_temperature > 0:
+            refuse("distill_temperature", "must be > 0")
+
+
+def make_train_step(
+    model: STAM,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    train: Any,
+    seed: int,
+    num_classes: int,
+    teacher: STAM | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The step to jit: (state, videos, labels, weights[, teacher params]) -> (state, metrics).
+
+    Mixup/CutMix (one draw per batch, the same box in every frame), label smoothing,
+    distillation from `teacher` (run in the same step, its logits constant), dropout and drop
+    path; under float16, dynamic loss scaling: a step whose gradients are not finite is skipped
+    (params, optimizer state and EMA unchanged) and the scale halved. A batch in which no video
+    could be used (every one failed to decode: weight 0) is skipped the same way, rather than
+    let weight decay alone move the params.
+    """
+    mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
+    float16 = loss_scaled(model)
+    weight, temperature = train.distill_weight, train.distill_temperature
+
+    def step_fn(state: TrainState, videos, labels, weights, teacher_params=None):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
+        inputs = videos
+        if mixing:
+            inputs = uint8_to_unit(videos)  # as the model scales uint8 frames
+            inputs, targets = mix_videos(
+                jax.random.fold_in(key, 1),
+                inputs,
+                targets,
+                mixup_alpha=train.mixup_alpha,
+                cutmix_alpha=train.cutmix_alpha,
+                switch_prob=train.mix_switch_prob,
+            )
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher.apply({"params": teacher_params}, inputs)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
+            )
+            losses = soft_cross_entropy(logits, targets)
+            if teacher_logits is not None:
+                kd = distillation_loss(logits, teacher_logits, temperature)
+                losses = (1.0 - weight) * losses + weight * kd
+            loss = (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+            scaled = scale_loss(state.loss_scale, loss) if float16 else loss
+            return scaled, (loss, logits)
+
+        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        finite = jnp.array(True)
+        loss_scale = state.loss_scale
+        if float16:
+            grads = unscale(state.loss_scale, grads)
+            finite = all_finite(grads)
+            loss_scale = adjust(state.loss_scale, finite, period=train.loss_scale_period)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = train.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        if isinstance(tx, optax.MultiSteps):  # the EMA follows the updates, not the batches
+            updated = tx.has_updated(opt_state)
+            ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
+        keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was
+        params, opt_state, ema = jax.tree.map(
+            lambda n, o: jnp.where(keep, n, o),
+            (params, opt_state, ema),
+            (state.params, state.opt_state, state.ema_params),
+        )
+        correct = (jnp.argmax(logits, -1) == labels) * weights
+        metrics = {
+            "loss": loss,
+            "accuracy": correct.sum() / jnp.maximum(weights.sum(), 1.0),
+            "grad_norm": optax.global_norm(grads),
+            # The rate of this batch's update: the rate at the first batch of its k.
+            "learning_rate": schedule(state.step // train.accumulate * train.accumulate),
+            "videos": weights.sum(),  # of the batch, usable (all processes)
+        }
+        if float16:
+            metrics["loss_scale"] = state.loss_scale.scale
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            loss_scale=loss_scale,
+        )
+        return new_state, metrics
+
+    return step_fn
