@@ -394,12 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         check_frame_rate(args.frame_rate, "--frame-rate")
         check_video(args.video)
         out = output_path(args.out, args.video)
-        if args.classes and Path(args.classes).is_dir():  # read_class_list names run_eval's flag
-            raise DatasetError(
-                f"--classes {args.classes} is a folder; give a text file with one class name per "
-                "line, in label order."
-            )
-        classes = read_class_list(args.classes) if args.classes else None
+        classes = (
+            read_class_list(args.classes, f"--classes {args.classes}") if args.classes else None
+        )
         if classes:
             from stam_jax import checkpoints
 

@@ -125,6 +125,14 @@ def test_explain_refuses_bad_input_before_loading_the_model(
         f"error: --classes {tmp_path} is a folder; give a text file with one class name per "
         "line, in label order.\n"
     )
+    # The class list is named by explain's flag, not by run_eval's --config.data.class_list.
+    missing, empty = tmp_path / "missing.txt", tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert refused(str(video), "--classes", str(missing)) == (
+        f"error: --classes {missing}: no such file; give a text file with one class name per "
+        "line.\n"
+    )
+    assert refused(str(video), "--classes", str(empty)) == f"error: --classes {empty} is empty.\n"
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -105,10 +105,19 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_NAMES
 
 
-def read_class_list(path: str | os.PathLike) -> list[str]:
-    """Class names from a UTF-8 text file, one per line (blank lines and a BOM ignored)."""
+def read_class_list(path: str | os.PathLike, flag: str | None = None) -> list[str]:
+    """Class names from a UTF-8 text file, one per line (blank lines and a BOM ignored).
+
+    Args:
+      path: the file.
+      flag: how the errors name the file, e.g. `--classes PATH` (default:
+        `--config.data.class_list=PATH`, the run config's field).
+
+    Raises:
+      ClassListError: a missing file, a folder, not UTF-8, empty, or a name repeated.
+    """
     path = Path(path)
-    flag = f"--config.data.class_list={path}"
+    flag = flag or f"--config.data.class_list={path}"
     if path.is_dir():
         raise ClassListError(
             f"{flag} is a folder; give a text file with one class name per line, in label order."
