@@ -124,6 +124,25 @@ def _model(record: dict[str, Any], record_file: Path) -> Any:
         raise ExportError(f"cannot read the run's architecture from {record_file}: {e}.") from None
 
 
+def _check_outside_steps(run: Path, out_dir: str | Path) -> None:
+    """Refuses an output inside `run/checkpoints`: orbax would take it for a saved step.
+
+    A checkpoint written as `RUN_DIR/checkpoints/N` carries orbax's mark of a finished save, so
+    the run would try to resume from it (and fail), and export would take it for the last step.
+
+    Raises:
+      ExportError: naming the output and the folder to keep it out of.
+    """
+    saved = (run / "checkpoints").resolve()
+    out = Path(out_dir).resolve()
+    if out == saved or saved in out.parents:
+        raise ExportError(
+            f"{Path(out_dir).absolute()} is inside {run / 'checkpoints'}, where the run keeps "
+            "its saved training steps: a checkpoint there would be taken for one (the run could "
+            f"no longer resume); write it outside, e.g. {run / 'exported'}."
+        )
+
+
 def export(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -157,6 +176,7 @@ def export(
     from stam_jax.resume import RUN_RECORD
 
     run, step = _run_and_step(Path(run_dir).absolute(), step)
+    _check_outside_steps(run, out_dir)
     checkpoints.check_destination(out_dir, overwrite=overwrite)  # before the (long) read
     record = _run_record(run)
     model = _model(record, run / RUN_RECORD)

@@ -700,6 +700,15 @@ def test_export_refuses_a_missing_run_and_a_record_that_is_not_settings(tmp_path
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass the folder run_train.py wrote (its --workdir).\n"
     )
+    # An output among the run's saved steps would be taken for one: the run could not resume.
+    inside = tmp_path / "checkpoints" / "99"
+    assert export_main([str(tmp_path), str(inside)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {inside} is inside {tmp_path / 'checkpoints'}, where the run keeps its saved "
+        "training steps: a checkpoint there would be taken for one (the run could no longer "
+        f"resume); write it outside, e.g. {tmp_path / 'exported'}.\n"
+    )
+    assert not (tmp_path / "checkpoints").exists()
     (tmp_path / "run_config.json").write_text("[1]\n")
     assert export_main([str(tmp_path), str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == (
