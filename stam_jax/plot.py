@@ -11,7 +11,8 @@
   `eval.png`: per-class top-1 accuracy, worst classes first, and the most confused
   (true, predicted) class pairs.
 
-The pictures go to `--out DIR` (created if missing; default: WORKDIR).
+The pictures go to `--out DIR` (created if missing; default: WORKDIR). Every file is read
+before a picture is written: a refused one (one `error:` line, exit 2) writes neither picture.
 """
 
 from __future__ import annotations
@@ -112,16 +113,26 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
-def plot_training(metrics_file: Path, out: Path) -> Path:
-    """Training curves and periodic-evaluation accuracy from a metrics JSON-lines file."""
+def _training_series(metrics_file: Path) -> dict[str, list[tuple[float, float]]]:
+    """(step, value) pairs per drawn key of a metrics JSON-lines file; refused if none."""
     series: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for _, row in read_json_lines(metrics_file, skip_cut_last=True):
         for key in TRAIN_KEYS:
             if row.get(key) is not None and "step" in row:
                 series[key].append((row["step"], row[key]))
-    panels = [(title, keys) for title, keys in TRAIN_PANELS if any(k in series for k in keys)]
-    if not panels:
+    if not series:
         raise ValueError(f"{metrics_file} has no 'step' rows with any of {TRAIN_KEYS}.")
+    return series
+
+
+def plot_training(metrics_file: Path, out: Path) -> Path:
+    """Training curves and periodic-evaluation accuracy from a metrics JSON-lines file."""
+    return _draw_training(_training_series(metrics_file), out)
+
+
+def _draw_training(series: dict[str, list[tuple[float, float]]], out: Path) -> Path:
+    """Writes `_training_series`' curves to `out`, one panel per quantity."""
+    panels = [(title, keys) for title, keys in TRAIN_PANELS if any(k in series for k in keys)]
     plt = _pyplot()
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.0 * len(panels), 3.2), dpi=100, squeeze=False
@@ -166,6 +177,11 @@ def _nothing_evaluated(results_file: Path, predictions_file: Path, results: dict
 
 def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst: int = 30) -> Path:
     """Per-class accuracy (worst first) and the most confused class pairs of an evaluation."""
+    return _draw_evaluation(_evaluation(results_file, predictions_file), out, worst)
+
+
+def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
+    """What `eval.png` shows, read from an evaluation's files; refused if they do not hold it."""
     results = _read_results(results_file)
     classes = results.get("classes") or []
     rows = read_json_lines(predictions_file)
@@ -182,12 +198,25 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
         correct[row["label"]].append(predicted == row["label"])
         if predicted != row["label"]:
             confusions[(row["label"], predicted)] += 1
+    top1 = (results.get("metrics") or {}).get("top1")
+    return {
+        "classes": classes,
+        "correct": correct,
+        "confusions": confusions,
+        "videos": len(rows),
+        "top1": top1,
+    }
+
+
+def _draw_evaluation(evaluation: dict[str, Any], out: Path, worst: int) -> Path:
+    """Writes `_evaluation`'s per-class accuracy and confused pairs to `out`."""
+    classes, correct = evaluation["classes"], evaluation["correct"]
 
     def name(c: int) -> str:
         return classes[c] if c < len(classes) else f"class {c}"
 
     accuracy = sorted((np.mean(v), name(c)) for c, v in correct.items())[:worst]
-    pairs = confusions.most_common(15)
+    pairs = evaluation["confusions"].most_common(15)
     plt = _pyplot()
     height = max(len(accuracy), len(pairs), 5) * 0.28 + 1.2
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, height), dpi=100)
@@ -200,9 +229,10 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
         right.barh(range(len(pairs))[::-1], [n for _, n in pairs], color="#8172b2")
         right.set_yticks(range(len(pairs))[::-1], labels, fontsize=7)
     right.set_title("most confused pairs (true -> predicted), videos")
-    top1 = (results.get("metrics") or {}).get("top1")
-    if top1 is not None:
-        fig.suptitle(f"top-1 {top1:.1%} over {len(rows)} videos", fontsize=10)
+    if evaluation["top1"] is not None:
+        fig.suptitle(
+            f"top-1 {evaluation['top1']:.1%} over {evaluation['videos']} videos", fontsize=10
+        )
     fig.tight_layout()
     return _save(fig, out)
 
@@ -242,12 +272,15 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
             f"{workdir} has neither metrics.jsonl (a training run) nor results.json with "
             "predictions.jsonl (a run_eval.py output)."
         )
+    # Every file read before any picture is written: one refused writes none.
+    series = _training_series(metrics) if training else None
+    evaluated = _evaluation(results, predictions) if evaluation else None
     folder = _output_dir(workdir if out is None else out)
     written = []
-    if training:
-        written.append(plot_training(metrics, folder / "train.png"))
-    if evaluation:
-        written.append(plot_evaluation(results, predictions, folder / "eval.png"))
+    if series is not None:
+        written.append(_draw_training(series, folder / "train.png"))
+    if evaluated is not None:
+        written.append(_draw_evaluation(evaluated, folder / "eval.png", worst=30))
     return written
 
 

@@ -126,3 +126,18 @@ def test_nothing_evaluated_and_where_pictures_go(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"error: cannot write {tmp_path / 'eval.png'} (Permission denied)" in err
     assert "pass --out DIR" in err and len(err.splitlines()) == 1
+
+
+def test_a_refused_evaluation_writes_no_training_picture_either(tmp_path, capsys):
+    # A workdir of a training run holding a run_eval.py output too: every file is read before
+    # any picture is written, so a refusal (exit 2) leaves no train.png behind.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    write_eval(tmp_path, [(0, [0, 1])], ["a", "b"])
+    (tmp_path / "predictions.jsonl").write_text(json.dumps({"label": 0}) + "\n")
+    assert main([str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: {tmp_path / 'predictions.jsonl'}:1 lacks an integer 'label' or a non-empty "
+        "'top5'.\n"
+    )
+    assert captured.out == "" and not (tmp_path / "train.png").exists()
