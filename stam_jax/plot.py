@@ -180,6 +180,11 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
     return _draw_evaluation(_evaluation(results_file, predictions_file), out, worst)
 
 
+def _is_class(value: Any) -> bool:
+    """Whether `value` is a class index: an integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
     """What `eval.png` shows, read from an evaluation's files; refused if they do not hold it."""
     results = _read_results(results_file)
@@ -190,9 +195,16 @@ def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
     correct: dict[int, list[bool]] = collections.defaultdict(list)
     confusions: collections.Counter = collections.Counter()
     for number, row in rows:
-        if not isinstance(row.get("label"), int) or not row.get("top5"):
+        top5 = row.get("top5")
+        if not (
+            _is_class(row.get("label"))
+            and isinstance(top5, list)
+            and top5
+            and all(_is_class(c) for c in top5)
+        ):
             raise ValueError(
-                f"{predictions_file}:{number} lacks an integer 'label' or a non-empty 'top5'."
+                f"{predictions_file}:{number} lacks a class index (an integer >= 0) as 'label' "
+                "or a non-empty list of them as 'top5'; is it a run_eval.py predictions file?"
             )
         predicted = row["top5"][0]
         correct[row["label"]].append(predicted == row["label"])

@@ -137,7 +137,28 @@ def test_a_refused_evaluation_writes_no_training_picture_either(tmp_path, capsys
     assert main([str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert captured.err == (
-        f"error: {tmp_path / 'predictions.jsonl'}:1 lacks an integer 'label' or a non-empty "
-        "'top5'.\n"
+        f"error: {tmp_path / 'predictions.jsonl'}:1 lacks a class index (an integer >= 0) as "
+        "'label' or a non-empty list of them as 'top5'; is it a run_eval.py predictions file?\n"
     )
     assert captured.out == "" and not (tmp_path / "train.png").exists()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"label": 0, "top5": ["b"]},  # class names: was a TypeError traceback
+        {"label": 0, "top5": "b"},
+        {"label": 0, "top5": {"b": 1}},  # was a KeyError traceback
+        {"label": 0, "top5": [1.0]},
+        {"label": -1, "top5": [0]},  # was drawn as the last class, 'b'
+        {"label": True, "top5": [0]},
+    ],
+)
+def test_prediction_rows_that_are_not_class_indices_are_refused(tmp_path, capsys, row):
+    write_eval(tmp_path, [(0, [0, 1])], ["a", "b"])
+    with open(tmp_path / "predictions.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'predictions.jsonl'}:2 lacks a class index")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "eval.png").exists()
