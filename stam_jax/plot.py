@@ -180,6 +180,11 @@ def plot_evaluation(results_file: Path, predictions_file: Path, out: Path, worst
     return _draw_evaluation(_evaluation(results_file, predictions_file), out, worst)
 
 
+def _is_number(value: Any) -> bool:
+    """Whether `value` is a JSON number (an int or a float, not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _is_class(value: Any) -> bool:
     """Whether `value` is a class index: an integer >= 0 (not a bool)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -189,6 +194,18 @@ def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
     """What `eval.png` shows, read from an evaluation's files; refused if they do not hold it."""
     results = _read_results(results_file)
     classes = results.get("classes") or []
+    metrics = results.get("metrics") or {}
+    top1 = metrics.get("top1") if isinstance(metrics, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(
+            f"{results_file}: 'classes' is not a list of class names; is it a run_eval.py "
+            "results.json?"
+        )
+    if not isinstance(metrics, dict) or not (top1 is None or _is_number(top1)):
+        raise ValueError(
+            f"{results_file}: 'metrics' is not an object whose 'top1' is a number or null; is it "
+            "a run_eval.py results.json?"
+        )
     rows = read_json_lines(predictions_file)
     if not rows:
         raise ValueError(_nothing_evaluated(results_file, predictions_file, results))
@@ -210,7 +227,6 @@ def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
         correct[row["label"]].append(predicted == row["label"])
         if predicted != row["label"]:
             confusions[(row["label"], predicted)] += 1
-    top1 = (results.get("metrics") or {}).get("top1")
     return {
         "classes": classes,
         "correct": correct,

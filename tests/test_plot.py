@@ -162,3 +162,26 @@ def test_prediction_rows_that_are_not_class_indices_are_refused(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'predictions.jsonl'}:2 lacks a class index")
     assert len(err.splitlines()) == 1 and not (tmp_path / "eval.png").exists()
+
+
+@pytest.mark.parametrize(
+    "results, what",
+    [
+        ({"classes": {"0": "a"}}, "'classes' is not a list of class names"),  # was a KeyError
+        ({"classes": "ab"}, "'classes' is not a list of class names"),  # was drawn as 'a', 'b'
+        ({"classes": ["a", 3]}, "'classes' is not a list of class names"),
+        ({"metrics": [0.5]}, "'metrics' is not an object whose 'top1' is a number or null"),
+        (
+            {"metrics": {"top1": "50%"}},
+            "'metrics' is not an object whose 'top1' is a number or null",
+        ),
+    ],
+)
+def test_a_results_file_not_from_an_evaluation_is_refused(tmp_path, capsys, results, what):
+    write_eval(tmp_path, [(0, [0, 1])], ["a", "b"])
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'results.json'}: {what}; is it a run_eval.py results.json?\n"
+    )
+    assert not (tmp_path / "eval.png").exists()
