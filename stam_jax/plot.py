@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,22 @@ def _save(fig: Any, out: Path) -> Path:
 def _training_series(metrics_file: Path) -> dict[str, list[tuple[float, float]]]:
     """(step, value) pairs per drawn key of a metrics JSON-lines file; refused if none."""
     series: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-    for _, row in read_json_lines(metrics_file, skip_cut_last=True):
-        for key in TRAIN_KEYS:
-            if row.get(key) is not None and "step" in row:
-                series[key].append((row["step"], row[key]))
+    for number, row in read_json_lines(metrics_file, skip_cut_last=True):
+        drawn = [key for key in TRAIN_KEYS if row.get(key) is not None]
+        if "step" not in row or not drawn:
+            continue
+        step = row["step"]
+        bad = [(key, row[key]) for key in drawn if not _is_number(row[key])]
+        if not (_is_number(step) and math.isfinite(step)):
+            bad.insert(0, ("step", step))
+        if bad:
+            key, value = bad[0]
+            raise ValueError(
+                f"{metrics_file}:{number}: {key!r} is {json.dumps(value)}, not a number; is it "
+                "a training run's metrics.jsonl?"
+            )
+        for key in drawn:
+            series[key].append((step, row[key]))
     if not series:
         raise ValueError(f"{metrics_file} has no 'step' rows with any of {TRAIN_KEYS}.")
     return series

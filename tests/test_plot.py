@@ -185,3 +185,25 @@ def test_a_results_file_not_from_an_evaluation_is_refused(tmp_path, capsys, resu
         f"error: {tmp_path / 'results.json'}: {what}; is it a run_eval.py results.json?\n"
     )
     assert not (tmp_path / "eval.png").exists()
+
+
+@pytest.mark.parametrize(
+    "row, what",
+    [
+        ({"step": 2, "loss": "0.5"}, "'loss' is \"0.5\""),  # was drawn as a category
+        ({"step": 2, "loss": [0.5]}, "'loss' is [0.5]"),  # was numpy's 'inhomogeneous shape'
+        ({"step": 2, "top1": True}, "'top1' is true"),
+        ({"step": None, "loss": 0.5}, "'step' is null"),
+        ({"step": "2", "loss": 0.5}, "'step' is \"2\""),
+        ({"step": float("nan"), "loss": 0.5}, "'step' is NaN"),
+    ],
+)
+def test_metrics_that_are_not_numbers_are_refused(tmp_path, capsys, row, what):
+    rows = [{"step": 1, "loss": 1.0}, row, {"step": 3, "loss": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'metrics.jsonl'}:2: {what}, not a number; is it a training run's "
+        "metrics.jsonl?\n"
+    )
+    assert not (tmp_path / "train.png").exists()
