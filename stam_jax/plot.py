@@ -6,7 +6,8 @@
   `loss`, `accuracy`, `learning_rate`, `videos_per_s`; the periodic evaluation's rows hold
   `top1` and `ema_top1`) -> `train.png`: one panel per quantity against the step, the two
   evaluation accuracies in one panel. A last line cut off by a run stopped mid-write is skipped
-  with a warning.
+  with a warning; a NaN or Inf value is not drawn, and is named in a warning and the panel's
+  title.
 - `WORKDIR/results.json` + `WORKDIR/predictions.jsonl` (a `run_eval.py` output) ->
   `eval.png`: per-class top-1 accuracy, worst classes first, and the most confused
   (true, predicted) class pairs.
@@ -135,6 +136,15 @@ def _training_series(metrics_file: Path) -> dict[str, list[tuple[float, float]]]
             series[key].append((step, row[key]))
     if not series:
         raise ValueError(f"{metrics_file} has no 'step' rows with any of {TRAIN_KEYS}.")
+    for key, points in series.items():
+        steps = [step for step, value in points if not math.isfinite(value)]
+        if steps:
+            where = ", ".join(f"{s:g}" for s in steps[:5]) + (" ..." if len(steps) > 5 else "")
+            print(
+                f"warning: {metrics_file}: {key} is NaN or Inf at {len(steps)} of "
+                f"{len(points)} steps ({where}); those points are not drawn.",
+                file=sys.stderr,
+            )
     return series
 
 
@@ -157,7 +167,8 @@ def _draw_training(series: dict[str, list[tuple[float, float]]], out: Path) -> P
             ax.plot(steps, values, linewidth=1.2, marker="o" if few else None, ms=3, label=key)
         if len(keys) > 1:
             ax.legend(fontsize=7)
-        ax.set_title(title)
+        gaps = sum(not math.isfinite(v) for key in keys for _, v in series.get(key, ()))
+        ax.set_title(f"{title} ({gaps} NaN/Inf not drawn)" if gaps else title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

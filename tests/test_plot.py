@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stam_jax import plot
 from stam_jax.plot import main
 
 
@@ -207,3 +208,25 @@ def test_metrics_that_are_not_numbers_are_refused(tmp_path, capsys, row, what):
         "metrics.jsonl?\n"
     )
     assert not (tmp_path / "train.png").exists()
+
+
+def test_nan_or_inf_metrics_are_named_not_hidden(tmp_path, capsys, monkeypatch):
+    # A NaN or Inf loss is a gap in the curve (all NaN: an empty panel); it is said in a
+    # warning and in the panel's title, not only left out.
+    rows = [{"step": s, "loss": 1.0 / s, "learning_rate": 1e-3} for s in range(1, 9)]
+    rows[2]["loss"], rows[5]["loss"] = float("nan"), float("inf")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    titles = []
+    save = plot._save
+
+    def titled(fig, out):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, out)
+
+    monkeypatch.setattr(plot, "_save", titled)
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path / 'metrics.jsonl'}: loss is NaN or Inf at 2 of 8 steps (3, 6); "
+        "those points are not drawn.\n"
+    )
+    assert titles == ["loss (2 NaN/Inf not drawn)", "learning rate"]
