@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from stam_jax.cli import ArgumentParser
-from stam_jax.paths import unwritable
+from stam_jax.paths import staged, unwritable
 
 # Frame rate per clip length of the released models: T frames over the first 10 s.
 SECONDS = 10.0
@@ -344,7 +344,8 @@ def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
 def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = None) -> Path:
     """Writes the picture of `explain_video`'s result to `path` (format from its suffix).
 
-    Missing parent folders are created.
+    Missing parent folders are created. A write that fails leaves no half-written file (and an
+    existing `path` unchanged).
 
     Raises:
       ValueError: the file cannot be written; the message names it.
@@ -355,7 +356,8 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
     fig = figure(result, classes)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with staged(path) as temp:
+            fig.savefig(temp)
     except OSError as e:
         raise ValueError(
             f"cannot write {path} ({e.strerror or e}); choose another --out."

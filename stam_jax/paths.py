@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,3 +34,21 @@ def unwritable(path: str | os.PathLike, *, into: bool = False) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable (permission denied or a read-only file system)"
     return None
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden sibling of `path` (same suffix) to write instead; moved over `path` once the block
+    ends without error, deleted if it raises (or is interrupted): a failed write leaves no
+    half-written file, and an existing `path` unchanged.
+
+    Yields:
+      The temporary path to write.
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.partial{path.suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stam_jax.cli import ArgumentParser
-from stam_jax.paths import unwritable
+from stam_jax.paths import staged, unwritable
 
 # Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
 # periodic evaluation as {"step": N, "top1": x, "ema_top1": y} rows.
@@ -101,10 +101,12 @@ def read_json_lines(path: Path, *, skip_cut_last: bool = False) -> list[tuple[in
 
 
 def _save(fig: Any, out: Path) -> Path:
-    """Writes `fig` to `out`; a file-system error names the path and the `--out` option."""
+    """Writes `fig` to `out`; a file-system error names the path and the `--out` option (and
+    leaves no half-written file, an existing `out` unchanged)."""
     plt = _pyplot()
     try:
-        fig.savefig(out)
+        with staged(out) as temp:
+            fig.savefig(temp)
     except OSError as e:
         raise ValueError(
             f"cannot write {out} ({e.strerror or e}); pass --out DIR to write the pictures "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
+import matplotlib.figure
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, random_params
@@ -180,3 +183,23 @@ def test_non_finite_params_or_outputs_are_refused_not_drawn(explained, tmp_path,
         "explain a checkpoint whose params are of sound magnitude.\n"
     )
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_failed_write_leaves_no_half_written_picture(explained, tmp_path, capsys, monkeypatch):
+    root, video = explained
+    out = tmp_path / "p.png"
+    out.write_bytes(b"an earlier picture")
+
+    def disk_full(fig, path, **kwargs):  # savefig stopped midway
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    args = [str(video), "--checkpoint", str(root / "ckpt"), "--frame-rate", "4", "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write {out} (No space left on device); choose another --out.\n"
+    )
+    assert out.read_bytes() == b"an earlier picture" and [p.name for p in tmp_path.iterdir()] == [
+        "p.png"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.figure
 import numpy as np
@@ -230,3 +231,24 @@ def test_nan_or_inf_metrics_are_named_not_hidden(tmp_path, capsys, monkeypatch):
         "those points are not drawn.\n"
     )
     assert titles == ["loss (2 NaN/Inf not drawn)", "learning rate"]
+
+
+def test_a_failed_write_leaves_no_half_written_picture(tmp_path, capsys, monkeypatch):
+    write_eval(tmp_path, [(0, [0, 1]), (1, [0, 1])], ["a", "b"])
+    (tmp_path / "eval.png").write_bytes(b"the picture of the last evaluation")
+
+    def disk_full(fig, path, **kwargs):  # savefig stopped midway
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: cannot write {tmp_path / 'eval.png'} (No space left on device)"
+    )
+    assert (tmp_path / "eval.png").read_bytes() == b"the picture of the last evaluation"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval.png",
+        "predictions.jsonl",
+        "results.json",
+    ]
