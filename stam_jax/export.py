@@ -89,6 +89,11 @@ def _run_record(run_dir: Path) -> dict[str, Any]:
         raise ExportError(
             f"{run_dir} does not exist; pass the folder run_train.py wrote (its --workdir)."
         )
+    if not run_dir.is_dir():
+        raise ExportError(
+            f"{run_dir} is a file, not a run directory; pass the folder run_train.py wrote (its "
+            "--workdir)."
+        )
     record_file = run_dir / RUN_RECORD
     if not record_file.is_file():
         what = "a run_train.py workdir" if (run_dir / "checkpoints").is_dir() else "a run"

@@ -700,6 +700,12 @@ def test_export_refuses_a_missing_run_and_a_record_that_is_not_settings(tmp_path
     assert capsys.readouterr().err == (
         f"error: {missing} does not exist; pass the folder run_train.py wrote (its --workdir).\n"
     )
+    (tmp_path / "video.mp4").write_bytes(b"")
+    assert export_main([str(tmp_path / "video.mp4"), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'video.mp4'} is a file, not a run directory; pass the folder "
+        "run_train.py wrote (its --workdir).\n"
+    )
     # An output among the run's saved steps would be taken for one: the run could not resume.
     inside = tmp_path / "checkpoints" / "99"
     assert export_main([str(tmp_path), str(inside)]) == 2
