@@ -12,9 +12,10 @@ the equal weight 1/T of every frame, labelled as such.
 
 The frames are sampled at `--frame-rate` (default T / 10 s: T frames over the first 10 s, as the
 released models were evaluated); `--out` is a .png, .pdf, .svg or .jpg file (no suffix: .png),
-its missing folders are created. A bad video path, flag or `--out` is refused before the
-checkpoint is loaded; params holding NaN or Inf (a run that diverged), or probabilities or
-attention that come out NaN or Inf, are refused too: nothing is drawn.
+its missing folders are created, and an existing file of that name is replaced. A bad video
+path, flag or `--out` is refused before the checkpoint is loaded; params holding NaN or Inf (a
+run that diverged), or probabilities or attention that come out NaN or Inf, are refused too:
+nothing is drawn.
 
 Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention plus the identity
 (the residual path), rows renormalised; the product over layers; the cls token's row of it.
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         help="picture to write: .png, .pdf, .svg or .jpg (no suffix: .png); missing folders are "
-        "created (default: VIDEO's name + .explain.png)",
+        "created, an existing file is replaced (default: VIDEO's name + .explain.png)",
     )
     parser.add_argument("--classes", help="class names, one per line, in label order")
     parser.add_argument(

@@ -12,8 +12,9 @@
   `eval.png`: per-class top-1 accuracy, worst classes first, and the most confused
   (true, predicted) class pairs.
 
-The pictures go to `--out DIR` (created if missing; default: WORKDIR). Every file is read
-before a picture is written: a refused one (one `error:` line, exit 2) writes neither picture.
+The pictures go to `--out DIR` (created if missing; default: WORKDIR), replacing a `train.png`
+or `eval.png` there. Every file is read before a picture is written: a refused one (one
+`error:` line, exit 2) writes neither picture.
 """
 
 from __future__ import annotations
