@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from stam_jax.cli import ArgumentParser
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 from stam_jax.paths import staged, unwritable
 
 # Frame rate per clip length of the released models: T frames over the first 10 s.
@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from stam_jax.data.folder import DatasetError, read_class_list
     from stam_jax.data.video import VideoError
+    from stam_jax.interrupts import keep_interrupts
 
+    keep_interrupts()
     try:
         # The flags and paths first: no jax import, no checkpoint read before they are fine.
         check_frame_rate(args.frame_rate, "--frame-rate")
@@ -412,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         out = draw(result, out, classes)
     except (DatasetError, VideoError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except KeyboardInterrupt:  # the picture is written whole or not at all (paths.staged)
+        print("interrupted: nothing was written.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"wrote {out}")
     return 0
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from stam_jax.cli import ArgumentParser
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 from stam_jax.paths import staged, unwritable
 
 # Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
@@ -353,12 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for the pictures (created if missing; default: WORKDIR)",
     )
     args = parser.parse_args(argv)
+    from stam_jax.interrupts import keep_interrupts
+
+    keep_interrupts()
     try:
         for path in plot_workdir(args.workdir, args.out):
             print(f"wrote {path}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except KeyboardInterrupt:  # each picture is written whole or not at all (paths.staged)
+        print(
+            "interrupted: no picture is half-written (any drawn before the interrupt is whole).",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -203,3 +203,21 @@ def test_a_failed_write_leaves_no_half_written_picture(explained, tmp_path, caps
     assert out.read_bytes() == b"an earlier picture" and [p.name for p in tmp_path.iterdir()] == [
         "p.png"
     ]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(explained, tmp_path, capsys, monkeypatch):
+    # Was Python's KeyboardInterrupt traceback.
+    root, video = explained
+    out = tmp_path / "p.png"
+    out.write_bytes(b"an earlier picture")
+
+    def ctrl_c(fig, path, **kwargs):  # interrupted while the picture is being written
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", ctrl_c)
+    args = [str(video), "--checkpoint", str(root / "ckpt"), "--frame-rate", "4", "--out", str(out)]
+    assert main(args) == 130
+    assert capsys.readouterr().err == "interrupted: nothing was written.\n"
+    assert out.read_bytes() == b"an earlier picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]

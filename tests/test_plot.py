@@ -252,3 +252,35 @@ def test_a_failed_write_leaves_no_half_written_picture(tmp_path, capsys, monkeyp
         "predictions.jsonl",
         "results.json",
     ]
+
+
+def test_ctrl_c_is_one_line_and_exit_130_with_no_half_written_picture(
+    tmp_path, capsys, monkeypatch
+):
+    # Was Python's KeyboardInterrupt traceback.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    write_eval(tmp_path, [(0, [0, 1]), (1, [1, 0])], ["a", "b"])
+    (tmp_path / "eval.png").write_bytes(b"an earlier picture")
+    savefig = matplotlib.figure.Figure.savefig
+
+    def ctrl_c_at_the_second(fig, path, **kwargs):
+        if "eval" in Path(path).name:  # train.png is drawn first, eval.png is cut midway
+            Path(path).write_bytes(b"\x89PNG half")
+            raise KeyboardInterrupt
+        savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", ctrl_c_at_the_second)
+    assert main([str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "interrupted: no picture is half-written (any drawn before the interrupt is whole).\n"
+    )
+    assert nonblank_png(tmp_path / "train.png", (400, 320))  # one quantity: one panel
+    assert (tmp_path / "eval.png").read_bytes() == b"an earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval.png",
+        "metrics.jsonl",
+        "predictions.jsonl",
+        "results.json",
+        "train.png",
+    ]
