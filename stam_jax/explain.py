@@ -167,7 +167,9 @@ def _sampling(video: Path, num_frames: int, frame_rate: float | None):
     )
     frames = "frame" if got == 1 else "frames"
     where = f"{video} gives only {got} {frames} at {rate:g} fps ({which})"
-    have = f"it has {count} frames at {fps:g} fps, {count / fps:.1f} s"
+    have = (
+        f"it has {count} {'frame' if count == 1 else 'frames'} at {fps:g} fps, {count / fps:.1f} s"
+    )
     fit = math.ceil(num_frames * fps / count * 100) / 100
     while len(resample_indices(count, fps, fit)) < num_frames:
         fit = round(fit + 0.01, 2)

@@ -121,6 +121,11 @@ def test_explain_refuses_bad_input_before_loading_the_model(
     assert "gives only 1 frame at 0.3 fps (--frame-rate)" in refused(
         str(video), "--frame-rate", ".3"
     )
+    one = write_video(tmp_path / "one.mp4", [index_frame(0, 32, 32)], fps=10)
+    assert refused(str(one)) == (
+        f"error: {one} gives only 1 frame at 0.4 fps (the default: T / 10 s, T = 4); a clip "
+        "needs 4 (it has 1 frame at 10 fps, 0.1 s): use a longer video.\n"
+    )
     assert "'.txt'; end it with .png, .pdf" in refused(str(video), "--out", str(tmp_path / "a.txt"))
     assert f"--out {tmp_path} is a directory" in refused(str(video), "--out", str(tmp_path))
     assert f"{junk} is a file, not a folder" in refused(str(video), "--out", str(junk / "p.png"))
