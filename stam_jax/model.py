@@ -20,13 +20,16 @@ computed in float32 whatever `dtype` is (flax's LayerNorm reductions and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Dtype = Any
 AttentionImpl = str  # 'auto' | 'xla' | 'cudnn' | 'heads_first'
@@ -495,6 +498,47 @@ def uint8_to_unit(videos: jax.Array) -> jax.Array:
     return jnp.take(jnp.asarray(_UINT8_TO_UNIT), videos, mode="clip")
 
 
+@functools.lru_cache(maxsize=32)
+def _param_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
+    """The '/'-joined path and shape of every param of the unbound `model` (one abstract init)."""
+    t, s = model.num_frames, model.image_size
+    video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
+    params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
+    return _flat_shapes(params)
+
+
+def _flat_shapes(params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {path: tuple(getattr(leaf, "shape", ())) for path, leaf in flat.items()}
+
+
+def _fitting_overrides(model: STAM, found: dict[str, tuple[int, ...]]) -> list[str]:
+    """`create_model` overrides under which `model` would take params of shapes `found`."""
+    overrides: list[str] = []
+    if not found:  # no params at all: nothing to infer
+        return overrides
+    pos = found.get("aggregate/pos_embed")
+    if pos is not None and len(pos) == 3 and pos[1] - 1 != model.num_frames:
+        overrides.append(f"num_frames={pos[1] - 1}")
+    width = found.get("cls_token")
+    if width is not None and len(width) == 3 and width[2] != model.hidden_size:
+        overrides.append(f"hidden_size={width[2]}")
+    head = found.get("head/bias")
+    if head is not None and len(head) == 1 and head[0] != model.num_classes:
+        overrides.append(f"num_classes={head[0]}")
+    pos = found.get("pos_embed")
+    grid = math.isqrt(pos[1] - 1) if pos is not None and len(pos) == 3 else 0
+    if grid and grid**2 == pos[1] - 1 and grid * model.patch_size != model.image_size:
+        overrides.append(f"image_size={grid * model.patch_size}")
+    depth = len({path.split("/")[0] for path in found if path.startswith("blocks_")})
+    if depth and depth != model.depth:
+        overrides.append(f"depth={depth}")
+    temporal = any(path.startswith("aggregate/") for path in found)
+    if temporal != (model.aggregate == "transformer"):
+        overrides.append(f"aggregate={'transformer' if temporal else 'mean'!r}")
+    return overrides
+
+
 class STAM(nn.Module):
     """STAM: a ViT on every frame, a temporal transformer over the frame features, a head.
 
@@ -658,6 +702,60 @@ class STAM(nn.Module):
                     "divide them by 255."
                 )
 
+    def _check_params(self) -> None:
+        """Refuses params made for another architecture, naming each misfit and the fix.
+
+        Runs where the model is traced (once under `jit`), from shapes only; the expected shapes
+        come from one abstract `init` per architecture, kept. Flax itself would refuse the first
+        misfit without saying what to do, and would ignore params the model does not have
+        (blocks of a deeper ViT, a temporal transformer given to a mean model).
+        """
+        if self.is_initializing():
+            return
+        found = _flat_shapes(self.variables.get("params", {}))
+        model = self.clone(parent=None, name=None)
+        try:
+            expected = _param_shapes(model)
+        except TypeError:  # an unhashable field (a list of layers): nothing kept
+            expected = _param_shapes.__wrapped__(model)
+        if found == expected:
+            return
+        problems = [
+            f"param {k}: shape {found[k]}, this model's {expected[k]}"
+            for k in sorted(expected.keys() & found.keys())
+            if expected[k] != found[k]
+        ]
+        if len(problems) > 8:
+            problems = [*problems[:6], f"... and {len(problems) - 6} more of other shapes"]
+        for what, paths in (
+            ("missing", expected.keys() - found.keys()),
+            ("unexpected", found.keys() - expected.keys()),
+        ):
+            groups: dict[str, list[str]] = {}
+            for path in sorted(paths):  # one line per top-level module
+                groups.setdefault(path.split("/")[0], []).append(path)
+            problems += [
+                f"{what} params {', '.join(group)}"
+                if len(group) <= 2
+                else f"{what} params {top}/... ({len(group)} tensors)"
+                for top, group in groups.items()
+            ]
+        overrides = _fitting_overrides(self, found)
+        fit = (
+            f"build the model they were made for (`create_model(name, {', '.join(overrides)})`)"
+            if overrides
+            else "build the model they were made for"
+        )
+        raise ValueError(
+            "params do not fit this model; they were made for another architecture:\n  "
+            + "\n  ".join(problems)
+            + f"\nTo use them as they are, {fit}; `stam_jax.checkpoints.load` reads a "
+            "checkpoint's model with its params. To start this model from them, use "
+            "`stam_jax.init.init_from_checkpoint(model, fresh_params, checkpoint)`: it resamples "
+            "the position embeddings to other frame counts and image sizes and re-initialises "
+            "the head for other classes."
+        )
+
     def _preprocess(self, videos: jax.Array) -> jax.Array:
         if videos.dtype == jnp.uint8:
             return uint8_to_unit(videos).astype(self.dtype)
@@ -681,6 +779,7 @@ class STAM(nn.Module):
                 f"spatial_attention_layers {bad} are not blocks of this {self.depth}-block ViT; "
                 f"use indices 0..{self.depth - 1}."
             )
+        self._check_params()
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = videos.shape[0]
         images = videos.reshape((-1, *videos.shape[2:]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import ROOT, random_params, random_videos
 
 from stam_jax import VARIANTS, create_model, model_config, model_from_config
+from stam_jax.checkpoints import abstract_params
 from stam_jax.model import DropPath, PatchEmbed, gelu_exact
 from stam_jax.variants import parse_dtype, variant_name
 
@@ -311,6 +313,42 @@ def test_registry_and_config_errors():
     # A config survives JSON-like round trips.
     model = create_model("stam_32")
     assert model_from_config(model_config(model)) == model
+
+
+def test_params_of_another_architecture_are_refused_with_the_fix():
+    model = create_model("stam_tiny")
+    # Zeros of the right shapes (the check reads shapes only; computing takes longer).
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model))
+    videos = {t: np.zeros((1, t, 32, 32, 3), np.uint8) for t in (4, 8)}
+    fix = r"stam_jax\.init\.init_from_checkpoint\(model, fresh_params, checkpoint\)"
+    # Flax named the first misfit without saying what to do (ScopeParamShapeError); under jit
+    # too, where it is found when the model is traced.
+    eight = create_model("stam_tiny", num_frames=8)
+    for apply in (eight.apply, lambda *a: jax.eval_shape(eight.apply, *a)):
+        with pytest.raises(ValueError, match=r"params do not fit this model") as error:
+            apply({"params": params}, videos[8])
+        message = str(error.value)
+        assert "param aggregate/pos_embed: shape (1, 5, 32), this model's (1, 9, 32)" in message
+        assert "create_model(name, num_frames=4)" in message
+        assert re.search(fix, message)
+    with pytest.raises(ValueError, match=r"(?s)head/kernel: shape \(32, 10\), this model's "):
+        create_model("stam_tiny", num_classes=5).apply({"params": params}, videos[4])
+    # Params the model lacks were ignored: a shallower ViT ran on half the blocks, a mean model
+    # dropped the temporal transformer, and both gave logits.
+    with pytest.raises(ValueError, match=r"(?s)unexpected params blocks_1/\.\.\. \(12 tensors\)"):
+        create_model("stam_tiny", depth=1).apply({"params": params}, videos[4])
+    with pytest.raises(
+        ValueError, match=r"(?s)unexpected params aggregate/.*aggregate='transformer'"
+    ):
+        create_model("stam_tiny_mean").apply({"params": params}, videos[4])
+    with pytest.raises(ValueError, match=r"(?s)missing params patch_embed/proj/bias, "):
+        model.apply({"params": {k: v for k, v in params.items() if k != "patch_embed"}}, videos[4])
+    # The fitting params pass, traced as jit and vmap trace them (vmapped: one per video).
+    logits = jax.eval_shape(model.apply, {"params": params}, videos[4])
+    assert logits.shape == (1, 10)
+    stacked = jax.tree.map(lambda x: np.stack([x, x]), params)
+    logits = jax.eval_shape(jax.vmap(lambda p: model.apply({"params": p}, videos[4])), stacked)
+    assert logits.shape == (2, 1, 10)
 
 
 def test_attention_weights_on_request():
