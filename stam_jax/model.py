@@ -661,6 +661,39 @@ class STAM(nn.Module):
             )
         return chunk
 
+    def _check_fields(self) -> None:
+        """Refuses sizes that are not ints and rates outside [0, 1), before they meet shapes.
+
+        Out of range, a dropout or drop-path rate silently zeroed every activation or rescaled
+        them all; a size given as a float or a string failed inside jax, or as a videos shape
+        that looked right (`num_frames='4'`).
+        """
+        sizes = {
+            "num_classes": 1,
+            "num_frames": 1,
+            "image_size": 1,
+            "patch_size": 1,
+            "hidden_size": 1,
+            "depth": 0,
+            "num_heads": 1,
+            "mlp_dim": 1,
+            "temporal_depth": 0,
+            "temporal_heads": 1,
+            "temporal_mlp_dim": 1,
+        }
+        if self.temporal_hidden_size is not None:
+            sizes["temporal_hidden_size"] = 1
+        for name, least in sizes.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name}={value!r}: use an int >= {least}.")
+        for name in ("dropout_rate", "drop_path_rate", "temporal_dropout_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float | np.floating) or not 0 <= value < 1:
+                raise ValueError(f"{name}={value!r}: use a probability in [0, 1) (0: off).")
+        if not isinstance(self.layer_norm_eps, int | float) or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r}: use a number > 0.")
+
     def _check_input(self, videos: jax.Array) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -772,6 +805,7 @@ class STAM(nn.Module):
         Returns:
           Logits `(B, num_classes)`, float32.
         """
+        self._check_fields()
         self._check_input(videos)
         bad = [i for i in self.spatial_attention_layers if not 0 <= i < self.depth]
         if bad:

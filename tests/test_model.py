@@ -351,6 +351,31 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
     assert logits.shape == (2, 1, 10)
 
 
+def test_sizes_and_rates_are_checked():
+    def init(**overrides):
+        model = create_model("stam_tiny", **overrides)
+        video = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.uint8)
+        return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)
+
+    # Out of range, a rate zeroed or rescaled every activation (drop_path_rate=1.5 dropped
+    # every residual branch); num_frames='4' was told its (1, 4, 32, 32, 3) videos should be
+    # (batch, 4, 32, 32, 3); a float size failed inside jax, num_classes=0 gave (B, 0) logits.
+    bad = {
+        "drop_path_rate": 1.5,
+        "dropout_rate": -0.1,
+        "temporal_dropout_rate": 1.0,
+        "num_frames": "4",
+        "image_size": 32.0,
+        "num_classes": 0,
+        "temporal_hidden_size": 0,
+        "layer_norm_eps": -1e-5,
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}: use an? "):
+            init(**{name: value})
+    init(depth=0, temporal_depth=0, drop_path_rate=0.5, num_classes=np.int64(3))  # all valid
+
+
 def test_attention_weights_on_request():
     config = model_config(create_model("stam_tiny"))
     params = random_params(config)
