@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import av
@@ -179,6 +180,20 @@ def test_clip_spec_validation():
         ClipSpec(crop=0)
     with pytest.raises(ValueError, match=r"train_min_area=0; use an area fraction in \(0, 1\]"):
         ClipSpec(train_min_area=0)
+    # Sizes as floats passed and failed in numpy at the first video, strings failed in a
+    # comparison that named no field, and a truthy train_flip='no' flipped clips.
+    bad = [
+        ("num_frames", 8.0, "an int"),
+        ("crop", 224.5, "an int"),
+        ("num_clips", "2", "an int"),
+        ("num_frames", True, "an int"),
+        ("frame_rate", "1.6", "a number"),
+        ("train_flip", "no", "True or False"),
+    ]
+    for name, value, want in bad:
+        with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}; use {want}\."):
+            ClipSpec(**{name: value})
+    ClipSpec(num_frames=np.int64(8), frame_rate=2, resize=np.int32(64), crop=48)  # valid
 
 
 def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -69,6 +70,18 @@ class ClipSpec:
     train_min_area: float = 0.25
 
     def __post_init__(self):
+        # Types first: a float size failed in numpy at the first video, a string in a
+        # comparison, and train_flip='no' (truthy) flipped clips.
+        for name in ("num_frames", "resize", "crop", "num_clips", "num_crops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r}; use an int.")
+        for name in ("frame_rate", "train_min_area"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name}={value!r}; use a number.")
+        if not isinstance(self.train_flip, bool | np.bool_):
+            raise ValueError(f"train_flip={self.train_flip!r}; use True or False.")
         if self.num_crops not in CROPS:
             raise ValueError(f"num_crops={self.num_crops}; use 1 (official) or 3.")
         if self.num_clips < 1 or self.num_frames < 1:
