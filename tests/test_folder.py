@@ -56,6 +56,15 @@ def test_hidden_junk_and_non_video_entries_are_not_classes_or_videos(tmp_path):
     }
 
 
+def test_extensions_given_as_one_string_are_refused(tmp_path):
+    touch(tmp_path, "a/v.mp4", "a/w.webm", "a/notes.tmp")
+    # Iterated, '.mp4' was the extensions '.', 'm', 'p' and '4': the .webm and .tmp files were
+    # listed as videos.
+    with pytest.raises(DatasetError, match=r"extensions='\.mp4' is one string; .* \('\.mp4',\)"):
+        list_videos(tmp_path, extensions=".mp4")
+    assert [i.path for i in list_videos(tmp_path, extensions=(".mp4",)).items] == ["a/v.mp4"]
+
+
 def test_link_loops_are_not_walked_and_linked_duplicates_count_once(tmp_path):
     root = tmp_path / "root"
     touch(root, "a/v.mp4", "a/sub/w.mp4", "b/v.mp4")

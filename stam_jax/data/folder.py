@@ -212,9 +212,14 @@ def list_videos(
       The `VideoFolder`; what is neither a class nor a video is in its `ignored`.
 
     Raises:
-      DatasetError: a missing root, no class folders, no video at all, or a file that two
-        classes reach through links.
+      DatasetError: a missing root, no class folders, no video at all, a file that two
+        classes reach through links, or `extensions` given as one string.
     """
+    if isinstance(extensions, str):  # iterated, '.mp4' was the extensions '.', 'm', 'p', '4'
+        raise DatasetError(
+            f"extensions={extensions!r} is one string; pass a tuple of them, e.g. "
+            f"({extensions!r},)."
+        )
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data root {root} does not exist or is not a directory.")
