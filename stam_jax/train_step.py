@@ -8,7 +8,7 @@ The pieces of `stam_jax.train`'s loop that a loop of one's own reuses: `TrainSta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -59,7 +59,22 @@ def initial_state(
 
 
 def decay_mask(params: Any) -> Any:
-    """True where weight decay applies: matrices and kernels, not biases, norms, tokens."""
+    """True where weight decay applies: matrices and kernels, not biases, norms, tokens.
+
+    Args:
+      params: the params tree (`model.init(...)['params']`), a nested dict of arrays.
+
+    Returns:
+      A tree of bools of the same structure (optax's `mask=`).
+
+    Raises:
+      TypeError: `params` is not a dict (a list of arrays, one array, None).
+    """
+    if not isinstance(params, Mapping):  # flax's own check is a bare assertion
+        raise TypeError(
+            f"decay_mask takes the params tree, a nested dict; got a {type(params).__name__}. "
+            "Pass model.init(...)['params'] (or the params of checkpoints.load)."
+        )
     flat = flax.traverse_util.flatten_dict(params)
     return flax.traverse_util.unflatten_dict(
         {

@@ -69,6 +69,13 @@ def test_weight_decay_mask_spares_biases_norms_and_tokens():
     assert not flat["aggregate/pos_embed"] and not flat["aggregate/cls_token"]
 
 
+def test_weight_decay_mask_refuses_what_is_not_a_params_tree():
+    # flax's flatten_dict failed with a bare AssertionError ("expected (frozen)dict").
+    for wrong in ([np.zeros((2, 2))], np.zeros((2, 2)), None):
+        with pytest.raises(TypeError, match=r"decay_mask takes the params tree, a nested dict; "):
+            decay_mask(wrong)
+
+
 def test_loss_falls_on_a_learnable_task():
     # 16 fixed videos with labels by mean brightness: a task the step can fit in 40 steps.
     step, state, videos, _, weights = setup(batch=16, learning_rate=3e-3, warmup_steps=5)
