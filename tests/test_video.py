@@ -203,6 +203,11 @@ def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):
     np.testing.assert_array_equal(a, load_train_clip(path, spec, (0, 1, 2)))
     assert not np.array_equal(a, load_train_clip(path, spec, (0, 1, 3)))
     assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+    # One int failed with "'int' object is not iterable", a float was truncated to 0.
+    for seed in (7, (0, 0.5), (0, -1)):
+        with pytest.raises(ValueError, match=r"seed=.*; pass a sequence of ints >= 0 that differs"):
+            load_train_clip(path, spec, seed)
+    np.testing.assert_array_equal(a, load_train_clip(path, spec, np.array([0, 1, 2])))
     # No crop (the whole square frame, resized) and no flip: the frames themselves, resized.
     whole = ClipSpec(
         num_frames=4, frame_rate=2.0, resize=36, crop=32, train_flip=False, train_min_area=1.0

@@ -294,7 +294,18 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
 
     Returns:
       uint8 `(T, crop, crop, 3)`.
+
+    Raises:
+      ValueError: `seed` is not a sequence of ints >= 0 (one int, a float).
+      TooShortError: the sampling keeps no frame.
+      VideoError: the file cannot be read.
     """
+    if np.ndim(seed) != 1 or not all(isinstance(s, numbers.Integral) and s >= 0 for s in seed):
+        # One int failed with "'int' object is not iterable"; floats were truncated.
+        raise ValueError(
+            f"seed={seed!r}; pass a sequence of ints >= 0 that differs per clip, e.g. "
+            "(run_seed, step, index)."
+        )
     rng = np.random.default_rng([int(s) for s in seed])
     count, fps = probe(path)
     indices = resample_indices(count, fps, spec.frame_rate)
