@@ -92,7 +92,12 @@ def mix_videos(
             f"targets must be (B, K) with B = {videos.shape[0]}, got shape {targets.shape}"
         )
     if not jnp.issubdtype(videos.dtype, jnp.floating):
-        raise ValueError(f"videos must be floating point, got dtype {videos.dtype}")
+        # Mixed pixels are fractions of two videos': uint8 ones would be truncated.
+        raise ValueError(
+            f"videos must be floating point, got dtype {videos.dtype}: convert uint8 frames "
+            "(as load_train_clip makes them) with stam_jax.model.uint8_to_unit(videos), the "
+            "model's own exact scaling to [0, 1], and pass the mixed float videos to the model"
+        )
     if not jnp.issubdtype(targets.dtype, jnp.floating):
         # Mixed targets keep the targets' dtype: integer ones would be truncated to 0 or 1.
         raise ValueError(

@@ -147,6 +147,15 @@ def test_bad_config_raises_naming_the_value(kwargs, match):
         mix_videos(jax.random.key(0), videos, targets, **kwargs)
 
 
+def test_uint8_videos_are_refused_with_the_conversion_to_use():
+    # The message named the dtype only; uint8 is what load_train_clip and the loader make.
+    videos, targets = _batch()
+    with pytest.raises(ValueError, match=r"got dtype uint8: .* stam_jax\.model\.uint8_to_unit"):
+        mix_videos(
+            jax.random.key(0), videos.astype(jnp.uint8), targets, mixup_alpha=0.8, cutmix_alpha=0
+        )
+
+
 def test_integer_targets_are_refused():
     # Mixed targets keep the targets' dtype: int one-hot rows came back truncated (all 0 but
     # the rare 1), a silent zero loss.
