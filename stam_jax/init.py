@@ -142,10 +142,16 @@ def init_from_checkpoint(
       human-readable lines saying what was copied, resampled, re-initialised and left unused.
 
     Raises:
+      TypeError: `model` is not a `STAM` (a variant's name).
       InitError: a shape mismatch the rules do not cover (the message lists every path with
         the checkpoint's and the model's shapes), or `fresh` does not fit `model`.
       checkpoints.CheckpointError: `checkpoint` is not a readable stam-jax checkpoint.
     """
+    if not isinstance(model, STAM):  # a variant's name, or the arguments swapped
+        raise TypeError(
+            f"model is a {type(model).__name__}, not a STAM; pass the module, e.g. "
+            "init_from_checkpoint(create_model('stam_16', num_frames=8), fresh, checkpoint)."
+        )
     if not temporal_pos_embed_std >= 0:  # NaN too: it compares False and was ignored
         raise ValueError(f"temporal_pos_embed_std={temporal_pos_embed_std} must be >= 0.")
     if isinstance(fresh, Mapping) and set(fresh) == {"params"}:

@@ -165,6 +165,17 @@ def test_incompatible_width_raises(base):
     assert "cls_token: checkpoint (1, 1, 32), model (1, 1, 48)" in message
 
 
+def test_a_model_that_is_not_a_stam_is_refused(base):
+    # A variant's name or swapped arguments failed with "'str' object has no attribute
+    # 'num_frames'" from deep inside.
+    path, _ = base
+    model = create_model("stam_tiny")
+    fresh = fresh_params(model)
+    for args in (("stam_tiny", fresh), (fresh, model)):
+        with pytest.raises(TypeError, match=r"model is a (str|dict), not a STAM; pass the module"):
+            init_from_checkpoint(*args, path)
+
+
 @pytest.mark.parametrize("std", [-1.0, float("nan")])
 def test_bad_temporal_pos_embed_std_is_refused(base, std):
     # NaN compared False to 0 and was silently ignored.
