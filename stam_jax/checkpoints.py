@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stam_jax.interrupts import interrupts_held
-from stam_jax.model import STAM
+from stam_jax.model import STAM, param_shapes
 from stam_jax.paths import unwritable
 from stam_jax.variants import model_config, model_from_config
 
@@ -628,9 +628,10 @@ def check_params(model: STAM, params: Mapping[str, Any]) -> None:
             "params do not fit the model: they are the whole variables ({'params': ...}); pass "
             "the params tree, variables['params']."
         )
+    # The abstract init that `STAM.apply` checks its params against too (kept per architecture).
     expected = {
-        jax.tree_util.keystr(k): tuple(v.shape)
-        for k, v in jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
+        "".join(f"[{part!r}]" for part in path.split("/")): shape
+        for path, shape in param_shapes(model).items()
     }
     found = {
         jax.tree_util.keystr(k): tuple(v.shape)

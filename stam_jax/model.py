@@ -498,9 +498,39 @@ def uint8_to_unit(videos: jax.Array) -> jax.Array:
     return jnp.take(jnp.asarray(_UINT8_TO_UNIT), videos, mode="clip")
 
 
+# Fields that do not change the params' paths or shapes (how the model computes, not what it
+# holds), reset when the shapes are looked up so that every such variant shares one entry.
+_SHAPE_NEUTRAL = dict(
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    attention_impl="auto",
+    spatial_attention_layers=(),
+    temporal_attention=False,
+    remat=False,
+    frame_chunk=None,
+    last_block_cls_only=True,
+    temporal_dropout_rate=0.0,
+    dropout_rate=0.0,
+    drop_path_rate=0.0,
+)
+
+
+def param_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
+    """The '/'-joined path and shape of every param of `model`, as `model.init` makes them.
+
+    One abstract `init` (no memory, no compute) per architecture, kept for the process: models
+    that differ only in how they compute (dtype, attention path, remat, recorded attention,
+    dropout) share it.
+    """
+    key = model.clone(parent=None, name=None, **_SHAPE_NEUTRAL)
+    try:
+        return _param_shapes(key)
+    except TypeError:  # an unhashable field value: computed, not kept
+        return _param_shapes.__wrapped__(key)
+
+
 @functools.lru_cache(maxsize=32)
 def _param_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
-    """The '/'-joined path and shape of every param of the unbound `model` (one abstract init)."""
     t, s = model.num_frames, model.image_size
     video = jax.ShapeDtypeStruct((1, t, s, s, 3), jnp.uint8)
     params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
@@ -746,11 +776,7 @@ class STAM(nn.Module):
         if self.is_initializing():
             return
         found = _flat_shapes(self.variables.get("params", {}))
-        model = self.clone(parent=None, name=None)
-        try:
-            expected = _param_shapes(model)
-        except TypeError:  # an unhashable field (a list of layers): nothing kept
-            expected = _param_shapes.__wrapped__(model)
+        expected = param_shapes(self)
         if found == expected:
             return
         problems = [
