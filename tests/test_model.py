@@ -351,6 +351,27 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
     assert logits.shape == (2, 1, 10)
 
 
+def test_the_params_check_shares_one_abstract_init_per_architecture():
+    # checkpoints.check_params (at load) and the check in apply look the shapes up once for
+    # models that differ only in how they compute (a checkpoint is loaded in float32, then
+    # applied in bfloat16 with remat and recorded attention). The check runs at trace time:
+    # eval_shape traces without compiling.
+    from stam_jax import checkpoints
+    from stam_jax.model import _param_shapes
+
+    videos = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.uint8)
+    seven, nine = (create_model("stam_tiny", num_classes=n) for n in (7, 9))
+    _param_shapes.cache_clear()
+    params = abstract_params(seven)
+    checkpoints.check_params(seven, params)
+    runs = seven.clone(dtype=jnp.bfloat16, remat=True, temporal_attention=True, drop_path_rate=0.1)
+    assert jax.eval_shape(runs.apply, {"params": params}, videos).shape == (1, 7)
+    info = _param_shapes.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert jax.eval_shape(nine.apply, {"params": abstract_params(nine)}, videos).shape == (1, 9)
+    assert _param_shapes.cache_info().misses == 2  # another architecture: its own entry
+
+
 def test_sizes_and_rates_are_checked():
     def init(**overrides):
         model = create_model("stam_tiny", **overrides)
