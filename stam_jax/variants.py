@@ -76,30 +76,35 @@ def parse_dtype(dtype: Any) -> Any:
     return _DTYPES[name]
 
 
-def create_model(name: str, **overrides: Any) -> STAM:
+def create_model(name: str, /, **overrides: Any) -> STAM:
     """Builds a registered variant, e.g. `create_model('stam_16', dtype='bfloat16')`.
 
     Args:
       name: a key of `VARIANTS`.
-      **overrides: any `STAM` field (sizes, `aggregate`, `dtype`, ...).
+      **overrides: any `STAM` field (sizes, `aggregate`, `dtype`, ...), and flax's `name=` of
+        the module (its key in the params of a module of your own that holds it).
 
     Returns:
-      The (unbound) `STAM` module.
+      The `STAM` module (unbound; inside a parent's `@nn.compact` method, its submodule).
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
-    return model_from_config({**VARIANTS[name], **overrides})
+    module_name = overrides.pop("name", None)
+    return model_from_config({**VARIANTS[name], **overrides}, name=module_name)
 
 
-def model_from_config(config: dict[str, Any], **runtime: Any) -> STAM:
+def model_from_config(
+    config: dict[str, Any], /, *, name: str | None = None, **runtime: Any
+) -> STAM:
     """Builds a `STAM` from a dict of its fields, refusing unknown names.
 
     Args:
       config: architecture fields (as saved by `model_config`), optionally run-time ones.
+      name: flax's name of the module (None: flax names it, e.g. `STAM_0` in a parent).
       **runtime: `dtype`, `param_dtype`, `attention_impl` (override `config`).
 
     Returns:
-      The (unbound) `STAM` module.
+      The `STAM` module (unbound; inside a parent's `@nn.compact` method, its submodule).
     """
     fields = {**config, **runtime}
     known = set(ARCH_FIELDS) | set(RUNTIME_FIELDS)
@@ -109,7 +114,7 @@ def model_from_config(config: dict[str, Any], **runtime: Any) -> STAM:
     for key in ("dtype", "param_dtype"):
         if key in fields:
             fields[key] = parse_dtype(fields[key])
-    return STAM(**fields)
+    return STAM(**fields, name=name)
 
 
 def model_config(model: STAM) -> dict[str, Any]:

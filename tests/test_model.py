@@ -637,3 +637,23 @@ def test_uint8_frames_are_scaled_exactly_as_to_tensor_does():
     np.testing.assert_array_equal(
         apply({"params": params}, frames), apply({"params": params}, as_floats)
     )
+
+
+def test_a_stam_inside_a_module_of_ones_own():
+    # create_model(..., name=...) failed: "got multiple values for argument 'name'".
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, videos):
+            logits = create_model("stam_tiny", name="backbone")(videos)
+            return nn.Dense(3, name="probe")(logits)
+
+    videos = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.uint8)
+    params = jax.eval_shape(Probe().init, jax.random.key(0), videos)["params"]
+    assert sorted(params) == ["backbone", "probe"]
+    shapes = jax.tree.map(lambda s: s.shape, params["backbone"])
+    assert shapes == jax.tree.map(lambda s: s.shape, abstract_params(create_model("stam_tiny")))
+    assert jax.eval_shape(Probe().apply, {"params": params}, videos).shape == (2, 3)
+    named = model_from_config(model_config(create_model("stam_tiny")), name="teacher")
+    assert named.name == "teacher"
+    with pytest.raises(ValueError, match=r"unknown model fields \['nam'\]"):
+        create_model("stam_tiny", nam="x")
