@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from stam_jax import checkpoints, sharding
 from stam_jax.configs import config_files_for, model_from_run_config, name_data_flags
@@ -226,8 +227,16 @@ def _class_count_message(config: Any, folder: VideoFolder, model: STAM, prepared
     )
 
 
-def _forward_fn(model: STAM, average: str):
-    def forward(params, videos):
+def _forward_fn(
+    model: STAM, average: str
+) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The forward over `(batch, views, frames, H, W, 3)` videos, views averaged per video.
+
+    It returns the mean logits and the ranking scores: the mean logits again for `average`
+    'logits', the mean of the views' softmax for 'softmax'.
+    """
+
+    def forward(params: Any, videos: jax.Array) -> tuple[jax.Array, jax.Array]:
         b, v = videos.shape[:2]
         logits = model.apply({"params": params}, videos.reshape((b * v, *videos.shape[2:])))
         logits = logits.reshape(b, v, -1)
@@ -475,7 +484,19 @@ def _non_finite_warning(bad: int, total: int, model: STAM) -> str:
     )
 
 
-def _run_loop(compiled, params, decoded, steps, batch_shape, mesh, progress):
+def _run_loop(
+    compiled: jax.stages.Compiled,
+    params: Any,
+    decoded: Iterator[Decoded],
+    steps: int,
+    batch_shape: tuple[int, ...],
+    mesh: Mesh,
+    progress: Any,
+) -> tuple[
+    tuple[list[int], list[np.ndarray], list[np.ndarray], dict[int, dict[str, Any]]],
+    float | None,
+    float,
+]:
     """Feeds `steps` global batches of the `Decoded` items (positions: listing indices).
 
     Returns this process's (positions, logits, scores, outcomes), when the first batch was
@@ -517,7 +538,14 @@ def _run_loop(compiled, params, decoded, steps, batch_shape, mesh, progress):
     return (done, logits, scores, outcomes), first_batch_at, waited
 
 
-def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
+def _gather(
+    done: list[int],
+    logits: list[np.ndarray],
+    scores: list[np.ndarray],
+    outcomes: dict[int, dict[str, Any]],
+    per_process: int,
+    num_classes: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Every process's results, padded to equal sizes, gathered and sorted by position."""
     pad = per_process - len(done)
     all_pos = _allgather_rows(np.array(done + [-1] * pad, np.int64))
@@ -533,7 +561,13 @@ def _gather(done, logits, scores, outcomes, per_process: int, num_classes: int):
     return all_pos, all_logits, all_scores, all_outcomes
 
 
-def _collect(pending, positions: list, logits: list, scores: list) -> None:
+def _collect(
+    pending: tuple[np.ndarray, tuple[jax.Array, jax.Array]],
+    positions: list[int],
+    logits: list[np.ndarray],
+    scores: list[np.ndarray],
+) -> None:
+    """Appends a step's kept rows (`filled` >= 0) of its outputs to the lists, as float32."""
     filled, (mean_logits, ranked) = pending
     mean_logits, ranked = sharding.local_rows(mean_logits), sharding.local_rows(ranked)
     keep = filled >= 0
@@ -553,7 +587,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write(workdir, results, folder, positions, labels, logits, scores) -> None:
+def _write(
+    workdir: Path,
+    results: dict[str, Any],
+    folder: VideoFolder,
+    positions: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    scores: np.ndarray,
+) -> None:
+    """Writes `results.json` and one `predictions.jsonl` line (top 5, logits) per video."""
     text = json.dumps(_finite(results), indent=1, default=str, allow_nan=False)
     (workdir / "results.json").write_text(text + "\n")
     k = min(5, logits.shape[1] if logits.size else 5)

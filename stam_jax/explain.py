@@ -141,7 +141,7 @@ def _video_error(video: Path, error: Exception) -> str:
     return f"cannot read {video} as a video: {text}"
 
 
-def _sampling(video: Path, num_frames: int, frame_rate: float | None):
+def _sampling(video: Path, num_frames: int, frame_rate: float | None) -> float:
     """The clip spec's rate, refused (with the rate that would fit) when the video is too short.
 
     Returns:

@@ -167,6 +167,11 @@ class FusedQKVAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Self-attention over `x` `(batch, length, width)`, returning the same shape.
+
+        With `first_query_only`, `(batch, 1, width)`: the first token's output only. Dropout
+        on the probabilities applies when `deterministic` is False.
+        """
         batch, length, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} does not divide into num_heads={self.num_heads}.")
@@ -212,7 +217,9 @@ class FusedQKVAttention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         return proj(out.reshape(batch, length, width))
 
-    def _heads_first(self, q, k, v, deterministic: bool) -> jax.Array:
+    def _heads_first(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, deterministic: bool
+    ) -> jax.Array:
         """Attention with heads as a batch axis, `(B, N, T, H)`, probabilities materialised.
 
         XLA:CPU runs these plain batched matmuls about 1.8x faster than the layout
@@ -236,6 +243,10 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`x` with each sample zeroed at `rate` and the rest scaled by `1 / (1 - rate)`.
+
+        The identity when `deterministic` or `rate` is 0; draws from the 'dropout' rng.
+        """
         if self.rate == 0.0 or deterministic:
             return x
         keep = 1.0 - self.rate
@@ -254,6 +265,7 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The feed-forward of `x` `(..., width)`, back to `width` features."""
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
         y = nn.Dense(self.hidden_dim, name="fc1", **dense)(x)
         y = gelu_exact(y)
@@ -283,6 +295,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Tokens `(B, T, D)` through the block: `(B, T, D)`, or `(B, 1, D)` first-token-only."""
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = _layer_norm("norm1", self.layer_norm_eps, **types)(x)
         y = FusedQKVAttention(
@@ -367,6 +380,7 @@ class TemporalEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Tokens `(B, T, D)` through the layer, same shape; dropout unless `deterministic`."""
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dense = dict(kernel_init=_dense_init, **types)
         drop = nn.Dropout(self.dropout_rate)
@@ -406,6 +420,7 @@ class TransformerEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Tokens `(B, T, D)` through `depth` layers and the final LayerNorm, same shape."""
         types = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.depth):
             x = TemporalEncoderLayer(
@@ -441,6 +456,10 @@ class TemporalTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Frame features `(B, frames, D)` to the temporal cls token's output `(B, hidden)`.
+
+        Features whose width is not `hidden_size` are first projected (`input_proj`).
+        """
         x = frames
         if frames.shape[-1] != self.hidden_size:
             # Not in the official model (its temporal width equals the ViT width).
@@ -474,6 +493,10 @@ class MeanAggregate(nn.Module):
 
     @nn.compact
     def __call__(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Frame features `(B, frames, D)` to their mean over frames, `(B, D)`, in `dtype`.
+
+        The mean is taken in float32; `deterministic` is accepted and unused.
+        """
         del deterministic
         return jnp.mean(frames.astype(jnp.float32), axis=1).astype(self.dtype)
 

@@ -25,6 +25,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,8 @@ TRAIN_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 TRAIN_KEYS = tuple(key for _, keys in TRAIN_PANELS for key in keys)
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
+    """`matplotlib.pyplot` on the non-interactive Agg backend, imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -83,7 +83,7 @@ class _Unusable:
     seen (`_UNUSABLE_SHARE` of at least `_UNUSABLE_AFTER` videos): a folder of files that do
     not decode trains nothing."""
 
-    def __init__(self, workdir: Path, start: int):
+    def __init__(self, workdir: Path, start: int) -> None:
         name = "failed_videos.jsonl"
         if jax.process_count() > 1:
             name = f"failed_videos.process_{jax.process_index()}.jsonl"
@@ -131,7 +131,7 @@ class _Jobs(Sequence):
 
     def __init__(
         self, folder: VideoFolder, spec: ClipSpec, seed: int, batch: int, start: int, end: int
-    ):
+    ) -> None:
         self.folder, self.spec, self.seed, self.batch = folder, spec, seed, batch
         self.start, self.end = start, end
         self.local = batch // jax.process_count()

@@ -201,7 +201,13 @@ def make_train_step(
     float16 = loss_scaled(model)
     weight, temperature = train.distill_weight, train.distill_temperature
 
-    def step_fn(state: TrainState, videos, labels, weights, teacher_params=None):
+    def step_fn(
+        state: TrainState,
+        videos: jax.Array,
+        labels: jax.Array,
+        weights: jax.Array,
+        teacher_params: Any = None,
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
         inputs = videos
@@ -219,7 +225,7 @@ def make_train_step(
         if teacher is not None:
             teacher_logits = teacher.apply({"params": teacher_params}, inputs)
 
-        def loss_fn(params):
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             logits = model.apply(
                 {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
             )

@@ -109,7 +109,7 @@ class Started(Iterator[T]):
     `close`), whether or not anything was read.
     """
 
-    def __init__(self, items: Iterator[T]):
+    def __init__(self, items: Iterator[T]) -> None:
         self._items = items
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stam-input")
         self._first: concurrent.futures.Future | None = self._thread.submit(next, items, _END)
@@ -151,7 +151,9 @@ class _ParallelDecoder:
     otherwise decoding resumes after it. Either way the run goes on.
     """
 
-    def __init__(self, fn, jobs: Sequence[tuple], workers: int, prefetch: int):
+    def __init__(
+        self, fn: Callable[..., Decoded], jobs: Sequence[tuple], workers: int, prefetch: int
+    ) -> None:
         self.fn, self.jobs = fn, jobs  # any sequence: built lazily for long training runs
         self.workers, self.prefetch = workers, max(prefetch, 1)
 

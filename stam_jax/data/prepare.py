@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +367,7 @@ def _is_complete(out: Path) -> bool:
         return False
 
 
-def _write_part(parts: Path, shard: int, results, bar) -> None:
+def _write_part(parts: Path, shard: int, results: Iterable[Decoded], bar: Any) -> None:
     """Writes one shard's records and, last, its sidecar (which marks the shard done)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -386,7 +387,14 @@ def _write_part(parts: Path, shard: int, results, bar) -> None:
     _write_json(parts / f"{name}.json", {"records": records, "outcomes": outcomes})
 
 
-def _finish(out, parts, num_shards, settings, listing, folder) -> dict[str, Any]:
+def _finish(
+    out: Path,
+    parts: Path,
+    num_shards: int,
+    settings: dict[str, Any],
+    listing: dict[str, Any],
+    folder: VideoFolder,
+) -> dict[str, Any]:
     """Names the non-empty shards as TFDS expects and writes the metadata."""
     import tensorflow_datasets as tfds
 

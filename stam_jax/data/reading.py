@@ -21,7 +21,7 @@ from stam_jax.data.video import ClipSpec
 class EvalViews(grain.transforms.Map):
     """record -> {'views': uint8 (views, T, crop, crop, 3), 'index': listing index}."""
 
-    def __init__(self, encoding: str, prepared: ClipSpec):
+    def __init__(self, encoding: str, prepared: ClipSpec) -> None:
         self.encoding, self.prepared = encoding, prepared
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +37,7 @@ class TrainClip(grain.transforms.RandomMap):
     so the clips are the same whatever the number of workers, and after a resume.
     """
 
-    def __init__(self, encoding: str, spec: ClipSpec):
+    def __init__(self, encoding: str, spec: ClipSpec) -> None:
         self.encoding, self.spec = encoding, spec
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class _ProcessRows:
     processes, as for the raw-video path.
     """
 
-    def __init__(self, stream: Any, local: int, process: int, processes: int):
+    def __init__(self, stream: Any, local: int, process: int, processes: int) -> None:
         self.stream, self.local = stream, local
         self.process, self.processes = process, processes
 

@@ -69,7 +69,7 @@ class ClipSpec:
     train_flip: bool = True
     train_min_area: float = 0.25
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Types first: a float size failed in numpy at the first video, a string in a
         # comparison, and train_flip='no' (truthy) flipped clips.
         for name in ("num_frames", "resize", "crop", "num_clips", "num_crops"):
