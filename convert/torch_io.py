@@ -19,7 +19,7 @@ import io
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +99,26 @@ class LazyTensor:
         return np.array(view, dtype=dtype or self.dtype, order="C")
 
 
-def _rebuild_tensor(storage, offset, shape, stride, requires_grad=False, hooks=None, meta=None):
+def _rebuild_tensor(
+    storage: object,
+    offset: int,
+    shape: Sequence[int],
+    stride: Sequence[int],
+    requires_grad: bool = False,
+    hooks: object = None,
+    meta: object = None,
+) -> LazyTensor:
+    """Stand-in for `torch._utils._rebuild_tensor_v2`: a `LazyTensor` view of `storage`."""
     del requires_grad, hooks, meta
     if not isinstance(storage, _Storage):
         raise ConversionError("malformed checkpoint: a tensor without a storage.")
     return LazyTensor(storage, int(offset), tuple(shape), tuple(stride))
 
 
-def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+def _rebuild_parameter(
+    data: LazyTensor, requires_grad: bool = False, hooks: object = None, state: object = None
+) -> LazyTensor:
+    """Stand-in for `torch._utils._rebuild_parameter[_with_state]`: the tensor, unwrapped."""
     del requires_grad, hooks, state
     return data
 
@@ -122,7 +134,7 @@ _ALLOWED = {
 class _StateDictUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals, to inert stand-ins; anything else is refused."""
 
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str) -> None:
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix = archive, prefix
 

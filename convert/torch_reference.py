@@ -19,18 +19,19 @@ from torch import nn
 class PatchEmbed(nn.Module):
     """Conv2d patches, flattened row-major to tokens."""
 
-    def __init__(self, patch: int, width: int):
+    def __init__(self, patch: int, width: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(N, 3, H, W)` images to `(N, patches, width)` tokens."""
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
     """timm-style attention with one fused qkv Linear."""
 
-    def __init__(self, width: int, heads: int, qkv_bias: bool = True):
+    def __init__(self, width: int, heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
         self.scale = (width // heads) ** -0.5
@@ -41,6 +42,7 @@ class Attention(nn.Module):
     use_sdpa = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over `(B, N, C)` tokens, same shape (PyTorch's SDPA if `use_sdpa`)."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -54,20 +56,21 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU (erf) -> fc2."""
 
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward of `(..., width)` features, same shape."""
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     """Pre-norm ViT block."""
 
-    def __init__(self, width: int, heads: int, mlp: int, qkv_bias: bool = True):
+    def __init__(self, width: int, heads: int, mlp: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, qkv_bias)
@@ -75,6 +78,7 @@ class Block(nn.Module):
         self.mlp = Mlp(width, mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x + attn(norm1(x))`, then `x + mlp(norm2(x))`, on `(B, N, C)` tokens."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -82,7 +86,7 @@ class Block(nn.Module):
 class TAggregate(nn.Module):
     """The official temporal aggregate around the stock nn.TransformerEncoder."""
 
-    def __init__(self, frames: int, width: int, depth: int, heads: int, ff: int):
+    def __init__(self, frames: int, width: int, depth: int, heads: int, ff: int) -> None:
         super().__init__()
         self.frames = frames
         layer = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=ff)
@@ -93,6 +97,7 @@ class TAggregate(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, frames + 1, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B*T, D)` frame features to the temporal cls token's output, `(B, D)`."""
         x = x.view(x.shape[0] // self.frames, self.frames, -1)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         # The stock encoder is sequence-first: (T+1, B, D).
@@ -102,11 +107,12 @@ class TAggregate(nn.Module):
 class MeanAggregate(nn.Module):
     """Mean of the frame features."""
 
-    def __init__(self, frames: int):
+    def __init__(self, frames: int) -> None:
         super().__init__()
         self.frames = frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B*T, D)` frame features to their mean over each video's frames, `(B, D)`."""
         return x.view(x.shape[0] // self.frames, self.frames, -1).mean(dim=1)
 
 
@@ -128,7 +134,7 @@ class ReferenceSTAM(nn.Module):
         temporal_heads: int = 8,
         temporal_mlp_dim: int = 2048,
         qkv_bias: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         n = (image_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -147,6 +153,7 @@ class ReferenceSTAM(nn.Module):
         self.head = nn.Linear(hidden_size, num_classes)
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """`(N, 3, H, W)` frames to the ViT's final cls-token features, `(N, hidden)`."""
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         for block in self.blocks:
@@ -154,6 +161,7 @@ class ReferenceSTAM(nn.Module):
         return self.norm(x)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B*T, 3, H, W)` frames in [0, 1] (`frames_from_videos`) to `(B, classes)` logits."""
         return self.head(self.aggregate(self.frame_features(x)))
 
 
