@@ -172,11 +172,12 @@ def check_train_config(train: Any) -> None:
         refuse("mix_switch_prob", "is a probability, in [0, 1]")
     if not train.loss_scale_initial >= 1:
         refuse("loss_scale_initial", "must be >= 1 (float16 only; default 2^15)")
-    if train.teacher:
-        if not 0 <= train.distill_weight <= 1:
-            refuse("distill_weight", "must be in [0, 1]")
-        if not train.distill_temperature > 0:
-            refuse("distill_temperature", "must be > 0")
+    # Checked with or without a teacher, as every train.* number is (momentum under adamw too):
+    # run_config.json records them, and a value that would be refused later is refused now.
+    if not 0 <= train.distill_weight <= 1:
+        refuse("distill_weight", "must be in [0, 1]")
+    if not train.distill_temperature > 0:
+        refuse("distill_temperature", "must be > 0")
 
 
 def make_train_step(

@@ -172,6 +172,23 @@ def test_distillation_from_an_identical_teacher_adds_nothing():
     assert float(differ["loss"]) > 1e-3 and float(differ["grad_norm"]) > 1e-4
 
 
+def test_distillation_settings_are_checked_without_a_teacher_too():
+    # README: every train.* number is checked before anything runs (run_config.json records
+    # them all); a distill_weight of 1.5 or a temperature of 0 passed while no teacher was set.
+    from stam_jax.train_step import check_train_config
+
+    for field, value, rule in (
+        ("distill_weight", 1.5, r"must be in \[0, 1\]"),
+        ("distill_temperature", 0.0, "must be > 0"),
+    ):
+        train = base_config("stam_tiny").train
+        train[field] = value
+        assert not train.teacher
+        with pytest.raises(TrainConfigError, match=rf"train.{field}={value}: {rule}"):
+            check_train_config(train)
+    check_train_config(base_config("stam_tiny").train)  # the defaults pass
+
+
 def test_float16_loss_scaling_skips_overflowing_steps():
     step, state, videos, labels, weights = setup(dtype="float16", loss_scale_initial=2.0**40)
     new, metrics = step(state, videos, labels, weights)
