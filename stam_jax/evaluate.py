@@ -29,6 +29,7 @@ from stam_jax import checkpoints, sharding
 from stam_jax.configs import config_files_for, model_from_run_config, name_data_flags
 from stam_jax.data.folder import (
     HIDDEN,
+    ClassListError,
     DatasetError,
     VideoFolder,
     ignored_summary,
@@ -178,8 +179,14 @@ def _load_model(config: Any, config_model: STAM) -> tuple[STAM, dict[str, Any]]:
     return model, stored
 
 
-def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, Any]:
-    """The listing of `config.data.root`, and the opened dataset when it is a prepared one."""
+def _list_data(
+    config: Any, model: STAM, spec: ClipSpec, flag: str = "--config.data.root"
+) -> tuple[VideoFolder, Any]:
+    """The listing of `config.data.root`, and the opened dataset when it is a prepared one.
+
+    A root that cannot be listed or opened is refused with `flag` first (the flag to fix; ''
+    for a caller that names it itself); a bad class list names its own flag.
+    """
     root = config.data.root
     if not root:
         raise EvalConfigError(
@@ -188,8 +195,10 @@ def _list_data(config: Any, model: STAM, spec: ClipSpec) -> tuple[VideoFolder, A
         )
     try:
         folder, prepared = list_root(root, "eval", spec, config.data.class_list or None)
-    except (PreparedError, DatasetError) as e:
+    except ClassListError as e:  # names its own flag
         raise EvalConfigError(str(e)) from None
+    except (PreparedError, DatasetError) as e:
+        raise EvalConfigError(f"{flag}: {e}" if flag else str(e)) from None
     if len(folder.classes) != model.num_classes:
         raise EvalConfigError(_class_count_message(config, folder, model, prepared is not None))
     return folder, prepared

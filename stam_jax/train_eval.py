@@ -34,7 +34,7 @@ def check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> None:
 
     eval_config = eval_run_config(config)
     try:
-        folder, _ = _list_data(eval_config, model, _clip_spec(eval_config, model))
+        folder, _ = _list_data(eval_config, model, _clip_spec(eval_config, model), flag="")
     except EvalConfigError as e:
         raise TrainConfigError(f"--config.train.eval_root: {e}") from None
     if tuple(folder.classes) != tuple(classes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -320,7 +321,12 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
 
     refused(r"no checkpoint: pass --config.checkpoint", checkpoint="")
     refused(r"is not a stam-jax checkpoint", checkpoint=str(tmp_path))
-    refused(r"does not exist or is not a directory", **{"data.root": str(tmp_path / "nowhere")})
+    # README: one error naming the flag to fix (as --config.train.root's refusals do).
+    nowhere = str(tmp_path / "nowhere")
+    refused(
+        rf"^--config.data.root: data root {re.escape(nowhere)} does not exist",
+        **{"data.root": nowhere},
+    )
     refused(r"batch_size=0: must be at least 1 \(a multiple of the 1 device\(s\)\)", batch_size=0)
     refused(r"--config.data.num_clips=0, num_frames=4: use >= 1", **{"data.num_clips": 0})
     refused(r"num_crops=2; use 1 \(official\) or 3", **{"data.num_crops": 2})
@@ -331,11 +337,14 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
         r"--config.frame_chunk: frame_chunk=5 does not divide the batch's 16 frames", frame_chunk=5
     )
     (tmp_path / "empty").mkdir()
-    refused(r"has no class sub-folders", **{"data.root": str(tmp_path / "empty")})
+    refused(
+        r"^--config.data.root: .* has no class sub-folders",
+        **{"data.root": str(tmp_path / "empty")},
+    )
     few = tmp_path / "few"
     (few / "a").mkdir(parents=True)
     (few / "b").mkdir()
-    refused(r"holds no video files", **{"data.root": str(few)})
+    refused(r"^--config.data.root: .* holds no video files", **{"data.root": str(few)})
     write_video(few / "a" / "x.mp4", (index_frame(i, 48, 64) for i in range(20)), 10)
     refused(r"has 2 classes but the checkpoint has 10 outputs", **{"data.root": str(few)})
     assert not (tmp_path / "out").exists()  # refused before anything was written
