@@ -1,4 +1,4 @@
-"""Evaluate a STAM checkpoint on a Kinetics-style video folder with the official protocol.
+r"""Evaluate a STAM checkpoint on a Kinetics-style video folder with the official protocol.
 
     python run_eval.py --config configs/stam_16.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR

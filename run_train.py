@@ -1,4 +1,4 @@
-"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
+r"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
 
     python run_train.py --config configs/stam_16.py --config.checkpoint=INIT_DIR \
         --config.train.root=TRAIN_DIR --workdir OUT_DIR

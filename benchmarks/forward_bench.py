@@ -1,4 +1,4 @@
-"""Model forward throughput: stam-jax against the PyTorch reference, side by side in one run.
+r"""Model forward throughput: stam-jax against the PyTorch reference, side by side in one run.
 
     python benchmarks/forward_bench.py --models stam_16,stam_64 --batches 1,2 --repeats 3
     python benchmarks/forward_bench.py --dtype bfloat16 --batches 8,32 --attention auto,xla \

@@ -1,4 +1,4 @@
-"""STAM-16 on Kinetics-400: 16 frames sampled at 1.6 fps (the first 10 s of each video).
+r"""STAM-16 on Kinetics-400: 16 frames sampled at 1.6 fps (the first 10 s of each video).
 
     python run_eval.py --config configs/stam_16.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR

@@ -1,4 +1,4 @@
-"""STAM-32 on Kinetics-400: 32 frames sampled at 3.2 fps (the first 10 s of each video).
+r"""STAM-32 on Kinetics-400: 32 frames sampled at 3.2 fps (the first 10 s of each video).
 
     python run_eval.py --config configs/stam_32.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR

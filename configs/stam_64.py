@@ -1,4 +1,4 @@
-"""STAM-64 on Kinetics-400: 64 frames sampled at 6.4 fps (the first 10 s of each video).
+r"""STAM-64 on Kinetics-400: 64 frames sampled at 6.4 fps (the first 10 s of each video).
 
     python run_eval.py --config configs/stam_64.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --config.dtype=bfloat16 --workdir OUT_DIR

@@ -1,4 +1,4 @@
-"""A tiny STAM (4 frames of 32x32, 10 classes) for tests and CPU experiments.
+r"""A tiny STAM (4 frames of 32x32, 10 classes) for tests and CPU experiments.
 
     python run_eval.py --config configs/tiny.py --config.checkpoint=CKPT_DIR \
         --config.data.root=VAL_DIR --workdir OUT_DIR

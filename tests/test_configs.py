@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +145,24 @@ def test_ctrl_c_is_one_line_and_exit_130():
         assert result.returncode == 130, result.stderr[-2000:]
         assert result.stderr.startswith("interrupted: ") and result.stderr.count("\n") == 1
         assert says in result.stderr
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "run_eval.py",
+        "run_train.py",
+        "stam_jax/data/prepare.py",
+        "configs/stam_16.py",
+        "configs/stam_32.py",
+        "configs/stam_64.py",
+        "configs/tiny.py",
+        "benchmarks/forward_bench.py",
+    ],
+)
+def test_docstring_commands_keep_their_line_continuations(path):
+    # The docstrings are the --help texts: a `\` at a line's end inside a plain """...""" joins
+    # the lines, and --help showed one line with a run of spaces in the middle of the command.
+    doc = ast.get_docstring(ast.parse((ROOT / path).read_text(encoding="utf-8")), clean=False)
+    assert "\\\n" in doc
+    assert not re.search(r"\S {4,}--", doc), doc

@@ -1,4 +1,4 @@
-"""Decode a video folder once into a prepared dataset (TFDS format, ArrayRecord files).
+r"""Decode a video folder once into a prepared dataset (TFDS format, ArrayRecord files).
 
     python -m stam_jax.data.prepare --src VAL_DIR --out VAL_PREPARED --config configs/stam_16.py
     python -m stam_jax.data.prepare --src TRAIN_DIR --out TRAIN_PREPARED \
