@@ -4,10 +4,10 @@ r"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
         --config.train.root=TRAIN_DIR --workdir OUT_DIR
 
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
-end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py). Exit status: 0
-done, 2 refused before any compute, 4 stopped on a non-finite loss or gradient or on training
-videos that mostly cannot be used, 130 interrupted (Ctrl-C; the checkpoints are kept, the same
-command resumes).
+end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py; no final_ema
+with train.ema_decay=0). Exit status: 0 done, 2 refused before any compute, 4 stopped on a
+non-finite loss or gradient or on training videos that mostly cannot be used, 130 interrupted
+(Ctrl-C; the checkpoints are kept, the same command resumes).
 """
 
 from __future__ import annotations

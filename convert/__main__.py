@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pth", help="official checkpoint file")
     parser.add_argument("out_dir", help="checkpoint directory to create")
     parser.add_argument("--strict", action="store_true", help="refuse unexpected keys")
-    parser.add_argument("--force", action="store_true", help="overwrite OUT_DIR if it exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT_DIR if it is a stam-jax checkpoint holding nothing else, or empty",
+    )
     parser.add_argument("--num-heads", type=int, help="ViT heads (default: width / 64)")
     parser.add_argument("--temporal-heads", type=int, help="temporal heads (default: 8)")
     parser.add_argument("--num-frames", type=int, help="T, for mean-aggregate checkpoints only")
