@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -742,9 +743,10 @@ class STAM(nn.Module):
                 raise ValueError(f"{name}={value!r}: use an int >= {least}.")
         for name in ("dropout_rate", "drop_path_rate", "temporal_dropout_rate"):
             value = getattr(self, name)
-            if not isinstance(value, int | float | np.floating) or not 0 <= value < 1:
+            if not isinstance(value, numbers.Real) or not 0 <= value < 1:
                 raise ValueError(f"{name}={value!r}: use a probability in [0, 1) (0: off).")
-        if not isinstance(self.layer_norm_eps, int | float) or not self.layer_norm_eps > 0:
+        eps = self.layer_norm_eps  # any real number: np.float32(1e-5) is one, as for the rates
+        if not isinstance(eps, numbers.Real) or not eps > 0:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r}: use a number > 0.")
 
     def _check_input(self, videos: jax.Array) -> None:

@@ -395,6 +395,8 @@ def test_sizes_and_rates_are_checked():
         with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}: use an? "):
             init(**{name: value})
     init(depth=0, temporal_depth=0, drop_path_rate=0.5, num_classes=np.int64(3))  # all valid
+    # numpy scalars (a config's arithmetic, an array's element) are numbers too.
+    init(layer_norm_eps=np.float32(1e-5), dropout_rate=np.float32(0.1), drop_path_rate=np.int64(0))
 
 
 def test_attention_weights_on_request():
