@@ -696,11 +696,12 @@ class STAM(nn.Module):
                 if frames % chunk == 0:
                     return chunk
             return frames
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        if isinstance(chunk, bool) or not isinstance(chunk, int | np.integer) or chunk < 0:
             raise ValueError(
                 f"frame_chunk={chunk!r}: use None (automatic), 0 (all frames at once) or a "
                 "positive number of frames."
             )
+        chunk = int(chunk)  # a numpy int (from a config's arithmetic) counts the same
         if chunk == 0:
             return frames
         if frames % chunk:
@@ -798,8 +799,8 @@ class STAM(nn.Module):
         misfit without saying what to do, and would ignore params the model does not have
         (blocks of a deeper ViT, a temporal transformer given to a mean model).
         """
-        if self.is_initializing():
-            return
+        if self.is_initializing() or self.is_mutable_collection("params"):
+            return  # params being made (init, or an apply that creates them: flax's lazy way)
         found = _flat_shapes(self.variables.get("params", {}))
         expected = param_shapes(self)
         if found == expected:

@@ -349,6 +349,15 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
     stacked = jax.tree.map(lambda x: np.stack([x, x]), params)
     logits = jax.eval_shape(jax.vmap(lambda p: model.apply({"params": p}, videos[4])), stacked)
     assert logits.shape == (2, 1, 10)
+    # Params made by an apply that may create them (flax's lazy way) are not checked: they are
+    # being made, not given.
+    lazy = jax.eval_shape(
+        lambda v: model.apply({}, v, rngs={"params": jax.random.key(0)}, mutable=["params"]),
+        videos[4],
+    )
+    assert jax.tree.map(lambda s: s.shape, lazy[1]["params"]) == jax.tree.map(
+        lambda s: s.shape, params
+    )
 
 
 def test_the_params_check_shares_one_abstract_init_per_architecture():
@@ -565,6 +574,8 @@ def test_frame_chunk_automatic_rule(monkeypatch):
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
     assert stam_16.frames_per_step(32) == 32
     assert create_model("stam_16", frame_chunk=8).frames_per_step(32) == 8  # explicit: kept
+    # A numpy int (a config's arithmetic) was refused as not a number of frames.
+    assert create_model("stam_16", frame_chunk=np.int64(8)).frames_per_step(32) == 8
 
 
 def test_frame_chunk_errors():
