@@ -24,6 +24,7 @@ Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -348,7 +349,7 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
     """Writes the picture of `explain_video`'s result to `path` (format from its suffix).
 
     Missing parent folders are created. A write that fails leaves no half-written file (and an
-    existing `path` unchanged).
+    existing `path` unchanged), and no folder made for it.
 
     Raises:
       ValueError: the file cannot be written; the message names it.
@@ -357,10 +358,17 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
 
     path = Path(path)
     fig = figure(result, classes)
+    made = [folder for folder in path.parents if not folder.exists()]  # innermost first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with staged(path) as temp:
-            fig.savefig(temp)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with staged(path) as temp:
+                fig.savefig(temp)
+        except BaseException:  # failed or interrupted: the folders made for it go too
+            for folder in made:
+                with contextlib.suppress(OSError):  # not empty: not only ours
+                    folder.rmdir()
+            raise
     except OSError as e:
         raise ValueError(
             f"cannot write {path} ({e.strerror or e}); choose another --out."

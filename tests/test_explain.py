@@ -208,6 +208,11 @@ def test_a_failed_write_leaves_no_half_written_picture(explained, tmp_path, caps
     assert out.read_bytes() == b"an earlier picture" and [p.name for p in tmp_path.iterdir()] == [
         "p.png"
     ]
+    # Nor the folders made for a picture that could not be written.
+    deeper = tmp_path / "new" / "deeper" / "p.png"
+    assert main([*args[:-1], str(deeper)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write {deeper} (No space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
 
 
 def test_ctrl_c_is_one_line_and_exit_130(explained, tmp_path, capsys, monkeypatch):
