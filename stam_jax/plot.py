@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import sys
@@ -332,12 +333,20 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
     # Every file read before any picture is written: one refused writes none.
     series = _training_series(metrics) if training else None
     evaluated = _evaluation(results, predictions) if evaluation else None
-    folder = _output_dir(workdir if out is None else out)
+    target = Path(workdir if out is None else out)
+    made = [f for f in (target, *target.parents) if not f.exists()]  # innermost first
+    folder = _output_dir(target)
     written = []
-    if series is not None:
-        written.append(_draw_training(series, folder / "train.png"))
-    if evaluated is not None:
-        written.append(_draw_evaluation(evaluated, folder / "eval.png", worst=30))
+    try:
+        if series is not None:
+            written.append(_draw_training(series, folder / "train.png"))
+        if evaluated is not None:
+            written.append(_draw_evaluation(evaluated, folder / "eval.png", worst=30))
+    except BaseException:  # failed or interrupted: folders made for it and left empty go
+        for made_folder in made:
+            with contextlib.suppress(OSError):  # holds a picture written before: kept
+                made_folder.rmdir()
+        raise
     return written
 
 

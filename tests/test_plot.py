@@ -252,6 +252,10 @@ def test_a_failed_write_leaves_no_half_written_picture(tmp_path, capsys, monkeyp
         "predictions.jsonl",
         "results.json",
     ]
+    # Nor the --out folders made for it (they stayed behind, empty).
+    assert main([str(tmp_path), "--out", str(tmp_path / "new" / "pictures")]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()
 
 
 def test_ctrl_c_is_one_line_and_exit_130_with_no_half_written_picture(
