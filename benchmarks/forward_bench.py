@@ -181,9 +181,13 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
         if args.torch_compile:
             compiled_ref = torch.compile(reference)
             start = time.perf_counter()
-            torch_forward(compiled_ref, frames, dtype, sdpa=False)()
-            compile_s["torch_compile"] = round(time.perf_counter() - start, 2)
-            runners["torch_compile"] = torch_forward(compiled_ref, frames, dtype, sdpa=False)
+            try:  # compiles on the first call; a failure is reported, the other runners run
+                torch_forward(compiled_ref, frames, dtype, sdpa=False)()
+            except Exception as e:
+                errors["torch_compile"] = f"{type(e).__name__}: {str(e)[:300]}"
+            else:
+                compile_s["torch_compile"] = round(time.perf_counter() - start, 2)
+                runners["torch_compile"] = torch_forward(compiled_ref, frames, dtype, sdpa=False)
     matmuls, matmul_flops = matmul_runners(dtype, args.matmul_size, not args.no_torch)
     runners.update(matmuls)
     for run in runners.values():

@@ -51,6 +51,38 @@ def test_forward_bench_smoke():
     assert rows[-1]["peak_rss_MiB"] > 0
 
 
+def test_forward_bench_reports_a_failed_torch_compile(monkeypatch):
+    # torch.compile compiles on the first call; where that fails (no compiler, an inductor
+    # error), the step reports it and still times the other runners.
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import forward_bench
+
+    def broken(module):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(forward_bench.torch, "compile", broken)
+    args = argparse.Namespace(
+        attention="auto",
+        frame_chunk="auto",
+        last_block="cls",
+        no_torch=False,
+        torch_sdpa=False,
+        torch_compile=True,
+        matmul_size=64,
+        repeats=1,
+        inner=1,
+    )
+    row = forward_bench.bench_model("stam_tiny", 1, "float32", args)
+    assert row["errors"] == {"torch_compile": "RuntimeError: no compiler here"}
+    assert "torch_compile_videos_per_s" not in row and "torch_compile" not in row["compile_s"]
+    assert row["jax_auto_videos_per_s"] > 0 and row["jax_auto_over_torch_eager"] > 0
+
+
 def test_train_bench_smoke():
     args = ("--batch", "4", "--steps", "2", "--remat", "--frame-chunk", "8", "--last-block", "all")
     (row,) = run_script("benchmarks/train_bench.py", *args)
