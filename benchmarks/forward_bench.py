@@ -16,8 +16,9 @@ path. FLOPs per video are what stam-jax runs (its last ViT block computes the cl
 525.8 GFLOP per STAM-16 video, where the official computation of every token takes 564.9), from
 XLA's cost analysis of the all-XLA ('heads_first') forward with all frames in one step (the
 analysis counts a loop's body once), so that a fused cuDNN kernel, which the analysis cannot see
-into, does not shrink the count (where the backend gives no analysis, from
-`STAM.macs_per_video`: matmuls only, 0.3% under XLA). The matmul rate is an
+into, does not shrink the count; it is lowered for the CPU (the count is of the HLO before
+optimisation, and jax 0.11's GPU backend gives none), and only where no backend gives one,
+`STAM.macs_per_video` stands in (matmuls only, 0.3% under XLA; 'flop_source'). The matmul rate is an
 n x n x n product on random data in the same dtype, jax's and torch's, timed in the same
 alternation as the models; model FLOP utilisation is achieved FLOP/s over the faster of the two.
 Also: jit compile time and the process's peak memory (RSS on CPU, device peak on GPU).
@@ -26,6 +27,7 @@ Also: jit compile time and the process's peak memory (RSS on CPU, device peak on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -106,8 +108,9 @@ def torch_forward(module, frames: torch.Tensor, dtype: str, sdpa: bool) -> Calla
 
 def flops_per_video(
     name: str, dtype: str, params, videos: np.ndarray, last_block_cls_only: bool = True
-) -> float:
-    """XLA's FLOP count for one video, from the all-XLA forward (no opaque custom calls)."""
+) -> tuple[float, str]:
+    """XLA's FLOP count for one video, from the all-XLA forward (no opaque custom calls), and
+    where it came from ('xla', or 'macs_per_video' where no backend gave a count)."""
     # All frames in one step: XLA counts a loop's body once, not once per step.
     model = create_model(
         name,
@@ -116,11 +119,28 @@ def flops_per_video(
         frame_chunk=0,
         last_block_cls_only=last_block_cls_only,
     )
-    cost = jax.jit(model.apply).lower({"params": params}, videos).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    if not cost:  # some backends (jax 0.11's GPU) give no estimate: count the matmuls instead
-        return 2.0 * model.macs_per_video()
-    return float(cost.get("flops", 0.0)) / videos.shape[0]
+    # The count is of the HLO before optimisation, the same for every backend: lowered for the
+    # CPU, which gives it where jax 0.11's GPU backend gives none; else for the default device.
+    placements = []
+    with contextlib.suppress(Exception):  # no CPU backend (JAX_PLATFORMS without cpu)
+        placements.append(jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    placements.append(None)
+    for placement in placements:
+
+        def shape(x, placement=placement):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement)
+
+        try:
+            lowered = jax.jit(model.apply).lower(
+                jax.tree.map(shape, {"params": params}), shape(videos)
+            )
+            cost = lowered.cost_analysis()
+        except Exception:
+            continue
+        cost = cost[0] if isinstance(cost, list) else cost
+        if cost and cost.get("flops", 0.0) > 0:
+            return float(cost["flops"]) / videos.shape[0], "xla"
+    return 2.0 * model.macs_per_video(), "macs_per_video"  # the matmuls only, 0.3% under
 
 
 def _paths(args: argparse.Namespace) -> dict[str, dict]:
@@ -218,10 +238,12 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
         if key != first:
             ratio = result[f"{first}_videos_per_s"] / result[f"{key}_videos_per_s"]
             result[f"{first}_over_{key}"] = round(ratio, 3)
-    flops = {
+    counted = {
         last: flops_per_video(name, dtype, params, videos, last)
         for last in {paths[impl]["last_block_cls_only"] for impl in impls}
     }
+    flops = {last: count for last, (count, _) in counted.items()}
+    result["flop_source"] = ",".join(sorted({source for _, source in counted.values()}))
     result["gflop_per_video"] = round(flops[paths[impls[0]]["last_block_cls_only"]] / 1e9, 3)
     if len(flops) > 1:
         result["gflop_per_video_lastall"] = round(flops[False] / 1e9, 3)
