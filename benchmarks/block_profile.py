@@ -173,8 +173,12 @@ def main() -> None:
     runners["jax"]["attention_core"] = _sync_jax(core, *jnp.asarray(qkv, dtype))
 
     block = TorchBlock(width, heads, hidden).eval().to(device)
-    tx, th = (torch.from_numpy(a).to(device) for a in (x, h))
-    tq, tk, tv = (torch.from_numpy(a).to(device).transpose(1, 2) for a in qkv)
+    # The GELU's and the attention core's inputs are the outputs of autocast's Linears in the
+    # model, so in the compute dtype (GELU runs in its input's dtype, SDPA would cast float32
+    # q, k, v); the block, attention, MLP, LayerNorm and Linear take the float32 stream.
+    half = DTYPES[args.dtype]
+    tx, th = torch.from_numpy(x).to(device), torch.from_numpy(h).to(device, half)
+    tq, tk, tv = (torch.from_numpy(a).to(device, half).transpose(1, 2) for a in qkv)
     linear = torch.nn.Linear(width, hidden).to(device)
     norm = torch.nn.LayerNorm(width).to(device)
     patch_embed = TorchPatchEmbed(patch, width).to(device)
