@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one command, most important first, each step bounded so
-# that one failure or stall costs only its own figures.
+# Every GPU figure of BENCHMARKS.md in one command, most important first (the figures the
+# performance issue asks for: STAM-16 bf16 and fp16, STAM-64, run_eval.py cold and cached, the
+# prepared input path, torch.compile; then the diagnostics), each step bounded so that one
+# failure or stall costs only its own figures.
 #
 #   OUT=results_dir bash benchmarks/gpu_suite.sh          # on the GPU machine
 #   SMOKE=1 OUT=/tmp/suite bash benchmarks/gpu_suite.sh   # the same steps at tiny sizes (CPU)
@@ -63,8 +65,10 @@ F=benchmarks/forward_bench.py
 step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
   --attention auto,xla --last-block cls,all --torch-sdpa --repeats $REP --inner $INNER \
   --matmul-size $MM
-# Where a whole forward's device time goes, kernel by kernel, stam-jax against PyTorch's SDPA.
-step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
+step fwd16_float16 100 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
+  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
+  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 # run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
 rm -rf /tmp/stam_suite_eval_cache
 step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
@@ -74,6 +78,11 @@ step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
 # warm from eval_e2e. Does the loop wait for input (input_wait_s) at the GPU's rate?
 step eval_prepared 150 $PY benchmarks/eval_bench.py $PREP --dtype $HALF --inputs raw,videos \
   --cache-dir /tmp/stam_suite_eval_cache --timeout 60
+step fwd16_torch_compile 200 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+  --torch-compile --repeats $REP --inner $INNER --matmul-size $MM
+# The diagnostics: each step below explains or follows up a figure above.
+# Where a whole forward's device time goes, kernel by kernel, stam-jax against PyTorch's SDPA.
+step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
 # One batch to the device as uint8 (what the pipeline sends) against float32 scaled on the host.
 step transfer 30 $PY benchmarks/transfer_bench.py --batch $B_LARGE --repeats 20
 # The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
@@ -89,10 +98,6 @@ step kprof_${HALF}_no_triton_gemm 60 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=
   $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF --no-torch
 step train16_remat 120 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
   --steps 5 --remat
-step fwd16_float16 100 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
-  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
-step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
-  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
 step train16_no_donate 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN \
   --dtype $HALF --steps 10 --no-donate
@@ -104,7 +109,5 @@ for i in 1 2; do  # compile time: empty persistent cache, then a second process 
     --repeats 1 --matmul-size 256 --cache-dir /tmp/stam_suite_xla_cache
 done
 rm -rf /tmp/stam_suite_xla_cache /tmp/stam_suite_eval_cache
-step fwd16_torch_compile 200 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
-  --torch-compile --repeats $REP --inner $INNER --matmul-size $MM
 echo done | tee -a "$OUT/steps.log"
 cat "$OUT/results.jsonl"
