@@ -387,8 +387,18 @@ def flax_to_torch(
       An ordered dict official key -> numpy array.
     """
     shapes = _flat_shapes(model)
+    table = key_table(model)
+    # Checked before anything is converted: a model of a smaller variant (fewer blocks, a mean
+    # aggregate) would otherwise silently drop the params it has no place for.
+    extra = sorted(set(_leaf_paths(params)) - {flax_path for _, flax_path, _ in table})
+    if extra:
+        raise ConversionError(
+            f"the Flax params hold {len(extra)} tensor(s) that the model has no place for: "
+            f"{_some(extra)}; these are the params of another model (variant). Pass the model "
+            "they were made for (e.g. model_from_config of their checkpoint's config)."
+        )
     out = {}
-    for torch_key, flax_path, layout in key_table(model):
+    for torch_key, flax_path, layout in table:
         value = np.asarray(_get(params, flax_path))
         if value.shape != shapes[flax_path]:
             raise ConversionError(
@@ -409,6 +419,15 @@ def _set(tree: dict, path: str, value: Any) -> None:
     for p in parents:
         tree = tree.setdefault(p, {})
     tree[leaf] = value
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """'a/b/c' for every non-mapping value of the nested `tree`."""
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths += _leaf_paths(value, f"{path}/") if isinstance(value, Mapping) else [path]
+    return paths
 
 
 def _get(tree: Mapping[str, Any], path: str) -> Any:

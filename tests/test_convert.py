@@ -640,3 +640,16 @@ def test_a_gap_in_the_layer_numbers_names_the_keys_past_it(official_pth, tmp_pat
         "the file."
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_flax_to_torch_refuses_params_of_a_larger_variant():
+    from convert.mapping import flax_to_torch
+
+    params = random_params(TINY)
+    shallower = create_model("stam_tiny", depth=TINY["depth"] - 1)
+    with pytest.raises(ConversionError, match=r"hold 12 tensor\(s\) that the model has no place"):
+        flax_to_torch(shallower, params, consume=True)
+    mean = create_model("stam_tiny", aggregate="mean")
+    with pytest.raises(ConversionError, match=r"aggregate/cls_token, aggregate/pos_embed"):
+        flax_to_torch(mean, params)
+    assert "blocks_1" in params and "aggregate" in params  # nothing consumed
