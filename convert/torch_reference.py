@@ -9,6 +9,7 @@ It is the reference that tests, benchmarks and `python -m convert.selfcheck` com
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -189,9 +190,19 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def reference_from_config(config: dict) -> ReferenceSTAM:
     """Builds the reference for a stam-jax model config dict (`stam_jax.model_config`)."""
+    from stam_jax.model import STAM
+
     if config.get("temporal_hidden_size") not in (None, config.get("hidden_size", 768)):
         raise ValueError("the official architecture has no separate temporal width.")
     names = inspect.signature(ReferenceSTAM).parameters
+    # Keys are filtered to the reference's, so another dict (a checkpoint's whole config,
+    # {'model': ..., 'metadata': ...}) would otherwise build the default STAM-16 without a word.
+    unknown = sorted(set(config) - set(names) - {f.name for f in dataclasses.fields(STAM)})
+    if unknown:
+        raise ValueError(
+            f"config keys {unknown} are not model fields; pass a model config "
+            "(stam_jax.model_config(model), or a checkpoint config's ['model'])."
+        )
     return ReferenceSTAM(**{k: v for k, v in config.items() if k in names})
 
 

@@ -653,3 +653,16 @@ def test_flax_to_torch_refuses_params_of_a_larger_variant():
     with pytest.raises(ConversionError, match=r"aggregate/cls_token, aggregate/pos_embed"):
         flax_to_torch(mean, params)
     assert "blocks_1" in params and "aggregate" in params  # nothing consumed
+
+
+def test_reference_from_config_refuses_a_dict_that_is_not_a_model_config(tmp_path):
+    from convert.torch_reference import reference_from_config
+
+    model = create_model("stam_tiny")
+    checkpoints.save(tmp_path / "ckpt", model, random_params(TINY))
+    config = checkpoints.read_config(tmp_path / "ckpt")
+    with pytest.raises(
+        ValueError, match=r"config keys \['format', 'metadata', 'model', 'version'\] are not"
+    ):
+        reference_from_config(config)
+    assert reference_from_config(config["model"]).head.out_features == TINY["num_classes"]
