@@ -308,10 +308,11 @@ def torch_to_flax(
     temporal_heads: int | None = None,
     num_frames: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], Report]:
-    """Converts an official STAM state dict (numpy arrays) to Flax params.
+    """Converts an official STAM state dict (numpy arrays or torch tensors) to Flax params.
 
     Args:
-      state_dict: official keys -> numpy arrays (a `module.` prefix is stripped).
+      state_dict: official keys -> numpy arrays or torch tensors (a `module.` prefix is
+        stripped).
       strict: refuse unexpected keys instead of warning about them.
       num_heads: see `infer_config`.
       temporal_heads: see `infer_config`.
@@ -348,8 +349,12 @@ def torch_to_flax(
             if tuple(value.shape) != shape:
                 misshapen.append(f"{torch_key}: expected {shape}, found {tuple(value.shape)}")
                 continue
-            report.source_dtypes.append(str(value.dtype))
+            report.source_dtypes.append(str(value.dtype).removeprefix("torch."))
         perm = _TO_FLAX[layout]
+        if type(value).__name__ in ("Tensor", "Parameter"):  # a torch state dict, as loaded
+            from convert.torch_io import _torch_to_numpy
+
+            value = _torch_to_numpy(value)  # np.asarray fails on bfloat16 and grad tensors
         value = np.asarray(value)  # reads a lazily loaded tensor now, one at a time
         if not np.isfinite(value).all():
             report.non_finite.append(torch_key)

@@ -349,10 +349,10 @@ def _check_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    """A float torch tensor (from a legacy file) as numpy; bfloat16 via ml_dtypes."""
+    """A float torch tensor (from a legacy file, or any device) as numpy; bfloat16 via ml_dtypes."""
     import torch
 
-    tensor = tensor.detach()
+    tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()

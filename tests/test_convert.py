@@ -32,6 +32,7 @@ from convert.__main__ import main as convert_main
 from convert.mapping import torch_to_flax
 from convert.to_torch import main as to_torch_main
 from convert.torch_io import UnsafeCheckpointError, load_state_dict
+from convert.torch_reference import randomize_, reference_from_config
 from stam_jax import checkpoints, create_model
 from stam_jax.checkpoints import CheckpointError
 
@@ -666,3 +667,16 @@ def test_reference_from_config_refuses_a_dict_that_is_not_a_model_config(tmp_pat
     ):
         reference_from_config(config)
     assert reference_from_config(config["model"]).head.out_features == TINY["num_classes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_to_flax_takes_torch_tensors(dtype):
+    reference = randomize_(reference_from_config(TINY))
+    as_torch = {k: v.to(dtype) for k, v in reference.state_dict().items()}
+    as_numpy = {k: v.float().numpy() for k, v in as_torch.items()}  # exact upcasts
+    _, params, report = torch_to_flax(as_torch, **convert_kwargs(TINY))
+    _, expected, _ = torch_to_flax(as_numpy, **convert_kwargs(TINY))
+    chex.assert_trees_all_equal(params, expected)
+    assert report.source_dtypes == [str(dtype).removeprefix("torch.")]
+    # A model's parameters, which require grad, as well.
+    torch_to_flax(dict(reference.named_parameters()), **convert_kwargs(TINY))
