@@ -391,6 +391,11 @@ def flax_to_torch(
     Returns:
       An ordered dict official key -> numpy array.
     """
+    if isinstance(params.get("params"), Mapping):
+        raise ConversionError(
+            f"got a variables dict (top-level keys {sorted(params)}), not params; pass "
+            "variables['params']."
+        )
     shapes = _flat_shapes(model)
     table = key_table(model)
     # Checked before anything is converted: a model of a smaller variant (fewer blocks, a mean

@@ -680,3 +680,11 @@ def test_torch_to_flax_takes_torch_tensors(dtype):
     assert report.source_dtypes == [str(dtype).removeprefix("torch.")]
     # A model's parameters, which require grad, as well.
     torch_to_flax(dict(reference.named_parameters()), **convert_kwargs(TINY))
+
+
+def test_flax_to_torch_names_a_variables_dict():
+    from convert.mapping import flax_to_torch
+
+    params = random_params(TINY)
+    with pytest.raises(ConversionError, match=r"\['params'\]\), not params; pass variables\['p"):
+        flax_to_torch(create_model("stam_tiny"), {"params": params})
