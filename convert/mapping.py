@@ -231,6 +231,13 @@ def infer_config(
     ):
         if value is not None and value < 1:
             raise ConversionError(f"{flag} {value} is not a count; pass {flag} N with N >= 1.")
+    for container in ("model", "state_dict"):
+        if isinstance(state_dict.get(container), Mapping):
+            raise ConversionError(
+                f"got a checkpoint container (top-level keys {sorted(map(str, state_dict))[:10]}), "
+                f"not a state dict; pass checkpoint[{container!r}] (or read the file with "
+                "convert.torch_io.load_state_dict, which unwraps it)."
+            )
     keys = list(state_dict)
     width, chans, patch, patch_w = _need(state_dict, "patch_embed.proj.weight", "the patch size")
     if chans != 3 or patch != patch_w:

@@ -688,3 +688,12 @@ def test_flax_to_torch_names_a_variables_dict():
     params = random_params(TINY)
     with pytest.raises(ConversionError, match=r"\['params'\]\), not params; pass variables\['p"):
         flax_to_torch(create_model("stam_tiny"), {"params": params})
+
+
+@pytest.mark.parametrize("container", ["model", "state_dict"])
+def test_torch_to_flax_names_a_checkpoint_container(container):
+    state_dict = randomize_(reference_from_config(TINY)).state_dict()
+    with pytest.raises(
+        ConversionError, match=rf"not a state dict; pass checkpoint\['{container}'\]"
+    ):
+        torch_to_flax({container: state_dict, "epoch": 3}, **convert_kwargs(TINY))
