@@ -15,12 +15,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stam_jax.checkpoints import _some, abstract_params
-from stam_jax.model import STAM
+from stam_jax.checkpoints import _some
+from stam_jax.model import STAM, param_shapes
 from stam_jax.variants import model_from_config
 
 # How a tensor changes between layouts: PyTorch Linear weights are (out, in), Flax kernels
@@ -130,11 +129,6 @@ class Report:
                 f"damaged?), {len(self.non_finite)} tensor(s): " + ", ".join(self.non_finite)
             )
         return out
-
-
-def _flat_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
-    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
 def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
@@ -336,7 +330,7 @@ def torch_to_flax(
         sd, num_heads=num_heads, temporal_heads=temporal_heads, num_frames=num_frames
     )
     model = model_from_config(config)
-    shapes = _flat_shapes(model)
+    shapes = param_shapes(model)
     report = Report(stripped_prefix=stripped)
     params: dict[str, Any] = {}
     missing, misshapen = [], []
@@ -403,7 +397,7 @@ def flax_to_torch(
             f"got a variables dict (top-level keys {sorted(params)}), not params; pass "
             "variables['params']."
         )
-    shapes = _flat_shapes(model)
+    shapes = param_shapes(model)
     table = key_table(model)
     # Checked before anything is converted: a model of a smaller variant (fewer blocks, a mean
     # aggregate) would otherwise silently drop the params it has no place for.
