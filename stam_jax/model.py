@@ -20,6 +20,7 @@ computed in float32 whatever `dtype` is (flax's LayerNorm reductions and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -522,21 +523,23 @@ def uint8_to_unit(videos: jax.Array) -> jax.Array:
     return jnp.take(jnp.asarray(_UINT8_TO_UNIT), videos, mode="clip")
 
 
-# Fields that do not change the params' paths or shapes (how the model computes, not what it
-# holds), reset when the shapes are looked up so that every such variant shares one entry.
-_SHAPE_NEUTRAL = dict(
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    attention_impl="auto",
-    spatial_attention_layers=(),
-    temporal_attention=False,
-    remat=False,
-    frame_chunk=None,
-    last_block_cls_only=True,
-    temporal_dropout_rate=0.0,
-    dropout_rate=0.0,
-    drop_path_rate=0.0,
+# Fields of `STAM` that are run-time choices made when a checkpoint is loaded (dtypes, attention
+# path, recording of attention weights, ...); the others describe the architecture and are
+# saved in checkpoints (`variants.ARCH_FIELDS`).
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "attention_impl",
+    "spatial_attention_layers",
+    "temporal_attention",
+    "remat",
+    "frame_chunk",
+    "last_block_cls_only",
 )
+# Fields that do not change the params' paths or shapes (how the model computes, not what it
+# holds), reset to their defaults when the shapes are looked up so that every such variant
+# shares one entry.
+_SHAPE_NEUTRAL = (*RUNTIME_FIELDS, "temporal_dropout_rate", "dropout_rate", "drop_path_rate")
 
 
 def param_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
@@ -546,7 +549,8 @@ def param_shapes(model: STAM) -> dict[str, tuple[int, ...]]:
     that differ only in how they compute (dtype, attention path, remat, recorded attention,
     dropout) share it.
     """
-    key = model.clone(parent=None, name=None, **_SHAPE_NEUTRAL)
+    defaults = {f.name: f.default for f in dataclasses.fields(STAM) if f.name in _SHAPE_NEUTRAL}
+    key = model.clone(parent=None, name=None, **defaults)
     try:
         return _param_shapes(key)
     except TypeError:  # an unhashable field value: computed, not kept

@@ -7,20 +7,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from stam_jax.model import STAM
+from stam_jax.model import RUNTIME_FIELDS, STAM
 
-# Fields that describe the architecture; saved in checkpoints. The rest (dtypes, attention path,
-# recording of attention weights) are run-time choices made when a checkpoint is loaded.
-RUNTIME_FIELDS = (
-    "dtype",
-    "param_dtype",
-    "attention_impl",
-    "spatial_attention_layers",
-    "temporal_attention",
-    "remat",
-    "frame_chunk",
-    "last_block_cls_only",
-)
+# Fields that describe the architecture; saved in checkpoints (the rest: `RUNTIME_FIELDS`).
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(STAM)
