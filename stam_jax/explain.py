@@ -24,7 +24,6 @@ Attention rollout (Abnar & Zuidema, 2020): per layer, the heads' mean attention 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
-from stam_jax.paths import staged, unwritable
+from stam_jax.paths import new_folders_removed_on_failure, staged, unwritable
 
 # Frame rate per clip length of the released models: T frames over the first 10 s.
 SECONDS = 10.0
@@ -358,17 +357,11 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
 
     path = Path(path)
     fig = figure(result, classes)
-    made = [folder for folder in path.parents if not folder.exists()]  # innermost first
     try:
-        try:
+        with new_folders_removed_on_failure(path.parent):
             path.parent.mkdir(parents=True, exist_ok=True)
             with staged(path) as temp:
                 fig.savefig(temp)
-        except BaseException:  # failed or interrupted: the folders made for it go too
-            for folder in made:
-                with contextlib.suppress(OSError):  # not empty: not only ours
-                    folder.rmdir()
-            raise
     except OSError as e:
         raise ValueError(
             f"cannot write {path} ({e.strerror or e}); choose another --out."

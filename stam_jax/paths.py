@@ -52,3 +52,19 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_failure(folder: str | os.PathLike) -> Iterator[None]:
+    """Removes again, if the block raises (or is interrupted), `folder` and those of its parents
+    that did not exist before it, where they are empty: a write that failed leaves no folder
+    made for it (one holding a file written since is kept)."""
+    folder = Path(folder)
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for made_folder in made:
+            with contextlib.suppress(OSError):  # not empty: not only what this block made
+                made_folder.rmdir()
+        raise

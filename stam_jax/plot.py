@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
-from stam_jax.paths import staged, unwritable
+from stam_jax.paths import new_folders_removed_on_failure, staged, unwritable
 
 # Panels of train.png: a title and the metrics.jsonl keys drawn in it. train.py writes the
 # periodic evaluation as {"step": N, "top1": x, "ema_top1": y} rows.
@@ -334,19 +333,13 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
     series = _training_series(metrics) if training else None
     evaluated = _evaluation(results, predictions) if evaluation else None
     target = Path(workdir if out is None else out)
-    made = [f for f in (target, *target.parents) if not f.exists()]  # innermost first
-    folder = _output_dir(target)
     written = []
-    try:
+    with new_folders_removed_on_failure(target):  # kept once it holds a picture
+        folder = _output_dir(target)
         if series is not None:
             written.append(_draw_training(series, folder / "train.png"))
         if evaluated is not None:
             written.append(_draw_evaluation(evaluated, folder / "eval.png", worst=30))
-    except BaseException:  # failed or interrupted: folders made for it and left empty go
-        for made_folder in made:
-            with contextlib.suppress(OSError):  # holds a picture written before: kept
-                made_folder.rmdir()
-        raise
     return written
 
 
