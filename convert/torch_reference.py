@@ -71,11 +71,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block."""
 
-    def __init__(self, width: int, heads: int, mlp: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp: int, qkv_bias: bool = True, eps: float = 1e-5
+    ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,12 +89,16 @@ class Block(nn.Module):
 class TAggregate(nn.Module):
     """The official temporal aggregate around the stock nn.TransformerEncoder."""
 
-    def __init__(self, frames: int, width: int, depth: int, heads: int, ff: int) -> None:
+    def __init__(
+        self, frames: int, width: int, depth: int, heads: int, ff: int, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.frames = frames
-        layer = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=ff)
+        layer = nn.TransformerEncoderLayer(
+            d_model=width, nhead=heads, dim_feedforward=ff, layer_norm_eps=eps
+        )
         self.transformer_enc = nn.TransformerEncoder(
-            layer, num_layers=depth, norm=nn.LayerNorm(width), enable_nested_tensor=False
+            layer, num_layers=depth, norm=nn.LayerNorm(width, eps=eps), enable_nested_tensor=False
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, frames + 1, width))
@@ -118,7 +124,11 @@ class MeanAggregate(nn.Module):
 
 
 class ReferenceSTAM(nn.Module):
-    """The official `STAM_224` structure with configurable sizes."""
+    """The official `STAM_224` structure with configurable sizes.
+
+    `layer_norm_eps` is the official 1e-5 unless changed (for a stam-jax model trained with
+    another value; an official `.pth` does not store it).
+    """
 
     def __init__(
         self,
@@ -135,6 +145,7 @@ class ReferenceSTAM(nn.Module):
         temporal_heads: int = 8,
         temporal_mlp_dim: int = 2048,
         qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         n = (image_size // patch_size) ** 2
@@ -142,12 +153,17 @@ class ReferenceSTAM(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, hidden_size))
         self.patch_embed = PatchEmbed(patch_size, hidden_size)
         self.blocks = nn.ModuleList(
-            Block(hidden_size, num_heads, mlp_dim, qkv_bias) for _ in range(depth)
+            Block(hidden_size, num_heads, mlp_dim, qkv_bias, layer_norm_eps) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         if aggregate == "transformer":
             self.aggregate = TAggregate(
-                num_frames, hidden_size, temporal_depth, temporal_heads, temporal_mlp_dim
+                num_frames,
+                hidden_size,
+                temporal_depth,
+                temporal_heads,
+                temporal_mlp_dim,
+                layer_norm_eps,
             )
         else:
             self.aggregate = MeanAggregate(num_frames)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIGS, cli_args, convert_kwargs, random_videos, torch_logits
 
-from convert import convert_checkpoint
+from convert import convert_checkpoint, torch_to_flax
 from convert.__main__ import main as convert_main
-from stam_jax import checkpoints, create_model, model_config
+from convert.torch_reference import randomize_, reference_from_config
+from stam_jax import checkpoints, create_model, model_config, model_from_config
 
 TOLERANCE = 1e-4  # float32: max |jax - torch| relative to the logits' scale
 
@@ -49,6 +50,18 @@ def test_float_input_in_unit_range_matches_uint8(official_pth, tmp_path):
         relative_error(model.apply({"params": params}, as_float), torch_logits(reference, videos))
         <= TOLERANCE
     )
+
+
+def test_reference_follows_a_models_layer_norm_eps():
+    """A model trained with another eps gets a reference with that eps, not the official 1e-5."""
+    config = {**TINY_CONFIGS["tiny"], "layer_norm_eps": 0.5}
+    reference = randomize_(reference_from_config(config), seed=2)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    model = model_from_config(config)
+    params = torch_to_flax(state_dict, **convert_kwargs(config))[1]
+    videos = random_videos(config, batch=2)
+    got = jax.jit(model.apply)({"params": params}, videos)
+    assert relative_error(got, torch_logits(reference, videos)) <= TOLERANCE
 
 
 @pytest.mark.slow
