@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -385,9 +385,10 @@ def flax_to_torch(
     Args:
       model: the `STAM` whose params these are.
       params: nested params as returned by `torch_to_flax` or training.
-      dtype: numpy dtype of the written tensors.
-      consume: delete each leaf from `params` (a mutable dict) once converted, so that the
-        weights are never held twice.
+      dtype: dtype of the written tensors: float32, float16, bfloat16 or float64, as a name,
+        a numpy/jax dtype or a torch dtype.
+      consume: delete each leaf from `params` (mutable dicts all the way down) once converted,
+        so that the weights are never held twice.
 
     Returns:
       An ordered dict official key -> numpy array.
@@ -397,6 +398,14 @@ def flax_to_torch(
             f"got a variables dict (top-level keys {sorted(params)}), not params; pass "
             "variables['params']."
         )
+    np_dtype = _weight_dtype(dtype)
+    if consume:
+        frozen = _frozen_mapping(params)
+        if frozen is not None:
+            raise ConversionError(
+                f"consume=True deletes each converted tensor from params, but {frozen} cannot "
+                "be changed; pass consume=False, or a dict copy (flax.core.unfreeze(params))."
+            )
     shapes = param_shapes(model)
     table = key_table(model)
     # Checked before anything is converted: a model of a smaller variant (fewer blocks, a mean
@@ -418,11 +427,41 @@ def flax_to_torch(
         perm = _TO_TORCH[layout]
         if perm is not None:
             value = value.transpose(perm)
-        out[torch_key] = np.array(value, dtype=dtype, order="C")  # writable, as torch wants
+        out[torch_key] = np.array(value, dtype=np_dtype, order="C")  # writable, as torch wants
         if consume:
             parent, _, leaf = flax_path.rpartition("/")
             del (_get(params, parent) if parent else params)[leaf]
     return out
+
+
+_WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _weight_dtype(dtype: Any) -> np.dtype:
+    """`dtype` as a numpy dtype of floating weights, or a ConversionError naming it."""
+    name = str(dtype).removeprefix("torch.") if type(dtype).__module__ == "torch" else None
+    try:  # np.dtype(None) would be float64
+        resolved = None if dtype is None else np.dtype(name if name is not None else dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in _WEIGHT_DTYPES:
+        raise ConversionError(
+            f"dtype={dtype!r} is not a dtype for weights; use one of {_WEIGHT_DTYPES} (a name, "
+            "a numpy/jax dtype or a torch dtype)."
+        )
+    return resolved
+
+
+def _frozen_mapping(tree: Mapping[str, Any], path: str = "params") -> str | None:
+    """The path of the first mapping in `tree` that cannot be changed, or None."""
+    if not isinstance(tree, MutableMapping):
+        return f"{path} (a {type(tree).__name__})"
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            found = _frozen_mapping(value, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _set(tree: dict, path: str, value: Any) -> None:

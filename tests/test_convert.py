@@ -14,6 +14,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -688,6 +689,34 @@ def test_flax_to_torch_names_a_variables_dict():
     params = random_params(TINY)
     with pytest.raises(ConversionError, match=r"\['params'\]\), not params; pass variables\['p"):
         flax_to_torch(create_model("stam_tiny"), {"params": params})
+
+
+def test_flax_to_torch_dtypes_and_frozen_params():
+    from flax.core import freeze
+
+    from convert.mapping import flax_to_torch
+
+    model = create_model("stam_tiny")
+    params = random_params(TINY)
+    want = flax_to_torch(model, params, np.float16)
+    for dtype in ("float16", torch.float16, jnp.float16):
+        got = flax_to_torch(model, params, dtype)
+        assert {v.dtype for v in got.values()} == {np.dtype(np.float16)}
+        chex.assert_trees_all_equal(got, want)
+    assert {v.dtype.name for v in flax_to_torch(model, params, torch.bfloat16).values()} == {
+        "bfloat16"
+    }
+    for dtype in (np.int8, torch.int8, "fp16", None):
+        with pytest.raises(ConversionError, match=r"is not a dtype for weights; use one of \("):
+            flax_to_torch(model, params, dtype)
+    frozen = freeze(params)
+    with pytest.raises(ConversionError, match=r"but params \(a FrozenDict\) cannot be changed"):
+        flax_to_torch(model, frozen, consume=True)
+    nested = {**params, "head": freeze(params["head"])}
+    with pytest.raises(ConversionError, match=r"params\['head'\] \(a FrozenDict\) cannot be"):
+        flax_to_torch(model, nested, consume=True)
+    assert len(jax.tree.leaves(nested)) == len(jax.tree.leaves(params))  # nothing consumed
+    chex.assert_trees_all_equal(flax_to_torch(model, frozen, torch.float16), want)
 
 
 @pytest.mark.parametrize("container", ["model", "state_dict"])
