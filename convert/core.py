@@ -193,7 +193,10 @@ def _check_output_file(out: Path, overwrite: bool) -> Path:
             f"(e.g. {out / 'stam.pth'})."
         )
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise ConversionError(f"{out} already exists; choose another name or pass --force.")
+        raise ConversionError(
+            f"{out} already exists; choose another name or pass --force (overwrite=True from "
+            "Python)."
+        )
     problem = unwritable(out)
     if problem:
         raise ConversionError(f"cannot write {out}: {problem}; choose another path.")

@@ -467,6 +467,8 @@ def test_to_torch_output_paths(official_pth, tmp_path, monkeypatch, capsys):
     assert to_torch_main([str(ckpt), str(nested)]) == 0
     assert_state_dicts_identical(load_official(pth), load_official(nested))
     assert "note: the .pth does not store the ViT head count" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match=r"or pass --force \(overwrite=True from Python\)"):
+        export_checkpoint(tmp_path / "absent", nested)  # refused before the checkpoint is read
 
     afile = tmp_path / "afile"
     afile.write_text("keep")
