@@ -119,6 +119,11 @@ def output_path(out: str | Path | None, video: str | Path) -> Path:
             raise ValueError(
                 f"--out {text} is a directory; name the picture file, e.g. {path / default}."
             )
+        if not path.suffix and path.name.lower() in SUFFIXES:  # "out/.png": a suffix, no name
+            raise ValueError(
+                f"--out {text} is only a suffix, with no name before it; name the picture, "
+                f"e.g. {path.parent / default}."
+            )
         if not path.suffix:
             path = path.with_name(path.name + ".png")
         elif path.suffix.lower() not in SUFFIXES:

@@ -128,6 +128,10 @@ def test_explain_refuses_bad_input_before_loading_the_model(
     )
     assert "'.txt'; end it with .png, .pdf" in refused(str(video), "--out", str(tmp_path / "a.txt"))
     assert f"--out {tmp_path} is a directory" in refused(str(video), "--out", str(tmp_path))
+    only_suffix = refused(str(video), "--out", str(tmp_path / ".PNG"))
+    assert f"is only a suffix, with no name before it; name the picture, e.g. {tmp_path}/" in (
+        only_suffix
+    )
     assert f"{junk} is a file, not a folder" in refused(str(video), "--out", str(junk / "p.png"))
     assert refused(str(video), "--classes", str(tmp_path)) == (
         f"error: --classes {tmp_path} is a folder; give a text file with one class name per "
