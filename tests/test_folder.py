@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,20 @@ def test_class_list_files(tmp_path):
         read_class_list(tmp_path)
     with pytest.raises(ClassListError, match=r"^--config\.data\.class_list=.*missing: no such"):
         read_class_list(tmp_path / "missing")
+    # A pipe, as bash's <(cut -f1 labels.tsv) gives: read once; a second read says why it fails.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(b"abseiling\nair drumming\n")
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    assert read_class_list(fifo, "--classes X") == ["abseiling", "air drumming"]
+    writer.join()
+    writer = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)
+    writer.start()
+    with pytest.raises(ClassListError, match=r"^--classes X gave no class names; it is not a "):
+        read_class_list(fifo, "--classes X")
+    writer.join()

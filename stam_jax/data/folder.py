@@ -114,7 +114,8 @@ def read_class_list(path: str | os.PathLike, flag: str | None = None) -> list[st
         `--config.data.class_list=PATH`, the run config's field).
 
     Raises:
-      ClassListError: a missing file, a folder, not UTF-8, empty, or a name repeated.
+      ClassListError: a missing file, a folder, unreadable, not UTF-8, empty, or a name
+        repeated.
     """
     path = Path(path)
     flag = flag or f"--config.data.class_list={path}"
@@ -122,12 +123,16 @@ def read_class_list(path: str | os.PathLike, flag: str | None = None) -> list[st
         raise ClassListError(
             f"{flag} is a folder; give a text file with one class name per line, in label order."
         )
-    if not path.is_file():
+    if not path.exists():
         raise ClassListError(
             f"{flag}: no such file; give a text file with one class name per line."
         )
+    try:  # a regular file, or a pipe such as bash's <(cut -f1 labels.tsv)
+        data = path.read_bytes()
+    except OSError as e:
+        raise ClassListError(f"{flag} cannot be read ({e.strerror or e}).") from None
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: a BOM is not part of a name
+        text = data.decode("utf-8-sig")  # -sig: a BOM is not part of a name
     except UnicodeDecodeError as e:
         raise ClassListError(
             f"{flag} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save "
@@ -138,6 +143,11 @@ def read_class_list(path: str | os.PathLike, flag: str | None = None) -> list[st
     if duplicates:
         raise ClassListError(f"{flag} repeats {duplicates}.")
     if not names:
+        if not path.is_file():
+            raise ClassListError(
+                f"{flag} gave no class names; it is not a file but a pipe or device, which can "
+                "be read only once: save the list to a file and give that."
+            )
         raise ClassListError(f"{flag} is empty.")
     return names
 
