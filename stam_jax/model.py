@@ -720,6 +720,23 @@ class STAM(nn.Module):
             )
         return chunk
 
+    @nn.nowrap
+    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+        """`nn.Module.apply`, refusing params passed without their `{'params': ...}` wrapper.
+
+        Flax would say only that the first argument must be a dict of collections.
+        """
+        if (
+            isinstance(variables, Mapping)
+            and "params" not in variables
+            and {"patch_embed", "head"} & set(variables)
+        ):
+            raise TypeError(
+                f"model.apply got the params themselves (keys {sorted(variables)[:4]}...), not "
+                "the variables that hold them; call model.apply({'params': params}, videos)."
+            )
+        return super().apply(variables, *args, **kwargs)
+
     def _check_fields(self) -> None:
         """Refuses sizes that are not ints and rates outside [0, 1), before they meet shapes.
 

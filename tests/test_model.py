@@ -343,6 +343,10 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
         create_model("stam_tiny_mean").apply({"params": params}, videos[4])
     with pytest.raises(ValueError, match=r"(?s)missing params patch_embed/proj/bias, "):
         model.apply({"params": {k: v for k, v in params.items() if k != "patch_embed"}}, videos[4])
+    # The params themselves in place of the variables: flax said only "should be a dictionary
+    # of collections".
+    with pytest.raises(TypeError, match=r"call model\.apply\(\{'params': params\}, videos\)"):
+        model.apply(params, videos[4])
     # The fitting params pass, traced as jit and vmap trace them (vmapped: one per video).
     logits = jax.eval_shape(model.apply, {"params": params}, videos[4])
     assert logits.shape == (1, 10)
