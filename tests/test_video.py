@@ -47,12 +47,15 @@ def reference_transform(frame: np.ndarray, resize: int = 256, crop: int = 224) -
 
 
 def reference_clip(path, num_frames: int, frame_rate: float, resize=256, crop=224) -> np.ndarray:
-    """The whole official path: every frame decoded by PyAV, resampled, first clip, transformed."""
-    with av.open(str(path)) as container:
+    """The whole official path: every frame decoded by PyAV, resampled, first clip, transformed.
+
+    Files are opened as torchvision opens them (metadata that is not UTF-8 ignored).
+    """
+    with av.open(str(path), metadata_errors="ignore") as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate)
         n = len([p for p in container.demux(stream) if p.pts is not None])
-    with av.open(str(path)) as container:
+    with av.open(str(path), metadata_errors="ignore") as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == n
     indices = reference_indices(n, fps, frame_rate)[:num_frames]
@@ -86,6 +89,29 @@ def test_model_input_is_bit_identical_to_the_official_pipeline(tmp_path, name, f
     np.testing.assert_array_equal(got[0], want)
     # The frames really are the ones the rule names (read back from their pixels).
     assert [read_index(frame, short=256) for frame in got[0]] == indices
+
+
+def test_metadata_that_is_not_utf8_does_not_stop_a_file(tmp_path):
+    # A title tag in Latin-1 (as some downloaders write it): PyAV's default refused the file
+    # with a UnicodeDecodeError, and the video was listed as failed; torchvision reads it.
+    path = tmp_path / "latin1_title.mkv"
+    with av.open(str(path), mode="w") as container:
+        container.metadata["title"] = "TITLETAG"
+        stream = container.add_stream("libx264", rate=10)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    assert data.count(b"TITLETAG") == 1
+    path.write_bytes(data.replace(b"TITLETAG", b"caf\xe9 \xff\xfe "))
+    got = load_views(path, ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48))
+    want, indices = reference_clip(path, 4, 4.0, resize=64, crop=48)
+    np.testing.assert_array_equal(got[0], want)
+    assert indices == [0, 2, 5, 7]
 
 
 def test_size_and_crop_rules():

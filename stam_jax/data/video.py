@@ -4,6 +4,8 @@ The official pipeline is torchvision's `Kinetics400`/`VideoClips` with `frame_ra
 then per frame `ToPILImage -> Resize(256) -> CenterCrop(224) -> ToTensor`. This module produces
 the same uint8 frames (the `/255` of `ToTensor` happens on the device):
 
+- files are opened as torchvision's `read_video` opens them, ignoring metadata (titles, tags)
+  that is not UTF-8;
 - the frame list is the video stream's packets with a timestamp, in presentation order; `fps` is
   the stream's average frame rate;
 - `step = fps / frame_rate`, `total = floor(n * frame_rate / fps)`; indices are every step-th
@@ -21,6 +23,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -172,12 +175,18 @@ def transform_frame(frame: np.ndarray, spec: ClipSpec) -> list[np.ndarray]:
     return out
 
 
-def probe(path: str | Path) -> tuple[int, float]:
-    """(number of frames, average fps) of the first video stream, from packet timestamps."""
+def _open(path: str | Path) -> Any:
+    """The file opened for reading as torchvision opens it: metadata (titles, tags) that is not
+    UTF-8 is ignored, where PyAV's default refused the whole file."""
     import av
 
+    return av.open(str(path), metadata_errors="ignore")
+
+
+def probe(path: str | Path) -> tuple[int, float]:
+    """(number of frames, average fps) of the first video stream, from packet timestamps."""
     try:
-        with av.open(str(path)) as container:
+        with _open(path) as container:
             if not container.streams.video:
                 raise VideoError("no video stream")
             stream = container.streams.video[0]
@@ -196,12 +205,10 @@ def probe(path: str | Path) -> tuple[int, float]:
 
 def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarray]:
     """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays."""
-    import av
-
     wanted_set, last = set(int(i) for i in wanted), max(wanted)
     frames: dict[int, np.ndarray] = {}
     try:
-        with av.open(str(path)) as container:
+        with _open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             # Decoders emit frames in presentation order: position = index in the frame list.
