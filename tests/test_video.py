@@ -114,6 +114,30 @@ def test_metadata_that_is_not_utf8_does_not_stop_a_file(tmp_path):
     assert indices == [0, 2, 5, 7]
 
 
+def test_a_rotation_tag_is_not_applied_as_in_the_official_pipeline(tmp_path):
+    # A phone video filmed upright: landscape frames and a display matrix saying "turn by 90".
+    # torchvision's read_video takes PyAV's frames as coded, so the official evaluation sees
+    # them on their side; so do we.
+    path = tmp_path / "rotated.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
+        stream.set_display_rotation(90)
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert next(container.decode(video=0)).rotation == 90  # the tag is there
+    got = load_views(path, ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48))
+    want, indices = reference_clip(path, 4, 4.0, resize=64, crop=48)
+    np.testing.assert_array_equal(got[0], want)
+    # The landscape frames as coded, not turned: their index bars read back unrotated.
+    assert [read_index(f, short=64) for f in got[0]] == indices == [0, 2, 5, 7]
+
+
 def test_size_and_crop_rules():
     assert resized_size(720, 1280, 256) == (256, 455)  # int(256 * 1280 / 720) = 455
     assert resized_size(1280, 720, 256) == (455, 256)

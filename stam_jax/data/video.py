@@ -6,6 +6,9 @@ the same uint8 frames (the `/255` of `ToTensor` happens on the device):
 
 - files are opened as torchvision's `read_video` opens them, ignoring metadata (titles, tags)
   that is not UTF-8;
+- a rotation tag (display matrix, as phones write for video filmed upright) is not applied:
+  frames are taken as coded, as torchvision takes them from PyAV, so such a video reaches the
+  model on its side, in the official evaluation as here;
 - the frame list is the video stream's packets with a timestamp, in presentation order; `fps` is
   the stream's average frame rate;
 - `step = fps / frame_rate`, `total = floor(n * frame_rate / fps)`; indices are every step-th
