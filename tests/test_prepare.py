@@ -22,6 +22,7 @@ from test_train import TWO_DEVICES, train_two_processes
 from stam_jax import checkpoints, create_model
 from stam_jax.cli import parse_flags
 from stam_jax.data import prepare as prepare_module
+from stam_jax.data.folder import list_videos
 from stam_jax.data.prepare import STOP_HOOK, prepare
 from stam_jax.data.prepared import META_FILE, PreparedError, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
@@ -277,6 +278,31 @@ def test_class_names_tfds_cannot_keep_and_no_videos_are_refused(videos, tmp_path
     with pytest.raises(PreparedError, match=r"none of the 2 videos .* nothing was kept in"):
         prepare(junk, tmp_path / "out", SPEC, workers=0, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_names_that_are_not_utf8_are_prepared(videos, tmp_path):
+    # Latin-1 names (an old zip archive): Python lists them with surrogate escapes, which TFDS
+    # could not encode; preparing stopped with a traceback at the first such video.
+    src = tmp_path / "src"
+    try:
+        for name in [b"caf\xe9"] + [b"d%d" % c for c in range(1, 10)]:  # the tiny model's 10
+            os.makedirs(os.fsencode(src) + b"/" + name)
+    except OSError:  # a file system that only takes UTF-8 names (macOS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+    for name in (b"caf\xe9/v\xe9.mp4", b"d1/v.mp4"):
+        shutil.copy(videos / "class_0" / "video_0.mp4", os.fsencode(src) + b"/" + name)
+    meta = prepare(src, tmp_path / "out", SPEC, workers=0, progress=False)
+    assert meta["counts"]["records"] == 2
+    assert meta["classes"][:2] == ["caf\udce9", "d1"]  # the folder names themselves
+    assert meta["items"][0] == ["caf\udce9/v\udce9.mp4", 0]
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(tmp_path / "out"))
+    assert builder.info.features["label"].names[:2] == ["caf\\xe9", "d1"]
+    assert builder.as_data_source(split="validation")[0]["path"] == b"caf\\xe9/v\\xe9.mp4"
+    # Evaluation reads the listing, which is the videos' own (paths, labels, classes).
+    prepared, listed = open_prepared(tmp_path / "out").folder, list_videos(src)
+    assert (prepared.classes, prepared.items) == (listed.classes, listed.items)
 
 
 def prepare_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

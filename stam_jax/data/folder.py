@@ -105,6 +105,16 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in JUNK_NAMES
 
 
+def as_text(name: str) -> str:
+    """A file or folder name as valid UTF-8 text, for places that must store or print one.
+
+    A name whose bytes are not UTF-8 (e.g. Latin-1 names from an old zip archive) comes from
+    the file system with those bytes as surrogate escapes, which UTF-8 cannot encode; they are
+    written `\\xNN` here. Other names are returned unchanged.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_class_list(path: str | os.PathLike, flag: str | None = None) -> list[str]:
     """Class names from a UTF-8 text file, one per line (blank lines and a BOM ignored).
 

@@ -42,6 +42,7 @@ from stam_jax.data.folder import (
     DatasetError,
     Ignored,
     VideoFolder,
+    as_text,
     ignored_summary,
     list_videos,
     listing_report,
@@ -100,7 +101,8 @@ def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Dec
     if job.encoding == "jpeg":
         flat = pixels.reshape(-1, *pixels.shape[-3:])
         pixels = [encode_jpeg(frame, job.quality) for frame in flat]
-    example = {"frames": pixels, "label": label, "path": relpath, "index": position}
+    # TFDS stores the path as UTF-8; the listing (stam_prepare.json) keeps the name itself.
+    example = {"frames": pixels, "label": label, "path": as_text(relpath), "index": position}
     serialized = features(job.kind, job.encoding, job.spec, job.classes).serialize_example(example)
     return Decoded(position, serialized, "ok")
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from stam_jax.data.folder import Ignored, VideoFolder, VideoItem, list_videos
+from stam_jax.data.folder import Ignored, VideoFolder, VideoItem, as_text, list_videos
 from stam_jax.data.video import ClipSpec, augment_clip
 
 FORMAT_VERSION = 1
@@ -69,7 +69,8 @@ def features(kind: str, encoding: str, spec: ClipSpec, classes: tuple[str, ...])
     return f.FeaturesDict(
         {
             "frames": pixels,
-            "label": f.ClassLabel(names=list(classes)),
+            # UTF-8 names (the listing in stam_prepare.json keeps the folder names themselves).
+            "label": f.ClassLabel(names=[as_text(name) for name in classes]),
             "path": f.Text(),
             "index": f.Scalar(dtype=np.int64),
         }
