@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from stam_jax.data.folder import ClassListError, DatasetError, list_videos, read_class_list
+from stam_jax.data.folder import (
+    ClassListError,
+    DatasetError,
+    ignored_summary,
+    list_videos,
+    listing_report,
+    read_class_list,
+)
 
 
 def touch(root: Path, *paths: str) -> None:
@@ -122,3 +129,26 @@ def test_class_list_files(tmp_path):
     with pytest.raises(ClassListError, match=r"^--classes X gave no class names; it is not a "):
         read_class_list(fifo, "--classes X")
     writer.join()
+
+
+def test_names_that_are_not_utf8_are_listed_and_reported_as_text(tmp_path):
+    # Latin-1 names (an old zip archive) come as surrogate escapes, which a UTF-8 stdout in
+    # strict mode (the usual locale) cannot print: run_eval.py and prepare ended with a
+    # traceback, after the results were written, when the summary named one.
+    try:
+        for name in (b"caf\xe9", b"ok"):
+            os.mkdir(os.fsencode(tmp_path) + b"/" + name)
+    except OSError:  # a file system that only takes UTF-8 names (macOS)
+        pytest.skip("this file system refuses names that are not UTF-8")
+    for name in (b"ok/v\xe9.mp4", b"ok/notes\xe9.txt"):
+        (Path(os.fsdecode(os.fsencode(tmp_path) + b"/" + name))).write_bytes(b"")
+    folder = list_videos(tmp_path)
+    assert folder.classes == ("caf\udce9", "ok") and folder.empty_classes == ("caf\udce9",)
+    assert [i.path for i in folder.items] == ["ok/v\udce9.mp4"]  # the name itself, to open
+    lines = listing_report(folder.classes, folder.empty_classes, ignored_summary(folder.ignored))
+    assert lines == [
+        "1 of 2 classes have no video (their labels are kept): caf\\xe9",
+        "ignored 1 files without a video extension: ok/notes\\xe9.txt",
+    ]
+    for line in lines:
+        line.encode("utf-8")  # printable on a strict UTF-8 stdout

@@ -310,6 +310,9 @@ def ignored_summary(ignored: tuple[Ignored, ...] | list[Ignored], examples: int 
 def listing_report(classes: Sequence[str], empty: Sequence[str], ignored: dict) -> list[str]:
     """The lines that tell a user which classes have no video and what the listing left out.
 
+    Names are given as text (`as_text`): a name that is not UTF-8 would stop a print to a
+    strict UTF-8 stdout.
+
     Args:
       classes: every class name.
       empty: the classes without a video.
@@ -319,9 +322,9 @@ def listing_report(classes: Sequence[str], empty: Sequence[str], ignored: dict) 
     if empty:
         lines.append(
             f"{len(empty)} of {len(classes)} classes have no video (their labels are kept): "
-            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+            f"{', '.join(map(as_text, empty[:10]))}{' ...' if len(empty) > 10 else ''}"
         )
     for reason, group in ignored.items():
-        shown = ", ".join(group["paths"][:3]) + (" ..." if group["count"] > 3 else "")
+        shown = ", ".join(map(as_text, group["paths"][:3])) + (" ..." if group["count"] > 3 else "")
         lines.append(f"ignored {group['count']} {REASONS[reason]}: {shown}")
     return lines
