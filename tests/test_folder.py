@@ -152,3 +152,17 @@ def test_names_that_are_not_utf8_are_listed_and_reported_as_text(tmp_path):
     ]
     for line in lines:
         line.encode("utf-8")  # printable on a strict UTF-8 stdout
+
+
+def test_a_class_list_matches_folders_spelled_in_another_unicode_form(tmp_path):
+    # macOS writes 'café' decomposed (e + combining accent) and copies keep it; the class list
+    # typed elsewhere has it composed. The run was refused, naming folders "not in the class
+    # list" that looked exactly like its lines.
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    touch(tmp_path, f"{nfd}/v.mp4", "zumba/w.mp4")
+    path = tmp_path.parent / "classes.txt"
+    path.write_text(f"zumba\n{nfc}\n", encoding="utf-8")  # not in sorted order
+    folder = list_videos(tmp_path, path)
+    assert folder.classes == ("zumba", nfc)  # the list's names, in its order
+    assert [(i.path, i.label) for i in folder.items] == [("zumba/w.mp4", 0), (f"{nfd}/v.mp4", 1)]
+    assert folder.empty_classes == ()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -215,6 +216,26 @@ def _class_files(
     return found
 
 
+def _class_folders(named: list[str], folders: list[str]) -> dict[str, str]:
+    """The folder of each class-list name that has one: the folder of that name, else one whose
+    name is the same text in another Unicode form (a name with accents typed in the list is
+    composed, NFC; macOS writes folder names decomposed, NFD, and copies keep them). A second
+    folder of the same text is left over, and refused as a folder not in the list.
+    """
+    exact = set(folders)
+    by_text: dict[str, str] = {}
+    for folder in folders:
+        if folder not in named:
+            by_text.setdefault(unicodedata.normalize("NFC", folder), folder)
+    out = {}
+    for name in named:
+        if name in exact:
+            out[name] = name
+        elif unicodedata.normalize("NFC", name) in by_text:
+            out[name] = by_text[unicodedata.normalize("NFC", name)]
+    return out
+
+
 def list_videos(
     root: str | os.PathLike,
     class_list: str | os.PathLike | None = None,
@@ -225,7 +246,8 @@ def list_videos(
     Args:
       root: `root/<class>/<video>`.
       class_list: optional file naming the classes in label order; sub-folders not in it are an
-        error (their videos would otherwise vanish silently).
+        error (their videos would otherwise vanish silently). A folder may spell a name in
+        another Unicode form (NFD, as macOS writes names, for the list's NFC).
       extensions: video file extensions (case-insensitive).
 
     Returns:
@@ -256,7 +278,8 @@ def list_videos(
     folders.sort()
     if class_list:
         classes = named
-        unknown = sorted(set(folders) - set(classes))
+        on_disk = _class_folders(named, folders)
+        unknown = sorted(set(folders) - set(on_disk.values()))
         if unknown:
             raise DatasetError(
                 f"{root} has class folders that are not in {class_list}: {unknown[:10]}"
@@ -264,6 +287,7 @@ def list_videos(
             )
     else:
         classes = folders
+        on_disk = {name: name for name in folders}
     if not classes:
         raise DatasetError(f"{root} has no class sub-folders; expected root/<class>/<video>.")
     items, empty = [], []
@@ -271,8 +295,8 @@ def list_videos(
     wanted = tuple(e.lower() for e in extensions)
     for label, name in enumerate(classes):
         found = []
-        if (root / name).is_dir():
-            for path, real in _class_files(str(root), name, wanted, ignored):
+        if name in on_disk:
+            for path, real in _class_files(str(root), on_disk[name], wanted, ignored):
                 if real not in first:
                     first[real] = (path, label)
                     found.append(path)
