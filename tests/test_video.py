@@ -180,6 +180,17 @@ def test_short_videos_are_dropped_or_padded(tmp_path):
     order = [read_index(f, short=64) for f in padded[0]]
     sampled = reference_indices(50, 10, 1.6)
     assert order == sampled + [sampled[-1]] * (16 - len(sampled))
+    # Shorter than one sampling step (6.25 frames): no sampled frame, nothing to pad. The
+    # reason said "a clip needs 16", as if 'pad' had not been asked for.
+    path = write_video(tmp_path / "blip.mp4", (index_frame(i, 64, 64) for i in range(5)), 10)
+    with pytest.raises(
+        TooShortError,
+        match=r"^no frame at 1.6 fps \(n=5, fps=10.000\): the video is shorter than one "
+        r"sampling step of 6.25 frames, so short_videos='pad' has no frame to repeat$",
+    ):
+        load_views(
+            path, ClipSpec(num_frames=16, frame_rate=1.6, resize=64, crop=48, short_videos="pad")
+        )
 
 
 def test_unreadable_files(tmp_path):

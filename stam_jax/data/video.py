@@ -241,14 +241,21 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
       uint8 `(num_views, T, crop, crop, 3)`, views ordered clip-major then crop.
 
     Raises:
-      TooShortError: fewer than T sampled frames and `spec.short_videos == 'official'`.
+      TooShortError: fewer than T sampled frames and `spec.short_videos == 'official'`, or
+        none at all.
       VideoError: the file cannot be read.
     """
     count, fps = probe(path)
     indices = resample_indices(count, fps, spec.frame_rate)
     t = spec.num_frames
     if len(indices) < t:
-        if spec.short_videos == "official" or len(indices) == 0:
+        if len(indices) == 0 and spec.short_videos == "pad":
+            raise TooShortError(
+                f"no frame at {spec.frame_rate} fps (n={count}, fps={fps:.3f}): the video is "
+                f"shorter than one sampling step of {fps / spec.frame_rate:g} frames, so "
+                "short_videos='pad' has no frame to repeat"
+            )
+        if spec.short_videos == "official":
             raise TooShortError(
                 f"{len(indices)} frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f}); "
                 f"a clip needs {t}"
