@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import sys
 from typing import Any, NoReturn
@@ -28,10 +29,32 @@ def refuse(message: object) -> NoReturn:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose refusals are one `error:` line with exit status 2 (no usage block), as
-    the absl CLIs' (`parse_flags`)."""
+    the absl CLIs' (`parse_flags`). A file whose name starts with '-' (Kinetics ids often do:
+    `-abc_000010_000020.mp4`) is read by argparse as a flag; the refusal then says how to
+    write it."""
+
+    _argv: tuple[str, ...] = ()
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's parse, keeping the command line for `error`."""
+        self._argv = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         """argparse's hook for a bad command line: `refuse(message)`."""
+        argv = self._argv[: self._argv.index("--")] if "--" in self._argv else self._argv
+        dashed = [
+            a
+            for a in argv
+            if a.startswith("-")
+            and a.split("=")[0] not in self._option_string_actions
+            and os.path.exists(a)
+        ]
+        if dashed:
+            message += (
+                f"; {dashed[0]} was read as a flag, as its name starts with '-': write it as "
+                f"./{dashed[0]} (or put -- before it)"
+            )
         refuse(message)
 
 

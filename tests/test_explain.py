@@ -108,6 +108,18 @@ def test_explain_refuses_bad_input_before_loading_the_model(
         return err
 
     assert f"video {tmp_path} is a directory" in refused(str(tmp_path))
+    dashed = tmp_path / "-abc_000010_000020.mp4"  # a Kinetics id may start with '-'
+    dashed.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="2"):
+        main([dashed.name, *ckpt])
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: video; -abc_000010_000020.mp4 was read "
+        "as a flag, as its name starts with '-': write it as ./-abc_000010_000020.mp4 (or put "
+        "-- before it)\n"
+    )
+    assert main([*ckpt, "--", dashed.name]) == 2  # after --: taken as the video
+    assert f"error: cannot read {dashed.name} as a video" in capsys.readouterr().err
     junk = tmp_path / "junk.mp4"
     junk.write_text("not a video")
     assert f"error: cannot read {junk} as a video: " in refused(str(junk))
