@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from fractions import Fraction
 
@@ -209,6 +210,9 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(VideoError, match="no video stream"):
         _write_audio_only(tmp_path / "audio.mp4")
         load_views(tmp_path / "audio.mp4", spec)
+    os.symlink("../moved/clip.mp4", tmp_path / "link.mp4")  # the linked file was moved
+    with pytest.raises(VideoError, match=r"^a link to \.\./moved/clip\.mp4, which does not exist$"):
+        load_views(tmp_path / "link.mp4", spec)
 
 
 def _write_audio_only(path):

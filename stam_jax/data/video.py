@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,8 @@ def probe(path: str | Path) -> tuple[int, float]:
     except VideoError:
         raise
     except Exception as e:  # PyAV raises many error types for damaged files
+        if os.path.islink(path) and not os.path.exists(path):
+            raise VideoError(f"a link to {os.readlink(path)}, which does not exist") from None
         raise VideoError(f"{type(e).__name__}: {e}") from None
     if count == 0:
         raise VideoError("the video stream has no frames")
