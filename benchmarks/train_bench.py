@@ -10,8 +10,9 @@ EMA; float32 master params, `--dtype` compute) on random uint8 videos already on
 the figure is the model and optimizer alone. Reports compile time, steps/s and videos/s (median
 over `--steps` timed steps after one warm-up step), XLA's FLOP count of a step (counted with
 all frames in one step of the spatial ViT) and the achieved TFLOP/s, and the process's peak
-memory (RSS on CPU; device peak on GPU). Where the backend gives no FLOP count (jax 0.11 on a
-GPU), three times the forward's matmul FLOPs (`STAM.macs_per_video`) stand in ('flop_source').
+memory (RSS on CPU; device peak on GPU). The FLOPs are model FLOPs (remat's recompute not
+counted), from the step lowered for the CPU (see `step_flops`); where no backend gives a count,
+three times the forward's matmul FLOPs (`STAM.macs_per_video`) stand in ('flop_source').
 Needs jax, flax, optax, numpy and ml_collections (plus this repository). Run one configuration
 per process so that the peak memory is that configuration's.
 """
@@ -19,6 +20,7 @@ per process so that the peak memory is that configuration's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -31,6 +33,38 @@ from configs.common import base_config
 from stam_jax import sharding
 from stam_jax.configs import model_from_run_config
 from stam_jax.train_step import initial_state, make_optimizer, make_train_step
+
+
+def step_flops(model, tx, schedule, train_config, *step_args) -> tuple[float, str]:
+    """The model FLOPs of one train step and where the count came from.
+
+    XLA's count ('xla') of the step's HLO before optimisation, which is the same for every
+    backend: lowered for the CPU, which gives a count where jax 0.11's GPU backend gives none
+    (else for the default device). It is counted on a clone of the model that computes the
+    same: all frames in one ViT step (XLA counts a loop's body once), the all-XLA attention (a
+    cuDNN call's FLOPs are not counted) and no remat (its recompute is not model work). Where
+    no backend gives a count: three times the forward's matmuls ('3x_forward_matmuls').
+    """
+    counting = model.clone(frame_chunk=0, attention_impl="heads_first", remat=False)
+    step = jax.jit(make_train_step(counting, tx, schedule, train_config, 0, model.num_classes))
+    placements = []
+    with contextlib.suppress(Exception):  # no CPU backend (JAX_PLATFORMS without cpu)
+        placements.append(jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    placements.append(None)
+    for placement in placements:
+
+        def shape(x, placement=placement):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement)
+
+        try:
+            cost = step.lower(*jax.tree.map(shape, step_args)).cost_analysis()
+        except Exception:
+            continue
+        cost = cost[0] if isinstance(cost, list) else cost
+        if cost and cost.get("flops", 0.0) > 0:
+            return float(cost["flops"]), "xla"
+    batch = step_args[1].shape[0]
+    return 3 * 2.0 * model.macs_per_video() * batch, "3x_forward_matmuls"
 
 
 def main() -> None:
@@ -92,14 +126,9 @@ def main() -> None:
         )
 
     lowered = jit_step(model).lower(state, videos, labels, weights)
-    # Counted with all frames in one step: XLA's analysis counts a loop's body once.
-    cost = jit_step(model.clone(frame_chunk=0)).lower(state, videos, labels, weights)
-    cost = cost.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops, flop_source = float((cost or {}).get("flops", 0.0)), "xla"
-    if not flops:  # some backends (jax 0.11's GPU) give no estimate
-        # The forward's matmuls, and twice them for the backward; remat's recompute not counted.
-        flops, flop_source = 3 * 2.0 * model.macs_per_video() * args.batch, "3x_forward_matmuls"
+    flops, flop_source = step_flops(
+        model, tx, schedule, config.train, state, videos, labels, weights
+    )
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -128,6 +157,7 @@ def main() -> None:
         "steps_per_s": round(1 / per_step, 4),
         "videos_per_s": round(args.batch / per_step, 3),
         "tflop_per_step": round(flops / 1e12, 4),
+        "gflop_per_step": round(flops / 1e9, 4),
         "tflops": round(flops / per_step / 1e12, 3),
         "flop_source": flop_source,
         "loss": float(metrics["loss"]),

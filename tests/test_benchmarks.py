@@ -89,6 +89,7 @@ def test_train_bench_smoke():
     assert row["model"] == "stam_tiny" and row["remat"] is True and row["frames_per_step"] == 8
     assert row["last_block"] == "all"
     assert row["steps_per_s"] > 0 and row["tflop_per_step"] >= 0 and row["peak_rss_MiB"] > 0
+    assert row["flop_source"] == "xla" and row["gflop_per_step"] > 0
     assert 0 < row["loss"] < 10
 
 
