@@ -270,6 +270,76 @@ def test_gelu_is_pytorchs_exact_gelu():
     np.testing.assert_allclose(np.asarray(half, np.float64), truth, rtol=1e-2, atol=1e-2)
 
 
+def module_calls(model, **kwargs) -> list[tuple[str, nn.Module, tuple, dict, object]]:
+    """(path, module, args, kwargs, output) of every module call of one forward, in order.
+
+    Traced only (`jax.eval_shape`: no compile, no compute): arrays are abstract, and an array
+    handed on unchanged from one module to the next is the same tracer object.
+    """
+    calls = []
+
+    def record(call, args, call_kwargs, context):
+        out = call(*args, **call_kwargs)
+        if context.method_name == "__call__":
+            calls.append(("/".join(context.module.path), context.module, args, call_kwargs, out))
+        return out
+
+    videos = jax.ShapeDtypeStruct(
+        (2, model.num_frames, model.image_size, model.image_size, 3), jnp.uint8
+    )
+    params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v)["params"], videos)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p, v: model.apply({"params": p}, v, **kwargs), params, videos)
+    return calls
+
+
+def test_every_layer_norm_is_the_references_with_eps_1e_5():
+    # A wrong eps moves tiny-model logits by about 1e-4 of their scale, at the parity tests'
+    # tolerance (in the temporal or the final norms alone: well under it), so it is checked
+    # here, norm by norm against the PyTorch reference's nn.LayerNorm modules.
+    torch = pytest.importorskip("torch")
+    from convert.torch_reference import reference_from_config
+
+    model = create_model("stam_tiny", frame_chunk=0)
+    calls = module_calls(model)
+    got = {path: m.epsilon for path, m, *_ in calls if isinstance(m, nn.LayerNorm)}
+    want = {
+        re.sub(r"\.(\d+)\.", r"_\1/", name + ".").rstrip(".").replace(".", "/"): m.eps
+        for name, m in reference_from_config(model_config(model)).named_modules()
+        if isinstance(m, torch.nn.LayerNorm)
+    }
+    assert len(want) == 2 * 2 + 1 + 2 * 2 + 1  # norm1/norm2 per block and layer, two finals
+    assert got == want
+    assert set(want.values()) == {1e-5}
+
+
+def test_temporal_dropout_is_where_pytorchs_encoder_layer_has_it():
+    # nn.TransformerEncoderLayer(dropout=0.1) in training: its MultiheadAttention drops out the
+    # attention probabilities, then dropout1 the attention output, dropout the ReLU output and
+    # dropout2 the feed-forward output; nothing else in STAM drops out (none on the position
+    # embeddings; the ViT's rates are 0).
+    model = create_model("stam_tiny", frame_chunk=0)
+    calls = module_calls(model, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    outputs = {path: out for path, *_, out in calls}
+    drops = [
+        (path, m.rate, args[0])
+        for path, m, args, kw, _ in calls
+        if isinstance(m, nn.Dropout) and m.rate > 0 and not kw.get("deterministic", True)
+    ]
+    assert {rate for _, rate, _ in drops} == {0.1}
+    tokens, heads = model.num_frames + 1, model.temporal_heads
+    want = []
+    for i in range(model.temporal_depth):
+        layer = f"aggregate/transformer_enc/layers_{i}"
+        want += [f"{layer}/self_attn/Dropout_0"] + [f"{layer}/Dropout_0"] * 3
+        probs, attn, relu, ff = (x for *_, x in drops[4 * i : 4 * i + 4])
+        assert probs.shape == (2, heads, tokens, tokens)
+        assert attn is outputs[f"{layer}/self_attn"]
+        assert relu.shape == (2, tokens, model.temporal_mlp_dim)
+        assert ff is outputs[f"{layer}/linear2"]
+    assert [path for path, *_ in drops] == want
+
+
 def test_auto_attention_choice_per_backend(monkeypatch):
     from stam_jax import model as model_lib
 
