@@ -63,7 +63,9 @@ def reference_clip(path, num_frames: int, frame_rate: float, resize=256, crop=22
     return np.stack([reference_transform(frames[i], resize, crop) for i in indices]), indices
 
 
-@pytest.mark.parametrize("fps", [16, 25, 30000 / 1001, 30, 24, 12.5, 60])
+# 29.96 fps (an average rate of variable-rate phone videos): step 18.725 is 18.72499... in
+# float64, and float32's i * step floors one frame later than float64's (i = 40: 749, not 748).
+@pytest.mark.parametrize("fps", [16, 25, 30000 / 1001, 30, 24, 12.5, 60, 29.96])
 @pytest.mark.parametrize("frame_rate", [1.6, 3.2, 6.4])
 @pytest.mark.parametrize("n", [37, 301, 1000])
 def test_resampling_rule(fps, frame_rate, n):
@@ -143,6 +145,9 @@ def test_size_and_crop_rules():
     assert resized_size(720, 1280, 256) == (256, 455)  # int(256 * 1280 / 720) = 455
     assert resized_size(1280, 720, 256) == (455, 256)
     assert resized_size(240, 320, 256) == (256, 341)
+    # int() truncates: QCIF's 256 * 176 / 144 = 312.9 -> 312, not 313.
+    assert resized_size(144, 176, 256) == (256, 312)
+    assert resized_size(176, 144, 256) == (312, 256)
     # round() is Python's (half to even): (455 - 224) / 2 = 115.5 -> 116,
     # (341 - 224) / 2 = 58.5 -> 58.
     assert crop_offsets(256, 455, 224, "center") == (16, 116)
