@@ -64,6 +64,48 @@ def test_hidden_junk_and_non_video_entries_are_not_classes_or_videos(tmp_path):
     }
 
 
+def official_listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """torchvision's find_classes and make_dataset (Kinetics400: .mp4 and .avi), restated."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    items = []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for file in sorted(files):
+                if file.lower().endswith((".mp4", ".avi")):
+                    items.append((os.path.relpath(os.path.join(folder, file), root), label))
+    return classes, items
+
+
+def test_classes_and_videos_are_in_the_official_order(tmp_path):
+    # Python string order: capitals before small letters, ' ' before '(' before '-' before '/'
+    # (a folder 'sub-1' comes before 'sub/deeper'), digits by character ('a10' before 'a2').
+    touch(
+        tmp_path,
+        *[
+            f"{c}/{v}"
+            for c in ("abseiling", "Zumba", "passing American football (in game)", "a b", "a-b")
+            for v in ("z.mp4", "B.avi", "a10.mp4", "a2.MP4", "sub/y.mp4", "Sub/x.mp4")
+        ],
+        "abseiling/sub-1/w.mp4",
+        "abseiling/sub/deeper/v.mp4",
+    )
+    folder = list_videos(tmp_path)
+    classes, items = official_listing(tmp_path)
+    assert list(folder.classes) == classes
+    assert [(i.path, i.label) for i in folder.items] == items
+    assert classes[:3] == ["Zumba", "a b", "a-b"]
+    assert [path for path, label in items if label == 3] == [
+        "abseiling/B.avi",
+        "abseiling/a10.mp4",
+        "abseiling/a2.MP4",
+        "abseiling/z.mp4",
+        "abseiling/Sub/x.mp4",
+        "abseiling/sub/y.mp4",
+        "abseiling/sub-1/w.mp4",
+        "abseiling/sub/deeper/v.mp4",
+    ]
+
+
 def test_extensions_given_as_one_string_are_refused(tmp_path):
     touch(tmp_path, "a/v.mp4", "a/w.webm", "a/notes.tmp")
     # Iterated, '.mp4' was the extensions '.', 'm', 'p' and '4': the .webm and .tmp files were
