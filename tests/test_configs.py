@@ -15,6 +15,8 @@ from ml_collections import config_flags
 
 from stam_jax.cli import parse_flags
 from stam_jax.configs import config_files_for, model_from_run_config
+from stam_jax.data.video import ClipSpec
+from stam_jax.evaluate import _clip_spec
 from stam_jax.variants import variant_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,14 @@ def test_config_builds_its_model(name):
     # T frames at frame_rate cover the first 10 s of a video, as in the official protocol.
     if name != "tiny":
         assert config.data.frame_rate * 10 == pytest.approx(model.num_frames)
+        # The rest of the official protocol: Resize(256), CenterCrop(224), the first clip only,
+        # one crop, videos shorter than T left out; batches of 6 videos (6 * T frames).
+        assert _clip_spec(config, model) == ClipSpec(
+            num_frames=model.num_frames, frame_rate=config.data.frame_rate
+        )
+        assert (ClipSpec().resize, ClipSpec().crop, model.image_size) == (256, 224, 224)
+        assert (ClipSpec().num_clips, ClipSpec().num_crops) == (1, 1)
+        assert ClipSpec().short_videos == "official" and config.batch_size == 6
 
 
 def test_overrides_reach_the_model():
