@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 import subprocess
@@ -30,12 +31,13 @@ from conftest import (
 
 from convert import ConversionError, convert_checkpoint, export_checkpoint
 from convert.__main__ import main as convert_main
-from convert.mapping import torch_to_flax
+from convert.mapping import _torch_shape, infer_config, key_table, torch_to_flax
 from convert.to_torch import main as to_torch_main
 from convert.torch_io import UnsafeCheckpointError, load_state_dict
 from convert.torch_reference import randomize_, reference_from_config
-from stam_jax import checkpoints, create_model
+from stam_jax import checkpoints, create_model, model_config
 from stam_jax.checkpoints import CheckpointError
+from stam_jax.model import param_shapes
 
 TINY = TINY_CONFIGS["tiny"]
 
@@ -49,6 +51,51 @@ def assert_state_dicts_identical(a, b):
     for key in a:
         assert a[key].dtype == b[key].dtype, key
         assert torch.equal(a[key], b[key]), key
+
+
+def official_stam_16_shapes() -> dict[str, tuple[int, ...]]:
+    """Every key of an official stam_16 checkpoint and its shape, written out from the facts."""
+    d, linear = 768, lambda key, o, i: {f"{key}.weight": (o, i), f"{key}.bias": (o,)}
+    norm = lambda key: {f"{key}.weight": (d,), f"{key}.bias": (d,)}  # noqa: E731
+    shapes = {
+        "patch_embed.proj.weight": (d, 3, 16, 16),
+        "patch_embed.proj.bias": (d,),
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, 197, d),
+        **norm("norm"),
+        "aggregate.cls_token": (1, 1, d),
+        "aggregate.pos_embed": (1, 17, d),
+        **norm("aggregate.transformer_enc.norm"),
+        **linear("head", 400, d),
+    }
+    for n in range(12):
+        b = f"blocks.{n}"
+        shapes |= norm(f"{b}.norm1") | norm(f"{b}.norm2") | linear(f"{b}.attn.qkv", 3 * d, d)
+        shapes |= linear(f"{b}.attn.proj", d, d) | linear(f"{b}.mlp.fc1", 3072, d)
+        shapes |= linear(f"{b}.mlp.fc2", d, 3072)
+    for n in range(6):
+        layer = f"aggregate.transformer_enc.layers.{n}"
+        shapes |= {
+            f"{layer}.self_attn.in_proj_weight": (3 * d, d),
+            f"{layer}.self_attn.in_proj_bias": (3 * d,),
+        }
+        shapes |= linear(f"{layer}.self_attn.out_proj", d, d) | norm(f"{layer}.norm1")
+        shapes |= linear(f"{layer}.linear1", 2048, d) | linear(f"{layer}.linear2", d, 2048)
+        shapes |= norm(f"{layer}.norm2")
+    return shapes
+
+
+def test_stam_16_keys_and_shapes_are_the_official_ones():
+    want = official_stam_16_shapes()
+    assert len(want) == 4 + 12 * 12 + 2 + 2 + 6 * 12 + 2 + 2
+    assert sum(math.prod(shape) for shape in want.values()) == 119_205_520
+    model = create_model("stam_16")
+    flax = param_shapes(model)
+    assert {key: _torch_shape(flax[path], how) for key, path, how in key_table(model)} == want
+    # From the shapes alone (head counts are in none of them), the converter reads stam_16.
+    inferred = infer_config({k: np.broadcast_to(np.float32(0), s) for k, s in want.items()})
+    assert inferred == {k: model_config(model)[k] for k in inferred}
+    assert (inferred["num_heads"], inferred["temporal_heads"]) == (12, 8)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
