@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from stam_jax.checkpoints import _some
+from stam_jax.checkpoints import _some, not_a_params_tree
 from stam_jax.model import STAM, param_shapes
 from stam_jax.variants import model_from_config
 
@@ -393,6 +393,9 @@ def flax_to_torch(
     Returns:
       An ordered dict official key -> numpy array.
     """
+    problem = not_a_params_tree(params)
+    if problem is not None:
+        raise ConversionError(f"flax_to_torch: {problem}")
     if isinstance(params.get("params"), Mapping):
         raise ConversionError(
             f"got a variables dict (top-level keys {sorted(params)}), not params; pass "

@@ -603,7 +603,8 @@ def _read_params(path: Path, model: STAM) -> dict[str, Any]:
             stored = ckpt.metadata(path).item_metadata["params"]
         if not stored:
             raise _damaged(path, ValueError("params/_METADATA is missing or empty"))
-        check_params(model, stored)  # from the metadata: refused before any tensor is read
+        # From the metadata (its tree of shapes): refused before any tensor is read.
+        check_params(model, getattr(stored, "tree", stored))
         # Host arrays: valid whatever devices wrote the checkpoint or read it now.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
         with _reading(path):
@@ -620,9 +621,31 @@ def abstract_params(model: STAM) -> dict[str, Any]:
     return jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
 
 
+def not_a_params_tree(params: Any) -> str | None:
+    """What `params` is instead of a params tree (a nested dict), with the fix; None if a dict.
+
+    A train state (`stam_jax.train_step.TrainState`, or any object holding `params`) or a list
+    of arrays was otherwise taken for a tree whose every param is missing (thousands of lines
+    for a full-size model) or failed on a missing dict method.
+    """
+    if isinstance(params, Mapping):
+        return None
+    kind = type(params).__name__
+    if hasattr(params, "params"):
+        also = " (or its EMA, state.ema_params)" if hasattr(params, "ema_params") else ""
+        return f"got a {kind}, not a params tree; pass its params, state.params{also}."
+    return (
+        f"got a {kind}, not a params tree; pass the nested dict of arrays, "
+        "model.init(...)['params'] (or the params of checkpoints.load)."
+    )
+
+
 def check_params(model: STAM, params: Mapping[str, Any]) -> None:
     """Raises `CheckpointError` naming every param whose path or shape does not fit `model`."""
-    if isinstance(params, Mapping) and set(params) == {"params"}:
+    problem = not_a_params_tree(params)
+    if problem is not None:
+        raise CheckpointError(f"params do not fit the model: {problem}")
+    if set(params) == {"params"}:
         # Else every param would be listed twice, as missing and as unexpected.
         raise CheckpointError(
             "params do not fit the model: they are the whole variables ({'params': ...}); pass "

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import chex
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY_CONFIGS, random_params
 
 from stam_jax import checkpoints, create_model
 from stam_jax.checkpoints import CheckpointError
+from stam_jax.train_step import TrainState
 from stam_jax.variants import model_config
 
 TINY = TINY_CONFIGS["tiny"]
@@ -375,6 +377,15 @@ def test_variables_instead_of_params_are_refused_with_the_fix(tiny, tmp_path):
     model, first, _, _ = tiny
     with pytest.raises(CheckpointError, match=r"whole variables .*pass the params tree, var"):
         checkpoints.save(tmp_path / "v", model, {"params": first})
+    # A loop's own train state, or the leaves in a list: every param was listed as missing and
+    # every leaf of the state as unexpected (22,600 characters for the tiny model).
+    state = TrainState(np.int32(0), first, {"mu": first}, first)
+    for wrong, fix in (
+        (state, r"a TrainState, not a params tree; pass its params, state\.params \(or its EMA"),
+        (list(first.values()), r"a list, not a params tree; pass the nested dict of arrays"),
+    ):
+        with pytest.raises(CheckpointError, match=rf"^params do not fit the model: got {fix}"):
+            checkpoints.save(tmp_path / "v", model, wrong)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -38,6 +38,7 @@ from convert.torch_reference import randomize_, reference_from_config
 from stam_jax import checkpoints, create_model, model_config
 from stam_jax.checkpoints import CheckpointError
 from stam_jax.model import param_shapes
+from stam_jax.train_step import TrainState
 
 TINY = TINY_CONFIGS["tiny"]
 
@@ -738,6 +739,10 @@ def test_flax_to_torch_names_a_variables_dict():
     params = random_params(TINY)
     with pytest.raises(ConversionError, match=r"\['params'\]\), not params; pass variables\['p"):
         flax_to_torch(create_model("stam_tiny"), {"params": params})
+    # A train state: it failed on a missing .get ("'TrainState' object has no attribute").
+    state = TrainState(np.int32(0), params, (), params)
+    with pytest.raises(ConversionError, match=r"got a TrainState, not a params tree; pass its "):
+        flax_to_torch(create_model("stam_tiny"), state)
 
 
 def test_flax_to_torch_dtypes_and_frozen_params():
