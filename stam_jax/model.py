@@ -862,6 +862,28 @@ class STAM(nn.Module):
             "the head for other classes."
         )
 
+    def _check_dropout_rng(self, deterministic: bool) -> None:
+        """Refuses training mode without a 'dropout' rng where a rate is on, naming the fix.
+
+        Flax's own error named only an inner module ('Dropout_0 needs PRNG for "dropout"').
+        Like flax, a 'params' rng serves as the dropout rng when there is no 'dropout' one.
+        """
+        if deterministic or self.has_rng("dropout") or self.has_rng("params"):
+            return
+        temporal = self.aggregate == "transformer" and self.temporal_depth > 0
+        rates = {
+            "dropout_rate": self.dropout_rate,
+            "drop_path_rate": self.drop_path_rate,
+            **({"temporal_dropout_rate": self.temporal_dropout_rate} if temporal else {}),
+        }
+        on = [f"{name}={rate}" for name, rate in rates.items() if rate > 0]
+        if on:
+            raise ValueError(
+                f"deterministic=False turns on dropout ({', '.join(on)}), which needs a 'dropout' "
+                "rng: model.apply(variables, videos, deterministic=False, rngs={'dropout': key}) "
+                "(a new key each step); deterministic=True (the default) for evaluation."
+            )
+
     def _preprocess(self, videos: jax.Array) -> jax.Array:
         if videos.dtype == jnp.uint8:
             return uint8_to_unit(videos).astype(self.dtype)
@@ -880,6 +902,7 @@ class STAM(nn.Module):
         """
         self._check_fields()
         self._check_input(videos)
+        self._check_dropout_rng(deterministic)
         bad = [i for i in self.spatial_attention_layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(

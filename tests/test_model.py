@@ -146,6 +146,19 @@ def test_temporal_dropout_is_on_by_default_in_training():
         {"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(0)}
     )
     assert not np.allclose(a, b)
+    # Without a 'dropout' rng: flax's error named only an inner module ('Dropout_0 needs PRNG
+    # for "dropout"'), not the rate that is on or how to pass the rng.
+    with pytest.raises(
+        ValueError,
+        match=r"^deterministic=False turns on dropout \(temporal_dropout_rate=0\.1\), which "
+        r"needs a 'dropout' rng: model\.apply\(variables, videos, deterministic=False, "
+        r"rngs=\{'dropout': key\}\)",
+    ):
+        model.apply({"params": params}, videos, deterministic=False)
+    # Nothing to draw (every rate 0): no rng needed, as before.
+    create_model("stam_tiny", temporal_dropout_rate=0.0).apply(
+        {"params": params}, videos, deterministic=False
+    )
 
 
 def test_drop_path_drops_whole_samples():
