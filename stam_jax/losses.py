@@ -66,7 +66,8 @@ def distillation_loss(
     Args:
         student_logits: `(B, K)` student logits of any float dtype.
         teacher_logits: `(B, K)` teacher logits of any float dtype.
-        temperature: softmax temperature `T > 0`, a static Python float.
+        temperature: softmax temperature `T > 0`: a Python float, or a scalar array, which may
+            be traced (a temperature annealed inside a jitted step; not checked then).
 
     Returns:
         `(B,)` float32 losses, >= 0, zero where student and teacher logits agree.
@@ -75,7 +76,9 @@ def distillation_loss(
         ValueError: `temperature` is not > 0, or the two logits differ in shape (a teacher's
             `(B,)` or `(B, 1)` would broadcast against `(B, K)` and give wrong losses).
     """
-    if not temperature > 0:
+    # A traced temperature has no value to check here (comparing it raised a
+    # TracerBoolConversionError); the loss itself is computed from it all the same.
+    if not isinstance(temperature, jax.core.Tracer) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if jnp.shape(student_logits) != jnp.shape(teacher_logits) or jnp.ndim(student_logits) < 1:
         raise ValueError(

@@ -108,6 +108,11 @@ def test_distillation_rejects_bad_temperature():
     logits, _ = _logits_and_targets()
     with pytest.raises(ValueError, match=r"-1\.0"):
         distillation_loss(logits, logits, -1.0)
+    # A temperature annealed inside a jitted step is traced: taken as it is, not compared
+    # (that raised a TracerBoolConversionError).
+    student = _logits_and_targets(1)[0]
+    traced = jax.jit(distillation_loss)(student, logits, jnp.float32(2.0))
+    np.testing.assert_allclose(traced, distillation_loss(student, logits, 2.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("teacher_shape", [(7,), (7, 1), (7, 5)])
