@@ -863,11 +863,18 @@ class STAM(nn.Module):
         )
 
     def _check_dropout_rng(self, deterministic: bool) -> None:
-        """Refuses training mode without a 'dropout' rng where a rate is on, naming the fix.
+        """Refuses training mode without a 'dropout' rng where a rate is on, and a traced
+        `deterministic`, naming the fix.
 
         Flax's own error named only an inner module ('Dropout_0 needs PRNG for "dropout"').
         Like flax, a 'params' rng serves as the dropout rng when there is no 'dropout' one.
         """
+        if isinstance(deterministic, jax.core.Tracer):  # bool() of it raised a generic error
+            raise TypeError(
+                "deterministic is traced (an argument of a jitted function); it chooses what "
+                "the model computes and must be a Python bool: mark it static, e.g. "
+                "jax.jit(model.apply, static_argnames='deterministic'), or close over it."
+            )
         if deterministic or self.has_rng("dropout") or self.has_rng("params"):
             return
         temporal = self.aggregate == "transformer" and self.temporal_depth > 0

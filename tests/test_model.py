@@ -124,6 +124,9 @@ def test_dropout_and_drop_path_only_in_training():
     videos = random_videos(model_config(model), batch=2)
     apply = jax.jit(model.apply, static_argnames="deterministic")
     a = apply({"params": params}, videos)
+    # Not static, it is traced: refused with the fix (it raised TracerBoolConversionError).
+    with pytest.raises(TypeError, match=r"^deterministic is traced .* static_argnames='determ"):
+        jax.jit(model.apply)({"params": params}, videos, deterministic=False)
     np.testing.assert_array_equal(a, apply({"params": params}, videos))
     b = apply({"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(1)})
     c = apply({"params": params}, videos, deterministic=False, rngs={"dropout": jax.random.key(2)})
