@@ -180,6 +180,26 @@ def check_train_config(train: Any) -> None:
         refuse("distill_temperature", "must be > 0")
 
 
+def _accumulation_updated(opt_state: Any) -> jax.Array | None:
+    """Under gradient accumulation, whether this batch made an update; None without it.
+
+    Read off the optimizer state (`optax.MultiStepsState`, wherever it sits in it), so that an
+    accumulating optimizer of one's own counts as `make_optimizer`'s does, also where it is not
+    an `optax.MultiSteps` object: `MultiSteps(...).gradient_transformation()`, or one inside a
+    chain. (Tested on the object's type, the EMA of those stepped on every batch.)
+    """
+
+    def is_multi(x: Any) -> bool:
+        return isinstance(x, optax.MultiStepsState)
+
+    # Not looked into: the states a MultiStepsState holds (its own optimizer's).
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(x)]
+    if not found:
+        return None
+    outer = found[0]
+    return jnp.logical_and(outer.mini_step == 0, outer.gradient_step > 0)
+
+
 def make_train_step(
     model: STAM,
     tx: optax.GradientTransformation,
@@ -249,8 +269,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         d = train.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        if isinstance(tx, optax.MultiSteps):  # the EMA follows the updates, not the batches
-            updated = tx.has_updated(opt_state)
+        updated = _accumulation_updated(opt_state)
+        if updated is not None:  # the EMA follows the updates, not the batches
             ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
         keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was
         params, opt_state, ema = jax.tree.map(

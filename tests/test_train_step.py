@@ -12,6 +12,7 @@ import chex
 import flax
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs.common import base_config
@@ -41,10 +42,16 @@ def initial_params(seed: int = 1) -> dict:
     return _jitted_init()(jax.random.key(seed), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
 
 
+def _as_transformation(tx):
+    """`make_optimizer`'s MultiSteps as a plain GradientTransformation (the same optimizer)."""
+    assert isinstance(tx, optax.MultiSteps)
+    return tx.gradient_transformation()
+
+
 _STEPS: dict = {}  # jitted steps by settings: tests of the same settings compile once
 
 
-def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
+def setup(batch=4, dtype="float32", seed=0, teacher=None, wrap=None, **train):
     config = base_config("stam_tiny")
     config.train.update(train)
     model = create_model("stam_tiny", dtype=dtype, **NO_DROPOUT)
@@ -53,8 +60,10 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, **train):
     labels = rng.integers(0, 10, batch).astype(np.int32)
     params = initial_params()
     tx, schedule = make_optimizer(config.train, params)
+    if wrap is not None:  # an optimizer of one's own built around the library's
+        tx = wrap(tx)
     state = initial_state(model, tx, config.train, params)
-    key = (dtype, id(teacher), tuple(sorted(train.items())))
+    key = (dtype, id(teacher), wrap, tuple(sorted(train.items())))
     if key not in _STEPS:
         _STEPS[key] = jax.jit(make_train_step(model, tx, schedule, config.train, 0, 10, teacher))
     return _STEPS[key], state, videos, labels, np.ones(batch, np.float32)
@@ -130,7 +139,12 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     big_state = state
     for _ in range(3):
         big_state, _ = big(big_state, videos, labels, weights)
-    small, state, _, _, _ = setup(batch=8, accumulate=2, steps=6, warmup_steps=2, **settings)
+    # The accumulating optimizer as a plain GradientTransformation, not a MultiSteps object:
+    # the step reads the accumulation off the optimizer state (tested on the object's type,
+    # the EMA was stepped on every batch: twice per update here).
+    small, state, _, _, _ = setup(
+        batch=8, accumulate=2, steps=6, warmup_steps=2, wrap=_as_transformation, **settings
+    )
     start = state
     rates = []
     for half in (slice(0, 4), slice(4, 8)) * 3:
