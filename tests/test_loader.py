@@ -46,6 +46,10 @@ def test_in_process_mode_is_lazy():
     next(stream)
     next(stream)
     assert calls == [0, 1]  # nothing is decoded ahead of the consumer
+    # -1 ("one per core" in the configs) is worker_count's to resolve: the process pool refused
+    # it with "max_workers must be greater than 0".
+    with pytest.raises(ValueError, match=r"^workers=-1: use 0 .* worker_count\(-1\) gives one"):
+        ordered_map(record, [(0, "x")], workers=-1, prefetch=4)
 
 
 def test_started_produces_the_first_item_before_it_is_asked_for():

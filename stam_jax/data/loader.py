@@ -92,7 +92,16 @@ def ordered_map(
     """`fn(*job)` for every job, in order, in `workers` processes (0: in this one).
 
     `fn` must never raise (it returns a failed `Decoded` instead) and job[0] is its position.
+
+    Raises:
+      ValueError: `workers` is not a whole number >= 0 (-1 failed in the process pool with
+        "max_workers must be greater than 0").
     """
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 0:
+        raise ValueError(
+            f"workers={workers!r}: use 0 (decode in this process) or a number of processes; "
+            "worker_count(-1) gives one per core."
+        )
     if workers == 0:
         return (fn(*job) for job in jobs)
     return iter(_ParallelDecoder(fn, jobs, workers, prefetch))
