@@ -603,12 +603,15 @@ class STAM(nn.Module):
     Call it on videos `(B, T, H, W, 3)`: uint8 in [0, 255] (scaled by 1/255 on device, exactly as
     `ToTensor` does) or floating point already in [0, 1]. There is no mean/std normalisation.
     Returns logits `(B, num_classes)` in float32. The per-frame features `(B, T, hidden_size)`
-    and the video feature before the head are sown into the 'intermediates' collection
-    (`model.apply(v, x, mutable=['intermediates'])`), and so are, on request
-    (`spatial_attention_layers`, `temporal_attention`), attention probabilities
-    `(batch, heads, queries, keys)` under `.../attn` and `.../self_attn` (`attention_weights`):
-    the same forward, which then takes the heads-first attention path for those layers (and,
-    for the last ViT block, computes every token: logits equal up to float rounding).
+    (`frame_features`) and the video feature before the head (`video_features`) are sown into
+    the 'intermediates' collection (`model.apply(v, x, mutable=['intermediates'])`; each a
+    1-tuple), and so are, on request (`spatial_attention_layers`, `temporal_attention`),
+    attention probabilities in float32 (`attention_weights`): `(B * T, heads, 1 + patches,
+    1 + patches)` under `blocks_N/attn`, frame t of video b at row b * T + t, and `(B, heads,
+    1 + T, 1 + T)` under `aggregate/transformer_enc/layers_N/self_attn`, the cls token first in
+    both. It is the same forward, which then takes the heads-first attention path for those
+    layers (and, for the last ViT block, computes every token: logits equal up to float
+    rounding).
 
     Attributes:
       num_classes: classifier outputs (400 for Kinetics-400).
@@ -906,6 +909,15 @@ class STAM(nn.Module):
 
         Returns:
           Logits `(B, num_classes)`, float32.
+
+        Raises:
+          ValueError: a size that is not an int, a rate outside [0, 1), an unknown `aggregate`
+            or `attention_impl`, videos of another shape or dtype, float videos holding NaN or
+            Inf or not in [0, 1] (checked where their values are readable), params of another
+            architecture (naming each misfit), `spatial_attention_layers` that are not blocks,
+            or a `frame_chunk` that `frames_per_step` refuses.
+          TypeError: `videos` is not an array; `apply` given the params without their
+            `{'params': ...}` wrapper.
         """
         self._check_fields()
         self._check_input(videos)
