@@ -75,6 +75,11 @@ def create_model(name: str, /, **overrides: Any) -> STAM:
 
     Returns:
       The `STAM` module (unbound; inside a parent's `@nn.compact` method, its submodule).
+
+    Raises:
+      ValueError: an unknown variant `name`, an override that is not a `STAM` field, or a
+        `dtype` / `param_dtype` other than float32, bfloat16 and float16. Values are checked
+        when the model is first run (`STAM.__call__`).
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
@@ -90,10 +95,15 @@ def model_from_config(
     Args:
       config: architecture fields (as saved by `model_config`), optionally run-time ones.
       name: flax's name of the module (None: flax names it, e.g. `STAM_0` in a parent).
-      **runtime: `dtype`, `param_dtype`, `attention_impl` (override `config`).
+      **runtime: fields that override `config`, usually the run-time ones (`RUNTIME_FIELDS`:
+        `dtype`, `param_dtype`, `attention_impl`, `remat`, `frame_chunk`, ...).
 
     Returns:
       The `STAM` module (unbound; inside a parent's `@nn.compact` method, its submodule).
+
+    Raises:
+      ValueError: a name that is not a `STAM` field (all of them listed), or an unsupported
+        `dtype` / `param_dtype`.
     """
     fields = {**config, **runtime}
     known = set(ARCH_FIELDS) | set(RUNTIME_FIELDS)
