@@ -218,8 +218,9 @@ def save(
 
     Raises:
       CheckpointError: a destination that cannot be written (nothing deleted), params that do not
-        fit `model`, metadata that is not JSON, or a write that failed (the old checkpoint, if
-        any, kept; a new one is removed whole).
+        fit `model`, metadata or a model field (e.g. `num_classes=np.int64(5)`) that is not
+        JSON, or a write that failed (the old checkpoint, if any, kept; a new one is removed
+        whole).
     """
     path = check_destination(directory, overwrite=overwrite)
     check_params(model, params)
@@ -514,7 +515,12 @@ def load(
       attention_impl: 'auto', 'xla', 'cudnn' or 'heads_first' (see `STAM`).
 
     Returns:
-      The `STAM` module and its params (jax arrays on the default device).
+      The `STAM` module and its params (jax arrays on the default device, in `param_dtype`).
+
+    Raises:
+      CheckpointError: not a checkpoint directory (a `.pth`, a training workdir, a missing
+        path: the message says what to pass), a damaged one, or one of another format.
+      ValueError: a `dtype` or `param_dtype` other than float32, bfloat16 and float16.
     """
     _, model, params = read(
         directory, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
@@ -530,14 +536,16 @@ def read(
 
     Args:
       directory: a stam-jax checkpoint directory.
-      **runtime: run-time model fields (`dtype`, `param_dtype`, `attention_impl`).
+      **runtime: run-time model fields (`dtype`, `param_dtype`, `attention_impl`, ...), passed
+        to `model_from_config` over the checkpoint's config.
 
     Returns:
       (the config as `read_config` gives it, the model, the params as host numpy arrays in
       their stored dtype).
 
     Raises:
-      CheckpointError: not a checkpoint directory, or a damaged one.
+      CheckpointError: not a checkpoint directory, a damaged one, or one of another format.
+      ValueError: a `runtime` name that is not a model field, or an unsupported dtype.
     """
     path = Path(directory).absolute()
 
