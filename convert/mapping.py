@@ -323,8 +323,21 @@ def torch_to_flax(
       (model config dict, nested float32 params as jax arrays, report).
 
     Raises:
-      ConversionError: naming every missing, misshapen or (strict) unexpected key.
+      ConversionError: naming every missing, misshapen or (strict) unexpected key; also a
+        `state_dict` that is not a mapping (a torch module: pass its `.state_dict()`), a
+        checkpoint container, a key both with and without `module.`, or an architecture
+        that cannot be inferred (see `infer_config`).
     """
+    if not isinstance(state_dict, Mapping):
+        hint = (
+            "pass its state_dict() (model.state_dict())"
+            if callable(getattr(state_dict, "state_dict", None))
+            else "pass the checkpoint's {key: tensor} dict"
+        )
+        raise ConversionError(
+            f"state_dict is a {type(state_dict).__name__}, not a mapping of official keys to "
+            f"tensors; {hint} (or read a .pth with convert.torch_io.load_state_dict)."
+        )
     sd, stripped = strip_prefix(state_dict)
     config = infer_config(
         sd, num_heads=num_heads, temporal_heads=temporal_heads, num_frames=num_frames

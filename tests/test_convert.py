@@ -780,3 +780,13 @@ def test_torch_to_flax_names_a_checkpoint_container(container):
         ConversionError, match=rf"not a state dict; pass checkpoint\['{container}'\]"
     ):
         torch_to_flax({container: state_dict, "epoch": 3}, **convert_kwargs(TINY))
+
+
+def test_torch_to_flax_refuses_what_is_not_a_state_dict():
+    # A torch module itself (not its state_dict()) failed with "'ReferenceSTAM' object is not
+    # iterable"; a list of its tensors with "'int' object has no attribute 'startswith'".
+    reference = reference_from_config(TINY)
+    with pytest.raises(ConversionError, match=r"a ReferenceSTAM, not a mapping .*; pass its st"):
+        torch_to_flax(reference, **convert_kwargs(TINY))
+    with pytest.raises(ConversionError, match=r"a list, not a mapping .*; pass the checkpoint's"):
+        torch_to_flax(list(reference.state_dict().values()), **convert_kwargs(TINY))
