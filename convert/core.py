@@ -55,7 +55,8 @@ def convert_checkpoint(
       (checkpoint path, inferred model config, report of warnings).
 
     Raises:
-      ConversionError: the `.pth` cannot be read or converted (naming the file or keys).
+      ConversionError: the `.pth` cannot be read or converted (naming the file or keys), or
+        `out_dir` ends in `.pth` / `.pt` (the two commands mixed up).
       checkpoints.CheckpointError: `out_dir` cannot or must not be written.
     """
     from convert.torch_io import load_state_dict

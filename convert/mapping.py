@@ -100,7 +100,15 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass
 class Report:
-    """What a conversion did besides copying tensors."""
+    """What a conversion did besides copying tensors.
+
+    Attributes:
+      zero_filled: the official keys of qkv biases absent from the file, set to zeros.
+      unexpected: keys of the file that are not part of the model (ignored unless strict).
+      stripped_prefix: whether the keys carried DistributedDataParallel's `module.` prefix.
+      source_dtypes: the names of the dtypes the file's tensors had ('float32', ...), sorted.
+      non_finite: the keys of tensors holding NaN or Inf.
+    """
 
     zero_filled: list[str] = dataclasses.field(default_factory=list)
     unexpected: list[str] = dataclasses.field(default_factory=list)
@@ -217,6 +225,14 @@ def infer_config(
 
     Returns:
       A dict of `STAM` architecture fields.
+
+    Raises:
+      ConversionError: a missing key the architecture is read from, shapes that do not make a
+        STAM (non-square patches or grid, a gap in the layer numbers), a head count below 1 or
+        not dividing the width, a mean-aggregate state dict without `num_frames`, an argument
+        the tensors contradict (another `num_frames` than `aggregate.pos_embed`'s T,
+        `temporal_heads` without a temporal transformer), or a checkpoint container
+        (`{'model': sd}`) instead of the state dict.
     """
     for flag, value in (
         ("--num-heads", num_heads),
@@ -405,6 +421,11 @@ def flax_to_torch(
 
     Returns:
       An ordered dict official key -> numpy array.
+
+    Raises:
+      ConversionError: a variables dict (`{'params': ...}`) instead of the params, a `dtype`
+        that is not one of those above, `consume` with frozen params, or params of another
+        model (tensors it has no place for, a missing or misshapen one).
     """
     problem = not_a_params_tree(params)
     if problem is not None:
