@@ -155,6 +155,8 @@ def test_size_and_crop_rules():
     assert crop_offsets(256, 341, 224, "start") == (16, 0)
     assert crop_offsets(256, 341, 224, "end") == (16, 117)
     assert crop_offsets(341, 256, 224, "end") == (117, 16)
+    with pytest.raises(ValueError, match=r"position 'centre'; use one of \('start', 'cent"):
+        crop_offsets(256, 341, 224, "centre")  # was taken as 'start': (16, 0)
 
 
 def test_multi_view_clips_and_crops(tmp_path):

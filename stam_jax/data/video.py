@@ -156,7 +156,15 @@ def resized_size(height: int, width: int, short: int) -> tuple[int, int]:
 
 
 def crop_offsets(height: int, width: int, crop: int, position: str) -> tuple[int, int]:
-    """(top, left) of a `crop` square; 'start'/'end' move along the longer side only."""
+    """(top, left) of a `crop` square at `position` 'center', 'start' or 'end' (`CROPS`).
+
+    'start'/'end' move along the longer side only; the other side is centred.
+
+    Raises:
+      ValueError: another `position` (e.g. 'centre'), which would be taken as 'start'.
+    """
+    if position not in CROPS[3]:
+        raise ValueError(f"crop position {position!r}; use one of {CROPS[3]}.")
     top, left = round((height - crop) / 2.0), round((width - crop) / 2.0)
     if position == "center":
         return top, left
