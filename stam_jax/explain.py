@@ -292,7 +292,22 @@ def _check_finite_params(checkpoint: str | Path, params: dict[str, Any]) -> None
 
 
 def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
-    """The matplotlib figure of `explain_video`'s result (close it when done)."""
+    """The matplotlib figure of `explain_video`'s result (close it when done).
+
+    Args:
+      result: what `explain_video` returned.
+      classes: the model's class names in label order (`read_class_list`), one per class;
+        None: the top-5 are named by their label.
+
+    Raises:
+      ValueError: `classes` does not name one class per probability.
+    """
+    probs = result["probabilities"]
+    if classes is not None and len(classes) != len(probs):
+        raise ValueError(
+            f"classes names {len(classes)} classes; the model has {len(probs)}: pass its class "
+            "names in label order, or None."
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +351,6 @@ def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
     ax.set_xticks(x)
     ax.set_xlabel("sampled frame")
     ax = fig.add_subplot(grid[rows + 1, :])
-    probs = result["probabilities"]
     top = np.argsort(-probs)[:5]
     names = [classes[c] if classes else f"class {c}" for c in top]
     ax.barh(range(len(top))[::-1], probs[top], color="#55a868")

@@ -247,3 +247,18 @@ def test_ctrl_c_is_one_line_and_exit_130(explained, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == "interrupted: nothing was written.\n"
     assert out.read_bytes() == b"an earlier picture"
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
+def test_figure_refuses_class_names_that_do_not_fit():
+    # Too few names failed with an IndexError; too many labelled the bars silently.
+    result = {
+        "frames": np.zeros((2, 8, 8, 3), np.uint8),
+        "probabilities": np.full(10, 0.1, np.float32),
+        "aggregate": "mean",
+        "temporal_layers": np.zeros((0, 2)),
+        "temporal_rollout": np.full(2, 0.5),
+        "spatial_rollout": np.ones((2, 2, 2), np.float32),
+    }
+    for names in (["a", "b"], [f"c{i}" for i in range(400)]):
+        with pytest.raises(ValueError, match=rf"classes names {len(names)} classes; the model ha"):
+            figure(result, names)
