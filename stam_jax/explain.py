@@ -369,12 +369,27 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
     Missing parent folders are created. A write that fails leaves no half-written file (and an
     existing `path` unchanged), and no folder made for it.
 
+    Args:
+      result: what `explain_video` returned.
+      path: the picture file, ending in one of `SUFFIXES` (`output_path` makes one of any
+        `--out`).
+      classes: see `figure`.
+
+    Returns:
+      `path`.
+
     Raises:
-      ValueError: the file cannot be written; the message names it.
+      ValueError: a suffix not in `SUFFIXES` (none included), `classes` that do not fit, or
+        a file that cannot be written; the message names it.
     """
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(
+            f"cannot write {path}: pictures are written as {', '.join(SUFFIXES)}, chosen by the "
+            f"file's suffix; end it with one (e.g. {path.with_name(path.name + '.png')})."
+        )
     fig = figure(result, classes)
     try:
         with new_folders_removed_on_failure(path.parent):

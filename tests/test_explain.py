@@ -13,7 +13,7 @@ from PIL import Image
 
 from stam_jax import checkpoints, create_model, model_config
 from stam_jax.data.synthetic import index_frame, write_video
-from stam_jax.explain import explain_video, figure, main, rollout
+from stam_jax.explain import draw, explain_video, figure, main, rollout
 
 
 def test_rollout_on_a_hand_built_case():
@@ -262,3 +262,11 @@ def test_figure_refuses_class_names_that_do_not_fit():
     for names in (["a", "b"], [f"c{i}" for i in range(400)]):
         with pytest.raises(ValueError, match=rf"classes names {len(names)} classes; the model ha"):
             figure(result, names)
+
+
+def test_draw_refuses_a_path_without_a_picture_suffix(tmp_path):
+    # Failed in matplotlib with "Format 'partial' is not supported" (the staging file's name).
+    for name in ("picture", "picture.txt"):
+        with pytest.raises(ValueError, match=rf"cannot write {tmp_path / name}: pictures are wr"):
+            draw({}, tmp_path / name)  # refused before the result is read
+    assert not list(tmp_path.iterdir())
