@@ -344,9 +344,26 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     import ml_dtypes
 
     kinds = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+    def damaged(why: str) -> InitError:
+        return InitError(
+            f"{path} is not a readable .safetensors file ({why}): a damaged or incomplete "
+            "download, or another file under that name (a web page?); download it again."
+        )
+
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        # The length comes first: read blindly, a file of other contents (text, HTML) asked
+        # for exabytes and failed with a MemoryError.
+        if file_size < 8 or size > file_size - 8:
+            raise damaged(f"its header length, {size} bytes, exceeds its size of {file_size}")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            raise damaged("its header is not a JSON object")
         data = f.read()
     out = {}
     for name, entry in header.items():
@@ -355,7 +372,10 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if entry["dtype"] not in kinds:
             raise InitError(f"{path}: tensor {name} has dtype {entry['dtype']}, not a float.")
         start, end = entry["data_offsets"]
-        array = np.frombuffer(data[start:end], kinds[entry["dtype"]]).reshape(entry["shape"])
+        try:
+            array = np.frombuffer(data[start:end], kinds[entry["dtype"]]).reshape(entry["shape"])
+        except ValueError:
+            raise damaged(f"tensor {name}'s data ends past the file, or has another size") from None
         out[name] = array.astype(np.float32)
     return out
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from test_init import flat, fresh_params
 
 from convert.mapping import torch_to_flax
 from convert.torch_reference import randomize_, reference_from_config
 from stam_jax import create_model, model_config
-from stam_jax.init import init_from_checkpoint
+from stam_jax.init import InitError, init_from_checkpoint, read_vit
 
 MODEL = create_model("stam_tiny")
 CONFIG = model_config(MODEL)
@@ -74,6 +75,18 @@ def test_timm_pth_and_safetensors(tmp_path):
         len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
     )
     check(tmp_path / "vit.safetensors", want)
+    # Damaged files and other files under the name: one InitError, not a MemoryError (the first
+    # 8 bytes of a web page, read as the header's length, asked for exabytes).
+    whole = (tmp_path / "vit.safetensors").read_bytes()
+    for bad, why in (
+        (b"<!DOCTYPE html><html></html>", "its header length, .* exceeds its size of 28"),
+        (whole[: 8 + len(raw) // 2], "its header length, .* exceeds its size"),
+        (len(raw).to_bytes(8, "little") + b"x" * len(raw), "its header is not a JSON object"),
+        (whole[:-4], "tensor .*'s data ends past the file"),
+    ):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        with pytest.raises(InitError, match=r"bad.safetensors is not a readable .safet.*\(" + why):
+            read_vit(tmp_path / "bad.safetensors")
 
 
 def test_google_vit_npz(tmp_path):
