@@ -380,6 +380,24 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a `.npz` file, or an `InitError` naming it (numpy's errors for a file of
+    other contents are a zipfile error, or advice to load it unsafely with `allow_pickle`)."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":  # a .npz is a zip archive
+                raise ValueError("not a zip archive")
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InitError(
+            f"{path} is not a readable .npz file ({e}): a damaged or incomplete download, or "
+            "another file under that name; download it again."
+        ) from None
+
+
 def _google_vit(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Google ViT (`vit_jax` / big_vision `.npz`) names and layouts -> stam-jax paths."""
     out: dict[str, np.ndarray] = {}
@@ -432,8 +450,7 @@ def read_vit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]
     path = os.fspath(path)
     notes: list[str] = []
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = _read_npz(path)
         out = _google_vit(arrays)
         known = ("cls", "embedding/", "Transformer/", "head/")
         ignored = sorted(k for k in arrays if not k.startswith(known))

@@ -123,3 +123,11 @@ def test_google_vit_npz(tmp_path):
     text = check(tmp_path / "vit.npz", want)
     assert "LayerNorm epsilon is 1e-6" in text
     assert "not part of STAM, ignored: 1 arrays (pre_logits/kernel)" in text
+    # Damaged files and other files under the name: an InitError naming the file (numpy said
+    # "File is not a zip file", a zipfile error run_train.py did not catch, or advised loading
+    # the file unsafely with allow_pickle).
+    whole = (tmp_path / "vit.npz").read_bytes()
+    for bad in (whole[:40], b"<!DOCTYPE html><html></html>"):
+        (tmp_path / "bad.npz").write_bytes(bad)
+        with pytest.raises(InitError, match=r"bad.npz is not a readable .npz file \(.*download"):
+            read_vit(tmp_path / "bad.npz")
