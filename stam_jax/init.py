@@ -61,6 +61,9 @@ def resample_spatial_pos_embed(pos_embed: Any, grid: int) -> np.ndarray:
 
     Returns:
       `(1, grid * grid + 1, D)` float32: the same cls row, the grid resampled bilinearly.
+
+    Raises:
+      InitError: `pos_embed` is not `(1, N + 1, D)` with N a square.
     """
     pos = np.asarray(pos_embed, np.float32)
     old = math.isqrt(pos.shape[1] - 1)
@@ -83,6 +86,9 @@ def resample_temporal_pos_embed(pos_embed: Any, num_frames: int) -> np.ndarray:
     Returns:
       `(1, num_frames + 1, D)` float32: the same cls row, the frame rows resampled linearly
       along time (every row equal to the single frame row when T is 1).
+
+    Raises:
+      InitError: `pos_embed` is not `(1, T + 1, D)` with T >= 1.
     """
     pos = np.asarray(pos_embed, np.float32)
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 2:
@@ -143,9 +149,14 @@ def init_from_checkpoint(
 
     Raises:
       TypeError: `model` is not a `STAM` (a variant's name).
+      ValueError: `temporal_pos_embed_std` is negative or NaN.
       InitError: a shape mismatch the rules do not cover (the message lists every path with
-        the checkpoint's and the model's shapes), or `fresh` does not fit `model`.
+        the checkpoint's and the model's shapes), other head counts than the model's, `fresh`
+        does not fit `model` (or is the whole variables), or an image ViT file `read_vit`
+        refuses.
       checkpoints.CheckpointError: `checkpoint` is not a readable stam-jax checkpoint.
+      convert.ConversionError: a ViT `.pth` / `.pt` / `.bin` that cannot be read safely.
+      OSError: a ViT `.npz` or `.safetensors` that does not exist or cannot be opened.
     """
     if not isinstance(model, STAM):  # a variant's name, or the arguments swapped
         raise TypeError(
@@ -446,6 +457,12 @@ def read_vit(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]
     official STAM code names them. Google ViT `.npz` (`vit_jax`, big_vision): q/k/v kernels
     fused, `(heads, head_dim)` axes flattened. Keys that are not part of STAM (`fc_norm`,
     `pre_logits`, register tokens, ...) are listed in the notes; the temporal part is absent.
+
+    Raises:
+      InitError: an official STAM checkpoint (convert it instead), a damaged `.npz` or
+        `.safetensors`, or a `.safetensors` tensor that is not floating point.
+      convert.ConversionError: a `.pth` / `.pt` / `.bin` that cannot be read safely.
+      OSError: a `.npz` or `.safetensors` that does not exist or cannot be opened.
     """
     path = os.fspath(path)
     notes: list[str] = []
