@@ -255,7 +255,9 @@ def list_videos(
 
     Raises:
       DatasetError: a missing root, no class folders, no video at all, a file that two
-        classes reach through links, or `extensions` given as one string.
+        classes reach through links, class folders that `class_list` does not name, or
+        `extensions` given as one string. `ClassListError` (a `DatasetError`): a
+        `class_list` file that `read_class_list` refuses.
     """
     if isinstance(extensions, str):  # iterated, '.mp4' was the extensions '.', 'm', 'p', '4'
         raise DatasetError(

@@ -196,7 +196,12 @@ def _open(path: str | Path) -> Any:
 
 
 def probe(path: str | Path) -> tuple[int, float]:
-    """(number of frames, average fps) of the first video stream, from packet timestamps."""
+    """(number of frames, average fps) of the first video stream, from packet timestamps.
+
+    Raises:
+      VideoError: a file that cannot be opened or demuxed (missing, a broken link, damaged),
+        or with no video stream, no frame rate or no frames.
+    """
     try:
         with _open(path) as container:
             if not container.streams.video:
@@ -218,7 +223,14 @@ def probe(path: str | Path) -> tuple[int, float]:
 
 
 def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarray]:
-    """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays."""
+    """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays.
+
+    Returns:
+      position -> `(H, W, 3)` uint8 frame, for every position in `wanted`.
+
+    Raises:
+      VideoError: a file that cannot be decoded, or that ends before a wanted position.
+    """
     wanted_set, last = set(int(i) for i in wanted), max(wanted)
     frames: dict[int, np.ndarray] = {}
     try:
