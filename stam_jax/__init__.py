@@ -25,3 +25,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'stam_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The exports are listed although not yet imported: `help(stam_jax)` documents them.
+    return sorted({*globals(), *_EXPORTS})

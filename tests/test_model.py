@@ -760,3 +760,19 @@ def test_a_stam_inside_a_module_of_ones_own():
     assert named.name == "teacher"
     with pytest.raises(ValueError, match=r"unknown model fields \['nam'\]"):
         create_model("stam_tiny", nam="x")
+
+
+@pytest.mark.parametrize("package", ["stam_jax", "convert"])
+def test_package_exports_resolve_and_help_documents_them(package):
+    import importlib
+    import pydoc
+
+    module = importlib.import_module(package)
+    assert all(getattr(module, name) is not None for name in module.__all__)
+    assert set(module.__all__) <= set(dir(module))
+    # help(stam_jax) listed no function or class: its lazy exports were not in dir().
+    text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+    for name in {"stam_jax": ("create_model(", "class STAM"), "convert": ("torch_to_flax(",)}[
+        package
+    ]:
+        assert name in text
