@@ -316,6 +316,12 @@ def plot_workdir(workdir: str | Path, out: str | Path | None = None) -> list[Pat
     Args:
       workdir: a training or evaluation output directory.
       out: the folder the pictures go to (created if missing); default `workdir`.
+
+    Raises:
+      ValueError: `workdir` is not a directory or holds neither a training run's
+        `metrics.jsonl` nor an evaluation's `results.json` and `predictions.jsonl`, one of
+        them is not valid JSON (lines) or holds nothing to draw, or `out` cannot be written; nothing
+        is written then.
     """
     workdir = Path(workdir)
     if not workdir.is_dir():
