@@ -153,8 +153,20 @@ def write_dataset(
 ) -> dict[str, str]:
     """Writes the motion task and the frame pre-training set under `out` (see the module doc).
 
-    Classes are balanced; file names carry the index. Reproducible: the same arguments write
-    the same files (every video has its own seed derived from (seed, split, index)).
+    Video i of a split has class i mod the class count (balanced when the count divides by
+    it: 2 motion classes, 4 size classes); file names carry the index. Reproducible: the same
+    arguments write the same files (every video has its own seed derived from (seed, split,
+    index)).
+
+    Args:
+      out: the dataset folder (created; files already there are overwritten).
+      train: approaching/receding videos in `videos/train`.
+      val: approaching/receding videos in `videos/val`.
+      frames_train: still videos labelled by size in `frames/train`.
+      frames_val: still videos labelled by size in `frames/val`.
+      seed: the seed every video's own seed derives from.
+      geometry: frame size, clip length and object sizes.
+      progress: a progress bar on stderr.
 
     Returns:
       The four split folders, by name ('videos/train', ...).
