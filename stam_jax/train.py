@@ -234,7 +234,9 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
       where the outputs are.
 
     Raises:
-      TrainConfigError: before any compute, for bad data, batch or optimizer settings.
+      TrainConfigError: before any compute, for bad data, batch or optimizer settings, a
+        bad model, seed or workdir, an initial checkpoint or teacher that cannot be used, or
+        a restart whose settings differ from the run in `workdir`.
       NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
       UnusableDataError: more than half of at least 32 training videos seen could not be used.
     """
