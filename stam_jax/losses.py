@@ -37,7 +37,8 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
         targets: target distributions (rows summing to 1), of the logits' shape.
 
     Returns:
-        `(B,)` float32 losses `-sum_k targets * log_softmax(logits)`.
+        `(B,)` float32 losses `-sum_k targets * log_softmax(logits)` (the logits' leading
+        axes, `(...)`, for more than one).
 
     Raises:
         ValueError: `targets` not of the logits' shape, e.g. integer labels `(B,)`, which would
