@@ -64,6 +64,10 @@ class ClipSpec:
         left and right are different classes).
       train_min_area: smallest area fraction of a training clip's random resized crop (1.0:
         the whole frame, resized).
+
+    Raises:
+      ValueError: on construction, a field of the wrong type or out of the ranges above
+        (naming the field).
     """
 
     num_frames: int = 16
