@@ -292,7 +292,10 @@ def _check_finite_params(checkpoint: str | Path, params: dict[str, Any]) -> None
 
 
 def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
-    """The matplotlib figure of `explain_video`'s result (close it when done).
+    """The matplotlib figure of `explain_video`'s result.
+
+    A `matplotlib.figure.Figure` outside pyplot: the caller's backend is left as it was, and
+    the figure is freed with its last reference (`fig.savefig(path)` writes it).
 
     Args:
       result: what `explain_video` returned.
@@ -308,17 +311,14 @@ def figure(result: dict[str, Any], classes: list[str] | None = None) -> Any:
             f"classes names {len(classes)} classes; the model has {len(probs)}: pass its class "
             "names in label order, or None."
         )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stam_jax.plot import new_figure
 
     frames, heat = result["frames"], result["spatial_rollout"]
     averaged = result.get("aggregate") == "mean"
     t = frames.shape[0]
     cols = min(t, 8)
     rows = -(-t // cols)
-    fig = plt.figure(figsize=(2.0 * cols, 2.1 * rows + 4.2), dpi=100)
+    fig = new_figure(figsize=(2.0 * cols, 2.1 * rows + 4.2), dpi=100)
     grid = fig.add_gridspec(rows + 2, cols, height_ratios=[2.1] * rows + [2.4, 1.8])
     for i in range(t):
         ax = fig.add_subplot(grid[i // cols, i % cols])
@@ -382,8 +382,6 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
       ValueError: a suffix not in `SUFFIXES` (none included), `classes` that do not fit, or
         a file that cannot be written; the message names it.
     """
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(
@@ -400,8 +398,6 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
         raise ValueError(
             f"cannot write {path} ({e.strerror or e}); choose another --out."
         ) from None
-    finally:
-        plt.close(fig)
     return path
 
 

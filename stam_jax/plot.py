@@ -25,7 +25,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,14 +44,16 @@ TRAIN_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 TRAIN_KEYS = tuple(key for _, keys in TRAIN_PANELS for key in keys)
 
 
-def _pyplot() -> ModuleType:
-    """`matplotlib.pyplot` on the non-interactive Agg backend, imported on first use."""
-    import matplotlib
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib `Figure` of its own, outside pyplot (imported on first use).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    No backend is chosen and pyplot keeps no reference to it: drawing from a notebook or a
+    program of one's own leaves its matplotlib backend and its open figures as they were, and
+    the figure is freed with its last reference.
+    """
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(**kwargs)
 
 
 def _not_json(path: Path, error: json.JSONDecodeError, line: int | None = None) -> str:
@@ -106,7 +107,6 @@ def read_json_lines(path: Path, *, skip_cut_last: bool = False) -> list[tuple[in
 def _save(fig: Any, out: Path) -> Path:
     """Writes `fig` to `out`; a file-system error names the path and the `--out` option (and
     leaves no half-written file, an existing `out` unchanged)."""
-    plt = _pyplot()
     try:
         with staged(out) as temp:
             fig.savefig(temp)
@@ -115,8 +115,6 @@ def _save(fig: Any, out: Path) -> Path:
             f"cannot write {out} ({e.strerror or e}); pass --out DIR to write the pictures "
             "to a folder you can write to."
         ) from None
-    finally:
-        plt.close(fig)
     return out
 
 
@@ -161,10 +159,8 @@ def plot_training(metrics_file: Path, out: Path) -> Path:
 def _draw_training(series: dict[str, list[tuple[float, float]]], out: Path) -> Path:
     """Writes `_training_series`' curves to `out`, one panel per quantity."""
     panels = [(title, keys) for title, keys in TRAIN_PANELS if any(k in series for k in keys)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(4.0 * len(panels), 3.2), dpi=100, squeeze=False
-    )
+    fig = new_figure(figsize=(4.0 * len(panels), 3.2), dpi=100)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         for key in (k for k in keys if k in series):
             steps, values = zip(*series[key], strict=True)
@@ -274,9 +270,9 @@ def _draw_evaluation(evaluation: dict[str, Any], out: Path, worst: int) -> Path:
 
     accuracy = sorted((np.mean(v), name(c)) for c, v in correct.items())[:worst]
     pairs = evaluation["confusions"].most_common(15)
-    plt = _pyplot()
     height = max(len(accuracy), len(pairs), 5) * 0.28 + 1.2
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, height), dpi=100)
+    fig = new_figure(figsize=(13, height), dpi=100)
+    left, right = fig.subplots(1, 2)
     left.barh(range(len(accuracy))[::-1], [a for a, _ in accuracy], color="#c44e52")
     left.set_yticks(range(len(accuracy))[::-1], [n for _, n in accuracy], fontsize=7)
     left.set_xlim(0, 1)

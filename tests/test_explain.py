@@ -262,6 +262,16 @@ def test_figure_refuses_class_names_that_do_not_fit():
     for names in (["a", "b"], [f"c{i}" for i in range(400)]):
         with pytest.raises(ValueError, match=rf"classes names {len(names)} classes; the model ha"):
             figure(result, names)
+    # A figure of its own, outside pyplot: a notebook's backend is left as it was (it was
+    # switched to Agg), and pyplot holds no reference to it (it was kept until closed).
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("backend switched"))
+        before = plt.get_fignums()
+        fig = figure(result)
+        assert plt.get_fignums() == before and isinstance(fig, matplotlib.figure.Figure)
 
 
 def test_draw_refuses_a_path_without_a_picture_suffix(tmp_path):

@@ -29,7 +29,16 @@ def nonblank_png(path, size):
         return np.asarray(image.convert("RGB"), dtype=np.float32).std() > 10
 
 
-def test_training_and_evaluation_pictures(tmp_path, capsys):
+def test_training_and_evaluation_pictures(tmp_path, capsys, monkeypatch):
+    # Drawn outside pyplot: a notebook's backend is not switched, no figure is left open.
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    def switch(*args, **kwargs):
+        raise AssertionError("the matplotlib backend was switched")
+
+    monkeypatch.setattr(matplotlib, "use", switch)
+    open_figures = plt.get_fignums()
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(0, 100, 10):
             f.write(
@@ -44,6 +53,7 @@ def test_training_and_evaluation_pictures(tmp_path, capsys):
     assert f"wrote {tmp_path / 'train.png'}" in out and f"wrote {tmp_path / 'eval.png'}" in out
     assert nonblank_png(tmp_path / "train.png", (800, 320))  # two quantities, one panel each
     assert nonblank_png(tmp_path / "eval.png", (1300, 260))
+    assert plt.get_fignums() == open_figures
 
 
 def test_errors_name_the_problem(tmp_path, capsys):
