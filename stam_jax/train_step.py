@@ -8,6 +8,7 @@ The pieces of `stam_jax.train`'s loop that a loop of one's own reuses: `TrainSta
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -203,7 +204,7 @@ def _accumulation_updated(opt_state: Any) -> jax.Array | None:
 def make_train_step(
     model: STAM,
     tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    schedule: optax.Schedule | float,
     train: Any,
     seed: int,
     num_classes: int,
@@ -217,7 +218,29 @@ def make_train_step(
     (params, optimizer state and EMA unchanged) and the scale halved. A batch in which no video
     could be used (every one failed to decode: weight 0) is skipped the same way, rather than
     let weight decay alone move the params.
+
+    Args:
+      model: the model trained (its dtype chooses float16 loss scaling).
+      tx: the optimizer (`make_optimizer`'s, or one of one's own; an `optax.MultiSteps` in it,
+        found by its state, makes the EMA follow its updates, not the batches).
+      schedule: the learning rate by step, for the metrics only (`tx` applies its own): an
+        `optax.Schedule`, or a number for a constant rate.
+      train: the run config's `train` section (`configs/common.py`: label smoothing, mixing,
+        distillation, EMA decay, accumulation, loss-scale period).
+      seed: the seed of the step's random keys (dropout, mixing), folded with the step.
+      num_classes: the number of classes of `labels`.
+      teacher: a model to distil from; its params are then the step's fifth argument.
+
+    Raises:
+      TypeError: `schedule` is neither callable nor a number.
     """
+    if not callable(schedule):
+        if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
+            raise TypeError(
+                f"schedule={schedule!r}: pass the learning-rate schedule (an optax.Schedule, "
+                "e.g. make_optimizer's second value) or a number for a constant rate."
+            )
+        schedule = optax.constant_schedule(float(schedule))
     mixing = train.mixup_alpha > 0 or train.cutmix_alpha > 0
     float16 = loss_scaled(model)
     weight, temperature = train.distill_weight, train.distill_temperature

@@ -264,3 +264,16 @@ def test_eight_simulated_devices_match_one():
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1].split()
     assert line[1] == "8" and float(line[3]) < 1e-5, line
+
+
+def test_the_schedule_may_be_a_constant_rate():
+    # The schedule only feeds the learning_rate metric; a float was 'not callable' at trace time.
+    _, state, *batch = setup()  # the state of make_optimizer's optimizer, shared
+    config = base_config("stam_tiny")
+    model = create_model("stam_tiny", **NO_DROPOUT)
+    tx, _ = make_optimizer(config.train, initial_params())
+    constant = make_train_step(model, tx, 0.25, config.train, 0, 10)
+    metrics = jax.eval_shape(constant, state, *batch)[1]  # traced, not compiled
+    assert metrics["learning_rate"].shape == ()
+    with pytest.raises(TypeError, match=r"schedule='1e-3': pass the learning-rate schedule"):
+        make_train_step(model, tx, "1e-3", config.train, 0, 10)
