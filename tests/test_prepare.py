@@ -70,9 +70,10 @@ def run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
-def prepare_cli(src, out, *extra, env=None) -> subprocess.CompletedProcess:
+def prepare_cli(src, out, *extra, env=None, timeout=600) -> subprocess.CompletedProcess:
     args = ["-m", "stam_jax.data.prepare", f"--src={src}", f"--out={out}"]
-    return run([*args, "--config=configs/tiny.py", "--config.progress=False", *extra], env=env)
+    command = [*args, "--config=configs/tiny.py", "--config.progress=False", *extra]
+    return run(command, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,9 @@ def test_jpeg_prepared_evaluation_agrees(videos, from_videos, ckpt, tmp_path):
 def test_an_interrupted_prepare_resumes_to_the_same_dataset(videos, ckpt, tmp_path):
     out = tmp_path / "resumed"
     args = ["--workers=0", "--shard_size=3"]
-    killed = prepare_cli(videos, out, *args, env={STOP_HOOK: "2"})
+    # Its decoding processes end with it: they outlived a SIGKILL, waiting for work forever
+    # while holding its stdout and stderr, so this run did not return (the timeout).
+    killed = prepare_cli(videos, out, *args, "--workers=2", env={STOP_HOOK: "2"}, timeout=60)
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (out / ".prepare").glob("*.json")) == [
         "part-00000.json",

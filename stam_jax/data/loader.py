@@ -7,8 +7,10 @@ import concurrent.futures
 import concurrent.futures.process
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -170,7 +172,7 @@ class _ParallelDecoder:
         # 'spawn': forking a process that holds JAX's threads can deadlock.
         context = multiprocessing.get_context("spawn")
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_leave_interrupts_to_the_parent
+            self.workers, mp_context=context, initializer=_start_worker
         )
 
     def __iter__(self) -> Iterator[Decoded]:
@@ -232,6 +234,32 @@ def _submit(
         return pool.submit(fn, *job)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _start_worker() -> None:
+    """Run in each decoding process as it starts (see the two functions it calls)."""
+    _leave_interrupts_to_the_parent()
+    _end_with_the_parent()
+
+
+def _end_with_the_parent() -> None:
+    """Ends this decoding process as soon as its parent has ended, however it ended.
+
+    A parent killed outright (SIGKILL, the out-of-memory killer) cannot shut its pool down: its
+    workers waited for work forever, each holding its memory and the parent's stdout and stderr
+    (a caller reading them to the end, as `subprocess.run` does, never returned). The pipe
+    `multiprocessing` starts a process with stays open in the parent for the worker's life and
+    closes when the parent ends; a thread waits for that and exits the process.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=wait, name="stam-parent-watch", daemon=True).start()
 
 
 def _leave_interrupts_to_the_parent() -> None:
