@@ -220,8 +220,16 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
     with pytest.raises(PreparedError, match="not a prepared dataset"):
         prepare(videos, foreign, SPEC, progress=False)
     assert (foreign / "keep.txt").read_text() == "mine"
-    with pytest.raises(PreparedError, match="encoding: there 'raw', now 'jpeg'"):
+    with pytest.raises(PreparedError, match="--encoding: there 'raw', now 'jpeg'"):
         prepare(videos, out, SPEC, encoding="jpeg", shard_size=4, progress=False)
+    # Each sampling field that differs, by its flag (was the two whole ClipSpecs, to compare).
+    other = dataclasses.replace(SPEC, frame_rate=2.0, num_clips=2)
+    with pytest.raises(PreparedError) as info:
+        prepare(videos, out, other, shard_size=4, progress=False)
+    assert (
+        "settings (--config.data.frame_rate: there 4.0, now 2.0; --config.data.num_clips: "
+        "there 1, now 2); use another --out" in str(info.value)
+    )
     again = prepare(videos, out, SPEC, shard_size=4, progress=False)  # done: nothing to do
     assert again["complete"]
     for kwargs, message in [
@@ -434,9 +442,12 @@ def test_empty_classes_and_ignored_entries_are_kept_and_printed(
 
 def test_evaluation_refuses_a_mismatched_prepared_dataset(prepared_raw, ckpt, tmp_path):
     out, _ = prepared_raw
-    with pytest.raises(EvalConfigError, match=r"frame_rate: prepared 4.0, asked 2.0"):
+    # Named by the flags to set (were the bare field names).
+    with pytest.raises(
+        EvalConfigError, match=r"\(--config.data.frame_rate: prepared 4.0, asked 2.0\)"
+    ):
         evaluate(config_for(ckpt, out, **{"data.frame_rate": 2.0}), tmp_path)
-    with pytest.raises(EvalConfigError, match=r"num_crops: prepared 1, asked 3"):
+    with pytest.raises(EvalConfigError, match=r"--config.data.num_crops: prepared 1, asked 3"):
         evaluate(config_for(ckpt, out, **{"data.num_crops": 3}), tmp_path)
 
 

@@ -66,6 +66,7 @@ from stam_jax.data.prepared import (
     encode_jpeg,
     features,
     is_prepared,
+    spec_flag,
 )
 from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
 from stam_jax.interrupts import keep_interrupts
@@ -76,6 +77,14 @@ EXIT_SKIPPED = 3
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
 WRITER_OPTIONS = "group_size:1,uncompressed"
+# The command-line flag behind each setting a re-run into the same --out must repeat.
+SETTING_FLAGS = {
+    "kind": "--kind",
+    "encoding": "--encoding",
+    "jpeg_quality": "--jpeg_quality",
+    "shard_size": "--shard_size",
+    "source": "--src",
+}
 STOP_HOOK = "STAM_TEST_PREPARE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing this many
 
 
@@ -218,9 +227,19 @@ def _check_out(
             )
         return None
     meta = json.loads(meta_path.read_text())
-    differ = [
-        f"{k}: there {meta.get(k)!r}, now {v!r}" for k, v in settings.items() if meta.get(k) != v
-    ]
+    differ = []
+    for key, now in settings.items():
+        there = meta.get(key)
+        if there == now:
+            continue
+        if key == "spec" and isinstance(there, dict):  # each field, with the flag that sets it
+            differ += [
+                f"{spec_flag(name)}: there {there.get(name)!r}, now {value!r}"
+                for name, value in now.items()
+                if there.get(name) != value
+            ]
+        else:
+            differ.append(f"{SETTING_FLAGS.get(key, key)}: there {there!r}, now {now!r}")
     if differ:
         raise PreparedError(
             f"--out {out} was prepared with other settings ({'; '.join(differ)}); use another "

@@ -48,6 +48,14 @@ EVAL_FIELDS = ("frame_rate", "resize", "num_frames", "crop", "num_clips", "num_c
 TRAIN_FIELDS = ("frame_rate", "resize")
 
 
+def spec_flag(name: str) -> str:
+    """The run-config flag that sets `ClipSpec` field `name` (`frame_rate` ->
+    `--config.data.frame_rate`; T, `num_frames`, is the model's)."""
+    if name == "num_frames":
+        return "--config.model_overrides.num_frames"
+    return f"--config.data.{name}"
+
+
 class PreparedError(ValueError):
     """A prepared dataset that cannot be used as asked; the message says what to do."""
 
@@ -136,17 +144,18 @@ class PreparedDataset:
         return tfds.builder_from_directory(str(self.path)).as_data_source(split=self.split)
 
     def mismatches(self, spec: ClipSpec) -> list[str]:
-        """'field: prepared X, asked Y' for each sampling field that differs from `spec`."""
+        """'--config.data.FIELD: prepared X, asked Y' for each sampling field that differs from
+        `spec`, named by the flag that sets it."""
         fields = EVAL_FIELDS if self.kind == "eval" else TRAIN_FIELDS
+        if self.kind == "eval":
+            fields += ("short_videos",)
         out = []
         for name in fields:
             have, want = getattr(self.spec, name), getattr(spec, name)
             if have != want:
-                out.append(f"{name}: prepared {have}, asked {want}")
-        if self.kind == "eval" and self.spec.short_videos != spec.short_videos:
-            out.append(
-                f"short_videos: prepared {self.spec.short_videos!r}, asked {spec.short_videos!r}"
-            )
+                if isinstance(have, str):
+                    have, want = repr(have), repr(want)
+                out.append(f"{spec_flag(name)}: prepared {have}, asked {want}")
         return out
 
 
