@@ -393,22 +393,35 @@ def test_an_out_that_cannot_be_written_is_refused(videos, tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_ctrl_c_says_how_far_it_got_and_how_to_resume(videos, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "stop, code, how",
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),  # was a KeyboardInterrupt traceback
+        # A full disk was an OSError traceback (exit 1) saying nothing of what was kept.
+        (
+            OSError(28, "No space left on device"),
+            1,
+            "error: stopped by [Errno 28] No space left on device",
+        ),
+    ],
+)
+def test_ctrl_c_or_a_full_disk_says_how_far_it_got_and_how_to_resume(
+    stop, code, how, videos, tmp_path, monkeypatch, capsys
+):
     write_part = prepare_module._write_part
 
-    def ctrl_c_in_the_second_shard(parts, shard, results, bar):
+    def stopped_in_the_second_shard(parts, shard, results, bar):
         if shard == 1:
-            raise KeyboardInterrupt
+            raise stop
         write_part(parts, shard, results, bar)
 
-    monkeypatch.setattr(prepare_module, "_write_part", ctrl_c_in_the_second_shard)
+    monkeypatch.setattr(prepare_module, "_write_part", stopped_in_the_second_shard)
     out = tmp_path / "out"
     args = f"--src={videos}", f"--out={out}", "--workers=0", "--shard_size=3"
-    code, _, err = prepare_main(monkeypatch, capsys, *args)
-    assert code == 130  # was a KeyboardInterrupt traceback
-    assert err == (
-        f"interrupted: 1 of 4 shards of {out} are prepared and kept; run the same command "
-        "again to resume.\n"
+    assert prepare_main(monkeypatch, capsys, *args)[::2] == (
+        code,
+        f"{how}: 1 of 4 shards of {out} are prepared and kept; run the same command again to "
+        "resume.\n",
     )
 
 

@@ -19,7 +19,8 @@ from the prepared dataset as it would from the videos.
 
 Exit status: 0 every video prepared, 2 refused before anything is written (one `error:` line
 saying why: a bad flag or config value, an --out inside or around --src, an --out that cannot
-be written, ...), 3 finished with some videos skipped, 130 interrupted (Ctrl-C; rerun to resume).
+be written, ...), 3 finished with some videos skipped, 1 stopped by an error while writing (a full
+disk: one `error:` line; rerun to resume), 130 interrupted (Ctrl-C; rerun to resume).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from stam_jax.interrupts import keep_interrupts
 from stam_jax.paths import unwritable
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+EXIT_FAILED = 1
 EXIT_SKIPPED = 3
 # One record per group (random access to any video); no compression: JPEG is compressed
 # already, and raw frames are kept for read speed (ArrayRecord's default brotli cost 5x).
@@ -514,20 +516,21 @@ def _summary(meta: dict[str, Any], out: Path) -> None:
         print(f"  skipped {meta['items'][int(p)][0]}: {o['reason']}", file=sys.stderr)
 
 
-def _interrupted(out: Path) -> str:
-    """What an interrupted run leaves in `out`, and how to go on."""
+def _interrupted(out: Path, how: str = "interrupted") -> str:
+    """What a run stopped part-way (`how`: 'interrupted', or the error) leaves in `out`, and
+    how to go on."""
     try:
         meta = json.loads((out / META_FILE).read_text())
     except (OSError, ValueError):
         meta = None
     if not isinstance(meta, dict) or "items" not in meta:
-        return f"interrupted before anything was prepared in {out}."
+        return f"{how} before anything was prepared in {out}."
     if meta.get("complete"):
-        return f"interrupted, but {out} was already finished ({meta['num_records']} records)."
+        return f"{how}, but {out} was already finished ({meta['num_records']} records)."
     total = -(-len(meta["items"]) // meta["shard_size"])
     done = len(list((out / PARTS).glob("part-*.json")))
     return (
-        f"interrupted: {done} of {total} shards of {out} are prepared and kept; run the same "
+        f"{how}: {done} of {total} shards of {out} are prepared and kept; run the same "
         "command again to resume."
     )
 
@@ -564,7 +567,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
       argv: what is left of the command line after the flags (the program name).
       flag_values: the parsed flags (see `define_flags`).
 
-    Exits with 0 (all prepared), 2 (refused: one `error:` line), 3 (some videos skipped) or
+    Exits with 0 (all prepared), 2 (refused: one `error:` line), 3 (some videos skipped), 1
+    (a write failed, such as on a full disk: one `error:` line; the same command resumes) or
     130 (interrupted; the same command resumes).
     """
     del argv
@@ -574,6 +578,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     except KeyboardInterrupt:
         print(_interrupted(Path(flag_values.out)), file=sys.stderr)
         code = EXIT_INTERRUPTED
+    except OSError as e:  # writing failed part-way: a full disk, a quota, a lost mount
+        print(f"error: {_interrupted(Path(flag_values.out), f'stopped by {e}')}", file=sys.stderr)
+        code = EXIT_FAILED
     sys.exit(code)
 
 
