@@ -67,6 +67,22 @@ def _innermost_text(error: BaseException) -> str:
     return str(error)
 
 
+def _config_fields_named(config: Any, name: str, prefix: str = "") -> list[str]:
+    """The dotted paths of the fields of `config` (nested) whose own name is `name`."""
+    try:
+        items = list(config.items())
+    except (AttributeError, TypeError):  # no config loaded, or not a ConfigDict
+        return []
+    found = []
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if key == name:
+            found.append(path)
+        if hasattr(value, "items") and not isinstance(value, str):
+            found += _config_fields_named(value, name, f"{path}.")
+    return found
+
+
 def _fields_at(config: Any, flag: str) -> str | None:
     """The fields of the config node that `flag` (--config.a.b.name) sets a field of, listed."""
     node = config
@@ -180,9 +196,17 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
                     f"name it first, e.g. --config configs/stam_16.py --{name}=..."
                 )
             if not name.startswith("config."):
+                config = flag_values["config"].value
+                fields = _config_fields_named(config, name)
+                if config is None:
+                    hint = "after --config, e.g. --config configs/stam_16.py"
+                elif fields:
+                    hint = f"did you mean {' or '.join(f'--config.{f}' for f in fields)}?"
+                else:
+                    hint = f"the run config has no field named {name!r}"
                 refuse(
                     f"unknown flag --{name}; the flags are {_flag_list(flag_values)}, and the "
-                    f"run config's fields are set as --config.FIELD (e.g. --config.{name})."
+                    f"run config's fields are set as --config.FIELD ({hint})."
                 )
         refuse(flag_error_message(e, argv, _config_file_default(argv)))
     if len(rest) > 1:

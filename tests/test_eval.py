@@ -563,7 +563,17 @@ def test_cli_unknown_config_field_is_one_line(tmp_path):
         (
             ["--config", "configs/tiny.py", "--dtype=bfloat16"],
             "unknown flag --dtype; the flags are --config, --workdir, and the run config's fields "
-            "are set as --config.FIELD (e.g. --config.dtype).",
+            "are set as --config.FIELD (did you mean --config.dtype?).",
+        ),
+        (
+            ["--config", "configs/tiny.py", "--workers=0"],
+            "unknown flag --workers; the flags are --config, --workdir, and the run config's "
+            "fields are set as --config.FIELD (did you mean --config.data.workers?).",
+        ),
+        (
+            ["--config", "configs/tiny.py", "--force"],
+            "unknown flag --force; the flags are --config, --workdir, and the run config's "
+            "fields are set as --config.FIELD (the run config has no field named 'force').",
         ),
     ],
 )
