@@ -67,10 +67,25 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     """This process's share of a global batch, refusing sizes that do not divide.
 
+    Every process must hold as many devices as every other: each feeds an equal share of
+    every batch (and of the videos).
+
     Raises:
-      ValueError: naming the batch size, the device count and the nearest valid sizes.
+      ValueError: naming the batch size, the device count and the nearest valid sizes, or
+        the processes whose device counts differ.
     """
     devices = mesh.devices.size
+    per_process: dict[int, int] = {}
+    for device in mesh.devices.flat:
+        per_process[device.process_index] = per_process.get(device.process_index, 0) + 1
+    if len(set(per_process.values())) > 1:
+        counts = ", ".join(f"process {p}: {n}" for p, n in sorted(per_process.items()))
+        raise ValueError(
+            f"the processes hold different numbers of devices ({counts}); each feeds an equal "
+            "share of every batch, so start every process with as many devices (the same "
+            "GPUs per host, or the same XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "on CPU)."
+        )
     if global_batch < 1:
         raise ValueError(
             f"batch_size={global_batch}: must be at least 1 (a multiple of the {devices} "
@@ -82,7 +97,7 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
             f"batch_size={global_batch} does not divide over {devices} devices; use a multiple "
             f"of {devices}, e.g. --config.batch_size={lower} or {lower + devices}."
         )
-    return global_batch // jax.process_count()
+    return global_batch // len(per_process)
 
 
 def to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from stam_jax import sharding
 
@@ -31,3 +34,20 @@ def test_put_replicated_takes_arrays_and_scalars() -> None:
     assert placed["rate"].dtype == np.float32
     assert placed["f64"].dtype == np.float32  # JAX's dtype without x64, as device_put gives
     assert placed["flag"].dtype == np.bool_
+
+
+def test_local_batch_size_refuses_processes_with_different_device_counts() -> None:
+    # 2 + 1 devices: the batch divides over 3 devices, but no equal share per process exists;
+    # it used to fail after the compile, in make_array_from_process_local_data.
+    def mesh(*processes: int) -> SimpleNamespace:
+        devices = [SimpleNamespace(process_index=p) for p in processes]
+        return SimpleNamespace(devices=np.array(devices, dtype=object))
+
+    assert sharding.local_batch_size(8, mesh(0, 0, 1, 1)) == 4
+    assert sharding.local_batch_size(6, mesh(0, 0, 0)) == 6
+    with pytest.raises(
+        ValueError, match=r"different numbers of devices \(process 0: 2, process 1: 1\)"
+    ):
+        sharding.local_batch_size(3, mesh(0, 0, 1))
+    with pytest.raises(ValueError, match=r"batch_size=4 does not divide over 6 devices"):
+        sharding.local_batch_size(4, mesh(0, 0, 0, 1, 1, 1))
