@@ -366,15 +366,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             ) from None
         state = restored["state"]
         if loader:
-            saved = restored["data"]["grain"][jax.process_index()]
-            was = json.loads(saved)["worker_count"]
-            if was != workers:
-                raise TrainConfigError(
-                    f"the run in {workdir} read its data with {was} worker processes, this one "
-                    f"would use {workers}; resume with --config.data.workers={was} (the data "
-                    "position is saved per worker)."
-                )
-            clips.set_state(saved.encode())
+            clips.set_state(_data_position(restored["data"]["grain"], workers, workdir))
         if jax.process_index() == 0:
             print(
                 f"resuming {workdir} from step {start} of {train.steps} (params, optimizer "
@@ -533,6 +525,33 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
     return {"step": int(state.step), "resumed_from": start, "last_metrics": last, **outputs}
+
+
+def _data_position(saved: list[str], workers: int, workdir: Path) -> bytes:
+    """This process's grain iterator state from a checkpoint's positions (one per process of
+    the run that saved it), refused where the run reads with other process or worker counts.
+
+    Each process's position counts its own rows of the global batches, read by its workers:
+    under another process count (the rows per process change) or worker count it would
+    resume elsewhere in the data, or fail.
+    """
+    processes = jax.process_count()
+    if len(saved) != processes:
+        raise TrainConfigError(
+            f"the run in {workdir} read its prepared data as {len(saved)} process(es), this one "
+            f"runs {processes}; resume with --config.distributed.num_processes={len(saved)} (the "
+            "data position is saved per process), or export a step (python -m stam_jax.export) "
+            "and start a new --workdir from it."
+        )
+    position = saved[jax.process_index()]
+    was = json.loads(position)["worker_count"]
+    if was != workers:
+        raise TrainConfigError(
+            f"the run in {workdir} read its data with {was} worker processes, this one "
+            f"would use {workers}; resume with --config.data.workers={was} (the data "
+            "position is saved per worker)."
+        )
+    return position.encode()
 
 
 def _teacher_model(config: Any, model: STAM) -> tuple[STAM, dict[str, Any]] | None:

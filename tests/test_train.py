@@ -834,3 +834,25 @@ def test_periodic_evaluation_names_a_skipped_video_once(tmp_path, capsys):
         f"  eval skipped b/x.mp4 (EMA): {NON_FINITE_REASON}",
         f"  eval skipped b/x.mp4 (params): {NON_FINITE_REASON}",
     ]
+
+
+def test_a_prepared_run_resumes_only_with_its_process_and_worker_counts(monkeypatch, tmp_path):
+    # Each process's grain position counts its own rows: under another process count it would
+    # resume elsewhere in the data (2 -> 1) or fail with an IndexError (1 -> 2).
+    from stam_jax.train import TrainConfigError, _data_position
+
+    def position(rank: int, workers: int = 0) -> str:
+        return json.dumps({"worker_count": workers, "last_seen_indices": {"0": rank}})
+
+    two = [position(0), position(1)]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert _data_position(two, 0, tmp_path) == position(1).encode()
+    with pytest.raises(TrainConfigError, match=r"--config.data.workers=0 \(the data position"):
+        _data_position(two, 2, tmp_path)
+    with pytest.raises(TrainConfigError, match=r"as 1 process\(es\), this one runs 2; resume wi"):
+        _data_position([position(0)], 0, tmp_path)
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(TrainConfigError, match=r"--config.distributed.num_processes=2 \(the data"):
+        _data_position(two, 0, tmp_path)
