@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +127,42 @@ def _frame_count_fix(config: Any, t: int, image_size: int) -> str:
         f"cover (now {t} frames at {rate} fps = {t / rate:g} s; the official protocol samples "
         f"the first 10 s: frame_rate={t / 10:g})."
     )
+
+
+# Fields that may differ between the processes of one run (paths are compared by content).
+_PER_PROCESS = (
+    "distributed.process_id",
+    "data.workers",
+    "data.prefetch",
+    "progress",
+    "compilation_cache_dir",
+    "checkpoint",
+    "data.root",
+    "data.class_list",
+    "train",  # not read by evaluation
+)
+
+
+def _settings(config: Any, folder: VideoFolder, params: Any) -> dict[str, Any]:
+    """What every process of a multi-process evaluation must have the same: the config (but
+    `_PER_PROCESS`), the listing of the data (classes, videos, labels) and the params."""
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    settings = {
+        f"--config.{k}": v
+        for k, v in sorted(flat.items())
+        if not any(k == f or k.startswith(f + ".") for f in _PER_PROCESS)
+    }
+    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
+    settings["--config.data.root's listing"] = (
+        f"{config.data.root} ({len(folder.classes)} classes, {len(folder.items)} videos, "
+        f"digest {sharding.digest(listing)})"
+    )
+    if config.data.class_list:
+        settings["--config.data.root's listing"] += f" with {config.data.class_list}"
+    settings["--config.checkpoint's params"] = (
+        f"{config.checkpoint} (checksum {sharding.tree_digest(params)})"
+    )
+    return settings
 
 
 def _load_model(config: Any, config_model: STAM) -> tuple[STAM, dict[str, Any]]:
@@ -327,37 +364,42 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
-    model, stored = _load_model(config, config_model)
-    spec = _clip_spec(config, model)
-    try:
-        model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)
-    except ValueError as e:
-        raise EvalConfigError(f"--config.frame_chunk: {e}") from None
-    folder, prepared = _list_data(config, model, spec)
-    mesh = sharding.data_mesh()
-    try:
-        local_batch = sharding.local_batch_size(config.batch_size, mesh)
-    except ValueError as e:
-        raise EvalConfigError(str(e)) from None
+    # A refusal in one process is one in all (each would otherwise wait for the others' data),
+    # and processes started with different settings are refused.
+    with sharding.shared_refusals(EvalConfigError) as agree:
+        model, stored = _load_model(config, config_model)
+        spec = _clip_spec(config, model)
+        try:
+            model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)
+        except ValueError as e:
+            raise EvalConfigError(f"--config.frame_chunk: {e}") from None
+        folder, prepared = _list_data(config, model, spec)
+        mesh = sharding.data_mesh()
+        try:
+            local_batch = sharding.local_batch_size(config.batch_size, mesh)
+        except ValueError as e:
+            raise EvalConfigError(str(e)) from None
 
-    # This process's share of the videos, and a step count every process agrees on.
-    pid, nproc = jax.process_index(), jax.process_count()
-    total = prepared.num_records if prepared else len(folder.items)
-    per_process = math.ceil(total / nproc)
-    steps = math.ceil(per_process / local_batch)
+        # This process's share of the videos, and a step count every process agrees on.
+        pid, nproc = jax.process_index(), jax.process_count()
+        total = prepared.num_records if prepared else len(folder.items)
+        per_process = math.ceil(total / nproc)
+        steps = math.ceil(per_process / local_batch)
 
-    # Refused here, before any decoding, if the checkpoint does not fit the model.
-    try:
-        params = checkpoints.read_params(config.checkpoint, model, config=stored)
-    except checkpoints.CheckpointError as e:
-        raise EvalConfigError(str(e)) from None
-    bad = checkpoints.non_finite_params(params)
-    if bad:  # every logit would be NaN: refused before any video is decoded
-        raise EvalConfigError(
-            f"--config.checkpoint: {checkpoints.non_finite_message(config.checkpoint, bad)}, so "
-            f"every prediction would be NaN; evaluate a checkpoint with finite params "
-            f"({checkpoints.EARLIER_STEP})."
-        )
+        # Refused here, before any decoding, if the checkpoint does not fit the model.
+        try:
+            params = checkpoints.read_params(config.checkpoint, model, config=stored)
+        except checkpoints.CheckpointError as e:
+            raise EvalConfigError(str(e)) from None
+        bad = checkpoints.non_finite_params(params)
+        if bad:  # every logit would be NaN: refused before any video is decoded
+            found = checkpoints.non_finite_message(config.checkpoint, bad)
+            raise EvalConfigError(
+                f"--config.checkpoint: {found}, so "
+                f"every prediction would be NaN; evaluate a checkpoint with finite params "
+                f"({checkpoints.EARLIER_STEP})."
+            )
+        agree(lambda: _settings(config, folder, params))
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

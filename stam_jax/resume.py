@@ -66,6 +66,24 @@ def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
     return {**record, _LISTING: _listing_digest(folder)}
 
 
+# Run record fields that name where something is, not what it is: the processes of one run
+# may find their data and checkpoints at other paths (the listing is compared by its digest).
+_PATHS = ("train.root", "checkpoint", "train.teacher", "data.class_list")
+
+
+def process_settings(config: Any, folder: VideoFolder) -> dict[str, Any]:
+    """What every process of a multi-process training must have the same: the run record's
+    fields but the paths, as flags (`--config.train.steps`), and the training data's listing
+    (its root named beside the digest)."""
+    record = _run_record(config, folder)
+    settings = {f"--config.{k}": v for k, v in record.items() if k not in (*_PATHS, _LISTING)}
+    settings["--config.train.root's listing"] = (
+        f"{config.train.root} ({len(folder.classes)} classes, {len(folder.items)} videos, "
+        f"digest {record[_LISTING][:12]})"
+    )
+    return settings
+
+
 def write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
     """Saves the fields a restart must not change (process 0), for `check_same_run`."""
     if jax.process_index() == 0:

@@ -7,8 +7,12 @@ each process feeds its own share of every global batch.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -141,3 +145,82 @@ def allgather_json(obj: Any) -> list[Any]:
     return [
         json.loads(bytes(row[: int(n)])) for row, n in zip(gathered, sizes.ravel(), strict=True)
     ]
+
+
+def digest(obj: Any) -> str:
+    """A short digest of a JSON-able value (a listing), to compare across processes."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
+
+
+def tree_digest(tree: Any) -> str:
+    """A short checksum of a tree of host arrays (params), to compare across processes."""
+    crc = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        crc = zlib.crc32(jax.tree_util.keystr(path).encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(leaf).view(np.uint8).reshape(-1), crc)
+    return f"{crc:08x}"
+
+
+def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None) -> str | None:
+    """Compares this process's run with every other's (a single process: nothing to compare).
+
+    Args:
+      settings: what must be the same in every process (flag -> JSON-able value); None for a
+        process that refuses the run.
+      refusal: why this process refuses the run (None: it would go on).
+
+    Returns:
+      None when every process may go on; else why not: this process's refusal, another
+      process's (named), or each setting whose value differs, with every process's value.
+    """
+    if jax.process_count() == 1:
+        return refusal
+    everyone = allgather_json({"settings": settings, "refusal": refusal})
+    if refusal is not None:
+        return refusal
+    for pid, part in enumerate(everyone):
+        if part["refusal"] is not None:
+            return f"process {pid} refused the run: {part['refusal']}"
+    differ = []
+    for key in settings:
+        values = [part["settings"].get(key) for part in everyone]
+        if any(v != values[0] for v in values):
+            each = ", ".join(f"process {pid}: {v}" for pid, v in enumerate(values))
+            differ.append(f"{key} ({each})")
+    if not differ:
+        return None
+    return (
+        f"the processes were started with different settings: {'; '.join(differ)}. Start "
+        "every process with the same command, only --config.distributed.process_id differing "
+        "(data and checkpoints may be at other paths on other hosts, holding the same)."
+    )
+
+
+@contextlib.contextmanager
+def shared_refusals(
+    error: type[Exception],
+) -> Iterator[Callable[[Callable[[], dict[str, Any]]], None]]:
+    """Makes a refusal in one process of a multi-process run a refusal in all of them.
+
+    Yields `agree(settings)`, to call once every check of the run has passed: it raises
+    `error` in every process if any process refused (an `error` raised in the block before
+    `agree`) or if the dicts `settings()` returns differ between processes (see
+    `processes_agree`; `settings` is called only when there are several processes). Without
+    it a process left alone would wait for the others' data until the collectives time out,
+    then fail on a message of theirs.
+    """
+    agreed = False
+
+    def agree(settings: Callable[[], dict[str, Any]]) -> None:
+        nonlocal agreed
+        agreed = True
+        problem = processes_agree(settings() if jax.process_count() > 1 else {})
+        if problem:
+            raise error(problem)
+
+    try:
+        yield agree
+    except error as e:
+        if not agreed:
+            processes_agree(None, str(e))
+        raise

@@ -45,7 +45,7 @@ from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM
 from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
-from stam_jax.resume import check_same_run, truncate_log, write_run_record
+from stam_jax.resume import check_same_run, process_settings, truncate_log, write_run_record
 from stam_jax.train_eval import check_eval_root, periodic_eval
 from stam_jax.train_step import (
     TrainConfigError,
@@ -261,57 +261,61 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     dist = config.distributed
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
-    try:
-        spec = ClipSpec(
-            model.num_frames,
-            config.data.frame_rate,
-            config.data.resize,
-            config.data.crop,
-            train_flip=config.data.train_flip,
-            train_min_area=config.data.train_min_area,
-        )
-    except ValueError as e:
-        raise TrainConfigError(name_data_flags(e)) from None
-    folder, prepared = _training_data(config, spec)
-    if len(folder.classes) != model.num_classes:
-        raise TrainConfigError(
-            f"{train.root} has {len(folder.classes)} classes but the model has "
-            f"{model.num_classes} outputs; set --config.model_overrides.num_classes="
-            f"{len(folder.classes)} or give --config.data.class_list."
-        )
-    mesh = sharding.data_mesh()
-    try:
-        local_batch = sharding.local_batch_size(config.batch_size, mesh)
-    except ValueError as e:
-        raise TrainConfigError(str(e)) from None
-    try:  # the periodic evaluation's batches hold a multiple of these frames
-        model.frames_per_step(config.batch_size * model.num_frames)
-    except ValueError as e:
-        raise TrainConfigError(f"--config.frame_chunk: {e}") from None
-    if train.eval_every > 0:
-        if not train.eval_root:
-            raise TrainConfigError(
-                f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
-                "(or set train.eval_every=0)."
+    # A refusal in one process is one in all (each would otherwise wait for the others' data),
+    # and processes started with different settings are refused.
+    with sharding.shared_refusals(TrainConfigError) as agree:
+        try:
+            spec = ClipSpec(
+                model.num_frames,
+                config.data.frame_rate,
+                config.data.resize,
+                config.data.crop,
+                train_flip=config.data.train_flip,
+                train_min_area=config.data.train_min_area,
             )
-        check_eval_root(config, model, folder.classes)
-    elif train.eval_root and jax.process_index() == 0:
-        print(
-            f"warning: --config.train.eval_root={train.eval_root} is not used: periodic "
-            "evaluation is off (train.eval_every=0); set --config.train.eval_every=N to "
-            "evaluate every N steps.",
-            file=sys.stderr,
-        )
-    usable = prepared.num_records if prepared else len(folder.items)
-    if usable < config.batch_size:
-        raise TrainConfigError(
-            f"--config.train.root={train.root} has {usable} videos, fewer than one batch "
-            f"(--config.batch_size={config.batch_size}); lower the batch size or add videos."
-        )
-    teacher_read = _teacher_model(config, model)  # (teacher, its stored config) or None
-    teacher = teacher_read[0] if teacher_read else None
-    # Read (host arrays) and checked now, before anything is written; on the devices later.
-    teacher_host = _teacher_params(config, *teacher_read) if teacher_read else None
+        except ValueError as e:
+            raise TrainConfigError(name_data_flags(e)) from None
+        folder, prepared = _training_data(config, spec)
+        if len(folder.classes) != model.num_classes:
+            raise TrainConfigError(
+                f"{train.root} has {len(folder.classes)} classes but the model has "
+                f"{model.num_classes} outputs; set --config.model_overrides.num_classes="
+                f"{len(folder.classes)} or give --config.data.class_list."
+            )
+        mesh = sharding.data_mesh()
+        try:
+            local_batch = sharding.local_batch_size(config.batch_size, mesh)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from None
+        try:  # the periodic evaluation's batches hold a multiple of these frames
+            model.frames_per_step(config.batch_size * model.num_frames)
+        except ValueError as e:
+            raise TrainConfigError(f"--config.frame_chunk: {e}") from None
+        if train.eval_every > 0:
+            if not train.eval_root:
+                raise TrainConfigError(
+                    f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
+                    "(or set train.eval_every=0)."
+                )
+            check_eval_root(config, model, folder.classes)
+        elif train.eval_root and jax.process_index() == 0:
+            print(
+                f"warning: --config.train.eval_root={train.eval_root} is not used: periodic "
+                "evaluation is off (train.eval_every=0); set --config.train.eval_every=N to "
+                "evaluate every N steps.",
+                file=sys.stderr,
+            )
+        usable = prepared.num_records if prepared else len(folder.items)
+        if usable < config.batch_size:
+            raise TrainConfigError(
+                f"--config.train.root={train.root} has {usable} videos, fewer than one batch "
+                f"(--config.batch_size={config.batch_size}); lower the batch size or add videos."
+            )
+        teacher_read = _teacher_model(config, model)  # (teacher, its stored config) or None
+        teacher = teacher_read[0] if teacher_read else None
+        # Read (host arrays) and checked now, before anything is written; on the devices later.
+        teacher_host = _teacher_params(config, *teacher_read) if teacher_read else None
+        agree(lambda: process_settings(config, folder))
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read
     # (nothing is written) before the run is allowed to go on.

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, child_pids, free_port, random_params
+from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
 
 from configs.tiny import get_config
 from stam_jax import checkpoints, create_model
@@ -213,6 +213,42 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1], strict=True):
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_processes_with_other_data_are_refused(video_root, tiny_ckpt, tmp_path):
+    # Process 1 lists another folder (a class missing, its labels kept by a class list): each
+    # process would evaluate its share of other videos, and process 0 write them under its own
+    # paths. Both refuse, naming each process's listing, before anything is written.
+    other = tmp_path / "other"
+    shutil.copytree(video_root, other, ignore=shutil.ignore_patterns("class_9"))
+    (tmp_path / "classes.txt").write_text("".join(f"class_{c}\n" for c in range(10)))
+    port = free_port()
+    commands = [
+        [
+            sys.executable,
+            "run_eval.py",
+            "--config=configs/tiny.py",
+            f"--config.checkpoint={tiny_ckpt[0]}",
+            f"--config.data.root={root}",
+            f"--config.data.class_list={tmp_path / 'classes.txt'}",
+            "--config.batch_size=2",
+            "--config.data.workers=0",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={rank}",
+            f"--workdir={tmp_path / 'out'}",
+        ]
+        for rank, root in enumerate([video_root, other])
+    ]
+    for returncode, _, err in run_processes(commands, devices_each=1, timeout=60):
+        assert returncode == 2, err
+        assert re.search(
+            rf"error: the processes were started with different settings: --config.data.root's "
+            rf"listing \(process 0: {video_root} \(10 classes, 20 videos, digest \w+\) with "
+            rf".*classes.txt, process 1: {other} \(10 classes, 18 videos, ",
+            err,
+        ), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bfloat16_run(video_root, tiny_ckpt, tmp_path, reference_run):

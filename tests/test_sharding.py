@@ -51,3 +51,48 @@ def test_local_batch_size_refuses_processes_with_different_device_counts() -> No
         sharding.local_batch_size(3, mesh(0, 0, 1))
     with pytest.raises(ValueError, match=r"batch_size=4 does not divide over 6 devices"):
         sharding.local_batch_size(4, mesh(0, 0, 0, 1, 1, 1))
+
+
+def test_processes_agree_names_a_refusal_or_each_setting_that_differs(monkeypatch) -> None:
+    # Process 1 of 2 started with another batch size and other data, or refusing the run:
+    # every process refuses, naming it, rather than training or evaluating each its own way
+    # (or waiting for the other until the collectives time out).
+    others: list = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding, "allgather_json", lambda mine: [mine, *others])
+    same = {"--config.batch_size": 6, "--config.data.root's listing": "/a (digest 1)"}
+    others[:] = [{"settings": dict(same), "refusal": None}]
+    assert sharding.processes_agree(same) is None
+    others[:] = [{"settings": {**same, "--config.batch_size": 12}, "refusal": None}]
+    assert sharding.processes_agree(same) == (
+        "the processes were started with different settings: --config.batch_size (process 0: 6, "
+        "process 1: 12). Start every process with the same command, only "
+        "--config.distributed.process_id differing (data and checkpoints may be at other paths "
+        "on other hosts, holding the same)."
+    )
+    others[:] = [{"settings": None, "refusal": "--config.data.root: /x does not exist."}]
+    assert sharding.processes_agree(same) == (
+        "process 1 refused the run: --config.data.root: /x does not exist."
+    )
+    assert sharding.processes_agree(None, "mine") == "mine"  # a refusal is its own message
+
+    # shared_refusals: a refusal before agree() is shared with the others, then raised.
+    shared = []
+    monkeypatch.setattr(sharding, "allgather_json", lambda mine: shared.append(mine) or [mine])
+    with pytest.raises(KeyError, match="bad root"), sharding.shared_refusals(KeyError):
+        raise KeyError("bad root")
+    assert shared == [{"settings": None, "refusal": "'bad root'"}]
+    others[:] = [{"settings": {**same, "--config.batch_size": 12}, "refusal": None}]
+    monkeypatch.setattr(sharding, "allgather_json", lambda mine: [mine, *others])
+    with pytest.raises(KeyError, match="batch_size"), sharding.shared_refusals(KeyError) as agree:
+        agree(lambda: same)
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    with sharding.shared_refusals(KeyError) as agree:  # one process: settings() is not called
+        agree(lambda: 1 / 0)
+
+
+def test_tree_digest_tells_params_apart() -> None:
+    params = {"a": np.arange(4, dtype=np.float32), "b": {"c": np.ones((2, 2), np.float32)}}
+    other = {"a": params["a"], "b": {"c": params["b"]["c"] * 2}}
+    assert sharding.tree_digest(params) == sharding.tree_digest(jax.tree.map(np.copy, params))
+    assert sharding.tree_digest(params) != sharding.tree_digest(other)
