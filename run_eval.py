@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
-from stam_jax.interrupts import interrupts_held, keep_interrupts
+from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
 # too, and would each spend about 2 s importing JAX and Flax they never use.
@@ -37,9 +37,9 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         sys.exit(_evaluate())
-    except KeyboardInterrupt:  # the decoding processes have already been ended
+    except KeyboardInterrupt as e:  # the decoding processes have already been ended
         print("interrupted: nothing was written (results come at the end).", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted(e, EXIT_INTERRUPTED)
 
 
 def _evaluate() -> int:

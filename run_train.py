@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
-from stam_jax.interrupts import interrupts_held, keep_interrupts
+from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
 # too, and would each spend about 2 s importing JAX and Flax they never use.
@@ -39,13 +39,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         _train()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
             f"interrupted: the checkpoints in {_WORKDIR.value}/checkpoints are kept; run the "
             "same command again to resume from the last one.",
             file=sys.stderr,
         )
-        sys.exit(EXIT_INTERRUPTED)
+        exit_interrupted(e, EXIT_INTERRUPTED)
 
 
 def _train() -> None:

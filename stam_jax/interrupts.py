@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 
 def keep_interrupts() -> None:
@@ -61,3 +63,33 @@ def interrupts_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if arrived and callable(previous):
             previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+
+
+def interrupted_compilation(error: BaseException) -> bool:
+    """Whether `error` was raised while XLA compiled: JAX's compiler module is in its traceback.
+
+    A Ctrl-C then stops the wait for the compilation, not the compilation itself, which goes on
+    in a thread of XLA's own.
+    """
+    return any(
+        frame.f_globals.get("__name__") == "jax._src.compiler"
+        for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
+
+
+def exit_interrupted(error: KeyboardInterrupt, status: int) -> NoReturn:
+    """Ends a command that `error` stopped, with exit `status`; its message is printed already.
+
+    After a Ctrl-C during XLA's compilation (`interrupted_compilation`), the interpreter's
+    shutdown tore JAX's backend down under the compiling thread, and the command died of a
+    segmentation fault (exit status -11, "Fatal Python error" on stderr) instead of exiting
+    with `status`. The process then ends without that shutdown (`os._exit`), once its output is
+    flushed; the command's own cleanup (decoding processes stopped, saves let finish) has run,
+    as the interrupt came up through it. Any other interrupt: `sys.exit(status)`.
+    """
+    if interrupted_compilation(error):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)

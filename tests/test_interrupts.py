@@ -58,6 +58,45 @@ def test_a_ctrl_c_inside_a_garbage_collection_callback_still_stops_the_command()
     assert runs["plain"].stdout == "went on\n" and "Exception ignored" in runs["plain"].stderr
 
 
+class _Ended(Exception):
+    """Raised by the stand-in for os._exit."""
+
+
+def test_a_ctrl_c_during_compilation_ends_the_process_without_the_interpreter_shutdown(
+    monkeypatch,
+):
+    # XLA goes on compiling in its own thread after a Ctrl-C; the interpreter's shutdown then
+    # crashed under it (run_train.py and run_eval.py interrupted while compiling exited -11 with
+    # "Fatal Python error: Segmentation fault", not 130). Such an interrupt skips that shutdown.
+    import jax
+    import jax._src.compiler as compiler
+    import numpy as np
+
+    from stam_jax.interrupts import exit_interrupted, interrupted_compilation
+
+    def ended(status):
+        raise _Ended(status)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "_exit", ended)
+    monkeypatch.setattr(compiler, "backend_compile_and_load", ctrl_c)  # as XLA raises it
+    with pytest.raises(KeyboardInterrupt) as compiling:
+        jax.jit(lambda x: x * 3.25 + 0.5)(np.ones(3, np.float32))
+    assert interrupted_compilation(compiling.value)
+    with pytest.raises(_Ended) as end:
+        exit_interrupted(compiling.value, 130)
+    assert end.value.args == (130,)
+    # Anywhere else, the interpreter shuts down as usual.
+    with pytest.raises(KeyboardInterrupt) as elsewhere:
+        raise KeyboardInterrupt
+    assert not interrupted_compilation(elsewhere.value)
+    with pytest.raises(SystemExit) as end:
+        exit_interrupted(elsewhere.value, 130)
+    assert end.value.code == 130
+
+
 def start_in_own_group(*args: str) -> subprocess.Popen:
     """`python *args` in a process group of its own, so that a SIGINT to the group reaches it
     and its children as a terminal's Ctrl-C does."""
