@@ -97,6 +97,21 @@ def test_size_classes_are_what_a_single_frame_shows(dataset):
     assert np.corrcoef(areas, labels)[0, 1] > 0.8
 
 
+def test_a_smaller_dataset_written_over_a_larger_one_keeps_none_of_its_videos(tmp_path):
+    # Written again into the same --out with fewer videos, the earlier run's extra videos stayed
+    # and were listed with the new ones; a file of the user's own stays.
+    sizes = dict(val=2, frames_train=4, frames_val=4, progress=False)
+    demo_data.write_dataset(tmp_path, train=6, **sizes)
+    mine = tmp_path / "videos" / "train" / "approaching" / "notes.txt"
+    mine.write_text("kept")
+    demo_data.write_dataset(tmp_path, train=2, **sizes)
+    assert [i.path for i in list_videos(tmp_path / "videos" / "train").items] == [
+        "approaching/approaching_00000.mp4",
+        "receding/receding_00001.mp4",
+    ]
+    assert mine.read_text() == "kept"
+
+
 def test_demo_command_line_refuses_tiny_sizes(capsys):
     with pytest.raises(SystemExit):
         demo_data.main(["--out", "unused", "--val", "1"])

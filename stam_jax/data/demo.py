@@ -180,6 +180,15 @@ def write_dataset(
         for i in range(count):
             label = i % len(SIZE_CLASSES)
             jobs.append(("frames", split, i, salt, SIZE_CLASSES[label], label))
+    # A folder written before with more videos keeps them otherwise, and a run would list them
+    # with these: the generator's own file names in its class folders that this call does not
+    # write are removed (nothing else is touched).
+    planned = {out / j[0] / j[1] / j[4] / f"{j[4]}_{j[2]:05d}.mp4" for j in jobs}
+    for kind, classes in (("videos", MOTION_CLASSES), ("frames", SIZE_CLASSES)):
+        for split, name in ((s, c) for s in ("train", "val") for c in classes):
+            for path in (out / kind / split / name).glob(f"{name}_{'[0-9]' * 5}.mp4"):
+                if path not in planned:
+                    path.unlink()
     bar = progress_bar(len(jobs), "generate", "video", progress)
     for kind, split, i, salt, name, label in jobs:
         rng = np.random.default_rng([seed, salt, i])
