@@ -112,10 +112,21 @@ def test_a_smaller_dataset_written_over_a_larger_one_keeps_none_of_its_videos(tm
     assert mine.read_text() == "kept"
 
 
-def test_demo_command_line_refuses_tiny_sizes(capsys):
-    with pytest.raises(SystemExit):
-        demo_data.main(["--out", "unused", "--val", "1"])
-    assert "--val=1: need at least 2" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--val", "1"], "--val=1: need at least 2 (one per class)"),
+        # A negative seed was a numpy traceback once the first video was drawn.
+        (["--seed", "-3"], "--seed=-3: use a whole number >= 0"),
+    ],
+)
+def test_demo_command_line_refuses_tiny_sizes_and_a_negative_seed(capsys, tmp_path, flags, message):
+    # One `error:` line and exit 2, as the other tools (it was argparse's usage block).
+    with pytest.raises(SystemExit) as end:
+        demo_data.main(["--out", str(tmp_path / "data"), *flags])
+    assert end.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "data").exists()
 
 
 def test_demo_pipeline_end_to_end_small(tmp_path):

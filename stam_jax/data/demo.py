@@ -25,7 +25,6 @@ Layout: `DIR/videos/{train,val}/{approaching,receding}/*.mp4` and
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.data.synthetic import write_video
 from stam_jax.progress import progress_bar
 
@@ -209,8 +209,10 @@ def write_dataset(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: writes the dataset and prints where."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True)
+    parser = ArgumentParser(
+        prog="python -m stam_jax.data.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", required=True, help="the folder to write (created if missing)")
     parser.add_argument("--train", type=int, default=400, help="motion videos for training")
     parser.add_argument("--val", type=int, default=200, help="motion videos for evaluation")
     parser.add_argument("--frames-train", type=int, default=800)
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in vars(args).items():
         if name not in ("out", "seed") and value < 2:
             parser.error(f"--{name.replace('_', '-')}={value}: need at least 2 (one per class)")
+    if args.seed < 0:
+        parser.error(f"--seed={args.seed}: use a whole number >= 0")
     folders = write_dataset(
         args.out, args.train, args.val, args.frames_train, args.frames_val, args.seed
     )
