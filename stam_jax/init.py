@@ -121,6 +121,7 @@ def init_from_checkpoint(
     checkpoint: str | os.PathLike,
     *,
     temporal_pos_embed_std: float = 0.0,
+    sources: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Initialises `model`'s params from a stam-jax checkpoint of a possibly other architecture.
 
@@ -142,6 +143,9 @@ def init_from_checkpoint(
         or an image ViT file for the spatial part (`read_vit`: timm `.pth` / `.safetensors`,
         Google ViT `.npz`).
       temporal_pos_embed_std: see above; 0 keeps the fresh temporal position embedding.
+      sources: a dict to fill with every param path of `model` and where its value came
+        from ('copied', 'resampled ...', 're-initialised ...', 'fresh ...', 'drawn ...'): the
+        report by name, where `report` counts and groups (`WORKDIR/init_report.txt`).
 
     Returns:
       `(params, report)`: the params tree (jax arrays, each in its fresh leaf's dtype) and
@@ -252,6 +256,16 @@ def init_from_checkpoint(
         groups = ", ".join(f"{group} ({_tensors(len(p))})" for group, p in _group(unused))
         report.append(f"unused from the checkpoint: {groups}")
 
+    if sources is not None:
+        for path in target:
+            sources[path] = "copied"
+        for line in resampled:  # 'path: resampled ...'
+            path, _, how = line.partition(": ")
+            sources[path] = how
+        for path in HEAD if head_fresh else ():
+            sources[path] = "re-initialised (another class count)"
+        for path in missing:
+            sources[path] = "fresh (not in the checkpoint)"
     if temporal_pos_embed_std > 0:
         if TEMPORAL_POS_EMBED not in target:
             report.append(
@@ -266,6 +280,8 @@ def init_from_checkpoint(
                 f"{TEMPORAL_POS_EMBED}: redrawn as normal(0, {temporal_pos_embed_std}) "
                 "(not in the checkpoint)"
             )
+            if sources is not None:
+                sources[TEMPORAL_POS_EMBED] = f"drawn as normal(0, {temporal_pos_embed_std})"
     return traverse_util.unflatten_dict(out, sep="/"), report
 
 

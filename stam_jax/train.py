@@ -333,12 +333,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         state = jax.eval_shape(lambda p: initial_state(model, tx, train, p), abstract)
     else:
         params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
-        params, report = _initial_params(model, params, config)
+        params, report, listing = _initial_params(model, params, config)
         workdir.mkdir(parents=True, exist_ok=True)
         manager = manager or _checkpoint_manager(workdir, train)
         write_run_record(config, workdir, folder)
         if jax.process_index() == 0:
-            (workdir / "init_report.txt").write_text(report + "\n")
+            (workdir / "init_report.txt").write_text(report + "\n" + listing)
             if config.checkpoint:
                 print(report, flush=True)
         tx, schedule = make_optimizer(train, params)
@@ -598,14 +598,16 @@ def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any]) -> Any:
     return jax.tree.map(lambda x: np.asarray(x).astype(teacher.param_dtype), params)
 
 
-def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
-    """The params a run starts from, fresh or from `config.checkpoint`, and the report naming
-    where each tensor came from (for `init_report.txt`)."""
+def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str, str]:
+    """The params a run starts from, fresh or from `config.checkpoint`; the report (printed,
+    and the head of `init_report.txt`); and, from a checkpoint, the rest of that file: every
+    tensor by name with where its value came from."""
     std = config.train.temporal_pos_embed_std
+    sources: dict[str, str] = {}
     if config.checkpoint:
         try:
             params, report = init_from_checkpoint(
-                model, fresh, config.checkpoint, temporal_pos_embed_std=std
+                model, fresh, config.checkpoint, temporal_pos_embed_std=std, sources=sources
             )
         except (ValueError, OSError) as e:  # InitError, CheckpointError, unreadable ViT files
             raise TrainConfigError(f"--config.checkpoint={config.checkpoint}: {e}") from None
@@ -616,4 +618,7 @@ def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str]:
             report.append(f"aggregate/pos_embed: drawn with std {std}")
     source = config.checkpoint or "fresh"
     name = variant_name(model) or "a custom STAM"
-    return params, "\n".join([f"initialisation of {name} from {source}", *report])
+    listing = "".join(f"  {path}: {how}\n" for path, how in sorted(sources.items()))
+    if listing:
+        listing = "\nevery tensor, by name:\n" + listing
+    return params, "\n".join([f"initialisation of {name} from {source}", *report]), listing

@@ -154,6 +154,11 @@ def test_demo_pipeline_end_to_end_small(tmp_path):
     init = (tmp_path / "stam" / "init_report.txt").read_text()
     assert "aggregate: " in init and "freshly initialised" in init and "redrawn" in init
     assert "head: re-initialised (checkpoint has 4 classes, model 2)" in init
+    # Every tensor by name after the summary (the temporal transformer is new).
+    listed = dict(line.strip().split(": ", 1) for line in init.split("by name:\n")[1].splitlines())
+    assert len(listed) == 60 and listed["head/kernel"].startswith("re-initialised")
+    assert listed["aggregate/pos_embed"] == "drawn as normal(0, 1.0)"
+    assert listed["blocks_0/attn/qkv/kernel"] == "copied"
     text = (tmp_path / "report.txt").read_text()
     assert "chance 50%" in text and "bit-identical (exact)" in text
     assert json.loads((tmp_path / "report.json").read_text())["fast"] is True

@@ -66,8 +66,9 @@ def test_more_frames_resamples_temporal_pos_embed(base):
     path, source = base
     model = create_model("stam_tiny", num_frames=8)
     # The embedding comes from the checkpoint (resampled), so it is not redrawn.
+    sources = {}
     params, report = init_from_checkpoint(
-        model, fresh_params(model), path, temporal_pos_embed_std=0.5
+        model, fresh_params(model), path, temporal_pos_embed_std=0.5, sources=sources
     )
     got, old = flat(params)["aggregate/pos_embed"], source["aggregate/pos_embed"]
     assert got.shape == (1, 9, 32)
@@ -85,6 +86,10 @@ def test_more_frames_resamples_temporal_pos_embed(base):
             np.testing.assert_array_equal(value, source[name], err_msg=name)
     assert any("aggregate/pos_embed: resampled 4 frames -> 8 frames" in line for line in report)
     assert not any("redrawn" in line for line in report)
+    # By name (init_report.txt), every tensor: the report itself counts and groups.
+    assert sources.keys() == flat(params).keys()
+    assert sources.pop("aggregate/pos_embed").startswith("resampled 4 frames -> 8 frames")
+    assert set(sources.values()) == {"copied"}
 
 
 def test_single_frame_mean_checkpoint_to_temporal_transformer(tmp_path, base):
@@ -92,8 +97,9 @@ def test_single_frame_mean_checkpoint_to_temporal_transformer(tmp_path, base):
     path, source = saved(tmp_path / "mean", mean_model)
     model = create_model("stam_tiny", num_frames=4)
     fresh = flat(fresh_params(model))
+    sources = {}
     params, report = init_from_checkpoint(
-        model, fresh_params(model), path, temporal_pos_embed_std=1.0
+        model, fresh_params(model), path, temporal_pos_embed_std=1.0, sources=sources
     )
     got = flat(params)
     assert source.keys() == {k for k in got if not k.startswith("aggregate/")}
@@ -112,6 +118,12 @@ def test_single_frame_mean_checkpoint_to_temporal_transformer(tmp_path, base):
     assert abs(fresh["aggregate/pos_embed"].std() - 0.02) < 0.01
     assert abs(pos.std() - 1.0) < 0.2 and abs(pos.mean()) < 0.2
     assert any("aggregate/pos_embed: redrawn as normal(0, 1.0)" in line for line in report)
+    assert sources.keys() == got.keys()
+    assert sources.pop("aggregate/pos_embed") == "drawn as normal(0, 1.0)"
+    assert {sources[name] for name in aggregate if name in sources} == {
+        "fresh (not in the checkpoint)"
+    }
+    assert {sources[name] for name in source} == {"copied"}
 
 
 def test_single_frame_row_fills_every_frame():
@@ -208,8 +220,9 @@ def test_other_layer_norm_eps_is_reported(base):
 def test_mean_model_reports_unused_aggregate(base):
     path, source = base
     model = create_model("stam_tiny", num_frames=8, aggregate="mean")
+    sources = {}
     params, report = init_from_checkpoint(
-        model, fresh_params(model), path, temporal_pos_embed_std=1.0
+        model, fresh_params(model), path, temporal_pos_embed_std=1.0, sources=sources
     )
     got = flat(params)
     assert not any(k.startswith("aggregate/") for k in got)
