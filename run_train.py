@@ -40,12 +40,30 @@ def main(argv: list[str]) -> None:
     try:
         _train()
     except KeyboardInterrupt as e:
-        print(
-            f"interrupted: the checkpoints in {_WORKDIR.value}/checkpoints are kept; run the "
-            "same command again to resume from the last one.",
-            file=sys.stderr,
-        )
+        print(_interrupted(_WORKDIR.value), file=sys.stderr)
         exit_interrupted(e, EXIT_INTERRUPTED)
+
+
+def _interrupted(workdir: str) -> str:
+    """The line that says what an interrupted run left: checkpoints to resume from, or none."""
+    kept = (
+        f"interrupted: the checkpoints in {workdir}/checkpoints are kept; run the same command "
+        "again to resume from the last one."
+    )
+    try:
+        from pathlib import Path
+
+        from stam_jax.export import saved_steps
+
+        complete, _ = saved_steps(Path(workdir) / "checkpoints")
+    except Exception:  # the line must come whatever the folder holds
+        return kept
+    if complete:
+        return kept
+    return (
+        f"interrupted: no checkpoint was saved yet (none in {workdir}/checkpoints); "
+        "the same command starts the run again."
+    )
 
 
 def _train() -> None:

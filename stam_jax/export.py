@@ -43,7 +43,7 @@ def _finished(folder: Path) -> bool:
     return isinstance(metadata, dict) and bool(metadata.get("commit_timestamp_nsecs"))
 
 
-def _saved_steps(saved: Path) -> tuple[list[int], list[int]]:
+def saved_steps(saved: Path) -> tuple[list[int], list[int]]:
     """(the complete saved steps, the step folders without orbax's mark of a finished save).
 
     Read from the folder, not through an orbax CheckpointManager: starting one deletes the
@@ -191,7 +191,7 @@ def export(
             "there is none to export: drop --ema (ema=False from Python) to export the params."
         )
     saved = run / "checkpoints"
-    complete, unfinished = _saved_steps(saved)
+    complete, unfinished = saved_steps(saved)
     if step is None and not complete:
         raise ExportError(
             f"{run} has no complete saved training step (no {saved}/N that orbax marked "

@@ -145,7 +145,8 @@ def test_ctrl_c_is_one_line_and_exit_130():
             "run_train",
             "stam_jax.train",
             "train_and_evaluate",
-            "w/checkpoints are kept; run the same command",
+            "no checkpoint was saved yet (none in w/checkpoints); the same command "
+            "starts the run again.",
         ),
     ]:
         code = CTRL_C.format(module=module, library=library, target=target)
