@@ -106,6 +106,13 @@ def flag_error_message(error: BaseException, argv: list[str], config: Any = None
     if "Traceback (most recent call last)" in text:  # a config file that raised
         head = text.split("Traceback")[0].strip().rstrip(":")
         last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        if "get_config() takes 0 positional arguments" in last:  # FILE.py:ARG, no ARG taken
+            flag = re.search(r"flag --config=(\S+?):([^\s:]*):", head)
+            if flag:
+                return (
+                    f"--config={flag.group(1)}:{flag.group(2)}: {flag.group(1)} has one run and "
+                    f"takes no ':{flag.group(2)}'; write --config={flag.group(1)}."
+                )
         return f"{head}: {last}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Failed loading config file" in text:  # a missing or unreadable --config file

@@ -607,6 +607,11 @@ def test_cli_unknown_config_field_is_one_line(tmp_path):
             "fields are set as --config.FIELD (did you mean --config.data.workers?).",
         ),
         (
+            ["--config", "configs/tiny.py:fast"],
+            "--config=configs/tiny.py:fast: configs/tiny.py has one run and takes no ':fast'; "
+            "write --config=configs/tiny.py.",
+        ),
+        (
             ["--config", "configs/tiny.py", "--force"],
             "unknown flag --force; the flags are --config, --workdir, and the run config's "
             "fields are set as --config.FIELD (the run config has no field named 'force').",
