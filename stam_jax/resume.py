@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ def process_settings(config: Any, folder: VideoFolder) -> dict[str, Any]:
     return settings
 
 
+def _same_place(a: Any, b: Any) -> bool:
+    """Whether two path settings lead to the same place (both non-empty strings)."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
     """Saves the fields a restart must not change (process 0), for `check_same_run`."""
     if jax.process_index() == 0:
@@ -134,7 +142,12 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
         ) from None
     now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
     # Only fields both know: one added or removed by another stam-jax version is not compared.
-    changed = [k for k in sorted(saved) if now.get(k, saved[k]) != saved[k]]
+    # A path written another way (./ckpt, ckpt/) that leads to the same place is no change.
+    changed = [
+        k
+        for k in sorted(saved)
+        if now.get(k, saved[k]) != saved[k] and not (k in _PATHS and _same_place(saved[k], now[k]))
+    ]
     if changed == ["train.root"] and saved.get(_LISTING) == now[_LISTING]:
         print(
             f"the training data moved from {saved['train.root']} to {now['train.root']}: the "

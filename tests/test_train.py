@@ -641,6 +641,18 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     assert f"the training data moved from {train_root} to {moved}: the same 10 videos" in (
         capsys.readouterr().err
     )
+    # A checkpoint path written another way that leads to the same place is the same run
+    # (it was refused as 'checkpoint: ... -> ...'); another checkpoint is not.
+    record["checkpoint"] = str(workdir / "final")
+    (workdir / "run_config.json").write_text(json.dumps(record))
+    for path, same in ((f"{workdir}/./final/", True), (str(workdir / "final_ema"), False)):
+        config = tiny_config(moved)
+        config.checkpoint = path
+        if same:
+            assert train_and_evaluate(config, workdir)["resumed_from"] == 8
+        else:
+            with pytest.raises(TrainConfigError, match=r"checkpoint: '.*/final' -> '.*final_ema"):
+                train_and_evaluate(config, workdir)
     next(moved.rglob("*.mp4")).rename(moved / "class_0" / "renamed.mp4")
     with pytest.raises(TrainConfigError, match="the videos, classes or labels of the training"):
         train_and_evaluate(tiny_config(moved), workdir)
