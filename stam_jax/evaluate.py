@@ -86,27 +86,6 @@ def _check_workdir(workdir: str | Path | None) -> Path:
     return path
 
 
-def _check_distributed(dist: Any) -> None:
-    """Refuses multi-process settings that `jax.distributed` would fail on, naming the flag."""
-    n, pid = dist.num_processes, dist.process_id
-    if n < 0:
-        raise EvalConfigError(
-            f"--config.distributed.num_processes={n}; use 1 (one process), N > 1 with a "
-            "coordinator, or 0 (JAX discovers the cluster)."
-        )
-    if n > 1 and not dist.coordinator:
-        raise EvalConfigError(
-            f"--config.distributed.num_processes={n} needs --config.distributed.coordinator="
-            "HOST:PORT (process 0's address, the same in every process), or set num_processes=0 "
-            "to let JAX discover a cluster it knows (SLURM, TPU pods)."
-        )
-    if n >= 1 and not 0 <= pid < n:
-        raise EvalConfigError(
-            f"--config.distributed.process_id={pid} with num_processes={n}; give each process "
-            f"a distinct id from 0 to {n - 1}."
-        )
-
-
 def _config_model(config: Any) -> STAM:
     """The model the run config names (variant + overrides), refused with the flag to fix."""
     try:
@@ -358,7 +337,10 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
     # Config values first: nothing is created and nothing joins or computes before they pass.
     workdir = _check_workdir(workdir)
     dist = config.distributed
-    _check_distributed(dist)
+    try:
+        sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    except ValueError as e:
+        raise EvalConfigError(str(e)) from None
     config_model = _config_model(config)
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")

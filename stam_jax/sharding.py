@@ -23,6 +23,31 @@ from jax.sharding import PartitionSpec as P
 DATA = "data"
 
 
+def check_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Refuses `--config.distributed.*` settings that `jax.distributed` would fail on.
+
+    Raises:
+      ValueError: naming the flag and the fix.
+    """
+    n, pid = num_processes, process_id
+    if n < 0:
+        raise ValueError(
+            f"--config.distributed.num_processes={n}; use 1 (one process), N > 1 with a "
+            "coordinator, or 0 (JAX discovers the cluster)."
+        )
+    if n > 1 and not coordinator:
+        raise ValueError(
+            f"--config.distributed.num_processes={n} needs --config.distributed.coordinator="
+            "HOST:PORT (process 0's address, the same in every process), or set num_processes=0 "
+            "to let JAX discover a cluster it knows (SLURM, TPU pods)."
+        )
+    if n >= 1 and not 0 <= pid < n:
+        raise ValueError(
+            f"--config.distributed.process_id={pid} with num_processes={n}; give each process "
+            f"a distinct id from 0 to {n - 1}."
+        )
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
     """Joins a multi-process run (no-op for a single process, or when already joined).
 

@@ -259,6 +259,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     except ValueError as e:  # an unknown variant, dtype or attention implementation
         raise TrainConfigError(str(e)) from None
     dist = config.distributed
+    try:
+        sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     # A refusal in one process is one in all (each would otherwise wait for the others' data),

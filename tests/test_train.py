@@ -554,6 +554,10 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
     for settings, message in cases:
         with pytest.raises(TrainConfigError, match=message + r".*fix --config\.train\."):
             train_and_evaluate(tiny_config(train_root, **settings), tmp_path / "run")
+    config = tiny_config(train_root)  # went to JAX's cluster discovery, which named no flag
+    config.distributed.num_processes = 2
+    with pytest.raises(TrainConfigError, match=r"num_processes=2 needs --config\.distributed\.coo"):
+        train_and_evaluate(config, tmp_path / "run")
     config = tiny_config(train_root)
     for seed in (-1, 2**32):  # numpy's data order raised on -1 after the run had started
         config.seed = seed
