@@ -173,9 +173,16 @@ def test_decoding_processes_leave_ctrl_c_to_the_parent():
     # ends the workers), instead of each worker printing a KeyboardInterrupt traceback.
     import signal
 
-    results = list(ordered_map(interrupt_handler, [(0, "a"), (1, "b")], workers=2, prefetch=2))
-    assert [r.reason for r in results] == [str(signal.SIG_IGN)] * 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not the parent's
+    # As in a terminal (a process started in the background by a script ignores SIGINT from
+    # the start, and so would its workers whatever they do).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        jobs = [(0, "a"), (1, "b")]
+        results = list(ordered_map(interrupt_handler, jobs, workers=2, prefetch=2))
+        assert [r.reason for r in results] == [str(signal.SIG_IGN)] * 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not the parent's
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 _MID_SEND = """
