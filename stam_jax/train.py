@@ -49,6 +49,7 @@ from stam_jax.resume import check_same_run, process_settings, truncate_log, writ
 from stam_jax.train_eval import check_eval_root, periodic_eval
 from stam_jax.train_step import (
     TrainConfigError,
+    check_param_dtype,
     check_train_config,
     initial_state,
     loss_scaled,
@@ -258,6 +259,16 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         model = model_from_run_config(config)
     except ValueError as e:  # an unknown variant, dtype or attention implementation
         raise TrainConfigError(str(e)) from None
+    try:
+        check_param_dtype(model)
+    except TrainConfigError:
+        half = config.param_dtype
+        raise TrainConfigError(
+            f"--config.param_dtype={half!r}: training keeps float32 params (with their "
+            "optimizer state and EMA), as updates smaller than a half-precision rounding step "
+            f"would be lost; use --config.param_dtype=float32 --config.dtype={half} to compute "
+            f"in {half} on them (a {half} param_dtype is for run_eval.py)."
+        ) from None
     dist = config.distributed
     try:
         sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)

@@ -50,10 +50,37 @@ def loss_scaled(model: STAM) -> bool:
     return jnp.dtype(model.dtype) == jnp.dtype(jnp.float16)
 
 
+def check_param_dtype(model: STAM) -> None:
+    """Refuses a model whose params are half precision for training, naming the fix.
+
+    Training keeps float32 master params, optimizer state and EMA (`dtype` sets the compute
+    precision). In bfloat16 or float16 params, an update below half the rounding step is lost
+    (every LayerNorm scale, 1.0 in bfloat16, stayed put at the default rate of 1e-4, and so
+    did the EMA's steps of 0.1% of its distance to the params), and float16 Adam divided by its
+    epsilon, 1e-8, which is 0 in float16 (NaN params at the first step).
+
+    Raises:
+      TrainConfigError: `model.param_dtype` is not float32.
+    """
+    name = jnp.dtype(model.param_dtype).name
+    if name != "float32":
+        raise TrainConfigError(
+            f"param_dtype={name!r}: training keeps float32 params (with their optimizer "
+            f"state and EMA), as updates smaller than a {name} rounding step would be lost; "
+            f"build the model with param_dtype='float32' and dtype={name!r} to compute in "
+            f"{name} on them (a {name} param_dtype is for evaluation)."
+        )
+
+
 def initial_state(
     model: STAM, tx: optax.GradientTransformation, train: Any, params: Any
 ) -> TrainState:
-    """The state at step 0: params in `model.param_dtype`, their EMA, a loss scale for float16."""
+    """The state at step 0: float32 params, their EMA, a loss scale for float16 compute.
+
+    Raises:
+      TrainConfigError: a model with half-precision params (`check_param_dtype`).
+    """
+    check_param_dtype(model)
     params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
     scale = LossScale.create(train.loss_scale_initial) if loss_scaled(model) else None
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)

@@ -572,6 +572,13 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
     config.dtype = "bfloat61"
     with pytest.raises(TrainConfigError, match="dtype='bfloat61' is not supported"):
         train_and_evaluate(config, tmp_path / "run")
+    # Half-precision params trained silently lost their small updates (LayerNorm scales never
+    # moved) or, in float16, turned NaN at the first Adam step.
+    config.dtype, config.param_dtype = "float32", "bfloat16"
+    half = r"--config.param_dtype='bfloat16': training keeps float32 params.* --config.dtype="
+    with pytest.raises(TrainConfigError, match=half):
+        train_and_evaluate(config, tmp_path / "run")
+    config.param_dtype = "float32"
     # An official STAM .pth is not an image ViT: refused rather than read without its
     # temporal transformer.
     from convert.torch_io import save_state_dict

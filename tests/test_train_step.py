@@ -220,6 +220,23 @@ def test_float16_loss_scaling_skips_overflowing_steps():
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_half_precision_params_are_refused_for_training(half):
+    # bfloat16 params lost every update below half a rounding step (the LayerNorm scales, at
+    # 1.0, never moved at lr 1e-4, nor the EMA's 0.1% steps); float16 Adam's eps of 1e-8 is 0
+    # in float16, making NaN params at the first step.
+    config = base_config("stam_tiny")
+    model = create_model("stam_tiny", dtype=half, param_dtype=half)
+    tx, _ = make_optimizer(config.train, initial_params())
+    with pytest.raises(TrainConfigError, match=rf"param_dtype='{half}': training keeps float32"):
+        initial_state(model, tx, config.train, initial_params())
+    # float32 params computed in half precision: the state stays float32 throughout.
+    model = create_model("stam_tiny", dtype=half)
+    state = jax.eval_shape(lambda p: initial_state(model, tx, config.train, p), initial_params())
+    dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state, state.ema_params))}
+    assert dtypes <= {np.dtype(np.float32), np.dtype(np.int32)}, dtypes
+
+
 def test_teacher_must_see_what_the_student_sees(tmp_path):
     from stam_jax import checkpoints
 
