@@ -519,12 +519,19 @@ def load(
 
     Raises:
       CheckpointError: not a checkpoint directory (a `.pth`, a training workdir, a missing
-        path: the message says what to pass), a damaged one, or one of another format.
+        path: the message says what to pass), a damaged one, or one of another format; params
+        beyond `param_dtype`'s range (float16: +-65504), which the cast would make Inf.
       ValueError: a `dtype` or `param_dtype` other than float32, bfloat16 and float16.
     """
     _, model, params = read(
         directory, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
     )
+    over = out_of_range_params(params, model.param_dtype)
+    if over:
+        raise CheckpointError(
+            f"{out_of_range_message(Path(directory), over, model.param_dtype)}; load them with "
+            "param_dtype='bfloat16' (float32's range) or 'float32'."
+        )
     return model, jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
 
 
@@ -688,6 +695,34 @@ def non_finite_params(params: Mapping[str, Any]) -> list[str]:
         for name, value in flatten_dict(params, sep="/").items()
         if not np.isfinite(np.asarray(value, np.float32)).all()
     ]
+
+
+def out_of_range_params(params: Mapping[str, Any], dtype: Any) -> list[str]:
+    """The '/'-joined paths of the params holding finite values that a cast to `dtype` makes
+    Inf (float16: beyond +-65504), in order; none for float32 and bfloat16 (float32's range)."""
+    from flax.traverse_util import flatten_dict
+
+    dtype = jnp.dtype(dtype)
+    if jnp.finfo(dtype).max >= jnp.finfo(jnp.float32).max:
+        return []
+    found = []
+    for name, value in flatten_dict(params, sep="/").items():
+        value = np.asarray(value)
+        with np.errstate(over="ignore"):
+            cast = value.astype(dtype)
+        if (np.isinf(cast) & np.isfinite(value)).any():
+            found.append(name)
+    return found
+
+
+def out_of_range_message(source: str | os.PathLike, names: list[str], dtype: Any) -> str:
+    """'`source` holds values beyond float16's range in N param(s) (the first five named)'."""
+    name = jnp.dtype(dtype).name
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{source} holds values beyond {name}'s range (+-{float(jnp.finfo(name).max):g}) in "
+        f"{len(names)} param(s) ({shown}), which a cast to {name} makes Inf"
+    )
 
 
 def non_finite_message(source: str | os.PathLike, names: list[str]) -> str:

@@ -381,6 +381,16 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
                 f"every prediction would be NaN; evaluate a checkpoint with finite params "
                 f"({checkpoints.EARLIER_STEP})."
             )
+        # float16 params, or float16 compute (which casts the params to it), would make params
+        # beyond its range Inf, and every prediction NaN.
+        flags = [f for f in ("dtype", "param_dtype") if jnp.dtype(getattr(model, f)) == jnp.float16]
+        over = checkpoints.out_of_range_params(params, jnp.float16) if flags else []
+        if over:
+            found = checkpoints.out_of_range_message(config.checkpoint, over, jnp.float16)
+            raise EvalConfigError(
+                f"{' '.join(f'--config.{f}=float16' for f in flags)}: {found}; use bfloat16 "
+                f"(float32's range) or float32 for {' and '.join(f'--config.{f}' for f in flags)}."
+            )
         agree(lambda: _settings(config, folder, params))
     try:
         workdir.mkdir(parents=True, exist_ok=True)

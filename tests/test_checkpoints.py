@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import chex
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -193,6 +194,19 @@ def test_load_documents_and_takes_every_attention_impl(tiny):
     )
     for impl in ("auto", "xla", "heads_first"):  # 'cudnn' needs an NVIDIA GPU
         assert checkpoints.load(saved, attention_impl=impl)[0].attention_impl == impl
+
+
+def test_params_beyond_float16_range_are_refused_in_float16(tiny, tmp_path):
+    # A cast to float16 params made them Inf without a word (and every logit NaN).
+    model, first, _, saved = tiny
+    params = jax.tree.map(np.array, first)
+    params["head"]["bias"][3] = 1e5
+    path = checkpoints.save(tmp_path / "big", model, params)
+    beyond = r"big holds values beyond float16's range \(\+-65504\) in 1 param\(s\) \(head/bias\)"
+    with pytest.raises(CheckpointError, match=beyond + r".*param_dtype='bfloat16'"):
+        checkpoints.load(path, param_dtype="float16")
+    assert checkpoints.load(path, param_dtype="bfloat16")[1]["head"]["bias"][3] == 1e5
+    assert checkpoints.load(saved, param_dtype="float16")[1]["head"]["bias"].dtype == np.float16
 
 
 def test_reports_of_abandoned_reads_are_silenced_and_nothing_else(monkeypatch):

@@ -341,6 +341,22 @@ def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
     assert strict_json(tmp_path / "out" / "results.json")["metrics"]["top1"] is None
 
 
+def test_params_beyond_float16_range_are_refused_in_float16(video_root, tiny_ckpt, tmp_path):
+    # Cast to float16 they were Inf, and the warning then blamed an overflow of float32
+    # activations in "finite" params; now refused before any video is decoded.
+    params = jax.tree.map(np.array, tiny_ckpt[1])
+    params["head"]["bias"][0] = -7e4
+    big = checkpoints.save(tmp_path / "big", create_model("stam_tiny"), params)
+    beyond = r"big holds values beyond float16's range .* 1 param\(s\) \(head/bias\)"
+    for settings, flags in [
+        (dict(param_dtype="float16"), "--config.param_dtype=float16"),
+        (dict(dtype="float16"), "--config.dtype=float16"),  # the compute casts them too
+    ]:
+        with pytest.raises(EvalConfigError, match=rf"^{flags}: .*{beyond}.* use bfloat16"):
+            evaluate(config_for(big, video_root, **settings), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_pad_mode_keeps_short_videos(awkward_root, tiny_ckpt, tmp_path):
     config = config_for(tiny_ckpt[0], awkward_root, batch_size=4, **{"data.short_videos": "pad"})
     results = evaluate(config, tmp_path)
