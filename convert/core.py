@@ -116,8 +116,8 @@ def export_checkpoint(
       carry (`python -m convert.to_torch` prints it).
 
     Raises:
-      ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), or
-        a bad `dtype`.
+      ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), a
+        bad `dtype`, or float16 for params beyond its range (+-65504), which it would make Inf.
       checkpoints.CheckpointError: `ckpt_dir` is not a readable stam-jax checkpoint.
     """
     from convert.torch_io import save_state_dict
@@ -131,6 +131,13 @@ def export_checkpoint(
         raise ConversionError(f"dtype={dtype!r} is not one of {TORCH_DTYPES}.")
     model = model_from_config(config["model"])
     params = checkpoints.read_params(ckpt_dir, model, config=config)
+    if dtype == "float16":  # the .pth would hold Inf where the checkpoint holds large values
+        over = checkpoints.out_of_range_params(params, np.float16)
+        if over:
+            raise ConversionError(
+                f"{checkpoints.out_of_range_message(ckpt_dir, over, np.float16)}; write the "
+                ".pth in bfloat16 (float32's range) or float32 (--dtype, dtype= from Python)."
+            )
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         import ml_dtypes

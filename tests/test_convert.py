@@ -128,6 +128,18 @@ def test_half_precision_checkpoint_round_trips_in_its_dtype(dtype, official_pth,
     assert all(torch.equal(back[k], original[k].float()) for k in original)
 
 
+def test_float16_export_refuses_params_beyond_its_range(official_pth, tmp_path):
+    # The .pth held Inf for them, without a word; read back, its conversion warned of Inf.
+    pth, _ = official_pth(TINY, edit=lambda sd: sd["head.bias"].fill_(-1e5))
+    convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(TINY))
+    beyond = r"ckpt holds values beyond float16's range .* \(head/bias\).* bfloat16"
+    with pytest.raises(ConversionError, match=beyond):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "half.pth", dtype="float16")
+    assert not (tmp_path / "half.pth").exists()
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "bf16.pth", dtype="bfloat16")
+    assert load_official(tmp_path / "bf16.pth")["head.bias"].min() < -9e4
+
+
 def test_bfloat16_tensors_load_as_ml_dtypes(official_pth):
     pth, _ = official_pth(
         TINY, edit=lambda sd: sd.update({"head.bias": sd["head.bias"].bfloat16()})
