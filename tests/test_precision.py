@@ -1,4 +1,4 @@
-"""Half-precision compute against float32 on the same converted params."""
+"""Half-precision compute against float32 on the same converted params, and where it runs."""
 
 from __future__ import annotations
 
@@ -46,3 +46,34 @@ def test_half_precision_matches_float32(dtype, float32_run):
     assert error <= BOUNDS[dtype], f"{dtype}: relative error {error:.2e}"
     assert error > 0.0  # half precision really ran
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (scan, remat, jit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+@pytest.mark.parametrize("dtype", sorted(BOUNDS))
+@pytest.mark.parametrize("overrides", [{}, {"aggregate": "mean", "remat": True, "frame_chunk": 4}])
+def test_half_precision_where_documented(dtype, overrides):
+    # Traced only (nothing compiled): every matmul takes `dtype` operands; the attention logits
+    # come out in float32, and softmax, LayerNorm statistics and GELU run in float32.
+    model = create_model("stam_tiny", dtype=dtype, **overrides)
+    video = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), np.uint8)
+    params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
+    traced = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(params, video)
+    assert [str(out.dtype) for out in traced.out_avals] == ["float32"]
+    eqns = list(_equations(traced.jaxpr))
+    dots = [e for e in eqns if e.primitive.name == "dot_general"]
+    assert len(dots) >= 10
+    assert all(str(x.aval.dtype) == dtype for e in dots for x in e.invars)
+    assert any(str(e.outvars[0].aval.dtype) == "float32" for e in dots)  # attention logits
+    for e in eqns:
+        if e.primitive.name in ("exp", "reduce_max", "rsqrt", "erf"):
+            assert str(e.outvars[0].aval.dtype) == "float32", e
