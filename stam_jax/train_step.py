@@ -239,6 +239,8 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The step to jit: (state, videos, labels, weights[, teacher params]) -> (state, metrics).
 
+    `videos` as the model takes them: uint8 in [0, 255] or float in [0, 1].
+
     Mixup/CutMix (one draw per batch, the same box in every frame), label smoothing,
     distillation from `teacher` (run in the same step, its logits constant), dropout and drop
     path; under float16, dynamic loss scaling: a step whose gradients are not finite is skipped
@@ -260,6 +262,7 @@ def make_train_step(
 
     Raises:
       TypeError: `schedule` is neither callable nor a number.
+      ValueError: (from the step, when traced) videos neither uint8 nor float.
     """
     if not callable(schedule):
         if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
@@ -283,7 +286,14 @@ def make_train_step(
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), train.label_smoothing)
         inputs = videos
         if mixing:
-            inputs = uint8_to_unit(videos)  # as the model scales uint8 frames
+            # Mixed as float frames in [0, 1], as the model takes them: uint8 ones scaled as the
+            # model scales them, float ones as they are.
+            if videos.dtype == jnp.uint8:
+                inputs = uint8_to_unit(videos)
+            elif not jnp.issubdtype(videos.dtype, jnp.floating):
+                raise ValueError(
+                    f"videos have dtype {videos.dtype}; pass uint8 in [0, 255] or float in [0, 1]."
+                )
             inputs, targets = mix_videos(
                 jax.random.fold_in(key, 1),
                 inputs,

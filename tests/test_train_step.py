@@ -237,6 +237,15 @@ def test_half_precision_params_are_refused_for_training(half):
     assert dtypes <= {np.dtype(np.float32), np.dtype(np.int32)}, dtypes
 
 
+def test_mixing_takes_the_videos_the_model_takes():
+    # With Mixup on, float videos failed inside the uint8 scaling ('indices must have an
+    # integer type'), and int32 ones, which the model refuses, were taken as pixel indices.
+    step, state, videos, labels, weights = setup(mixup_alpha=0.8)
+    jax.eval_shape(step, state, (videos / 255).astype(np.float16), labels, weights)  # traced
+    with pytest.raises(ValueError, match="videos have dtype int32; pass uint8 in"):
+        jax.eval_shape(step, state, videos.astype(np.int32), labels, weights)
+
+
 def test_teacher_must_see_what_the_student_sees(tmp_path):
     from stam_jax import checkpoints
 
