@@ -27,7 +27,6 @@ Also: jit compile time and the process's peak memory (RSS on CPU, device peak on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flop_count import xla_flops
 
 from convert.torch_reference import Attention, reference_from_config
 from stam_jax import create_model, model_config, sharding
@@ -119,27 +119,9 @@ def flops_per_video(
         frame_chunk=0,
         last_block_cls_only=last_block_cls_only,
     )
-    # The count is of the HLO before optimisation, the same for every backend: lowered for the
-    # CPU, which gives it where jax 0.11's GPU backend gives none; else for the default device.
-    placements = []
-    with contextlib.suppress(Exception):  # no CPU backend (JAX_PLATFORMS without cpu)
-        placements.append(jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
-    placements.append(None)
-    for placement in placements:
-
-        def shape(x, placement=placement):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement)
-
-        try:
-            lowered = jax.jit(model.apply).lower(
-                jax.tree.map(shape, {"params": params}), shape(videos)
-            )
-            cost = lowered.cost_analysis()
-        except Exception:
-            continue
-        cost = cost[0] if isinstance(cost, list) else cost
-        if cost and cost.get("flops", 0.0) > 0:
-            return float(cost["flops"]) / videos.shape[0], "xla"
+    flops = xla_flops(model.apply, {"params": params}, videos)  # see flop_count
+    if flops:
+        return flops / videos.shape[0], "xla"
     return 2.0 * model.macs_per_video(), "macs_per_video"  # the matmuls only, 0.3% under
 
 

@@ -20,7 +20,6 @@ per process so that the peak memory is that configuration's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import statistics
@@ -28,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+from flop_count import xla_flops
 
 from configs.common import base_config
 from stam_jax import sharding
@@ -46,23 +46,10 @@ def step_flops(model, tx, schedule, train_config, *step_args) -> tuple[float, st
     no backend gives a count: three times the forward's matmuls ('3x_forward_matmuls').
     """
     counting = model.clone(frame_chunk=0, attention_impl="heads_first", remat=False)
-    step = jax.jit(make_train_step(counting, tx, schedule, train_config, 0, model.num_classes))
-    placements = []
-    with contextlib.suppress(Exception):  # no CPU backend (JAX_PLATFORMS without cpu)
-        placements.append(jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
-    placements.append(None)
-    for placement in placements:
-
-        def shape(x, placement=placement):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement)
-
-        try:
-            cost = step.lower(*jax.tree.map(shape, step_args)).cost_analysis()
-        except Exception:
-            continue
-        cost = cost[0] if isinstance(cost, list) else cost
-        if cost and cost.get("flops", 0.0) > 0:
-            return float(cost["flops"]), "xla"
+    step = make_train_step(counting, tx, schedule, train_config, 0, model.num_classes)
+    flops = xla_flops(step, *step_args)  # see flop_count
+    if flops:
+        return flops, "xla"
     batch = step_args[1].shape[0]
     return 3 * 2.0 * model.macs_per_video() * batch, "3x_forward_matmuls"
 

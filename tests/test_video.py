@@ -94,20 +94,29 @@ def test_model_input_is_bit_identical_to_the_official_pipeline(tmp_path, name, f
     assert [read_index(frame, short=256) for frame in got[0]] == indices
 
 
-def test_metadata_that_is_not_utf8_does_not_stop_a_file(tmp_path):
-    # A title tag in Latin-1 (as some downloaders write it): PyAV's default refused the file
-    # with a UnicodeDecodeError, and the video was listed as failed; torchvision reads it.
-    path = tmp_path / "latin1_title.mkv"
+def _write_20_indexed_frames(path, setup):
+    """20 index frames, 64x48 H.264 at 10 fps, with `setup(container, stream)` run first."""
     with av.open(str(path), mode="w") as container:
-        container.metadata["title"] = "TITLETAG"
         stream = container.add_stream("libx264", rate=10)
         stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
+        setup(container, stream)
         for i in range(20):
             frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def test_metadata_that_is_not_utf8_does_not_stop_a_file(tmp_path):
+    # A title tag in Latin-1 (as some downloaders write it): PyAV's default refused the file
+    # with a UnicodeDecodeError, and the video was listed as failed; torchvision reads it.
+    path = tmp_path / "latin1_title.mkv"
+
+    def title(container, stream):
+        container.metadata["title"] = "TITLETAG"
+
+    _write_20_indexed_frames(path, title)
     data = path.read_bytes()
     assert data.count(b"TITLETAG") == 1
     path.write_bytes(data.replace(b"TITLETAG", b"caf\xe9 \xff\xfe "))
@@ -122,16 +131,7 @@ def test_a_rotation_tag_is_not_applied_as_in_the_official_pipeline(tmp_path):
     # torchvision's read_video takes PyAV's frames as coded, so the official evaluation sees
     # them on their side; so do we.
     path = tmp_path / "rotated.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
-        stream.set_display_rotation(90)
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    _write_20_indexed_frames(path, lambda container, stream: stream.set_display_rotation(90))
     with av.open(str(path)) as container:
         assert next(container.decode(video=0)).rotation == 90  # the tag is there
     got = load_views(path, ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48))
