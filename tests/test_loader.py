@@ -232,17 +232,27 @@ def test_shutting_down_while_a_worker_sends_a_result_does_not_hang(tmp_path):
     assert (result.returncode, result.stdout) == (0, "discarded\n"), result.stderr
 
 
-def test_a_worker_stuck_on_a_file_is_ended_after_the_grace_time(monkeypatch):
+@pytest.mark.parametrize("sigterm_blocked", [False, True])
+def test_a_worker_stuck_on_a_file_is_ended_after_the_grace_time(monkeypatch, sigterm_blocked):
     import concurrent.futures
     import multiprocessing
+    import signal
     import time
 
     from stam_jax.data import loader
 
     monkeypatch.setattr(loader, "_GRACE_S", 0.5)
+    monkeypatch.setattr(loader, "_TERM_S", 0.5)
     spawn = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn)
-    pool.submit(int).result()  # the worker is up
+    # A worker started from a thread that blocks SIGTERM inherits the block: terminate() does
+    # nothing to it (a CI run found one alive after the 10 s it was given then).
+    blocked = {signal.SIGTERM} if sigterm_blocked else set()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        pool.submit(int).result()  # the worker is up
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     pool.submit(time.sleep, 60)  # a decoder that never returns
     time.sleep(0.5)
     workers = list(pool._processes.values())

@@ -277,9 +277,10 @@ def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     leaves the executor's manager thread waiting forever for the rest of the message, and the
     process hung at exit (seen on a Ctrl-C with 0.6 MB results). So the workers finish the jobs
     they hold (a video each, at most two) and exit; one still busy after `_GRACE_S` (a decoder
-    stuck on a file) is terminated. A broken pool's surviving workers are idle, waiting for
-    work its manager thread will never send (on Python 3.11 its shutdown then hangs on them,
-    seen in CI): they are terminated at once.
+    stuck on a file) is terminated, and killed if it is still there 5 s later (a SIGTERM
+    blocked in the signal mask it inherited). A broken pool's surviving workers are idle,
+    waiting for work its manager thread will never send (on Python 3.11 its shutdown then
+    hangs on them, seen in CI): they are terminated at once.
     """
     workers = list((getattr(pool, "_processes", None) or {}).values())
     if getattr(pool, "_broken", False):
@@ -295,10 +296,14 @@ def _discard(pool: concurrent.futures.ProcessPoolExecutor) -> None:
         for worker in workers:
             if worker.is_alive():
                 worker.terminate()
-                worker.join(timeout=10)
+                worker.join(timeout=_TERM_S)
+            if worker.is_alive():  # SIGTERM not acted on (blocked in the mask it inherited)
+                worker.kill()
+                worker.join(timeout=_TERM_S)
 
 
 _GRACE_S = 30.0
+_TERM_S = 5.0  # how long a terminated worker is given before it is killed
 
 
 def decode_train_item(position: int, path: str, spec: ClipSpec, seed: tuple[int, ...]) -> Decoded:
