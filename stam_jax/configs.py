@@ -8,6 +8,8 @@ import pkgutil
 import re
 from typing import Any
 
+import flax
+
 from stam_jax.data.loader import WORKERS_RULE
 from stam_jax.model import AGGREGATES, ATTENTION_IMPLS, STAM
 from stam_jax.variants import VARIANTS, create_model, parse_dtype
@@ -63,6 +65,17 @@ def check_run_config(config: Any) -> None:
             f"--config.model_overrides.aggregate={overrides.aggregate!r}; use one of "
             f"{', '.join(AGGREGATES)}."
         )
+
+
+def flat_fields(config: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of a run config by dotted name ('train.steps': 1000), sorted, without those
+    named in `leave_out` or under them ('train' leaves out every 'train.*')."""
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if not any(k == f or k.startswith(f + ".") for f in leave_out)
+    }
 
 
 _DATA_FIELDS = (

@@ -19,7 +19,6 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from stam_jax import checkpoints, sharding
-from stam_jax.configs import config_files_for, model_from_run_config, name_data_flags
+from stam_jax.configs import (
+    config_files_for,
+    flat_fields,
+    model_from_run_config,
+    name_data_flags,
+)
 from stam_jax.data.folder import (
     HIDDEN,
     ClassListError,
@@ -125,16 +129,10 @@ _PER_PROCESS = (
 def _settings(config: Any, folder: VideoFolder, params: Any) -> dict[str, Any]:
     """What every process of a multi-process evaluation must have the same: the config (but
     `_PER_PROCESS`), the listing of the data (classes, videos, labels) and the params."""
-    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-    settings = {
-        f"--config.{k}": v
-        for k, v in sorted(flat.items())
-        if not any(k == f or k.startswith(f + ".") for f in _PER_PROCESS)
-    }
-    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
+    settings = {f"--config.{k}": v for k, v in flat_fields(config, _PER_PROCESS).items()}
     settings["--config.data.root's listing"] = (
         f"{config.data.root} ({len(folder.classes)} classes, {len(folder.items)} videos, "
-        f"digest {sharding.digest(listing)})"
+        f"digest {folder.listing_digest()[:12]})"
     )
     if config.data.class_list:
         settings["--config.data.root's listing"] += f" with {config.data.class_list}"

@@ -7,16 +7,15 @@ logged, saved or evaluated, not what it computes (`check_same_run`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 
+from stam_jax.configs import flat_fields
 from stam_jax.data.folder import VideoFolder
 from stam_jax.train_step import TrainConfigError
 
@@ -46,25 +45,13 @@ _RESTART_MAY_CHANGE = (
 RUN_RECORD = "run_config.json"
 
 
-def _listing_digest(folder: VideoFolder) -> str:
-    """A digest of what the training data is: its classes, and each video's path and label."""
-    listing = [list(folder.classes), [[item.path, item.label] for item in folder.items]]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
-_LISTING = "train.root_listing"  # the run record's entry for `_listing_digest`
+_LISTING = "train.root_listing"  # the run record's entry for `VideoFolder.listing_digest`
 
 
 def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
     """The config fields that define what a run computes, flattened ('train.steps': 1000), and
     the digest of the training data's listing (the data may move, not change)."""
-    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
-    record = {
-        k: v
-        for k, v in sorted(flat.items())
-        if not any(k == f or k.startswith(f + ".") for f in _RESTART_MAY_CHANGE)
-    }
-    return {**record, _LISTING: _listing_digest(folder)}
+    return {**flat_fields(config, _RESTART_MAY_CHANGE), _LISTING: folder.listing_digest()}
 
 
 # Run record fields that name where something is, not what it is: the processes of one run

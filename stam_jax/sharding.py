@@ -8,7 +8,6 @@ each process feeds its own share of every global batch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import zlib
@@ -170,11 +169,6 @@ def allgather_json(obj: Any) -> list[Any]:
     return [
         json.loads(bytes(row[: int(n)])) for row, n in zip(gathered, sizes.ravel(), strict=True)
     ]
-
-
-def digest(obj: Any) -> str:
-    """A short digest of a JSON-able value (a listing), to compare across processes."""
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
 
 
 def tree_digest(tree: Any) -> str:

@@ -21,6 +21,8 @@ What is not a class or a video is left out and recorded in `VideoFolder.ignored`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -99,6 +101,12 @@ class VideoFolder:
     items: tuple[VideoItem, ...]
     empty_classes: tuple[str, ...]
     ignored: tuple[Ignored, ...] = ()
+
+    def listing_digest(self) -> str:
+        """The SHA-256 (hex) of what the data is: the classes, and each video's path and label
+        (not where the root is: the same files elsewhere give the same digest)."""
+        listing = [list(self.classes), [[item.path, item.label] for item in self.items]]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def is_hidden(name: str) -> bool:
