@@ -13,7 +13,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
+from conftest import (
+    TINY_CONFIGS,
+    child_pids,
+    free_port,
+    random_params,
+    run_processes,
+    xla_flags,
+)
 
 from configs.tiny import get_config
 from stam_jax import checkpoints, create_model
@@ -173,7 +180,7 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
             "--config.data.workers=0",
             f"--workdir={tmp_path}",
         ],
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={"XLA_FLAGS": xla_flags(8)},
     )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -199,7 +206,7 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
                 f"--config.distributed.process_id={rank}",
                 f"--workdir={tmp_path / str(rank)}",
             ],
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"},
+            env={"XLA_FLAGS": xla_flags(3)},
         )
         for rank in range(2)
     ]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, random_params, random_videos
+from conftest import ROOT, random_params, random_videos, xla_flags
 
 from stam_jax import VARIANTS, create_model, model_config, model_from_config
 from stam_jax.checkpoints import abstract_params
@@ -710,7 +710,7 @@ for chunk in (0, 8):
 
 def test_frame_chunk_steps_keep_a_sharded_batch_on_its_devices():
     # 8 videos over 8 devices, 4 steps of 8 frames: each step takes one frame per device.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_STEPS], env=env, capture_output=True, text=True, cwd=ROOT

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_CONFIGS, cli_args, convert_kwargs, random_videos, torch_logits
+from conftest import (
+    ROOT,
+    TINY_CONFIGS,
+    USER_XLA_FLAGS,
+    cli_args,
+    convert_kwargs,
+    random_videos,
+    torch_logits,
+)
 
 from convert import convert_checkpoint
 from convert.__main__ import main as convert_main
@@ -66,6 +78,30 @@ def test_reference_follows_a_models_layer_norm_eps():
         assert {m.eps for m in norms} == {0.5}
 
 
+LOGITS = """
+import sys
+import jax
+import numpy as np
+from stam_jax import checkpoints
+model, params = checkpoints.load(sys.argv[1])
+videos = np.load(sys.argv[2])
+np.save(sys.argv[3], np.asarray(jax.jit(model.apply)({"params": params}, videos)))
+"""
+
+
+def logits_as_users_compile(checkpoint, videos: np.ndarray, tmp_path) -> np.ndarray:
+    """A checkpoint's logits from a process with the user's XLA flags (the default optimisation
+    level), not this session's (conftest.py compiles at level 0 to save time)."""
+    np.save(tmp_path / "videos.npy", videos)
+    env = {**os.environ, "XLA_FLAGS": USER_XLA_FLAGS, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", LOGITS, str(checkpoint), str(tmp_path / "videos.npy")]
+    result = subprocess.run(
+        [*command, str(tmp_path / "logits.npy")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(tmp_path / "logits.npy")
+
+
 @pytest.mark.slow
 def test_full_size_stam_16_parity(official_pth, tmp_path):
     """The one full-size test: official stam_16 shapes, default head counts, 119M params."""
@@ -76,10 +112,11 @@ def test_full_size_stam_16_parity(official_pth, tmp_path):
     assert report.warnings() == []
 
     model, params = checkpoints.load(path)
+    assert model_config(model) == config
     assert sum(x.size for x in jax.tree.leaves(params)) == 119_205_520
     videos = random_videos(config, batch=2, seed=5)
     want = torch_logits(reference, videos)
-    got = jax.jit(model.apply)({"params": params}, videos)
+    got = logits_as_users_compile(path, videos, tmp_path)
     assert got.shape == (2, 400)
     assert relative_error(got, want) <= TOLERANCE
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))

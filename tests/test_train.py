@@ -17,14 +17,14 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import child_pids, free_port, run_processes
+from conftest import child_pids, free_port, run_processes, xla_flags
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
 from stam_jax.train import KILL_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
-TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TWO_DEVICES = {"XLA_FLAGS": xla_flags(2)}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import xla_flags
 
 from configs.common import base_config
 from stam_jax import create_model
@@ -282,7 +283,7 @@ print("devices", jax.device_count(), "max_diff", diff)
 
 
 def test_eight_simulated_devices_match_one():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
     result = subprocess.run(
         [sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True, cwd=ROOT
