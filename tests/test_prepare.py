@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -545,6 +546,69 @@ def test_grain_workers_give_the_same_clips(prepared_train):
     items = dataset.folder.items
     want = [item.label for i, item in enumerate(items) if i not in dataset.outcomes]
     assert sorted(labels.tolist()) == sorted(want)
+
+
+_READER = """
+import multiprocessing, os, signal, sys, threading, time
+
+from stam_jax.data import reading
+from stam_jax.data.prepared import open_prepared
+from stam_jax.data.video import ClipSpec
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    started = threading.Event()
+
+    def ctrl_c():  # a terminal's Ctrl-C, to the reading processes only, from their start on
+        while not started.is_set():
+            for child in multiprocessing.active_children():
+                if child.name.startswith("grain-process-prefetch") and child.pid:
+                    os.kill(child.pid, signal.SIGINT)
+            time.sleep(0.02)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32, short_videos="pad")
+    clips = iter(reading.train_loader(open_prepared(sys.argv[1]), spec, 0, 2, 1, 2))
+    for _ in range(4):
+        next(clips)
+    started.set()
+    print(*(child.pid for child in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_grain_reading_processes_leave_ctrl_c_to_the_parent_and_end_with_it(prepared_train):
+    # They printed a KeyboardInterrupt traceback each on a Ctrl-C (and ended, failing the
+    # read), and outlived a SIGKILL of the parent, holding its stdout and stderr.
+    process = subprocess.Popen(
+        [sys.executable, "-c", _READER, str(prepared_train)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+    finally:
+        process.kill()
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert len(pids) == 1 and not alive, err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (not ended, nor ended and not yet reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 def test_training_refuses_an_eval_dataset(prepared_raw, prepared_train, videos, tmp_path):

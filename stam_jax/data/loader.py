@@ -172,7 +172,7 @@ class _ParallelDecoder:
         # 'spawn': forking a process that holds JAX's threads can deadlock.
         context = multiprocessing.get_context("spawn")
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start_worker
+            self.workers, mp_context=context, initializer=start_worker
         )
 
     def __iter__(self) -> Iterator[Decoded]:
@@ -236,8 +236,9 @@ def _submit(
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _start_worker() -> None:
-    """Run in each decoding process as it starts (see the two functions it calls)."""
+def start_worker() -> None:
+    """Run in each decoding process as it starts, these and grain's reading processes
+    (`stam_jax.data.reading`): see the two functions it calls."""
     _leave_interrupts_to_the_parent()
     _end_with_the_parent()
 

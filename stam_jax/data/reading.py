@@ -5,7 +5,11 @@ Needs the `prepared` extra (`tensorflow_datasets`, `grain`); TensorFlow is never
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import multiprocessing
+import multiprocessing.resource_tracker
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -13,12 +17,32 @@ from typing import Any
 import grain
 import numpy as np
 
-from stam_jax.data.loader import Decoded
+from stam_jax.data.loader import Decoded, start_worker
 from stam_jax.data.prepared import PreparedDataset, eval_views, train_clip
 from stam_jax.data.video import ClipSpec
 
 
-class EvalViews(grain.transforms.Map):
+class _ReadiesWorkers:
+    """A transform that readies each grain reading process it is sent to (`start_worker`):
+    Ctrl-C is left to the parent, and the process ends when the parent ends, even killed.
+
+    grain's `DataLoader` takes no function to run in its processes, but each unpickles the
+    transforms before it reads anything: the hook is that unpickling, which happens nowhere
+    else (this process only pickles them).
+    """
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        global _worker_ready
+        if not _worker_ready and multiprocessing.parent_process() is not None:
+            _worker_ready = True
+            start_worker()
+        self.__dict__.update(state)
+
+
+_worker_ready = False
+
+
+class EvalViews(_ReadiesWorkers, grain.transforms.Map):
     """record -> {'views': uint8 (views, T, crop, crop, 3), 'index': listing index}."""
 
     def __init__(self, encoding: str, prepared: ClipSpec) -> None:
@@ -30,7 +54,7 @@ class EvalViews(grain.transforms.Map):
         return {"views": views, "index": np.int64(element["index"])}
 
 
-class TrainClip(grain.transforms.RandomMap):
+class TrainClip(_ReadiesWorkers, grain.transforms.RandomMap):
     """record -> {'video': uint8 (T, crop, crop, 3), 'label'}: a random clip, crop and flip.
 
     grain derives `rng` from the sampler's seed and the record's place in the sampled stream,
@@ -69,7 +93,7 @@ def eval_items(
     source = dataset.data_source()
     shard = grain.sharding.ShardOptions(process, processes, drop_remainder=False)
     sampler = grain.samplers.IndexSampler(len(source), shard, shuffle=False, num_epochs=1)
-    loader = grain.DataLoader(
+    loader = _Loader(
         data_source=source,
         sampler=sampler,
         operations=[EvalViews(dataset.encoding, dataset.spec)],
@@ -99,10 +123,64 @@ def close(iterator: Iterator[Any]) -> None:
     objects" (google/grain#1031). So: close the iterator, drop every reference to it, then
     `gc.collect()`, which frees those blocks while the process still runs.
     """
+    if isinstance(iterator, Reading):
+        iterator = iterator.loader_iterator
     # A DataLoaderIterator has no close() of its own; the dataset iterator it wraps has.
     inner = getattr(iterator, "_iterator", iterator)
     if hasattr(inner, "close"):
         inner.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread for the block (a Ctrl-C meanwhile is taken by another
+    thread of this process, or waits until the block ends)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class _Loader(grain.DataLoader):
+    """A grain `DataLoader` whose iterators are `Reading`s (what `train_loader` returns)."""
+
+    def __iter__(self) -> Reading:  # type: ignore[override]
+        # Started here, not by the queues grain makes in its threads: starting it unblocks
+        # SIGINT in the thread that does (multiprocessing.resource_tracker.ensure_running).
+        multiprocessing.resource_tracker.ensure_running()
+        with _ctrl_c_blocked():
+            return Reading(super().__iter__())
+
+
+class Reading(Iterator[Any]):
+    """A grain `DataLoaderIterator` read with SIGINT blocked in the reading thread.
+
+    grain starts its reading processes from threads of its own, made as the iterator is read.
+    A terminal's Ctrl-C reaches every process of its group, and each of those processes
+    printed a KeyboardInterrupt traceback (at start-up, from wherever its imports were; later,
+    "Exception ignored" from a garbage-collection callback) while this one stopped. A thread
+    inherits the signal mask of the thread that makes it, and a process that of the thread
+    that starts it: so each call into grain runs with SIGINT blocked, and its processes start
+    with it blocked, until the transforms they unpickle set it to be ignored
+    (`_ReadiesWorkers`). A Ctrl-C during such a call reaches this process all the same.
+    """
+
+    def __init__(self, loader_iterator: Any) -> None:
+        self.loader_iterator = loader_iterator
+
+    def __next__(self) -> Any:
+        with _ctrl_c_blocked():
+            return next(self.loader_iterator)
+
+    def get_state(self) -> bytes:
+        """The position in the stream, for a checkpoint."""
+        return self.loader_iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        """Goes back to a position that `get_state` gave."""
+        with _ctrl_c_blocked():
+            self.loader_iterator.set_state(state)
 
 
 class _ProcessRows:
@@ -156,7 +234,7 @@ def train_loader(
         len(source), grain.sharding.NoSharding(), shuffle=True, num_epochs=None, seed=seed
     )
     sampler = _ProcessRows(stream, local_batch, jax.process_index(), jax.process_count())
-    return grain.DataLoader(
+    return _Loader(
         data_source=source,
         sampler=sampler,
         shard_options=grain.sharding.NoSharding(),  # the sampler already picks this process's rows
