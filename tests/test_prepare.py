@@ -237,6 +237,7 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
         ({"kind": "test"}, "--kind 'test'"),
         ({"encoding": "png"}, "--encoding 'png'"),
         ({"encoding": "jpeg", "jpeg_quality": 0}, "--jpeg_quality 0"),
+        ({"jpeg_quality": 95}, "--jpeg_quality 95 with --encoding raw"),  # was ignored
     ]:
         with pytest.raises(PreparedError, match=message):
             prepare(videos, tmp_path / "x", SPEC, progress=False, **kwargs)
@@ -358,6 +359,12 @@ def test_cli_flag_errors_are_one_line_and_exit_2(videos, tmp_path, monkeypatch, 
     )
     assert "--config.data.workers=-2; use -1" in refused(
         monkeypatch, capsys, src, out, "--config.data.workers=-2"
+    )
+    # Was ignored: raw frames were written, as if no quality had been asked for.
+    assert (
+        "--jpeg_quality 50 with --encoding raw, which stores the frames as they are; add "
+        "--encoding jpeg, or leave --jpeg_quality out."
+        in refused(monkeypatch, capsys, src, out, "--jpeg_quality=50")
     )
     assert not (tmp_path / "out").exists()
 

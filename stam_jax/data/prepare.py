@@ -87,6 +87,7 @@ SETTING_FLAGS = {
     "shard_size": "--shard_size",
     "source": "--src",
 }
+JPEG_QUALITY = 95  # --jpeg_quality's default
 STOP_HOOK = "STAM_TEST_PREPARE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing this many
 
 
@@ -275,7 +276,7 @@ def prepare(
     spec: ClipSpec,
     kind: str = "eval",
     encoding: str = "raw",
-    jpeg_quality: int = 95,
+    jpeg_quality: int | None = None,
     class_list: str | None = None,
     workers: int = -1,
     shard_size: int = 256,
@@ -289,7 +290,8 @@ def prepare(
       spec: sampling, resize and (for `eval`) views and crop.
       kind: 'eval' (model inputs) or 'train' (sampled frames, resized, not cropped).
       encoding: 'raw' (uint8 pixels) or 'jpeg'.
-      jpeg_quality: JPEG quality (1-100) for `encoding='jpeg'`.
+      jpeg_quality: JPEG quality (1-100) for `encoding='jpeg'` (None: 95, which keeps top-1);
+        refused with 'raw', which stores the frames as they are.
       class_list: optional class-list file (label order), as for evaluation.
       workers: decoding processes; -1: one per core; 0: this process.
       shard_size: videos per shard (a resumed run redoes at most one shard per worker pool).
@@ -305,6 +307,13 @@ def prepare(
         raise PreparedError(f"--kind {kind!r}; use one of {', '.join(KINDS)}.")
     if encoding not in ENCODINGS:
         raise PreparedError(f"--encoding {encoding!r}; use one of {', '.join(ENCODINGS)}.")
+    if jpeg_quality is not None and encoding != "jpeg":
+        raise PreparedError(
+            f"--jpeg_quality {jpeg_quality} with --encoding {encoding}, which stores the frames "
+            "as they are; add --encoding jpeg, or leave --jpeg_quality out."
+        )
+    if jpeg_quality is None:
+        jpeg_quality = JPEG_QUALITY
     if not 1 <= jpeg_quality <= 100:
         raise PreparedError(f"--jpeg_quality {jpeg_quality}; use 1-100 (95 keeps top-1).")
     if shard_size < 1:
@@ -549,7 +558,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         "kind", "eval", list(KINDS), "eval: model inputs; train: resized frames", **define
     )
     flags.DEFINE_enum("encoding", "raw", list(ENCODINGS), "raw uint8 pixels or JPEG", **define)
-    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for --encoding jpeg", **define)
+    flags.DEFINE_integer("jpeg_quality", JPEG_QUALITY, "JPEG quality for --encoding jpeg", **define)
     flags.DEFINE_integer(
         "workers",
         None,
@@ -613,7 +622,8 @@ def _run(f: flags.FlagValues) -> int:
             spec,
             kind=f.kind,
             encoding=f.encoding,
-            jpeg_quality=f.jpeg_quality,
+            # Only when given: with --encoding raw it is refused, not ignored.
+            jpeg_quality=f.jpeg_quality if f["jpeg_quality"].present else None,
             class_list=config.data.class_list or None,
             workers=workers,
             shard_size=f.shard_size,
