@@ -356,7 +356,7 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         folder, prepared = _list_data(config, model, spec)
         mesh = sharding.data_mesh()
         try:
-            local_batch = sharding.local_batch_size(config.batch_size, mesh)
+            local_batch = sharding.local_batch_size(config.batch_size, mesh, "--config.batch_size")
         except ValueError as e:
             raise EvalConfigError(str(e)) from None
 

@@ -92,15 +92,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def local_batch_size(global_batch: int, mesh: Mesh) -> int:
+def local_batch_size(global_batch: int, mesh: Mesh, name: str = "global_batch") -> int:
     """This process's share of a global batch, refusing sizes that do not divide.
 
     Every process must hold as many devices as every other: each feeds an equal share of
     every batch (and of the videos).
 
     Raises:
-      ValueError: naming the batch size, the device count and the nearest valid sizes, or
-        the processes whose device counts differ.
+      ValueError: naming the batch size (as `name`: the flag, for a command line), the device
+        count and the nearest valid sizes, or the processes whose device counts differ.
     """
     devices = mesh.devices.size
     per_process: dict[int, int] = {}
@@ -116,14 +116,14 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
         )
     if global_batch < 1:
         raise ValueError(
-            f"batch_size={global_batch}: must be at least 1 (a multiple of the {devices} "
-            f"device(s)), e.g. --config.batch_size={devices}."
+            f"{name}={global_batch}: must be at least 1 (a multiple of the {devices} "
+            f"device(s)), e.g. {name}={devices}."
         )
     if global_batch % devices:
         lower = max(devices, global_batch // devices * devices)
         raise ValueError(
-            f"batch_size={global_batch} does not divide over {devices} devices; use a multiple "
-            f"of {devices}, e.g. --config.batch_size={lower} or {lower + devices}."
+            f"{name}={global_batch} does not divide over {devices} devices; use a multiple "
+            f"of {devices}, e.g. {name}={lower} or {lower + devices}."
         )
     return global_batch // len(per_process)
 

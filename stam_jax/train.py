@@ -299,7 +299,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             )
         mesh = sharding.data_mesh()
         try:
-            local_batch = sharding.local_batch_size(config.batch_size, mesh)
+            local_batch = sharding.local_batch_size(config.batch_size, mesh, "--config.batch_size")
         except ValueError as e:
             raise TrainConfigError(str(e)) from None
         try:  # the periodic evaluation's batches hold a multiple of these frames

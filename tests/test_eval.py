@@ -386,7 +386,11 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
         rf"^--config.data.root: data root {re.escape(nowhere)} does not exist",
         **{"data.root": nowhere},
     )
-    refused(r"batch_size=0: must be at least 1 \(a multiple of the 1 device\(s\)\)", batch_size=0)
+    refused(
+        r"^--config.batch_size=0: must be at least 1 \(a multiple of the 1 device\(s\)\), "
+        r"e.g. --config.batch_size=1\.$",
+        batch_size=0,
+    )
     refused(r"--config.data.num_clips=0, num_frames=4: use >= 1", **{"data.num_clips": 0})
     refused(r"num_crops=2; use 1 \(official\) or 3", **{"data.num_crops": 2})
     refused(r"T=4 model, but the config samples clips for stam_16 \(T=16\)", model="stam_16")

@@ -49,8 +49,21 @@ def test_local_batch_size_refuses_processes_with_different_device_counts() -> No
         ValueError, match=r"different numbers of devices \(process 0: 2, process 1: 1\)"
     ):
         sharding.local_batch_size(3, mesh(0, 0, 1))
-    with pytest.raises(ValueError, match=r"batch_size=4 does not divide over 6 devices"):
+    # The library's message names the argument; it named the flag, --config.batch_size.
+    with pytest.raises(ValueError) as info:
         sharding.local_batch_size(4, mesh(0, 0, 0, 1, 1, 1))
+    assert str(info.value) == (
+        "global_batch=4 does not divide over 6 devices; use a multiple of 6, e.g. "
+        "global_batch=6 or 12."
+    )
+    with pytest.raises(
+        ValueError, match=r"^global_batch=0: must be at least 1 .*global_batch=3\.$"
+    ):
+        sharding.local_batch_size(0, mesh(0, 0, 0))
+    with pytest.raises(
+        ValueError, match=r"^--config.batch_size=4 does not divide .*size=6 or 12\.$"
+    ):
+        sharding.local_batch_size(4, mesh(0, 0, 0, 1, 1, 1), "--config.batch_size")
 
 
 def test_processes_agree_names_a_refusal_or_each_setting_that_differs(monkeypatch) -> None:
