@@ -120,6 +120,13 @@ def export_checkpoint(
         bad `dtype`, or float16 for params beyond its range (+-65504), which it would make Inf.
       checkpoints.CheckpointError: `ckpt_dir` is not a readable stam-jax checkpoint.
     """
+    return _export(ckpt_dir, out_pth, dtype, overwrite)[:2]
+
+
+def _export(
+    ckpt_dir: str | os.PathLike, out_pth: str | os.PathLike, dtype: str | None, overwrite: bool
+) -> tuple[Path, str, dict[str, Any]]:
+    """`export_checkpoint`, also returning the checkpoint's config (read once)."""
     from convert.torch_io import save_state_dict
 
     out = _check_output_file(Path(out_pth), overwrite)
@@ -149,7 +156,7 @@ def export_checkpoint(
     except OSError as e:
         raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
     save_state_dict(state_dict, out)
-    return out, dtype
+    return out, dtype, config
 
 
 def official_notes(model: dict[str, Any]) -> list[str]:

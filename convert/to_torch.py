@@ -30,16 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = "interrupted: the .pth was not written."
     try:
         with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
-            from convert.core import ConversionError, export_checkpoint, official_notes
-            from stam_jax.checkpoints import CheckpointError, read_config
+            from convert.core import ConversionError, _export, official_notes
+            from stam_jax.checkpoints import CheckpointError
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        path, dtype = export_checkpoint(
-            args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
-        )
-        notes = official_notes(read_config(args.ckpt_dir)["model"])
+        # The notes are of the config the export read (a second read could find another).
+        path, dtype, config = _export(args.ckpt_dir, args.out_pth, args.dtype, args.force)
+        notes = official_notes(config["model"])
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
