@@ -401,8 +401,14 @@ def draw(result: dict[str, Any], path: str | Path, classes: list[str] | None = N
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: list[str] | None = None, *, ends_process: bool = False) -> int:
+    """CLI entry point; returns the exit status.
+
+    With `ends_process` (`python -m stam_jax.explain`), a Ctrl-C ends the process instead,
+    with that status: one during XLA's compilation ends it without the interpreter's
+    shutdown, which crashed under the compiling thread (`interrupts.exit_interrupted`). A
+    Python caller interrupted so keeps a process with that compilation going on.
+    """
     parser = ArgumentParser(
         prog="python -m stam_jax.explain",
         description=__doc__,
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from stam_jax.data.folder import DatasetError, read_class_list
     from stam_jax.data.video import VideoError
-    from stam_jax.interrupts import keep_interrupts
+    from stam_jax.interrupts import exit_interrupted, keep_interrupts
 
     keep_interrupts()
     try:
@@ -448,12 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, VideoError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except KeyboardInterrupt:  # the picture is written whole or not at all (paths.staged)
+    except KeyboardInterrupt as e:  # the picture is written whole or not at all (paths.staged)
         print("interrupted: nothing was written.", file=sys.stderr)
+        if ends_process:
+            exit_interrupted(e, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ends_process=True))

@@ -249,6 +249,38 @@ def test_ctrl_c_is_one_line_and_exit_130(explained, tmp_path, capsys, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
 
 
+class _Ended(Exception):
+    """Raised by the stand-in for os._exit."""
+
+
+def test_ctrl_c_while_compiling_ends_python_m_without_the_interpreter_shutdown(
+    explained, tmp_path, capsys, monkeypatch
+):
+    # `python -m stam_jax.explain` interrupted while XLA compiled died of a segmentation fault
+    # in the interpreter's shutdown (as run_eval.py did), not with exit status 130.
+    import os
+
+    import jax._src.compiler as compiler
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def ended(status):
+        raise _Ended(status)
+
+    monkeypatch.setattr(compiler, "backend_compile_and_load", ctrl_c)  # as XLA raises it
+    monkeypatch.setattr(os, "_exit", ended)
+    root, video = explained
+    args = [str(video), "--checkpoint", str(root / "ckpt"), "--out", str(tmp_path / "p.png")]
+    with pytest.raises(_Ended) as end:
+        main([*args, "--frame-rate", "4"], ends_process=True)
+    assert end.value.args == (130,)
+    assert capsys.readouterr().err == "interrupted: nothing was written.\n"
+    # From Python, the status is returned, as before.
+    assert main([*args, "--frame-rate", "2"]) == 130
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_figure_refuses_class_names_that_do_not_fit():
     # Too few names failed with an IndexError; too many labelled the bars silently.
     result = {
