@@ -130,14 +130,16 @@ def _settings(config: Any, folder: VideoFolder, params: Any) -> dict[str, Any]:
     """What every process of a multi-process evaluation must have the same: the config (but
     `_PER_PROCESS`), the listing of the data (classes, videos, labels) and the params."""
     settings = {f"--config.{k}": v for k, v in flat_fields(config, _PER_PROCESS).items()}
-    settings["--config.data.root's listing"] = (
-        f"{config.data.root} ({len(folder.classes)} classes, {len(folder.items)} videos, "
-        f"digest {folder.listing_digest()[:12]})"
-    )
+    # Compared by content: the paths may differ between hosts.
+    digest = folder.listing_digest()[:12]
+    listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
+    shown = f"{config.data.root} ({listing})"
     if config.data.class_list:
-        settings["--config.data.root's listing"] += f" with {config.data.class_list}"
-    settings["--config.checkpoint's params"] = (
-        f"{config.checkpoint} (checksum {sharding.tree_digest(params)})"
+        shown += f" with {config.data.class_list}"
+    settings["--config.data.root's listing"] = sharding.by_content(shown, listing)
+    checksum = sharding.tree_digest(params)
+    settings["--config.checkpoint's params"] = sharding.by_content(
+        f"{config.checkpoint} (checksum {checksum})", checksum
     )
     return settings
 

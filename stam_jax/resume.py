@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from stam_jax import sharding
 from stam_jax.configs import flat_fields
 from stam_jax.data.folder import VideoFolder
 from stam_jax.train_step import TrainConfigError
@@ -65,9 +66,11 @@ def process_settings(config: Any, folder: VideoFolder) -> dict[str, Any]:
     (its root named beside the digest)."""
     record = _run_record(config, folder)
     settings = {f"--config.{k}": v for k, v in record.items() if k not in (*_PATHS, _LISTING)}
-    settings["--config.train.root's listing"] = (
-        f"{config.train.root} ({len(folder.classes)} classes, {len(folder.items)} videos, "
-        f"digest {record[_LISTING][:12]})"
+    # Compared by content: the paths may differ between hosts.
+    digest = record[_LISTING][:12]
+    listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
+    settings["--config.train.root's listing"] = sharding.by_content(
+        f"{config.train.root} ({listing})", listing
     )
     return settings
 

@@ -180,12 +180,31 @@ def tree_digest(tree: Any) -> str:
     return f"{crc:08x}"
 
 
+def by_content(shown: str, content: str) -> dict[str, str]:
+    """A setting of `processes_agree` compared by its `content` alone (a digest), named as
+    `shown` (with the path it was read from): the processes of one run may read the same data
+    or checkpoint at other paths."""
+    return {"shown": shown, "content": content}
+
+
+def _compared(value: Any) -> Any:
+    """What `processes_agree` compares of a setting: the content of a `by_content` one."""
+    is_content = isinstance(value, dict) and set(value) == {"shown", "content"}
+    return value["content"] if is_content else value
+
+
+def _shown(value: Any) -> Any:
+    """A setting as `processes_agree` names it."""
+    is_content = isinstance(value, dict) and set(value) == {"shown", "content"}
+    return value["shown"] if is_content else value
+
+
 def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None) -> str | None:
     """Compares this process's run with every other's (a single process: nothing to compare).
 
     Args:
-      settings: what must be the same in every process (flag -> JSON-able value); None for a
-        process that refuses the run.
+      settings: what must be the same in every process (flag -> JSON-able value, or a
+        `by_content` one, compared by content only); None for a process that refuses the run.
       refusal: why this process refuses the run (None: it would go on).
 
     Returns:
@@ -203,8 +222,8 @@ def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None)
     differ = []
     for key in settings:
         values = [part["settings"].get(key) for part in everyone]
-        if any(v != values[0] for v in values):
-            each = ", ".join(f"process {pid}: {v}" for pid, v in enumerate(values))
+        if any(_compared(v) != _compared(values[0]) for v in values):
+            each = ", ".join(f"process {pid}: {_shown(v)}" for pid, v in enumerate(values))
             differ.append(f"{key} ({each})")
     if not differ:
         return None

@@ -879,3 +879,29 @@ def test_a_prepared_run_resumes_only_with_its_process_and_worker_counts(monkeypa
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     with pytest.raises(TrainConfigError, match=r"--config.distributed.num_processes=2 \(the data"):
         _data_position(two, 0, tmp_path)
+
+
+def test_processes_reading_the_same_data_at_other_paths_agree(train_root, tmp_path, monkeypatch):
+    # The processes of one run may find the same data and checkpoints at other paths (other
+    # hosts' mounts); what they hold is compared, by digest. The listing's settings used to
+    # hold the path too, so the same videos under another root refused the run.
+    from stam_jax import sharding
+    from stam_jax.data.folder import list_videos
+    from stam_jax.resume import process_settings
+
+    moved = shutil.copytree(train_root, tmp_path / "elsewhere")
+    settings = [
+        process_settings(tiny_config(root), list_videos(root)) for root in (train_root, moved)
+    ]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding, "allgather_json", lambda mine: [mine, other])
+    other = {"settings": settings[1], "refusal": None}
+    assert sharding.processes_agree(settings[0]) is None
+    (moved / "class_0" / "video_0.mp4").rename(moved / "class_1" / "video_9.mp4")
+    other["settings"] = process_settings(tiny_config(moved), list_videos(moved))
+    assert re.fullmatch(
+        rf"the processes were started with different settings: --config.train.root's listing "
+        rf"\(process 0: {train_root} \(10 classes, 10 videos, digest \w{{12}}\), process 1: "
+        rf"{moved} \(10 classes, 10 videos, digest \w{{12}}\)\)\. Start every process .*",
+        sharding.processes_agree(settings[0]),
+    )
