@@ -6,7 +6,8 @@ r"""Evaluate a STAM checkpoint on a Kinetics-style video folder with the officia
 Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
 evaluated, 2 when the run is refused before any compute, with one `error: ...` line saying why
 (a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
-videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 130
+videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 5 in a
+multi-process run when another process failed (its error is named) or was killed, 130
 interrupted (Ctrl-C).
 """
 
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags, refuse
 from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
@@ -45,9 +46,16 @@ def main(argv: list[str]) -> None:
 def _evaluate() -> int:
     with interrupts_held():
         from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
+        from stam_jax.sharding import stop_together
+
+    def status(error: BaseException) -> int:
+        if isinstance(error, EvalConfigError):
+            return EXIT_REFUSED
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
 
     try:
-        results = evaluate(_CONFIG.value, _WORKDIR.value)
+        with stop_together(status, EXIT_PEER_FAILED):  # one process fails: all stop, saying why
+            results = evaluate(_CONFIG.value, _WORKDIR.value)
     except EvalConfigError as e:
         refuse(e)
     counts = results["counts"]

@@ -6,8 +6,9 @@ r"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
 end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py; no final_ema
 with train.ema_decay=0). Exit status: 0 done, 2 refused before any compute, 4 stopped on a
-non-finite loss or gradient or on training videos that mostly cannot be used, 130 interrupted
-(Ctrl-C; the checkpoints are kept, the same command resumes).
+non-finite loss or gradient or on training videos that mostly cannot be used, 5 in a
+multi-process run when another process failed (its error is named) or was killed, 130
+interrupted (Ctrl-C; the checkpoints are kept, the same command resumes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags, refuse
 from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
@@ -26,6 +27,7 @@ from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrup
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
 )
+_EXIT_STOPPED = 4  # a non-finite loss or gradient, or unusable training videos
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "the folder of the run: checkpoints, metrics, final params"
 )
@@ -68,15 +70,24 @@ def _interrupted(workdir: str) -> str:
 
 def _train() -> None:
     with interrupts_held():
+        from stam_jax.sharding import stop_together
         from stam_jax.train import TrainConfigError, TrainStopped, train_and_evaluate
 
+    def status(error: BaseException) -> int:
+        if isinstance(error, TrainConfigError):
+            return EXIT_REFUSED
+        if isinstance(error, TrainStopped):
+            return _EXIT_STOPPED
+        return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
+
     try:
-        summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        with stop_together(status, EXIT_PEER_FAILED):  # one process fails: all stop, saying why
+            summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainConfigError as e:
         refuse(e)
     except TrainStopped as e:  # a non-finite loss, or videos that cannot be used
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(4)
+        sys.exit(_EXIT_STOPPED)
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 

@@ -19,6 +19,7 @@ from absl import flags
 
 EXIT_REFUSED = 2  # refused before any compute
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+EXIT_PEER_FAILED = 5  # another process of the multi-process run failed or was killed
 
 
 def refuse(message: object) -> NoReturn:

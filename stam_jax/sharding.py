@@ -7,12 +7,16 @@ each process feeds its own share of every global batch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import sys
+import threading
+import time
 import zlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -65,6 +69,7 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         jax.distributed.initialize()
+    _start_watching()
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -262,3 +267,249 @@ def shared_refusals(
         if not agreed:
             processes_agree(None, str(e))
         raise
+
+
+# When one process of a multi-process run stops, the others stop too, saying why.
+#
+# Without this, jax 0.10.2 leaves them waiting: a process that raises runs jax's shutdown, whose
+# barrier waits for every process (`shutdown_timeout_seconds`, 300 s) while the others wait for
+# its part of their next collective, which never comes; both end after the 5 minutes in a page
+# of coordination-service errors naming no cause. A process killed outright (SIGKILL, the
+# out-of-memory killer) breaks the others' next collective at once ("Connection closed by
+# peer"), but they then wait in the same shutdown barrier until jax's heartbeat timeout
+# (`heartbeat_timeout_seconds`, 100 s) declares it dead. A process that raises therefore writes
+# its one-line error into the coordination service's key-value store; a thread of every other
+# process reads it there and ends its process with that line. Every process ends with
+# `os._exit` once its output is written: jax's shutdown would wait for those already gone.
+# Process 0 ends last, as the store lives in it: when it goes, jax ends the others at once
+# (their own fatal message, which names no process).
+_STOP_KEYS = "stam_jax/stop/"
+_POLL_S = 0.25  # how often each process reads the others' reports
+_GRACE_S = 3.0  # how long a deliberate stop (a refusal, a NaN loss) is left to this process's own
+_LEAVE_S = 10.0  # how long process 0 waits for the others to end before it ends
+
+
+class _Stop:
+    """This process's part in stopping together (one per process)."""
+
+    lock = threading.Lock()
+    claimed = False  # this process is stopping: its own failure, or another's
+    status: int | None = None  # the exit status `_end_at_exit` ends this process with
+    status_of: Callable[[BaseException], int] | None = None  # set by `stop_together`
+    peer_status = 1
+    watching = False
+    checked = False  # `stop_if_another_failed` has looked
+
+
+def _claim() -> bool:
+    """Whether this caller is the first to stop this process (the watcher or the main thread)."""
+    with _Stop.lock:
+        first, _Stop.claimed = not _Stop.claimed, True
+        return first
+
+
+def _client() -> Any:
+    """jax's coordination-service client (None: not a multi-process run)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _me() -> tuple[int, int]:
+    """(this process's id, the number of processes), as jax.distributed was joined."""
+    from jax._src import distributed
+
+    return distributed.global_state.process_id, distributed.global_state.num_processes
+
+
+def _one_line(error: BaseException) -> str:
+    """`error` as one line: its message, or its type and message when it is no refusal."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    text = " ".join(str(error).split())[:500]
+    if _Stop.status_of is not None and _Stop.status_of(error) != 1:
+        return text  # a refusal or a stop: its message says it all
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _reports(client: Any, me: int) -> dict[int, dict[str, Any]]:
+    """The other processes' reports of their failures, by process id."""
+    found = {}
+    for key, value in client.key_value_dir_get(f"{_STOP_KEYS}failed/"):
+        pid = int(key.rsplit("/", 1)[1])
+        if pid != me:
+            found[pid] = json.loads(value)
+    return found
+
+
+def _leave(message: str | None, status: int, gone: Sequence[int] = ()) -> NoReturn:
+    """Ends this process with `status` after printing `error: message` (if any) and, on process
+    0, after the others but those `gone` have ended (or `_LEAVE_S`): their next request to the
+    store would fail."""
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        client, (me, count) = _client(), _me()
+        client.key_value_set(f"{_STOP_KEYS}ended/{me}", "1", allow_overwrite=True)
+        deadline = time.monotonic() + _LEAVE_S
+        while me == 0 and time.monotonic() < deadline:
+            if len(client.key_value_dir_get(f"{_STOP_KEYS}ended/")) >= count - len(gone):
+                break
+            time.sleep(_POLL_S / 2)
+    os._exit(status)
+
+
+def _watch() -> None:
+    """The watcher thread: ends this process when another reports a failure (see above), and
+    counts this process alive for the others (`_silent`)."""
+    client, (me, _) = _client(), _me()
+    first_seen: dict[int, float] = {}
+    tick = 0
+    while True:  # counting on after a claim: this process has not stopped answering
+        tick += 1
+        try:
+            client.key_value_set(f"{_STOP_KEYS}alive/{me}", str(tick), allow_overwrite=True)
+            reports = _reports(client, me)
+        except Exception:  # the store is gone with process 0: jax ends this process
+            return
+        now = time.monotonic()
+        for pid, report in sorted(reports.items()):
+            seen = first_seen.setdefault(pid, now)
+            # A deliberate stop (a refusal, a NaN loss) may be one every process comes to at
+            # once: this process is given the time to come to it too, and end as itself.
+            if _Stop.claimed:
+                break
+            if (report["status"] == 1 or now - seen >= _GRACE_S) and _claim():
+                _leave(_failed(pid, report, me), _Stop.peer_status)
+        time.sleep(_POLL_S)
+
+
+def _failed(pid: int, report: dict[str, Any], me: int) -> str:
+    return (
+        f"process {pid} failed: {report['error']} (process {me} stopped with it; process "
+        f"{pid}'s own output says more)."
+    )
+
+
+def _silent(client: Any, me: int, count: int) -> list[int]:
+    """The other processes whose watcher stopped counting (`_watch`) and that reported nothing:
+    killed outright (SIGKILL, out of memory) or their host gone."""
+    before = dict(client.key_value_dir_get(f"{_STOP_KEYS}alive/"))
+    time.sleep(6 * _POLL_S)
+    after = dict(client.key_value_dir_get(f"{_STOP_KEYS}alive/"))
+    return [
+        pid
+        for pid in range(count)
+        if pid != me
+        and after.get(f"{_STOP_KEYS}alive/{pid}") == before.get(f"{_STOP_KEYS}alive/{pid}")
+    ]
+
+
+def _start_watching() -> None:
+    """Starts the watcher thread of `stop_together` (once, and only under it)."""
+    if _Stop.status_of is None or _Stop.watching or _client() is None:
+        return
+    _Stop.watching = True
+    # Run before jax's own exit handler (registered when jax was imported, so run after this
+    # one): its shutdown would wait for the processes that have already ended.
+    atexit.register(_end_at_exit)
+    threading.Thread(target=_watch, name="stam-stop-watch", daemon=True).start()
+
+
+def _end_at_exit() -> None:
+    if _Stop.status is not None:
+        _leave(None, _Stop.status)
+
+
+@contextlib.contextmanager
+def stop_together(status_of: Callable[[BaseException], int], peer_status: int) -> Iterator[None]:
+    """Makes a failure of one process of a multi-process run end every process, promptly and
+    saying which process failed and why (a command's `main`; nothing changes for one process).
+
+    A failure in the block (an exception: a refusal, a NaN loss, a decoding error, Ctrl-C) is
+    reported to the other processes, which end with exit status `peer_status` and the line
+    `error: process K failed: <its error>`. A process killed outright (SIGKILL, out of memory)
+    reports nothing: the others end at their next collective, naming it as one that stopped
+    answering. This process itself leaves the block as usual (its message is printed as
+    always), then ends with `status_of(error)` without jax's shutdown, which would wait for the
+    processes already gone.
+
+    Args:
+      status_of: the exit status the command ends with for an exception (1 for one it does not
+        handle: a crash).
+      peer_status: the exit status of a process ended by another's failure.
+    """
+    _Stop.status_of, _Stop.peer_status = status_of, peer_status
+    _start_watching()  # already joined (a command that joins before the block)
+    try:
+        yield
+    except BaseException as error:
+        if _Stop.watching and not isinstance(error, SystemExit):
+            stop_if_another_failed(error)
+            _report(error)
+        raise
+
+
+def stop_if_another_failed(error: BaseException) -> None:
+    """Ends this process (see `stop_together`) when `error` is another process's doing: a
+    collective broken by a process that failed (its report is named) or that was killed (named
+    as one that stopped answering). Returns when `error` is this process's own, to be cleaned
+    up after (a save let finish) and reported as the block of `stop_together` ends.
+
+    To call first where a failure is caught to wait for something the other processes take
+    part in: a checkpoint save of a multi-process run waits for every process.
+    """
+    if not _Stop.watching or _Stop.checked:
+        return
+    _Stop.checked = True
+    with _Stop.lock:
+        mine = not _Stop.claimed
+    if not mine:  # the watcher is ending this process with another's report
+        threading.Event().wait()
+    client, (me, count) = _client(), _me()
+    status = _Stop.status_of(error) if _Stop.status_of else 1
+    if status != 1:  # raised by this process itself: a refusal, a stop, Ctrl-C
+        return
+    try:
+        for attempt in range(2):
+            reports = _reports(client, me)
+            if reports and _claim():  # an error this process did not raise: another's doing
+                pid = min(reports)
+                _leave(_failed(pid, reports[pid], me), _Stop.peer_status)
+            if attempt == 0:
+                gone = _silent(client, me, count)
+    except Exception:  # the store is gone: process 0 ended without a word
+        if me != 0 and _claim():
+            _leave(
+                "process 0 stopped answering without reporting an error (killed, out of "
+                f"memory, or its host down), and process {me} stopped with it; look at process "
+                "0's own log for why.",
+                _Stop.peer_status,
+            )
+        return
+    if gone and _claim():
+        which = ", ".join(map(str, gone))
+        _leave(
+            f"process {which} stopped answering without reporting an error (killed, out of "
+            f"memory, or its host down), and process {me} stopped with it; look at process "
+            f"{which}'s own log for why. (Here: {_one_line(error)[:200]})",
+            _Stop.peer_status,
+            gone,
+        )
+
+
+def _report(error: BaseException) -> None:
+    """Reports this process's own failure to the others (`_watch` ends them), and has this
+    process end without jax's shutdown once its message is printed (`_end_at_exit`)."""
+    if not _claim():  # the watcher is ending this process with another's report
+        threading.Event().wait()
+    client, (me, _) = _client(), _me()
+    status = _Stop.status_of(error) if _Stop.status_of else 1
+    with contextlib.suppress(Exception):  # the store is gone with process 0: jax ends this one
+        client.key_value_set(
+            f"{_STOP_KEYS}failed/{me}", json.dumps({"error": _one_line(error), "status": status})
+        )
+    _Stop.status = status

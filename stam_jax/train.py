@@ -59,6 +59,8 @@ from stam_jax.train_step import (
 from stam_jax.variants import model_from_config, variant_name
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
+# tests: "K:N:raise" or "K:N:kill": process K raises (or is SIGKILLed) as it starts step N
+FAIL_HOOK = "STAM_TEST_FAIL_AT_STEP"
 
 
 class TrainStopped(RuntimeError):
@@ -405,6 +407,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
         decoded = ordered_map(decode_train_item, jobs, workers, prefetch)
     kill_at = int(os.environ.get(KILL_HOOK, "-1"))
+    fail_process, fail_step, fail_how = (os.environ.get(FAIL_HOOK) or "-1:-1:").split(":")
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
     board = None
     if log:
@@ -421,6 +424,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     unusable = _Unusable(workdir, start)
     try:
         for step in range(start, train.steps):
+            if step + 1 == int(fail_step) and jax.process_index() == int(fail_process):
+                if fail_how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"test hook {FAIL_HOOK}: process {fail_process} fails")
             if loader:
                 batch = next(batches)
                 videos, labels = batch["video"], batch["label"]
@@ -516,7 +523,10 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
             if saved and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
             progress.update(1)
-    except BaseException:
+    except BaseException as error:
+        # A collective broken by another process's failure ends this process now, saying so:
+        # a save under way would wait for the other process forever.
+        sharding.stop_if_another_failed(error)
         # A save under way is let finish: its checkpoint is whole, and orbax's threads do not
         # fail (printing pages of errors) in an interpreter that is shutting down.
         with contextlib.suppress(Exception):

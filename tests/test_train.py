@@ -21,7 +21,7 @@ from conftest import child_pids, free_port, run_processes, xla_flags
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
-from stam_jax.train import KILL_HOOK
+from stam_jax.train import FAIL_HOOK, KILL_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_DEVICES = {"XLA_FLAGS": xla_flags(2)}
@@ -412,6 +412,39 @@ def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = No
     resumed = "" if kill_at is None else f" (resumed from step {max(saved)})"
     assert f"trained to step 8{resumed}; final params in" in results[0][1]
     assert "final params in None" in results[1][1]  # only process 0 writes the params
+
+
+@pytest.mark.parametrize(
+    "how, line",
+    [
+        ("raise", r"error: process 1 failed: RuntimeError: test hook .*; process 1's own output"),
+        ("kill", r"error: process 1 stopped answering without reporting an error \(killed, "),
+    ],
+)
+def test_a_process_that_fails_or_is_killed_stops_the_other_saying_why(
+    train_root, cache, tmp_path, how, line
+):
+    # Process 1 fails (or is SIGKILLed) as it starts step 1. Process 0 used to wait in its
+    # collective, then in jax's shutdown barrier (300 s after a raise, 100 s after a kill), and
+    # end in pages of coordination-service errors naming no process; now it ends at once,
+    # naming process 1 and its error.
+    base = command(
+        train_root, tmp_path, cache, f"--config.distributed.coordinator=localhost:{free_port()}"
+    )
+    commands = [
+        [*base, "--config.distributed.num_processes=2", f"--config.distributed.process_id={rank}"]
+        for rank in range(2)
+    ]
+    (status0, _, err0), (status1, _, err1) = run_processes(
+        commands, devices_each=1, timeout=200, env={FAIL_HOOK: f"1:1:{how}"}
+    )
+    assert status0 == 5, err0[-3000:]
+    assert re.search(line, err0), err0[-3000:]
+    assert "Terminating process" not in err0  # jax's fatal end, which names no one
+    if how == "raise":
+        assert status1 == 1 and f"RuntimeError: test hook {FAIL_HOOK}" in err1, err1[-3000:]
+    else:
+        assert status1 == -signal.SIGKILL
 
 
 def test_each_process_decodes_its_rows_of_every_global_batch(train_root, monkeypatch):
