@@ -342,6 +342,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     check_same_run(config, workdir, start, folder)
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
+    # Every process starts from the same params (each places its own copy on its devices as
+    # the replicated value): the same contents of --config.checkpoint, wherever each reads it
+    # from, or the same step to resume from. A process that cannot read its checkpoint refuses
+    # the run in all of them.
+    params = None
+    with sharding.shared_refusals(TrainConfigError) as agree:
+        if not start:
+            params, report, listing = _initial_params(model, config, video)
+        agree(lambda: {"the initial params": _initial_params_setting(config, start, params)})
     replicated = sharding.replicated(mesh)
     float16 = loss_scaled(model)
     if start:  # the params, optimizer state and EMA come from the checkpoint
@@ -349,8 +358,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         tx, schedule = make_optimizer(train, abstract)
         state = jax.eval_shape(lambda p: initial_state(model, tx, train, p), abstract)
     else:
-        params = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
-        params, report, listing = _initial_params(model, params, config)
         workdir.mkdir(parents=True, exist_ok=True)
         manager = manager or _checkpoint_manager(workdir, train)
         write_run_record(config, workdir, folder)
@@ -623,10 +630,21 @@ def _teacher_params(config: Any, teacher: STAM, stored: dict[str, Any]) -> Any:
     return jax.tree.map(lambda x: np.asarray(x).astype(teacher.param_dtype), params)
 
 
-def _initial_params(model: STAM, fresh: Any, config: Any) -> tuple[Any, str, str]:
-    """The params a run starts from, fresh or from `config.checkpoint`; the report (printed,
-    and the head of `init_report.txt`); and, from a checkpoint, the rest of that file: every
-    tensor by name with where its value came from."""
+def _initial_params_setting(config: Any, start: int, params: Any) -> Any:
+    """What the processes of a multi-process run compare of the params they start from: the
+    step resumed from, or the initial params' checksum (with where they came from, shown)."""
+    if start:
+        return f"resumed from the checkpoint of step {start}"
+    source = config.checkpoint or f"a fresh initialisation (--config.seed={config.seed})"
+    checksum = sharding.tree_digest(params)
+    return sharding.by_content(f"{source} (checksum {checksum})", checksum)
+
+
+def _initial_params(model: STAM, config: Any, video: np.ndarray) -> tuple[Any, str, str]:
+    """The params a run starts from, fresh (initialised on `video`, a batch of one) or from
+    `config.checkpoint`; the report (printed, and the head of `init_report.txt`); and, from a
+    checkpoint, the rest of that file: every tensor by name with where its value came from."""
+    fresh = jax.jit(model.init)(jax.random.key(config.seed), video)["params"]
     std = config.train.temporal_pos_embed_std
     sources: dict[str, str] = {}
     if config.checkpoint:

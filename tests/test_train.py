@@ -938,3 +938,38 @@ def test_processes_reading_the_same_data_at_other_paths_agree(train_root, tmp_pa
         rf"{moved} \(10 classes, 10 videos, digest \w{{12}}\)\)\. Start every process .*",
         sharding.processes_agree(settings[0]),
     )
+
+
+def test_processes_starting_from_other_params_are_refused(train_root, tmp_path, monkeypatch):
+    # Each process reads --config.checkpoint itself and places its copy on its devices as the
+    # replicated params: processes that read other contents (another file at the same path on
+    # another host) would each train their own model. The initial params' checksums are
+    # compared before anything is written, as evaluation compares the params it reads.
+    from stam_jax import sharding, train
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    params = {"head": {"kernel": np.ones((4, 10), np.float32)}}  # what the run starts from
+    monkeypatch.setattr(train, "_initial_params", lambda *_: (params, "report", ""))
+
+    def gather(mine: dict) -> list[dict]:
+        other = json.loads(json.dumps(mine))
+        if mine["settings"] and "the initial params" in mine["settings"]:
+            other["settings"]["the initial params"] = sharding.by_content(
+                "/host1/ckpt (checksum 0badf00d)", "0badf00d"
+            )
+        return [mine, other]
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding, "allgather_json", gather)
+    with pytest.raises(TrainConfigError) as refused:
+        train_and_evaluate(tiny_config(train_root), tmp_path / "run")
+    assert re.fullmatch(
+        r"the processes were started with different settings: the initial params \(process 0: "
+        rf"a fresh initialisation \(--config.seed=0\) \(checksum {sharding.tree_digest(params)}\), "
+        r"process 1: /host1/ckpt "
+        r"\(checksum 0badf00d\)\)\. Start every process with the same command, only "
+        r"--config.distributed.process_id differing \(data and checkpoints may be at other "
+        r"paths on other hosts, holding the same\)\.",
+        str(refused.value),
+    )
+    assert not (tmp_path / "run").exists()
