@@ -60,6 +60,7 @@ from stam_jax.variants import model_from_config, variant_name
 
 KILL_HOOK = "STAM_TEST_KILL_AFTER_SAVE"  # tests: SIGKILL this process while a save is underway
 # tests: "K:N:raise" or "K:N:kill": process K raises (or is SIGKILLed) as it starts step N
+# (0: before the processes compare their initial params, nothing compiled for the step yet)
 FAIL_HOOK = "STAM_TEST_FAIL_AT_STEP"
 
 
@@ -347,6 +348,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     # from, or the same step to resume from. A process that cannot read its checkpoint refuses
     # the run in all of them.
     params = None
+    _fail_hook(0)
     with sharding.shared_refusals(TrainConfigError) as agree:
         if not start:
             params, report, listing = _initial_params(model, config, video)
@@ -414,7 +416,6 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)
         decoded = ordered_map(decode_train_item, jobs, workers, prefetch)
     kill_at = int(os.environ.get(KILL_HOOK, "-1"))
-    fail_process, fail_step, fail_how = (os.environ.get(FAIL_HOOK) or "-1:-1:").split(":")
     log = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
     board = None
     if log:
@@ -431,10 +432,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     unusable = _Unusable(workdir, start)
     try:
         for step in range(start, train.steps):
-            if step + 1 == int(fail_step) and jax.process_index() == int(fail_process):
-                if fail_how == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"test hook {FAIL_HOOK}: process {fail_process} fails")
+            _fail_hook(step + 1)
             if loader:
                 batch = next(batches)
                 videos, labels = batch["video"], batch["label"]
@@ -561,6 +559,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
     return {"step": int(state.step), "resumed_from": start, "last_metrics": last, **outputs}
+
+
+def _fail_hook(step: int) -> None:
+    """Tests (`FAIL_HOOK`): this process raises, or is SIGKILLed, as it starts `step`."""
+    process, at, how = (os.environ.get(FAIL_HOOK) or "-1:-1:").split(":")
+    if int(at) == step and jax.process_index() == int(process):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"test hook {FAIL_HOOK}: process {process} fails")
 
 
 def _data_position(saved: list[str], workers: int, workdir: Path) -> bytes:

@@ -424,7 +424,8 @@ def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = No
 def test_a_process_that_fails_or_is_killed_stops_the_other_saying_why(
     train_root, cache, tmp_path, how, line
 ):
-    # Process 1 fails (or is SIGKILLed) as it starts step 1. Process 0 used to wait in its
+    # Process 1 fails (or is SIGKILLed) before the processes compare their initial params
+    # (nothing is compiled for the step: the test stays short). Process 0 used to wait in its
     # collective, then in jax's shutdown barrier (300 s after a raise, 100 s after a kill), and
     # end in pages of coordination-service errors naming no process; now it ends at once,
     # naming process 1 and its error.
@@ -436,7 +437,7 @@ def test_a_process_that_fails_or_is_killed_stops_the_other_saying_why(
         for rank in range(2)
     ]
     (status0, _, err0), (status1, _, err1) = run_processes(
-        commands, devices_each=1, timeout=200, env={FAIL_HOOK: f"1:1:{how}"}
+        commands, devices_each=1, timeout=200, env={FAIL_HOOK: f"1:0:{how}"}
     )
     assert status0 == 5, err0[-3000:]
     assert re.search(line, err0), err0[-3000:]
