@@ -20,7 +20,7 @@ import pytest
 from conftest import child_pids, free_port, run_processes, xla_flags
 from test_eval import make_folder
 
-from stam_jax import checkpoints, create_model
+from stam_jax import checkpoints, create_model, sharding
 from stam_jax.train import FAIL_HOOK, KILL_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,45 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("xla_cache")  # later runs reuse the compiled step
 
 
+@pytest.fixture(scope="module", autouse=True)
+def in_process_cache(cache):
+    """This module's in-process compiles go through `cache` too, as its commands' do.
+
+    Every `train_and_evaluate` here compiled the tiny model's init afresh (about 8 s of CPU
+    each; its jit is made anew per call). Off again after the module: test files share the
+    worker processes. No test here checks in-process compilation.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()  # JAX decides once per process whether it caches
+    sharding.enable_compilation_cache(str(cache))
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+# One jitted init of the tiny model for the tests' own params (a teacher, the initial params):
+# its compile is one of the longest of this file.
+tiny_init = jax.jit(create_model("stam_tiny").init)
+
+
+def init_params(seed: int):
+    return tiny_init(jax.random.key(seed), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+
+
 def command(root: Path, workdir: Path, cache: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
-        "run_train.py",
+        str(ROOT / "run_train.py"),
         "--config",
-        "configs/tiny.py",
+        str(ROOT / "configs/tiny.py"),
         f"--config.train.root={root}",
         f"--workdir={workdir}",
         "--config.batch_size=4",
@@ -58,10 +91,10 @@ def command(root: Path, workdir: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
-def run(cmd, env=None, timeout=600):
+def run(cmd, env=None, timeout=600, cwd=ROOT):
     return subprocess.run(
         cmd,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
@@ -120,10 +153,7 @@ def test_training_writes_metrics_checkpoints_and_final_params(uninterrupted):
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema), strict=True)
     )
     # The trained params are not the initial ones: the optimizer moved them.
-    init = jax.jit(create_model("stam_tiny").init)(
-        jax.random.key(0), np.zeros((1, 4, 32, 32, 3), np.uint8)
-    )["params"]
-    assert not np.array_equal(params["head"]["kernel"], init["head"]["kernel"])
+    assert not np.array_equal(params["head"]["kernel"], init_params(0)["head"]["kernel"])
 
 
 def test_tensorboard_is_written_without_importing_torch(tmp_path):
@@ -140,19 +170,20 @@ def test_tensorboard_is_written_without_importing_torch(tmp_path):
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
 
 
-def test_sigkill_during_a_save_then_resume_is_bit_exact(train_root, cache, uninterrupted, tmp_path):
+def test_sigkill_during_a_save_and_at_any_moment_then_resume_is_bit_exact(
+    train_root, cache, uninterrupted, tmp_path
+):
+    # One run killed twice, then resumed to its end: first by the test hook while the
+    # checkpoint of step 6 is being written; then, resumed, at a moment of no choosing (0.3 s
+    # after it finished a checkpoint of its own). (Two tests of two starts each were one start
+    # more.)
+    from stam_jax.export import saved_steps
+
     killed = run(command(train_root, tmp_path, cache), env={KILL_HOOK: "6", **TWO_DEVICES})
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "final").exists()
-    resumed = run(command(train_root, tmp_path, cache), env=TWO_DEVICES)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    want, want_ema = final_params(uninterrupted)
-    got, got_ema = final_params(tmp_path)
-    chex.assert_trees_all_equal(got, want)
-    chex.assert_trees_all_equal(got_ema, want_ema)
-
-
-def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, uninterrupted, tmp_path):
+    saved = tmp_path / "checkpoints"
+    last = max(saved_steps(saved)[0])  # step 3, or 6 if its save got through
     proc = subprocess.Popen(
         command(train_root, tmp_path, cache),
         cwd=ROOT,
@@ -161,28 +192,28 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(train_root, cache, unint
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while (
-        not (tmp_path / "checkpoints" / "3").exists()
-        and time.time() < deadline
-        and proc.poll() is None
-    ):
+    while max(saved_steps(saved)[0]) <= last and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run(command(train_root, tmp_path, cache), env=TWO_DEVICES)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    chex.assert_trees_all_equal(final_params(tmp_path)[0], final_params(uninterrupted)[0])
+    want, want_ema = final_params(uninterrupted)
+    got, got_ema = final_params(tmp_path)
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal(got_ema, want_ema)
 
 
 def test_refusals_and_non_finite_stop(train_root, cache, uninterrupted, tmp_path):
-    # Through the command line: a refusal is one `error:` line and exit status 2.
-    result = run(
-        command(train_root, tmp_path / "a", cache, "--config.model_overrides.num_classes=7")
-    )
-    assert result.returncode == 2 and "has 10 classes but the model has 7 outputs" in result.stderr
+    # (Through the command line a refusal is one `error:` line and exit status 2:
+    # test_configs.py::test_run_train_without_data_is_refused.)
     from stam_jax.train import TrainConfigError, train_and_evaluate
 
+    config = tiny_config(train_root)
+    config.model_overrides.num_classes = 7
+    with pytest.raises(TrainConfigError, match="has 10 classes but the model has 7 outputs"):
+        train_and_evaluate(config, tmp_path / "a")
     missing = tmp_path / "vit_b16.npz"
     config = tiny_config(train_root)
     config.checkpoint = str(missing)
@@ -222,32 +253,29 @@ def test_refusals_and_non_finite_stop(train_root, cache, uninterrupted, tmp_path
     ), result.stderr[-2000:]
 
 
-def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_path):
-    teacher = create_model("stam_tiny")
-    params = jax.jit(teacher.init)(jax.random.key(5), np.zeros((1, 4, 32, 32, 3), np.uint8))[
-        "params"
-    ]
+def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, uninterrupted, tmp_path):
+    teacher, params = create_model("stam_tiny"), init_params(5)
     checkpoints.save(tmp_path / "teacher", teacher, params)
     eval_root = tmp_path / "eval_videos"  # the training videos and one that does not decode
     shutil.copytree(train_root, eval_root)
     (eval_root / "class_0" / "broken.mp4").write_text("not a video")
     extra = [
-        "--config.train.steps=4",
-        "--config.train.eval_every=2",
+        "--config.train.eval_every=4",
         f"--config.train.eval_root={eval_root}",
         f"--config.train.teacher={tmp_path / 'teacher'}",
         "--config.train.mixup_alpha=0.2",
         "--config.train.cutmix_alpha=1.0",
         "--config.frame_chunk=8",  # the ViT in 2 steps of 8 frames, training and evaluation
     ]
-    result = run(command(train_root, tmp_path / "run", cache, *extra))
+    # Two devices and 8 steps, as `uninterrupted`: the init compiled there is read back.
+    result = run(command(train_root, tmp_path / "run", cache, *extra), env=TWO_DEVICES)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [row for row in rows if "top1" in row]
-    assert [row["step"] for row in evals] == [2, 4]
+    assert [row["step"] for row in evals] == [4, 8]
     assert all(0 <= row["top1"] <= 1 and 0 <= row["ema_top1"] <= 1 for row in evals)
-    for step in (2, 4):
+    for step in (4, 8):
         for name in ("params", "ema"):
             results = json.loads(
                 (run_dir / f"eval/step_{step}/{name}_results/results.json").read_text()
@@ -255,17 +283,17 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
             assert results["counts"]["evaluated"] == 10
     best = json.loads((run_dir / "best.json").read_text())
     top = max(max(row["top1"], row["ema_top1"]) for row in evals)
-    assert best["top1"] == top and best["step"] in (2, 4) and best["params"] in ("params", "ema")
+    assert best["top1"] == top and best["step"] in (4, 8) and best["params"] in ("params", "ema")
     assert best["eval"]["eval_root"] == str(eval_root)
     # One line per evaluation, both sets on it (not evaluate's whole summary once per set).
     lines = [line for line in result.stdout.splitlines() if line.startswith("eval at step")]
-    assert [line.split(":")[0] for line in lines] == ["eval at step 2", "eval at step 4"]
+    assert [line.split(":")[0] for line in lines] == ["eval at step 4", "eval at step 8"]
     assert all(" on 10 of 11 videos, 1 left out" in line and "(EMA " in line for line in lines)
     assert "videos/s" not in result.stdout
     # Named once in the whole run, though both sets skipped it at both evaluations.
     assert result.stderr.count("eval skipped class_0/broken.mp4") == 1, result.stderr[-3000:]
     # Only the best params are kept, and they are the ones that scored it.
-    for step in (2, 4):
+    for step in (4, 8):
         names = sorted(p.name for p in (run_dir / f"eval/step_{step}").iterdir())
         assert names == ["ema_results", "params_results"]
     from stam_jax.evaluate import evaluate
@@ -305,34 +333,32 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, tmp_p
     assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
-def test_videos_that_cannot_be_used_stop_the_run_and_are_named(tmp_path, monkeypatch, capsys):
+def test_videos_that_cannot_be_used_stop_the_run_and_are_named(cache, uninterrupted, tmp_path):
     # Files that are not videos: each named once (they recur every epoch) and listed; the run
-    # stops once more than half of 32 videos seen failed, instead of "training" to the end.
-    from stam_jax.train import UnusableDataError, train_and_evaluate
-
+    # stops once more than half of 32 videos seen failed (at step 8, the 8th batch of 4), instead
+    # of "training" on. `uninterrupted`'s command, so its compiled program is in the cache.
     root = tmp_path / "bad"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            (root / name / f"v{i}.mp4").write_text("not a video")
-    monkeypatch.chdir(tmp_path)  # a relative workdir, as in the README (orbax needs absolute)
-    config = tiny_config(root, steps=20, save_every=100)
-    config.model_overrides.num_classes = 2
-    with pytest.raises(UnusableDataError) as stopped:
-        train_and_evaluate(config, "runs/bad")
+    for c in range(10):  # the tiny model's 10 classes
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(2):
+            (root / f"class_{c}" / f"v{i}.mp4").write_text("not a video")
+    # A relative workdir, as in the README (orbax needs absolute).
+    cmd = command(root, Path("runs/bad"), cache, "--config.train.save_every=100")
+    result = run(cmd, env=TWO_DEVICES, cwd=tmp_path)
     log = tmp_path / "runs" / "bad" / "failed_videos.jsonl"
-    assert str(stopped.value) == (
-        "step 8: 32 of the 32 training videos of steps 1-8 could not be used (they failed to "
-        f"decode or are too short; each is named above and in {log}). Check "
-        f"--config.train.root={root}; checkpoints saved so far are intact."
-    )
+    assert result.returncode == 4, result.stderr[-3000:]  # stopped: a TrainStopped
+    assert result.stderr.endswith(
+        "error: step 8: 32 of the 32 training videos of steps 1-8 could not be used (they failed "
+        f"to decode or are too short; each is named above and in {log}). Check "
+        f"--config.train.root={root}; checkpoints saved so far are intact.\n"
+    ), result.stderr[-3000:]
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     paths = sorted(str(p) for p in root.rglob("*.mp4"))
     assert sorted(row["path"] for row in rows) == paths and {r["status"] for r in rows} == {
         "failed"
     }
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
-    assert len(warnings) == 8 and all(line.startswith("warning: step ") for line in warnings)
+    warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(warnings) == 20 and all(line.startswith("warning: step ") for line in warnings)
     # metrics.jsonl counts the videos of every batch that could not be used (all processes').
     metrics = (tmp_path / "runs" / "bad" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(row)["failed_videos"] for row in metrics] == [8, 16, 24]
