@@ -70,6 +70,30 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, wrap=None, **train):
     return _STEPS[key], state, videos, labels, np.ones(batch, np.float32)
 
 
+# A 3-step cosine run: warm-up from 0, the peak, then half of it. Compiled and run once for
+# the accumulation, EMA, failed-video, mixing and 8-device tests.
+BIG = dict(batch=8, learning_rate=1e-2, label_smoothing=0.1, ema_decay=0.5, steps=3, warmup_steps=1)
+
+
+@functools.cache
+def big_run():
+    """`BIG`'s step, its states 0 to 3 on one batch, each step's metrics and the batch."""
+    step, state, videos, labels, weights = setup(**BIG)
+    states, metrics = [state], []
+    for _ in range(3):
+        state, step_metrics = step(state, videos, labels, weights)
+        states.append(state)
+        metrics.append(step_metrics)
+    return step, states, metrics, (videos, labels, weights)
+
+
+def max_diff(a, b) -> float:
+    return max(
+        float(np.abs(x - y).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
 def test_weight_decay_mask_spares_biases_norms_and_tokens():
     flat = flax.traverse_util.flatten_dict(decay_mask(initial_params()), sep="/")
     assert flat["blocks_0/attn/qkv/kernel"] and flat["head/kernel"]
@@ -98,16 +122,20 @@ def test_loss_falls_on_a_learnable_task():
 
 
 def test_ema_follows_the_params():
-    step, state, videos, labels, weights = setup(ema_decay=0.5)
-    new, _ = step(state, videos, labels, weights)
+    # From step 1: at step 0 the learning rate is 0, the params did not move, and the EMA
+    # (which starts at the params) equalled them whatever its rule.
+    _, states, metrics, _ = big_run()
+    state, new = states[1], states[2]
+    assert float(metrics[1]["learning_rate"]) == pytest.approx(1e-2)
+    assert max_diff(new.params, state.params) > 1e-3
     want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
     jax.tree.map(np.testing.assert_allclose, new.ema_params, want)
 
 
 def test_a_batch_of_failed_videos_changes_nothing_but_the_step():
     # Every video failed (weight 0): no gradient, and weight decay alone must not move params.
-    step, state, videos, labels, weights = setup(ema_decay=0.5)  # test_ema_follows_the_params'
-    state, _ = step(state, videos, labels, weights)  # past step 0, whose learning rate is 0
+    step, states, _, (videos, labels, weights) = big_run()
+    state, weights = states[1], weights.copy()  # past step 0, whose learning rate is 0
     new, metrics = step(state, videos, labels, np.zeros_like(weights))
     assert int(new.step) == 2 and float(metrics["videos"]) == 0.0
     chex.assert_trees_all_equal(
@@ -135,11 +163,9 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     # train.steps and warmup_steps count batches: 6 half batches with accumulate=2 are 3
     # optimizer updates, at the rates of 3 full batches (0 in the warm-up, the peak, then half
     # of it in the cosine decay), so both runs make the same updates, and the same EMA steps.
-    settings = dict(learning_rate=1e-2, label_smoothing=0.1, ema_decay=0.5)
-    big, state, videos, labels, weights = setup(batch=8, steps=3, warmup_steps=1, **settings)
-    big_state = state
-    for _ in range(3):
-        big_state, _ = big(big_state, videos, labels, weights)
+    _, states, _, (videos, labels, weights) = big_run()  # 3 steps of the full batch of 8
+    big_state = states[3]
+    settings = {k: BIG[k] for k in ("learning_rate", "label_smoothing", "ema_decay")}
     # The accumulating optimizer as a plain GradientTransformation, not a MultiSteps object:
     # the step reads the accumulation off the optimizer state (tested on the object's type,
     # the EMA was stepped on every batch: twice per update here).
@@ -166,10 +192,10 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
 
 def test_mixup_and_cutmix_change_the_step_and_stay_finite():
     # One compiled step with both on: Mixup or CutMix is drawn at each step (both occur:
-    # test_augment); the plain step is the EMA tests' (compiled once for the module).
-    plain, state, videos, labels, weights = setup(ema_decay=0.5)
-    mixed = setup(ema_decay=0.5, mixup_alpha=0.8, cutmix_alpha=1.0)[0]
-    _, base = plain(state, videos, labels, weights)
+    # test_augment); the plain step is `big_run`'s (compiled once for the module).
+    _, states, metrics, (videos, labels, weights) = big_run()
+    state, base = states[0], metrics[0]
+    mixed = setup(**BIG, mixup_alpha=0.8, cutmix_alpha=1.0)[0]
     for step in range(3):
         _, metrics = mixed(state.replace(step=step), videos, labels, weights)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(base["loss"])
@@ -264,29 +290,43 @@ def test_teacher_must_see_what_the_student_sees(tmp_path):
 
 
 EIGHT_DEVICES = """
-import jax, numpy as np
+import sys
+import flax, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import test_train_step as t
-step, state, videos, labels, weights = t.setup(batch=8, learning_rate=1e-2, warmup_steps=1)
-out = {}
-for n in (1, 8):
-    mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
-    rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    put = lambda x, s: jax.device_put(x, s)
-    s = jax.device_put(state, rep)
-    new, _ = step(s, put(videos, bat), put(labels, bat), put(weights, bat))
-    out[n] = jax.device_get(new.params)
-pairs = zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[8]))
-diff = max(float(np.abs(a - b).max()) for a, b in pairs)
-print("devices", jax.device_count(), "max_diff", diff)
+saved = flax.serialization.msgpack_restore(open(sys.argv[1], "rb").read())
+t.initial_params = lambda seed=1: saved["params"]  # the parent's: no init to compile here
+step, state, videos, labels, weights = t.setup(**t.BIG)
+state = flax.serialization.from_state_dict(state, saved["state"])
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+batch = [jax.device_put(x, bat) for x in (videos, labels, weights)]
+new, _ = step(jax.device_put(state, rep), *batch)
+got = flax.serialization.to_state_dict(jax.device_get(new))
+print("devices", len(mesh.devices), "max_diff", t.max_diff(got, saved["want"]))
 """
 
 
-def test_eight_simulated_devices_match_one():
+def test_eight_simulated_devices_match_one(tmp_path):
+    # The batch of 8 split over 8 devices, one video each, makes the update that one device
+    # makes (`big_run`'s step from state 1, at the peak rate: the step from state 0, at rate 0,
+    # left the params as they were on any number of devices).
+    _, states, _, _ = big_run()
+    assert max_diff(states[2].params, states[1].params) > 1e-3
+    saved = {
+        "params": initial_params(),
+        "state": flax.serialization.to_state_dict(states[1]),
+        "want": flax.serialization.to_state_dict(states[2]),
+    }
+    (tmp_path / "states.msgpack").write_bytes(flax.serialization.msgpack_serialize(saved))
     env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'tests'}"
     result = subprocess.run(
-        [sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-c", EIGHT_DEVICES, str(tmp_path / "states.msgpack")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1].split()
