@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -67,13 +68,46 @@ def test_parameter_count_per_variant(name):
         assert n_params(model) == 119_205_520 + (model.num_frames - 16) * 768
 
 
-def tiny_params(model, seed=0):
-    return model.init(jax.random.key(seed), random_videos(model_config(model), batch=1))["params"]
+def param_shapes(model):
+    """The params `model.init` makes, traced (`jax.eval_shape`): their tree, shapes and dtypes.
+
+    An eager init of the tiny model dispatches (and compiles) op by op: seconds per test.
+    """
+    video = jax.ShapeDtypeStruct(
+        (1, model.num_frames, model.image_size, model.image_size, 3), jnp.uint8
+    )
+    return jax.eval_shape(model.init, jax.random.key(0), video)["params"]
+
+
+@functools.cache
+def tiny_case():
+    """`stam_tiny`'s random-reference params and 3 videos (12 frames), made once per module."""
+    config = model_config(create_model("stam_tiny"))
+    return random_params(config), random_videos(config, batch=3)
+
+
+# Every frame at once, all tokens of the last block, no remat: what the other ways compute.
+REFERENCE = create_model("stam_tiny", frame_chunk=0)
+
+
+@functools.cache
+def value_and_grads(model):
+    """A class-weighted logit sum and its gradients on `tiny_case`, compiled once per model.
+
+    `REFERENCE`'s is compiled once for the remat, last-block and frame-chunk tests.
+    """
+    params, videos = tiny_case()
+
+    def loss(p):
+        logits = model.apply({"params": p}, videos)
+        return (logits * jnp.arange(logits.shape[-1])).sum()
+
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def test_input_shape_and_dtype_are_checked():
     model = create_model("stam_tiny")
-    params = tiny_params(model)
+    params = random_params(model_config(model))
     bad = {
         (2, 5, 32, 32, 3): r"shape \(2, 5, 32, 32, 3\); this model expects \(batch, 4, 32, 32, 3\)",
         (2, 4, 3, 32, 32): r"channels last",
@@ -90,8 +124,9 @@ def test_input_shape_and_dtype_are_checked():
     ):
         model.apply({"params": params}, jnp.zeros((1, 4, 32, 32, 3), jnp.int32))
     # Float frames are taken in [0, 1]: 0-255 values or normalised ones, given eagerly as numpy
-    # or as jax arrays, are refused instead of giving wrong logits.
-    frames = random_videos(model_config(model), batch=1)
+    # or as jax arrays, are refused instead of giving wrong logits. (Batches of 2, as the eager
+    # applies of later tests: jax compiles each eager op once per shape.)
+    frames = random_videos(model_config(model), batch=2)
     for to in (np.asarray, jnp.asarray):
         with pytest.raises(ValueError, match=r"range over \[0, 2\d\d\], which looks like 0-255"):
             model.apply({"params": params}, to(frames.astype(np.float32)))
@@ -120,7 +155,7 @@ def test_input_shape_and_dtype_are_checked():
 
 def test_dropout_and_drop_path_only_in_training():
     model = create_model("stam_tiny", drop_path_rate=0.3, dropout_rate=0.1)
-    params = tiny_params(model)
+    params = tiny_case()[0]  # the rates add no params
     videos = random_videos(model_config(model), batch=2)
     apply = jax.jit(model.apply, static_argnames="deterministic")
     a = apply({"params": params}, videos)
@@ -142,7 +177,7 @@ def test_dropout_and_drop_path_only_in_training():
 def test_temporal_dropout_is_on_by_default_in_training():
     model = create_model("stam_tiny")
     assert model.temporal_dropout_rate == 0.1
-    params = tiny_params(model)
+    params = tiny_case()[0]
     videos = random_videos(model_config(model), batch=2)
     a = model.apply({"params": params}, videos)
     b = model.apply(
@@ -176,8 +211,8 @@ def test_drop_path_drops_whole_samples():
 
 def test_mean_aggregate_is_the_mean_of_frame_features():
     model = create_model("stam_tiny_mean")
-    params = tiny_params(model)
-    assert "aggregate" not in params  # parameter-free
+    assert "aggregate" not in param_shapes(model)  # parameter-free
+    params = random_params(model_config(model))
     videos = random_videos(model_config(model), batch=3)
     logits, state = model.apply({"params": params}, videos, mutable=["intermediates"])
     frames = state["intermediates"]["frame_features"][0]
@@ -211,15 +246,22 @@ def test_frames_are_processed_independently_by_the_spatial_part():
 def test_compute_dtype_reaches_every_submodule(dtype):
     model = create_model("stam_tiny", dtype=dtype)
     videos = random_videos(model_config(model), batch=1)
-    params = tiny_params(model)
+    params = param_shapes(model)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # param_dtype
-    _, state = model.apply(
-        {"params": params},
-        videos,
-        capture_intermediates=lambda mdl, _: not isinstance(mdl, nn.Dropout),
-        mutable=["intermediates"],
-    )
-    outputs = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    # Traced, not run: dtypes are fixed when the model is traced (test_precision runs both).
+    # Read while tracing: besides arrays, flax records the module `_make_aggregate` returns.
+    outputs = []
+
+    def trace(p, v):
+        _, state = model.apply(
+            {"params": p},
+            v,
+            capture_intermediates=lambda mdl, _: not isinstance(mdl, nn.Dropout),
+            mutable=["intermediates"],
+        )
+        outputs.extend(jax.tree_util.tree_flatten_with_path(state["intermediates"])[0])
+
+    jax.eval_shape(trace, params, videos)
     wrong = [
         jax.tree_util.keystr(path)
         for path, value in outputs
@@ -230,7 +272,7 @@ def test_compute_dtype_reaches_every_submodule(dtype):
 
 def test_param_dtype_is_threaded():
     model = create_model("stam_tiny", param_dtype="bfloat16")
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(tiny_params(model)))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(param_shapes(model)))
 
 
 def test_attention_implementations():
@@ -374,13 +416,11 @@ def test_auto_attention_choice_per_backend(monkeypatch):
 
 def test_separate_temporal_width_adds_a_projection():
     model = create_model("stam_tiny", temporal_hidden_size=24, temporal_heads=4)
-    params = tiny_params(model)
+    params = param_shapes(model)
     assert params["aggregate"]["input_proj"]["kernel"].shape == (32, 24)
     assert params["head"]["kernel"].shape == (24, 10)
-    assert model.apply({"params": params}, random_videos(model_config(model), batch=2)).shape == (
-        2,
-        10,
-    )
+    videos = random_videos(model_config(model), batch=2)
+    assert jax.eval_shape(model.apply, {"params": params}, videos).shape == (2, 10)
 
 
 def test_registry_and_config_errors():
@@ -391,9 +431,7 @@ def test_registry_and_config_errors():
     with pytest.raises(ValueError, match=r"dtype='fp8' is not supported"):
         parse_dtype("fp8")
     with pytest.raises(ValueError, match=r"aggregate='max' is not one of"):
-        create_model("stam_tiny", aggregate="max").init(
-            jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3))
-        )
+        param_shapes(create_model("stam_tiny", aggregate="max"))  # traced: refused all the same
     assert variant_name(create_model("stam_64", dtype="bfloat16")) == "stam_64"
     assert variant_name(create_model("stam_16", num_classes=600)) is None
     # A config survives JSON-like round trips.
@@ -533,17 +571,9 @@ def test_attention_weights_on_request():
 
 
 def test_remat_changes_memory_not_results():
-    config = model_config(create_model("stam_tiny"))
-    params = random_params(config)
-    videos = random_videos(config, batch=2)
-
-    def loss(model):
-        return jax.jit(jax.value_and_grad(lambda p: model.apply({"params": p}, videos).sum()))(
-            params
-        )
-
-    plain_value, plain_grads = loss(create_model("stam_tiny"))
-    value, grads = loss(create_model("stam_tiny", remat=True))
+    params, videos = tiny_case()
+    plain_value, plain_grads = value_and_grads(REFERENCE)
+    value, grads = value_and_grads(REFERENCE.clone(remat=True))
     np.testing.assert_allclose(value, plain_value, rtol=1e-6)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, plain_grads
@@ -560,33 +590,26 @@ def test_remat_changes_memory_not_results():
     assert "optimization_barrier" not in lowered(False)
 
 
+@functools.cache
+def xla_flops(model):
+    """XLA's FLOP count of a full-size (16, 224, 224) forward, lowered once per model."""
+    video = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.uint8)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), video)
+    apply = lambda v, x: model.apply(v, x, mutable=["intermediates"])[0]  # noqa: E731
+    return jax.jit(apply).lower(shapes, video).cost_analysis()["flops"]
+
+
 def test_last_block_computes_only_the_cls_token():
-    config = model_config(create_model("stam_tiny"))
-    params = random_params(config)
-    videos = random_videos(config, batch=2)
-
-    def loss_and_grads(model):
-        def loss(p):
-            logits = model.apply({"params": p}, videos)
-            return (logits * jnp.arange(logits.shape[-1])).sum()
-
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    value, grads = loss_and_grads(create_model("stam_tiny"))
+    assert REFERENCE.last_block_cls_only  # the default
+    value, grads = value_and_grads(REFERENCE)
     # Every token of the last block, as the official model computes it.
-    full_value, full_grads = loss_and_grads(create_model("stam_tiny", last_block_cls_only=False))
+    full_value, full_grads = value_and_grads(REFERENCE.clone(last_block_cls_only=False))
     np.testing.assert_allclose(value, full_value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
     # At full size the last block's other 196 tokens are 6.9% of the FLOPs; XLA's count of
     # what runs and `macs_per_video` (the matmuls: 0.3% under XLA's count) agree on it.
-    def flops(model):
-        video = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.uint8)
-        shapes = jax.eval_shape(model.init, jax.random.key(0), video)
-        apply = lambda v, x: model.apply(v, x, mutable=["intermediates"])[0]  # noqa: E731
-        return jax.jit(apply).lower(shapes, video).cost_analysis()["flops"]
-
     pruned = create_model("stam_16", frame_chunk=0)
     # Recording the last block's attention computes every token too (all rows recorded).
     for full in (
@@ -595,16 +618,15 @@ def test_last_block_computes_only_the_cls_token():
     ):
         expected = pruned.macs_per_video() / full.macs_per_video()
         assert expected == pytest.approx(0.931, abs=1e-3)
-        assert flops(pruned) / flops(full) == pytest.approx(expected, abs=1e-3)
-        assert 0.995 < 2 * full.macs_per_video() / flops(full) < 1.0
-    assert 0.995 < 2 * pruned.macs_per_video() / flops(pruned) < 1.0
+        assert xla_flops(pruned) / xla_flops(full) == pytest.approx(expected, abs=1e-3)
+        assert 0.995 < 2 * full.macs_per_video() / xla_flops(full) < 1.0
+    assert 0.995 < 2 * pruned.macs_per_video() / xla_flops(pruned) < 1.0
 
 
 def test_frame_chunk_steps_give_the_same_model():
-    config = model_config(create_model("stam_tiny"))
-    params = random_params(config)
-    videos = random_videos(config, batch=3)  # 12 frames, all different
-    whole = create_model("stam_tiny", frame_chunk=0)
+    params, videos = tiny_case()  # 3 videos: 12 frames, all different
+    whole = REFERENCE
+    assert whole == create_model("stam_tiny", frame_chunk=0)
     chunked = create_model("stam_tiny", frame_chunk=2)  # 6 steps of 2 frames
     assert whole.frames_per_step(12) == 12 and chunked.frames_per_step(12) == 2
     # The same parameter tree (paths, hence flax's init values): not part of the architecture.
@@ -627,13 +649,10 @@ def test_frame_chunk_steps_give_the_same_model():
     )
 
     # Gradients too, through the steps and their rematerialisation.
-    def grads(model):
-        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, videos).sum()))(params)
-
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-        grads(chunked.clone(remat=True)),
-        grads(whole),
+        value_and_grads(chunked.clone(remat=True))[1],
+        value_and_grads(whole)[1],
     )
     # The steps are a loop in the program; all-at-once has none.
     programs = [
@@ -698,9 +717,11 @@ from stam_jax import create_model
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 videos = jax.ShapeDtypeStruct((8, 4, 32, 32, 3), np.uint8, sharding=batch)
+# Their shapes are all that lowering needs (the same tree for every frame_chunk).
+one = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), np.uint8)
+params = jax.eval_shape(create_model("stam_tiny").init, jax.random.key(0), one)
 for chunk in (0, 8):
     model = create_model("stam_tiny", frame_chunk=chunk)
-    params = model.init(jax.random.key(0), np.zeros((1, 4, 32, 32, 3)))  # 4 frames: init is whole
     forward = jax.jit(model.apply, in_shardings=(replicated, batch), out_shardings=batch)
     text = forward.lower(params, videos).compile().as_text()
     found = sorted(set(re.findall(r"all-gather|all-to-all|collective-permute|all-reduce", text)))
