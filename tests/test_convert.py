@@ -633,7 +633,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert.core, "convert_checkpoint", interrupted)
-    monkeypatch.setattr(convert.core, "export_checkpoint", interrupted)
+    monkeypatch.setattr(convert.core, "_export", interrupted)  # what to_torch calls
     assert convert_main(["in.pth", str(tmp_path / "out")]) == 130
     assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "out.pth")]) == 130
     err = capsys.readouterr().err.splitlines()
