@@ -43,12 +43,14 @@ def xla_flags(devices: int) -> str:
 # pytest-xdist hands out whole files (--dist loadfile, in this order with
 # --no-loadscope-reorder), so a long file started last would leave the other worker idle.
 LONGEST_FIRST = (
-    "test_benchmarks.py",  # ~255 s
-    "test_prepare.py",  # ~180 s
-    "test_train.py",  # ~175 s
-    "test_model.py",  # ~160 s
-    "test_train_step.py",  # ~160 s
-    "test_demo.py",  # ~115 s
+    "test_benchmarks.py",  # ~215 s
+    "test_prepare.py",  # ~140 s
+    "test_train.py",  # ~135 s
+    "test_demo.py",  # ~100 s
+    "test_train_step.py",  # ~90 s
+    "test_model.py",  # ~70 s
+    "test_parity.py",  # ~50 s
+    "test_eval.py",  # ~45 s
 )
 
 
