@@ -192,16 +192,19 @@ def by_content(shown: str, content: str) -> dict[str, str]:
     return {"shown": shown, "content": content}
 
 
+def _by_content(value: Any) -> bool:
+    """Whether a setting of `processes_agree` was made by `by_content`."""
+    return isinstance(value, dict) and set(value) == {"shown", "content"}
+
+
 def _compared(value: Any) -> Any:
     """What `processes_agree` compares of a setting: the content of a `by_content` one."""
-    is_content = isinstance(value, dict) and set(value) == {"shown", "content"}
-    return value["content"] if is_content else value
+    return value["content"] if _by_content(value) else value
 
 
 def _shown(value: Any) -> Any:
     """A setting as `processes_agree` names it."""
-    is_content = isinstance(value, dict) and set(value) == {"shown", "content"}
-    return value["shown"] if is_content else value
+    return value["shown"] if _by_content(value) else value
 
 
 def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None) -> str | None:
@@ -316,7 +319,11 @@ def _client() -> Any:
 
 
 def _me() -> tuple[int, int]:
-    """(this process's id, the number of processes), as jax.distributed was joined."""
+    """(this process's id, the number of processes), as jax.distributed was joined.
+
+    Not `jax.process_index()`: the watcher thread starts before JAX's backend, which that call
+    would start from the thread while the main thread may still be configuring it.
+    """
     from jax._src import distributed
 
     return distributed.global_state.process_id, distributed.global_state.num_processes
