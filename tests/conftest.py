@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # XLA flags for this test session and the processes its tests start (set here, before any test
 # starts JAX's CPU backend; importing the modules above does not). XLA:CPU spends most of a
 # compile in LLVM's optimisation passes, and compiling is most of this suite's time: at
-# optimisation level 0 a tiny model's train step compiles in 6.4 s of CPU instead of 15.6 s and
-# runs as fast (its matmuls are library calls either way). Results may differ from the default
+# optimisation level 0 the demo model's train step compiles in 4.5-5.1 s of CPU instead of
+# 11.6-11.8 s, and runs in 0.055 s instead of 0.03 s, which the tests' few steps do not feel
+# (benchmarks/compile_opt_level.py, BENCHMARKS.md). Results may differ from the default
 # level's in the last bits (float operations in another order), which the tests' tolerances
 # allow; bit-identical checks compare two runs under the same flags. The default level, which
 # users get, is what the full-size parity test runs at (`USER_XLA_FLAGS`).

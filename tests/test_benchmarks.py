@@ -240,3 +240,12 @@ def test_worker_start_smoke():
     assert all(
         row["first_results_s_median"] > 0 and row["worker_rss_mib_median"] > 0 for row in rows
     )
+
+
+def test_compile_opt_level_smoke():
+    args = ["--model", "stam_tiny", "--batch", "2", "--repeats", "1", "--levels", "default,0"]
+    rows = run_script("benchmarks/compile_opt_level.py", *args)
+    assert [row["level"] for row in rows] == ["default", "0"]
+    assert all(row["compile_cpu_s"] > 0 and row["step_s_median"] > 0 for row in rows)
+    # The levels order float operations differently: the same loss up to rounding.
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"])

@@ -1,0 +1,96 @@
+"""XLA:CPU compile time and run time of one training step at each backend optimisation level.
+
+    python benchmarks/compile_opt_level.py --model stam_demo --batch 16      # what the tests use
+    python benchmarks/compile_opt_level.py --model stam_tiny --batch 2 --repeats 1   # smoke (CI)
+
+The test suite compiles at `--xla_backend_optimization_level=0` (tests/conftest.py), because
+compiling is most of its time. This measures what that buys and costs: for each level, in a
+fresh process (XLA reads XLA_FLAGS when its backend starts), a train step of the model
+(forward, backward, AdamW) is compiled (process CPU seconds and wall seconds of `.compile()`),
+then run (median wall seconds of `--repeats` steps), and its loss printed to show how far the
+levels' results differ. One JSON line per level, in the order given. Needs jax, flax, optax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measure(model_name: str, batch: int, repeats: int) -> dict:
+    """Compiles and runs one train step in this process (under its XLA_FLAGS)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from stam_jax import create_model
+
+    model = create_model(model_name)
+    shape = (batch, model.num_frames, model.image_size, model.image_size, 3)
+    videos = jax.random.uniform(jax.random.key(0), shape)
+    labels = jnp.arange(batch) % model.num_classes
+    params = jax.jit(model.init)(jax.random.key(1), videos[:1])
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(params)
+
+    def step(params, opt_state, videos, labels, rng):
+        def loss_fn(p):
+            logits = model.apply(p, videos, deterministic=False, rngs={"dropout": rng})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    args = (params, opt_state, videos, labels, jax.random.key(2))
+    cpu, wall = time.process_time(), time.perf_counter()
+    compiled = jax.jit(step).lower(*args).compile()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = jax.block_until_ready(compiled(*args))[2]
+        times.append(time.perf_counter() - start)
+    return {
+        "compile_cpu_s": round(cpu, 2),
+        "compile_wall_s": round(wall, 2),
+        "step_s_median": round(statistics.median(times), 4),
+        "loss": float(loss),
+    }
+
+
+def main() -> None:
+    """Prints one JSON object per optimisation level."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_demo")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--levels", default="default,0", help="'default' or 0-3, comma-separated")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.model, args.batch, args.repeats)))
+        return
+    base = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f
+    )
+    for level in args.levels.split(","):
+        flags = base if level == "default" else f"{base} --xla_backend_optimization_level={level}"
+        command = [sys.executable, __file__, "--child", "1", "--model", args.model]
+        command += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
+        env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT)}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        row = {"level": level, "model": args.model, "batch": args.batch}
+        print(json.dumps({**row, **json.loads(result.stdout.strip().splitlines()[-1])}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
