@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags
 from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
@@ -48,7 +48,7 @@ def _evaluate() -> int:
         from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
         from stam_jax.sharding import stop_together
 
-    def status(error: BaseException) -> int:
+    def status(error: BaseException) -> int:  # the one mapping of errors to exit statuses
         if isinstance(error, EvalConfigError):
             return EXIT_REFUSED
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
@@ -56,8 +56,9 @@ def _evaluate() -> int:
     try:
         with stop_together(status, EXIT_PEER_FAILED):  # one process fails: all stop, saying why
             results = evaluate(_CONFIG.value, _WORKDIR.value)
-    except EvalConfigError as e:
-        refuse(e)
+    except EvalConfigError as e:  # a refusal before any compute
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(status(e))
     counts = results["counts"]
     skipped = counts["dropped_too_short"] or counts["failed"] or counts["non_finite"]
     return EXIT_SKIPPED if skipped else 0

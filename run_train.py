@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags
 from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
@@ -73,21 +73,19 @@ def _train() -> None:
         from stam_jax.sharding import stop_together
         from stam_jax.train import TrainConfigError, TrainStopped, train_and_evaluate
 
-    def status(error: BaseException) -> int:
+    def status(error: BaseException) -> int:  # the one mapping of errors to exit statuses
         if isinstance(error, TrainConfigError):
             return EXIT_REFUSED
-        if isinstance(error, TrainStopped):
+        if isinstance(error, TrainStopped):  # a non-finite loss, or videos that cannot be used
             return _EXIT_STOPPED
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
 
     try:
         with stop_together(status, EXIT_PEER_FAILED):  # one process fails: all stop, saying why
             summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except TrainConfigError as e:
-        refuse(e)
-    except TrainStopped as e:  # a non-finite loss, or videos that cannot be used
+    except (TrainConfigError, TrainStopped) as e:  # a refusal, or a stop: one line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(_EXIT_STOPPED)
+        sys.exit(status(e))
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 
