@@ -102,7 +102,7 @@ def export_checkpoint(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
-) -> tuple[Path, str]:
+) -> tuple[Path, str, list[str]]:
     """Writes a stam-jax checkpoint back as an official `{'model': state_dict}` `.pth`.
 
     Args:
@@ -112,21 +112,15 @@ def export_checkpoint(
       overwrite: replace an existing file.
 
     Returns:
-      (written path, dtype used). `official_notes` says what of the model a `.pth` cannot
-      carry (`python -m convert.to_torch` prints it).
+      (written path, dtype used, notes): the notes are `official_notes` of the checkpoint
+      read, what of its model the `.pth` cannot carry (`python -m convert.to_torch` prints
+      them); empty for an official model.
 
     Raises:
       ConversionError: `out_pth` cannot be written (checked before the checkpoint is read), a
         bad `dtype`, or float16 for params beyond its range (+-65504), which it would make Inf.
       checkpoints.CheckpointError: `ckpt_dir` is not a readable stam-jax checkpoint.
     """
-    return _export(ckpt_dir, out_pth, dtype, overwrite)[:2]
-
-
-def _export(
-    ckpt_dir: str | os.PathLike, out_pth: str | os.PathLike, dtype: str | None, overwrite: bool
-) -> tuple[Path, str, dict[str, Any]]:
-    """`export_checkpoint`, also returning the checkpoint's config (read once)."""
     from convert.torch_io import save_state_dict
 
     out = _check_output_file(Path(out_pth), overwrite)
@@ -156,7 +150,7 @@ def _export(
     except OSError as e:
         raise ConversionError(f"cannot create {out.parent}: {e.strerror or e}.") from None
     save_state_dict(state_dict, out)
-    return out, dtype, config
+    return out, dtype, official_notes(config["model"])  # of the config read (read once)
 
 
 def official_notes(model: dict[str, Any]) -> list[str]:

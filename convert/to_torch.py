@@ -30,15 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = "interrupted: the .pth was not written."
     try:
         with interrupts_held():  # a Ctrl-C inside JAX's import would abort the process
-            from convert.core import ConversionError, _export, official_notes
+            from convert.core import ConversionError, export_checkpoint
             from stam_jax.checkpoints import CheckpointError
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
-        # The notes are of the config the export read (a second read could find another).
-        path, dtype, config = _export(args.ckpt_dir, args.out_pth, args.dtype, args.force)
-        notes = official_notes(config["model"])
+        path, dtype, notes = export_checkpoint(
+            args.ckpt_dir, args.out_pth, dtype=args.dtype, overwrite=args.force
+        )
     except (ConversionError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -118,7 +118,9 @@ def test_half_precision_checkpoint_round_trips_in_its_dtype(dtype, official_pth,
 
     pth, _ = official_pth(TINY, edit=to_half)
     convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(TINY))
-    export_checkpoint(tmp_path / "ckpt", tmp_path / "back.pth")
+    written = export_checkpoint(tmp_path / "ckpt", tmp_path / "back.pth")
+    assert written[:2] == (tmp_path / "back.pth", str(dtype).removeprefix("torch."))
+    assert written[2] and all(n.startswith("note: the .pth does not store") for n in written[2])
     assert_state_dicts_identical(load_official(pth), load_official(tmp_path / "back.pth"))
     # An explicit dtype overrides the recorded one.
     export_checkpoint(tmp_path / "ckpt", tmp_path / "f32.pth", dtype="float32")
@@ -633,7 +635,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert.core, "convert_checkpoint", interrupted)
-    monkeypatch.setattr(convert.core, "_export", interrupted)  # what to_torch calls
+    monkeypatch.setattr(convert.core, "export_checkpoint", interrupted)
     assert convert_main(["in.pth", str(tmp_path / "out")]) == 130
     assert to_torch_main([str(tmp_path / "ckpt"), str(tmp_path / "out.pth")]) == 130
     err = capsys.readouterr().err.splitlines()
