@@ -40,6 +40,9 @@ def test_config_builds_its_model(name):
         assert (ClipSpec().resize, ClipSpec().crop, model.image_size) == (256, 224, 224)
         assert (ClipSpec().num_clips, ClipSpec().num_crops) == (1, 1)
         assert ClipSpec().short_videos == "official" and config.batch_size == 6
+        # Training: the official rates (dropout 0.1 in the temporal layers, none in the ViT).
+        rates = (model.temporal_dropout_rate, model.dropout_rate, model.drop_path_rate)
+        assert rates == (0.1, 0.0, 0.0)
 
 
 def test_overrides_reach_the_model():

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -193,3 +195,82 @@ def test_gradients_match_pytorch_autograd(case):
     errors = {k: relative_error(got[k], np.asarray(want[k])) for k in want}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= GRAD_TOLERANCE, (worst, errors[worst])
+
+
+# PyTorch's nn.TransformerEncoderLayer in training drops out at four sites: the attention
+# probabilities (its MultiheadAttention's `dropout`), the attention output (`dropout1`), the
+# ReLU output (`dropout`) and the feed-forward output (`dropout2`). Ours, in call order within a
+# layer: `self_attn/Dropout_0`, then the layer's `Dropout_0` three times.
+DROPOUT_SITES = ("probabilities", "attention", "relu", "feed_forward")
+
+
+def test_temporal_dropout_sites_match_pytorchs_encoder_layer():
+    """Each site dropping everything (rate 1) in every temporal layer, and all four at once,
+    gives the reference's train-mode logits with the same site at p=1 and the others at 0.
+
+    STAM's rates must be below 1, so ours run at the default 0.1 and each Dropout call is
+    intercepted: the chosen site returns zeros, the others their input. Each site changes the
+    logits in its own way (at rate 1 the probabilities leave only the out-projection's bias,
+    the ReLU site only linear2's), so a dropout in another place, or a missing one, is seen.
+    """
+    config = {**TINY_CONFIGS["tiny"], "depth": 1}  # the temporal layers are what is compared
+    model = model_from_config(config, frame_chunk=0)
+    assert model.temporal_dropout_rate == 0.1
+    videos = random_videos(config, batch=2, seed=6)
+    reference = randomize_(reference_from_config(config), seed=5).train()
+    params = torch_to_flax(reference.state_dict(), **convert_kwargs(config))[1]
+    cases = [(site,) for site in DROPOUT_SITES] + [DROPOUT_SITES]
+
+    def zeroing(zeroed):
+        """An interceptor of Dropout calls: zeros at the `zeroed` sites, the input elsewhere."""
+        calls: dict[str, int] = {}  # calls of each layer's own Dropout_0 so far
+
+        def intercept(call, args, kwargs, context):
+            module = context.module
+            if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
+                return call(*args, **kwargs)
+            assert module.rate == (0.1 if "aggregate" in module.path else 0.0)
+            if module.rate == 0:  # the ViT's: off
+                return args[0]
+            path = "/".join(module.path)
+            if path.endswith("self_attn/Dropout_0"):
+                site = "probabilities"
+            else:
+                calls[path] = calls.get(path, 0) + 1
+                site = DROPOUT_SITES[calls[path]]
+            return jnp.zeros_like(args[0]) if site in zeroed else args[0]
+
+        return intercept
+
+    def logits_with_sites_zeroed(params, videos):
+        out = []
+        for zeroed in cases:
+            with nn.intercept_methods(zeroing(zeroed)):
+                out.append(
+                    model.apply(
+                        {"params": params},
+                        videos,
+                        deterministic=False,
+                        rngs={"dropout": jax.random.key(0)},
+                    )
+                )
+        return out
+
+    got = jax.jit(logits_with_sites_zeroed)(params, videos)
+    frames = frames_from_videos(videos)
+    layers = reference.aggregate.transformer_enc.layers
+    wants = []
+    for zeroed in cases:
+        for layer in layers:
+            layer.self_attn.dropout = float("probabilities" in zeroed)
+            layer.dropout1.p = float("attention" in zeroed)
+            layer.dropout.p = float("relu" in zeroed)
+            layer.dropout2.p = float("feed_forward" in zeroed)
+        with torch.no_grad():
+            wants.append(reference(frames).numpy())
+    for zeroed, g, w in zip(cases, got, wants, strict=True):
+        assert relative_error(g, w) <= TOLERANCE, zeroed
+    # Every case differs from the others: each site, zeroed, changes the outputs its own way.
+    for i in range(len(wants)):
+        for j in range(i):
+            assert relative_error(wants[i], wants[j]) > 1e-2, (cases[i], cases[j])
