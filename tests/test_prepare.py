@@ -637,6 +637,28 @@ def test_training_refuses_an_eval_dataset(prepared_raw, prepared_train, videos, 
         train_and_evaluate(config, tmp_path)
 
 
+def test_processes_read_every_record_once_whatever_their_count(prepared_raw):
+    """Each process reads consecutive records, as many as the others or one more, and together
+    every record once: grain's DataLoader alone gave each process 10 // P records of 10, and
+    left out 10 % P of them (one video with 3 processes, two with 4)."""
+    from stam_jax.data.reading import eval_items
+
+    dataset = open_prepared(prepared_raw[0])
+    positions = dataset.record_positions()
+    assert positions.tolist() == [0, 1, 3, 4, 6, 7, 8, 9, 10, 11]  # less short.mp4 and zero.mp4
+    for count in (1, 2, 3, 4, 11):
+        shares = [
+            [item.position for item in eval_items(dataset, 0, 4, p, count)] for p in range(count)
+        ]
+        assert [p for share in shares for p in share] == positions.tolist(), count
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1, count
+    # Some of the records (what a resumed evaluation has left), shared out the same way.
+    shares = [
+        [item.position for item in eval_items(dataset, 0, 4, p, 2, [2, 5, 9])] for p in (0, 1)
+    ]
+    assert shares == [[3, 7], [11]]
+
+
 def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path):
     port = free_port()
     commands = [

@@ -143,6 +143,12 @@ class PreparedDataset:
 
         return tfds.builder_from_directory(str(self.path)).as_data_source(split=self.split)
 
+    def record_positions(self) -> np.ndarray:
+        """Each record's video, as its index in the listing: records are the listed videos in
+        listing order, less those in `outcomes`."""
+        kept = (p for p in range(len(self.folder.items)) if p not in self.outcomes)
+        return np.fromiter(kept, np.int64, self.num_records)
+
     def mismatches(self, spec: ClipSpec) -> list[str]:
         """'--config.data.FIELD: prepared X, asked Y' for each sampling field that differs from
         `spec`, named by the flag that sets it."""

@@ -83,16 +83,56 @@ def _read_options(prefetch: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(prefetch, 1))
 
 
+class _Records:
+    """Some records of a data source, in order (this process's share), each checked to be the
+    video of the listing expected there (`positions`)."""
+
+    def __init__(self, source: Any, records: np.ndarray, positions: np.ndarray) -> None:
+        self.source, self.records, self.positions = source, records, positions
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Any:
+        record = self.source[int(self.records[i])]
+        if int(record["index"]) != int(self.positions[i]):
+            raise RuntimeError(
+                f"record {self.records[i]} holds video {record['index']} of the listing, not "
+                f"{self.positions[i]}: the prepared dataset's records are not in listing order."
+            )
+        return record
+
+
 def eval_items(
-    dataset: PreparedDataset, workers: int, prefetch: int, process: int, processes: int
+    dataset: PreparedDataset,
+    workers: int,
+    prefetch: int,
+    process: int,
+    processes: int,
+    records: np.ndarray | None = None,
 ) -> Iterator[Decoded]:
-    """This process's share of an `eval` dataset's videos (an even split of the records), in
-    record order, as `Decoded` items whose `position` is the video's index in the source listing.
+    """This process's share of an `eval` dataset's videos (consecutive records, as many as the
+    other processes' or one more), in record order, as `Decoded` items whose `position` is the
+    video's index in the source listing.
+
+    Args:
+      dataset: an opened `eval` dataset.
+      workers: reading processes (0: in this process).
+      prefetch: records read ahead.
+      process, processes: this process's index and the process count.
+      records: the records to share out (default: all).
     """
     _flags_ready()
-    source = dataset.data_source()
-    shard = grain.sharding.ShardOptions(process, processes, drop_remainder=False)
-    sampler = grain.samplers.IndexSampler(len(source), shard, shuffle=False, num_epochs=1)
+    # Shared out here: grain's DataLoader gives each process len // processes records, and
+    # would leave out len % processes of them.
+    records = np.arange(dataset.num_records) if records is None else np.asarray(records)
+    mine = np.array_split(records, processes)[process]
+    if not mine.size:  # fewer records than processes (grain refuses an empty sampler)
+        return _decoded_items(iter([]))
+    source = _Records(dataset.data_source(), mine, dataset.record_positions()[mine])
+    sampler = grain.samplers.IndexSampler(
+        len(source), grain.sharding.NoSharding(), shuffle=False, num_epochs=1
+    )
     loader = _Loader(
         data_source=source,
         sampler=sampler,
