@@ -8,12 +8,15 @@ evaluated, 2 when the run is refused before any compute, with one `error: ...` l
 (a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
 videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 5 in a
 multi-process run when another process failed (its error is named) or was killed, 130
-interrupted (Ctrl-C).
+interrupted (Ctrl-C). The results of the videos evaluated so far are kept in OUT_DIR/partial as
+the run goes: the same command, after a Ctrl-C, a crash or a killed machine, evaluates only the
+videos left (with other settings it is refused; delete that folder to start again).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,8 +42,24 @@ def main(argv: list[str]) -> None:
     try:
         sys.exit(_evaluate())
     except KeyboardInterrupt as e:  # the decoding processes have already been ended
-        print("interrupted: nothing was written (results come at the end).", file=sys.stderr)
+        print(_interrupted(_WORKDIR.value), file=sys.stderr)
         exit_interrupted(e, EXIT_INTERRUPTED)
+
+
+def _interrupted(workdir: str) -> str:
+    """The line that says what an interrupted run left: results to resume from, or none."""
+    try:
+        from stam_jax.partial import PARTIAL, kept_count
+
+        kept = kept_count(Path(workdir) / PARTIAL)
+    except Exception:  # the line must come whatever the folder holds
+        kept = 0
+    if not kept:
+        return "interrupted: no results were kept yet; the same command starts again."
+    return (
+        f"interrupted: the results of {kept} videos are kept in {Path(workdir) / PARTIAL}; run "
+        "the same command again to evaluate the others (results.json comes at the end)."
+    )
 
 
 def _evaluate() -> int:

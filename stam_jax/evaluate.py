@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from stam_jax import checkpoints, sharding
+from stam_jax import checkpoints, partial, sharding
 from stam_jax.configs import (
     config_files_for,
     flat_fields,
@@ -126,18 +127,25 @@ _PER_PROCESS = (
 )
 
 
-def _settings(config: Any, folder: VideoFolder, params: Any) -> dict[str, Any]:
-    """What every process of a multi-process evaluation must have the same: the config (but
-    `_PER_PROCESS`), the listing of the data (classes, videos, labels) and the params."""
-    settings = {f"--config.{k}": v for k, v in flat_fields(config, _PER_PROCESS).items()}
-    # Compared by content: the paths may differ between hosts.
+# Fields that do not change a video's results either: an interrupted run may be finished with
+# other values (`stam_jax.partial`).
+_NOT_IN_RESULTS = (*_PER_PROCESS, "distributed", "batch_size", "frame_chunk", "remat", "seed")
+
+
+def _settings(
+    config: Any, folder: VideoFolder, checksum: str, leave_out: tuple[str, ...] = _PER_PROCESS
+) -> dict[str, Any]:
+    """The config but `leave_out`, the listing of the data (classes, videos, labels) and the
+    params' `checksum`: what every process of a multi-process evaluation must have the same
+    (`_PER_PROCESS` left out), or what decides each video's results (`_NOT_IN_RESULTS`)."""
+    settings = {f"--config.{k}": v for k, v in flat_fields(config, leave_out).items()}
+    # Compared by content: the paths may differ between hosts, and between runs.
     digest = folder.listing_digest()[:12]
     listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
     shown = f"{config.data.root} ({listing})"
     if config.data.class_list:
         shown += f" with {config.data.class_list}"
     settings["--config.data.root's listing"] = sharding.by_content(shown, listing)
-    checksum = sharding.tree_digest(params)
     settings["--config.checkpoint's params"] = sharding.by_content(
         f"{config.checkpoint} (checksum {checksum})", checksum
     )
@@ -314,7 +322,9 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, num_classes: int) -> dict[s
 NON_FINITE_REASON = "the model gave non-finite logits (NaN/Inf)"
 
 
-def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[str, Any]:
+def evaluate(
+    config: Any, workdir: str | Path, *, report: bool = True, resumable: bool = True
+) -> dict[str, Any]:
     """Evaluates `config.checkpoint` on `config.data.root`; writes results to `workdir`.
 
     Args:
@@ -322,6 +332,8 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
       workdir: output folder for `results.json` and `predictions.jsonl`.
       report: print the summary (metrics, speed, skipped videos, a NaN/Inf logits warning) on
         process 0; the periodic evaluation of training prints its own, shorter one.
+      resumable: keep each finished batch's results in `workdir/partial` until the end, and
+        carry those an interrupted run with the same settings kept there (`stam_jax.partial`).
 
     Returns:
       The results dict (also written as `results.json`). When no video was evaluated its
@@ -331,7 +343,8 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
       EvalConfigError: before `workdir` is created and before any compute, for a bad config
         value (variant, dtypes, attention, frames, distributed settings), a missing or
         mismatched checkpoint, data root, class list or class count, batch size, data option,
-        or a `workdir` that cannot be created.
+        or a `workdir` that cannot be created, or one holding the kept results of an
+        interrupted evaluation with other settings.
     """
     start = time.perf_counter()
     # Config values first: nothing is created and nothing joins or computes before they pass.
@@ -362,11 +375,7 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         except ValueError as e:
             raise EvalConfigError(str(e)) from None
 
-        # This process's share of the videos, and a step count every process agrees on.
         pid, nproc = jax.process_index(), jax.process_count()
-        total = prepared.num_records if prepared else len(folder.items)
-        per_process = math.ceil(total / nproc)
-        steps = math.ceil(per_process / local_batch)
 
         # Refused here, before any decoding, if the checkpoint does not fit the model.
         try:
@@ -391,7 +400,39 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
                 f"{' '.join(f'--config.{f}=float16' for f in flags)}: {found}; use bfloat16 "
                 f"(float32's range) or float32 for {' and '.join(f'--config.{f}' for f in flags)}."
             )
-        agree(lambda: _settings(config, folder, params))
+        # The params' checksum, computed while the run starts: it is needed with several
+        # processes, when resuming, and once the first results are kept.
+        digest = (
+            _in_background(sharding.tree_digest, params)
+            if resumable or nproc > 1
+            else lambda: sharding.tree_digest(params)  # one process, nothing kept: not called
+        )
+        # Results kept by an interrupted run with the same settings are carried, not redone.
+        partial_dir = workdir / partial.PARTIAL
+        try:
+            kept = partial.read_kept(
+                partial_dir if resumable else None,
+                pid,
+                nproc,
+                model.num_classes,
+                lambda: _settings(config, folder, digest(), _NOT_IN_RESULTS),
+                f"--workdir={workdir}",
+            )
+        except partial.PartialError as e:
+            raise EvalConfigError(str(e)) from None
+        agree(lambda: _settings(config, folder, digest()))
+    # The videos every process's kept results hold, then this process's share of the others,
+    # and a step count every process agrees on.
+    done = set().union(*sharding.allgather_json([*kept.positions.tolist(), *kept.skipped]))
+    records = None
+    if prepared:
+        records = np.flatnonzero(~np.isin(prepared.record_positions(), list(done)))
+        total = records.size
+    else:
+        remaining = [p for p in range(len(folder.items)) if p not in done]
+        total = len(remaining)
+    per_process = math.ceil(total / nproc)
+    steps = math.ceil(per_process / local_batch)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -402,16 +443,24 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
     if prepared:
         from stam_jax.data.reading import eval_items
 
-        items = eval_items(prepared, workers, prefetch, pid, nproc)
+        items = eval_items(prepared, workers, prefetch, pid, nproc, records if done else None)
         skipped = prepared.outcomes if pid == 0 else {}
     else:
-        positions = list(range(pid, len(folder.items), nproc))
+        positions = remaining[pid::nproc]
         raw = decode_in_order(
             [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
         )
         items = _at_positions(raw, positions)
         skipped = {}
     decoded = Started(items)
+    journal = None
+    if resumable:
+        journal = partial.Journal(
+            partial_dir,
+            pid,
+            model.num_classes,
+            lambda: _settings(config, folder, digest(), _NOT_IN_RESULTS),
+        )
     try:
         params = sharding.put_replicated(
             jax.tree.map(lambda x: x.astype(model.param_dtype, copy=False), params), mesh
@@ -434,14 +483,25 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
     eval_start = time.perf_counter()
     try:
         local, first_batch_at, input_wait_s = _run_loop(
-            compiled, params, decoded, steps, batch_shape, mesh, progress
+            compiled, params, decoded, steps, batch_shape, mesh, progress, journal
         )
     finally:
         progress.close()  # its line ends before anything else is printed (Ctrl-C's line too)
         decoded.close()  # stops the reading workers now (see stam_jax.data.reading.close)
     local[3].update(skipped)
     eval_s = time.perf_counter() - eval_start
-    all_pos, all_logits, all_scores, all_outcomes = _gather(*local, per_process, model.num_classes)
+    evaluated_here = len(local[0])
+    local = (
+        [*kept.positions.tolist(), *local[0]],
+        [kept.logits, *local[1]],
+        [kept.scores, *local[2]],
+        {**kept.skipped, **local[3]},
+    )
+    sizes = sharding.allgather_json([len(local[0]), evaluated_here])
+    all_pos, all_logits, all_scores, all_outcomes = _gather(
+        *local, max(size for size, _ in sizes), model.num_classes
+    )
+    evaluated_here = sum(here for _, here in sizes)
     first_batch_after_s = (first_batch_at or time.perf_counter()) - start
 
     keep = all_pos >= 0
@@ -479,6 +539,8 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
             "dropped_too_short": len(dropped),
             "failed": len(failed),
             "non_finite": len(non_finite),
+            # Videos whose results an interrupted earlier run kept (`stam_jax.partial`).
+            "resumed": len(done),
         },
         "dropped": dropped,
         "failed": failed,
@@ -490,7 +552,8 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
         "timing": {
             "compile_s": round(compile_s, 3),
             "eval_s": round(eval_s, 3),
-            "videos_per_s": round(finite.size / eval_s, 3) if eval_s > 0 else None,
+            # Of the videos evaluated by this run (not those resumed).
+            "videos_per_s": round(evaluated_here / eval_s, 3) if eval_s > 0 else None,
             "first_batch_after_s": round(first_batch_after_s, 3),
             # Time the loop waited for this process's input (0: the device never waited).
             "input_wait_s": round(input_wait_s, 3),
@@ -503,12 +566,39 @@ def evaluate(config: Any, workdir: str | Path, *, report: bool = True) -> dict[s
     }
     if pid == 0:
         _write(workdir, results, folder, done_pos, labels, logits, scores)
-        if report:
-            _summary(results, workdir)
-            if non_finite:
-                warning = _non_finite_warning(len(non_finite), len(finite), model)
-                print(warning, file=sys.stderr)
+    if nproc > 1:  # the kept results go once process 0 has written (a failure there keeps them)
+        sharding.allgather_json(None)
+    if resumable:
+        partial.remove(partial_dir, pid, nproc)
+    if pid == 0 and report:
+        _summary(results, workdir)
+        if non_finite:
+            warning = _non_finite_warning(len(non_finite), len(finite), model)
+            print(warning, file=sys.stderr)
     return results
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Starts `fn(*args)` in a thread; the function returned waits for its result (or raises
+    its exception)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except BaseException as e:  # raised where the result is asked for
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="stam-eval-checksum", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+    return result
 
 
 def _non_finite_warning(bad: int, total: int, model: STAM) -> str:
@@ -535,6 +625,7 @@ def _run_loop(
     batch_shape: tuple[int, ...],
     mesh: Mesh,
     progress: Any,
+    journal: partial.Journal | None = None,
 ) -> tuple[
     tuple[list[int], list[np.ndarray], list[np.ndarray], dict[int, dict[str, Any]]],
     float | None,
@@ -546,7 +637,8 @@ def _run_loop(
     dispatched, and the seconds spent waiting for input after it.
 
     Rows of a batch that hold no video (the end of the list, or a video that failed) are zeros
-    and are ignored when results are collected, so every video counts exactly once.
+    and are ignored when results are collected, so every video counts exactly once. Each
+    batch's results, and the videos skipped, are appended to `journal` as they come.
     """
     local_batch = batch_shape[0] // jax.process_count()
     batch_sharding = sharding.batch_sharded(mesh)
@@ -555,6 +647,7 @@ def _run_loop(
     logits: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     pending, first_batch_at, waited = None, None, 0.0
+    skipped: dict[int, dict[str, Any]] = {}  # since the last append to the journal
     for _ in range(steps):
         local = np.zeros((local_batch, *batch_shape[1:]), np.uint8)
         filled = np.full(local_batch, -1, np.int64)
@@ -570,14 +663,16 @@ def _run_loop(
                 local[row], filled[row] = item.views, position
             else:
                 outcomes[position] = {"status": item.status, "reason": item.reason}
+                skipped[position] = outcomes[position]
         outputs = compiled(params, sharding.to_global(local, batch_sharding))
         first_batch_at = first_batch_at or time.perf_counter()
         if pending is not None:  # fetch the previous step while this one runs
-            _collect(pending, done, logits, scores)
+            _collect(pending, done, logits, scores, journal, skipped)
+            skipped = {}
         pending = (filled, outputs)
         progress.update(1)
     if pending is not None:
-        _collect(pending, done, logits, scores)
+        _collect(pending, done, logits, scores, journal, skipped)
     return (done, logits, scores, outcomes), first_batch_at, waited
 
 
@@ -586,11 +681,11 @@ def _gather(
     logits: list[np.ndarray],
     scores: list[np.ndarray],
     outcomes: dict[int, dict[str, Any]],
-    per_process: int,
+    size: int,
     num_classes: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
-    """Every process's results, padded to equal sizes, gathered and sorted by position."""
-    pad = per_process - len(done)
+    """Every process's results, padded to `size` rows (the most any process has), gathered."""
+    pad = size - len(done)
     all_pos = _allgather_rows(np.array(done + [-1] * pad, np.int64))
     all_logits = _allgather_rows(
         np.concatenate([*logits, np.zeros((pad, num_classes), np.float32)])
@@ -609,14 +704,19 @@ def _collect(
     positions: list[int],
     logits: list[np.ndarray],
     scores: list[np.ndarray],
+    journal: partial.Journal | None = None,
+    skipped: dict[int, dict[str, Any]] | None = None,
 ) -> None:
-    """Appends a step's kept rows (`filled` >= 0) of its outputs to the lists, as float32."""
+    """Appends a step's kept rows (`filled` >= 0) of its outputs to the lists, as float32,
+    and to `journal` with the videos `skipped` since its last append."""
     filled, (mean_logits, ranked) = pending
     mean_logits, ranked = sharding.local_rows(mean_logits), sharding.local_rows(ranked)
     keep = filled >= 0
     positions += filled[keep].tolist()
     logits.append(mean_logits[keep].astype(np.float32))
     scores.append(ranked[keep].astype(np.float32))
+    if journal is not None:
+        journal.add(filled[keep], logits[-1], scores[-1], skipped or {})
 
 
 def _finite(value: Any) -> Any:
@@ -671,6 +771,11 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
     print(
         f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s (compile {t['compile_s']:.1f}s "
         f"excluded), {results['devices']} device(s); results in {workdir / 'results.json'}"
+        + (
+            f" ({c['resumed']} videos' results were kept by the interrupted run and not redone)"
+            if c.get("resumed")
+            else ""
+        )
     )
     for line in listing_report(results["classes"], results["empty_classes"], results["ignored"]):
         print(line)

@@ -27,6 +27,7 @@ from stam_jax import checkpoints, create_model
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.data.video import ClipSpec, load_views
 from stam_jax.evaluate import EvalConfigError, evaluate
+from stam_jax.partial import PARTIAL, Journal, PartialError, kept_count, read_kept, remove
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = TINY_CONFIGS["tiny"]
@@ -119,6 +120,7 @@ def test_cli_end_to_end(video_root, tiny_ckpt, tmp_path, reference_run):
         "dropped_too_short": 0,
         "failed": 0,
         "non_finite": 0,
+        "resumed": 0,
     }
     assert results["timing"]["compile_s"] > 0 and results["timing"]["videos_per_s"] > 0
     assert any((tmp_path / "xla_cache").iterdir())  # the compiled forward was cached
@@ -310,6 +312,7 @@ def test_bad_files_are_counted_listed_and_the_run_finishes(awkward_root, tiny_ck
         "dropped_too_short": 1,
         "failed": 3,
         "non_finite": 0,
+        "resumed": 0,
     }
     assert [d["path"] for d in results["dropped"]] == ["class_2/short.mp4"]
     assert "a clip needs 4" in results["dropped"][0]["reason"]
@@ -334,6 +337,7 @@ def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
         "dropped_too_short": 0,
         "failed": 0,
         "non_finite": 20,
+        "resumed": 0,
     }
     assert all(np.isnan(v) for v in results["metrics"].values())  # null in results.json
     assert results["non_finite"][0] == {
@@ -517,6 +521,7 @@ def test_ignored_entries_and_empty_classes_are_reported(tiny_ckpt, tmp_path, cap
         "dropped_too_short": 0,
         "failed": 0,
         "non_finite": 0,
+        "resumed": 0,
     }
     assert results["classes"] == [f"class_{c}" for c in range(10)]
     labels = {p["path"]: p["label"] for p in read_predictions(tmp_path / "out")}
@@ -670,3 +675,112 @@ def test_a_checkpoint_holding_nan_is_refused_before_any_video(video_root, tiny_c
         "--step N)."
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_run_resumes_with_only_the_videos_left(
+    video_root, tiny_ckpt, tmp_path, reference_run, monkeypatch
+):
+    import stam_jax.evaluate as evaluate_module
+
+    workdir, kept = tmp_path / "out", tmp_path / "out" / PARTIAL
+    collect, calls = evaluate_module._collect, []
+
+    def interrupted_at_the_third_batch(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as Ctrl-C (a crash or a kill keeps the same)
+        collect(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_collect", interrupted_at_the_third_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(config_for(tiny_ckpt[0], video_root, batch_size=4), workdir)
+    assert kept_count(kept) == 8 and not (workdir / "results.json").exists()  # 2 batches
+    line = subprocess.run(  # what run_eval.py prints on Ctrl-C (in a process of its own: absl)
+        [sys.executable, "-c", f"import run_eval; print(run_eval._interrupted({str(workdir)!r}))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert line == (
+        f"interrupted: the results of 8 videos are kept in {kept}; run the same command again "
+        "to evaluate the others (results.json comes at the end).\n"
+    )
+
+    # Other settings: refused, naming them; what is kept stays.
+    with pytest.raises(EvalConfigError) as refused:
+        evaluate(config_for(tiny_ckpt[0], video_root, dtype="bfloat16"), workdir)
+    assert str(refused.value) == (
+        f"--workdir={workdir} holds the results of an interrupted evaluation with other settings "
+        "(--config.dtype: 'float32' then, 'bfloat16' now); run the command that was interrupted "
+        f"to finish it, or delete {kept} to evaluate from the start (or give another --workdir)."
+    )
+    assert kept_count(kept) == 8
+
+    # A kill while a batch was written leaves part of a record: it is left out, and cut off
+    # before the next append (which would otherwise be read shifted).
+    with open(kept / "p0.bin", "ab") as f:
+        f.write(b"\x7f" * 7)
+    decoding, decoded = evaluate_module.decode_in_order, []
+
+    def recorded(paths, *args):
+        decoded.extend(Path(p).relative_to(video_root).as_posix() for p in paths)
+        return decoding(paths, *args)
+
+    # Another batch size changes no video's results: it may finish the run.
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "decode_in_order", recorded)
+        results = evaluate(config_for(tiny_ckpt[0], video_root, batch_size=6), workdir)
+    want_results, want = reference_run
+    assert decoded == [p["path"] for p in want[8:]]  # only the videos left
+    assert results["counts"] == {**want_results["counts"], "resumed": 8}
+    assert results["metrics"] == pytest.approx(want_results["metrics"])
+    got = read_predictions(workdir)
+    assert [g["path"] for g in got] == [w["path"] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["top5"] == w["top5"]
+        np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)
+    assert not kept.exists()  # gone once results.json is written
+
+
+def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
+    """Journals of processes 0-2 in one (shared) folder: two processes read each once; a cut
+    line or record is left out; the settings are compared by content."""
+    folder, classes = tmp_path / PARTIAL, 3
+    settings = {"--config.dtype": "float32", "params": {"shown": "/a (1)", "content": "1"}}
+    logits = np.random.default_rng(0).normal(size=(21, classes)).astype(np.float32)
+    for k in range(3):
+        rows = np.array([k, k + 3])
+        skipped = {10 + k: {"status": "failed", "reason": "x"}}
+        Journal(folder, k, classes, lambda: settings).add(
+            rows, logits[rows], -logits[rows], skipped
+        )
+    # Cut short by a kill: a line, and a record, which a later append must not shift.
+    with open(folder / "p1.skipped.jsonl", "a") as f:
+        f.write('{"position": 9')
+    with open(folder / "p0.bin", "ab") as f:
+        f.write(b"\x7f" * 7)
+    assert kept_count(folder) == 9
+    rows = np.array([20])
+    Journal(folder, 0, classes, lambda: settings).add(rows, logits[rows], -logits[rows], {})
+    moved = {"--config.dtype": "float32", "params": {"shown": "/b (1)", "content": "1"}}
+    parts = [read_kept(folder, p, 2, classes, lambda: moved, "--workdir=w") for p in range(2)]
+    assert [part.positions.tolist() for part in parts] == [[0, 3, 20, 2, 5], [1, 4]]
+    assert [sorted(part.skipped) for part in parts] == [[10, 12], [11]]
+    for part in parts:
+        np.testing.assert_array_equal(part.logits, logits[part.positions])
+        np.testing.assert_array_equal(part.scores, -logits[part.positions])
+    with pytest.raises(PartialError, match=r"\(params: /a \(1\) then, /c \(2\) now\)"):
+        other = {**settings, "params": {"shown": "/c (2)", "content": "2"}}
+        read_kept(folder, 0, 1, classes, lambda: other, "--workdir=w")
+    remove(folder, 1, 2)  # process 1 of 2: p1 only
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "p0.bin",
+        "p0.json",
+        "p0.skipped.jsonl",
+        "p2.bin",
+        "p2.json",
+        "p2.skipped.jsonl",
+    ]
+    remove(folder, 0, 2)
+    assert not folder.exists()

@@ -15,6 +15,7 @@ from conftest import TINY_CONFIGS, cli_args, random_params
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
+from stam_jax.partial import PARTIAL, kept_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,8 +143,16 @@ def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
     else:
         assert process.returncode == 130, err
         lines = [line for line in err.splitlines() if line.startswith("interrupted")]
-        assert lines == ["interrupted: nothing was written (results come at the end)."], err
         assert not (workdir / "results.json").exists()
+        kept = kept_count(workdir / PARTIAL)  # each finished batch's results are kept
+        if kept:
+            assert lines == [
+                f"interrupted: the results of {kept} videos are kept in {workdir / PARTIAL}; run "
+                "the same command again to evaluate the others (results.json comes at the end)."
+            ], err
+        else:
+            want = "interrupted: no results were kept yet; the same command starts again."
+            assert lines == [want], err
 
 
 def test_run_train_stops_on_ctrl_c_during_a_save(eval_inputs, tmp_path):

@@ -29,6 +29,7 @@ from stam_jax.data.prepared import META_FILE, PreparedError, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.data.video import ClipSpec
 from stam_jax.evaluate import EvalConfigError, evaluate
+from stam_jax.partial import PARTIAL, kept_count
 from stam_jax.train import KILL_HOOK, TrainConfigError, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -659,7 +660,24 @@ def test_processes_read_every_record_once_whatever_their_count(prepared_raw):
     assert shares == [[3, 7], [11]]
 
 
-def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path):
+def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path, monkeypatch):
+    # Process 0 finishes what a one-process run kept before it was interrupted (its first 3
+    # videos); process 1 holds none (a workdir of its own): each reads only what is left.
+    import stam_jax.evaluate as evaluate_module
+
+    collect, calls = evaluate_module._collect, []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:  # the second batch
+            raise KeyboardInterrupt
+        collect(*args)
+
+    monkeypatch.setattr(evaluate_module, "_collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(config_for(ckpt, prepared_raw[0], batch_size=3), tmp_path / "0")
+    monkeypatch.undo()
+    assert kept_count(tmp_path / "0" / PARTIAL) == 3
     port = free_port()
     commands = [
         [
@@ -683,8 +701,10 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
     results = json.loads((tmp_path / "0" / "results.json").read_text())
     want_results, want = from_videos
     assert results["processes"] == 2 and results["devices"] == 6
-    for key in ("counts", "dropped", "failed"):
+    assert results["counts"] == {**want_results["counts"], "resumed": 3}
+    for key in ("dropped", "failed"):
         assert results[key] == want_results[key], key
+    assert not (tmp_path / "0" / PARTIAL).exists() and not (tmp_path / "1" / PARTIAL).exists()
     got = read_predictions(tmp_path / "0")
     assert [p["path"] for p in got] == [p["path"] for p in want]
     for g, w in zip(got, want, strict=True):
