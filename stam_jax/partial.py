@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,7 @@ class Journal:
         self.dtype = record_dtype(num_classes)
         self._settings = settings
         self._ready = False
+        self.failed = ""  # why results could not be kept (then none are kept any more)
 
     def _start(self) -> None:
         """Writes the description (if there is none), and cuts off what a kill left half
@@ -238,9 +240,30 @@ class Journal:
         scores: np.ndarray,
         skipped: Mapping[int, Mapping[str, str]],
     ) -> None:
-        """Appends finished videos and skipped ones, each file in one write."""
-        if not len(positions) and not skipped:
+        """Appends finished videos and skipped ones, each file in one write.
+
+        Results that cannot be kept (a full disk, a folder that went away) do not stop the
+        run: a warning says so once, and nothing more is kept.
+        """
+        if (not len(positions) and not skipped) or self.failed:
             return
+        try:
+            self._append(positions, logits, scores, skipped)
+        except OSError as e:
+            self.failed = f"{e.strerror or e}"
+            print(
+                f"warning: cannot keep results in {self.folder} ({self.failed}); the run goes "
+                "on, but if it is interrupted, the videos from here on are evaluated again.",
+                file=sys.stderr,
+            )
+
+    def _append(
+        self,
+        positions: np.ndarray,
+        logits: np.ndarray,
+        scores: np.ndarray,
+        skipped: Mapping[int, Mapping[str, str]],
+    ) -> None:
         if not self._ready:
             self._start()
         if len(positions):

@@ -784,3 +784,14 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
     ]
     remove(folder, 0, 2)
     assert not folder.exists()
+
+
+def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
+    (tmp_path / "out").write_text("")  # WORKDIR/partial cannot be created under a file
+    journal = Journal(tmp_path / "out" / PARTIAL, 0, 2, dict)
+    for _ in range(2):
+        journal.add(np.array([0]), np.zeros((1, 2)), np.zeros((1, 2)), {})
+    assert capsys.readouterr().err == (
+        f"warning: cannot keep results in {tmp_path / 'out' / PARTIAL} (Not a directory); the "
+        "run goes on, but if it is interrupted, the videos from here on are evaluated again.\n"
+    )
