@@ -55,11 +55,6 @@ class Kept:
     scores: np.ndarray
     skipped: dict[int, dict[str, str]] = field(default_factory=dict)
 
-    @property
-    def count(self) -> int:
-        """The videos kept: evaluated or skipped."""
-        return int(self.positions.size) + len(self.skipped)
-
 
 def _whole(path: Path, unit: int | None) -> int:
     """The length of `path` without a record (`unit` bytes) or a line (`unit` None) cut short."""
@@ -99,6 +94,31 @@ def _files(folder: Path, process: int, processes: int) -> list[int]:
         if k.isdigit() and int(k) % processes == process:
             found.append(int(k))
     return sorted(found)
+
+
+def _read_part(
+    folder: Path, name: str
+) -> tuple[dict[str, Any], np.ndarray, dict[int, dict[str, str]]]:
+    """One process's files `name.*`: their settings, whole records and skipped videos."""
+    meta = json.loads((folder / f"{name}.json").read_text())
+    if meta["format"] != FORMAT:
+        raise ValueError(f"format {meta['format']}, this version reads {FORMAT}")
+    dtype = record_dtype(int(meta["num_classes"]))
+    data, lines = folder / f"{name}.bin", folder / f"{name}.skipped.jsonl"
+    records = np.zeros(0, dtype)
+    if data.exists():
+        records = np.fromfile(
+            data, dtype=dtype, count=_whole(data, dtype.itemsize) // dtype.itemsize
+        )
+    skipped = {}
+    if lines.exists():
+        for line in lines.read_bytes()[: _whole(lines, None)].splitlines():
+            entry = json.loads(line)
+            skipped[int(entry["position"])] = {
+                "status": str(entry["status"]),
+                "reason": str(entry["reason"]),
+            }
+    return meta["settings"], records, skipped
 
 
 def read_kept(
@@ -141,40 +161,28 @@ def read_kept(
     )
     positions, logits, scores, skipped = [empty.positions], [empty.logits], [empty.scores], {}
     for k in ks:
-        header = folder / f"p{k}.json"
         try:
-            meta = json.loads(header.read_text())
-            kept_settings = meta["settings"]
-            if meta["format"] != FORMAT or meta["num_classes"] != num_classes:
-                raise ValueError(f"format {meta['format']}, {meta['num_classes']} classes")
+            kept_settings, records, part_skipped = _read_part(folder, f"p{k}")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PartialError(
-                f"{workdir_flag} holds the results of an interrupted evaluation, but {header} "
-                f"cannot be read ({e}); delete {folder} to evaluate from the start."
+                f"{workdir_flag} holds the results of an interrupted evaluation, but "
+                f"{folder / f'p{k}.*'} cannot be read ({e}); delete {folder} to evaluate from "
+                "the start."
             ) from None
         differ = _differences(kept_settings, now)
+        classes = records.dtype["logits"].shape[0]
+        if not differ and classes != num_classes:  # the settings say so first
+            differ = [f"the model's classes: {classes} then, {num_classes} now"]
         if differ:
             raise PartialError(
                 f"{workdir_flag} holds the results of an interrupted evaluation with other "
                 f"settings ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); "
                 f"{start_over}."
             )
-        dtype = record_dtype(num_classes)
-        data = folder / f"p{k}.bin"
-        if data.exists():
-            whole = _whole(data, dtype.itemsize) // dtype.itemsize
-            records = np.fromfile(data, dtype=dtype, count=whole)
-            positions.append(records["position"])
-            logits.append(records["logits"])
-            scores.append(records["scores"])
-        lines = folder / f"p{k}.skipped.jsonl"
-        if lines.exists():
-            for line in lines.read_bytes()[: _whole(lines, None)].splitlines():
-                entry = json.loads(line)
-                skipped[int(entry["position"])] = {
-                    "status": entry["status"],
-                    "reason": entry["reason"],
-                }
+        positions.append(records["position"])
+        logits.append(records["logits"])
+        scores.append(records["scores"])
+        skipped.update(part_skipped)
     all_positions = np.concatenate(positions)
     # Read twice (never written twice): the first is kept.
     _, first = np.unique(all_positions, return_index=True)
@@ -282,14 +290,13 @@ class Journal:
 
 
 def remove(folder: Path, process: int, processes: int) -> None:
-    """Removes the files this process read or wrote (`pK.*` for K % processes == process, and
-    its own), then the folder if it is left empty."""
+    """Removes the files this process read or wrote (`pK.*` for K % processes == process, its
+    own among them), then the folder if it is left empty."""
     if not folder.is_dir():
         return
     for path in list(folder.iterdir()):
         k = path.name.split(".", 1)[0][1:]
-        mine = k.isdigit() and (int(k) % processes == process or int(k) == process)
-        if path.name.startswith("p") and mine:
+        if path.name.startswith("p") and k.isdigit() and int(k) % processes == process:
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # another process's files, or something else, are there
         folder.rmdir()
