@@ -164,3 +164,36 @@ def test_integer_targets_are_refused():
         mix_videos(
             jax.random.key(0), videos, targets.astype(jnp.int32), mixup_alpha=0.8, cutmix_alpha=0.0
         )
+
+
+@pytest.mark.parametrize(("lam", "side"), [(0.75, 4), (0.0, 8), (1.0, 0)])
+def test_cutmix_box_sides_are_the_side_times_sqrt_one_minus_lambda(lam, side):
+    # timm's box: sides floor(8 * sqrt(1 - lam)) around a centre uniform over the 8 rows (and
+    # columns), cut where it leaves the frame (the drawn lambda is then corrected to the area
+    # kept). Every centre occurs in 200 draws, so each possible side does.
+    from stam_jax.augment import _box_mask
+
+    keys = jax.random.split(jax.random.key(0), 200)
+    boxes = np.asarray(jax.vmap(lambda k: _box_mask(k, jnp.float32(lam), H, W))(keys))
+    half = side // 2
+    possible = {min(c + half, H) - max(c - half, 0) for c in range(H)}
+    assert {int(n) for n in boxes.any(axis=2).sum(axis=1)} == possible
+    assert {int(n) for n in boxes.any(axis=1).sum(axis=1)} == possible
+    assert boxes.any() == (side > 0)
+
+
+def test_lambda_is_beta_distributed_and_cutmix_drawn_with_switch_prob():
+    # 1000 draws: CutMix in switch_prob of them, Mixup's lambda ~ Beta(mixup_alpha,
+    # mixup_alpha) in the others (a uniform lambda, or CutMix's alpha, fail the KS test).
+    from scipy import stats
+
+    videos = jax.random.uniform(jax.random.key(0), (2, 1, 4, 4, 1), jnp.float32)
+    targets = jnp.eye(2, dtype=jnp.float32)
+    mix = functools.partial(mix_videos, mixup_alpha=0.4, cutmix_alpha=1.0, switch_prob=0.25)
+    keys = jax.random.split(jax.random.key(1), 1000)
+    mixed, mixed_targets = jax.jit(jax.vmap(mix, in_axes=(0, None, None)))(keys, videos, targets)
+    mixed, lam = np.asarray(mixed), np.asarray(mixed_targets)[:, 0, 0]
+    own, partner = np.asarray(videos[0]), np.asarray(videos[1])
+    cutmix = np.all((mixed[:, 0] == own) | (mixed[:, 0] == partner), axis=(1, 2, 3, 4))
+    assert abs(cutmix.mean() - 0.25) < 0.06, cutmix.mean()
+    assert stats.kstest(lam[~cutmix], stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
