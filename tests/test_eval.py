@@ -282,6 +282,49 @@ def test_multi_view_averages_views(video_root, tiny_ckpt, tmp_path):
         np.testing.assert_allclose(p["logits"], want, rtol=1e-5, atol=1e-5)
 
 
+def test_views_are_averaged_as_logits_or_as_softmax():
+    # eval.average='softmax' ranks by the mean of the views' softmax (the logits written are
+    # their mean either way); it ranked by the mean logits, as 'logits' does. Rows of the
+    # model's batch are (video, view) in video-major order.
+    from stam_jax.evaluate import _forward_fn
+
+    class Logits:  # a "model" whose logits are its input: (b * v, K)
+        def apply(self, variables, x):
+            return x
+
+    videos = np.array([[[6.0, 0.0], [0.0, 2.0], [0.0, 2.0]], [[1.0, 3.0], [2.0, 0.0], [0.0, 0.0]]])
+    softmax = np.exp(videos) / np.exp(videos).sum(-1, keepdims=True)
+    for average, scores in (("logits", videos.mean(1)), ("softmax", softmax.mean(1))):
+        mean_logits, ranked = _forward_fn(Logits(), average)(None, videos)
+        np.testing.assert_allclose(mean_logits, videos.mean(1), rtol=1e-6)
+        np.testing.assert_allclose(ranked, scores, rtol=1e-6)
+    assert np.argmax(softmax.mean(1)[0]) != np.argmax(videos.mean(1)[0])  # they rank otherwise
+
+
+def test_metrics_count_each_video_once_and_each_class_alike():
+    from stam_jax.evaluate import _metrics
+
+    # Label ranks: 1st, 2nd, 5th (class 0); 6th (class 1); 1st, and tied 1st with class 3 (the
+    # lower index ranks first, as in predictions.jsonl) (class 2). Classes 3-5: no videos.
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    scores = np.array(
+        [
+            [9, 1, 2, 3, 4, 5],
+            [8, 9, 1, 2, 3, 4],
+            [1, 9, 8, 7, 6, 0],
+            [5, 0, 4, 3, 2, 1],
+            [0, 1, 9, 2, 3, 4],
+            [0, 1, 9, 9, 3, 4],
+        ],
+        np.float32,
+    )
+    assert _metrics(labels, scores, 6) == pytest.approx(
+        {"top1": 3 / 6, "top5": 5 / 6, "mean_class_accuracy": (1 / 3 + 0 + 1) / 3}
+    )
+    assert _metrics(labels[:4] % 3, scores[:4, :3], 3)["top5"] == 1.0  # top-3 of 3 classes
+    assert all(np.isnan(v) for v in _metrics(labels[:0], scores[:0], 6).values())
+
+
 @pytest.fixture
 def awkward_root(tmp_path) -> Path:
     root = make_folder(tmp_path / "awkward", per_class=1)
