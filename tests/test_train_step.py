@@ -18,7 +18,7 @@ from conftest import xla_flags
 
 from configs.common import base_config
 from stam_jax import create_model
-from stam_jax.losses import LossScale
+from stam_jax.losses import LossScale, distillation_loss, soft_cross_entropy
 from stam_jax.train import _teacher_model
 from stam_jax.train_step import (
     TrainConfigError,
@@ -41,6 +41,12 @@ def _jitted_init():
 def initial_params(seed: int = 1) -> dict:
     """The tiny model's params (float32 whatever the compute dtype), made once per seed."""
     return _jitted_init()(jax.random.key(seed), np.zeros((1, 4, 32, 32, 3), np.uint8))["params"]
+
+
+@functools.cache
+def _forward():
+    """The tiny model's forward (no dropout), jitted: the logits the step's losses come from."""
+    return jax.jit(create_model("stam_tiny", **NO_DROPOUT).apply)
 
 
 def _as_transformation(tx):
@@ -72,7 +78,9 @@ def setup(batch=4, dtype="float32", seed=0, teacher=None, wrap=None, **train):
 
 # A 3-step cosine run: warm-up from 0, the peak, then half of it. Compiled and run once for
 # the accumulation, EMA, failed-video, mixing and 8-device tests.
-BIG = dict(batch=8, learning_rate=1e-2, label_smoothing=0.1, ema_decay=0.5, steps=3, warmup_steps=1)
+BIG = dict(
+    batch=8, learning_rate=1e-2, label_smoothing=0.1, ema_decay=0.75, steps=3, warmup_steps=1
+)
 
 
 @functools.cache
@@ -128,7 +136,8 @@ def test_ema_follows_the_params():
     state, new = states[1], states[2]
     assert float(metrics[1]["learning_rate"]) == pytest.approx(1e-2)
     assert max_diff(new.params, state.params) > 1e-3
-    want = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, new.params)
+    d = BIG["ema_decay"]  # not 0.5, where decay and 1 - decay are one
+    want = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new.params)
     jax.tree.map(np.testing.assert_allclose, new.ema_params, want)
 
 
@@ -149,6 +158,25 @@ def test_a_batch_of_failed_videos_changes_nothing_but_the_step():
     assert not np.array_equal(moved.params["head"]["kernel"], state.params["head"]["kernel"])
 
 
+def test_loss_and_accuracy_are_means_over_the_usable_videos():
+    # Per video: the cross-entropy against targets smoothed by BIG's 0.1, and whether the
+    # argmax is the label (half of the labels are, here); a failed video (weight 0) is in
+    # neither mean, nor in the count they are divided by.
+    step, states, _, (videos, _, weights) = big_run()
+    logits = np.asarray(_forward()({"params": states[0].params}, videos))
+    predicted = np.argmax(logits, axis=-1)
+    labels = np.where(np.arange(8) % 2 == 0, predicted, (predicted + 1) % 10).astype(np.int32)
+    losses = np.asarray(
+        soft_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(labels, 10), 0.1))
+    )
+    correct = (predicted == labels).astype(np.float32)
+    for w in (weights, np.array([1, 0, 1, 1, 0, 0, 1, 1], np.float32)):
+        _, got = step(states[0], videos, labels, w)
+        assert float(got["loss"]) == pytest.approx(np.sum(w * losses) / w.sum(), rel=1e-5)
+        assert float(got["accuracy"]) == pytest.approx(np.sum(w * correct) / w.sum())
+        assert float(got["videos"]) == w.sum()
+
+
 def test_the_learning_rate_starts_at_zero_with_a_warm_up_and_at_the_full_rate_without():
     config = base_config("stam_tiny").train
     config.update(learning_rate=1e-3, steps=100, warmup_steps=10)
@@ -157,6 +185,43 @@ def test_the_learning_rate_starts_at_zero_with_a_warm_up_and_at_the_full_rate_wi
     config.warmup_steps = 0
     _, schedule = make_optimizer(config, initial_params())
     assert float(schedule(0)) == pytest.approx(1e-3) and float(schedule(100)) == 0.0
+
+
+def test_the_optimizer_decays_the_masked_params_with_momentum_and_clips_first():
+    # Zero gradients: AdamW's update is its weight decay alone, -lr * wd * p, on the matrix
+    # only; SGD's too, then with momentum 0.9 the second is 1.9 times it. Clipping scales the
+    # gradients to norm 1 before the optimizer (after it, SGD's update, of norm 0.19, was kept).
+    params = {
+        "dense": {"kernel": np.full((2, 3), 2.0, np.float32), "bias": np.ones(3, np.float32)},
+        "pos_embed": np.ones((1, 2, 3), np.float32),
+    }
+    zeros = jax.tree.map(np.zeros_like, params)
+    train = base_config("stam_tiny").train
+    train.update(learning_rate=0.1, warmup_steps=0, steps=10**6, weight_decay=0.5, grad_clip=0.0)
+
+    def updates(grads, n=1):
+        tx, _ = make_optimizer(train, params)
+        state, steps = tx.init(params), []
+        for _ in range(n):
+            update, state = tx.update(grads, state, params)
+            steps.append(update)
+        return steps
+
+    decayed = {
+        "dense": {"kernel": -0.1 * 0.5 * params["dense"]["kernel"], "bias": zeros["dense"]["bias"]},
+        "pos_embed": zeros["pos_embed"],
+    }
+    chex.assert_trees_all_close(updates(zeros)[0], decayed, rtol=1e-6)
+    train.update(optimizer="sgd", momentum=0.9)
+    first, second = updates(zeros, 2)
+    chex.assert_trees_all_close(first, decayed, rtol=1e-6)
+    chex.assert_trees_all_close(second, jax.tree.map(lambda u: 1.9 * u, decayed), rtol=1e-6)
+    train.update(weight_decay=0.0, momentum=0.0, grad_clip=1.0)
+    grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+    norm = float(optax.global_norm(grads))  # 0.5 * sqrt(15): SGD's update has norm 0.19
+    chex.assert_trees_all_close(
+        updates(grads)[0], jax.tree.map(lambda g: -0.1 * g / norm, grads), rtol=1e-6
+    )
 
 
 def test_accumulating_k_micro_batches_equals_one_big_batch():
@@ -202,15 +267,23 @@ def test_mixup_and_cutmix_change_the_step_and_stay_finite():
 
 
 def test_distillation_from_an_identical_teacher_adds_nothing():
+    # With Mixup on: the teacher sees the mixed clips the student sees, or it would differ.
     teacher = create_model("stam_tiny", **NO_DROPOUT)
     step, state, videos, labels, weights = setup(
-        teacher=teacher, distill_weight=1.0, distill_temperature=2.0
+        teacher=teacher, distill_weight=1.0, distill_temperature=2.0, mixup_alpha=0.8
     )
     _, same = step(state, videos, labels, weights, state.params)
     assert abs(float(same["loss"])) < 1e-5 and float(same["grad_norm"]) < 1e-4
     other = initial_params(seed=7)  # the teacher's architecture, other weights
     _, differ = step(state, videos, labels, weights, other)
     assert float(differ["loss"]) > 1e-3 and float(differ["grad_norm"]) > 1e-4
+    # A batch equal to its reverse, which mixing leaves as it is: the loss is the mean of
+    # T^2 KL(teacher_T || student_T) at T = 2 over the videos.
+    videos, labels = np.concatenate([videos[:2], videos[1::-1]]), labels[[0, 1, 1, 0]]
+    _, differ = step(state, videos, labels, weights, other)
+    student, teacher_logits = (_forward()({"params": p}, videos) for p in (state.params, other))
+    want = np.mean(distillation_loss(student, teacher_logits, 2.0))
+    assert float(differ["loss"]) == pytest.approx(float(want), rel=1e-4)
 
 
 def test_distillation_settings_are_checked_without_a_teacher_too():
@@ -231,10 +304,12 @@ def test_distillation_settings_are_checked_without_a_teacher_too():
 
 
 def test_float16_loss_scaling_skips_overflowing_steps():
-    step, state, videos, labels, weights = setup(dtype="float16", loss_scale_initial=2.0**40)
+    step, state, videos, labels, weights = setup(
+        dtype="float16", loss_scale_initial=2.0**40, loss_scale_period=2
+    )
     new, metrics = step(state, videos, labels, weights)
     assert float(metrics["skipped"]) == 1.0 and int(new.step) == 1
-    assert float(new.loss_scale.scale) == 2.0**39
+    assert float(new.loss_scale.scale) == 2.0**39 and float(metrics["loss_scale"]) == 2.0**40
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
     # The scale is part of the state, so the same compiled step runs from a small one.
     state = state.replace(loss_scale=LossScale.create(2.0**8))
@@ -242,9 +317,16 @@ def test_float16_loss_scaling_skips_overflowing_steps():
     for _ in range(2):  # the first step's learning rate is 0 (warm-up starts at 0)
         new, metrics = step(new, videos, labels, weights)
         assert float(metrics["skipped"]) == 0.0
-    assert int(new.loss_scale.good_steps) == 2 and float(new.loss_scale.scale) == 2.0**8
+    # train.loss_scale_period=2 good steps double the scale.
+    assert int(new.loss_scale.good_steps) == 0 and float(new.loss_scale.scale) == 2.0**9
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), new.params, state.params)
     assert all(jax.tree.leaves(changed))
+    # The loss and gradients are the unscaled ones, whatever the scale: the same at 2^8 and 2^12.
+    _, at_8 = step(state, videos, labels, weights)
+    _, at_12 = step(state.replace(loss_scale=LossScale.create(2.0**12)), videos, labels, weights)
+    assert 1 < float(at_8["loss"]) < 4  # about ln(10), the tiny model's at its start
+    for name in ("loss", "grad_norm"):
+        assert float(at_12[name]) == pytest.approx(float(at_8[name]), rel=1e-2), name
 
 
 @pytest.mark.parametrize("half", ["bfloat16", "float16"])
