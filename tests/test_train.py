@@ -1000,3 +1000,40 @@ def test_processes_starting_from_other_params_are_refused(train_root, tmp_path, 
         str(refused.value),
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
+    tmp_path, monkeypatch, capsys
+):
+    # evaluate and the checkpoint writer stubbed: the params score 0.5 then 0.75, their EMA
+    # 0.75 then 0.5. Each top-1 is logged under its own set's name, and a tie is no new best.
+    import stam_jax.evaluate
+    from stam_jax import train_eval
+    from stam_jax.train_step import TrainState
+
+    scores = {2: {"params": 0.5, "ema": 0.75}, 4: {"params": 0.75, "ema": 0.5}}
+
+    def evaluate(config, workdir, report):
+        step, name = int(Path(config.checkpoint).parent.name[5:]), Path(config.checkpoint).name
+        counts = {"listed": 1, "evaluated": 1}
+        top1 = scores[step][name]
+        return {
+            "counts": counts,
+            "dropped": [],
+            "failed": [],
+            "non_finite": [],
+            "metrics": {"top1": top1},
+        }
+
+    monkeypatch.setattr(stam_jax.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(
+        train_eval.checkpoints, "save", lambda path, *a, **k: path.mkdir(parents=True)
+    )
+    config = tiny_config(tmp_path / "train", eval_root=str(tmp_path / "val"))
+    state = TrainState(np.int32(0), {"w": np.zeros(1)}, None, {"w": np.ones(1)})
+    for step in (2, 4):
+        got = train_eval.periodic_eval(config, tmp_path, None, state, step, set())
+        assert got == {"top1": scores[step]["params"], "ema_top1": scores[step]["ema"]}
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert (best["step"], best["params"], best["top1"]) == (2, "ema", 0.75)
+    assert "new best (ema)" in capsys.readouterr().out
