@@ -1013,7 +1013,7 @@ def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
 
     scores = {2: {"params": 0.5, "ema": 0.75}, 4: {"params": 0.75, "ema": 0.5}}
 
-    def evaluate(config, workdir, report):
+    def evaluate(config, workdir, report, resumable):
         step, name = int(Path(config.checkpoint).parent.name[5:]), Path(config.checkpoint).name
         counts = {"listed": 1, "evaluated": 1}
         top1 = scores[step][name]
