@@ -29,8 +29,10 @@ def _check_config(mixup_alpha: float, cutmix_alpha: float, switch_prob: float) -
 def _box_mask(key: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
     """A CutMix box as a boolean `(H, W)` mask, as timm's `rand_bbox` draws it.
 
-    The box has sides `floor(side * sqrt(1 - lam))` around a centre uniform over the frame, and is
-    clipped at the frame's edges (so it may cover less than `1 - lam` of the frame).
+    The box reaches `floor(side * sqrt(1 - lam)) // 2` on each side of a centre uniform over the
+    frame (so its sides are that cut rounded down to an even number: an odd cut loses a pixel,
+    as in timm), and is clipped at the frame's edges; it may thus cover less than `1 - lam` of
+    the frame, and `mix_videos` corrects lam to the area it covers.
     """
     key_y, key_x = jax.random.split(key)
     ratio = jnp.sqrt(1.0 - lam)
