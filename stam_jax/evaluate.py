@@ -422,8 +422,14 @@ def evaluate(
             raise EvalConfigError(str(e)) from None
         agree(lambda: _settings(config, folder, digest()))
     # The videos every process's kept results hold, then this process's share of the others,
-    # and a step count every process agrees on.
-    done = set().union(*sharding.allgather_json([*kept.positions.tolist(), *kept.skipped]))
+    # and a step count every process agrees on. A video kept in the files of two processes
+    # (per-host folders resumed with another process count, then the first one again) is
+    # carried by the first of them only: it counts once.
+    kept_by = sharding.allgather_json([*kept.positions.tolist(), *kept.skipped])
+    done = set().union(*kept_by)
+    earlier = set().union(*kept_by[:pid])
+    if earlier:
+        kept = kept.without(earlier)
     records = None
     if prepared:
         records = np.flatnonzero(~np.isin(prepared.record_positions(), list(done)))

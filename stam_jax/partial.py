@@ -55,6 +55,16 @@ class Kept:
     scores: np.ndarray
     skipped: dict[int, dict[str, str]] = field(default_factory=dict)
 
+    def without(self, positions: set[int]) -> Kept:
+        """These results but those of `positions` (kept by another process as well)."""
+        mine = ~np.isin(self.positions, list(positions))
+        return Kept(
+            self.positions[mine],
+            self.logits[mine],
+            self.scores[mine],
+            {p: s for p, s in self.skipped.items() if p not in positions},
+        )
+
 
 def _whole(path: Path, unit: int | None) -> int:
     """The length of `path` without a record (`unit` bytes) or a line (`unit` None) cut short."""

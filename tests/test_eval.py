@@ -194,7 +194,29 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
 
 
+def keep(workdir: Path, k: int, config, positions: list[int], predictions: list[dict]) -> None:
+    """Writes `positions`' results (from `predictions`) as process k of an interrupted run of
+    `config` would have kept them in `workdir`."""
+    import stam_jax.evaluate as evaluate_module
+    from stam_jax.data.prepared import list_root
+    from stam_jax.sharding import tree_digest
+
+    folder = list_root(config.data.root, "eval", SPEC, None)[0]
+    params = checkpoints.read_params(config.checkpoint, create_model("stam_tiny"))
+    settings = evaluate_module._settings(
+        config, folder, tree_digest(params), evaluate_module._NOT_IN_RESULTS
+    )
+    logits = np.array([predictions[p]["logits"] for p in positions], np.float32)
+    Journal(workdir / PARTIAL, k, 10, lambda: settings).add(np.array(positions), logits, logits, {})
+
+
 def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
+    # Each process's workdir (a host's own disk) keeps results of an interrupted run, two with
+    # one process (p0, videos 0-7) then two (p1, videos 4-11): videos 4-7 are kept twice and
+    # count once.
+    config = config_for(tiny_ckpt[0], video_root)
+    keep(tmp_path / "0", 0, config, list(range(8)), reference_run[1])
+    keep(tmp_path / "1", 1, config, list(range(4, 12)), reference_run[1])
     port = free_port()
     procs = [
         run_subprocess(
@@ -218,7 +240,7 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert not (tmp_path / "1" / "results.json").exists()  # only process 0 writes
     results = json.loads((tmp_path / "0" / "results.json").read_text())
     assert results["processes"] == 2 and results["devices"] == 6
-    assert results["counts"]["evaluated"] == 20
+    assert results["counts"]["evaluated"] == 20 and results["counts"]["resumed"] == 12
     for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1], strict=True):
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
