@@ -42,7 +42,7 @@ from stam_jax.data.folder import (
     listing_report,
 )
 from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
-from stam_jax.data.prepared import PreparedError, list_root
+from stam_jax.data.prepared import PreparedDataset, PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.paths import unwritable
@@ -133,12 +133,18 @@ _NOT_IN_RESULTS = (*_PER_PROCESS, "distributed", "batch_size", "frame_chunk", "r
 
 
 def _settings(
-    config: Any, folder: VideoFolder, checksum: str, leave_out: tuple[str, ...] = _PER_PROCESS
+    config: Any,
+    folder: VideoFolder,
+    prepared: PreparedDataset | None,
+    checksum: str,
+    leave_out: tuple[str, ...] = _PER_PROCESS,
 ) -> dict[str, Any]:
-    """The config but `leave_out`, the listing of the data (classes, videos, labels) and the
-    params' `checksum`: what every process of a multi-process evaluation must have the same
+    """The config but `leave_out`, the listing of the data (classes, videos, labels), how its
+    frames are stored (a prepared dataset's JPEG frames are not the videos') and the params'
+    `checksum`: what every process of a multi-process evaluation must have the same
     (`_PER_PROCESS` left out), or what decides each video's results (`_NOT_IN_RESULTS`)."""
     settings = {f"--config.{k}": v for k, v in flat_fields(config, leave_out).items()}
+    settings["--config.data.root's frames"] = prepared.frames if prepared else "raw"
     # Compared by content: the paths may differ between hosts, and between runs.
     digest = folder.listing_digest()[:12]
     listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
@@ -415,12 +421,12 @@ def evaluate(
                 pid,
                 nproc,
                 model.num_classes,
-                lambda: _settings(config, folder, digest(), _NOT_IN_RESULTS),
+                lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
                 f"--workdir={workdir}",
             )
         except partial.PartialError as e:
             raise EvalConfigError(str(e)) from None
-        agree(lambda: _settings(config, folder, digest()))
+        agree(lambda: _settings(config, folder, prepared, digest()))
     # The videos every process's kept results hold, then this process's share of the others,
     # and a step count every process agrees on. A video kept in the files of two processes
     # (per-host folders resumed with another process count, then the first one again) is
@@ -465,7 +471,7 @@ def evaluate(
             partial_dir,
             pid,
             model.num_classes,
-            lambda: _settings(config, folder, digest(), _NOT_IN_RESULTS),
+            lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
         )
     try:
         params = sharding.put_replicated(

@@ -194,9 +194,9 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
 
 
-def keep(workdir: Path, k: int, config, positions: list[int], predictions: list[dict]) -> None:
-    """Writes `positions`' results (from `predictions`) as process k of an interrupted run of
-    `config` would have kept them in `workdir`."""
+def keep(workdir: Path, k: int, config, positions: list[int], logits: np.ndarray) -> None:
+    """Keeps `positions`' `logits` in `workdir` as process k of an interrupted run of `config`
+    (on a video folder) would have."""
     import stam_jax.evaluate as evaluate_module
     from stam_jax.data.prepared import list_root
     from stam_jax.sharding import tree_digest
@@ -204,9 +204,9 @@ def keep(workdir: Path, k: int, config, positions: list[int], predictions: list[
     folder = list_root(config.data.root, "eval", SPEC, None)[0]
     params = checkpoints.read_params(config.checkpoint, create_model("stam_tiny"))
     settings = evaluate_module._settings(
-        config, folder, tree_digest(params), evaluate_module._NOT_IN_RESULTS
+        config, folder, None, tree_digest(params), evaluate_module._NOT_IN_RESULTS
     )
-    logits = np.array([predictions[p]["logits"] for p in positions], np.float32)
+    logits = np.asarray(logits, np.float32)
     Journal(workdir / PARTIAL, k, 10, lambda: settings).add(np.array(positions), logits, logits, {})
 
 
@@ -214,9 +214,9 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     # Each process's workdir (a host's own disk) keeps results of an interrupted run, two with
     # one process (p0, videos 0-7) then two (p1, videos 4-11): videos 4-7 are kept twice and
     # count once.
-    config = config_for(tiny_ckpt[0], video_root)
-    keep(tmp_path / "0", 0, config, list(range(8)), reference_run[1])
-    keep(tmp_path / "1", 1, config, list(range(4, 12)), reference_run[1])
+    config, logits = config_for(tiny_ckpt[0], video_root), [p["logits"] for p in reference_run[1]]
+    keep(tmp_path / "0", 0, config, list(range(8)), logits[:8])
+    keep(tmp_path / "1", 1, config, list(range(4, 12)), logits[4:12])
     port = free_port()
     procs = [
         run_subprocess(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from absl import flags
 from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
-from test_eval import config_for, make_folder, read_predictions
+from test_eval import config_for, keep, make_folder, read_predictions
 from test_train import TWO_DEVICES, train_two_processes
 
 from stam_jax import checkpoints, create_model
@@ -153,6 +153,12 @@ def test_raw_prepared_evaluation_is_bit_identical(prepared_raw, from_videos, ckp
 def test_jpeg_prepared_evaluation_agrees(videos, from_videos, ckpt, tmp_path):
     meta = prepare(videos, tmp_path / "jpeg", SPEC, encoding="jpeg", workers=0, progress=False)
     assert meta["counts"]["records"] == 10
+    # The results an interrupted run on the videos kept are not finished from JPEG frames (the
+    # listing is the same): that mixed the two in one results.json.
+    keep(tmp_path / "eval", 0, config_for(ckpt, videos), [1], np.zeros((1, 10)))
+    with pytest.raises(EvalConfigError, match="frames: 'raw' then, 'JPEG \\(quality 95\\)' now"):
+        evaluate(config_for(ckpt, tmp_path / "jpeg", batch_size=3), tmp_path / "eval")
+    shutil.rmtree(tmp_path / "eval" / PARTIAL)
     evaluate(config_for(ckpt, tmp_path / "jpeg", batch_size=3), tmp_path / "eval")
     got, want = read_predictions(tmp_path / "eval"), from_videos[1]
     assert [p["path"] for p in got] == [p["path"] for p in want]

@@ -122,6 +122,7 @@ class PreparedDataset:
       outcomes: listing index -> {'status': 'too_short'|'failed', 'reason'} for every video
         that has no record.
       num_records: records in the split.
+      jpeg_quality: the JPEG quality of the frames (None: raw).
     """
 
     path: Path
@@ -131,6 +132,13 @@ class PreparedDataset:
     folder: VideoFolder
     outcomes: dict[int, dict[str, str]]
     num_records: int
+    jpeg_quality: int | None = None
+
+    @property
+    def frames(self) -> str:
+        """How the frames are stored: 'raw' (as decoding the videos gives them, bit for bit) or
+        'JPEG (quality Q)'."""
+        return "raw" if self.encoding == "raw" else f"JPEG (quality {self.jpeg_quality})"
 
     @property
     def split(self) -> str:
@@ -208,6 +216,7 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         folder=folder,
         outcomes={int(k): v for k, v in meta["outcomes"].items()},
         num_records=int(meta["num_records"]),
+        jpeg_quality=meta.get("jpeg_quality"),
     )
 
 
