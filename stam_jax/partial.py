@@ -113,6 +113,8 @@ def _read_part(
     meta = json.loads((folder / f"{name}.json").read_text())
     if meta["format"] != FORMAT:
         raise ValueError(f"format {meta['format']}, this version reads {FORMAT}")
+    if not isinstance(meta["settings"], dict):
+        raise ValueError(f"settings {meta['settings']!r}")
     dtype = record_dtype(int(meta["num_classes"]))
     data, lines = folder / f"{name}.bin", folder / f"{name}.skipped.jsonl"
     records = np.zeros(0, dtype)

@@ -838,10 +838,15 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
     with pytest.raises(PartialError, match=r"\(params: /a \(1\) then, /c \(2\) now\)"):
         other = {**settings, "params": {"shown": "/c (2)", "content": "2"}}
         read_kept(folder, 0, 1, classes, lambda: other, "--workdir=w")
-    with open(folder / "p2.skipped.jsonl", "a") as f:
-        f.write("not json\n")
-    with pytest.raises(PartialError, match=r"but .*p2\.\* cannot be read \(Expecting value"):
-        read_kept(folder, 0, 2, classes, lambda: settings, "--workdir=w")
+    # Files that were not cut but damaged: refused, naming the files, never a traceback.
+    for name, text in [("p2.json", '{"format": 1, "num_classes": 3, "settings": [1]}\n')] + [
+        ("p2.skipped.jsonl", line) for line in ("garbage\n", '{"position": 9}\n', "[1]\n")
+    ]:
+        good = (folder / name).read_bytes()
+        (folder / name).write_text(text)
+        with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
+            read_kept(folder, 0, 2, classes, lambda: moved, "--workdir=w")
+        (folder / name).write_bytes(good)
     remove(folder, 1, 2)  # process 1 of 2: p1 only
     assert sorted(p.name for p in folder.iterdir()) == [
         "p0.bin",
