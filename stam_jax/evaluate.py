@@ -129,7 +129,20 @@ _PER_PROCESS = (
 
 # Fields that do not change a video's results either: an interrupted run may be finished with
 # other values (`stam_jax.partial`).
-_NOT_IN_RESULTS = (*_PER_PROCESS, "distributed", "batch_size", "frame_chunk", "remat", "seed")
+_NOT_IN_RESULTS = (
+    *_PER_PROCESS,
+    "distributed",
+    "batch_size",
+    "frame_chunk",
+    "remat",
+    "seed",
+    # Training only: evaluation has no augmentation and no dropout.
+    "data.train_flip",
+    "data.train_min_area",
+    "model_overrides.dropout_rate",
+    "model_overrides.drop_path_rate",
+    "model_overrides.temporal_dropout_rate",
+)
 
 
 def _settings(
@@ -486,7 +499,8 @@ def evaluate(
         )
         compile_start = time.perf_counter()
         abstract = jax.ShapeDtypeStruct(batch_shape, np.uint8, sharding=batch_sharding)
-        compiled = forward.lower(params, abstract).compile()
+        # Nothing to compile when an interrupted run kept every video's results.
+        compiled = forward.lower(params, abstract).compile() if steps else None
         compile_s = time.perf_counter() - compile_start
     except BaseException:
         decoded.close()
@@ -565,7 +579,9 @@ def evaluate(
             "compile_s": round(compile_s, 3),
             "eval_s": round(eval_s, 3),
             # Of the videos evaluated by this run (not those resumed).
-            "videos_per_s": round(evaluated_here / eval_s, 3) if eval_s > 0 else None,
+            "videos_per_s": (
+                round(evaluated_here / eval_s, 3) if eval_s > 0 and evaluated_here else None
+            ),
             "first_batch_after_s": round(first_batch_after_s, 3),
             # Time the loop waited for this process's input (0: the device never waited).
             "input_wait_s": round(input_wait_s, 3),
@@ -630,7 +646,7 @@ def _non_finite_warning(bad: int, total: int, model: STAM) -> str:
 
 
 def _run_loop(
-    compiled: jax.stages.Compiled,
+    compiled: jax.stages.Compiled | None,
     params: Any,
     decoded: Iterator[Decoded],
     steps: int,
@@ -780,9 +796,12 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         + (f", {c['non_finite']} with NaN/Inf logits" if c.get("non_finite") else "")
         + ")"
     )
+    speed = "no video evaluated by this run"
+    if t["videos_per_s"] is not None:
+        speed = f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s"
     print(
-        f"{t['videos_per_s']} videos/s over {t['eval_s']:.1f}s (compile {t['compile_s']:.1f}s "
-        f"excluded), {results['devices']} device(s); results in {workdir / 'results.json'}"
+        f"{speed} (compile {t['compile_s']:.1f}s excluded), {results['devices']} device(s); "
+        f"results in {workdir / 'results.json'}"
         + (
             f" ({c['resumed']} videos' results were kept by the interrupted run and not redone)"
             if c.get("resumed")

@@ -79,7 +79,7 @@ def _differences(kept: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """'NAME: A then, B now' for each setting that differs (shown values)."""
     out = []
     for name in sorted(set(kept) | set(now)):
-        a, b = kept.get(name, "(not set)"), now.get(name, "(not set)")
+        a, b = kept.get(name, _NOT_SET), now.get(name, _NOT_SET)
         if _content(a) != _content(b):
             out.append(f"{name}: {_shown(a)} then, {_shown(b)} now")
     return out
@@ -89,6 +89,9 @@ def _content(value: Any) -> Any:
     """What a setting is compared by: a {'shown', 'content'} pair by its content."""
     is_pair = isinstance(value, dict) and set(value) == {"shown", "content"}
     return value["content"] if is_pair else value
+
+
+_NOT_SET = {"shown": "(not set)", "content": None}  # a setting a version did not record
 
 
 def _shown(value: Any) -> str:
@@ -307,8 +310,9 @@ def remove(folder: Path, process: int, processes: int) -> None:
     if not folder.is_dir():
         return
     for path in list(folder.iterdir()):
-        k = path.name.split(".", 1)[0][1:]
-        if path.name.startswith("p") and k.isdigit() and int(k) % processes == process:
+        k, _, suffix = path.name.partition(".")
+        ours = suffix in ("json", "json.tmp", "bin", "skipped.jsonl")  # not a copy kept aside
+        if ours and k[:1] == "p" and k[1:].isdigit() and int(k[1:]) % processes == process:
             path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # another process's files, or something else, are there
         folder.rmdir()

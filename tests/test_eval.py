@@ -743,7 +743,7 @@ def test_a_checkpoint_holding_nan_is_refused_before_any_video(video_root, tiny_c
 
 
 def test_an_interrupted_run_resumes_with_only_the_videos_left(
-    video_root, tiny_ckpt, tmp_path, reference_run, monkeypatch
+    video_root, tiny_ckpt, tmp_path, reference_run, monkeypatch, capsys
 ):
     import stam_jax.evaluate as evaluate_module
 
@@ -792,13 +792,28 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
         decoded.extend(Path(p).relative_to(video_root).as_posix() for p in paths)
         return decoding(paths, *args)
 
-    # Another batch size changes no video's results: it may finish the run.
+    def after_the_last_batch(*args):
+        raise KeyboardInterrupt
+
+    # Another batch size, or training-only settings, change no video's results: they may go on
+    # with the run. Interrupted again once every batch is done, before the results are written.
+    want_results, want = reference_run
+    again = config_for(tiny_ckpt[0], video_root, batch_size=6, **{"data.train_flip": False})
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_module, "decode_in_order", recorded)
-        results = evaluate(config_for(tiny_ckpt[0], video_root, batch_size=6), workdir)
-    want_results, want = reference_run
+        patch.setattr(evaluate_module, "_gather", after_the_last_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(again, workdir)
     assert decoded == [p["path"] for p in want[8:]]  # only the videos left
-    assert results["counts"] == {**want_results["counts"], "resumed": 8}
+    assert kept_count(kept) == 20
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "decode_in_order", recorded)
+        results = evaluate(config_for(tiny_ckpt[0], video_root), workdir)
+    assert len(decoded) == 12  # none decoded again
+    assert "no video evaluated by this run (compile 0.0s excluded)" in capsys.readouterr().out
+    assert results["timing"]["videos_per_s"] is None
+    assert results["counts"] == {**want_results["counts"], "resumed": 20}
     assert results["metrics"] == pytest.approx(want_results["metrics"])
     got = read_predictions(workdir)
     assert [g["path"] for g in got] == [w["path"] for w in want]
@@ -847,17 +862,21 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
         with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
             read_kept(folder, 0, 2, classes, lambda: moved, "--workdir=w")
         (folder / name).write_bytes(good)
+    with pytest.raises(PartialError, match=r"\(--config.seed: \(not set\) then, 3 now\)"):
+        read_kept(folder, 0, 2, classes, lambda: {**settings, "--config.seed": 3}, "--workdir=w")
+    (folder / "p1.bin.orig").write_bytes(b"")  # a copy of one's own: never removed
     remove(folder, 1, 2)  # process 1 of 2: p1 only
     assert sorted(p.name for p in folder.iterdir()) == [
         "p0.bin",
         "p0.json",
         "p0.skipped.jsonl",
+        "p1.bin.orig",
         "p2.bin",
         "p2.json",
         "p2.skipped.jsonl",
     ]
     remove(folder, 0, 2)
-    assert not folder.exists()
+    assert [p.name for p in folder.iterdir()] == ["p1.bin.orig"]
 
 
 def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
