@@ -436,6 +436,7 @@ def evaluate(
                 model.num_classes,
                 lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
                 f"--workdir={workdir}",
+                len(folder.items),
             )
         except partial.PartialError as e:
             raise EvalConfigError(str(e)) from None

@@ -143,6 +143,7 @@ def read_kept(
     num_classes: int,
     settings: Callable[[], dict[str, Any]],
     workdir_flag: str,
+    videos: int | None = None,
 ) -> Kept:
     """The results kept in `folder` for this process to carry (see the module docstring).
 
@@ -154,6 +155,7 @@ def read_kept(
         ones must be the same, compared by content where a setting is a {'shown', 'content'}
         pair.
       workdir_flag: how the workdir was given, for messages (e.g. '--workdir=out').
+      videos: the videos listed; a kept one outside them means damaged files.
 
     Raises:
       PartialError: the kept results are of other settings, or their description cannot be
@@ -199,6 +201,14 @@ def read_kept(
         scores.append(records["scores"])
         skipped.update(part_skipped)
     all_positions = np.concatenate(positions)
+    named = np.concatenate([all_positions, np.fromiter(skipped, np.int64, len(skipped))])
+    outside = named[(named < 0) | (named >= (videos if videos is not None else np.inf))]
+    if outside.size:
+        raise PartialError(
+            f"{workdir_flag} holds the results of an interrupted evaluation, but they name "
+            f"video {outside[0]}, not one of the {videos} listed (damaged files); delete "
+            f"{folder} to evaluate from the start."
+        )
     # Read twice (never written twice): the first is kept.
     _, first = np.unique(all_positions, return_index=True)
     first.sort()

@@ -862,6 +862,8 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
         with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
             read_kept(folder, 0, 2, classes, lambda: moved, "--workdir=w")
         (folder / name).write_bytes(good)
+    with pytest.raises(PartialError, match=r"but they name video 20, not one of the 20 listed"):
+        read_kept(folder, 0, 2, classes, lambda: settings, "--workdir=w", 20)
     with pytest.raises(PartialError, match=r"\(--config.seed: \(not set\) then, 3 now\)"):
         read_kept(folder, 0, 2, classes, lambda: {**settings, "--config.seed": 3}, "--workdir=w")
     (folder / "p1.bin.orig").write_bytes(b"")  # a copy of one's own: never removed
