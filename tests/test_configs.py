@@ -143,7 +143,7 @@ cli.main([])
 def test_ctrl_c_is_one_line_and_exit_130():
     # Was Python's KeyboardInterrupt traceback; the decoding processes end with the run.
     for module, library, target, says in [
-        ("run_eval", "stam_jax.evaluate", "evaluate", "nothing was written"),
+        ("run_eval", "stam_jax.evaluate", "evaluate", "no results were kept yet; the same command"),
         (
             "run_train",
             "stam_jax.train",

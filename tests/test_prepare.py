@@ -666,9 +666,13 @@ def test_processes_read_every_record_once_whatever_their_count(prepared_raw):
     assert shares == [[3, 7], [11]]
 
 
-def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_path, monkeypatch):
-    # Process 0 finishes what a one-process run kept before it was interrupted (its first 3
-    # videos); process 1 holds none (a workdir of its own): each reads only what is left.
+def test_two_processes_read_their_shares(
+    prepared_raw, videos, from_videos, ckpt, tmp_path, monkeypatch
+):
+    # Process 0 finishes what a one-process run on the videos themselves kept before it was
+    # interrupted (its first batch: 2 videos and a too-short one, and the empty file the second
+    # batch met); process 1 holds none (a workdir of its own): each reads only what is left of
+    # the raw prepared copy.
     import stam_jax.evaluate as evaluate_module
 
     collect, calls = evaluate_module._collect, []
@@ -681,9 +685,9 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
 
     monkeypatch.setattr(evaluate_module, "_collect", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(config_for(ckpt, prepared_raw[0], batch_size=3), tmp_path / "0")
+        evaluate(config_for(ckpt, videos, batch_size=3), tmp_path / "0")
     monkeypatch.undo()
-    assert kept_count(tmp_path / "0" / PARTIAL) == 3
+    assert kept_count(tmp_path / "0" / PARTIAL) == 4
     port = free_port()
     commands = [
         [
@@ -707,7 +711,7 @@ def test_two_processes_read_their_shares(prepared_raw, from_videos, ckpt, tmp_pa
     results = json.loads((tmp_path / "0" / "results.json").read_text())
     want_results, want = from_videos
     assert results["processes"] == 2 and results["devices"] == 6
-    assert results["counts"] == {**want_results["counts"], "resumed": 3}
+    assert results["counts"] == {**want_results["counts"], "resumed": 4}
     for key in ("dropped", "failed"):
         assert results[key] == want_results[key], key
     assert not (tmp_path / "0" / PARTIAL).exists() and not (tmp_path / "1" / PARTIAL).exists()
