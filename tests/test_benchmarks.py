@@ -249,3 +249,9 @@ def test_compile_opt_level_smoke():
     assert all(row["compile_cpu_s"] > 0 and row["step_s_median"] > 0 for row in rows)
     # The levels order float operations differently: the same loss up to rounding.
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * abs(rows[0]["loss"])
+
+
+def test_partial_bench_smoke():
+    (row,) = run_script("benchmarks/partial_bench.py", "--batch", "4", "--videos", "10")
+    assert row["bytes_per_video"] == 8 + 2 * 4 * 400  # position, logits and scores
+    assert row["append_ms"] > 0 and row["read_s"] > 0
