@@ -281,7 +281,21 @@ class Journal:
         if (not len(positions) and not skipped) or self.failed:
             return
         try:
-            self._append(positions, logits, scores, skipped)
+            if not self._ready:
+                self._start()
+            if len(positions):
+                rows = np.empty(len(positions), self.dtype)
+                rows["position"], rows["logits"], rows["scores"] = positions, logits, scores
+                with open(self._path(".bin"), "ab") as f:
+                    f.write(rows.tobytes())
+            if skipped:
+                lines = "".join(
+                    json.dumps({"position": int(p), "status": e["status"], "reason": e["reason"]})
+                    + "\n"
+                    for p, e in sorted(skipped.items())
+                )
+                with open(self._path(".skipped.jsonl"), "a") as f:
+                    f.write(lines)
         except OSError as e:
             self.failed = f"{e.strerror or e}"
             print(
@@ -289,29 +303,6 @@ class Journal:
                 "on, but if it is interrupted, the videos from here on are evaluated again.",
                 file=sys.stderr,
             )
-
-    def _append(
-        self,
-        positions: np.ndarray,
-        logits: np.ndarray,
-        scores: np.ndarray,
-        skipped: Mapping[int, Mapping[str, str]],
-    ) -> None:
-        if not self._ready:
-            self._start()
-        if len(positions):
-            rows = np.empty(len(positions), self.dtype)
-            rows["position"], rows["logits"], rows["scores"] = positions, logits, scores
-            with open(self._path(".bin"), "ab") as f:
-                f.write(rows.tobytes())
-        if skipped:
-            lines = "".join(
-                json.dumps({"position": int(p), "status": e["status"], "reason": e["reason"]})
-                + "\n"
-                for p, e in sorted(skipped.items())
-            )
-            with open(self._path(".skipped.jsonl"), "a") as f:
-                f.write(lines)
 
 
 def remove(folder: Path, process: int, processes: int) -> None:
