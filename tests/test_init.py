@@ -12,7 +12,12 @@ import pytest
 from flax import traverse_util
 
 from stam_jax import checkpoints, create_model
-from stam_jax.init import InitError, init_from_checkpoint, resample_temporal_pos_embed
+from stam_jax.init import (
+    InitError,
+    init_from_checkpoint,
+    resample_spatial_pos_embed,
+    resample_temporal_pos_embed,
+)
 from stam_jax.model import STAM
 
 
@@ -47,7 +52,8 @@ def test_same_architecture_copies_every_leaf(base):
     path, source = base
     model = create_model("stam_tiny")
     fresh = fresh_params(model)
-    params, report = init_from_checkpoint(model, fresh, path)
+    # The temporal position embedding comes from the checkpoint, so it is not redrawn.
+    params, report = init_from_checkpoint(model, fresh, path, temporal_pos_embed_std=0.5)
     got = flat(params)
     assert got.keys() == source.keys()
     for name, value in source.items():
@@ -84,7 +90,11 @@ def test_more_frames_resamples_temporal_pos_embed(base):
     for name, value in flat(params).items():
         if name != "aggregate/pos_embed":
             np.testing.assert_array_equal(value, source[name], err_msg=name)
-    assert any("aggregate/pos_embed: resampled 4 frames -> 8 frames" in line for line in report)
+    assert report[:2] == [
+        f"{len(source) - 1} of {len(source)} tensors copied from {path}",
+        "aggregate/pos_embed: resampled 4 frames -> 8 frames (cls row kept, frame rows linearly "
+        "along time)",
+    ]
     assert not any("redrawn" in line for line in report)
     # By name (init_report.txt), every tensor: the report itself counts and groups.
     assert sources.keys() == flat(params).keys()
@@ -143,26 +153,54 @@ def test_larger_image_resamples_spatial_grid(tmp_path):
     params = {**params, "pos_embed": jnp.asarray(pos)}
     path = checkpoints.save(tmp_path / "small", small, params)
 
-    model = create_model("stam_tiny", image_size=64)
-    got, report = init_from_checkpoint(model, fresh_params(model), path)
-    new = np.asarray(got["pos_embed"])
-    assert new.shape == (1, 65, 32)
+    # Both embeddings resampled into bfloat16 params: each in its fresh leaf's dtype.
+    model = create_model("stam_tiny", image_size=64, num_frames=8)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), fresh_params(model))
+    got, report = init_from_checkpoint(model, half, path)
+    new = np.asarray(got["pos_embed"], np.float32)
+    assert new.shape == (1, 65, 32) and got["pos_embed"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(new[0, 0], pos[0, 0])
     np.testing.assert_allclose(new[0, 1:], 0.25, rtol=0, atol=1e-6)
     assert "pos_embed: resampled spatial grid 4x4 -> 8x8" in report
+    temporal = got["aggregate"]["pos_embed"]
+    assert temporal.dtype == jnp.bfloat16
     np.testing.assert_array_equal(
-        got["patch_embed"]["proj"]["kernel"], params["patch_embed"]["proj"]["kernel"]
+        temporal,
+        resample_temporal_pos_embed(params["aggregate"]["pos_embed"], 8).astype(jnp.bfloat16),
     )
+    np.testing.assert_array_equal(
+        got["patch_embed"]["proj"]["kernel"],
+        params["patch_embed"]["proj"]["kernel"].astype(jnp.bfloat16),
+    )
+
+
+@pytest.mark.parametrize("grid", [3, 6])
+def test_spatial_resampling_is_plain_bilinear_interpolation(grid):
+    # As the temporal one: sample i of n at (i + 0.5) / n of each axis, no low-pass filter on
+    # downsampling, rows and columns kept apart (a grid that differs along each).
+    rows, cols = np.meshgrid(np.arange(4.0), np.arange(4.0) ** 2, indexing="ij")
+    old = rows * 10 + cols
+    pos = np.concatenate([[-1.0], old.reshape(-1)]).astype(np.float32).reshape(1, 17, 1)
+    new = resample_spatial_pos_embed(np.repeat(pos, 2, axis=2), grid)
+    assert new.shape == (1, grid * grid + 1, 2) and new[0, 0, 0] == -1.0
+    at = (np.arange(grid) + 0.5) * 4 / grid - 0.5
+    along_rows = np.stack([np.interp(at, np.arange(4), old[:, c]) for c in range(4)], axis=1)
+    expected = np.stack([np.interp(at, np.arange(4), r) for r in along_rows])
+    np.testing.assert_allclose(new[0, 1:, 0].reshape(grid, grid), expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(new[0, 1:, 1], new[0, 1:, 0])
 
 
 def test_other_class_count_reinitialises_head(base):
     path, source = base
     model = create_model("stam_tiny", num_classes=3)
     fresh = flat(fresh_params(model))
-    params, report = init_from_checkpoint(model, fresh_params(model), path)
+    sources = {}
+    params, report = init_from_checkpoint(model, fresh_params(model), path, sources=sources)
     got = flat(params)
     for name in ("head/kernel", "head/bias"):
         np.testing.assert_array_equal(got[name], fresh[name], err_msg=name)
+        assert sources.pop(name) == "re-initialised (another class count)"
+    assert set(sources.values()) == {"copied"}
     np.testing.assert_array_equal(got["norm/scale"], source["norm/scale"])
     assert "head: re-initialised (checkpoint has 10 classes, model 3)" in report
 
@@ -175,6 +213,8 @@ def test_incompatible_width_raises(base):
     message = str(error.value)
     assert "patch_embed/proj/kernel: checkpoint (8, 8, 3, 32), model (8, 8, 3, 48)" in message
     assert "cls_token: checkpoint (1, 1, 32), model (1, 1, 48)" in message
+    # The same class count: its kernel differs in width, not in classes.
+    assert "head/kernel: checkpoint (32, 10), model (48, 10)" in message
 
 
 def test_a_model_that_is_not_a_stam_is_refused(base):
