@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -59,12 +60,32 @@ def test_timm_pth_and_safetensors(tmp_path):
     torch.save(sd, tmp_path / "vit.pth")
     text = check(tmp_path / "vit.pth", want)
     assert "not part of STAM, ignored: 1 keys (fc_norm.weight)" in text
-    # The same tensors as .safetensors (bfloat16 ones too), written by hand to the format.
+    # Saved from DistributedDataParallel ('module.' keys) without a head (a feature
+    # extractor): the same spatial tensors; the head and the aggregate are fresh, each counted.
+    ddp = {f"module.{k}": v for k, v in sd.items() if not k.startswith("head.")}
+    torch.save(ddp, tmp_path / "ddp.pth")
+    params, report = init_from_checkpoint(MODEL, fresh_params(MODEL), tmp_path / "ddp.pth")
+    got = flat(params)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    aggregate = sum(k.startswith("aggregate/") for k in got)
+    assert report[0] == f"{len(want)} of {len(got)} tensors copied from {tmp_path / 'ddp.pth'}"
+    assert report[-2:] == [
+        f"aggregate: {aggregate} tensors not in the checkpoint, freshly initialised",
+        "head: 2 tensors not in the checkpoint, freshly initialised (head/bias, head/kernel)",
+    ]
+    # The same tensors as .safetensors (bfloat16 and float16 ones too), written by hand to
+    # the format; those two hold values their dtype represents exactly.
+    half = {"norm.weight": ("BF16", ml_dtypes.bfloat16), "norm.bias": ("F16", np.float16)}
+    want = dict(want)
     header, blobs, offset = {}, [], 0
     for key, value in sd.items():
-        array = value.numpy().astype(np.float32)
+        kind, dtype = half.get(key, ("F32", np.float32))
+        array = value.numpy().astype(dtype)
+        if key in half:
+            want[key.replace("weight", "scale").replace(".", "/")] = array.astype(np.float32)
         header[key] = {
-            "dtype": "F32",
+            "dtype": kind,
             "shape": list(array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
