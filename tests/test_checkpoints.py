@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -201,12 +202,32 @@ def test_params_beyond_float16_range_are_refused_in_float16(tiny, tmp_path):
     model, first, _, saved = tiny
     params = jax.tree.map(np.array, first)
     params["head"]["bias"][3] = 1e5
+    params["norm"]["bias"][0] = np.inf  # Inf already: not one the cast makes
     path = checkpoints.save(tmp_path / "big", model, params)
     beyond = r"big holds values beyond float16's range \(\+-65504\) in 1 param\(s\) \(head/bias\)"
     with pytest.raises(CheckpointError, match=beyond + r".*param_dtype='bfloat16'"):
         checkpoints.load(path, param_dtype="float16")
     assert checkpoints.load(path, param_dtype="bfloat16")[1]["head"]["bias"][3] == 1e5
     assert checkpoints.load(saved, param_dtype="float16")[1]["head"]["bias"].dtype == np.float16
+
+
+def test_a_config_of_another_format_or_a_newer_version_is_refused(tiny, tmp_path):
+    model, _, second, saved = tiny
+    path = tmp_path / "ckpt"
+    shutil.copytree(saved, path)
+    metadata = path / "config" / "metadata"
+    config = json.loads(metadata.read_text())
+    metadata.write_text(json.dumps({**config, "version": checkpoints.VERSION + 1}))
+    newer = rf"written by a newer stam-jax \(version {checkpoints.VERSION + 1} > 1\); upgrade"
+    with pytest.raises(CheckpointError, match=newer):
+        checkpoints.read_config(path)
+    # Another tool's files under the same names: not read, and not replaced by --force.
+    metadata.write_text(json.dumps({**config, "format": "other"}))
+    with pytest.raises(CheckpointError, match=r"ckpt holds format 'other', not 'stam_jax'\."):
+        checkpoints.load(path)
+    with pytest.raises(CheckpointError, match=r"\(config/ without a stam-jax config\)"):
+        checkpoints.save(path, model, second, overwrite=True)
+    assert json.loads(metadata.read_text())["format"] == "other"
 
 
 def test_reports_of_abandoned_reads_are_silenced_and_nothing_else(monkeypatch):
