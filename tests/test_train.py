@@ -749,6 +749,12 @@ def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys)
     final, final_ema = final_params(uninterrupted)
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "last")[1], final)
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "ema")[1], final_ema)
+    last = str(uninterrupted / "checkpoints" / "8")
+    assert checkpoints.read_config(tmp_path / "ema")["metadata"] == {
+        "source": last,
+        "step": 8,
+        "params": "ema_params",
+    }
     # A step midway, named by its folder: a checkpoint of the run's model, saying its source.
     midway = uninterrupted / "checkpoints" / str(saved[0])
     refused = re.escape(f"{midway} is a saved train state of the run in {uninterrupted}")
@@ -768,6 +774,10 @@ def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys)
             f"has no saved step 5; it has {saved}",
         ),
         ([str(uninterrupted), str(tmp_path / "last")], "already exists"),
+        (
+            [str(midway), str(tmp_path / "x"), "--step", "8"],
+            f"{midway} is step {saved[0]}, but --step=8; give one of them.",
+        ),
         ([str(tmp_path), str(tmp_path / "x")], "has no run_config.json"),
     ]:
         assert export_main(args) == 2
@@ -825,6 +835,15 @@ def test_export_of_the_ema_of_a_run_that_kept_none_is_refused(uninterrupted, tmp
         "there is none to export: drop --ema (ema=False from Python) to export the params.\n"
     )
     assert not (tmp_path / "ema").exists()
+    # The architecture is the variant with the run's model overrides: a run recorded with
+    # 3 classes does not hold these 10-class params.
+    record["model_overrides.num_classes"] = 3
+    (run / "run_config.json").write_text(json.dumps(record))
+    assert export_main([str(run), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {run / 'checkpoints' / '8'} does not hold the run's model: " in err
+    assert "param ['head']['bias']: expected shape (3,), found (10,)" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_takes_only_complete_steps_and_names_a_damaged_one(uninterrupted, tmp_path, capsys):
