@@ -736,6 +736,68 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(train_root, tmp_path):
+    from stam_jax.data.folder import list_videos
+    from stam_jax.resume import check_same_run, write_run_record
+    from stam_jax.train import TrainConfigError
+
+    folder = list_videos(train_root)
+    write_run_record(tiny_config(train_root), tmp_path, folder)
+    changes = {
+        "model": "stam_tiny_mean",
+        "model_overrides.aggregate": "mean",
+        "model_overrides.num_classes": 3,
+        "model_overrides.num_frames": 8,
+        "model_overrides.dropout_rate": 0.1,
+        "model_overrides.drop_path_rate": 0.1,
+        "model_overrides.temporal_dropout_rate": 0.2,
+        "checkpoint": str(tmp_path / "init"),
+        "dtype": "bfloat16",
+        "param_dtype": "bfloat16",
+        "batch_size": 2,
+        "seed": 1,
+        "data.class_list": str(tmp_path / "classes.txt"),
+        "data.crop": 28,
+        "data.frame_rate": 2.0,
+        "data.resize": 40,
+        "data.train_flip": False,
+        "data.train_min_area": 0.5,
+        "train.accumulate": 2,
+        "train.cutmix_alpha": 1.0,
+        "train.distill_temperature": 2.0,
+        "train.distill_weight": 0.25,
+        "train.ema_decay": 0.99,
+        "train.grad_clip": 0.5,
+        "train.label_smoothing": 0.0,
+        "train.loss_scale_initial": 1024.0,
+        "train.loss_scale_period": 100,
+        "train.mix_switch_prob": 0.25,
+        "train.mixup_alpha": 0.8,
+        "train.momentum": 0.5,
+        "train.optimizer": "sgd",
+        "train.teacher": str(tmp_path / "teacher"),
+        "train.temporal_pos_embed_std": 1.0,
+        "train.warmup_steps": 3,
+        "train.weight_decay": 0.0,
+    }
+    for name, value in changes.items():
+        config = tiny_config(train_root)
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+        with pytest.raises(TrainConfigError, match=re.escape(f"Changed:\n  {name}: ")):
+            check_same_run(config, tmp_path, 3, folder)
+    # With no checkpoint, a record alone (a start refused midway) leaves nothing to mix with;
+    # kept best params (an evaluation before the first logged step) do.
+    config = tiny_config(train_root, learning_rate=2e-3)
+    check_same_run(config, tmp_path, 0, folder)
+    (tmp_path / "best.json").write_text("{}")
+    with pytest.raises(TrainConfigError, match="a run that left no checkpoint made with other"):
+        check_same_run(config, tmp_path, 0, folder)
+
+
 def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys):
     from stam_jax.export import main as export_main
 
