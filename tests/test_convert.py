@@ -743,6 +743,12 @@ def test_torch_to_flax_takes_torch_tensors(dtype):
     _, expected, _ = torch_to_flax(as_numpy, **convert_kwargs(TINY))
     chex.assert_trees_all_equal(params, expected)
     assert report.source_dtypes == [str(dtype).removeprefix("torch.")]
+    assert not report.stripped_prefix
+    # Saved from DistributedDataParallel: the same params, and the report says so.
+    ddp = {f"module.{k}": v for k, v in as_torch.items()}
+    _, params, report = torch_to_flax(ddp, **convert_kwargs(TINY))
+    chex.assert_trees_all_equal(params, expected)
+    assert report.stripped_prefix
     # A model's parameters, which require grad, as well.
     torch_to_flax(dict(reference.named_parameters()), **convert_kwargs(TINY))
 
