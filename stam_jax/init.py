@@ -63,12 +63,17 @@ def resample_spatial_pos_embed(pos_embed: Any, grid: int) -> np.ndarray:
       `(1, grid * grid + 1, D)` float32: the same cls row, the grid resampled bilinearly.
 
     Raises:
-      InitError: `pos_embed` is not `(1, N + 1, D)` with N a square.
+      InitError: `pos_embed` is not `(1, N + 1, D)` with N a square of at least 1.
     """
     pos = np.asarray(pos_embed, np.float32)
-    old = math.isqrt(pos.shape[1] - 1)
-    if pos.ndim != 3 or pos.shape[0] != 1 or old * old != pos.shape[1] - 1:
-        raise InitError(f"pos_embed of shape {pos.shape} does not hold a square patch grid.")
+    # The shape first: a 1-D array, or one without grid rows, failed with an IndexError, a
+    # ValueError from isqrt or a ZeroDivisionError.
+    old = math.isqrt(pos.shape[1] - 1) if pos.ndim == 3 and pos.shape[1] >= 2 else 0
+    if pos.ndim != 3 or pos.shape[0] != 1 or old < 1 or old * old != pos.shape[1] - 1:
+        raise InitError(
+            f"pos_embed of shape {pos.shape} does not hold a square patch grid; expected "
+            "(1, N + 1, D): the cls row, then N = side x side patch rows."
+        )
     width = pos.shape[2]
     patches = jnp.asarray(pos[0, 1:].reshape(old, old, width))
     resized = jax.image.resize(patches, (grid, grid, width), "bilinear", antialias=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,15 @@ def test_spatial_resampling_is_plain_bilinear_interpolation(grid):
     expected = np.stack([np.interp(at, np.arange(4), r) for r in along_rows])
     np.testing.assert_allclose(new[0, 1:, 0].reshape(grid, grid), expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(new[0, 1:, 1], new[0, 1:, 0])
+
+
+def test_spatial_resampling_refuses_what_is_not_a_cls_row_and_a_square_grid():
+    # A 1-D array or one without grid rows failed with IndexError, ValueError (isqrt of -1)
+    # or ZeroDivisionError instead of the documented InitError.
+    for shape in [(17,), (1, 0, 8), (1, 1, 8), (17, 8), (2, 17, 8), (1, 18, 8)]:
+        shown = re.escape(str(shape))
+        with pytest.raises(InitError, match=rf"shape {shown} does not hold a square .*\(1, N \+ 1"):
+            resample_spatial_pos_embed(np.zeros(shape, np.float32), 3)
 
 
 def test_other_class_count_reinitialises_head(base):
