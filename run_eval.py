@@ -49,7 +49,8 @@ def main(argv: list[str]) -> None:
 def _interrupted(workdir: str) -> str:
     """The line that says what an interrupted run left: results to resume from, or none."""
     try:
-        from stam_jax.partial import PARTIAL, kept_count
+        with interrupts_held():  # it imports JAX, if the interrupt came before evaluate did
+            from stam_jax.partial import PARTIAL, kept_count
 
         kept = kept_count(Path(workdir) / PARTIAL)
     except Exception:  # the line must come whatever the folder holds

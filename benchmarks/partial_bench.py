@@ -11,7 +11,7 @@ from the loop that feeds the device. This times, in a temporary folder:
 - `read_s`: `read_kept` of `--videos` kept videos, what a resumed run spends before its first
   batch (Kinetics-400 validation has about 20,000 videos).
 
-Compare `append_ms` with a batch's forward time (BENCHMARKS.md). Needs numpy only.
+Compare `append_ms` with a batch's forward time (BENCHMARKS.md). Needs numpy and jax.
 """
 
 from __future__ import annotations

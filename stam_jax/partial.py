@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from stam_jax import sharding
+
 PARTIAL = "partial"  # the folder under the workdir
 FORMAT = 1
 
@@ -76,27 +78,20 @@ def _whole(path: Path, unit: int | None) -> int:
 
 
 def _differences(kept: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """'NAME: A then, B now' for each setting that differs (shown values)."""
+    """'NAME: A then, B now' for each setting that differs (by content, `sharding.by_content`)."""
     out = []
     for name in sorted(set(kept) | set(now)):
         a, b = kept.get(name, _NOT_SET), now.get(name, _NOT_SET)
-        if _content(a) != _content(b):
+        if sharding.compared(a) != sharding.compared(b):
             out.append(f"{name}: {_shown(a)} then, {_shown(b)} now")
     return out
-
-
-def _content(value: Any) -> Any:
-    """What a setting is compared by: a {'shown', 'content'} pair by its content."""
-    is_pair = isinstance(value, dict) and set(value) == {"shown", "content"}
-    return value["content"] if is_pair else value
 
 
 _NOT_SET = {"shown": "(not set)", "content": None}  # a setting a version did not record
 
 
 def _shown(value: Any) -> str:
-    is_pair = isinstance(value, dict) and set(value) == {"shown", "content"}
-    return str(value["shown"]) if is_pair else repr(value)
+    return str(sharding.shown(value)) if sharding.is_by_content(value) else repr(value)
 
 
 def _files(folder: Path, process: int, processes: int) -> list[int]:

@@ -192,19 +192,19 @@ def by_content(shown: str, content: str) -> dict[str, str]:
     return {"shown": shown, "content": content}
 
 
-def _by_content(value: Any) -> bool:
-    """Whether a setting of `processes_agree` was made by `by_content`."""
+def is_by_content(value: Any) -> bool:
+    """Whether a setting was made by `by_content`."""
     return isinstance(value, dict) and set(value) == {"shown", "content"}
 
 
-def _compared(value: Any) -> Any:
-    """What `processes_agree` compares of a setting: the content of a `by_content` one."""
-    return value["content"] if _by_content(value) else value
+def compared(value: Any) -> Any:
+    """What is compared of a setting: the content of a `by_content` one, else the value."""
+    return value["content"] if is_by_content(value) else value
 
 
-def _shown(value: Any) -> Any:
-    """A setting as `processes_agree` names it."""
-    return value["shown"] if _by_content(value) else value
+def shown(value: Any) -> Any:
+    """A setting as messages name it: the shown part of a `by_content` one, else the value."""
+    return value["shown"] if is_by_content(value) else value
 
 
 def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None) -> str | None:
@@ -230,8 +230,8 @@ def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None)
     differ = []
     for key in settings:
         values = [part["settings"].get(key) for part in everyone]
-        if any(_compared(v) != _compared(values[0]) for v in values):
-            each = ", ".join(f"process {pid}: {_shown(v)}" for pid, v in enumerate(values))
+        if any(compared(v) != compared(values[0]) for v in values):
+            each = ", ".join(f"process {pid}: {shown(v)}" for pid, v in enumerate(values))
             differ.append(f"{key} ({each})")
     if not differ:
         return None
