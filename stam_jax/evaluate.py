@@ -450,7 +450,6 @@ def evaluate(
     earlier = set().union(*kept_by[:pid])
     if earlier:
         kept = kept.without(earlier)
-    records = None
     if prepared:
         records = np.flatnonzero(~np.isin(prepared.record_positions(), list(done)))
         total = records.size
@@ -469,7 +468,7 @@ def evaluate(
     if prepared:
         from stam_jax.data.reading import eval_items
 
-        items = eval_items(prepared, workers, prefetch, pid, nproc, records if done else None)
+        items = eval_items(prepared, workers, prefetch, pid, nproc, records)
         skipped = prepared.outcomes if pid == 0 else {}
     else:
         positions = remaining[pid::nproc]
