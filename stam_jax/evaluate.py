@@ -10,6 +10,7 @@ written by process 0: `results.json` and `predictions.jsonl`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,7 +46,7 @@ from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
 from stam_jax.data.prepared import PreparedDataset, PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
-from stam_jax.paths import unwritable
+from stam_jax.paths import InUseError, claimed, new_folders_removed_on_failure, unwritable
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config
 
@@ -362,9 +363,18 @@ def evaluate(
       EvalConfigError: before `workdir` is created and before any compute, for a bad config
         value (variant, dtypes, attention, frames, distributed settings), a missing or
         mismatched checkpoint, data root, class list or class count, batch size, data option,
-        or a `workdir` that cannot be created, or one holding the kept results of an
-        interrupted evaluation with other settings.
+        or a `workdir` that cannot be created, one holding the kept results of an
+        interrupted evaluation with other settings, or one another run is using (each process
+        claims it for the run: `stam_jax.paths.claimed`).
     """
+    with contextlib.ExitStack() as held:
+        return _evaluate(config, workdir, report, resumable, held)
+
+
+def _evaluate(
+    config: Any, workdir: str | Path, report: bool, resumable: bool, held: contextlib.ExitStack
+) -> dict[str, Any]:
+    """`evaluate`; the workdir's claim, once made, is held by `held`."""
     start = time.perf_counter()
     # Config values first: nothing is created and nothing joins or computes before they pass.
     workdir = _check_workdir(workdir)
@@ -426,6 +436,17 @@ def evaluate(
             if resumable or nproc > 1
             else lambda: sharding.tree_digest(params)  # one process, nothing kept: not called
         )
+        # The workdir is claimed before any kept result is read (two runs in one workdir
+        # would each evaluate the videos left, and each remove the other's kept results); it
+        # is created now, and removed again if the run is refused.
+        try:
+            held.enter_context(new_folders_removed_on_failure(workdir))
+            workdir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(claimed(workdir, pid, f"--workdir={workdir}"))
+        except OSError as e:
+            raise EvalConfigError(f"--workdir={workdir} cannot be created: {e.strerror}.") from None
+        except InUseError as e:
+            raise EvalConfigError(str(e)) from None
         # Results kept by an interrupted run with the same settings are carried, not redone.
         partial_dir = workdir / partial.PARTIAL
         try:
@@ -458,10 +479,6 @@ def evaluate(
         total = len(remaining)
     per_process = math.ceil(total / nproc)
     steps = math.ceil(per_process / local_batch)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EvalConfigError(f"--workdir={workdir} cannot be created: {e.strerror}.") from None
     # The input starts now: its workers start and decode the first videos while the forward is
     # traced and compiled.
     workers, prefetch = worker_count(config.data.workers), config.data.prefetch or 2 * local_batch

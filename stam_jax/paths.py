@@ -1,9 +1,15 @@
-"""Output paths: why one cannot be written, found before any work is done."""
+"""Output paths: why one cannot be written, found before any work is done, and claims on
+output folders, so that two runs never write one at once."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +74,110 @@ def new_folders_removed_on_failure(folder: str | os.PathLike) -> Iterator[None]:
             with contextlib.suppress(OSError):  # not empty: not only what this block made
                 made_folder.rmdir()
         raise
+
+
+class InUseError(RuntimeError):
+    """Another run is writing the same output folder; the message names it and what to do."""
+
+
+LOCK_FILE = ".stam-jax-p{process}.lock"  # in the folder, one per process of a run
+_NO_LOCKS_WARNED: set[str] = set()
+
+
+@contextlib.contextmanager
+def claimed(folder: str | os.PathLike, process: int, flag: str) -> Iterator[None]:
+    """Holds `folder` (which must exist) for this process until the block ends; another run
+    claiming it with the same process index meanwhile is refused.
+
+    Two runs writing one output folder at once (a command started twice, or a job requeued by
+    a scheduler while the first still runs) would mix their checkpoints, records and results.
+    The claim is an exclusive `flock` on `folder/.stam-jax-pK.lock` (K: the process index, so
+    that the processes of one multi-host run share a folder): the system lets it go when the
+    process ends in any way, SIGKILL and a lost machine included, so nothing is ever left
+    claimed. The file names who holds it (process id, host, start time, command) for the
+    message the next claimant gets, and is removed when the block ends. A file system that
+    cannot lock files is warned of once, and the folder is used unclaimed.
+
+    Args:
+      folder: the output folder.
+      process: this process's index in its run (0 for a single process).
+      flag: how the folder was given, for messages (e.g. '--workdir=out').
+
+    Raises:
+      InUseError: another process holds `folder` for the same index; nothing is changed.
+    """
+    path = Path(folder) / LOCK_FILE.format(process=process)
+    fd = _locked(path, flag)
+    try:
+        if fd is not None:
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "command": " ".join(sys.argv) or sys.executable,
+            }
+            with contextlib.suppress(OSError):  # the claim holds whatever this says
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(holder) + "\n").encode())
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # before the lock goes: a waiter then finds the file gone
+            os.close(fd)
+
+
+def _locked(path: Path, flag: str) -> int | None:
+    """An open descriptor of `path` holding its exclusive lock, or None where the file system
+    cannot lock (warned of once per folder)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            _warn_unclaimed(path, flag, e)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise InUseError(
+                f"{flag} is in use by another run ({holder}); wait for it to end or stop it, "
+                "or give another folder."
+            ) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            os.close(fd)
+            _warn_unclaimed(path, flag, e)
+            return None
+        # The run that held the file may have removed it just before its lock went: the lock
+        # counts only if `path` is still the file locked.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock file open as `fd`, in words."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return (
+            f"process {holder['pid']} on {holder['host']} since {holder['since']}: "
+            f"{holder['command']}"
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # written a moment from now
+        return "a process that just started"
+
+
+def _warn_unclaimed(path: Path, flag: str, error: OSError) -> None:
+    if str(path.parent) in _NO_LOCKS_WARNED:
+        return
+    _NO_LOCKS_WARNED.add(str(path.parent))
+    print(
+        f"warning: cannot lock {path} ({error.strerror or error}); {flag} is used without "
+        "a claim, so a second run started in it at the same time would not be refused.",
+        file=sys.stderr,
+    )

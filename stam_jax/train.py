@@ -43,7 +43,7 @@ from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM
-from stam_jax.paths import unwritable
+from stam_jax.paths import InUseError, claimed, new_folders_removed_on_failure, unwritable
 from stam_jax.progress import progress_bar
 from stam_jax.resume import check_same_run, process_settings, truncate_log, write_run_record
 from stam_jax.train_eval import check_eval_root, periodic_eval
@@ -239,11 +239,20 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     Raises:
       TrainConfigError: before any compute, for bad data, batch or optimizer settings, a
-        bad model, seed or workdir, an initial checkpoint or teacher that cannot be used, or
-        a restart whose settings differ from the run in `workdir`.
+        bad model, seed or workdir, an initial checkpoint or teacher that cannot be used,
+        a restart whose settings differ from the run in `workdir`, or a `workdir` another
+        run is using (each process claims it for the run: `stam_jax.paths.claimed`).
       NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
       UnusableDataError: more than half of at least 32 training videos seen could not be used.
     """
+    with contextlib.ExitStack() as held:
+        return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(
+    config: Any, workdir: str | Path, held: contextlib.ExitStack
+) -> dict[str, Any]:
+    """`train_and_evaluate`; the workdir's claim, once made, is held by `held`."""
     train = config.train
     check_train_config(train)  # every refusal below comes before any compute or file
     if isinstance(config.seed, bool) or not 0 <= config.seed < 2**32:
@@ -333,6 +342,19 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
         teacher = teacher_read[0] if teacher_read else None
         # Read (host arrays) and checked now, before anything is written; on the devices later.
         teacher_host = _teacher_params(config, *teacher_read) if teacher_read else None
+        # The workdir is claimed before its checkpoints are read: two runs in one workdir
+        # would overwrite each other's checkpoints and logs. It is created now, and removed
+        # again if the run is refused.
+        try:
+            held.enter_context(new_folders_removed_on_failure(workdir))
+            workdir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(claimed(workdir, jax.process_index(), f"--workdir={workdir}"))
+        except OSError as e:
+            raise TrainConfigError(
+                f"--workdir={workdir} cannot be created: {e.strerror}; name another folder."
+            ) from None
+        except InUseError as e:
+            raise TrainConfigError(str(e)) from None
         agree(lambda: process_settings(config, folder))
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read

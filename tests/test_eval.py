@@ -890,3 +890,32 @@ def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
         f"warning: cannot keep results in {tmp_path / 'out' / PARTIAL} (Not a directory); the "
         "run goes on, but if it is interrupted, the videos from here on are evaluated again.\n"
     )
+
+
+def test_a_workdir_another_run_is_using_is_refused_and_left_as_it_is(
+    video_root, tiny_ckpt, tmp_path, reference_run
+):
+    """Two runs in one workdir would each evaluate the videos left and remove the other's
+    kept results: the second is refused before it reads or writes anything there."""
+    from stam_jax.paths import LOCK_FILE, claimed
+
+    workdir = tmp_path / "out"
+    config = config_for(tiny_ckpt[0], video_root, batch_size=4)
+    keep(workdir, 0, config, [0, 1], np.ones((2, 10), np.float32))
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with claimed(workdir, 0, "--workdir"):  # as a run started earlier holds it
+        lock = workdir / LOCK_FILE.format(process=0)
+        holder = json.loads(lock.read_text())
+        with pytest.raises(EvalConfigError) as refused:
+            evaluate(config, workdir)
+        assert str(refused.value) == (
+            f"--workdir={workdir} is in use by another run (process {os.getpid()} on "
+            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
+            "end or stop it, or give another folder."
+        )
+        after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p != lock}
+        assert after == before
+    # Once it has ended, the same command runs, and leaves no claim behind.
+    results = evaluate(config, workdir)
+    assert results["counts"]["resumed"] == 2
+    assert sorted(os.listdir(workdir)) == ["predictions.jsonl", "results.json"]

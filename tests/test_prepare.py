@@ -408,6 +408,28 @@ def test_an_out_that_cannot_be_written_is_refused(videos, tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_an_out_another_job_is_preparing_is_refused(videos, tmp_path, monkeypatch, capsys):
+    from stam_jax.paths import LOCK_FILE, claimed
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_FILE.format(process=0)
+    with claimed(out, 0, "--out"):
+        holder = json.loads(lock.read_text())
+        err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={out}")
+        assert err == (
+            f"error: --out {out} is in use by another run (process {os.getpid()} on "
+            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
+            "end or stop it, or give another folder.\n"
+        )
+        assert os.listdir(out) == [lock.name]
+    # A job killed as soon as it had claimed the folder leaves only the claim's file: that is
+    # not a folder of something else, and the next job prepares it.
+    lock.write_text("")
+    meta = prepare(videos, out, SPEC, workers=0, shard_size=4, progress=False)
+    assert meta["complete"] and not lock.exists()
+
+
 @pytest.mark.parametrize(
     "stop, code, how",
     [

@@ -736,6 +736,34 @@ def test_a_restart_with_other_settings_is_refused(train_root, uninterrupted, tmp
     assert (workdir / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_workdir_another_run_is_using_is_refused_and_left_as_it_is(
+    train_root, uninterrupted, tmp_path
+):
+    """A run started again while the first still runs (twice by hand, or requeued by a
+    scheduler) would overwrite its checkpoints and logs: it is refused before reading them."""
+    import shutil
+
+    from stam_jax.paths import LOCK_FILE, claimed
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with claimed(workdir, 0, "--workdir"):
+        lock = workdir / LOCK_FILE.format(process=0)
+        holder = json.loads(lock.read_text())
+        with pytest.raises(TrainConfigError) as refused:
+            train_and_evaluate(tiny_config(train_root), workdir)
+        assert str(refused.value) == (
+            f"--workdir={workdir} is in use by another run (process {os.getpid()} on "
+            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
+            "end or stop it, or give another folder."
+        )
+        after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p != lock}
+        assert after == before
+    assert not lock.exists()
+
+
 def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(train_root, tmp_path):
     from stam_jax.data.folder import list_videos
     from stam_jax.resume import check_same_run, write_run_record

@@ -71,7 +71,13 @@ from stam_jax.data.prepared import (
 )
 from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
 from stam_jax.interrupts import keep_interrupts
-from stam_jax.paths import unwritable
+from stam_jax.paths import (
+    LOCK_FILE,
+    InUseError,
+    claimed,
+    new_folders_removed_on_failure,
+    unwritable,
+)
 
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 EXIT_FAILED = 1
@@ -212,6 +218,12 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _claim_file(entry: Path) -> bool:
+    """Whether `entry` is the file of a claim on the folder (`stam_jax.paths.claimed`), which
+    a job killed before writing anything else leaves behind."""
+    return entry.name == LOCK_FILE.format(process=0)
+
+
 def _check_out(
     out: Path, settings: dict[str, Any], listing: dict[str, Any], stamps: list[list[int]]
 ) -> dict | None:
@@ -223,7 +235,7 @@ def _check_out(
         raise PreparedError(f"--out {out} is a file; give a folder.")
     meta_path = out / META_FILE
     if not meta_path.is_file():
-        if any(out.iterdir()):
+        if any(not _claim_file(entry) for entry in out.iterdir()):
             raise PreparedError(
                 f"--out {out} is a non-empty folder that is not a prepared dataset; give a new "
                 "or empty folder (nothing there was touched)."
@@ -301,8 +313,40 @@ def prepare(
       The finished dataset's `stam_prepare.json` contents.
 
     Raises:
-      PreparedError: a bad argument, or an `out` that holds something else; nothing is written.
+      PreparedError: a bad argument, an `out` that holds something else, or one that another
+        job is preparing now (each job claims its `out`: `stam_jax.paths.claimed`); nothing is
+        written.
     """
+    with contextlib.ExitStack() as held:
+        return _prepare(
+            src,
+            out,
+            spec,
+            kind,
+            encoding,
+            jpeg_quality,
+            class_list,
+            workers,
+            shard_size,
+            progress,
+            held,
+        )
+
+
+def _prepare(
+    src: str | Path,
+    out: str | Path,
+    spec: ClipSpec,
+    kind: str,
+    encoding: str,
+    jpeg_quality: int | None,
+    class_list: str | None,
+    workers: int,
+    shard_size: int,
+    progress: bool,
+    held: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """`prepare`; the claim on `out`, once made, is held by `held`."""
     if kind not in KINDS:
         raise PreparedError(f"--kind {kind!r}; use one of {', '.join(KINDS)}.")
     if encoding not in ENCODINGS:
@@ -332,7 +376,22 @@ def prepare(
     _check_class_names(folder.classes)
     settings = _settings(folder, spec, kind, encoding, jpeg_quality, shard_size)
     listing, stamps = _listing(folder), _stamps(folder)
-    meta = _check_out(out, settings, listing, stamps)
+    if complete:  # read only: it is not written (nor claimed)
+        meta = _check_out(out, settings, listing, stamps)
+    else:  # claimed first, so that what is read there is not being written by another job
+        if out.exists() and not out.is_dir():
+            raise PreparedError(f"--out {out} is a file; give a folder.")
+        try:
+            held.enter_context(new_folders_removed_on_failure(out))
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(claimed(out, 0, f"--out {out}"))
+        except OSError as e:
+            raise PreparedError(
+                f"--out {out} cannot be written: {e}; give a folder you can write to."
+            ) from None
+        except InUseError as e:
+            raise PreparedError(str(e)) from None
+        meta = _check_out(out, settings, listing, stamps)
     if meta and meta.get("complete"):
         print(f"{out} is already prepared ({meta['num_records']} records); nothing to do.")
         return meta

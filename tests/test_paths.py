@@ -1,0 +1,146 @@
+"""Claims on output folders: one run at a time writes a folder, and a dead one holds nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from stam_jax import paths
+from stam_jax.paths import LOCK_FILE, InUseError, claimed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A process of its own that claims FOLDER as process K, says so, and waits to be killed.
+HOLDER = """
+import sys, time
+from stam_jax.paths import claimed
+with claimed(sys.argv[1], int(sys.argv[2]), "--workdir=" + sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold(folder: Path, process: int = 0) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(process)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline() == "held\n"
+    return child
+
+
+def test_a_folder_held_by_a_live_process_is_refused_naming_it_and_freed_when_it_dies(tmp_path):
+    child = hold(tmp_path)
+    try:
+        lock = tmp_path / LOCK_FILE.format(process=0)
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == child.pid and holder["command"].endswith(f"{tmp_path} 0")
+        with pytest.raises(InUseError) as refused, claimed(tmp_path, 0, f"--workdir={tmp_path}"):
+            pytest.fail("claimed a folder another process holds")
+        assert str(refused.value) == (
+            f"--workdir={tmp_path} is in use by another run (process {child.pid} on "
+            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
+            "end or stop it, or give another folder."
+        )
+        assert json.loads(lock.read_text()) == holder  # the refused claim changed nothing
+        # Another process index of the same folder (a process of the same multi-host run).
+        with claimed(tmp_path, 1, "--workdir"):
+            assert (tmp_path / LOCK_FILE.format(process=1)).exists()
+        assert not (tmp_path / LOCK_FILE.format(process=1)).exists()
+    finally:
+        child.send_signal(signal.SIGKILL)  # no cleanup runs: its file stays behind
+        child.wait()
+    assert lock.exists()
+    with claimed(tmp_path, 0, "--workdir"):  # ... but its lock went with the process
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_second_claim_in_the_same_process_is_refused_and_the_first_still_holds(tmp_path):
+    with claimed(tmp_path, 0, "--out x"):
+        with (
+            pytest.raises(InUseError, match=r"^--out x is in use by another run \(process "),
+            claimed(tmp_path, 0, "--out x"),
+        ):
+            pass
+        assert json.loads((tmp_path / LOCK_FILE.format(process=0)).read_text())["pid"] == (
+            os.getpid()
+        )
+    with claimed(tmp_path, 0, "--out x"):  # released when the block ended
+        pass
+
+
+def test_a_claim_ends_with_its_block_when_it_raises(tmp_path):
+    with pytest.raises(KeyboardInterrupt), claimed(tmp_path, 0, "--workdir"):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with claimed(tmp_path, 0, "--workdir"):
+        pass
+
+
+def test_a_file_removed_by_the_run_that_held_it_is_not_a_claim(tmp_path, monkeypatch):
+    """A claimant that opened the file just before the holder removed it and let go must not
+    count the lock it then gets on the removed file: a third run would lock a new file."""
+    lock = tmp_path / LOCK_FILE.format(process=0)
+    flock, calls = paths.fcntl.flock, []
+
+    def holder_leaves_after_our_open(fd: int, how: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # the holder removes the file between our open and our lock
+            os.unlink(lock)
+        flock(fd, how)
+
+    monkeypatch.setattr(paths.fcntl, "flock", holder_leaves_after_our_open)
+    with claimed(tmp_path, 0, "--workdir"):
+        assert len(calls) == 2  # locked the file at the path on the second try
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        monkeypatch.setattr(paths.fcntl, "flock", flock)
+        with pytest.raises(InUseError), claimed(tmp_path, 0, "--workdir"):
+            pass  # (refused: that file is the one held)
+
+
+def test_a_file_system_without_locks_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(paths.fcntl, "flock", no_locks)
+    monkeypatch.setattr(paths, "_NO_LOCKS_WARNED", set())
+    for _ in range(2):
+        with claimed(tmp_path, 0, "--workdir=w"):
+            pass
+    lock = tmp_path / LOCK_FILE.format(process=0)
+    assert capsys.readouterr().err == (
+        f"warning: cannot lock {lock} (No locks available); --workdir=w is used without a "
+        "claim, so a second run started in it at the same time would not be refused.\n"
+    )
+
+
+def test_only_one_of_many_simultaneous_claims_holds(tmp_path):
+    held, refused, start = [], [], threading.Barrier(8)
+
+    def claim() -> None:
+        start.wait()
+        try:
+            with claimed(tmp_path, 0, "--workdir"):
+                held.append(1)
+                start_done.wait()
+        except InUseError:
+            refused.append(1)
+            start_done.wait()
+
+    start_done = threading.Barrier(8)
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(held), len(refused)) == (1, 7)
