@@ -6,14 +6,18 @@ crash, a killed process, a preempted machine) leaves there the videos it finishe
 command evaluates only the others. Process K's files:
 
 - `pK.json`: what the results are of (the settings that decide a video's logits), written first;
-- `pK.bin`: fixed-size records (the video's listing position, its logits, its ranking scores),
-  appended a batch at a time;
+- `pK.bin`: fixed-size records (the video's listing position, its logits, its ranking scores
+  and a CRC-32 of them), appended a batch at a time;
 - `pK.skipped.jsonl`: the videos that could not be evaluated (too short, failed), one a line.
 
-A record or line cut short by a kill is left out when read, and cut off before appending. A
-resumed run with P processes reads the files of every K with K % P equal to its process index,
-so a shared folder is read once whatever the process count, and a folder of one's own (a host's
-local disk) is read by the process that wrote it when the count is the same.
+A record or line cut short by a kill is left out when read, and cut off before appending. So is
+a record whose CRC does not match (the zero-filled blocks a power loss can leave where data was
+not yet on the disk): a damaged record is never read as a video's results, it is evaluated
+again, and a warning says how many were left out. A line of `pK.skipped.jsonl` that cannot be
+read is left out the same way. A resumed run with P processes reads the files of every K with
+K % P equal to its process index, so a shared folder is read once whatever the process count,
+and a folder of one's own (a host's local disk) is read by the process that wrote it when the
+count is the same.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +37,40 @@ import numpy as np
 from stam_jax import sharding
 
 PARTIAL = "partial"  # the folder under the workdir
-FORMAT = 1
+FORMAT = 2  # 2: each record holds a CRC-32 of itself
+READS = (1, 2)  # formats read (a run interrupted before an upgrade goes on in its own)
 
 
 class PartialError(ValueError):
     """Kept results that this run cannot continue; the message says what to do."""
 
 
-def record_dtype(num_classes: int) -> np.dtype:
-    """One video's record in `pK.bin`."""
-    return np.dtype(
-        [("position", "<i8"), ("logits", "<f4", (num_classes,)), ("scores", "<f4", (num_classes,))]
+def record_dtype(num_classes: int, version: int = FORMAT) -> np.dtype:
+    """One video's record in `pK.bin` (format 2: with the CRC-32 of the fields before it)."""
+    fields = [
+        ("position", "<i8"),
+        ("logits", "<f4", (num_classes,)),
+        ("scores", "<f4", (num_classes,)),
+    ]
+    return np.dtype([*fields, ("crc", "<u4")] if version >= 2 else fields)
+
+
+def _checksums(records: np.ndarray) -> np.ndarray:
+    """The CRC-32 of each record's bytes before its `crc` field."""
+    size = records.dtype.itemsize
+    data = records.tobytes()
+    return np.fromiter(
+        (zlib.crc32(data[i : i + size - 4]) for i in range(0, len(data), size)),
+        np.uint32,
+        len(records),
     )
+
+
+def _intact(records: np.ndarray) -> np.ndarray:
+    """Which records are whole (all of them in format 1, which has no CRC)."""
+    if "crc" not in records.dtype.names:
+        return np.ones(len(records), bool)
+    return _checksums(records) == records["crc"]
 
 
 @dataclass
@@ -104,31 +131,59 @@ def _files(folder: Path, process: int, processes: int) -> list[int]:
     return sorted(found)
 
 
-def _read_part(
-    folder: Path, name: str
-) -> tuple[dict[str, Any], np.ndarray, dict[int, dict[str, str]]]:
-    """One process's files `name.*`: their settings, whole records and skipped videos."""
-    meta = json.loads((folder / f"{name}.json").read_text())
-    if meta["format"] != FORMAT:
-        raise ValueError(f"format {meta['format']}, this version reads {FORMAT}")
+def _header(path: Path) -> dict[str, Any]:
+    """A `pK.json`, checked: its format is one this version reads."""
+    meta = json.loads(path.read_text())
+    if meta["format"] not in READS:
+        raise ValueError(
+            f"format {meta['format']}, this version reads {', '.join(map(str, READS))}"
+        )
     if not isinstance(meta["settings"], dict):
         raise ValueError(f"settings {meta['settings']!r}")
-    dtype = record_dtype(int(meta["num_classes"]))
-    data, lines = folder / f"{name}.bin", folder / f"{name}.skipped.jsonl"
-    records = np.zeros(0, dtype)
-    if data.exists():
-        records = np.fromfile(
-            data, dtype=dtype, count=_whole(data, dtype.itemsize) // dtype.itemsize
-        )
+    int(meta["num_classes"])
+    return meta
+
+
+def _records(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The whole records of `path` (none if it does not exist), damaged ones included."""
+    if not path.exists():
+        return np.zeros(0, dtype)
+    return np.fromfile(path, dtype=dtype, count=_whole(path, dtype.itemsize) // dtype.itemsize)
+
+
+def _skipped_entry(line: bytes) -> tuple[int, dict[str, str]] | None:
+    """A line of `pK.skipped.jsonl` as (position, {'status', 'reason'}), None if damaged."""
+    try:
+        entry = json.loads(line)
+        return int(entry["position"]), {
+            "status": str(entry["status"]),
+            "reason": str(entry["reason"]),
+        }
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_part(
+    folder: Path, name: str
+) -> tuple[dict[str, Any], np.ndarray, dict[int, dict[str, str]], int]:
+    """One process's files `name.*`: their settings, intact records, skipped videos, and how
+    many records and lines were damaged (left out)."""
+    meta = _header(folder / f"{name}.json")
+    records = _records(
+        folder / f"{name}.bin", record_dtype(int(meta["num_classes"]), meta["format"])
+    )
+    intact = _intact(records)
+    damaged = int((~intact).sum())
+    lines = folder / f"{name}.skipped.jsonl"
     skipped = {}
     if lines.exists():
         for line in lines.read_bytes()[: _whole(lines, None)].splitlines():
-            entry = json.loads(line)
-            skipped[int(entry["position"])] = {
-                "status": str(entry["status"]),
-                "reason": str(entry["reason"]),
-            }
-    return meta["settings"], records, skipped
+            entry = _skipped_entry(line)
+            if entry is None:
+                damaged += 1
+            else:
+                skipped[entry[0]] = entry[1]
+    return meta["settings"], records[intact], skipped, damaged
 
 
 def read_kept(
@@ -174,7 +229,7 @@ def read_kept(
     positions, logits, scores, skipped = [empty.positions], [empty.logits], [empty.scores], {}
     for k in ks:
         try:
-            kept_settings, records, part_skipped = _read_part(folder, f"p{k}")
+            kept_settings, records, part_skipped, damaged = _read_part(folder, f"p{k}")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PartialError(
                 f"{workdir_flag} holds the results of an interrupted evaluation, but "
@@ -190,6 +245,13 @@ def read_kept(
                 f"{workdir_flag} holds the results of an interrupted evaluation with other "
                 f"settings ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); "
                 f"{start_over}."
+            )
+        if damaged:
+            print(
+                f"warning: {damaged} damaged record{'s' if damaged > 1 else ''} in "
+                f"{folder / f'p{k}.*'} (cut short, or not written whole before a power loss) "
+                "left out; their videos are evaluated again.",
+                file=sys.stderr,
             )
         positions.append(records["position"])
         logits.append(records["logits"])
@@ -231,31 +293,31 @@ class Journal:
         settings: Callable[[], dict[str, Any]],
     ) -> None:
         self.folder, self.name = folder, f"p{process}"
-        self.dtype = record_dtype(num_classes)
+        self.num_classes = num_classes
+        self.dtype = record_dtype(num_classes)  # or that of the format already there
         self._settings = settings
         self._ready = False
         self.failed = ""  # why results could not be kept (then none are kept any more)
 
     def _start(self) -> None:
-        """Writes the description (if there is none), and cuts off what a kill left half
-        written: appending after it would shift every later record."""
+        """Writes the description (if there is none; else appends in its format), and cuts off
+        what a kill or a power loss left half written at the end: appending after a part of a
+        record would shift every later one."""
         self.folder.mkdir(parents=True, exist_ok=True)
         header = self.folder / f"{self.name}.json"
-        if not header.exists():
-            meta = {
-                "format": FORMAT,
-                "num_classes": self.dtype["logits"].shape[0],
-                "settings": self._settings(),
-            }
+        if header.exists():  # read by this run already (`read_kept`): same settings
+            self.dtype = record_dtype(self.num_classes, _header(header)["format"])
+        else:
+            meta = {"format": FORMAT, "num_classes": self.num_classes, "settings": self._settings()}
             tmp = header.with_name(header.name + ".tmp")
             tmp.write_text(json.dumps(meta) + "\n")
             os.replace(tmp, header)  # a half-written description is never read
-        for path, unit in (
-            (self._path(".bin"), self.dtype.itemsize),
-            (self._path(".skipped.jsonl"), None),
-        ):
-            if path.exists():
-                os.truncate(path, _whole(path, unit))
+        data, lines = self._path(".bin"), self._path(".skipped.jsonl")
+        if data.exists():
+            intact = np.flatnonzero(_intact(_records(data, self.dtype)))
+            os.truncate(data, (intact[-1] + 1 if intact.size else 0) * self.dtype.itemsize)
+        if lines.exists():
+            os.truncate(lines, _whole(lines, None))
         self._ready = True
 
     def _path(self, suffix: str) -> Path:
@@ -279,8 +341,10 @@ class Journal:
             if not self._ready:
                 self._start()
             if len(positions):
-                rows = np.empty(len(positions), self.dtype)
+                rows = np.zeros(len(positions), self.dtype)
                 rows["position"], rows["logits"], rows["scores"] = positions, logits, scores
+                if "crc" in self.dtype.names:
+                    rows["crc"] = _checksums(rows)
                 with open(self._path(".bin"), "ab") as f:
                     f.write(rows.tobytes())
             if skipped:
@@ -291,8 +355,8 @@ class Journal:
                 )
                 with open(self._path(".skipped.jsonl"), "a") as f:
                     f.write(lines)
-        except OSError as e:
-            self.failed = f"{e.strerror or e}"
+        except (OSError, ValueError, KeyError, TypeError) as e:  # the description damaged too
+            self.failed = f"{getattr(e, 'strerror', None) or e}"
             print(
                 f"warning: cannot keep results in {self.folder} ({self.failed}); the run goes "
                 "on, but if it is interrupted, the videos from here on are evaluated again.",
@@ -324,7 +388,8 @@ def kept_count(folder: Path) -> int:
         lines = header.with_name(header.stem + ".skipped.jsonl")
         try:
             if data.exists():
-                size = record_dtype(int(json.loads(header.read_text())["num_classes"])).itemsize
+                meta = _header(header)
+                size = record_dtype(int(meta["num_classes"]), meta["format"]).itemsize
                 count += _whole(data, size) // size
             if lines.exists():
                 count += lines.read_bytes()[: _whole(lines, None)].count(b"\n")

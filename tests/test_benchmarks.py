@@ -253,5 +253,5 @@ def test_compile_opt_level_smoke():
 
 def test_partial_bench_smoke():
     (row,) = run_script("benchmarks/partial_bench.py", "--batch", "4", "--videos", "10")
-    assert row["bytes_per_video"] == 8 + 2 * 4 * 400  # position, logits and scores
+    assert row["bytes_per_video"] == 8 + 2 * 4 * 400 + 4  # position, logits, scores, CRC
     assert row["append_ms"] > 0 and row["read_s"] > 0

@@ -853,15 +853,13 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
     with pytest.raises(PartialError, match=r"\(params: /a \(1\) then, /c \(2\) now\)"):
         other = {**settings, "params": {"shown": "/c (2)", "content": "2"}}
         read_kept(folder, 0, 1, classes, lambda: other, "--workdir=w")
-    # Files that were not cut but damaged: refused, naming the files, never a traceback.
-    for name, text in [("p2.json", '{"format": 1, "num_classes": 3, "settings": [1]}\n')] + [
-        ("p2.skipped.jsonl", line) for line in ("garbage\n", '{"position": 9}\n', "[1]\n")
-    ]:
-        good = (folder / name).read_bytes()
-        (folder / name).write_text(text)
+    # A description that cannot be read: refused, naming the files, never a traceback.
+    for text in ['{"format": 2, "num_classes": 3, "settings": [1]}\n', '{"format": 3}', "{"]:
+        good = (folder / "p2.json").read_bytes()
+        (folder / "p2.json").write_text(text)
         with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
             read_kept(folder, 0, 2, classes, lambda: moved, "--workdir=w")
-        (folder / name).write_bytes(good)
+        (folder / "p2.json").write_bytes(good)
     with pytest.raises(PartialError, match=r"but they name video 20, not one of the 20 listed"):
         read_kept(folder, 0, 2, classes, lambda: settings, "--workdir=w", 20)
     with pytest.raises(PartialError, match=r"\(--config.seed: \(not set\) then, 3 now\)"):
@@ -879,6 +877,59 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
     ]
     remove(folder, 0, 2)
     assert [p.name for p in folder.iterdir()] == ["p1.bin.orig"]
+
+
+def test_damaged_records_are_left_out_and_their_videos_evaluated_again(tmp_path, capsys):
+    """Blocks a power loss left zero-filled (or any bytes but the record's): never read as a
+    video's results (a zero record would be video 0 with logits 0); the rest is kept."""
+    from stam_jax.partial import record_dtype
+
+    folder, classes, settings = tmp_path / PARTIAL, 3, {"--config.dtype": "float32"}
+    logits = np.arange(30, dtype=np.float32).reshape(10, classes)
+    journal = Journal(folder, 0, classes, lambda: settings)
+    journal.add(
+        np.array([4, 5]), logits[[4, 5]], -logits[[4, 5]], {7: {"status": "failed", "reason": "r"}}
+    )
+    size = record_dtype(classes).itemsize
+    assert size == 8 + 2 * 4 * classes + 4
+    data, lines = folder / "p0.bin", folder / "p0.skipped.jsonl"
+    good = data.read_bytes()
+    flipped = bytearray(good)
+    flipped[size + 9] ^= 1  # one bit of video 5's first logit
+    data.write_bytes(bytes(flipped) + bytes(2 * size))  # and two zero-filled records
+    with open(lines, "ab") as f:
+        f.write(b"\0" * 20 + b"\n")
+    kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w")
+    assert kept.positions.tolist() == [4] and list(kept.skipped) == [7]
+    np.testing.assert_array_equal(kept.logits, logits[[4]])
+    assert capsys.readouterr().err == (
+        f"warning: 4 damaged records in {folder}/p0.* (cut short, or not written whole before "
+        "a power loss) left out; their videos are evaluated again.\n"
+    )
+    # The next append goes after the last intact record (the damaged ones at the end are cut
+    # off; video 5's, between intact ones, stays left out).
+    journal = Journal(folder, 0, classes, lambda: settings)
+    journal.add(np.array([6]), logits[[6]], -logits[[6]], {})
+    assert data.stat().st_size == 2 * size
+    journal.add(np.array([5]), logits[[5]], -logits[[5]], {})
+    kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w")
+    assert kept.positions.tolist() == [4, 6, 5]
+    np.testing.assert_array_equal(kept.scores, -logits[[4, 6, 5]])
+    assert "1 damaged record in" in capsys.readouterr().err  # the skipped line's
+
+    # A journal of format 1 (no CRC, from an earlier version) is read and appended to as such.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "p0.json").write_text(json.dumps({"format": 1, "num_classes": 3, "settings": settings}))
+    one = np.zeros(1, record_dtype(classes, 1))
+    one["position"], one["logits"] = 2, logits[2]
+    (old / "p0.bin").write_bytes(one.tobytes())
+    Journal(old, 0, classes, lambda: settings).add(np.array([3]), logits[[3]], logits[[3]], {})
+    assert (old / "p0.bin").stat().st_size == 2 * record_dtype(classes, 1).itemsize
+    kept = read_kept(old, 0, 1, classes, lambda: settings, "--workdir=w")
+    assert kept.positions.tolist() == [2, 3]
+    np.testing.assert_array_equal(kept.logits, logits[[2, 3]])
+    assert kept_count(old) == 2 and capsys.readouterr().err == ""
 
 
 def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
