@@ -42,7 +42,13 @@ from stam_jax.data.folder import (
     ignored_summary,
     listing_report,
 )
-from stam_jax.data.loader import Decoded, Started, decode_in_order, worker_count
+from stam_jax.data.loader import (
+    Decoded,
+    Started,
+    decode_in_order,
+    with_listed_path,
+    worker_count,
+)
 from stam_jax.data.prepared import PreparedDataset, PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
@@ -302,16 +308,21 @@ def _forward_fn(
 
 
 def _at_positions(
-    decoded: Generator[Decoded, None, None], positions: list[int]
+    decoded: Generator[Decoded, None, None], positions: list[int], folder: VideoFolder
 ) -> Iterator[Decoded]:
-    """`decoded` with each video's position in the whole folder; closing this closes `decoded`.
+    """`decoded` with each video's position in the whole folder, and its path there in a
+    failure's reason (`with_listed_path`); closing this closes `decoded`.
 
     So closing the evaluation's input stops the decoding processes at once, rather than
     whenever the decoder is garbage collected.
     """
     try:
         for d in decoded:
-            yield dataclasses.replace(d, position=positions[d.position])
+            position = positions[d.position]
+            listed = folder.items[position].path
+            yield dataclasses.replace(
+                with_listed_path(d, folder.root / listed, listed), position=position
+            )
     finally:
         decoded.close()
 
@@ -492,7 +503,7 @@ def _evaluate(
         raw = decode_in_order(
             [folder.root / folder.items[p].path for p in positions], spec, workers, prefetch
         )
-        items = _at_positions(raw, positions)
+        items = _at_positions(raw, positions, folder)
         skipped = {}
     decoded = Started(items)
     journal = None

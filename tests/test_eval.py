@@ -384,6 +384,13 @@ def test_bad_files_are_counted_listed_and_the_run_finishes(awkward_root, tiny_ck
     failed = {f["path"]: f["reason"] for f in results["failed"]}
     assert sorted(failed) == ["class_3/zero.mp4", "class_5/notes.avi", "class_6/truncated.mp4"]
     assert all(reason for reason in failed.values())
+    # PyAV names the file as opened (absolute): the reason names it as listed, so results
+    # (and those a resumed run kept) read the same wherever the videos are.
+    assert failed["class_3/zero.mp4"] == (
+        "InvalidDataError: [Errno 1094995529] Invalid data found when processing input: "
+        "'class_3/zero.mp4'"
+    )
+    assert str(awkward_root) not in json.dumps(results["failed"])
     assert "skipped class_2/short.mp4" in err
 
 

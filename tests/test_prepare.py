@@ -116,6 +116,9 @@ def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, vide
     assert builder.info.features["label"].names == [f"class_{c}" for c in range(10)]
     assert [d["path"] for d in builder.info.metadata["dropped"]] == ["class_2/short.mp4"]
     assert [d["path"] for d in builder.info.metadata["failed"]] == ["class_3/zero.mp4"]
+    assert builder.info.metadata["failed"][0]["reason"].endswith(  # as listed: not absolute
+        "Invalid data found when processing input: 'class_3/zero.mp4'"
+    )
     assert len(builder.info.metadata["ignored"]) == 3
     assert len(builder.info.splits["validation"].shard_lengths) == 3  # 4 + 4 + 2 records
     source = builder.as_data_source(split="validation")

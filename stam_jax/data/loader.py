@@ -70,6 +70,18 @@ def decode_with(
         return Decoded(position, None, "failed", f"{type(e).__name__}: {e}".strip())
 
 
+def with_listed_path(decoded: Decoded, opened: str | Path, listed: str) -> Decoded:
+    """`decoded` with the path its file was opened by (`opened`, e.g. absolute) written as its
+    path in the listing (`listed`, relative to the folder's root) in its reason.
+
+    PyAV's messages name the file as opened; rewritten, the reasons of results (and of the
+    results an interrupted evaluation kept) read the same wherever the videos are.
+    """
+    if not decoded.reason or str(opened) == listed:
+        return decoded
+    return dataclasses.replace(decoded, reason=decoded.reason.replace(str(opened), listed))
+
+
 def decode_in_order(
     paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int
 ) -> Generator[Decoded, None, None]:

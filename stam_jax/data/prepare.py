@@ -53,6 +53,7 @@ from stam_jax.data.loader import (
     Decoded,
     decode_with,
     ordered_map,
+    with_listed_path,
     worker_count,
 )
 from stam_jax.data.prepared import (
@@ -114,7 +115,7 @@ def _record(position: int, path: str, relpath: str, label: int, job: Job) -> Dec
     load = load_views if job.kind == "eval" else load_sampled_frames
     decoded = decode_with(load, position, path, job.spec)
     if decoded.status != "ok":
-        return decoded
+        return with_listed_path(decoded, path, relpath)
     pixels = decoded.views
     if job.encoding == "jpeg":
         flat = pixels.reshape(-1, *pixels.shape[-3:])
