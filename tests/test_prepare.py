@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -639,6 +640,110 @@ def test_grain_reading_processes_leave_ctrl_c_to_the_parent_and_end_with_it(prep
     _, err = process.communicate(timeout=60)
     assert len(pids) == 1 and not alive, err
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
+
+
+# Put first on the PYTHONPATH of run_eval.py below: each process that multiprocessing spawns
+# (grain's reading processes; not its resource tracker) takes a minute to start.
+_SLOW_START = """
+import sys, time
+
+if "--multiprocessing-fork" in sys.orig_argv:
+    time.sleep(60)
+"""
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes of `session` that run (neither ended nor ended and not yet reaped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[3]) == session and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_while_grain_reading_processes_start_stops_at_once(prepared_raw, ckpt, tmp_path):
+    # A Ctrl-C waited for each reading process to start (importing grain, JAX and TFDS: 7-40 s
+    # in all on a busy 2-core machine) and read a video before the command could end; here
+    # they would take a minute. They are ended at once instead, having nothing to hand over.
+    out, _ = prepared_raw
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_START)
+    workdir = tmp_path / "out"
+    args = ["run_eval.py", "--config=configs/tiny.py", f"--config.checkpoint={ckpt}"]
+    args += [f"--config.data.root={out}", "--config.data.workers=3", f"--workdir={workdir}"]
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # as a terminal's Ctrl-C: SIGINT to the whole group
+    )
+    try:
+        deadline = time.monotonic() + 300
+        # The command, the resource tracker and the 3 reading processes.
+        while len(session_processes(process.pid)) < 5:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        sent = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        took = time.monotonic() - sent
+        left = session_processes(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted: no results were kept yet; the same command starts again."
+    ], err
+    assert took < 30, took  # 2-3 s measured on a busy 2-core machine; 60+ s before
+    assert not left  # no reading process outlives the command
+
+
+_STOPPED = """
+import multiprocessing, os, pickle, sys, time
+
+from stam_jax.data import reading
+from stam_jax.data.video import ClipSpec
+
+
+def child(transform, made, ready):
+    pickle.loads(transform)  # as each grain reading process does, which readies it
+    if made == "made":
+        with reading._making():
+            pass
+    ready.set()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    transform = pickle.dumps(reading.EvalViews("raw", ClipSpec(4, 4.0, 36, 32)))
+    ready = context.Event()
+    process = context.Process(target=child, args=(transform, sys.argv[1], ready), daemon=True)
+    process.start()
+    assert ready.wait(120)
+    os.kill(process.pid, reading.STOP_STARTING)
+    process.join(5)
+    print(process.exitcode)
+"""
+
+
+@pytest.mark.parametrize("made", ["nothing", "made"])
+def test_a_reading_process_stops_on_stop_starting_only_before_its_first_element(made, tmp_path):
+    # Ended while it has nothing to hand over; once it has made an element, it is left to end
+    # when grain says (killed while handing one over, it could leave the parent waiting).
+    (tmp_path / "stopped.py").write_text(_STOPPED)
+    result = run([str(tmp_path / "stopped.py"), made], env={"PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == {"nothing": "1\n", "made": "None\n"}[made]  # None: still running
 
 
 def running(pid: int) -> bool:

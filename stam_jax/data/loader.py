@@ -129,7 +129,10 @@ class Started(Iterator[T]):
     batch is ready sooner. After the first item everything runs in the
     caller's thread, as `items` itself would. An error producing the first item is raised by
     the first `next()`. `close()` waits for that first item and closes `items` (when it has a
-    `close`), whether or not anything was read.
+    `close`), whether or not anything was read; while it is still awaited, `close()` first
+    calls `items.stop_starting()` (when it has one, callable from any thread), which makes it
+    come sooner: grain's reading processes still starting end at once (a Ctrl-C then waited
+    for every one of them to start and read a video: 7-40 s on a busy 2-core machine).
     """
 
     def __init__(self, items: Iterator[T]) -> None:
@@ -153,6 +156,9 @@ class Started(Iterator[T]):
         """Stops `items` (see above); nothing can be read afterwards."""
         if self._first is not None:
             first, self._first = self._first, None
+            stop_starting = getattr(self._items, "stop_starting", None)
+            if stop_starting is not None and not first.done():
+                stop_starting()  # the first item will not be read: no need to wait for it
             concurrent.futures.wait([first])
         close = getattr(self._items, "close", None)
         if close is not None:

@@ -9,8 +9,10 @@ import contextlib
 import gc
 import multiprocessing
 import multiprocessing.resource_tracker
+import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +26,8 @@ from stam_jax.data.video import ClipSpec
 
 class _ReadiesWorkers:
     """A transform that readies each grain reading process it is sent to (`start_worker`):
-    Ctrl-C is left to the parent, and the process ends when the parent ends, even killed.
+    Ctrl-C is left to the parent, the process ends when the parent ends, even killed, and
+    `STOP_STARTING` ends it at once while it has made nothing yet (`_stop_if_starting`).
 
     grain's `DataLoader` takes no function to run in its processes, but each unpickles the
     transforms before it reads anything: the hook is that unpickling, which happens nowhere
@@ -36,10 +39,38 @@ class _ReadiesWorkers:
         if not _worker_ready and multiprocessing.parent_process() is not None:
             _worker_ready = True
             start_worker()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(STOP_STARTING, _stop_if_starting)
         self.__dict__.update(state)
 
 
 _worker_ready = False
+
+# Sent by `Reading.stop_starting` to its reading processes. Until one has made its first
+# element it has nothing to hand over: it ends at once, by the signal's default action (still
+# importing grain and JAX, before `_ReadiesWorkers` runs) or by `_stop_if_starting`. Once it
+# has, the signal is ignored: it ends when grain tells it to, after the element in hand, as
+# one killed while handing an element over (a shared-memory block, a message half written in
+# the pipe the parent reads) would leave the parent to leak the block or wait for the message
+# forever.
+STOP_STARTING = signal.SIGUSR1
+_made_one = False  # in a reading process: whether it has made an element (or failed to) yet
+
+
+def _stop_if_starting(signum: int, frame: Any) -> None:
+    """The `STOP_STARTING` handler of a reading process: ends it if it has made nothing yet."""
+    if not _made_one:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _making() -> Iterator[None]:
+    """Marks this reading process as having made an element once the block ends, however."""
+    global _made_one
+    try:
+        yield
+    finally:
+        _made_one = True
 
 
 class EvalViews(_ReadiesWorkers, grain.transforms.Map):
@@ -50,8 +81,9 @@ class EvalViews(_ReadiesWorkers, grain.transforms.Map):
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         """Decodes one record."""
-        views = eval_views(element, self.encoding, self.prepared)
-        return {"views": views, "index": np.int64(element["index"])}
+        with _making():
+            views = eval_views(element, self.encoding, self.prepared)
+            return {"views": views, "index": np.int64(element["index"])}
 
 
 class TrainClip(_ReadiesWorkers, grain.transforms.RandomMap):
@@ -66,8 +98,9 @@ class TrainClip(_ReadiesWorkers, grain.transforms.RandomMap):
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """Draws one augmented clip."""
-        video = train_clip(element, self.encoding, self.spec, rng)
-        return {"video": video, "label": np.int32(element["label"])}
+        with _making():
+            video = train_clip(element, self.encoding, self.spec, rng)
+            return {"video": video, "label": np.int32(element["label"])}
 
 
 def _flags_ready() -> None:
@@ -94,13 +127,15 @@ class _Records:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Any:
-        record = self.source[int(self.records[i])]
-        if int(record["index"]) != int(self.positions[i]):
-            raise RuntimeError(
-                f"record {self.records[i]} holds video {record['index']} of the listing, not "
-                f"{self.positions[i]}: the prepared dataset's records are not in listing order."
-            )
-        return record
+        with _making():  # an error here is what this process hands over instead
+            record = self.source[int(self.records[i])]
+            if int(record["index"]) != int(self.positions[i]):
+                raise RuntimeError(
+                    f"record {self.records[i]} holds video {record['index']} of the listing, "
+                    f"not {self.positions[i]}: the prepared dataset's records are not in "
+                    "listing order."
+                )
+            return record
 
 
 def eval_items(
@@ -128,7 +163,7 @@ def eval_items(
     records = np.arange(dataset.num_records) if records is None else np.asarray(records)
     mine = np.array_split(records, processes)[process]
     if not mine.size:  # fewer records than processes (grain refuses an empty sampler)
-        return _decoded_items(iter([]))
+        return _DecodedItems(iter([]))
     source = _Records(dataset.data_source(), mine, dataset.record_positions()[mine])
     sampler = grain.samplers.IndexSampler(
         len(source), grain.sharding.NoSharding(), shuffle=False, num_epochs=1
@@ -141,17 +176,38 @@ def eval_items(
         worker_buffer_size=max(prefetch // max(workers, 1), 1),
         read_options=_read_options(prefetch),
     )
-    return _decoded_items(iter(loader))
+    return _DecodedItems(iter(loader))
 
 
-def _decoded_items(iterator: Iterator[dict[str, Any]]) -> Iterator[Decoded]:
-    try:
-        for x in iterator:
-            yield Decoded(int(x["index"]), x["views"], "ok")
-    finally:
-        close(iterator)
-        x = iterator = None
-        gc.collect()
+class _DecodedItems(Iterator[Decoded]):
+    """A `Reading`'s elements as `Decoded` items. It is closed (`close`) at its end, at an
+    error, or when `close()` is called; `stop_starting()` may be called from any thread."""
+
+    def __init__(self, iterator: Iterator[dict[str, Any]]) -> None:
+        self._iterator: Iterator[dict[str, Any]] | None = iterator
+
+    def __next__(self) -> Decoded:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            x = next(self._iterator)
+        except BaseException:
+            self.close()
+            raise
+        return Decoded(int(x["index"]), x["views"], "ok")
+
+    def stop_starting(self) -> None:
+        """Ends the reading processes that have not made an element yet (`Reading`)."""
+        if isinstance(iterator := self._iterator, Reading):
+            iterator.stop_starting()
+
+    def close(self) -> None:
+        """Stops the reading processes and frees grain's shared memory now (see `close`)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            close(iterator)
+            iterator = None
+            gc.collect()
 
 
 def close(iterator: Iterator[Any]) -> None:
@@ -162,13 +218,23 @@ def close(iterator: Iterator[Any]) -> None:
     late, and Python's resource tracker warns "There appear to be N leaked shared_memory
     objects" (google/grain#1031). So: close the iterator, drop every reference to it, then
     `gc.collect()`, which frees those blocks while the process still runs.
+
+    Reading processes that have not made an element yet are ended first
+    (`Reading.stop_starting`): grain would wait for each to finish starting (importing grain,
+    JAX and TFDS, seconds each on a busy machine) and make an element before it stops.
     """
-    if isinstance(iterator, Reading):
-        iterator = iterator.loader_iterator
-    # A DataLoaderIterator has no close() of its own; the dataset iterator it wraps has.
-    inner = getattr(iterator, "_iterator", iterator)
-    if hasattr(inner, "close"):
-        inner.close()
+    reading = iterator if isinstance(iterator, Reading) else None
+    if reading is not None:
+        reading.stop_starting()
+        iterator = reading.loader_iterator
+    try:
+        # A DataLoaderIterator has no close() of its own; the dataset iterator it wraps has.
+        inner = getattr(iterator, "_iterator", iterator)
+        if hasattr(inner, "close"):
+            inner.close()
+    finally:
+        if reading is not None:
+            reading.closed()
 
 
 @contextlib.contextmanager
@@ -189,8 +255,21 @@ class _Loader(grain.DataLoader):
         # Started here, not by the queues grain makes in its threads: starting it unblocks
         # SIGINT in the thread that does (multiprocessing.resource_tracker.ensure_running).
         multiprocessing.resource_tracker.ensure_running()
+        others = _reading_processes()
         with _ctrl_c_blocked():
-            return Reading(super().__iter__())
+            return Reading(super().__iter__(), others)
+
+
+_STOP_POLL_S = 0.05  # how often `Reading.stop_starting` looks for new reading processes
+
+
+def _reading_processes() -> set[int]:
+    """The process ids of grain's reading processes of this process that are running."""
+    return {
+        child.pid
+        for child in multiprocessing.active_children()
+        if child.name.startswith("grain-process-prefetch") and child.pid is not None
+    }
 
 
 class Reading(Iterator[Any]):
@@ -206,8 +285,48 @@ class Reading(Iterator[Any]):
     (`_ReadiesWorkers`). A Ctrl-C during such a call reaches this process all the same.
     """
 
-    def __init__(self, loader_iterator: Any) -> None:
+    def __init__(self, loader_iterator: Any, others: set[int]) -> None:
         self.loader_iterator = loader_iterator
+        self._others = others  # reading processes of other loaders, there before this one
+        self._stopping: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+
+    def stop_starting(self) -> None:
+        """From now until `closed()`, ends each of this iterator's reading processes that has
+        not made an element yet, as soon as it is there (it has nothing to hand over:
+        `STOP_STARTING`); the others go on. Any thread may call it.
+
+        grain starts the processes one by one from a thread of its own, so one may start after
+        this call: a thread watches for them every `_STOP_POLL_S`. grain names no process of an
+        iterator: this iterator's are those started since it was made (a loader made later and
+        still open would have its own taken for them: the loaders here are closed in the
+        reverse order they were made).
+        """
+        with self._lock:
+            if self._stopping is None and not self._closed.is_set():
+                self._stopping = threading.Thread(
+                    target=self._stop_starting, name="stam-stop-starting", daemon=True
+                )
+                self._stopping.start()
+
+    def closed(self) -> None:
+        """Says that the iterator is closed: `stop_starting`'s watch ends."""
+        with self._lock:
+            self._closed.set()
+            stopping = self._stopping
+        if stopping is not None:
+            stopping.join()
+
+    def _stop_starting(self) -> None:
+        signalled: set[int] = set()
+        while True:
+            for pid in _reading_processes() - self._others - signalled:
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, STOP_STARTING)
+            if self._closed.wait(_STOP_POLL_S):
+                return
 
     def __next__(self) -> Any:
         with _ctrl_c_blocked():
