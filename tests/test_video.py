@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -13,12 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from stam_jax.data import video
 from stam_jax.data.synthetic import index_frame, read_index, write_video
 from stam_jax.data.video import (
     ClipSpec,
     TooShortError,
     VideoError,
+    _random_box,
+    augment_clip,
+    clip_starts,
     crop_offsets,
+    load_sampled_frames,
     load_train_clip,
     load_views,
     resample_indices,
@@ -155,6 +161,10 @@ def test_size_and_crop_rules():
     assert crop_offsets(256, 341, 224, "start") == (16, 0)
     assert crop_offsets(256, 341, 224, "end") == (16, 117)
     assert crop_offsets(341, 256, 224, "end") == (117, 16)
+    # A square frame is cut as a landscape one: left, centre, right (README: top/centre/bottom
+    # only for portrait frames).
+    assert crop_offsets(256, 256, 224, "start") == (16, 0)
+    assert crop_offsets(256, 256, 224, "end") == (16, 32)
     with pytest.raises(ValueError, match=r"position 'centre'; use one of \('start', 'cent"):
         crop_offsets(256, 341, 224, "centre")  # was taken as 'start': (16, 0)
 
@@ -199,6 +209,11 @@ def test_short_videos_are_dropped_or_padded(tmp_path):
         load_views(
             path, ClipSpec(num_frames=16, frame_rate=1.6, resize=64, crop=48, short_videos="pad")
         )
+    # Without 'pad', the same video is simply too short (the reason names no 'pad').
+    with pytest.raises(
+        TooShortError, match=r"^0 frames at 1.6 fps \(n=5, fps=10.000\); a clip needs 16$"
+    ):
+        load_views(path, ClipSpec(num_frames=16, frame_rate=1.6, resize=64, crop=48))
 
 
 def test_unreadable_files(tmp_path):
@@ -266,6 +281,16 @@ def test_clip_spec_validation():
         with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}; use {want}\."):
             ClipSpec(**{name: value})
     ClipSpec(num_frames=np.int64(8), frame_rate=2, resize=np.int32(64), crop=48)  # valid
+    # The bounds themselves are valid: the largest side, a crop of the whole resized frame, the
+    # whole frame as the training crop's area.
+    ClipSpec(resize=4096, crop=4096, train_min_area=1.0)
+    ClipSpec(resize=48, crop=48)
+    with pytest.raises(ValueError, match=r"^resize=4097; use a side of 1 to 4096 pixels"):
+        ClipSpec(resize=4097)
+    with pytest.raises(ValueError, match=r"^num_clips=0, num_frames=16: use >= 1\.$"):
+        ClipSpec(num_clips=0)
+    with pytest.raises(ValueError, match=r"^num_clips=1, num_frames=0: use >= 1\.$"):
+        ClipSpec(num_frames=0)
 
 
 def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):
@@ -305,3 +330,192 @@ def test_training_clips_are_reproducible_and_respect_the_switches(tmp_path):
                 Image.fromarray(decoded[index]).resize((32, 32), Image.BILINEAR, box=(0, 0, 64, 64))
             )
             np.testing.assert_array_equal(clip[k], want)
+
+
+def test_resampling_keeps_the_official_float_order():
+    # 3750 frames at 24000/1001 fps resampled to 6.4 fps: exactly 1001 frames' worth, but
+    # torchvision computes total = n * frame_rate / fps left to right in float64, which gives
+    # 1000.9999999999999, so it keeps 1000 frames (n / (fps / frame_rate) gives 1001.0).
+    fps = 24000 / 1001
+    indices = resample_indices(3750, fps, 6.4)
+    assert len(indices) == 1000
+    assert indices.tolist() == reference_indices(3750, fps, 6.4)
+    assert len(resample_indices(15000, fps, 1.6)) == 1000  # the same for stam_16's rate
+
+
+def test_clip_starts_are_the_first_clip_or_uniformly_spaced():
+    # One clip: the first T sampled frames (the official evaluation), however long the video.
+    assert clip_starts(100, ClipSpec(num_frames=16)) == [0]
+    # Several: from the first to the last possible start, each the nearest integer to its
+    # uniform position (10 / 3 = 3.33 -> 3, 20 / 3 = 6.67 -> 7).
+    assert clip_starts(26, ClipSpec(num_frames=16, num_clips=4)) == [0, 3, 7, 10]
+    # A video shorter than a clip (padded): every clip starts at 0.
+    assert clip_starts(5, ClipSpec(num_frames=16, num_clips=3, short_videos="pad")) == [0, 0, 0]
+
+
+def test_a_video_stream_without_frames_fails_rather_than_being_too_short(tmp_path):
+    # An AVI cut right after its header: a video stream with a frame rate and no packet. A
+    # broken file, reported as failed, not dropped as a short video.
+    full = write_video(tmp_path / "full.avi", (index_frame(i, 48, 64) for i in range(20)), 10)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: data.index(b"movi") + 4])
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48)
+    with pytest.raises(VideoError, match=r"^the video stream has no frames$") as error:
+        load_views(cut, spec)
+    assert not isinstance(error.value, TooShortError)
+
+
+def test_sampled_frames_are_resized_not_cropped(tmp_path):
+    # What a `train` prepared dataset stores: every sampled frame, shorter side to `resize`
+    # (PIL bilinear, longer side int(resize * long / short)), in sampling order.
+    path = write_video(tmp_path / "v.mp4", (index_frame(i, 48, 64) for i in range(20)), 10)
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32)
+    got = load_sampled_frames(path, spec)
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    indices = reference_indices(20, 10, 4.0)
+    assert indices == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert got.shape == (8, 36, 48, 3) and got.dtype == np.uint8
+    for frame, index in zip(got, indices, strict=True):
+        want = np.asarray(Image.fromarray(decoded[index]).resize((48, 36), Image.BILINEAR))
+        np.testing.assert_array_equal(frame, want)
+
+
+def _fetch_flat(count: int):
+    """A `fetch` of `count` frames where frame k is flat grey 10 * k (it reads back through any
+    resize, crop or flip)."""
+    frames = [np.full((12, 16, 3), 10 * k, np.uint8) for k in range(count)]
+    return lambda slots: [frames[s] for s in slots]
+
+
+def test_training_offsets_cover_every_clip_and_short_videos_repeat_their_last_frame():
+    spec = ClipSpec(num_frames=4, frame_rate=1.0, resize=12, crop=8, train_flip=False)
+    for count, clips in [(6, [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]), (2, [[0, 1, 1, 1]])]:
+        fetch, seen = _fetch_flat(count), set()
+        for seed in range(60):
+            clip = augment_clip(count, fetch, spec, np.random.default_rng(seed))
+            seen.add(tuple(int(v) // 10 for v in clip[:, 0, 0, 0]))
+        assert sorted(seen) == [tuple(c) for c in clips], count
+
+
+def test_a_training_clip_is_its_frames_in_the_random_box_flipped_as_drawn():
+    # The draws come in the documented order (offset, box, flip) from the clip's rng; every
+    # frame of the clip gets the same box and flip.
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(7)]
+    spec = ClipSpec(num_frames=3, frame_rate=1.0, resize=30, crop=16, train_min_area=0.3)
+    flips = set()
+    for seed in range(12):
+        clip = augment_clip(
+            7, lambda slots: [frames[s] for s in slots], spec, np.random.default_rng(seed)
+        )
+        draws = np.random.default_rng(seed)
+        start = int(draws.integers(0, 7 - 3 + 1))
+        box = _random_box(draws, 30, 40, 0.3)
+        flip = bool(draws.random() < 0.5)
+        flips.add(flip)
+        for k in range(3):
+            image = Image.fromarray(frames[start + k]).resize((16, 16), Image.BILINEAR, box=box)
+            want = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+            np.testing.assert_array_equal(clip[k], want)
+    assert flips == {False, True}
+
+
+def test_training_flips_are_left_right_and_half_of_the_time_unless_switched_off():
+    half = np.zeros((16, 16, 3), np.uint8)
+    half[:, 8:] = 255  # dark left, bright right
+    for flip, want in [(True, range(40, 61)), (False, [0])]:
+        spec = ClipSpec(
+            num_frames=2, frame_rate=1.0, resize=16, crop=16, train_flip=flip, train_min_area=1.0
+        )
+        flipped = 0
+        for seed in range(100):
+            clip = augment_clip(1, lambda s: [half] * len(s), spec, np.random.default_rng(seed))
+            if clip[0, 0, 0, 0] == 255:  # bright on the left: mirrored
+                np.testing.assert_array_equal(clip[0], half[:, ::-1])
+                flipped += 1
+            else:
+                np.testing.assert_array_equal(clip[0], half)
+        assert flipped in want, (flip, flipped)
+
+
+def test_random_boxes_stay_in_the_area_and_aspect_ranges_and_reach_every_edge():
+    height, width = 60, 80
+    boxes = [_random_box(np.random.default_rng(seed), height, width, 0.25) for seed in range(400)]
+    areas, aspects = [], []
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        w, h = right - left, bottom - top
+        # Sides are rounded to whole pixels: area and aspect within that rounding.
+        areas.append(w * h / (height * width))
+        aspects.append(w / h)
+    assert 0.24 <= min(areas) < 0.3 and 0.9 < max(areas) <= 1.0
+    assert 0.73 <= min(aspects) < 0.8 and 1.25 < max(aspects) <= 1.37
+    # Every position is drawn, the right and bottom edges included.
+    assert any(r == width and r - x < width for x, _, r, _ in boxes)
+    assert any(b == height and b - t < height for _, t, _, b in boxes)
+    assert any(x == 0 for x, *_ in boxes) and any(t == 0 for _, t, *_ in boxes)
+    # A 2:1 frame has no box of the whole area within the aspect range: the centre square.
+    for seed in range(3):
+        assert _random_box(np.random.default_rng(seed), 40, 80, 1.0) == (20, 0, 60, 40)
+        assert _random_box(np.random.default_rng(seed), 80, 40, 1.0) == (0, 20, 40, 60)
+
+
+def test_a_variable_rate_video_is_sampled_at_its_average_rate(tmp_path):
+    # As phones record: 30 frames 33 ms apart, then 30 frames 100 ms apart. The stream's
+    # nominal rate is 30 fps, its average rate 60 frames in 3.8 s (300/19 fps); the official
+    # rule takes the average (torchvision's video_fps), so frames 0, 9, 19, 29 at 1.6 fps.
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
+        stream.time_base = Fraction(1, 1000)
+        pts = 0
+        for i in range(60):
+            frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += 33 if i < 30 else 100
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        rates = container.streams.video[0].average_rate, container.streams.video[0].guessed_rate
+    assert rates == (Fraction(300, 19), 30)
+    got = load_views(path, ClipSpec(num_frames=4, frame_rate=1.6, resize=64, crop=48))
+    want, indices = reference_clip(path, 4, 1.6, resize=64, crop=48)
+    np.testing.assert_array_equal(got[0], want)
+    assert [read_index(f, short=64) for f in got[0]] == indices == [0, 9, 19, 29]
+
+
+def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp_path, monkeypatch):
+    # A decoder may drop frames it cannot decode: the clip would then lack frames the sampling
+    # named. The file fails with a reason rather than a KeyError (or a shifted clip).
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    opened = video._open
+
+    class DropsTheEnd:
+        """The file, opened, whose decoder stops after 12 frames."""
+
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def decode(self, stream):
+            return itertools.islice(self.container.decode(stream), 12)
+
+    monkeypatch.setattr(video, "_open", lambda path: DropsTheEnd(opened(path)))
+    spec = ClipSpec(num_frames=16, frame_rate=10.0, resize=64, crop=48)
+    with pytest.raises(
+        VideoError, match=r"^decoded fewer frames than the stream lists \(frame 12 is missing\)$"
+    ):
+        load_views(path, spec)
