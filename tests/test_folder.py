@@ -11,6 +11,8 @@ import pytest
 from stam_jax.data.folder import (
     ClassListError,
     DatasetError,
+    VideoFolder,
+    VideoItem,
     ignored_summary,
     list_videos,
     listing_report,
@@ -208,3 +210,53 @@ def test_a_class_list_matches_folders_spelled_in_another_unicode_form(tmp_path):
     assert folder.classes == ("zumba", nfc)  # the list's names, in its order
     assert [(i.path, i.label) for i in folder.items] == [("zumba/w.mp4", 0), (f"{nfd}/v.mp4", 1)]
     assert folder.empty_classes == ()
+
+
+def test_a_class_list_names_classes_hidden_or_without_a_folder_and_refuses_the_rest(tmp_path):
+    root = tmp_path / "root"
+    touch(root, "a/v.mp4", ".b/v.mp4", ".cache/x.mp4")
+    path = tmp_path / "classes.txt"
+    path.write_text("a\n.b\nmissing\n")
+    folder = list_videos(root, path)
+    # A class the list names is one even with a hidden name; a name without a folder keeps its
+    # label (no video); a hidden folder the list does not name stays ignored.
+    assert folder.classes == ("a", ".b", "missing")
+    assert [(i.path, i.label) for i in folder.items] == [("a/v.mp4", 0), (".b/v.mp4", 1)]
+    assert folder.empty_classes == ("missing",)
+    assert ignored(folder) == {".cache": "hidden"}
+    touch(root, "c/w.mp4", "d/w.mp4")
+    with pytest.raises(
+        DatasetError,
+        match=r"root has class folders that are not in .*classes\.txt: \['c', 'd'\]; fix the "
+        r"class list or the folder\.$",
+    ):
+        list_videos(root, path)
+    path.write_text("a\nc\nd\nc\na\n")
+    with pytest.raises(
+        ClassListError, match=r"^--config\.data\.class_list=.* repeats \['a', 'c'\]\.$"
+    ):
+        list_videos(root, path)
+
+
+def test_extensions_are_matched_whatever_their_case_and_ignored_entries_sorted(tmp_path):
+    touch(tmp_path, "a/v.mp4", "a/w.MKV", "a/notes.txt", "z.txt", ".git/HEAD")
+    folder = list_videos(tmp_path, extensions=(".MP4", ".mkv"))
+    assert [i.path for i in folder.items] == ["a/v.mp4", "a/w.MKV"]
+    # Sorted by path, wherever the listing met them (the root's entries come first).
+    assert [i.path for i in folder.ignored] == [".git", "a/notes.txt", "z.txt"]
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    touch(tmp_path, "videos.mp4")
+    with pytest.raises(DatasetError, match=r"videos\.mp4 does not exist or is not a directory\."):
+        list_videos(tmp_path / "videos.mp4")
+
+
+def test_the_listing_digest_is_of_the_classes_paths_and_labels_not_the_root():
+    def folder(root: str, label: int, classes=("a", "b")) -> VideoFolder:
+        return VideoFolder(Path(root), classes, (VideoItem("a/v.mp4", label),), ())
+
+    digest = folder("/data/k400", 0).listing_digest()
+    assert len(digest) == 64 and folder("/mnt/copy", 0).listing_digest() == digest
+    assert folder("/data/k400", 1).listing_digest() != digest  # another label
+    assert folder("/data/k400", 0, ("a", "c")).listing_digest() != digest  # another class
