@@ -154,6 +154,10 @@ def test_size_and_crop_rules():
     # int() truncates: QCIF's 256 * 176 / 144 = 312.9 -> 312, not 313.
     assert resized_size(144, 176, 256) == (256, 312)
     assert resized_size(176, 144, 256) == (312, 256)
+    # Left to right, as torchvision computes it: 224 * 115 / 112 is 230 exactly, where
+    # 224 * (115 / 112) gives 229.99999999999997 (the same for 256, a power of two, but not 224).
+    assert resized_size(112, 115, 224) == (224, 230)
+    assert resized_size(115, 112, 224) == (230, 224)
     # round() is Python's (half to even): (455 - 224) / 2 = 115.5 -> 116,
     # (341 - 224) / 2 = 58.5 -> 58.
     assert crop_offsets(256, 455, 224, "center") == (16, 116)
