@@ -26,7 +26,7 @@ from stam_jax.cli import parse_flags
 from stam_jax.data import prepare as prepare_module
 from stam_jax.data.folder import list_videos
 from stam_jax.data.prepare import STOP_HOOK, prepare
-from stam_jax.data.prepared import META_FILE, PreparedError, open_prepared
+from stam_jax.data.prepared import META_FILE, PreparedError, open_checked, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.data.video import ClipSpec
 from stam_jax.evaluate import EvalConfigError, evaluate
@@ -863,3 +863,101 @@ def test_two_processes_train_from_a_prepared_dataset_as_one(
     train_two_processes(command, tmp_path, kill_at=6)
     want = checkpoints.load(straight / "final")[1]
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
+
+
+def _write_meta(path: Path, **changes) -> None:
+    """A minimal finished `eval` dataset's stam_prepare.json (no records needed to open it):
+    5 listed videos, the 2nd and 4th without a record."""
+    meta = {
+        "format": 1,
+        "complete": True,
+        "kind": "eval",
+        "encoding": "jpeg",
+        "jpeg_quality": 90,
+        "spec": dataclasses.asdict(SPEC),
+        "shard_size": 2,
+        "source": "/data/videos",
+        "classes": ["a", "b"],
+        "items": [["a/0.mp4", 0], ["a/1.mp4", 0], ["b/2.mp4", 1], ["b/3.mp4", 1], ["b/4.mp4", 1]],
+        "empty_classes": [],
+        "outcomes": {"1": {"status": "too_short"}, "3": {"status": "failed"}},
+        "num_records": 3,
+        **changes,
+    }
+    path.mkdir(exist_ok=True)
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def test_a_prepared_dataset_opens_with_its_records_listing_positions_and_checks(tmp_path):
+    _write_meta(tmp_path / "ds")
+    dataset = open_prepared(tmp_path / "ds")
+    assert dataset.record_positions().tolist() == [0, 2, 4]  # listed less those without records
+    assert dataset.frames == "JPEG (quality 90)" and dataset.split == "validation"
+    # An eval dataset fixes every sampling field, short_videos included; train only the rate
+    # and the resize (the clip, crop and flip are drawn when reading).
+    asked = dataclasses.replace(SPEC, short_videos="pad", crop=24)
+    assert dataset.mismatches(asked) == [
+        "--config.data.crop: prepared 32, asked 24",
+        "--config.data.short_videos: prepared 'official', asked 'pad'",
+    ]
+    train = dataclasses.replace(dataset, kind="train")
+    assert train.mismatches(dataclasses.replace(asked, num_frames=8)) == []
+    assert train.mismatches(dataclasses.replace(SPEC, frame_rate=2.0, resize=40)) == [
+        "--config.data.frame_rate: prepared 4.0, asked 2.0",
+        "--config.data.resize: prepared 36, asked 40",
+    ]
+    with pytest.raises(PreparedError, match=r"ds is an eval dataset; training reads one made"):
+        open_checked(tmp_path / "ds", "train", SPEC)
+    (tmp_path / "classes.txt").write_text("b\na\n")
+    with pytest.raises(PreparedError, match=r"classes\.txt differs from the classes .*ds was"):
+        open_checked(tmp_path / "ds", "eval", SPEC, str(tmp_path / "classes.txt"))
+    _write_meta(tmp_path / "old", format=0)
+    with pytest.raises(PreparedError, match=r"old was prepared in format 0; this version reads 1"):
+        open_prepared(tmp_path / "old")
+    _write_meta(tmp_path / "part", complete=False)
+    (tmp_path / "part" / ".prepare").mkdir()
+    (tmp_path / "part" / ".prepare" / "part-0.json").write_text("{}")
+    with pytest.raises(PreparedError, match=r"part is unfinished \(1 of 3 shards prepared\)"):
+        open_prepared(tmp_path / "part")
+
+
+def test_records_give_views_and_clips_in_their_stored_order():
+    from stam_jax.data.prepared import encode_jpeg, eval_views, train_clip
+
+    # JPEG eval frames are stored view-major: frame v * T + t is view v's frame t.
+    spec = ClipSpec(num_frames=2, frame_rate=1.0, resize=8, crop=8, num_crops=3)
+    flat = [np.full((8, 8, 3), 40 * k, np.uint8) for k in range(6)]
+    views = eval_views({"frames": [encode_jpeg(f, 95) for f in flat]}, "jpeg", spec)
+    assert views.shape == (3, 2, 8, 8, 3)
+    np.testing.assert_allclose(views[:, :, 4, 4, 0], [[0, 40], [80, 120], [160, 200]], atol=2)
+    # A train record shorter than a clip repeats its last frame, raw or JPEG.
+    spec = ClipSpec(num_frames=4, frame_rate=1.0, resize=8, crop=8, train_min_area=1.0)
+    for encoding, frames in [
+        ("raw", np.stack(flat[:3])),
+        ("jpeg", [encode_jpeg(f, 95) for f in flat[:3]]),
+    ]:
+        clip = train_clip({"frames": frames}, encoding, spec, np.random.default_rng(0))
+        np.testing.assert_allclose(clip[:, 4, 4, 0], [0, 40, 80, 80], atol=2)
+
+
+def test_readers_check_record_order_and_take_their_rows_of_each_global_batch():
+    import grain
+
+    from stam_jax.data.reading import _ProcessRows, _Records, batches
+
+    records = _Records([{"index": 0}, {"index": 5}], np.array([0, 1]), np.array([0, 3]))
+    assert records[0] == {"index": 0}
+    with pytest.raises(RuntimeError, match=r"^record 1 holds video 5 of the listing, not 3: the"):
+        records[1]
+    # Row r of global batch k (2 processes x 3 rows) is element 6k + r of the one stream.
+    stream = [grain.RecordMetadata(index=i, record_key=100 + i) for i in range(12)]
+    for process, want in [(0, [0, 1, 2, 6, 7, 8]), (1, [3, 4, 5, 9, 10, 11])]:
+        rows = _ProcessRows(stream, 3, process, 2)
+        assert [rows[i].record_key - 100 for i in range(6)] == want
+    clips = iter({"video": np.full((1, 2, 2, 3), k, np.uint8), "label": k} for k in range(4))
+    first = next(batches(clips, 3))
+    assert first["label"].tolist() == [0, 1, 2] and first["video"][:, 0, 0, 0, 0].tolist() == [
+        0,
+        1,
+        2,
+    ]
