@@ -112,7 +112,24 @@ def _rebuild_tensor(
     del requires_grad, hooks, meta
     if not isinstance(storage, _Storage):
         raise ConversionError("malformed checkpoint: a tensor without a storage.")
-    return LazyTensor(storage, int(offset), tuple(shape), tuple(stride))
+    # torch.save writes whole numbers >= 0, one stride per size: anything else would make the
+    # view reach outside the storage's bytes (a negative stride reads memory before them).
+    numbers = (offset, *shape, *stride) if _is_sequence(shape) and _is_sequence(stride) else ()
+    if not (
+        numbers
+        and len(shape) == len(stride)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+    ):
+        raise ConversionError(
+            f"malformed checkpoint: a tensor of offset {offset!r:.40}, sizes {shape!r:.80} and "
+            f"strides {stride!r:.80}; torch.save writes whole numbers >= 0, one stride per size."
+        )
+    return LazyTensor(storage, offset, tuple(shape), tuple(stride))
+
+
+def _is_sequence(value: object) -> bool:
+    """Whether `value` is a tuple or list (what a pickle's sizes and strides are)."""
+    return isinstance(value, (tuple, list))
 
 
 def _rebuild_parameter(

@@ -810,3 +810,99 @@ def test_torch_to_flax_refuses_what_is_not_a_state_dict():
         torch_to_flax(reference, **convert_kwargs(TINY))
     with pytest.raises(ConversionError, match=r"a list, not a mapping .*; pass the checkpoint's"):
         torch_to_flax(list(reference.state_dict().values()), **convert_kwargs(TINY))
+
+
+def _pickled(obj):
+    """`obj` pickled as torch.save writes it, `_Storage(key, numel)` as a FloatStorage id."""
+    import io
+    import pickle
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _Storage):
+                return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+class _Storage:
+    def __init__(self, key, numel):
+        self.key, self.numel = key, numel
+
+
+class _View:
+    """A tensor of storage `_Storage` with the given offset, shape and strides, pickled as
+    torch.save pickles a tensor (torch._utils._rebuild_tensor_v2)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        from torch._utils import _rebuild_tensor_v2
+
+        return (_rebuild_tensor_v2, (*self.args, False, {}))
+
+
+def _write_pth(path, data_pkl, storages=None, byteorder=b"little"):
+    """A zip-format .pth of the given pickle bytes and float32 storages (key -> values)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", data_pkl)
+        archive.writestr("archive/byteorder", byteorder)
+        for key, values in (storages or {}).items():
+            archive.writestr(f"archive/data/{key}", np.asarray(values, np.float32).tobytes())
+    return path
+
+
+def test_tensor_views_are_read_within_their_storage_only(tmp_path):
+    # Offsets, sizes and strides come from the file: a view reaching outside its storage read
+    # memory beyond the archive's bytes (negative strides went unchecked).
+    storage = _Storage("0", 6)
+    values = {"0": np.arange(1, 7)}
+    good = {
+        "tail": ((4, (2,), (1,)), [5, 6]),
+        "every_other": ((1, (3,), (2,)), [2, 4, 6]),
+        "broadcast": ((5, (2, 2), (0, 0)), [[6, 6], [6, 6]]),
+        "empty_at_end": ((6, (0, 3), (3, 1)), np.zeros((0, 3))),
+    }
+    path = _write_pth(
+        tmp_path / "good.pth",
+        _pickled({"model": {k: _View(storage, *v) for k, (v, _) in good.items()}}),
+        values,
+    )
+    loaded = load_state_dict(path)
+    for key, (_, want) in good.items():
+        array = np.asarray(loaded[key])
+        np.testing.assert_array_equal(array, np.asarray(want, np.float32), err_msg=key)
+        # A fresh array, not a view of the archive's bytes.
+        assert array.flags.writeable and array.flags.c_contiguous and array.base is None, key
+
+    outside = {
+        "one_past_the_end": (1, (6,), (1,)),
+        "past_the_end_by_stride": (0, (4,), (2,)),
+        "offset_past_the_end": (7, (0,), (1,)),
+    }
+    for key, view in outside.items():
+        path = _write_pth(
+            tmp_path / f"{key}.pth", _pickled({"model": {key: _View(storage, *view)}}), values
+        )
+        with pytest.raises(
+            ConversionError, match=r"tensor bytes lie outside storage archive/data/0\."
+        ):
+            np.asarray(load_state_dict(path)[key])
+    malformed = {
+        "negative_stride": (0, (4,), (-1,)),
+        "far_negative_stride": (5, (3,), (-1000,)),
+        "negative_offset": (-2, (2,), (1,)),
+        "negative_size": (0, (-1,), (1,)),
+        "sizes_and_strides_differ": (0, (2, 3), (1,)),
+        "float_offset": (1.5, (2,), (1,)),
+    }
+    for key, view in malformed.items():
+        path = _write_pth(
+            tmp_path / f"{key}.pth", _pickled({"model": {key: _View(storage, *view)}}), values
+        )
+        with pytest.raises(ConversionError, match=r"malformed checkpoint: a tensor of offset "):
+            load_state_dict(path)
