@@ -906,3 +906,69 @@ def test_tensor_views_are_read_within_their_storage_only(tmp_path):
         )
         with pytest.raises(ConversionError, match=r"malformed checkpoint: a tensor of offset "):
             load_state_dict(path)
+
+
+def _op_str(text):
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _op_global(module, name, stacked=True):
+    if stacked:  # STACK_GLOBAL, as protocol 4 writes it
+        return _op_str(module) + _op_str(name) + b"\x93"
+    return b"c" + f"{module}\n{name}\n".encode()  # GLOBAL, as protocols 0-3 write it
+
+
+def _op_call(function, *args):
+    return function + b"(" + b"".join(args) + b"tR"  # MARK args TUPLE REDUCE
+
+
+def test_pickles_that_would_run_code_are_refused_and_run_nothing(tmp_path):
+    marker = tmp_path / "code_ran"
+    shell = _op_str(f"touch {marker}")
+    python = _op_str(f"open({str(marker)!r}, 'w').close()")
+    tensor_v2 = _op_global("torch._utils", "_rebuild_tensor_v2")  # allowed
+    # getattr reaches everything from an allowed function: its module's globals hold `os`.
+    module_os = _op_call(
+        _op_call(
+            _op_global("builtins", "getattr"),
+            _op_call(_op_global("builtins", "getattr"), tensor_v2, _op_str("__globals__")),
+            _op_str("get"),
+        ),
+        _op_str("os"),
+    )
+    attacks = {
+        "posix.system": _op_call(_op_global("posix", "system"), shell),
+        "os.system": _op_call(_op_global("os", "system", stacked=False), shell),
+        "builtins.eval": _op_call(_op_global("builtins", "eval"), python),
+        "builtins.exec": _op_call(_op_global("builtins", "exec", stacked=False), python),
+        "builtins.print": _op_call(_op_global("builtins", "print", stacked=False), shell),
+        "builtins.getattr": _op_call(
+            _op_call(_op_global("builtins", "getattr"), module_os, _op_str("system")), shell
+        ),
+        # Allowed modules, names outside the allow-list.
+        "torch.os.system": _op_call(_op_global("torch", "os.system"), shell),
+        "torch._tensor._rebuild_from_type_v2": _op_call(
+            _op_global("torch._tensor", "_rebuild_from_type_v2"),
+            _op_global("posix", "system"),
+            _op_global("builtins", "object"),
+            b"(" + shell + b"t",
+            b"}",
+        ),
+        "collections._sys": _op_call(_op_global("collections", "_sys"), b"N"),
+        "torch.UntypedStorage": _op_call(_op_global("torch", "UntypedStorage"), b"K\x02"),
+        # INST (protocol 0) finds its class as GLOBAL does.
+        "subprocess.getoutput": b"(" + shell + b"isubprocess\ngetoutput\n",
+    }
+    for name, value in attacks.items():
+        path = tmp_path / "attack.pth"
+        _write_pth(path, b"\x80\x04}" + _op_str("model") + value + b"s.")
+        with pytest.raises(UnsafeCheckpointError) as refused:
+            load_state_dict(path)
+        assert f"(GLOBAL {name}), so loading it could run that code" in str(refused.value), name
+        assert not marker.exists(), name
+    # The files are attacks: an unpickler without an allow-list runs them.
+    import pickle
+
+    pickle.loads(b"\x80\x04}" + _op_str("model") + attacks["builtins.getattr"] + b"s.")
+    assert marker.exists()
