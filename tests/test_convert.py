@@ -972,3 +972,79 @@ def test_pickles_that_would_run_code_are_refused_and_run_nothing(tmp_path):
 
     pickle.loads(b"\x80\x04}" + _op_str("model") + attacks["builtins.getattr"] + b"s.")
     assert marker.exists()
+
+
+def test_malformed_archives_and_storages_are_named(tmp_path):
+    storage = _Storage("0", 4)
+    state = {"model": {"w": _View(storage, 0, (4,), (1,))}}
+    cases = {
+        # The storage's bytes end before its element count (its zip entry itself intact).
+        "short": (
+            _write_pth(tmp_path / "short.pth", _pickled(state), {"0": [1, 2, 3]}),
+            r"storage archive/data/0 is truncated\.",
+        ),
+        "big_endian": (
+            _write_pth(tmp_path / "big.pth", _pickled(state), {"0": [1, 2, 3, 4]}, b"big"),
+            r"big\.pth was saved on a big-endian machine; re-save it on x86/ARM\.",
+        ),
+    }
+    # A persistent id that is not a storage, and a storage of a type that is none.
+    not_a_storage = _pickled(state).replace(
+        b"X\x07\x00\x00\x00storage", b"X\x07\x00\x00\x00archive"
+    )
+    cases["persistent_id"] = (
+        _write_pth(tmp_path / "pid.pth", not_a_storage, {"0": [1, 2, 3, 4]}),
+        r"malformed checkpoint: unknown persistent id \('archive', ",
+    )
+    no_type = _pickled(state).replace(b"ctorch\nFloatStorage\n", b"ccollections\nOrderedDict\n")
+    cases["storage_type"] = (
+        _write_pth(tmp_path / "type.pth", no_type, {"0": [1, 2, 3, 4]}),
+        r"malformed checkpoint: storage type <class 'collections\.OrderedDict'>\.",
+    )
+    for name, (path, message) in cases.items():
+        with pytest.raises(ConversionError, match=message) as info:
+            np.asarray(load_state_dict(path)["w"])
+        assert type(info.value) is ConversionError, name  # damaged, not refused as unsafe
+    # Two checkpoints' folders zipped together: which one is meant is not guessed.
+    both = tmp_path / "both.zip"
+    with zipfile.ZipFile(both, "w") as archive:
+        for folder in ("a", "b"):
+            archive.writestr(f"{folder}/data.pkl", _pickled(state))
+            archive.writestr(f"{folder}/data/0", np.zeros(4, np.float32).tobytes())
+    with pytest.raises(ConversionError, match=r"no single data\.pkl inside; it holds a/data\.pkl"):
+        load_state_dict(both)
+    # An empty dict is no state dict (not one of no tensors).
+    torch.save({}, tmp_path / "empty_dict.pth")
+    with pytest.raises(ConversionError, match=r"holds no state dict: .* found top-level keys \[\]"):
+        load_state_dict(tmp_path / "empty_dict.pth")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+)
+def test_a_tensor_that_is_not_float_is_named_with_its_dtype(dtype, tmp_path):
+    path = tmp_path / "ints.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, dtype=dtype)}}, path)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        ConversionError, match=rf"'head\.weight' has dtype {name}; expected float32"
+    ):
+        load_state_dict(path)
+
+
+def test_legacy_format_half_precision_tensors_keep_their_dtype(tmp_path):
+    tensors = {
+        "bfloat": torch.randn(3, 2).bfloat16(),
+        "half": torch.randn(5).half(),
+        "float": torch.randn(2, 2).t(),
+    }
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": tensors}, path, _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(path)
+    assert loaded["bfloat"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        loaded["bfloat"].astype(np.float32), tensors["bfloat"].float().numpy()
+    )
+    for key in ("half", "float"):
+        assert loaded[key].dtype == tensors[key].numpy().dtype, key
+        np.testing.assert_array_equal(loaded[key], tensors[key].numpy(), err_msg=key)
