@@ -1048,3 +1048,38 @@ def test_legacy_format_half_precision_tensors_keep_their_dtype(tmp_path):
     for key in ("half", "float"):
         assert loaded[key].dtype == tensors[key].numpy().dtype, key
         np.testing.assert_array_equal(loaded[key], tensors[key].numpy(), err_msg=key)
+
+
+def test_cli_force_replaces_the_output_and_flags_reach_the_conversion(
+    official_pth, tmp_path, capsys
+):
+    first, _ = official_pth(TINY, seed=1, name="first.pth")
+    pth, _ = official_pth(TINY)
+    out, back = tmp_path / "ckpt", tmp_path / "back.pth"
+    assert convert_main([str(first), str(out), *cli_args(TINY)]) == 0
+    assert to_torch_main([str(out), str(back)]) == 0
+    assert_state_dicts_identical(load_official(first), load_official(back))
+    # --force writes what was asked for in place of what was there.
+    assert convert_main([str(pth), str(out), "--force", *cli_args(TINY)]) == 0
+    assert checkpoints.read_config(out)["metadata"]["source"] == "official.pth"
+    assert checkpoints.read_config(out)["model"] == TINY  # its head counts as given
+    assert to_torch_main([str(out), str(back), "--force"]) == 0
+    assert_state_dicts_identical(load_official(pth), load_official(back))
+    assert to_torch_main([str(out), str(tmp_path / "half.pth"), "--dtype", "float16"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'half.pth'} (float16)"
+    half, original = load_official(tmp_path / "half.pth"), load_official(pth)
+    assert all(torch.equal(half[k], original[k].half()) for k in original)
+    # A dangling link is a file already there: replaced only with --force.
+    link = tmp_path / "link.pth"
+    link.symlink_to(tmp_path / "nowhere")
+    assert to_torch_main([str(out), str(link)]) == 2
+    assert "link.pth already exists; choose another name or pass --force" in capsys.readouterr().err
+    assert link.is_symlink() and not link.exists()
+    # A mean-aggregate model's frame count is given on the command line.
+    mean = TINY_CONFIGS["mean"]
+    mean_pth, _ = official_pth(mean, name="mean.pth")
+    assert convert_main([str(mean_pth), str(tmp_path / "mean"), *cli_args(mean)]) == 0
+    assert checkpoints.read_config(tmp_path / "mean")["model"] == mean
+    # A .pth name is refused whatever its case.
+    assert convert_main([str(pth), str(tmp_path / "STAM.PT"), *cli_args(TINY)]) == 2
+    assert "STAM.PT names a PyTorch file" in capsys.readouterr().err
