@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from stam_jax import sharding
 
@@ -109,3 +115,90 @@ def test_tree_digest_tells_params_apart() -> None:
     other = {"a": params["a"], "b": {"c": params["b"]["c"] * 2}}
     assert sharding.tree_digest(params) == sharding.tree_digest(jax.tree.map(np.copy, params))
     assert sharding.tree_digest(params) != sharding.tree_digest(other)
+    # Every byte of every leaf counts, and where the leaf is.
+    last = {"a": params["a"].copy(), "b": params["b"]}
+    last["a"][-1] += 1
+    assert sharding.tree_digest(params) != sharding.tree_digest(last)
+    moved = {"a": params["a"], "d": params["b"]}
+    assert sharding.tree_digest(params) != sharding.tree_digest(moved)
+
+
+BATCHES = """
+import jax, numpy as np
+from jax.sharding import Mesh
+from stam_jax import sharding
+
+mesh = sharding.data_mesh()
+assert mesh.axis_names == ("data",) and mesh.devices.tolist() == jax.devices(), mesh
+rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+batch = sharding.to_global(rows, sharding.batch_sharded(mesh))
+assert batch.shape == (8, 3)
+for shard in batch.addressable_shards:  # two rows on each device, in device order
+    start = 2 * mesh.devices.tolist().index(shard.device)
+    assert shard.index[0] == slice(start, start + 2), shard.index
+    np.testing.assert_array_equal(np.asarray(shard.data), rows[start : start + 2])
+doubled = jax.jit(lambda x: x * 2, out_shardings=sharding.batch_sharded(mesh))(batch)
+np.testing.assert_array_equal(sharding.local_rows(doubled), rows * 2)
+# The rows come back in the order they were fed, whichever devices hold which.
+backwards = Mesh(np.asarray(jax.devices()[::-1]), ("data",))
+placed = sharding.to_global(rows, sharding.batch_sharded(backwards))
+np.testing.assert_array_equal(sharding.local_rows(placed), rows)
+params = sharding.put_replicated({"w": rows[0]}, mesh)["w"]
+assert [np.asarray(s.data).tolist() for s in params.addressable_shards] == [[0, 1, 2]] * 4
+print("ok", jax.device_count())
+"""
+
+
+def test_batches_are_split_over_the_data_axis_and_read_back_in_order() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-c", BATCHES], env=env, capture_output=True, text=True, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "4"]
+
+
+def test_allgather_json_gives_every_process_object_whole(monkeypatch) -> None:
+    # Two processes, this one (0) with the shorter JSON: each row is padded to the longest.
+    from jax.experimental import multihost_utils
+
+    other = {"settings": {"root": "/data/kinetics/" * 3}, "refusal": None}
+    theirs = np.frombuffer(json.dumps(other).encode(), np.uint8)
+
+    def allgather(mine: np.ndarray) -> np.ndarray:
+        if mine.dtype == np.int64:  # the sizes
+            return np.stack([mine, np.array([theirs.size])])
+        padded = np.zeros_like(mine)
+        padded[: theirs.size] = theirs
+        return np.stack([mine, padded])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    mine = {"settings": {"root": "/d"}, "refusal": "no \u00e9"}
+    assert sharding.allgather_json(mine) == [mine, other]
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    assert sharding.allgather_json(mine) == [mine]
+
+
+def test_by_content_settings_are_compared_by_content_and_shown_by_name() -> None:
+    setting = sharding.by_content("/host1/ckpt (checksum 1a2b)", "1a2b")
+    assert sharding.is_by_content(setting)
+    assert (sharding.compared(setting), sharding.shown(setting)) == ("1a2b", setting["shown"])
+    # Any other value, a dict with other keys included, is compared and shown whole.
+    for value in ({"shown": "a", "content": "b", "seed": 0}, {"content": "b"}, "1a2b", 3, None):
+        assert not sharding.is_by_content(value), value
+        assert sharding.compared(value) == value and sharding.shown(value) == value
+
+
+def test_check_distributed_refuses_what_jax_distributed_would_fail_on() -> None:
+    for ok in [("", 1, 0), ("", 0, 0), ("host:1234", 2, 1)]:
+        sharding.check_distributed(*ok)
+    with pytest.raises(ValueError, match=r"^--config.distributed.num_processes=-1; use 1 \(one"):
+        sharding.check_distributed("", -1, 0)
+    with pytest.raises(ValueError, match=r"^--config.distributed.num_processes=2 needs --config"):
+        sharding.check_distributed("", 2, 0)
+    with pytest.raises(ValueError, match=r"process_id=2 with num_processes=2; .* from 0 to 1\.$"):
+        sharding.check_distributed("host:1234", 2, 2)
+    with pytest.raises(ValueError, match=r"process_id=-1 with num_processes=1"):
+        sharding.check_distributed("", 1, -1)
