@@ -19,7 +19,7 @@ import io
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,15 @@ _ALLOWED = {
 }
 
 
+def _fresh(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A new function object calling `function` (what a file's pickle may alter is this one)."""
+
+    def call(*args: Any) -> Any:
+        return function(*args)
+
+    return call
+
+
 class _StateDictUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals, to inert stand-ins; anything else is refused."""
 
@@ -157,7 +166,11 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]
+            allowed = _ALLOWED[(module, name)]
+            # The pickle's BUILD opcode sets attributes on what find_class gives: a function of
+            # this module is handed out as a fresh wrapper, so that a file cannot alter it for
+            # the files read after it (OrderedDict, a built-in type, refuses attributes).
+            return allowed if isinstance(allowed, type) else _fresh(allowed)
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         raise UnsafeCheckpointError(f"GLOBAL {module}.{name}")

@@ -1083,3 +1083,28 @@ def test_cli_force_replaces_the_output_and_flags_reach_the_conversion(
     # A .pth name is refused whatever its case.
     assert convert_main([str(pth), str(tmp_path / "STAM.PT"), *cli_args(TINY)]) == 2
     assert "STAM.PT names a PyTorch file" in capsys.readouterr().err
+
+
+def test_a_pickle_cannot_alter_the_reader_for_the_files_after_it(official_pth, tmp_path):
+    from convert import torch_io
+
+    # BUILD sets attributes on the object below it: here the allowed tensor rebuilder, whose
+    # defaults it replaced for the rest of the process, and OrderedDict, which refuses.
+    defaults = b"N}" + _op_str("__defaults__") + b")s\x86b"  # (None, {'__defaults__': ()})
+    for name, target in {
+        "rebuilder": _op_global("torch._utils", "_rebuild_tensor_v2"),
+        "parameter": _op_global("torch._utils", "_rebuild_parameter", stacked=False),
+        "ordered_dict": _op_global("collections", "OrderedDict"),
+    }.items():
+        path = _write_pth(
+            tmp_path / f"{name}.pth", b"\x80\x04}" + _op_str("model") + target + defaults + b"s."
+        )
+        with pytest.raises(ConversionError):
+            load_state_dict(path)
+    assert torch_io._rebuild_tensor.__defaults__ == (False, None, None)
+    assert torch_io._rebuild_parameter.__defaults__ == (False, None, None)
+    # Files read after them read as before.
+    pth, _ = official_pth(TINY)
+    loaded = load_state_dict(pth)
+    original = load_official(pth)
+    assert all(np.array_equal(np.asarray(loaded[k]), original[k].numpy()) for k in original)
