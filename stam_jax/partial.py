@@ -8,16 +8,19 @@ command evaluates only the others. Process K's files:
 - `pK.json`: what the results are of (the settings that decide a video's logits), written first;
 - `pK.bin`: fixed-size records (the video's listing position, its logits, its ranking scores
   and a CRC-32 of them), appended a batch at a time;
-- `pK.skipped.jsonl`: the videos that could not be evaluated (too short, failed), one a line.
+- `pK.skipped.jsonl`: the videos that could not be evaluated (too short, failed), one a line
+  (with a CRC-32 of its position, status and reason).
 
 A record or line cut short by a kill is left out when read, and cut off before appending. So is
-a record whose CRC does not match (the zero-filled blocks a power loss can leave where data was
-not yet on the disk): a damaged record is never read as a video's results, it is evaluated
-again, and a warning says how many were left out. A line of `pK.skipped.jsonl` that cannot be
-read is left out the same way. A resumed run with P processes reads the files of every K with
-K % P equal to its process index, so a shared folder is read once whatever the process count,
-and a folder of one's own (a host's local disk) is read by the process that wrote it when the
-count is the same.
+a record or line whose CRC does not match (the zero-filled blocks a power loss can leave where
+data was not yet on the disk, a flipped bit): a damaged record or line is never read as a
+video's results, it is evaluated again, and a warning says how many were left out. Files of an
+earlier format are read and appended to in it: format 2 has no CRC in its lines (only one that
+cannot be read is left out), format 1 none at all.
+
+A resumed run with P processes reads the files of every K with K % P equal to its process
+index, so a shared folder is read once whatever the process count, and a folder of one's own
+(a host's local disk) is read by the process that wrote it when the count is the same.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import numpy as np
 from stam_jax import sharding
 
 PARTIAL = "partial"  # the folder under the workdir
-FORMAT = 2  # 2: each record holds a CRC-32 of itself
-READS = (1, 2)  # formats read (a run interrupted before an upgrade goes on in its own)
+FORMAT = 3  # 2: each record holds a CRC-32 of itself; 3: each skipped line too
+READS = (1, 2, 3)  # formats read (a run interrupted before an upgrade goes on in its own)
 
 
 class PartialError(ValueError):
@@ -151,14 +154,28 @@ def _records(path: Path, dtype: np.dtype) -> np.ndarray:
     return np.fromfile(path, dtype=dtype, count=_whole(path, dtype.itemsize) // dtype.itemsize)
 
 
-def _skipped_entry(line: bytes) -> tuple[int, dict[str, str]] | None:
-    """A line of `pK.skipped.jsonl` as (position, {'status', 'reason'}), None if damaged."""
+def _line_crc(position: Any, status: Any, reason: Any) -> int:
+    """The CRC-32 a line of `pK.skipped.jsonl` (format 3) holds of its values."""
+    return zlib.crc32(json.dumps([position, status, reason]).encode())
+
+
+def _skipped_line(position: int, status: str, reason: str, version: int) -> str:
+    """A line of `pK.skipped.jsonl` in format `version` (3: with its CRC)."""
+    entry: dict[str, Any] = {"position": position, "status": status, "reason": reason}
+    if version >= 3:
+        entry["crc"] = _line_crc(position, status, reason)
+    return json.dumps(entry) + "\n"
+
+
+def _skipped_entry(line: bytes, version: int) -> tuple[int, dict[str, str]] | None:
+    """A line of `pK.skipped.jsonl` of format `version` as (position, {'status', 'reason'}),
+    None if damaged (or, in format 3, its CRC does not match)."""
     try:
         entry = json.loads(line)
-        return int(entry["position"]), {
-            "status": str(entry["status"]),
-            "reason": str(entry["reason"]),
-        }
+        values = entry["position"], entry["status"], entry["reason"]
+        if version >= 3 and entry["crc"] != _line_crc(*values):
+            return None
+        return int(values[0]), {"status": str(values[1]), "reason": str(values[2])}
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -178,7 +195,7 @@ def _read_part(
     skipped = {}
     if lines.exists():
         for line in lines.read_bytes()[: _whole(lines, None)].splitlines():
-            entry = _skipped_entry(line)
+            entry = _skipped_entry(line, meta["format"])
             if entry is None:
                 damaged += 1
             else:
@@ -294,7 +311,8 @@ class Journal:
     ) -> None:
         self.folder, self.name = folder, f"p{process}"
         self.num_classes = num_classes
-        self.dtype = record_dtype(num_classes)  # or that of the format already there
+        self.format = FORMAT  # or the format already there
+        self.dtype = record_dtype(num_classes)
         self._settings = settings
         self._ready = False
         self.failed = ""  # why results could not be kept (then none are kept any more)
@@ -306,7 +324,8 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         header = self.folder / f"{self.name}.json"
         if header.exists():  # read by this run already (`read_kept`): same settings
-            self.dtype = record_dtype(self.num_classes, _header(header)["format"])
+            self.format = _header(header)["format"]
+            self.dtype = record_dtype(self.num_classes, self.format)
         else:
             meta = {"format": FORMAT, "num_classes": self.num_classes, "settings": self._settings()}
             tmp = header.with_name(header.name + ".tmp")
@@ -349,8 +368,7 @@ class Journal:
                     f.write(rows.tobytes())
             if skipped:
                 lines = "".join(
-                    json.dumps({"position": int(p), "status": e["status"], "reason": e["reason"]})
-                    + "\n"
+                    _skipped_line(int(p), e["status"], e["reason"], self.format)
                     for p, e in sorted(skipped.items())
                 )
                 with open(self._path(".skipped.jsonl"), "a") as f:

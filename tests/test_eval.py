@@ -861,7 +861,7 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
         other = {**settings, "params": {"shown": "/c (2)", "content": "2"}}
         read_kept(folder, 0, 1, classes, lambda: other, "--workdir=w")
     # A description that cannot be read: refused, naming the files, never a traceback.
-    for text in ['{"format": 2, "num_classes": 3, "settings": [1]}\n', '{"format": 3}', "{"]:
+    for text in ['{"format": 3, "num_classes": 3, "settings": [1]}\n', '{"format": 4}', "{"]:
         good = (folder / "p2.json").read_bytes()
         (folder / "p2.json").write_text(text)
         with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
@@ -937,6 +937,54 @@ def test_damaged_records_are_left_out_and_their_videos_evaluated_again(tmp_path,
     assert kept.positions.tolist() == [2, 3]
     np.testing.assert_array_equal(kept.logits, logits[[2, 3]])
     assert kept_count(old) == 2 and capsys.readouterr().err == ""
+
+
+def test_no_single_flipped_bit_is_read_as_a_result(tmp_path, capsys):
+    """Every one bit flipped in the kept files, one at a time: the record or line it lands in
+    is left out with a warning, never read as other results (a position digit flipped in a
+    line of pK.skipped.jsonl, '7' to '6', reported video 6 as failed and never evaluated it)."""
+    folder, classes, settings = tmp_path / PARTIAL, 2, {"--config.dtype": "float32"}
+    logits = np.arange(6, dtype=np.float32).reshape(3, classes)
+    failed = {7: {"status": "failed", "reason": "cannot decode"}}
+    failed[12] = {"status": "dropped_too_short", "reason": "2 frames"}
+    Journal(folder, 0, classes, lambda: settings).add(np.array([1, 2, 3]), logits, -logits, failed)
+    whole = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w", 20)
+    assert whole.positions.tolist() == [1, 2, 3] and whole.skipped == failed
+    assert capsys.readouterr().err == ""
+    for name in ("p0.bin", "p0.skipped.jsonl"):
+        path = folder / name
+        good = path.read_bytes()
+        for bit in range(8 * len(good)):
+            damaged = bytearray(good)
+            damaged[bit // 8] ^= 1 << bit % 8
+            path.write_bytes(bytes(damaged))
+            kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w", 20)
+            at = {p: i for i, p in enumerate(kept.positions.tolist())}
+            assert set(at) <= {1, 2, 3} and len(at) >= 2 + (name != "p0.bin"), (name, bit)
+            for p, i in at.items():
+                np.testing.assert_array_equal(kept.logits[i], logits[p - 1])
+                np.testing.assert_array_equal(kept.scores[i], -logits[p - 1])
+            wrong = {p: s for p, s in kept.skipped.items() if failed.get(p) != s}
+            assert not wrong, (name, bit, wrong)
+            # Left out with a warning; but the last line without its newline is one a kill cut
+            # short, left out as such.
+            warned = len(at) < 3 or (len(kept.skipped) < 2 and bit // 8 < len(good) - 1)
+            assert ("damaged record" in capsys.readouterr().err) == warned, (name, bit)
+        path.write_bytes(good)
+    # A journal of format 2 (lines without a CRC) is read and appended to as such.
+    header = json.loads((folder / "p0.json").read_text())
+    (folder / "p0.json").write_text(json.dumps({**header, "format": 2}))
+    line = '{"position": 7, "status": "failed", "reason": "cannot decode"}\n'
+    (folder / "p0.skipped.jsonl").write_text(line)
+    short = {"status": "dropped_too_short", "reason": "2 frames"}
+    Journal(folder, 0, classes, lambda: settings).add(
+        np.zeros(0), logits[:0], logits[:0], {12: short}
+    )
+    assert (folder / "p0.skipped.jsonl").read_text() == line + (
+        '{"position": 12, "status": "dropped_too_short", "reason": "2 frames"}\n'
+    )
+    kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w", 20)
+    assert kept.positions.tolist() == [1, 2, 3] and kept.skipped == failed
 
 
 def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
