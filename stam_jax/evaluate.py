@@ -52,7 +52,13 @@ from stam_jax.data.loader import (
 from stam_jax.data.prepared import PreparedDataset, PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
-from stam_jax.paths import InUseError, claimed, new_folders_removed_on_failure, unwritable
+from stam_jax.paths import (
+    InUseError,
+    claimed,
+    missing_folders,
+    new_folders_removed_on_failure,
+    unwritable,
+)
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config
 
@@ -397,6 +403,8 @@ def _evaluate(
     config_model = _config_model(config)
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
+    # Found before the processes join: whichever creates the workdir, each then knows it new.
+    missing = missing_folders(workdir)
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
@@ -451,7 +459,7 @@ def _evaluate(
         # would each evaluate the videos left, and each remove the other's kept results); it
         # is created now, and removed again if the run is refused.
         try:
-            held.enter_context(new_folders_removed_on_failure(workdir))
+            held.enter_context(new_folders_removed_on_failure(workdir, missing))
             workdir.mkdir(parents=True, exist_ok=True)
             held.enter_context(claimed(workdir, pid, f"--workdir={workdir}"))
         except OSError as e:

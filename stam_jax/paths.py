@@ -60,13 +60,28 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """`folder` and those of its parents that do not exist now, innermost first."""
+    folder = Path(folder)
+    return [f for f in (folder, *folder.parents) if not f.exists()]
+
+
 @contextlib.contextmanager
-def new_folders_removed_on_failure(folder: str | os.PathLike) -> Iterator[None]:
+def new_folders_removed_on_failure(
+    folder: str | os.PathLike, missing: list[Path] | None = None
+) -> Iterator[None]:
     """Removes again, if the block raises (or is interrupted), `folder` and those of its parents
     that did not exist before it, where they are empty: a write that failed leaves no folder
-    made for it (one holding a file written since is kept)."""
-    folder = Path(folder)
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
+    made for it (one holding a file written since is kept).
+
+    Args:
+      folder: the folder the block creates.
+      missing: `missing_folders(folder)` as found earlier (default: now). The processes of a
+        multi-process run that share `folder` each find them before their first collective,
+        so that every one removes the folders the run made, whichever process made them: the
+        last to leave then finds them empty.
+    """
+    made = missing_folders(folder) if missing is None else missing
     try:
         yield
     except BaseException:

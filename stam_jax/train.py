@@ -43,7 +43,13 @@ from stam_jax.data.video import ClipSpec
 from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM
-from stam_jax.paths import InUseError, claimed, new_folders_removed_on_failure, unwritable
+from stam_jax.paths import (
+    InUseError,
+    claimed,
+    missing_folders,
+    new_folders_removed_on_failure,
+    unwritable,
+)
 from stam_jax.progress import progress_bar
 from stam_jax.resume import check_same_run, process_settings, truncate_log, write_run_record
 from stam_jax.train_eval import check_eval_root, periodic_eval
@@ -286,6 +292,8 @@ def _train_and_evaluate(
         sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
+    # Found before the processes join: whichever creates the workdir, each then knows it new.
+    missing = missing_folders(workdir)
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
     sharding.enable_compilation_cache(config.compilation_cache_dir)
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
@@ -346,7 +354,7 @@ def _train_and_evaluate(
         # would overwrite each other's checkpoints and logs. It is created now, and removed
         # again if the run is refused.
         try:
-            held.enter_context(new_folders_removed_on_failure(workdir))
+            held.enter_context(new_folders_removed_on_failure(workdir, missing))
             workdir.mkdir(parents=True, exist_ok=True)
             held.enter_context(claimed(workdir, jax.process_index(), f"--workdir={workdir}"))
         except OSError as e:

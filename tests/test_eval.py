@@ -282,6 +282,49 @@ def test_processes_with_other_data_are_refused(video_root, tiny_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# Process 0 reads its checkpoint 3 s late, so process 1 creates the workdir, and leaves 2 s late.
+_SLOW_PROCESS_0 = """
+import runpy, sys, time
+from stam_jax import checkpoints, sharding
+if '--config.distributed.process_id=0' in sys.argv:
+    read, agree = checkpoints.read_params, sharding.processes_agree
+    checkpoints.read_params = lambda *a, **k: (time.sleep(3), read(*a, **k))[1]
+    sharding.processes_agree = lambda *a, **k: (agree(*a, **k), time.sleep(2))[0]
+runpy.run_path('run_eval.py', run_name='__main__')
+"""
+
+
+def test_a_refused_multi_process_run_removes_the_workdir_whichever_process_made_it(
+    video_root, tiny_ckpt, tmp_path
+):
+    """The processes of one run share a new workdir: each removes it when refused, not only the
+    one that made it, which left it behind (empty) when that one's claim went first."""
+    port = free_port()
+    commands = [
+        [
+            sys.executable,
+            "-c",
+            _SLOW_PROCESS_0,
+            "--config=configs/tiny.py",
+            f"--config.checkpoint={tiny_ckpt[0]}",
+            f"--config.data.root={video_root}",
+            f"--config.data.num_clips={rank + 1}",
+            "--config.batch_size=2",
+            "--config.data.workers=0",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={rank}",
+            f"--workdir={tmp_path / 'new' / 'out'}",
+        ]
+        for rank in range(2)
+    ]
+    for returncode, _, err in run_processes(commands, devices_each=1, timeout=60):
+        assert returncode == 2, err
+        assert "error: the processes were started with different settings: " in err, err
+        assert "--config.data.num_clips (process 0: 1, process 1: 2)" in err, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_bfloat16_run(video_root, tiny_ckpt, tmp_path, reference_run):
     results = evaluate(
         config_for(tiny_ckpt[0], video_root, batch_size=4, dtype="bfloat16"), tmp_path

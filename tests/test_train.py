@@ -1111,6 +1111,29 @@ def test_processes_starting_from_other_params_are_refused(train_root, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refused_run_removes_the_new_workdir_another_of_its_processes_made(
+    train_root, tmp_path, monkeypatch
+):
+    # Process 1 of a two-process run creates the shared new workdir while this process (0)
+    # joins, and is refused: this process, leaving last, removes the workdir, though it found
+    # it made when it came to claim it (it was left behind, empty).
+    from stam_jax import sharding
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    workdir = tmp_path / "new" / "run"
+    mesh = sharding.data_mesh
+
+    def made_by_process_1() -> object:
+        workdir.mkdir(parents=True)
+        return mesh()
+
+    monkeypatch.setattr(sharding, "data_mesh", made_by_process_1)
+    monkeypatch.setattr(sharding, "processes_agree", lambda *_: "process 1 refused the run: x")
+    with pytest.raises(TrainConfigError, match=r"^process 1 refused the run: x$"):
+        train_and_evaluate(tiny_config(train_root), workdir)
+    assert os.listdir(tmp_path) == []
+
+
 def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
     tmp_path, monkeypatch, capsys
 ):
