@@ -144,10 +144,24 @@ def claimed(folder: str | os.PathLike, process: int, flag: str) -> Iterator[None
 
 def _locked(path: Path, flag: str) -> int | None:
     """An open descriptor of `path` holding its exclusive lock, or None where the file system
-    cannot lock (warned of once per folder)."""
+    cannot lock (warned of once per folder).
+
+    The file of another user's run cannot be opened for writing: its lock is taken through a
+    read-only descriptor (a flock needs no write access), so that a folder it holds is refused;
+    a file it left (killed) is replaced by one naming this run. The file is made readable by
+    all whatever the umask, so that other users' runs can do the same.
+    """
+    replaced = False
     while True:
+        writable = True
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError as e:
+            try:
+                fd, writable = os.open(path, os.O_RDONLY), False
+            except OSError:
+                _warn_unclaimed(path, flag, e)
+                return None
         except OSError as e:
             _warn_unclaimed(path, flag, e)
             return None
@@ -170,7 +184,16 @@ def _locked(path: Path, flag: str) -> int | None:
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
             same = False
+        if same and not writable and not replaced:
+            replaced = True
+            with contextlib.suppress(OSError):  # e.g. a sticky folder: kept, and locked as is
+                path.unlink()
+                os.close(fd)
+                continue
         if same:
+            if writable:
+                with contextlib.suppress(OSError):  # the owner's umask may have hidden it
+                    os.fchmod(fd, 0o644)
             return fd
         os.close(fd)
 

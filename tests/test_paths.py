@@ -144,3 +144,43 @@ def test_only_one_of_many_simultaneous_claims_holds(tmp_path):
     for t in threads:
         t.join()
     assert (len(held), len(refused)) == (1, 7)
+
+
+def test_the_claim_file_of_another_users_run_is_locked_read_only(tmp_path, monkeypatch, capsys):
+    """Another user's claim file (mode 0644) cannot be opened for writing: its lock is taken
+    through a read-only descriptor, so a held folder is refused and a stale file replaced
+    (the run went on unclaimed, with a warning about a file system without locks)."""
+    lock = tmp_path / LOCK_FILE.format(process=0)
+    child = hold(tmp_path)
+    os_open = os.open
+
+    def of_another_user(path: str, flags: int, mode: int = 0o777) -> int:
+        if Path(path) == lock and flags & os.O_RDWR and lock.exists():
+            raise PermissionError(13, "Permission denied", str(path))
+        return os_open(path, flags, mode)
+
+    try:
+        holder = json.loads(lock.read_text())
+        monkeypatch.setattr(os, "open", of_another_user)
+        with pytest.raises(InUseError) as refused, claimed(tmp_path, 0, "--workdir=w"):
+            pytest.fail("claimed a folder another user's process holds")
+        monkeypatch.undo()
+        assert str(refused.value).startswith(
+            f"--workdir=w is in use by another run (process {child.pid} on {holder['host']}"
+        )
+    finally:
+        monkeypatch.undo()
+        child.send_signal(signal.SIGKILL)  # its file stays behind, not writable by this user
+        child.wait()
+    monkeypatch.setattr(os, "open", of_another_user)
+    with claimed(tmp_path, 0, "--workdir=w"):  # replaced by one naming this run
+        monkeypatch.undo()
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().err == ""
+    # Created readable by all whatever the umask, so that other users' runs can lock it.
+    old = os.umask(0o077)
+    try:
+        with claimed(tmp_path, 0, "--workdir=w"):
+            assert lock.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
