@@ -201,7 +201,7 @@ def _locked(path: Path, flag: str) -> int | None:
 def _holder(fd: int) -> str:
     """Who holds the lock file open as `fd`, in words."""
     try:
-        holder = json.loads(os.pread(fd, 4096, 0))
+        holder = json.loads(os.pread(fd, os.fstat(fd).st_size, 0))  # a long command too
         return (
             f"process {holder['pid']} on {holder['host']} since {holder['since']}: "
             f"{holder['command']}"

@@ -184,3 +184,18 @@ def test_the_claim_file_of_another_users_run_is_locked_read_only(tmp_path, monke
             assert lock.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_the_holder_of_a_long_command_is_named(tmp_path, monkeypatch):
+    # A command of many flags: its holder file is longer than one read of 4096 bytes, which
+    # named it "a process that just started".
+    argv = ["run_train.py", *(f"--config.flag_{i}={'x' * 40}" for i in range(120))]
+    monkeypatch.setattr(sys, "argv", argv)
+    with claimed(tmp_path, 0, "--workdir=w"):
+        assert (tmp_path / LOCK_FILE.format(process=0)).stat().st_size > 5000
+        with pytest.raises(InUseError) as refused, claimed(tmp_path, 0, "--workdir=w"):
+            pass
+    assert f"(process {os.getpid()} on " in str(refused.value)
+    assert str(refused.value).endswith(
+        f": {' '.join(argv)}); wait for it to end or stop it, or give another folder."
+    )
