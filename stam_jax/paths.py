@@ -101,8 +101,9 @@ _NO_LOCKS_WARNED: set[str] = set()
 
 @contextlib.contextmanager
 def claimed(folder: str | os.PathLike, process: int, flag: str) -> Iterator[None]:
-    """Holds `folder` (which must exist) for this process until the block ends; another run
-    claiming it with the same process index meanwhile is refused.
+    """Holds `folder` (which must exist; made again if removed meanwhile) for this process
+    until the block ends; another run claiming it with the same process index meanwhile is
+    refused.
 
     Two runs writing one output folder at once (a command started twice, or a job requeued by
     a scheduler while the first still runs) would mix their checkpoints, records and results.
@@ -151,11 +152,18 @@ def _locked(path: Path, flag: str) -> int | None:
     a file it left (killed) is replaced by one naming this run. The file is made readable by
     all whatever the umask, so that other users' runs can do the same.
     """
-    replaced = False
+    replaced, remade = False, 0
     while True:
         writable = True
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            # Removed since it was made (by another run refused there): made again, and claimed.
+            remade += 1
+            if remade > 3:
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         except PermissionError as e:
             try:
                 fd, writable = os.open(path, os.O_RDONLY), False

@@ -199,3 +199,26 @@ def test_the_holder_of_a_long_command_is_named(tmp_path, monkeypatch):
     assert str(refused.value).endswith(
         f": {' '.join(argv)}); wait for it to end or stop it, or give another folder."
     )
+
+
+def test_a_folder_removed_just_before_the_claim_is_made_again_and_claimed(
+    tmp_path, monkeypatch, capsys
+):
+    # Another run refused in the same new folder removes it between this run's mkdir and its
+    # claim: the run went on unclaimed, warned of a file system without locks.
+    folder, os_open, opened = tmp_path / "out", os.open, []
+
+    def removed_first(path: str, flags: int, mode: int = 0o777) -> int:
+        if Path(path).parent == folder and not opened:
+            opened.append(path)
+            folder.rmdir()
+        return os_open(path, flags, mode)
+
+    folder.mkdir()
+    monkeypatch.setattr(os, "open", removed_first)
+    with claimed(folder, 0, "--workdir=out"):
+        monkeypatch.undo()
+        assert json.loads((folder / LOCK_FILE.format(process=0)).read_text())["pid"] == os.getpid()
+        with pytest.raises(InUseError), claimed(folder, 0, "--workdir=out"):
+            pass
+    assert opened and list(folder.iterdir()) == [] and capsys.readouterr().err == ""
