@@ -463,7 +463,9 @@ def _evaluate(
             workdir.mkdir(parents=True, exist_ok=True)
             held.enter_context(claimed(workdir, pid, f"--workdir={workdir}"))
         except OSError as e:
-            raise EvalConfigError(f"--workdir={workdir} cannot be created: {e.strerror}.") from None
+            raise EvalConfigError(
+                f"--workdir={workdir} cannot be created: {e.strerror}; name another folder."
+            ) from None
         except InUseError as e:
             raise EvalConfigError(str(e)) from None
         # Results kept by an interrupted run with the same settings are carried, not redone.

@@ -776,6 +776,26 @@ def test_cli_flag_mistakes_say_what_to_write(tmp_path, args, message):
     assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n")
 
 
+def test_a_workdir_that_cannot_be_made_is_refused_naming_what_to_do(
+    video_root, tiny_ckpt, tmp_path, monkeypatch
+):
+    mkdir = Path.mkdir
+
+    def disk_full(self: Path, *args, **kwargs) -> None:
+        if self == tmp_path / "out":
+            raise OSError(28, "No space left on device")
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", disk_full)
+    with pytest.raises(EvalConfigError) as refused:
+        evaluate(config_for(tiny_ckpt[0], video_root), tmp_path / "out")
+    assert str(refused.value) == (
+        f"--workdir={tmp_path / 'out'} cannot be created: No space left on device; name "
+        "another folder."
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_holding_nan_is_refused_before_any_video(video_root, tiny_ckpt, tmp_path):
     # Every logit would be NaN: the run would decode the whole folder to report nothing.
     params = jax.tree.map(np.array, tiny_ckpt[1])
