@@ -96,7 +96,7 @@ class InUseError(RuntimeError):
 
 
 LOCK_FILE = ".stam-jax-p{process}.lock"  # in the folder, one per process of a run
-_NO_LOCKS_WARNED: set[str] = set()
+_NO_LOCKS_WARNED: set[str | int] = set()  # folders, and file systems (device numbers)
 
 
 @contextlib.contextmanager
@@ -183,8 +183,12 @@ def _locked(path: Path, flag: str) -> int | None:
                 "or give another folder."
             ) from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            try:  # warned of once for all its folders (each periodic evaluation makes one)
+                where: str | int = os.fstat(fd).st_dev
+            except OSError:
+                where = str(path.parent)
             os.close(fd)
-            _warn_unclaimed(path, flag, e)
+            _warn_unclaimed(path, flag, e, where)
             return None
         # The run that held the file may have removed it just before its lock went: the lock
         # counts only if `path` is still the file locked.
@@ -218,10 +222,12 @@ def _holder(fd: int) -> str:
         return "a process that just started"
 
 
-def _warn_unclaimed(path: Path, flag: str, error: OSError) -> None:
-    if str(path.parent) in _NO_LOCKS_WARNED:
+def _warn_unclaimed(path: Path, flag: str, error: OSError, where: str | int | None = None) -> None:
+    """Warns that `path`'s folder is used unclaimed, once per `where` (default: the folder)."""
+    where = str(path.parent) if where is None else where
+    if where in _NO_LOCKS_WARNED:
         return
-    _NO_LOCKS_WARNED.add(str(path.parent))
+    _NO_LOCKS_WARNED.add(where)
     print(
         f"warning: cannot lock {path} ({error.strerror or error}); {flag} is used without "
         "a claim, so a second run started in it at the same time would not be refused.",

@@ -222,3 +222,27 @@ def test_a_folder_removed_just_before_the_claim_is_made_again_and_claimed(
         with pytest.raises(InUseError), claimed(folder, 0, "--workdir=out"):
             pass
     assert opened and list(folder.iterdir()) == [] and capsys.readouterr().err == ""
+
+
+def test_a_file_system_without_locks_is_warned_of_once_for_all_its_folders(
+    tmp_path, monkeypatch, capsys
+):
+    # Training claims its workdir, then each periodic evaluation a new folder in it: on a file
+    # system without locks, each printed the same warning again.
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(paths.fcntl, "flock", no_locks)
+    monkeypatch.setattr(paths, "_NO_LOCKS_WARNED", set())
+    with claimed(tmp_path, 0, "--workdir=run"):
+        for step in (4, 8):
+            for name in ("params", "ema"):
+                folder = tmp_path / f"eval/step_{step}/{name}_results"
+                folder.mkdir(parents=True)
+                with claimed(folder, 0, f"--workdir={folder}"):
+                    pass
+    lock = tmp_path / LOCK_FILE.format(process=0)
+    assert capsys.readouterr().err == (
+        f"warning: cannot lock {lock} (No locks available); --workdir=run is used without a "
+        "claim, so a second run started in it at the same time would not be refused.\n"
+    )
