@@ -14,9 +14,9 @@ command evaluates only the others. Process K's files:
 A record or line cut short by a kill is left out when read, and cut off before appending. So is
 a record or line whose CRC does not match (the zero-filled blocks a power loss can leave where
 data was not yet on the disk, a flipped bit): a damaged record or line is never read as a
-video's results, it is evaluated again, and a warning says how many were left out. Files of an
-earlier format are read and appended to in it: format 2 has no CRC in its lines (only one that
-cannot be read is left out), format 1 none at all.
+video's results, it is evaluated again, and a warning says how many were left out. Files of
+format 1 (no CRC at all: only a record cut short, or a line that cannot be read, is left out)
+are read and appended to in that format.
 
 A resumed run with P processes reads the files of every K with K % P equal to its process
 index, so a shared folder is read once whatever the process count, and a folder of one's own
@@ -40,8 +40,8 @@ import numpy as np
 from stam_jax import sharding
 
 PARTIAL = "partial"  # the folder under the workdir
-FORMAT = 3  # 2: each record holds a CRC-32 of itself; 3: each skipped line too
-READS = (1, 2, 3)  # formats read (a run interrupted before an upgrade goes on in its own)
+FORMAT = 2  # 2: each record, and each skipped line, holds a CRC-32 of itself
+READS = (1, 2)  # formats read (a run interrupted before an upgrade goes on in its own)
 
 
 class PartialError(ValueError):
@@ -155,25 +155,25 @@ def _records(path: Path, dtype: np.dtype) -> np.ndarray:
 
 
 def _line_crc(position: Any, status: Any, reason: Any) -> int:
-    """The CRC-32 a line of `pK.skipped.jsonl` (format 3) holds of its values."""
+    """The CRC-32 a line of `pK.skipped.jsonl` (format 2) holds of its values."""
     return zlib.crc32(json.dumps([position, status, reason]).encode())
 
 
 def _skipped_line(position: int, status: str, reason: str, version: int) -> str:
-    """A line of `pK.skipped.jsonl` in format `version` (3: with its CRC)."""
+    """A line of `pK.skipped.jsonl` in format `version` (2: with its CRC)."""
     entry: dict[str, Any] = {"position": position, "status": status, "reason": reason}
-    if version >= 3:
+    if version >= 2:
         entry["crc"] = _line_crc(position, status, reason)
     return json.dumps(entry) + "\n"
 
 
 def _skipped_entry(line: bytes, version: int) -> tuple[int, dict[str, str]] | None:
     """A line of `pK.skipped.jsonl` of format `version` as (position, {'status', 'reason'}),
-    None if damaged (or, in format 3, its CRC does not match)."""
+    None if damaged (or, in format 2, its CRC does not match)."""
     try:
         entry = json.loads(line)
         values = entry["position"], entry["status"], entry["reason"]
-        if version >= 3 and entry["crc"] != _line_crc(*values):
+        if version >= 2 and entry["crc"] != _line_crc(*values):
             return None
         return int(values[0]), {"status": str(values[1]), "reason": str(values[2])}
     except (ValueError, KeyError, TypeError):

@@ -924,7 +924,7 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
         other = {**settings, "params": {"shown": "/c (2)", "content": "2"}}
         read_kept(folder, 0, 1, classes, lambda: other, "--workdir=w")
     # A description that cannot be read: refused, naming the files, never a traceback.
-    for text in ['{"format": 3, "num_classes": 3, "settings": [1]}\n', '{"format": 4}', "{"]:
+    for text in ['{"format": 2, "num_classes": 3, "settings": [1]}\n', '{"format": 3}', "{"]:
         good = (folder / "p2.json").read_bytes()
         (folder / "p2.json").write_text(text)
         with pytest.raises(PartialError, match=rf"but {folder}/p2\.\* cannot be read \(.+\); "):
@@ -994,12 +994,19 @@ def test_damaged_records_are_left_out_and_their_videos_evaluated_again(tmp_path,
     one = np.zeros(1, record_dtype(classes, 1))
     one["position"], one["logits"] = 2, logits[2]
     (old / "p0.bin").write_bytes(one.tobytes())
-    Journal(old, 0, classes, lambda: settings).add(np.array([3]), logits[[3]], logits[[3]], {})
+    line = '{"position": 7, "status": "failed", "reason": "r"}\n'
+    (old / "p0.skipped.jsonl").write_text(line)
+    Journal(old, 0, classes, lambda: settings).add(
+        np.array([3]), logits[[3]], logits[[3]], {8: {"status": "too_short", "reason": "s"}}
+    )
     assert (old / "p0.bin").stat().st_size == 2 * record_dtype(classes, 1).itemsize
+    assert (old / "p0.skipped.jsonl").read_text() == line + (
+        '{"position": 8, "status": "too_short", "reason": "s"}\n'
+    )
     kept = read_kept(old, 0, 1, classes, lambda: settings, "--workdir=w")
-    assert kept.positions.tolist() == [2, 3]
+    assert kept.positions.tolist() == [2, 3] and sorted(kept.skipped) == [7, 8]
     np.testing.assert_array_equal(kept.logits, logits[[2, 3]])
-    assert kept_count(old) == 2 and capsys.readouterr().err == ""
+    assert kept_count(old) == 4 and capsys.readouterr().err == ""
 
 
 def test_no_single_flipped_bit_is_read_as_a_result(tmp_path, capsys):
@@ -1034,20 +1041,6 @@ def test_no_single_flipped_bit_is_read_as_a_result(tmp_path, capsys):
             warned = len(at) < 3 or (len(kept.skipped) < 2 and bit // 8 < len(good) - 1)
             assert ("damaged record" in capsys.readouterr().err) == warned, (name, bit)
         path.write_bytes(good)
-    # A journal of format 2 (lines without a CRC) is read and appended to as such.
-    header = json.loads((folder / "p0.json").read_text())
-    (folder / "p0.json").write_text(json.dumps({**header, "format": 2}))
-    line = '{"position": 7, "status": "failed", "reason": "cannot decode"}\n'
-    (folder / "p0.skipped.jsonl").write_text(line)
-    short = {"status": "dropped_too_short", "reason": "2 frames"}
-    Journal(folder, 0, classes, lambda: settings).add(
-        np.zeros(0), logits[:0], logits[:0], {12: short}
-    )
-    assert (folder / "p0.skipped.jsonl").read_text() == line + (
-        '{"position": 12, "status": "dropped_too_short", "reason": "2 frames"}\n'
-    )
-    kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w", 20)
-    assert kept.positions.tolist() == [1, 2, 3] and kept.skipped == failed
 
 
 def test_results_that_cannot_be_kept_do_not_stop_the_run(tmp_path, capsys):
