@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,117 @@ def test_a_worker_stuck_on_a_file_is_ended_after_the_grace_time(monkeypatch, sig
     loader._discard(pool)
     assert time.monotonic() - start < 15
     assert workers and not any(worker.is_alive() for worker in workers)
+
+
+def test_worker_count_is_the_request_or_one_per_available_core():
+    from stam_jax.data.loader import worker_count
+
+    assert [worker_count(0), worker_count(1), worker_count(3)] == [0, 1, 3]  # 0: in-process
+    assert worker_count(-1) == len(os.sched_getaffinity(0))
+
+
+def test_decode_with_turns_every_error_into_an_outcome():
+    from stam_jax.data.loader import decode_with
+    from stam_jax.data.video import TooShortError, VideoError
+
+    def load(error):
+        def raising(path, spec):
+            raise error
+
+        return raising
+
+    assert decode_with(lambda path, spec: np.ones(2), 4, "v.mp4", None).status == "ok"
+    outcomes = [
+        decode_with(load(e), 4, "v.mp4", None)
+        for e in (TooShortError("a clip needs 4"), VideoError("no stream"), KeyError("pts"))
+    ]
+    assert [(d.position, d.views, d.status, d.reason) for d in outcomes] == [
+        (4, None, "too_short", "a clip needs 4"),
+        (4, None, "failed", "no stream"),
+        (4, None, "failed", "KeyError: 'pts'"),  # a library's error is named by its type
+    ]
+
+
+def test_worker_processes_decode_at_most_prefetch_videos_ahead(monkeypatch):
+    from stam_jax.data import loader
+
+    submitted = []
+    submit = loader._submit
+
+    def counted(pool, fn, job):
+        submitted.append(job[0])
+        return submit(pool, fn, job)
+
+    monkeypatch.setattr(loader, "_submit", counted)
+    stream = ordered_map(crash_on_bad, [(i, "x") for i in range(6)], workers=1, prefetch=2)
+    assert next(stream).position == 0 and submitted == [0, 1]
+    assert next(stream).position == 1 and submitted == [0, 1, 2]
+    stream.close()
+    # A look-ahead below 1 is 1 (it found no job to wait for, and failed).
+    submitted.clear()
+    stream = ordered_map(crash_on_bad, [(i, "x") for i in range(3)], workers=1, prefetch=0)
+    assert next(stream).position == 0 and submitted == [0]
+    assert [d.position for d in stream] == [1, 2] and submitted == [0, 1, 2]
+
+
+def test_started_close_stops_the_first_item_only_while_it_is_awaited():
+    class Items:
+        """An input whose first item comes once `stop_starting` is called (or after 10 s)."""
+
+        def __init__(self, wait):
+            self.stopped, self.closed, self.wait = threading.Event(), False, wait
+
+        def __next__(self):
+            if self.wait:
+                self.stopped.wait(10)
+            return 0
+
+        def stop_starting(self):
+            self.stopped.set()
+
+        def close(self):
+            self.closed = True
+
+    waiting = Items(wait=True)
+    stream = Started(waiting)
+    start = time.monotonic()
+    stream.close()
+    assert time.monotonic() - start < 5 and waiting.stopped.is_set() and waiting.closed
+    ready = Items(wait=False)
+    stream = Started(ready)
+    stream._first.result(timeout=10)  # the first item is in: nothing to stop
+    stream.close()
+    assert not ready.stopped.is_set() and ready.closed
+
+
+def slow_first(position: int, name: str) -> Decoded:
+    """A stand-in decoder whose first video takes a second: the jobs after it wait in the pool."""
+    if position == 0:
+        time.sleep(1)
+    return Decoded(position, np.full(1, position), "ok")
+
+
+def test_a_pool_failing_to_start_a_worker_keeps_the_jobs_it_holds(monkeypatch):
+    # A submit that fails while jobs are pending waits for them (their results, or the crash
+    # they report): a fresh pool then would have cancelled the jobs not yet started.
+    import concurrent.futures
+    import multiprocessing
+
+    from stam_jax.data import loader
+
+    failures = {"left": 1}
+
+    class FlakyPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            if failures["left"] and len(self._pending_work_items) == 4:  # 1 running, 1+ waiting
+                failures["left"] -= 1
+                raise OSError("handle is closed")
+            return super().submit(*args, **kwargs)
+
+    def flaky_pool(self):
+        return FlakyPool(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    monkeypatch.setattr(loader._ParallelDecoder, "_pool", flaky_pool)
+    results = list(ordered_map(slow_first, [(i, "x") for i in range(7)], 1, 5))
+    assert failures["left"] == 0
+    assert [(r.position, r.status) for r in results] == [(i, "ok") for i in range(7)]
