@@ -194,9 +194,11 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
 
 
-def keep(workdir: Path, k: int, config, positions: list[int], logits: np.ndarray) -> None:
-    """Keeps `positions`' `logits` in `workdir` as process k of an interrupted run of `config`
-    (on a video folder) would have."""
+def keep(
+    workdir: Path, k: int, config, positions: list[int], logits: np.ndarray, skipped=None
+) -> None:
+    """Keeps `positions`' `logits`, and the videos `skipped`, in `workdir` as process k of an
+    interrupted run of `config` (on a video folder) would have."""
     import stam_jax.evaluate as evaluate_module
     from stam_jax.data.prepared import list_root
     from stam_jax.sharding import tree_digest
@@ -207,15 +209,17 @@ def keep(workdir: Path, k: int, config, positions: list[int], logits: np.ndarray
         config, folder, None, tree_digest(params), evaluate_module._NOT_IN_RESULTS
     )
     logits = np.asarray(logits, np.float32)
-    Journal(workdir / PARTIAL, k, 10, lambda: settings).add(np.array(positions), logits, logits, {})
+    journal = Journal(workdir / PARTIAL, k, 10, lambda: settings)
+    journal.add(np.array(positions), logits, logits, skipped or {})
 
 
 def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
     # Each process's workdir (a host's own disk) keeps results of an interrupted run, two with
-    # one process (p0, videos 0-7) then two (p1, videos 4-11): videos 4-7 are kept twice and
-    # count once.
+    # one process (p0, videos 0-7, and the last one as failed) then two (p1, videos 4-11):
+    # videos 4-7 are kept twice and count once. The 7 videos left make shares of 4 and 3.
     config, logits = config_for(tiny_ckpt[0], video_root), [p["logits"] for p in reference_run[1]]
-    keep(tmp_path / "0", 0, config, list(range(8)), logits[:8])
+    failed = {19: {"status": "failed", "reason": "kept by process 0"}}
+    keep(tmp_path / "0", 0, config, list(range(8)), logits[:8], failed)
     keep(tmp_path / "1", 1, config, list(range(4, 12)), logits[4:12])
     port = free_port()
     procs = [
@@ -236,12 +240,15 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err
+        assert proc.returncode == 3, err  # finished; a video was skipped
     assert not (tmp_path / "1" / "results.json").exists()  # only process 0 writes
     results = json.loads((tmp_path / "0" / "results.json").read_text())
     assert results["processes"] == 2 and results["devices"] == 6
-    assert results["counts"]["evaluated"] == 20 and results["counts"]["resumed"] == 12
-    for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1], strict=True):
+    assert results["counts"]["evaluated"] == 19 and results["counts"]["resumed"] == 13
+    assert results["failed"] == [
+        {"path": "class_9/video_1.avi", "label": 9, "reason": "kept by process 0"}
+    ]
+    for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1][:19], strict=True):
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
 
@@ -442,8 +449,8 @@ def test_nan_logits_are_no_prediction(video_root, tiny_ckpt, tmp_path, capsys):
     # classes: such videos are now listed apart, out of the metrics, and said. Finite params
     # whose logits overflow float32 (params holding NaN are refused before any video).
     params = jax.tree.map(np.array, tiny_ckpt[1])
-    params["norm"]["bias"][:] = 1.0  # every feature near 1, so every logit is +inf
-    params["head"]["kernel"][:] = 3e38
+    params["norm"]["bias"][:] = 1.0  # every feature near 1, so class 0's logit is +inf
+    params["head"]["kernel"][:, 0] = 3e38  # (the others finite: one non-finite logit is enough)
     nan_ckpt = checkpoints.save(tmp_path / "nan", create_model("stam_tiny"), params)
     results = evaluate(config_for(nan_ckpt, video_root), tmp_path / "out")
     assert results["counts"] == {
@@ -1081,3 +1088,304 @@ def test_a_workdir_another_run_is_using_is_refused_and_left_as_it_is(
     results = evaluate(config, workdir)
     assert results["counts"]["resumed"] == 2
     assert sorted(os.listdir(workdir)) == ["predictions.jsonl", "results.json"]
+
+
+def test_run_loop_pads_the_last_batch_and_keeps_each_video_once(monkeypatch):
+    """Rows of skipped videos and past the end are padding; each step's results are fetched
+    and kept during the next one, with the videos skipped since; the wait for input is timed
+    once the first batch is dispatched."""
+    import types
+
+    import jax.numpy as jnp
+
+    import stam_jax.evaluate as evaluate_module
+    from stam_jax import sharding
+    from stam_jax.data.loader import Decoded
+
+    clock = [0.0]  # seconds: 5 to the first video, 1 to each other, 100 per step
+    monkeypatch.setattr(
+        evaluate_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0])
+    )
+    statuses = ["ok", "ok", "failed", "ok", "too_short", "ok", "ok"]
+
+    def items():
+        for i, status in enumerate(statuses):
+            clock[0] += 1 if i else 5
+            views = np.full((1, 1, 1, 1, 3), i + 1, np.uint8) if status == "ok" else None
+            yield Decoded(10 + i, views, status, "" if status == "ok" else f"reason {i}")
+
+    def compiled(params, videos):
+        clock[0] += 100
+        logits = jnp.asarray(videos).reshape(videos.shape[0], -1)[:, :2].astype(jnp.float32)
+        return logits, -logits
+
+    class Journal:
+        def __init__(self):
+            self.added = []
+
+        def add(self, positions, logits, scores, skipped):
+            self.added.append((positions.tolist(), logits[:, 0].tolist(), dict(skipped)))
+
+    class Progress:
+        def __init__(self):
+            self.steps = []
+
+        def update(self, n):
+            self.steps.append(n)
+
+    journal, progress = Journal(), Progress()
+    (done, logits, scores, outcomes), first_batch_at, waited = evaluate_module._run_loop(
+        compiled, None, items(), 3, (3, 1, 1, 1, 1, 3), sharding.data_mesh(), progress, journal
+    )
+    # Batches: [10, 11, (12 failed)], [13, (14 too short), 15], [16, (end), (end)].
+    assert done == [10, 11, 13, 15, 16]
+    np.testing.assert_array_equal(np.concatenate(logits)[:, 0], [1, 2, 4, 6, 7])
+    np.testing.assert_array_equal(np.concatenate(scores)[:, 1], [-1, -2, -4, -6, -7])
+    assert outcomes == {
+        12: {"status": "failed", "reason": "reason 2"},
+        14: {"status": "too_short", "reason": "reason 4"},
+    }
+    assert journal.added == [([10, 11], [1, 2], outcomes), ([13, 15], [4, 6], {}), ([16], [7], {})]
+    assert progress.steps == [1, 1, 1]
+    assert (first_batch_at, waited) == (107.0, 4.0)  # the first step's 7 s are no wait
+
+
+def test_skipped_videos_are_kept_once_and_listed_in_order(
+    awkward_root, tiny_ckpt, tmp_path, monkeypatch
+):
+    import stam_jax.evaluate as evaluate_module
+
+    workdir, config = tmp_path / "out", config_for(tiny_ckpt[0], awkward_root, batch_size=4)
+    # An interrupted run kept video 0's results, and video 13 (the last) as failed.
+    kept = {13: {"status": "failed", "reason": "kept reason"}}
+    keep(workdir, 0, config, [0], np.zeros((1, 10)), kept)
+    decoding, decoded = evaluate_module.decode_in_order, []
+
+    def recorded(paths, spec, workers, prefetch):
+        assert (workers, prefetch) == (0, 8)  # prefetch 0: twice the batch
+        decoded.extend(Path(p).relative_to(awkward_root).as_posix() for p in paths)
+        return decoding(paths, spec, workers, prefetch)
+
+    def after_the_last_batch(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "decode_in_order", recorded)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_gather", after_the_last_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(config, workdir)
+    assert len(decoded) == 12 and "class_9/video_0.mp4" not in decoded
+    decoded.clear()
+    results = evaluate(config, workdir)
+    assert decoded == []  # the videos skipped were kept too
+    assert results["counts"] == {
+        "listed": 14,
+        "evaluated": 9,
+        "dropped_too_short": 1,
+        "failed": 4,
+        "non_finite": 0,
+        "resumed": 14,
+    }
+    assert [f["path"] for f in results["failed"]] == [  # in listing order
+        "class_3/zero.mp4",
+        "class_5/notes.avi",
+        "class_6/truncated.mp4",
+        "class_9/video_0.mp4",
+    ]
+    assert results["failed"][3]["reason"] == "kept reason"
+
+
+def test_predictions_and_metrics_rank_by_the_scores(video_root, tiny_ckpt, tmp_path, monkeypatch):
+    """The ranking scores (the views' mean softmax for eval.average='softmax') decide top5 and
+    the metrics, and are kept for a resumed run; the logits written are the mean logits."""
+    import stam_jax.evaluate as evaluate_module
+
+    forward_fn, collect, calls = evaluate_module._forward_fn, evaluate_module._collect, []
+
+    def reversed_ranking(model, average):  # scores that rank the classes as the logits do not
+        forward = forward_fn(model, average)
+
+        def negated(params, videos):
+            mean_logits, _ = forward(params, videos)
+            return mean_logits, -mean_logits
+
+        return negated
+
+    def interrupted_at_the_third_batch(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        collect(*args)
+
+    monkeypatch.setattr(evaluate_module, "_forward_fn", reversed_ranking)
+    workdir, config = tmp_path / "out", config_for(tiny_ckpt[0], video_root, batch_size=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_collect", interrupted_at_the_third_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(config, workdir)
+    results = evaluate(config, workdir)
+    assert results["counts"]["resumed"] == 8 and results["counts"]["evaluated"] == 20
+    predictions = read_predictions(workdir)
+    for p in predictions:
+        want = direct_logits(video_root, p["path"], tiny_ckpt[1])
+        np.testing.assert_allclose(p["logits"], want, rtol=1e-5, atol=1e-5)
+        lowest = np.argsort(np.asarray(p["logits"], np.float32), kind="stable")[:5]
+        assert p["top5"] == lowest.tolist()
+    hits = np.array([(p["top5"][0] == p["label"], p["label"] in p["top5"]) for p in predictions])
+    labels = np.array([p["label"] for p in predictions])
+    assert results["metrics"] == pytest.approx(
+        {
+            "top1": hits[:, 0].mean(),
+            "top5": hits[:, 1].mean(),
+            "mean_class_accuracy": np.mean([hits[labels == c, 0].mean() for c in range(10)]),
+        }
+    )
+
+
+def test_settings_compare_what_decides_the_results(video_root, tiny_ckpt, tmp_path):
+    """What every process must share, and what an interrupted run must have had to be resumed:
+    paths by content, per-process and speed settings left out."""
+    import types
+
+    from stam_jax.data.prepared import list_root
+    from stam_jax.evaluate import _NOT_IN_RESULTS, _PER_PROCESS, _settings
+    from stam_jax.sharding import compared
+
+    moved = shutil.copytree(video_root, tmp_path / "moved")
+    renamed = shutil.copytree(video_root, tmp_path / "renamed")  # same counts, other names
+    (renamed / "class_0" / "video_0.mp4").rename(renamed / "class_0" / "video_2.mp4")
+
+    def settings(leave_out, root=video_root, checksum="c", prepared=None, **overrides):
+        config = config_for(tiny_ckpt[0], root, **overrides)
+        folder = list_root(root, "eval", SPEC, None)[0]
+        return {
+            k: compared(v)
+            for k, v in _settings(config, folder, prepared, checksum, leave_out).items()
+        }
+
+    for leave_out in (_PER_PROCESS, _NOT_IN_RESULTS):
+        same = settings(leave_out)
+        for overrides in [
+            {"root": moved},
+            {"checkpoint": str(tmp_path / "copy")},  # its params' checksum is the same
+            {"data.workers": 5},
+            {"data.prefetch": 7},
+            {"progress": True},
+            {"distributed.process_id": 1},
+            {"compilation_cache_dir": "/cache"},
+        ]:
+            assert settings(leave_out, **overrides) == same, overrides
+        for overrides in [
+            {"checksum": "d"},
+            {"root": renamed},
+            {"prepared": types.SimpleNamespace(frames="jpeg")},
+            {"dtype": "bfloat16"},
+            {"eval.average": "softmax"},
+            {"data.num_clips": 2},
+            {"data.short_videos": "pad"},
+        ]:
+            assert settings(leave_out, **overrides) != same, overrides
+    # Resumed with another batch size or training-only values: the same results.
+    for overrides in [{"batch_size": 7}, {"seed": 3}, {"data.train_flip": False}]:
+        assert settings(_NOT_IN_RESULTS, **overrides) == settings(_NOT_IN_RESULTS), overrides
+        assert settings(_PER_PROCESS, **overrides) != settings(_PER_PROCESS), overrides
+
+
+def test_summary_lines(tmp_path, capsys):
+    from stam_jax.evaluate import _summary
+
+    results = {
+        "metrics": {"top1": 0.5, "top5": 1.0, "mean_class_accuracy": float("nan")},
+        "counts": {
+            "listed": 20,
+            "evaluated": 7,
+            "dropped_too_short": 6,
+            "failed": 7,
+            "non_finite": 0,
+            "resumed": 0,
+        },
+        "timing": {"videos_per_s": 3.5, "eval_s": 2.0, "compile_s": 1.3},
+        "devices": 1,
+        "classes": ["a", "b"],
+        "empty_classes": [],
+        "ignored": {},
+        "dropped": [{"path": f"a/{i}.mp4", "reason": "short"} for i in range(6)],
+        "failed": [{"path": f"b/{i}.mp4", "reason": "bad"} for i in range(7)],
+    }
+    _summary(results, tmp_path)
+    out, err = capsys.readouterr()
+    assert out == (
+        "top-1 50.00%  top-5 100.00%  mean class accuracy n/a  on 7 of 20 videos (6 dropped as "
+        "too short, 7 failed to decode)\n"
+        f"3.5 videos/s over 2.0s (compile 1.3s excluded), 1 device(s); results in "
+        f"{tmp_path / 'results.json'}\n"
+        f"  ... and 3 more, each with its reason in {tmp_path / 'results.json'}\n"
+    )
+    assert err == "".join(
+        [f"  skipped a/{i}.mp4: short\n" for i in range(5)]
+        + [f"  skipped b/{i}.mp4: bad\n" for i in range(5)]
+    )
+    results["counts"].update(evaluated=0, dropped_too_short=0, failed=0, non_finite=2, resumed=3)
+    results.update(dropped=[], failed=[], timing={**results["timing"], "videos_per_s": None})
+    _summary(results, tmp_path)
+    out, err = capsys.readouterr()
+    assert out == (
+        "top-1 50.00%  top-5 100.00%  mean class accuracy n/a  on 0 of 20 videos (0 dropped as "
+        "too short, 0 failed to decode, 2 with NaN/Inf logits)\n"
+        f"no video evaluated by this run (compile 1.3s excluded), 1 device(s); results in "
+        f"{tmp_path / 'results.json'} (3 videos' results were kept by the interrupted run and "
+        "not redone)\n"
+    )
+    assert err == ""
+
+
+_EXIT_STATUSES = """
+import json, types
+
+import run_eval
+import stam_jax.evaluate as evaluate_module
+import stam_jax.sharding as sharding
+
+run_eval._CONFIG = run_eval._WORKDIR = types.SimpleNamespace(value="w")
+statuses = {}
+stop_together = sharding.stop_together
+
+
+def recorded(status_of, peer_status):  # the statuses of a multi-process run
+    errors = KeyboardInterrupt(), evaluate_module.EvalConfigError("x"), RuntimeError("x")
+    statuses["status_of"] = [status_of(e) for e in errors] + [peer_status]
+    return stop_together(status_of, peer_status)
+
+
+sharding.stop_together = recorded
+for case in ["none", "dropped_too_short", "failed", "non_finite", "refused"]:
+    def evaluate(config, workdir, case=case):
+        if case == "refused":
+            raise evaluate_module.EvalConfigError("--config.data.crop=48; set it to 32.")
+        counts = {"dropped_too_short": 0, "failed": 0, "non_finite": 0}
+        return {"counts": {**counts, **({case: 2} if case in counts else {})}}
+
+    evaluate_module.evaluate = evaluate
+    try:
+        statuses[case] = run_eval._evaluate()
+    except SystemExit as e:
+        statuses[case] = e.code
+print(json.dumps(statuses))
+"""
+
+
+def test_cli_exit_statuses():
+    # 3 for a run that skipped videos, NaN/Inf logits included; 2 and one line for a refusal.
+    # (One process: the statuses of a multi-process run are what `stop_together` is given.)
+    result = subprocess.run(
+        [sys.executable, "-c", _EXIT_STATUSES], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.stderr == "error: --config.data.crop=48; set it to 32.\n"
+    assert json.loads(result.stdout) == {
+        "none": 0,
+        "dropped_too_short": 3,
+        "failed": 3,
+        "non_finite": 3,
+        "refused": 2,
+        "status_of": [130, 2, 1, 5],  # Ctrl-C, a refusal, a crash; ended by another process
+    }
