@@ -53,10 +53,8 @@ from stam_jax.data.prepared import PreparedDataset, PreparedError, list_root
 from stam_jax.data.video import ClipSpec
 from stam_jax.model import STAM
 from stam_jax.paths import (
-    InUseError,
-    claimed,
+    made_and_claimed,
     missing_folders,
-    new_folders_removed_on_failure,
     unwritable,
 )
 from stam_jax.progress import progress_bar
@@ -458,16 +456,7 @@ def _evaluate(
         # The workdir is claimed before any kept result is read (two runs in one workdir
         # would each evaluate the videos left, and each remove the other's kept results); it
         # is created now, and removed again if the run is refused.
-        try:
-            held.enter_context(new_folders_removed_on_failure(workdir, missing))
-            workdir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(claimed(workdir, pid, f"--workdir={workdir}"))
-        except OSError as e:
-            raise EvalConfigError(
-                f"--workdir={workdir} cannot be created: {e.strerror}; name another folder."
-            ) from None
-        except InUseError as e:
-            raise EvalConfigError(str(e)) from None
+        made_and_claimed(held, workdir, pid, f"--workdir={workdir}", EvalConfigError, missing)
         # Results kept by an interrupted run with the same settings are carried, not redone.
         partial_dir = workdir / partial.PARTIAL
         try:

@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -141,6 +141,32 @@ def claimed(folder: str | os.PathLike, process: int, flag: str) -> Iterator[None
             with contextlib.suppress(OSError):
                 path.unlink()  # before the lock goes: a waiter then finds the file gone
             os.close(fd)
+
+
+def made_and_claimed(
+    held: contextlib.ExitStack,
+    folder: str | os.PathLike,
+    process: int,
+    flag: str,
+    refuse: Callable[[str], Exception],
+    missing: list[Path] | None = None,
+) -> None:
+    """Creates `folder` and claims it (`claimed`) for as long as `held` is open; if the run
+    fails before `held` closes, the folders it created are removed again where they are empty
+    (`new_folders_removed_on_failure`, with `missing` as found before).
+
+    Raises:
+      `refuse(message)`: `folder` cannot be created (the message names why, and says to name
+        another folder), or another run holds it (`InUseError`'s message).
+    """
+    try:
+        held.enter_context(new_folders_removed_on_failure(folder, missing))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        held.enter_context(claimed(folder, process, flag))
+    except OSError as e:
+        raise refuse(f"{flag} cannot be created: {e.strerror or e}; name another folder.") from None
+    except InUseError as e:
+        raise refuse(str(e)) from None
 
 
 def _locked(path: Path, flag: str) -> int | None:

@@ -44,10 +44,8 @@ from stam_jax.init import init_from_checkpoint, redraw_temporal_pos_embed
 from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM
 from stam_jax.paths import (
-    InUseError,
-    claimed,
+    made_and_claimed,
     missing_folders,
-    new_folders_removed_on_failure,
     unwritable,
 )
 from stam_jax.progress import progress_bar
@@ -353,16 +351,8 @@ def _train_and_evaluate(
         # The workdir is claimed before its checkpoints are read: two runs in one workdir
         # would overwrite each other's checkpoints and logs. It is created now, and removed
         # again if the run is refused.
-        try:
-            held.enter_context(new_folders_removed_on_failure(workdir, missing))
-            workdir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(claimed(workdir, jax.process_index(), f"--workdir={workdir}"))
-        except OSError as e:
-            raise TrainConfigError(
-                f"--workdir={workdir} cannot be created: {e.strerror}; name another folder."
-            ) from None
-        except InUseError as e:
-            raise TrainConfigError(str(e)) from None
+        flag = f"--workdir={workdir}"
+        made_and_claimed(held, workdir, jax.process_index(), flag, TrainConfigError, missing)
         agree(lambda: process_settings(config, folder))
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing
 import os
 import socket
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Puts the longest files first, the rest in their usual order (the sort is stable)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@contextlib.contextmanager
+def held_here(folder: Path) -> Iterator[str]:
+    """Holds `folder` as an earlier run in this process would (`stam_jax.paths.claimed`, process
+    index 0); yields the end of the message another run is refused with, after its flag."""
+    from stam_jax.paths import LOCK_FILE, claimed
+
+    with claimed(folder, 0, "--workdir"):
+        holder = json.loads((folder / LOCK_FILE.format(process=0)).read_text())
+        yield (
+            f" is in use by another run (process {os.getpid()} on {holder['host']} since "
+            f"{holder['since']}: {holder['command']}); wait for it to end or stop it, or give "
+            "another folder."
+        )
+
+
+def files_in(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` with its contents, but the claims on it (`held_here`)."""
+    return {
+        p: p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".stam-jax-p")
+    }
 
 
 def free_port() -> int:

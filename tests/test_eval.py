@@ -16,7 +16,9 @@ import pytest
 from conftest import (
     TINY_CONFIGS,
     child_pids,
+    files_in,
     free_port,
+    held_here,
     random_params,
     run_processes,
     xla_flags,
@@ -1066,24 +1068,15 @@ def test_a_workdir_another_run_is_using_is_refused_and_left_as_it_is(
 ):
     """Two runs in one workdir would each evaluate the videos left and remove the other's
     kept results: the second is refused before it reads or writes anything there."""
-    from stam_jax.paths import LOCK_FILE, claimed
-
     workdir = tmp_path / "out"
     config = config_for(tiny_ckpt[0], video_root, batch_size=4)
     keep(workdir, 0, config, [0, 1], np.ones((2, 10), np.float32))
-    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    with claimed(workdir, 0, "--workdir"):  # as a run started earlier holds it
-        lock = workdir / LOCK_FILE.format(process=0)
-        holder = json.loads(lock.read_text())
+    before = files_in(workdir)
+    with held_here(workdir) as in_use:  # as a run started earlier holds it
         with pytest.raises(EvalConfigError) as refused:
             evaluate(config, workdir)
-        assert str(refused.value) == (
-            f"--workdir={workdir} is in use by another run (process {os.getpid()} on "
-            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
-            "end or stop it, or give another folder."
-        )
-        after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p != lock}
-        assert after == before
+        assert str(refused.value) == f"--workdir={workdir}{in_use}"
+        assert files_in(workdir) == before
     # Once it has ended, the same command runs, and leaves no claim behind.
     results = evaluate(config, workdir)
     assert results["counts"]["resumed"] == 2

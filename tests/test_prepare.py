@@ -17,7 +17,14 @@ import chex
 import numpy as np
 import pytest
 from absl import flags
-from conftest import TINY_CONFIGS, child_pids, free_port, random_params, run_processes
+from conftest import (
+    TINY_CONFIGS,
+    child_pids,
+    free_port,
+    held_here,
+    random_params,
+    run_processes,
+)
 from test_eval import config_for, keep, make_folder, read_predictions
 from test_train import TWO_DEVICES, train_two_processes
 
@@ -413,19 +420,14 @@ def test_an_out_that_cannot_be_written_is_refused(videos, tmp_path, monkeypatch,
 
 
 def test_an_out_another_job_is_preparing_is_refused(videos, tmp_path, monkeypatch, capsys):
-    from stam_jax.paths import LOCK_FILE, claimed
+    from stam_jax.paths import LOCK_FILE
 
     out = tmp_path / "out"
     out.mkdir()
     lock = out / LOCK_FILE.format(process=0)
-    with claimed(out, 0, "--out"):
-        holder = json.loads(lock.read_text())
+    with held_here(out) as in_use:
         err = refused(monkeypatch, capsys, f"--src={videos}", f"--out={out}")
-        assert err == (
-            f"error: --out {out} is in use by another run (process {os.getpid()} on "
-            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
-            "end or stop it, or give another folder.\n"
-        )
+        assert err == f"error: --out {out}{in_use}\n"
         assert os.listdir(out) == [lock.name]
     # A job killed as soon as it had claimed the folder leaves only the claim's file: that is
     # not a folder of something else, and the next job prepares it.

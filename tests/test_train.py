@@ -17,7 +17,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import child_pids, free_port, run_processes, xla_flags
+from conftest import child_pids, files_in, free_port, held_here, run_processes, xla_flags
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model, sharding
@@ -743,25 +743,18 @@ def test_a_workdir_another_run_is_using_is_refused_and_left_as_it_is(
     scheduler) would overwrite its checkpoints and logs: it is refused before reading them."""
     import shutil
 
-    from stam_jax.paths import LOCK_FILE, claimed
+    from stam_jax.paths import LOCK_FILE
     from stam_jax.train import TrainConfigError, train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
-    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    with claimed(workdir, 0, "--workdir"):
-        lock = workdir / LOCK_FILE.format(process=0)
-        holder = json.loads(lock.read_text())
+    before = files_in(workdir)
+    with held_here(workdir) as in_use:
         with pytest.raises(TrainConfigError) as refused:
             train_and_evaluate(tiny_config(train_root), workdir)
-        assert str(refused.value) == (
-            f"--workdir={workdir} is in use by another run (process {os.getpid()} on "
-            f"{holder['host']} since {holder['since']}: {holder['command']}); wait for it to "
-            "end or stop it, or give another folder."
-        )
-        after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p != lock}
-        assert after == before
-    assert not lock.exists()
+        assert str(refused.value) == f"--workdir={workdir}{in_use}"
+        assert files_in(workdir) == before
+    assert not (workdir / LOCK_FILE.format(process=0)).exists()
 
 
 def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(train_root, tmp_path):

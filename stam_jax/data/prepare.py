@@ -74,9 +74,7 @@ from stam_jax.data.video import ClipSpec, load_sampled_frames, load_views
 from stam_jax.interrupts import keep_interrupts
 from stam_jax.paths import (
     LOCK_FILE,
-    InUseError,
-    claimed,
-    new_folders_removed_on_failure,
+    made_and_claimed,
     unwritable,
 )
 
@@ -382,16 +380,7 @@ def _prepare(
     else:  # claimed first, so that what is read there is not being written by another job
         if out.exists() and not out.is_dir():
             raise PreparedError(f"--out {out} is a file; give a folder.")
-        try:
-            held.enter_context(new_folders_removed_on_failure(out))
-            out.mkdir(parents=True, exist_ok=True)
-            held.enter_context(claimed(out, 0, f"--out {out}"))
-        except OSError as e:
-            raise PreparedError(
-                f"--out {out} cannot be written: {e}; give a folder you can write to."
-            ) from None
-        except InUseError as e:
-            raise PreparedError(str(e)) from None
+        made_and_claimed(held, out, 0, f"--out {out}", PreparedError)
         meta = _check_out(out, settings, listing, stamps)
     if meta and meta.get("complete"):
         print(f"{out} is already prepared ({meta['num_records']} records); nothing to do.")
