@@ -171,7 +171,7 @@ def made_and_claimed(
 
 def _locked(path: Path, flag: str) -> int | None:
     """An open descriptor of `path` holding its exclusive lock, or None where the file system
-    cannot lock (warned of once per folder).
+    cannot lock (warned of once per file system).
 
     The file of another user's run cannot be opened for writing: its lock is taken through a
     read-only descriptor (a flock needs no write access), so that a folder it holds is refused;
