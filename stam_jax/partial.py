@@ -182,25 +182,35 @@ def _skipped_entry(line: bytes, version: int) -> tuple[int, dict[str, str]] | No
 
 def _read_part(
     folder: Path, name: str
-) -> tuple[dict[str, Any], np.ndarray, dict[int, dict[str, str]], int]:
+) -> tuple[dict[str, Any], np.ndarray, dict[int, dict[str, str]], tuple[int, int]]:
     """One process's files `name.*`: their settings, intact records, skipped videos, and how
-    many records and lines were damaged (left out)."""
+    many records and how many lines were damaged (left out)."""
     meta = _header(folder / f"{name}.json")
     records = _records(
         folder / f"{name}.bin", record_dtype(int(meta["num_classes"]), meta["format"])
     )
     intact = _intact(records)
-    damaged = int((~intact).sum())
+    damaged_lines = 0
     lines = folder / f"{name}.skipped.jsonl"
     skipped = {}
     if lines.exists():
         for line in lines.read_bytes()[: _whole(lines, None)].splitlines():
             entry = _skipped_entry(line, meta["format"])
             if entry is None:
-                damaged += 1
+                damaged_lines += 1
             else:
                 skipped[entry[0]] = entry[1]
-    return meta["settings"], records[intact], skipped, damaged
+    return meta["settings"], records[intact], skipped, (int((~intact).sum()), damaged_lines)
+
+
+def _damaged(records: int, lines: int) -> str:
+    """'N damaged records and M damaged lines of skipped videos' (the parts that are not 0)."""
+    parts = []
+    if records:
+        parts.append(f"{records} damaged record{'s' if records > 1 else ''}")
+    if lines:
+        parts.append(f"{lines} damaged line{'s' if lines > 1 else ''} of skipped videos")
+    return " and ".join(parts)
 
 
 def read_kept(
@@ -263,11 +273,10 @@ def read_kept(
                 f"settings ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); "
                 f"{start_over}."
             )
-        if damaged:
+        if any(damaged):
             print(
-                f"warning: {damaged} damaged record{'s' if damaged > 1 else ''} in "
-                f"{folder / f'p{k}.*'} (cut short, or not written whole before a power loss) "
-                "left out; their videos are evaluated again.",
+                f"warning: {_damaged(*damaged)} in {folder / f'p{k}.*'} (cut short, or not "
+                "written whole before a power loss) left out; their videos are evaluated again.",
                 file=sys.stderr,
             )
         positions.append(records["position"])
@@ -397,20 +406,15 @@ def remove(folder: Path, process: int, processes: int) -> None:
 
 
 def kept_count(folder: Path) -> int:
-    """How many videos' results `folder` keeps (for the line an interrupted run prints)."""
+    """How many videos' results `folder` keeps (for the line an interrupted run prints): the
+    videos of intact records and lines, each once, of the files that can be read."""
     if not folder.is_dir():
         return 0
-    count = 0
+    videos: set[int] = set()
     for header in folder.glob("p*.json"):
-        data = header.with_name(header.stem + ".bin")
-        lines = header.with_name(header.stem + ".skipped.jsonl")
         try:
-            if data.exists():
-                meta = _header(header)
-                size = record_dtype(int(meta["num_classes"]), meta["format"]).itemsize
-                count += _whole(data, size) // size
-            if lines.exists():
-                count += lines.read_bytes()[: _whole(lines, None)].count(b"\n")
+            _, records, skipped, _ = _read_part(folder, header.stem)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return count
+        videos.update(records["position"].tolist(), skipped)
+    return len(videos)

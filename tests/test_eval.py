@@ -982,9 +982,11 @@ def test_damaged_records_are_left_out_and_their_videos_evaluated_again(tmp_path,
     assert kept.positions.tolist() == [4] and list(kept.skipped) == [7]
     np.testing.assert_array_equal(kept.logits, logits[[4]])
     assert capsys.readouterr().err == (
-        f"warning: 4 damaged records in {folder}/p0.* (cut short, or not written whole before "
-        "a power loss) left out; their videos are evaluated again.\n"
+        f"warning: 3 damaged records and 1 damaged line of skipped videos in {folder}/p0.* (cut "
+        "short, or not written whole before a power loss) left out; their videos are evaluated "
+        "again.\n"
     )
+    assert kept_count(folder) == 2  # what an interrupted run says is kept: videos 4 and 7
     # The next append goes after the last intact record (the damaged ones at the end are cut
     # off; video 5's, between intact ones, stays left out).
     journal = Journal(folder, 0, classes, lambda: settings)
@@ -994,7 +996,8 @@ def test_damaged_records_are_left_out_and_their_videos_evaluated_again(tmp_path,
     kept = read_kept(folder, 0, 1, classes, lambda: settings, "--workdir=w")
     assert kept.positions.tolist() == [4, 6, 5]
     np.testing.assert_array_equal(kept.scores, -logits[[4, 6, 5]])
-    assert "1 damaged record in" in capsys.readouterr().err  # the skipped line's
+    assert "1 damaged line of skipped videos in" in capsys.readouterr().err
+    assert kept_count(folder) == 4  # videos 4, 6, 5 and 7
 
     # A journal of format 1 (no CRC, from an earlier version) is read and appended to as such.
     old = tmp_path / "old"
@@ -1048,7 +1051,9 @@ def test_no_single_flipped_bit_is_read_as_a_result(tmp_path, capsys):
             # Left out with a warning; but the last line without its newline is one a kill cut
             # short, left out as such.
             warned = len(at) < 3 or (len(kept.skipped) < 2 and bit // 8 < len(good) - 1)
-            assert ("damaged record" in capsys.readouterr().err) == warned, (name, bit)
+            what = "damaged record" if name == "p0.bin" else "damaged line of skipped videos"
+            assert (what in capsys.readouterr().err) == warned, (name, bit)
+            assert kept_count(folder) == len(at) + len(kept.skipped), (name, bit)
         path.write_bytes(good)
 
 
