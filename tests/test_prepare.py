@@ -239,6 +239,10 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
     with pytest.raises(PreparedError, match="not a prepared dataset"):
         prepare(videos, foreign, SPEC, progress=False)
     assert (foreign / "keep.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(PreparedError, match="a_file is a file, not a folder; give another"):
+        prepare(videos, tmp_path / "a_file", SPEC, progress=False)
+    assert (tmp_path / "a_file").read_text() == "mine"
     with pytest.raises(PreparedError, match="--encoding: there 'raw', now 'jpeg'"):
         prepare(videos, out, SPEC, encoding="jpeg", shard_size=4, progress=False)
     # Each sampling field that differs, by its flag (was the two whole ClipSpecs, to compare).

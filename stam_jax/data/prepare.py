@@ -227,11 +227,8 @@ def _check_out(
     out: Path, settings: dict[str, Any], listing: dict[str, Any], stamps: list[list[int]]
 ) -> dict | None:
     """The existing metadata of `out` when it continues this same job; refuses anything else,
-    such as videos replaced or edited since (their size or modification time differ)."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise PreparedError(f"--out {out} is a file; give a folder.")
+    such as videos replaced or edited since (their size or modification time differ). `out` is
+    a folder: a complete dataset, or one `_prepare` has made (or found) and claimed."""
     meta_path = out / META_FILE
     if not meta_path.is_file():
         if any(not _claim_file(entry) for entry in out.iterdir()):
@@ -378,8 +375,6 @@ def _prepare(
     if complete:  # read only: it is not written (nor claimed)
         meta = _check_out(out, settings, listing, stamps)
     else:  # claimed first, so that what is read there is not being written by another job
-        if out.exists() and not out.is_dir():
-            raise PreparedError(f"--out {out} is a file; give a folder.")
         made_and_claimed(held, out, 0, f"--out {out}", PreparedError)
         meta = _check_out(out, settings, listing, stamps)
     if meta and meta.get("complete"):
