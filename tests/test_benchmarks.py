@@ -255,3 +255,52 @@ def test_partial_bench_smoke():
     (row,) = run_script("benchmarks/partial_bench.py", "--batch", "4", "--videos", "10")
     assert row["bytes_per_video"] == 8 + 2 * 4 * 400 + 4  # position, logits, scores, CRC
     assert row["append_ms"] > 0 and row["read_s"] > 0
+
+
+def test_ctrl_c_bench_smoke():
+    setup, *rows = run_script("benchmarks/ctrl_c_bench.py", "--smoke")
+    assert setup["setup"]["videos"] == 4 and setup["setup"]["workers"] == 2
+    runs, summaries = rows[:2], rows[2:]
+    assert [(r["moment"], r["variant"]) for r in runs] == [
+        ("spawned", "early_stop"),
+        ("spawned", "no_early_stop"),
+    ]
+    for row in runs:  # interrupted while both reading processes were there, and ended as asked
+        assert row["ok"] and row["status"] == 130 and row["readers_at_sigint"] == 2, row
+        assert row["stderr"] == (
+            "interrupted: no results were kept yet; the same command starts again."
+        )
+        assert 0 < row["exit_s"] <= row["gone_s"]
+    assert [(s["variant"], s["good"], s["statuses"], s["failures"]) for s in summaries] == [
+        ("early_stop", 1, [130], []),
+        ("no_early_stop", 1, [130], []),
+    ]
+    assert all(s["exit_s_median"] <= s["gone_s_median"] for s in summaries)
+
+
+def test_ctrl_c_bench_variants_differ_only_in_stop_starting(tmp_path):
+    # The children's sitecustomize replaces Reading.stop_starting with a no-op, or nothing.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ctrl_c_bench import SITECUSTOMIZE
+
+    show = "from stam_jax.data import reading; print(reading.Reading.stop_starting.__qualname__)"
+    names = {}
+    for no_early_stop in (False, True):
+        site = tmp_path / str(no_early_stop)
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(no_early_stop=no_early_stop))
+        result = subprocess.run(
+            [sys.executable, "-c", show],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        names[no_early_stop] = result.stdout.strip()
+    assert names[False] == "Reading.stop_starting"
+    assert names[True].endswith("<lambda>")
+    assert SITECUSTOMIZE.format(no_early_stop=False).replace("False", "True") == (
+        SITECUSTOMIZE.format(no_early_stop=True)
+    )
