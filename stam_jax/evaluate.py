@@ -55,6 +55,7 @@ from stam_jax.model import STAM
 from stam_jax.paths import (
     made_and_claimed,
     missing_folders,
+    new_folders_removed_on_failure,
     unwritable,
 )
 from stam_jax.progress import progress_bar
@@ -358,7 +359,12 @@ NON_FINITE_REASON = "the model gave non-finite logits (NaN/Inf)"
 
 
 def evaluate(
-    config: Any, workdir: str | Path, *, report: bool = True, resumable: bool = True
+    config: Any,
+    workdir: str | Path,
+    *,
+    report: bool = True,
+    resumable: bool = True,
+    claim: bool = True,
 ) -> dict[str, Any]:
     """Evaluates `config.checkpoint` on `config.data.root`; writes results to `workdir`.
 
@@ -369,6 +375,13 @@ def evaluate(
         process 0; the periodic evaluation of training prints its own, shorter one.
       resumable: keep each finished batch's results in `workdir/partial` until the end, and
         carry those an interrupted run with the same settings kept there (`stam_jax.partial`).
+      claim: create and claim `workdir` as the run starts (`stam_jax.paths.made_and_claimed`).
+        False (with `resumable=False` only) where it lies in a folder the caller holds (the
+        periodic evaluation of training): nothing is created until process 0 writes the
+        results, and the folder it then makes is removed again if that write fails. A run
+        interrupted or failed on any process, including one whose process was ended at once
+        because another failed (`stam_jax.sharding.stop_together`: nothing of it is cleaned up
+        then), so leaves no folder.
 
     Returns:
       The results dict (also written as `results.json`). When no video was evaluated its
@@ -382,12 +395,19 @@ def evaluate(
         interrupted evaluation with other settings, or one another run is using (each process
         claims it for the run: `stam_jax.paths.claimed`).
     """
+    if resumable and not claim:
+        raise ValueError("evaluate: resumable=True keeps results in the workdir: it needs claim")
     with contextlib.ExitStack() as held:
-        return _evaluate(config, workdir, report, resumable, held)
+        return _evaluate(config, workdir, report, resumable, claim, held)
 
 
 def _evaluate(
-    config: Any, workdir: str | Path, report: bool, resumable: bool, held: contextlib.ExitStack
+    config: Any,
+    workdir: str | Path,
+    report: bool,
+    resumable: bool,
+    claim: bool,
+    held: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """`evaluate`; the workdir's claim, once made, is held by `held`."""
     start = time.perf_counter()
@@ -456,7 +476,8 @@ def _evaluate(
         # The workdir is claimed before any kept result is read (two runs in one workdir
         # would each evaluate the videos left, and each remove the other's kept results); it
         # is created now, and removed again if the run is refused.
-        made_and_claimed(held, workdir, pid, f"--workdir={workdir}", EvalConfigError, missing)
+        if claim:
+            made_and_claimed(held, workdir, pid, f"--workdir={workdir}", EvalConfigError, missing)
         # Results kept by an interrupted run with the same settings are carried, not redone.
         partial_dir = workdir / partial.PARTIAL
         try:
@@ -620,7 +641,9 @@ def _evaluate(
         "config": config.to_dict(),
     }
     if pid == 0:
-        _write(workdir, results, folder, done_pos, labels, logits, scores)
+        with new_folders_removed_on_failure(workdir):  # made now when not claimed at the start
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write(workdir, results, folder, done_pos, labels, logits, scores)
     if nproc > 1:  # the kept results go once process 0 has written (a failure there keeps them)
         sharding.allgather_json(None)
     if resumable:

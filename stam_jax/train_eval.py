@@ -85,7 +85,11 @@ def periodic_eval(
             multihost_utils.sync_global_devices(f"eval checkpoint {step} {name}")
         eval_config = eval_run_config(config)
         eval_config.checkpoint = str(here / name)
-        results = evaluate(eval_config, here / f"{name}_results", report=False, resumable=False)
+        # Not created before its results are written (the workdir is the run's claim): an
+        # evaluation interrupted or failed on any process leaves no empty folder.
+        results = evaluate(
+            eval_config, here / f"{name}_results", report=False, resumable=False, claim=False
+        )
         counts[name] = results["counts"]
         skipped[name] = results["dropped"] + results["failed"] + results["non_finite"]
         top1 = float(results["metrics"]["top1"])

@@ -592,6 +592,49 @@ def test_decoding_processes_end_when_the_run_fails(video_root, tiny_ckpt, tmp_pa
         assert child_pids() == before
 
 
+def test_an_unclaimed_evaluation_makes_its_folder_only_to_write_its_results(
+    video_root, tiny_ckpt, tmp_path, monkeypatch
+):
+    # Training's periodic evaluation (claim=False) made and claimed `*_results` as it started.
+    # In a multi-process run, the processes that another's failure ends at once (nothing of
+    # theirs cleaned up: `sharding.stop_together`) left it behind, holding only their lock
+    # files. Now nothing is made before process 0 writes the results; a failed write removes
+    # the folders it made, and leaves one that was there before as it was.
+    import stam_jax.evaluate as evaluate_module
+
+    config = config_for(tiny_ckpt[0], video_root, batch_size=10)
+    step = tmp_path / "eval" / "step_2"
+    step.mkdir(parents=True)
+    workdir = step / "params_results"
+    seen, run_loop = [], evaluate_module._run_loop
+
+    def loop(*args):
+        seen.append(workdir.exists())
+        return run_loop(*args)
+
+    monkeypatch.setattr(evaluate_module, "_run_loop", loop)
+    results = evaluate(config, workdir, report=False, resumable=False, claim=False)
+    assert seen == [False]
+    assert sorted(os.listdir(workdir)) == ["predictions.jsonl", "results.json"]
+    assert json.loads((workdir / "results.json").read_text())["counts"] == results["counts"]
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate_module, "_write", full)
+    shutil.rmtree(tmp_path / "eval")
+    with pytest.raises(OSError, match="No space"):
+        evaluate(config, workdir, report=False, resumable=False, claim=False)
+    assert os.listdir(tmp_path) == []  # eval/step_2 too: made for this write
+    workdir.mkdir(parents=True)
+    (workdir / "notes.txt").write_text("mine\n")
+    with pytest.raises(OSError, match="No space"):
+        evaluate(config, workdir, report=False, resumable=False, claim=False)
+    assert os.listdir(workdir) == ["notes.txt"]
+    with pytest.raises(ValueError, match="resumable=True keeps results in the workdir"):
+        evaluate(config, workdir, claim=False)
+
+
 def strict_json(path: Path) -> dict:
     """results.json parsed as strict JSON (Python's json accepts NaN by default)."""
 

@@ -1138,7 +1138,8 @@ def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
 
     scores = {2: {"params": 0.5, "ema": 0.75}, 4: {"params": 0.75, "ema": 0.5}}
 
-    def evaluate(config, workdir, report, resumable):
+    def evaluate(config, workdir, report, resumable, claim):
+        assert not resumable and not claim  # the results folder is made only to write them
         step, name = int(Path(config.checkpoint).parent.name[5:]), Path(config.checkpoint).name
         counts = {"listed": 1, "evaluated": 1}
         top1 = scores[step][name]
