@@ -381,3 +381,41 @@ def test_a_pool_failing_to_start_a_worker_keeps_the_jobs_it_holds(monkeypatch):
     results = list(ordered_map(slow_first, [(i, "x") for i in range(7)], 1, 5))
     assert failures["left"] == 0
     assert [(r.position, r.status) for r in results] == [(i, "ok") for i in range(7)]
+
+
+@pytest.mark.parametrize("accepting", [0, 1])
+def test_pools_that_cannot_start_processes_stop_the_run_saying_why(monkeypatch, accepting):
+    # Every pool after the first `accepting` refuses work (a system out of processes). The
+    # refused retry of a crashed video alone (accepting=1) ended the run with the bare
+    # BlockingIOError; a refused first job (accepting=0) made new pools forever.
+    import concurrent.futures
+    import multiprocessing
+
+    from stam_jax.data import loader
+
+    made = []  # the pools made
+
+    class RefusingPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            if len(made) > accepting:
+                raise OSError(11, "Resource temporarily unavailable")
+            return super().submit(*args, **kwargs)
+
+    def refusing_pool(self):
+        made.append(1)
+        assert len(made) <= 5, "new pools are made forever"
+        return RefusingPool(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    monkeypatch.setattr(loader._ParallelDecoder, "_pool", refusing_pool)
+    results = ordered_map(crash_on_bad, [(0, "a"), (1, "bad"), (2, "c")], 1, 2)
+    if accepting:
+        assert next(results).status == "ok"
+    with pytest.raises(
+        loader.DecoderStartError,
+        match=r"^cannot start decoding processes: a new process pool refused work twice "
+        r"\(BlockingIOError: \[Errno 11\] Resource temporarily unavailable\), so no video can be "
+        r"decoded\. .* use fewer decoding processes \(--config\.data\.workers, .*; 0 decodes "
+        r"in this process\)\.$",
+    ):
+        next(results)
+    assert len(made) == accepting + 2

@@ -172,12 +172,29 @@ _END = object()
 _SUBMIT_FAILURES = (concurrent.futures.process.BrokenProcessPool, OSError)
 
 
+class DecoderStartError(RuntimeError):
+    """Decoding processes cannot be started; the message names why and what to do."""
+
+
+def _start_error(error: BaseException) -> DecoderStartError:
+    return DecoderStartError(
+        "cannot start decoding processes: a new process pool refused work twice "
+        f"({type(error).__name__}: {error}), so no video can be decoded. The system is likely "
+        "short of processes, memory or open files (see `ulimit -u` and `ulimit -n`): free "
+        "some, or use fewer decoding processes (--config.data.workers, or --workers of "
+        "stam_jax.data.prepare; 0 decodes in this process)."
+    )
+
+
 class _ParallelDecoder:
     """Ordered decoding over a process pool that survives a worker crashing on a bad file.
 
     When a worker dies (say, a decoder crash on a corrupt file), the job at the head of the
     queue is retried alone on a fresh pool: if it crashes again it is reported as failed,
-    otherwise decoding resumes after it. Either way the run goes on.
+    otherwise decoding resumes after it. Either way the run goes on. A pool that refuses a job
+    with nothing pending is replaced once; when the new one refuses it too, no process can be
+    started and `DecoderStartError` says so (it was retried forever, or, for the job retried
+    alone, raised as is).
     """
 
     def __init__(
@@ -196,25 +213,28 @@ class _ParallelDecoder:
     def __iter__(self) -> Iterator[Decoded]:
         pool = self._pool()
         pending: collections.deque = collections.deque()
-        next_position, isolating = 0, False
+        next_position, isolating, refused = 0, False, False
         try:
             while pending or next_position < len(self.jobs):
-                while (
-                    not isolating
-                    and next_position < len(self.jobs)
-                    and len(pending) < self.prefetch
+                while next_position < len(self.jobs) and len(pending) < (
+                    1 if isolating else self.prefetch
                 ):
                     try:
                         future = _submit(pool, self.fn, self.jobs[next_position])
-                    except _SUBMIT_FAILURES:
+                    except _SUBMIT_FAILURES as e:
                         # A worker died: the pool refuses work, or (while its manager thread
                         # is tearing it down) fails to start a replacement worker. The head's
-                        # result says which job it was; with nothing pending, a fresh pool.
+                        # result says which job it was; with nothing pending, a fresh pool,
+                        # once: a fresh pool refusing too cannot start its processes.
                         if pending:
                             break
+                        if refused:
+                            raise _start_error(e) from e
+                        refused = True
                         _discard(pool)
                         pool = self._pool()
                         continue
+                    refused = False
                     pending.append(future)
                     next_position += 1
                 head = pending[0]
@@ -225,11 +245,10 @@ class _ParallelDecoder:
                     _discard(pool)
                     pool = self._pool()
                     pending.clear()
-                    next_position = position + 1
-                    if not isolating:  # retry the head alone to find the culprit
-                        isolating = True
-                        pending.append(_submit(pool, self.fn, self.jobs[position]))
+                    if not isolating:  # retry the head alone (submitted above) to find the culprit
+                        isolating, next_position = True, position
                         continue
+                    next_position = position + 1
                     result = Decoded(position, None, "failed", "the decoder process crashed")
                 else:
                     pending.popleft()
