@@ -153,9 +153,18 @@ class PreparedDataset:
 
     def record_positions(self) -> np.ndarray:
         """Each record's video, as its index in the listing: records are the listed videos in
-        listing order, less those in `outcomes`."""
-        kept = (p for p in range(len(self.folder.items)) if p not in self.outcomes)
-        return np.fromiter(kept, np.int64, self.num_records)
+        listing order, less those in `outcomes`.
+
+        Computed once per opened dataset (an evaluation asks twice: for the records left, then
+        for its share of them), and read-only: every caller shares the one array.
+        """
+        positions = self.__dict__.get("_record_positions")
+        if positions is None:
+            kept = (p for p in range(len(self.folder.items)) if p not in self.outcomes)
+            positions = np.fromiter(kept, np.int64, self.num_records)
+            positions.flags.writeable = False
+            object.__setattr__(self, "_record_positions", positions)  # frozen: not a field
+        return positions
 
     def mismatches(self, spec: ClipSpec) -> list[str]:
         """'--config.data.FIELD: prepared X, asked Y' for each sampling field that differs from
