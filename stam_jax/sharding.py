@@ -49,6 +49,15 @@ def check_distributed(coordinator: str, num_processes: int, process_id: int) -> 
             f"--config.distributed.process_id={pid} with num_processes={n}; give each process "
             f"a distinct id from 0 to {n - 1}."
         )
+    host, colon, port = coordinator.rpartition(":")
+    # jax.distributed failed on these with an IndexError (no port) or "Failed to start RPC
+    # server" (a port that is no number), each as a traceback.
+    if coordinator and not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(
+            f"--config.distributed.coordinator={coordinator}: use HOST:PORT, process 0's host "
+            "and a free port from 1 to 65535 (e.g. localhost:12355 or 10.0.0.1:12355), the "
+            "same in every process."
+        )
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:

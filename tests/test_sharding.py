@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,19 @@ def test_check_distributed_refuses_what_jax_distributed_would_fail_on() -> None:
         sharding.check_distributed("host:1234", 2, 2)
     with pytest.raises(ValueError, match=r"process_id=-1 with num_processes=1"):
         sharding.check_distributed("", 1, -1)
+
+
+@pytest.mark.parametrize(
+    "coordinator", ["localhost", "localhost:", ":1234", "host:http", "h:0", "h:65536"]
+)
+def test_a_coordinator_that_is_not_host_and_port_is_refused(coordinator) -> None:
+    # jax.distributed failed on these with a traceback (IndexError: list index out of range
+    # without a port; "Failed to start RPC server" for a port that is no number).
+    for ok in ["localhost:12355", "10.0.0.1:1", "[::1]:65535"]:
+        sharding.check_distributed(ok, 2, 0)
+    with pytest.raises(
+        ValueError,
+        match=rf"^--config.distributed.coordinator={re.escape(coordinator)}: use HOST:PORT, "
+        r"process 0's host and a free port from 1 to 65535 \(e.g. localhost:12355 ",
+    ):
+        sharding.check_distributed(coordinator, 2, 0)
