@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +59,33 @@ def check_distributed(coordinator: str, num_processes: int, process_id: int) -> 
             "and a free port from 1 to 65535 (e.g. localhost:12355 or 10.0.0.1:12355), the "
             "same in every process."
         )
+    # Process 0 starts the coordination service there: on a port in use, jax crashed with a
+    # segmentation fault. (Already joined, as the periodic evaluation is, it holds the port.)
+    busy = pid == 0 and coordinator and not jax.distributed.is_initialized() and _unbindable(port)
+    if busy:
+        raise ValueError(
+            f"--config.distributed.coordinator={coordinator}: process 0 cannot listen on port "
+            f"{port} of this host ({busy}): another program, or an earlier run still ending, "
+            "holds it; give a free port, the same in every process."
+        )
+
+
+def _unbindable(port: str) -> str | None:
+    """Why a server could not listen on `port` of every interface of this host (jax's
+    coordination service does), or None."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here: the IPv4 address decides
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            try:
+                probe.bind((address, int(port)))
+            except OSError as e:
+                return e.strerror or str(e)
+            return None
+    return None
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -212,10 +212,30 @@ def test_a_coordinator_that_is_not_host_and_port_is_refused(coordinator) -> None
     # jax.distributed failed on these with a traceback (IndexError: list index out of range
     # without a port; "Failed to start RPC server" for a port that is no number).
     for ok in ["localhost:12355", "10.0.0.1:1", "[::1]:65535"]:
-        sharding.check_distributed(ok, 2, 0)
+        sharding.check_distributed(ok, 2, 1)  # process 1: its port is not bound here
     with pytest.raises(
         ValueError,
         match=rf"^--config.distributed.coordinator={re.escape(coordinator)}: use HOST:PORT, "
         r"process 0's host and a free port from 1 to 65535 \(e.g. localhost:12355 ",
     ):
         sharding.check_distributed(coordinator, 2, 0)
+
+
+def test_a_coordinator_port_in_use_is_refused_in_process_0() -> None:
+    # jax.distributed's coordination service, started by process 0 on a port another program
+    # listens on, ended the process with a segmentation fault.
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(
+            ValueError,
+            match=rf"^--config.distributed.coordinator=localhost:{port}: process 0 cannot listen "
+            rf"on port {port} of this host \(Address already in use\): another program, or an "
+            r"earlier run still ending, holds it; give a free port, the same in every process\.$",
+        ):
+            sharding.check_distributed(f"localhost:{port}", 2, 0)
+        sharding.check_distributed(f"localhost:{port}", 2, 1)  # not process 0: it connects
+    sharding.check_distributed(f"localhost:{port}", 2, 0)  # free again
