@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -65,6 +66,24 @@ def interrupts_held() -> Iterator[None]:
             previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def interrupts_unwrapped() -> Iterator[None]:
+    """Raises a Ctrl-C that C code wrapped in a SystemError as the KeyboardInterrupt it is.
+
+    A KeyboardInterrupt raised in Python code called from C code that does not look for it
+    (numpy asking one of JAX's scalar types for its dtype, while a model is traced) comes out
+    as "SystemError: <function ...> returned a result with an exception set", the interrupt as
+    its cause: the command ended with that traceback and status 1 instead of 130. It is raised
+    with the SystemError's traceback (the frames the interrupt came up through).
+    """
+    try:
+        yield
+    except SystemError as e:
+        if not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+        raise e.__cause__.with_traceback(e.__traceback__) from None
+
+
 def interrupted_compilation(error: BaseException) -> bool:
     """Whether `error` was raised while XLA compiled: JAX's compiler module is in its traceback.
 
@@ -86,10 +105,23 @@ def exit_interrupted(error: KeyboardInterrupt, status: int) -> NoReturn:
     with `status`. The process then ends without that shutdown (`os._exit`), once its output is
     flushed; the command's own cleanup (decoding processes stopped, saves let finish) has run,
     as the interrupt came up through it. Any other interrupt: `sys.exit(status)`.
+
+    Either way, what the frames the interrupt came up through still hold is freed first (the
+    traceback keeps them to the end): a video read by grain's reading processes lies in a
+    shared-memory block that is unlinked only when its array is freed, and Python's resource
+    tracker warned of "leaked shared_memory objects" as the command ended.
     """
-    if interrupted_compilation(error):
+    compiling = interrupted_compilation(error)
+    _release(error)
+    if compiling:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def _release(error: BaseException) -> None:
+    """Frees what the frames `error` came up through still hold, now."""
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from conftest import TINY_CONFIGS, cli_args, random_params
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
+from stam_jax.interrupts import exit_interrupted
 from stam_jax.partial import PARTIAL, kept_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +98,33 @@ def test_a_ctrl_c_during_compilation_ends_the_process_without_the_interpreter_sh
     with pytest.raises(SystemExit) as end:
         exit_interrupted(elsewhere.value, 130)
     assert end.value.code == 130
+
+
+def test_exit_interrupted_frees_what_the_interrupted_frames_held():
+    # A video's shared-memory block held by a frame the interrupt came up through was never
+    # unlinked (the traceback keeps the frames to the end): Python's resource tracker warned of
+    # a leaked shared_memory object as the command ended.
+    class Block:
+        pass
+
+    held: list[weakref.ref] = []
+
+    def reading():
+        block = Block()
+        held.append(weakref.ref(block))
+        raise KeyboardInterrupt
+
+    def evaluating():
+        reading()
+
+    try:
+        evaluating()
+    except KeyboardInterrupt as e:
+        assert held[0]() is not None  # the traceback keeps it
+        with pytest.raises(SystemExit) as end:
+            exit_interrupted(e, 130)
+        assert end.value.code == 130
+        assert held[0]() is None  # freed while `e` and its traceback are still there
 
 
 def start_in_own_group(*args: str) -> subprocess.Popen:
@@ -204,3 +233,4 @@ def test_convert_stops_on_ctrl_c_while_importing_jax(official_pth, eval_inputs, 
     _, err = process.communicate(timeout=120)
     assert (process.returncode, err) == (130, message + "\n")
     assert not any(tmp_path.glob("ckpt*")) and not (tmp_path / "out.pth").exists()
+

@@ -194,7 +194,9 @@ class _DecodedItems(Iterator[Decoded]):
         except BaseException:
             self.close()
             raise
-        return Decoded(int(x["index"]), x["views"], "ok")
+        # Taken out of grain's element: a thread of grain's may keep the element itself after
+        # an interrupt, and with it the video's shared-memory block, never unlinked.
+        return Decoded(int(x["index"]), x.pop("views"), "ok")
 
     def stop_starting(self) -> None:
         """Ends the reading processes that have not made an element yet (`Reading`)."""
