@@ -19,7 +19,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags
-from stam_jax.interrupts import exit_interrupted, interrupts_held, keep_interrupts
+from stam_jax.interrupts import (
+    exit_interrupted,
+    interrupts_held,
+    interrupts_unwrapped,
+    keep_interrupts,
+)
 
 # JAX and the rest are imported in main(): the decoding processes (spawned) import this module
 # too, and would each spend about 2 s importing JAX and Flax they never use.
@@ -81,7 +86,8 @@ def _train() -> None:
         return EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else 1
 
     try:
-        with stop_together(status, EXIT_PEER_FAILED):  # one process fails: all stop, saying why
+        # One process fails: all stop, saying why. A Ctrl-C is one however it comes.
+        with stop_together(status, EXIT_PEER_FAILED), interrupts_unwrapped():
             summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (TrainConfigError, TrainStopped) as e:  # a refusal, or a stop: one line
         print(f"error: {e}", file=sys.stderr)

@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None, *, ends_process: bool = False) -> int:
     args = parser.parse_args(argv)
     from stam_jax.data.folder import DatasetError, read_class_list
     from stam_jax.data.video import VideoError
-    from stam_jax.interrupts import exit_interrupted, keep_interrupts
+    from stam_jax.interrupts import exit_interrupted, interrupts_unwrapped, keep_interrupts
 
     keep_interrupts()
     try:
@@ -449,8 +449,9 @@ def main(argv: list[str] | None = None, *, ends_process: bool = False) -> int:
                 raise DatasetError(
                     f"{args.classes} names {len(classes)} classes; the model has {expected}."
                 )
-        result = explain_video(args.checkpoint, args.video, args.frame_rate)
-        out = draw(result, out, classes)
+        with interrupts_unwrapped():  # a Ctrl-C that C code wrapped is one all the same
+            result = explain_video(args.checkpoint, args.video, args.frame_rate)
+            out = draw(result, out, classes)
     except (DatasetError, VideoError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

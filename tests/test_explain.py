@@ -12,6 +12,7 @@ from conftest import TINY_CONFIGS, random_params
 from PIL import Image
 
 from stam_jax import checkpoints, create_model, model_config
+from stam_jax import explain as explain_module
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.explain import draw, explain_video, figure, main, rollout
 
@@ -312,3 +313,23 @@ def test_draw_refuses_a_path_without_a_picture_suffix(tmp_path):
         with pytest.raises(ValueError, match=rf"cannot write {tmp_path / name}: pictures are wr"):
             draw({}, tmp_path / name)  # refused before the result is read
     assert not list(tmp_path.iterdir())
+
+
+def test_explain_ends_a_ctrl_c_that_c_code_wrapped_as_interrupted(
+    explained, tmp_path, capsys, monkeypatch
+):
+    # A KeyboardInterrupt that C code hands on as "SystemError: ... returned a result with an
+    # exception set" (while the model is traced) is a Ctrl-C all the same.
+    root, video = explained
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise SystemError("<function f> returned a result with an exception set") from e
+
+    monkeypatch.setattr(explain_module, "explain_video", interrupted)
+    out = tmp_path / "picture.png"
+    assert main([str(video), "--checkpoint", str(root / "ckpt"), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "interrupted: nothing was written.\n"
+    assert not out.exists()
