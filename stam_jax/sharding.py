@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -327,6 +328,11 @@ _STOP_KEYS = "stam_jax/stop/"
 _POLL_S = 0.25  # how often each process reads the others' reports
 _GRACE_S = 3.0  # how long a deliberate stop (a refusal, a NaN loss) is left to this process's own
 _LEAVE_S = 10.0  # how long process 0 waits for the others to end before it ends
+# How long a deliberate stop is left to this process when its own Ctrl-C has arrived: it is
+# stopping as itself, but its cleanup (grain's reading processes ended, a save let finish)
+# comes before its report. Less than _LEAVE_S: the reporting process 0 ends then, and jax
+# with it would end this one with its own fatal message.
+_OWN_STOP_S = _LEAVE_S - 2.0
 
 
 class _Stop:
@@ -339,6 +345,7 @@ class _Stop:
     peer_status = 1
     watching = False
     checked = False  # `stop_if_another_failed` has looked
+    interrupted = False  # a Ctrl-C has reached this process in the block of `stop_together`
 
 
 def _claim() -> bool:
@@ -426,9 +433,18 @@ def _watch() -> None:
             # once: this process is given the time to come to it too, and end as itself.
             if _Stop.claimed:
                 break
-            if (report["status"] == 1 or now - seen >= _GRACE_S) and _claim():
-                _leave(_failed(pid, report, me), _Stop.peer_status)
+            grace = _OWN_STOP_S if _Stop.interrupted else _GRACE_S
+            if (report["status"] == 1 or now - seen >= grace) and _claim():
+                _leave(_failed(pid, report, me), _peer_stop_status(report))
         time.sleep(_POLL_S)
+
+
+def _peer_stop_status(report: dict[str, Any]) -> int:
+    """The status of this process ended by another's `report`: `peer_status`, or, for a
+    deliberate stop when its own Ctrl-C had arrived too, that of its own interrupt."""
+    if _Stop.interrupted and report["status"] != 1 and _Stop.status_of is not None:
+        return _Stop.status_of(KeyboardInterrupt())
+    return _Stop.peer_status
 
 
 def _failed(pid: int, report: dict[str, Any], me: int) -> str:
@@ -479,7 +495,9 @@ def stop_together(status_of: Callable[[BaseException], int], peer_status: int) -
     reports nothing: the others end at their next collective, naming it as one that stopped
     answering. This process itself leaves the block as usual (its message is printed as
     always), then ends with `status_of(error)` without jax's shutdown, which would wait for the
-    processes already gone.
+    processes already gone. A Ctrl-C that reaches every process ends each as interrupted: one
+    whose own Ctrl-C has arrived is left `_OWN_STOP_S` (8 s) after another's report to report
+    its own, and past that is ended with `status_of(KeyboardInterrupt())`, not `peer_status`.
 
     Args:
       status_of: the exit status the command ends with for an exception (1 for one it does not
@@ -488,13 +506,40 @@ def stop_together(status_of: Callable[[BaseException], int], peer_status: int) -
     """
     _Stop.status_of, _Stop.peer_status = status_of, peer_status
     _start_watching()  # already joined (a command that joins before the block)
+    with _interrupts_noted():
+        try:
+            yield
+        except BaseException as error:
+            if _Stop.watching and not isinstance(error, SystemExit):
+                stop_if_another_failed(error)
+                _report(error)
+            raise
+
+
+@contextlib.contextmanager
+def _interrupts_noted() -> Iterator[None]:
+    """Notes in `_Stop.interrupted` each Ctrl-C that reaches this process in the block, as it
+    arrives (SIGINT's handler, wrapped; from the main thread only, where handlers are set).
+
+    A terminal's or a scheduler's Ctrl-C reaches every process at once, but each reports it
+    only once its cleanup is done: one whose cleanup took more than `_GRACE_S` longer than
+    another's was ended by the other's report, with status `peer_status` (5), not that of an
+    interrupt. Noted, its own interrupt is left `_OWN_STOP_S` to be reported.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+
+    def noted(signum: int, frame: Any) -> Any:
+        _Stop.interrupted = True
+        return previous(signum, frame)
+
+    signal.signal(signal.SIGINT, noted)
     try:
         yield
-    except BaseException as error:
-        if _Stop.watching and not isinstance(error, SystemExit):
-            stop_if_another_failed(error)
-            _report(error)
-        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stop_if_another_failed(error: BaseException) -> None:

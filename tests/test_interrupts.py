@@ -13,7 +13,7 @@ import weakref
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIGS, cli_args, random_params
+from conftest import TINY_CONFIGS, cli_args, free_port, random_params, xla_flags
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
@@ -316,3 +316,74 @@ def test_the_commands_end_a_wrapped_ctrl_c_as_interrupted(
     )
     expected = message.format(workdir=tmp_path / "out") + "\n"
     assert (result.returncode, result.stderr) == (130, expected)
+
+
+_LATE = """
+import sys, time
+
+import jax
+
+from stam_jax import sharding
+from stam_jax.interrupts import keep_interrupts
+
+port, rank, cleanup_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+keep_interrupts()
+jax.distributed.initialize(f"localhost:{port}", 2, rank)
+try:
+    with sharding.stop_together(lambda e: 130 if isinstance(e, KeyboardInterrupt) else 1, 5):
+        try:
+            print("ready", flush=True)
+            # Short waits, as a command's steps: Python raises the KeyboardInterrupt only when
+            # the main thread runs again, and a SIGINT that lands between the print and one
+            # long sleep's system call (this process preempted after waking the test) would
+            # wait for the whole sleep, the process never knowing it was interrupted.
+            for _ in range(1200):
+                time.sleep(0.1)
+        finally:
+            time.sleep(cleanup_s)  # what a command does before it reports (a save let finish)
+except KeyboardInterrupt:
+    print(f"interrupted {rank}", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("cleanup_s", ["5", "60"])
+def test_a_ctrl_c_that_one_process_reports_late_still_ends_it_as_interrupted(tmp_path, cleanup_s):
+    # A Ctrl-C reaches both processes at once; process 1 cleans up before it reports it,
+    # process 0 does not. Process 1 was ended by process 0's report after 3 s, with status 5
+    # and "error: process 0 failed: interrupted (Ctrl-C)", as if it had not been interrupted.
+    # Now it is left 8 s to end as itself; past that (process 0 ends at 10 s, and jax would
+    # end it with its fatal message), it is ended with that line, but as interrupted: 130.
+    script = tmp_path / "late.py"
+    script.write_text(_LATE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(port), str(rank), cleanup_s],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, cleanup_s in ((0, "0"), (1, cleanup_s))
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline() == "ready\n", process.communicate()
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+        ended = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [130, 130], ended
+    assert "interrupted 0" in ended[0][1].splitlines() and "error:" not in ended[0][1]
+    if cleanup_s == "5":
+        assert "interrupted 1" in ended[1][1].splitlines() and "error:" not in ended[1][1]
+    else:
+        assert ended[1][1].splitlines()[-1] == (
+            "error: process 0 failed: interrupted (Ctrl-C) (process 1 stopped with it; process "
+            "0's own output says more)."
+        ), ended[1][1]
