@@ -346,6 +346,8 @@ class _Stop:
     watching = False
     checked = False  # `stop_if_another_failed` has looked
     interrupted = False  # a Ctrl-C has reached this process in the block of `stop_together`
+    written: int | None = None  # the pipe's end Python's signal handler writes to (`_noted_in_c`)
+    written_lock = threading.Lock()  # the watcher reads it while the main thread may close it
 
 
 def _claim() -> bool:
@@ -426,6 +428,7 @@ def _watch() -> None:
             reports = _reports(client, me)
         except Exception:  # the store is gone with process 0: jax ends this process
             return
+        _read_written_signals()
         now = time.monotonic()
         for pid, report in sorted(reports.items()):
             seen = first_seen.setdefault(pid, now)
@@ -496,8 +499,9 @@ def stop_together(status_of: Callable[[BaseException], int], peer_status: int) -
     answering. This process itself leaves the block as usual (its message is printed as
     always), then ends with `status_of(error)` without jax's shutdown, which would wait for the
     processes already gone. A Ctrl-C that reaches every process ends each as interrupted: one
-    whose own Ctrl-C has arrived is left `_OWN_STOP_S` (8 s) after another's report to report
-    its own, and past that is ended with `status_of(KeyboardInterrupt())`, not `peer_status`.
+    whose own Ctrl-C has arrived (even while its main thread waits in C) is left `_OWN_STOP_S`
+    (8 s) after another's report to report its own, and past that is ended with
+    `status_of(KeyboardInterrupt())`, not `peer_status`.
 
     Args:
       status_of: the exit status the command ends with for an exception (1 for one it does not
@@ -537,9 +541,67 @@ def _interrupts_noted() -> Iterator[None]:
 
     signal.signal(signal.SIGINT, noted)
     try:
-        yield
+        with _noted_in_c():
+            yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _noted_in_c() -> Iterator[None]:
+    """Has Python's C-level signal handler write each signal's number to a pipe the watcher
+    reads (`_read_written_signals`), as a wakeup fd (`signal.set_wakeup_fd`; from the main
+    thread, and only where no other is set: that one is left as it was).
+
+    SIGINT's Python handler runs only when the main thread next runs Python: a process whose
+    main thread waits in C (a collective, a device's computation, a long call) when the Ctrl-C
+    comes looked not interrupted for that long. The C-level handler writes at once.
+    """
+    read, write = os.pipe()
+    try:
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)  # as set_wakeup_fd requires
+        theirs = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except BaseException:
+        os.close(read)
+        os.close(write)
+        raise
+    if theirs != -1:  # another's (asyncio's): put back
+        signal.set_wakeup_fd(theirs)
+        os.close(read)
+        os.close(write)
+        yield
+        return
+    with _Stop.written_lock:
+        _Stop.written = read
+    try:
+        yield
+    finally:
+        _read_written_signals()  # what the watcher had not read yet
+        with _Stop.written_lock:
+            _Stop.written = None
+        mine = signal.set_wakeup_fd(-1)  # before the pipe is closed: it is written to till then
+        if mine != write:  # replaced in the block by another's, which stays
+            signal.set_wakeup_fd(mine)
+        os.close(read)
+        os.close(write)
+
+
+def _read_written_signals() -> None:
+    """Notes in `_Stop.interrupted` a SIGINT that Python's C-level handler wrote (`_noted_in_c`),
+    emptying the pipe (the watcher thread, at each poll)."""
+    written = b""
+    with _Stop.written_lock:
+        while _Stop.written is not None:
+            try:
+                chunk = os.read(_Stop.written, 4096)
+            except OSError:  # BlockingIOError: nothing more written
+                break
+            written += chunk
+            if len(chunk) < 4096:
+                break
+    if signal.SIGINT in written:
+        _Stop.interrupted = True
 
 
 def stop_if_another_failed(error: BaseException) -> None:

@@ -387,3 +387,107 @@ def test_a_ctrl_c_that_one_process_reports_late_still_ends_it_as_interrupted(tmp
             "error: process 0 failed: interrupted (Ctrl-C) (process 1 stopped with it; process "
             "0's own output says more)."
         ), ended[1][1]
+
+
+_IN_C = """
+import sys, threading, time
+
+import jax
+from jax._src import distributed
+
+from stam_jax import sharding
+from stam_jax.interrupts import keep_interrupts
+
+port, rank = sys.argv[1], int(sys.argv[2])
+keep_interrupts()
+jax.distributed.initialize(f"localhost:{port}", 2, rank)
+
+
+def ready():
+    time.sleep(0.1)  # lets go of the GIL, had again only once the main thread waits in C++
+    print("ready", flush=True)
+
+
+try:
+    with sharding.stop_together(lambda e: 130 if isinstance(e, KeyboardInterrupt) else 1, 5):
+        if rank == 0:
+            print("ready", flush=True)
+            for _ in range(1200):
+                time.sleep(0.1)
+        else:
+            sys.setswitchinterval(60)  # the main thread keeps the GIL up to the barrier's wait
+            threading.Thread(target=ready, daemon=True).start()
+            # A collective process 0 never joins, waited on in C++: a signal does not end the
+            # wait, and SIGINT's Python handler runs only when it ends (here: a minute later).
+            distributed.global_state.client.wait_at_barrier("stam_jax/test/never", 60_000)
+except KeyboardInterrupt:
+    print(f"interrupted {rank}", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_a_ctrl_c_that_comes_while_a_process_waits_in_c_still_ends_it_as_interrupted(tmp_path):
+    # A Ctrl-C reaches both processes at once; process 1 is waiting in C++ (a collective, a
+    # device's computation), where Python does not run SIGINT's handler, which noted the
+    # interrupt. It so looked not interrupted, and process 0's report ended it after 3 s with
+    # status 5. Python's C-level handler, which runs at once, now notes it (a wakeup fd): it is
+    # left 8 s, then ended with process 0's line, as interrupted: 130.
+    script = tmp_path / "in_c.py"
+    script.write_text(_IN_C)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(port), str(rank)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline() == "ready\n", process.communicate()
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+        ended = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [130, 130], ended
+    assert "interrupted 0" in ended[0][1].splitlines() and "error:" not in ended[0][1]
+    assert ended[1][1].splitlines()[-1] == (
+        "error: process 0 failed: interrupted (Ctrl-C) (process 1 stopped with it; process "
+        "0's own output says more)."
+    ), ended[1][1]
+
+
+def test_stop_together_leaves_the_wakeup_fd_as_it_found_it(monkeypatch):
+    from stam_jax import sharding
+
+    monkeypatch.setattr(sharding._Stop, "status_of", None)
+    monkeypatch.setattr(sharding._Stop, "peer_status", 1)
+    assert signal.set_wakeup_fd(-1) == -1
+    # None set: its own is set in the block, unset and closed after it, an error's way too.
+    with pytest.raises(ValueError), sharding.stop_together(lambda e: 1, 5):
+        inside = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(inside, warn_on_full_buffer=False)
+        assert inside != -1
+        raise ValueError
+    assert signal.set_wakeup_fd(-1) == -1
+    with pytest.raises(OSError):
+        os.fstat(inside)
+    # Another's (asyncio's) is left alone.
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        signal.set_wakeup_fd(write)
+        with sharding.stop_together(lambda e: 1, 5):
+            assert signal.set_wakeup_fd(write) == write
+        assert signal.set_wakeup_fd(-1) == write
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read)
+        os.close(write)
