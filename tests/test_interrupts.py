@@ -318,6 +318,39 @@ def test_the_commands_end_a_wrapped_ctrl_c_as_interrupted(
     assert (result.returncode, result.stderr) == (130, expected)
 
 
+def interrupt_both(
+    tmp_path: Path, script: str, *args: tuple[str, ...]
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """Runs `script PORT RANK *args[RANK]` as processes 0 and 1 of one jax.distributed run,
+    sends each SIGINT once both print "ready", and returns their exit statuses and their
+    (stdout, stderr)."""
+    path = tmp_path / "both.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(path), str(port), str(rank), *rank_args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, rank_args in enumerate(args)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline() == "ready\n", process.communicate()
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+        ended = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [process.returncode for process in processes], ended
+
+
 _LATE = """
 import sys, time
 
@@ -354,31 +387,8 @@ def test_a_ctrl_c_that_one_process_reports_late_still_ends_it_as_interrupted(tmp
     # and "error: process 0 failed: interrupted (Ctrl-C)", as if it had not been interrupted.
     # Now it is left 8 s to end as itself; past that (process 0 ends at 10 s, and jax would
     # end it with its fatal message), it is ended with that line, but as interrupted: 130.
-    script = tmp_path / "late.py"
-    script.write_text(_LATE)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(port), str(rank), cleanup_s],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank, cleanup_s in ((0, "0"), (1, cleanup_s))
-    ]
-    try:
-        for process in processes:
-            assert process.stdout.readline() == "ready\n", process.communicate()
-        for process in processes:
-            process.send_signal(signal.SIGINT)
-        ended = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [process.returncode for process in processes] == [130, 130], ended
+    statuses, ended = interrupt_both(tmp_path, _LATE, ("0",), (cleanup_s,))
+    assert statuses == [130, 130], ended
     assert "interrupted 0" in ended[0][1].splitlines() and "error:" not in ended[0][1]
     if cleanup_s == "5":
         assert "interrupted 1" in ended[1][1].splitlines() and "error:" not in ended[1][1]
@@ -432,31 +442,8 @@ def test_a_ctrl_c_that_comes_while_a_process_waits_in_c_still_ends_it_as_interru
     # interrupt. It so looked not interrupted, and process 0's report ended it after 3 s with
     # status 5. Python's C-level handler, which runs at once, now notes it (a wakeup fd): it is
     # left 8 s, then ended with process 0's line, as interrupted: 130.
-    script = tmp_path / "in_c.py"
-    script.write_text(_IN_C)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(port), str(rank)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    try:
-        for process in processes:
-            assert process.stdout.readline() == "ready\n", process.communicate()
-        for process in processes:
-            process.send_signal(signal.SIGINT)
-        ended = [process.communicate(timeout=120) for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
-    assert [process.returncode for process in processes] == [130, 130], ended
+    statuses, ended = interrupt_both(tmp_path, _IN_C, (), ())
+    assert statuses == [130, 130], ended
     assert "interrupted 0" in ended[0][1].splitlines() and "error:" not in ended[0][1]
     assert ended[1][1].splitlines()[-1] == (
         "error: process 0 failed: interrupted (Ctrl-C) (process 1 stopped with it; process "

@@ -689,25 +689,32 @@ def left_after(session: int, within: float) -> dict[int, str]:
     return stats
 
 
-def test_ctrl_c_while_grain_reading_processes_start_stops_at_once(prepared_raw, ckpt, tmp_path):
-    # A Ctrl-C waited for each reading process to start (importing grain, JAX and TFDS: 7-40 s
-    # in all on a busy 2-core machine) and read a video before the command could end; here
-    # they would take a minute. They are ended at once instead, having nothing to hand over.
-    out, _ = prepared_raw
+def eval_in_own_session(
+    tmp_path: Path, site: str, data: Path, ckpt: Path, *args: str
+) -> subprocess.Popen:
+    """`run_eval.py` of the tiny config on `data` into `tmp_path/out`, with `site` as its
+    sitecustomize, in a session of its own (a terminal's Ctrl-C: SIGINT to its whole group)."""
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_START)
-    workdir = tmp_path / "out"
-    args = ["run_eval.py", "--config=configs/tiny.py", f"--config.checkpoint={ckpt}"]
-    args += [f"--config.data.root={out}", "--config.data.workers=3", f"--workdir={workdir}"]
-    process = subprocess.Popen(
-        [sys.executable, *args],
+    (tmp_path / "site" / "sitecustomize.py").write_text(site)
+    command = ["run_eval.py", "--config=configs/tiny.py", f"--config.checkpoint={ckpt}"]
+    command += [f"--config.data.root={data}", f"--workdir={tmp_path / 'out'}", *args]
+    return subprocess.Popen(
+        [sys.executable, *command],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # as a terminal's Ctrl-C: SIGINT to the whole group
+        start_new_session=True,
     )
+
+
+def test_ctrl_c_while_grain_reading_processes_start_stops_at_once(prepared_raw, ckpt, tmp_path):
+    # A Ctrl-C waited for each reading process to start (importing grain, JAX and TFDS: 7-40 s
+    # in all on a busy 2-core machine) and read a video before the command could end; here
+    # they would take a minute. They are ended at once instead, having nothing to hand over.
+    out, _ = prepared_raw
+    process = eval_in_own_session(tmp_path, _SLOW_START, out, ckpt, "--config.data.workers=3")
     try:
         deadline = time.monotonic() + 300
         # The command, the resource tracker and the 3 reading processes.
@@ -768,20 +775,9 @@ def test_ctrl_c_after_a_prepared_batch_leaves_no_shared_memory_behind(prepared_r
     # Python's resource tracker warned "There appear to be 1 leaked shared_memory objects to
     # clean up at shutdown" as the command ended (10 of 10 runs of benchmarks/ctrl_c_bench.py).
     out, _ = prepared_raw
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_READS)
+    args = ["--config.data.workers=2", "--config.batch_size=2", "--config.progress=False"]
+    process = eval_in_own_session(tmp_path, _SLOW_READS, out, ckpt, *args)
     workdir = tmp_path / "out"
-    args = ["run_eval.py", "--config=configs/tiny.py", f"--config.checkpoint={ckpt}"]
-    args += [f"--config.data.root={out}", "--config.data.workers=2", "--config.batch_size=2"]
-    process = subprocess.Popen(
-        [sys.executable, *args, "--config.progress=False", f"--workdir={workdir}"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # as a terminal's Ctrl-C: SIGINT to the whole group
-    )
     kept = workdir / PARTIAL / "p0.bin"
     try:
         deadline = time.monotonic() + 300
