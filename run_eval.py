@@ -6,11 +6,13 @@ r"""Evaluate a STAM checkpoint on a Kinetics-style video folder with the officia
 Writes OUT_DIR/results.json and OUT_DIR/predictions.jsonl. Exit status: 0 when every video was
 evaluated, 2 when the run is refused before any compute, with one `error: ...` line saying why
 (a bad flag or config value, checkpoint, data root or workdir), 3 when it finished but some
-videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 5 in a
-multi-process run when another process failed (its error is named) or was killed, 130
-interrupted (Ctrl-C). The results of the videos evaluated so far are kept in OUT_DIR/partial as
-the run goes: the same command, after a Ctrl-C, a crash or a killed machine, evaluates only the
-videos left (with other settings it is refused; delete that folder to start again).
+videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 1
+when it stopped on an error (one `error: ...` line when the cause is known: decoding processes
+that cannot be started; a traceback otherwise), 5 in a multi-process run when another process
+failed (its error is named) or was killed, 130 interrupted (Ctrl-C). The results of the videos
+evaluated so far are kept in OUT_DIR/partial as the run goes: the same command, after a Ctrl-C,
+a crash or a killed machine, evaluates only the videos left (with other settings it is refused;
+delete that folder to start again).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def main(argv: list[str]) -> None:
 
 def _interrupted(workdir: str) -> str:
     """The line that says what an interrupted run left: results to resume from, or none."""
+    return f"interrupted: {_left(workdir)}"
+
+
+def _left(workdir: str) -> str:
+    """What a run that stopped early left: the results kept to resume from, or none."""
     try:
         with interrupts_held():  # it imports JAX, if the interrupt came before evaluate did
             from stam_jax.partial import PARTIAL, kept_count
@@ -61,15 +68,16 @@ def _interrupted(workdir: str) -> str:
     except Exception:  # the line must come whatever the folder holds
         kept = 0
     if not kept:
-        return "interrupted: no results were kept yet; the same command starts again."
+        return "no results were kept yet; the same command starts again."
     return (
-        f"interrupted: the results of {kept} videos are kept in {Path(workdir) / PARTIAL}; run "
-        "the same command again to evaluate the others (results.json comes at the end)."
+        f"the results of {kept} videos are kept in {Path(workdir) / PARTIAL}; run the same "
+        "command again to evaluate the others (results.json comes at the end)."
     )
 
 
 def _evaluate() -> int:
     with interrupts_held():
+        from stam_jax.data.loader import DecoderStartError
         from stam_jax.evaluate import EXIT_SKIPPED, EvalConfigError, evaluate
         from stam_jax.sharding import stop_together
 
@@ -84,6 +92,10 @@ def _evaluate() -> int:
             results = evaluate(_CONFIG.value, _WORKDIR.value)
     except EvalConfigError as e:  # a refusal before any compute
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(status(e))
+    except DecoderStartError as e:  # the system cannot start processes: its message says why
+        left = _left(_WORKDIR.value)
+        print(f"error: {e} {left[0].upper()}{left[1:]}", file=sys.stderr)
         sys.exit(status(e))
     counts = results["counts"]
     skipped = counts["dropped_too_short"] or counts["failed"] or counts["non_finite"]

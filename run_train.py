@@ -6,9 +6,11 @@ r"""Train or fine-tune STAM with optax; resumes from WORKDIR automatically.
 Writes OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/ (the train state, for resuming) and at the
 end OUT_DIR/final and OUT_DIR/final_ema (stam-jax checkpoints for run_eval.py; no final_ema
 with train.ema_decay=0). Exit status: 0 done, 2 refused before any compute, 4 stopped on a
-non-finite loss or gradient or on training videos that mostly cannot be used, 5 in a
-multi-process run when another process failed (its error is named) or was killed, 130
-interrupted (Ctrl-C; the checkpoints are kept, the same command resumes).
+non-finite loss or gradient or on training videos that mostly cannot be used, 1 stopped on an
+error (one `error: ...` line when the cause is known: decoding processes that cannot be
+started; a traceback otherwise), 5 in a multi-process run when another process failed (its
+error is named) or was killed, 130 interrupted (Ctrl-C). After a stop or an interruption the
+checkpoints are kept, and the same command resumes from the last one.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ def main(argv: list[str]) -> None:
 
 def _interrupted(workdir: str) -> str:
     """The line that says what an interrupted run left: checkpoints to resume from, or none."""
+    return f"interrupted: {_left(workdir)}"
+
+
+def _left(workdir: str) -> str:
+    """What a run that stopped early left: checkpoints to resume from, or none."""
     kept = (
-        f"interrupted: the checkpoints in {workdir}/checkpoints are kept; run the same command "
-        "again to resume from the last one."
+        f"the checkpoints in {workdir}/checkpoints are kept; run the same command again to "
+        "resume from the last one."
     )
     try:
         from pathlib import Path
@@ -68,13 +75,14 @@ def _interrupted(workdir: str) -> str:
     if complete:
         return kept
     return (
-        f"interrupted: no checkpoint was saved yet (none in {workdir}/checkpoints); "
-        "the same command starts the run again."
+        f"no checkpoint was saved yet (none in {workdir}/checkpoints); the same command starts "
+        "the run again."
     )
 
 
 def _train() -> None:
     with interrupts_held():
+        from stam_jax.data.loader import DecoderStartError
         from stam_jax.sharding import stop_together
         from stam_jax.train import TrainConfigError, TrainStopped, train_and_evaluate
 
@@ -91,6 +99,10 @@ def _train() -> None:
             summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (TrainConfigError, TrainStopped) as e:  # a refusal, or a stop: one line
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(status(e))
+    except DecoderStartError as e:  # the system cannot start processes: its message says why
+        left = _left(_WORKDIR.value)
+        print(f"error: {e} {left[0].upper()}{left[1:]}", file=sys.stderr)
         sys.exit(status(e))
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")

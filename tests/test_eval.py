@@ -1430,3 +1430,59 @@ def test_cli_exit_statuses():
         "refused": 2,
         "status_of": [130, 2, 1, 5],  # Ctrl-C, a refusal, a crash; ended by another process
     }
+
+
+# Decoding processes start for the first 6 videos, then the system refuses any more (as one out
+# of processes does: BlockingIOError from every new pool's submit).
+_POOLS_REFUSE_AFTER_6 = """
+import runpy
+from stam_jax.data import loader
+submit, taken = loader._submit, []
+def refusing(*args, **kwargs):
+    taken.append(1)
+    if len(taken) > 6:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    return submit(*args, **kwargs)
+loader._submit = refusing
+runpy.run_path("run_eval.py", run_name="__main__")
+"""
+
+
+def test_decoding_processes_that_cannot_start_end_the_run_with_one_line_and_lose_nothing(
+    video_root, tiny_ckpt, tmp_path, reference_run
+):
+    """It ended with a traceback; now one `error:` line says why, what to do and what is kept,
+    and the same command, once processes can start, evaluates the videos left."""
+    args = [
+        "--config=configs/tiny.py",
+        f"--config.checkpoint={tiny_ckpt[0]}",
+        f"--config.data.root={video_root}",
+        "--config.batch_size=2",
+        "--config.data.workers=1",
+        "--config.compilation_cache_dir=",
+        "--config.progress=False",
+        f"--workdir={tmp_path}",
+    ]
+    run = [sys.executable, "-c", _POOLS_REFUSE_AFTER_6, *args]
+    failed = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stderr
+    kept = kept_count(tmp_path / PARTIAL)
+    assert 0 < kept <= 6
+    assert failed.stderr == (
+        "error: cannot start decoding processes: a new process pool refused work twice "
+        "(BlockingIOError: [Errno 11] Resource temporarily unavailable), so no video can be "
+        "decoded. The system is likely short of processes, memory or open files (see `ulimit "
+        "-u` and `ulimit -n`): free some, or use fewer decoding processes "
+        "(--config.data.workers, or --workers of stam_jax.data.prepare; 0 decodes in this "
+        f"process). The results of {kept} videos are kept in {tmp_path / PARTIAL}; run the "
+        "same command again to evaluate the others (results.json comes at the end).\n"
+    )
+    again = subprocess.run(
+        [sys.executable, "run_eval.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["counts"]["resumed"] == kept and results["counts"]["evaluated"] == 20
+    for got, want in zip(read_predictions(tmp_path), reference_run[1], strict=True):
+        assert got["path"] == want["path"] and got["top5"] == want["top5"]
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)

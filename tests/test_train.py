@@ -1163,3 +1163,45 @@ def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
     best = json.loads((tmp_path / "best.json").read_text())
     assert (best["step"], best["params"], best["top1"]) == (2, "ema", 0.75)
     assert "new best (ema)" in capsys.readouterr().out
+
+
+# Decoding processes start for the first 20 clips, then the system refuses any more (as one out
+# of processes does: BlockingIOError from every new pool's submit).
+_POOLS_REFUSE_AFTER_20 = """
+import runpy, sys
+from stam_jax.data import loader
+submit, taken = loader._submit, []
+def refusing(*args, **kwargs):
+    taken.append(1)
+    if len(taken) > 20:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    return submit(*args, **kwargs)
+loader._submit = refusing
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_decoding_processes_that_cannot_start_stop_training_with_one_line(
+    train_root, cache, tmp_path
+):
+    """It ended with a traceback; now one `error:` line says why, what to do and what is kept,
+    and the same command, once processes can start, resumes from the last checkpoint."""
+    cmd = command(train_root, tmp_path, cache, "--config.data.workers=1")
+    failed = run([cmd[0], "-c", _POOLS_REFUSE_AFTER_20, *cmd[1:]])
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert failed.stderr == (
+        "error: cannot start decoding processes: a new process pool refused work twice "
+        "(BlockingIOError: [Errno 11] Resource temporarily unavailable), so no video can be "
+        "decoded. The system is likely short of processes, memory or open files (see `ulimit "
+        "-u` and `ulimit -n`): free some, or use fewer decoding processes "
+        "(--config.data.workers, or --workers of stam_jax.data.prepare; 0 decodes in this "
+        f"process). The checkpoints in {tmp_path}/checkpoints are kept; run the same command "
+        "again to resume from the last one.\n"
+    )
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # Clips 1-20 made steps 1-5: the checkpoint of step 3 was kept, and no later one.
+    assert again.stdout.splitlines()[-1].startswith(
+        "trained to step 8 (resumed from step 3); final params in "
+    ), again.stdout
