@@ -424,10 +424,13 @@ def _evaluate(
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
-    sharding.enable_compilation_cache(config.compilation_cache_dir)
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
     # and processes started with different settings are refused.
     with sharding.shared_refusals(EvalConfigError) as agree:
+        try:  # first: everything compiled after it is cached
+            sharding.enable_compilation_cache(config.compilation_cache_dir)
+        except ValueError as e:
+            raise EvalConfigError(str(e)) from None
         model, stored = _load_model(config, config_model)
         spec = _clip_spec(config, model)
         try:

@@ -111,9 +111,24 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
 
 def enable_compilation_cache(directory: str) -> None:
-    """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off)."""
+    """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off).
+
+    Raises:
+      ValueError: `directory` cannot be written (a file on its path, no permission, a
+        read-only file system), naming it and the fix; JAX alone would warn at every compile
+        and run on without the cache.
+    """
     if not directory:
         return
+    from stam_jax.paths import unwritable  # (paths imports nothing of the package)
+
+    why = unwritable(os.path.expanduser(directory), into=True)
+    if why:
+        raise ValueError(
+            f"--config.compilation_cache_dir={directory} cannot be written: {why}. Give a "
+            "folder this process can write to, or --config.compilation_cache_dir='' to "
+            "compile without the persistent cache."
+        )
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
     # Cache every program: eval compiles once, and even a one-second compile is worth skipping.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

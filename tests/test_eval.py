@@ -742,6 +742,13 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
     (tmp_path / "file").write_text("")
     refused(r"--workdir=.*file: .*file is a file, not a folder", workdir=tmp_path / "file")
     refused(r"cannot write .*file/x: .*file is a file, not", workdir=tmp_path / "file" / "x")
+    # JAX alone warned at every compile and ran on without the cache.
+    refused(
+        r"^--config.compilation_cache_dir=.*file/xla cannot be written: .*file is a file, not a "
+        r"folder\. Give a folder this process can write to, or --config.compilation_cache_dir='' "
+        r"to compile without the persistent cache\.$",
+        compilation_cache_dir=str(tmp_path / "file" / "xla"),
+    )
     misfit = tmp_path / "misfit"  # its config says mlp_dim=48, its params hold 64
     shutil.copytree(tiny_ckpt[0], misfit)
     meta = json.loads((misfit / "config" / "metadata").read_text())

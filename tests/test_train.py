@@ -649,6 +649,16 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
     official_stam = r"is an official STAM checkpoint.*python -m convert"
     with pytest.raises(TrainConfigError, match=official_stam):
         train_and_evaluate(config, tmp_path / "run")
+    # JAX alone warned at every compile and trained on without the cache.
+    config = tiny_config(train_root)
+    (tmp_path / "afile").write_text("")
+    config.compilation_cache_dir = str(tmp_path / "afile" / "xla")
+    unwritable_cache = (
+        r"^--config.compilation_cache_dir=.*afile/xla cannot be written: .*afile is a file, not a "
+        r"folder\. Give a folder this process can write to, or --config.compilation_cache_dir=''"
+    )
+    with pytest.raises(TrainConfigError, match=unwritable_cache):
+        train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(TrainConfigError, match=r"--workdir=.*file: .*file is a file, not a"):
