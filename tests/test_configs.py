@@ -180,3 +180,32 @@ def test_docstring_commands_keep_their_line_continuations(path):
     doc = ast.get_docstring(ast.parse((ROOT / path).read_text(encoding="utf-8")), clean=False)
     assert "\\\n" in doc
     assert not re.search(r"\S {4,}--", doc), doc
+
+
+def test_a_file_named_like_a_flag_is_named_with_how_to_write_it(tmp_path, capsys, monkeypatch):
+    # Kinetics ids often start with '-'; argparse reads such a file as an unknown flag.
+    from stam_jax.cli import ArgumentParser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-abc_000010_000020.mp4").write_bytes(b"")
+
+    def error(*argv):
+        parser = ArgumentParser(prog="explain")
+        parser.add_argument("video")
+        parser.add_argument("--out", default="x.png")
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(list(argv))
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert error("-abc_000010_000020.mp4") == (
+        "error: the following arguments are required: video; -abc_000010_000020.mp4 was read as "
+        "a flag, as its name starts with '-': write it as ./-abc_000010_000020.mp4 (or put -- "
+        "before it)\n"
+    )
+    # A mistyped flag that names no file gets no such hint,
+    assert error("v.mp4", "--ot=y.png") == "error: unrecognized arguments: --ot=y.png\n"
+    # nor does a file after '--', which is read as a file.
+    assert error("--ot", "--", "-abc_000010_000020.mp4") == (
+        "error: unrecognized arguments: --ot\n"
+    )
