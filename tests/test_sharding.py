@@ -239,3 +239,23 @@ def test_a_coordinator_port_in_use_is_refused_in_process_0() -> None:
             sharding.check_distributed(f"localhost:{port}", 2, 0)
         sharding.check_distributed(f"localhost:{port}", 2, 1)  # not process 0: it connects
     sharding.check_distributed(f"localhost:{port}", 2, 0)  # free again
+
+
+def test_a_port_left_in_time_wait_by_an_ended_run_is_free_to_the_coordinator() -> None:
+    # The coordination service listens with SO_REUSEADDR, as servers do: a port whose last
+    # connection is in TIME_WAIT (an earlier run that just ended) is free to it, and must not
+    # be refused as in use.
+    import socket
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("0.0.0.0", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server's side closes first: its end enters TIME_WAIT
+            client.recv(1)
+    with socket.socket() as plain, pytest.raises(OSError, match="Address already in use"):
+        plain.bind(("0.0.0.0", port))  # what a check without SO_REUSEADDR would see
+    sharding.check_distributed(f"localhost:{port}", 2, 0)
