@@ -259,3 +259,42 @@ def test_a_port_left_in_time_wait_by_an_ended_run_is_free_to_the_coordinator() -
     with socket.socket() as plain, pytest.raises(OSError, match="Address already in use"):
         plain.bind(("0.0.0.0", port))  # what a check without SO_REUSEADDR would see
     sharding.check_distributed(f"localhost:{port}", 2, 0)
+
+
+def test_processes_agree_on_data_at_other_paths_and_name_the_paths_of_data_that_differs(
+    monkeypatch,
+) -> None:
+    # Hosts that hold the same checkpoint at other paths start one run; other params do not.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    mine = {"--config.checkpoint's params": sharding.by_content("/a/ckpt (checksum 1a)", "1a")}
+    other = {"--config.checkpoint's params": sharding.by_content("/b/ckpt (checksum 1a)", "1a")}
+    gathered = [{"settings": mine, "refusal": None}, {"settings": other, "refusal": None}]
+    monkeypatch.setattr(sharding, "allgather_json", lambda _: gathered)
+    assert sharding.processes_agree(mine) is None
+    other["--config.checkpoint's params"] = sharding.by_content("/a/ckpt (checksum 2b)", "2b")
+    assert sharding.processes_agree(mine).startswith(
+        "the processes were started with different settings: --config.checkpoint's params "
+        "(process 0: /a/ckpt (checksum 1a), process 1: /a/ckpt (checksum 2b)). "
+    )
+
+
+def test_the_compilation_cache_is_set_up_to_keep_every_program(tmp_path, monkeypatch) -> None:
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        sharding.enable_compilation_cache("")  # off: nothing changes
+        assert {name: getattr(jax.config, name) for name in names} == before
+        sharding.enable_compilation_cache("~/xla")
+        # JAX takes '~' as a folder named '~' in the working directory.
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        # Eval compiles once: even a quick compile, or a small program, is kept.
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+        assert jax.config.jax_persistent_cache_min_entry_size_bytes == 0
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
