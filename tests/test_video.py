@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import re
+import types
 from fractions import Fraction
 
 import av
@@ -523,3 +524,132 @@ def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp
         VideoError, match=r"^decoded fewer frames than the stream lists \(frame 12 is missing\)$"
     ):
         load_views(path, spec)
+
+
+class _Wrapped:
+    """An opened file whose `decode` goes through `decode(container, stream)` (a stand-in for a
+    decoder that misbehaves), and whose other attributes are the file's."""
+
+    def __init__(self, container, decode):
+        self.container, self._decode = container, decode
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.container.__exit__(*exc)
+
+    def decode(self, stream):
+        return self._decode(self.container, stream)
+
+
+def test_a_decoder_error_mid_stream_fails_the_video_naming_the_error(tmp_path, monkeypatch):
+    # The file opens and its packets are counted, then the decoder raises on frame 3: the
+    # caller gets a VideoError (counted as a failed video), not PyAV's own error type.
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    opened = video._open
+
+    def fails_at_3(container, stream):
+        for position, frame in enumerate(container.decode(stream)):
+            if position == 3:
+                raise av.error.InvalidDataError(1094995529, "Invalid data found")
+            yield frame
+
+    monkeypatch.setattr(video, "_open", lambda p: _Wrapped(opened(p), fails_at_3))
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48)
+    with pytest.raises(VideoError, match=r"^InvalidDataError: \[Errno 1094995529\] Invalid data"):
+        load_views(path, spec)
+
+
+def test_decoding_stops_at_the_last_wanted_frame(tmp_path, monkeypatch):
+    # A clip from the start of a long video decodes that start, not the whole file.
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    opened, pulled = video._open, []
+
+    def counted(container, stream):
+        for frame in container.decode(stream):
+            pulled.append(1)
+            yield frame
+
+    monkeypatch.setattr(video, "_open", lambda p: _Wrapped(opened(p), counted))
+    got = load_views(path, ClipSpec(num_frames=4, frame_rate=5.0, resize=64, crop=48))
+    assert [read_index(f, short=64) for f in got[0]] == [0, 2, 4, 6]
+    assert len(pulled) == 7  # frames 0 to 6
+
+
+def test_decode_frames_takes_positions_in_any_order(tmp_path):
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    frames = video.decode_frames(path, [7, 2])
+    assert sorted(frames) == [2, 7]
+    assert [read_index(frames[i], short=48) for i in (2, 7)] == [2, 7]
+
+
+def test_only_the_first_video_stream_is_read(tmp_path):
+    # As torchvision reads video stream 0: a file with a second video stream (a preview, another
+    # angle; here 8 frames at 4 fps, in reverse order) is counted and sampled from its first.
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), mode="w") as container:
+        streams = [
+            (container.add_stream("libx264", rate=rate), rate, n) for rate, n in [(10, 20), (4, 8)]
+        ]
+        for stream, _, _ in streams:
+            stream.pix_fmt, stream.height, stream.width = "yuv420p", 48, 64
+        for stream, rate, count in streams:  # all streams are added before the first packet
+            for i in range(count):
+                index = i if rate == 10 else 19 - i
+                frame = av.VideoFrame.from_ndarray(index_frame(index, 48, 64), format="rgb24")
+                frame.pts, frame.time_base = i, Fraction(1, rate)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    with av.open(str(path)) as container:
+        assert [float(s.average_rate) for s in container.streams.video] == [10.0, 4.0]
+    got = load_views(path, ClipSpec(num_frames=4, frame_rate=4.0, resize=64, crop=48))
+    assert [read_index(f, short=64) for f in got[0]] == [0, 2, 5, 7]
+
+
+def test_a_link_to_a_damaged_file_is_reported_as_damaged_not_missing(tmp_path):
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video at all" * 100)
+    os.symlink("garbage.mp4", tmp_path / "link.mp4")
+    spec = ClipSpec(num_frames=4, frame_rate=1.6, resize=64, crop=48)
+    with pytest.raises(VideoError, match=r"^InvalidDataError: ") as error:
+        load_views(tmp_path / "link.mp4", spec)
+    assert "does not exist" not in str(error.value)
+
+
+@pytest.mark.parametrize("rate", [None, Fraction(0, 1)])
+def test_a_stream_without_a_frame_rate_fails_saying_so(tmp_path, monkeypatch, rate):
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    opened = video._open
+
+    class NoRate(_Wrapped):
+        """The file, opened, whose video stream has no (or a zero) average frame rate."""
+
+        streams = types.SimpleNamespace(video=[types.SimpleNamespace(average_rate=rate)])
+
+    monkeypatch.setattr(video, "_open", lambda p: NoRate(opened(p), None))
+    spec = ClipSpec(num_frames=4, frame_rate=1.6, resize=64, crop=48)
+    with pytest.raises(VideoError, match=r"^the video stream has no average frame rate$"):
+        load_views(path, spec)
+
+
+def test_no_sampled_frame_is_too_short_for_every_loader(tmp_path):
+    # 5 frames at 10 fps: shorter than one sampling step at 1.6 fps (6.25 frames).
+    path = write_video(tmp_path / "blip.mp4", (index_frame(i, 48, 64) for i in range(5)), 10)
+    spec = ClipSpec(num_frames=4, frame_rate=1.6, resize=64, crop=48)
+    want = r"^no frames at 1.6 fps \(n=5, fps=10.000\)$"
+    with pytest.raises(TooShortError, match=want):
+        load_sampled_frames(path, spec)
+    with pytest.raises(TooShortError, match=want):
+        load_train_clip(path, spec, (0, 1))
+
+
+def test_a_file_without_a_video_stream_is_named_so(tmp_path):
+    _write_audio_only(tmp_path / "audio.mp4")
+    spec = ClipSpec(num_frames=4, frame_rate=1.6, resize=64, crop=48)
+    with pytest.raises(VideoError, match=r"^no video stream$"):
+        load_views(tmp_path / "audio.mp4", spec)
