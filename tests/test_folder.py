@@ -11,6 +11,7 @@ import pytest
 from stam_jax.data.folder import (
     ClassListError,
     DatasetError,
+    Ignored,
     VideoFolder,
     VideoItem,
     ignored_summary,
@@ -260,3 +261,73 @@ def test_the_listing_digest_is_of_the_classes_paths_and_labels_not_the_root():
     assert len(digest) == 64 and folder("/mnt/copy", 0).listing_digest() == digest
     assert folder("/data/k400", 1).listing_digest() != digest  # another label
     assert folder("/data/k400", 0, ("a", "c")).listing_digest() != digest  # another class
+
+
+def test_a_folder_that_cannot_be_read_is_recorded(tmp_path, monkeypatch):
+    # Root reads any folder whatever its mode, so the refusal is made here: scanning 'a/locked'
+    # fails as a folder without read permission does.
+    from stam_jax.data import folder as folder_module
+
+    touch(tmp_path, "a/v.mp4", "a/locked/w.mp4")
+    scandir = os.scandir
+
+    def refusing(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(folder_module.os, "scandir", refusing)
+    listing = list_videos(tmp_path)
+    assert [i.path for i in listing.items] == ["a/v.mp4"]
+    assert [(i.path, i.reason, i.note) for i in listing.ignored] == [
+        ("a/locked", "unreadable", "Permission denied")
+    ]
+
+
+def test_links_to_themselves_are_not_folders_and_do_not_stop_the_listing(tmp_path):
+    # `ln -s loop loop`: asking whether it is a folder raises "Too many levels of symbolic
+    # links" (ELOOP), not FileNotFoundError.
+    touch(tmp_path, "a/v.mp4")
+    os.symlink("loop", tmp_path / "loop")
+    os.symlink("self", tmp_path / "a" / "self")
+    listing = list_videos(tmp_path)
+    assert listing.classes == ("a",) and [i.path for i in listing.items] == ["a/v.mp4"]
+    assert ignored(listing) == {"a/self": "not_video", "loop": "root_file"}
+
+
+def test_class_list_names_are_taken_without_surrounding_spaces(tmp_path):
+    touch(tmp_path, "root/air drumming/v.mp4", "root/zumba/w.mp4")
+    path = tmp_path / "classes.txt"
+    path.write_text("zumba \n\tair drumming\n")
+    assert read_class_list(path) == ["zumba", "air drumming"]
+    listing = list_videos(tmp_path / "root", path)
+    assert [(i.path, i.label) for i in listing.items] == [
+        ("zumba/w.mp4", 0),
+        ("air drumming/v.mp4", 1),
+    ]
+
+
+def test_reports_give_as_many_examples_as_asked_and_say_when_there_are_more(tmp_path):
+    entries = tuple(Ignored(f"a/{k}.txt", "not_video") for k in range(5))
+    summary = ignored_summary(entries, examples=2)
+    assert summary == {"not_video": {"count": 5, "paths": ["a/0.txt", "a/1.txt"]}}
+    three = ignored_summary(entries[:3])
+    assert listing_report(["a"], [], three) == [
+        "ignored 3 files without a video extension: a/0.txt, a/1.txt, a/2.txt"
+    ]
+    # Ten unknown class folders are all named; an eleventh is left to the '...'.
+    touch(tmp_path, *(f"root/c{k:02}/v.mp4" for k in range(10)))
+    path = tmp_path / "classes.txt"
+    path.write_text("other\n")
+    named = ", ".join(f"'c{k:02}'" for k in range(10))
+    with pytest.raises(DatasetError, match=rf"\[{named}\]; fix the class list"):
+        list_videos(tmp_path / "root", path)
+    touch(tmp_path, "root/c10/v.mp4")
+    with pytest.raises(DatasetError, match=rf"\[{named}\] \.\.\.; fix the class list"):
+        list_videos(tmp_path / "root", path)
+
+
+def test_an_empty_class_list_path_is_no_class_list(tmp_path):
+    # The run config's default (--config.data.class_list=''): the folders are the classes.
+    touch(tmp_path, "b/v.mp4", "a/w.mp4")
+    assert list_videos(tmp_path, "").classes == list_videos(tmp_path).classes == ("a", "b")
