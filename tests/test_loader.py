@@ -419,3 +419,237 @@ def test_pools_that_cannot_start_processes_stop_the_run_saying_why(monkeypatch, 
     ):
         next(results)
     assert len(made) == accepting + 2
+
+
+def test_after_a_crash_the_decoder_looks_ahead_as_far_as_before(monkeypatch):
+    # The crashed video is retried alone; once it is reported, `prefetch` videos are decoded
+    # ahead again (left at one, every video after a crash waited for the one before it).
+    from stam_jax.data import loader
+
+    submitted = []
+    submit = loader._submit
+
+    def counted(pool, fn, job):
+        submitted.append(job[0])
+        return submit(pool, fn, job)
+
+    monkeypatch.setattr(loader, "_submit", counted)
+    names = ["bad", "a", "b", "c", "d"]
+    stream = ordered_map(crash_on_bad, list(enumerate(names)), workers=1, prefetch=3)
+    first = next(stream)
+    assert (first.position, first.status) == (0, "failed") and submitted == [0, 1, 2, 0]
+    assert next(stream).position == 1 and submitted == [0, 1, 2, 0, 1, 2, 3]
+    assert [d.position for d in stream] == [2, 3, 4]
+
+
+def test_a_pool_refusing_again_after_working_is_replaced_again(monkeypatch):
+    # A refusal with nothing pending ends the run only when the fresh pool refuses its first job
+    # too; a pool that took work before is replaced as the first one was.
+    import concurrent.futures
+    import multiprocessing
+
+    from stam_jax.data import loader
+
+    submits = []
+
+    class FlakyPool(concurrent.futures.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            submits.append(1)
+            if len(submits) in (1, 3):  # the first pool's first job, the second pool's second
+                raise OSError("handle is closed")
+            return super().submit(*args, **kwargs)
+
+    def flaky_pool(self):
+        return FlakyPool(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    monkeypatch.setattr(loader._ParallelDecoder, "_pool", flaky_pool)
+    results = list(ordered_map(crash_on_bad, [(i, "x") for i in range(3)], 1, 1))
+    assert [(r.position, r.status) for r in results] == [(0, "ok"), (1, "ok"), (2, "ok")]
+    assert len(submits) == 5
+
+
+def test_reasons_name_the_file_as_listed():
+    from stam_jax.data.loader import with_listed_path
+
+    failed = Decoded(3, None, "failed", "InvalidDataError: bad data: '/data/k400/a/v.mp4'")
+    assert with_listed_path(failed, Path("/data/k400/a/v.mp4"), "a/v.mp4") == Decoded(
+        3, None, "failed", "InvalidDataError: bad data: 'a/v.mp4'"
+    )
+    ok = Decoded(3, np.zeros(1), "ok")
+    assert with_listed_path(ok, "/data/k400/a/v.mp4", "a/v.mp4") is ok
+
+
+def test_decode_in_order_and_training_items_give_positions_shapes_and_failures(tmp_path):
+    from stam_jax.data.loader import decode_in_order, decode_train_item
+    from stam_jax.data.synthetic import index_frame, write_video
+    from stam_jax.data.video import ClipSpec
+
+    good = write_video(tmp_path / "v.mp4", (index_frame(i, 48, 64) for i in range(20)), 10)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 50)
+    spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=48, crop=32)
+    decoded = list(decode_in_order([good, tmp_path / "bad.mp4"], spec, workers=0, prefetch=2))
+    assert [(d.position, d.status) for d in decoded] == [(0, "ok"), (1, "failed")]
+    assert decoded[0].views.shape == (1, 4, 32, 32, 3)
+    assert decoded[1].reason.startswith("InvalidDataError: ")
+    item = decode_train_item(5, str(good), spec, (0, 1))
+    assert (item.position, item.status, item.views.shape) == (5, "ok", (1, 4, 32, 32, 3))
+    failed = decode_train_item(6, str(tmp_path / "bad.mp4"), spec, (0, 1))
+    assert (failed.position, failed.status, failed.views) == (6, "failed", None)
+    assert failed.reason.startswith("InvalidDataError: ")
+
+
+_KILLED_PARENT = """
+import multiprocessing, sys, threading, time
+
+from stam_jax.data.loader import Decoded, ordered_map
+
+
+def stuck(position, name):
+    time.sleep(120)
+    return Decoded(position, None, "ok")
+
+
+def announce():
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.05)
+    print(*(child.pid for child in multiprocessing.active_children()), flush=True)
+
+
+if __name__ == "__main__":
+    threading.Thread(target=announce, daemon=True).start()
+    next(ordered_map(stuck, [(0, "a"), (1, "b")], workers=2, prefetch=2))
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (not ended, nor ended and not yet reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_decoding_processes_end_when_their_parent_is_killed(tmp_path):
+    # A parent killed outright cannot shut its pool down: its workers waited for work forever,
+    # holding their memory and the parent's stdout (a caller reading it never returned).
+    script = tmp_path / "killed_parent.py"
+    script.write_text(_KILLED_PARENT)
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+    finally:
+        process.kill()
+        process.wait()
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in pids)
+
+
+def test_reading_transforms_ready_only_reading_processes():
+    # grain's reading processes unpickle the transforms, which readies them (Ctrl-C left to the
+    # parent); the parent only pickles them, but one unpickled here must not take its Ctrl-C.
+    import pickle
+
+    from stam_jax.data.reading import EvalViews
+    from stam_jax.data.video import ClipSpec
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        copy = pickle.loads(pickle.dumps(EvalViews("raw", ClipSpec(4, 4.0, 36, 32))))
+        assert copy.encoding == "raw" and copy.prepared == ClipSpec(4, 4.0, 36, 32)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_decoded_items_are_closed_by_a_ctrl_c_while_reading():
+    from stam_jax.data.reading import _DecodedItems
+
+    closed = []
+
+    class Interrupted:
+        def __next__(self):
+            raise KeyboardInterrupt
+
+        def close(self):
+            closed.append(True)
+
+    items = _DecodedItems(Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        next(items)
+    assert closed == [True]
+    with pytest.raises(StopIteration):
+        next(items)
+
+
+def test_stop_starting_signals_only_this_readings_new_processes_once_until_closed(monkeypatch):
+    from stam_jax.data import reading
+
+    present, kills = {11, 12}, []  # 11 and 12: another loader's reading processes
+    monkeypatch.setattr(reading, "_reading_processes", lambda: set(present))
+    monkeypatch.setattr(reading.os, "kill", lambda pid, signum: kills.append((pid, signum)))
+    monkeypatch.setattr(reading, "_STOP_POLL_S", 0.01)
+
+    class Inner:
+        closed = False
+
+        def close(self):
+            Inner.closed = True
+
+    loader_iterator = type("LoaderIterator", (), {"_iterator": Inner()})()
+    iterator = reading.Reading(loader_iterator, {11, 12})
+    iterator.stop_starting()
+    present.add(13)  # one of this reading's processes starts after the call
+    deadline = time.monotonic() + 10
+    while not kills and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # more rounds of the watch: 13 is signalled once
+    reading.close(iterator)
+    assert Inner.closed and kills == [(13, reading.STOP_STARTING)]
+    assert not any(t.name == "stam-stop-starting" for t in threading.enumerate())
+    present.add(14)
+    iterator.stop_starting()  # closed: nothing is watched any more
+    time.sleep(0.1)
+    assert kills == [(13, reading.STOP_STARTING)]
+    assert not any(t.name == "stam-stop-starting" for t in threading.enumerate())
+
+
+def test_closing_a_reading_ends_its_processes_still_starting(monkeypatch):
+    # close() does not wait for a reading process still importing to make an element first.
+    from stam_jax.data import reading
+
+    kills = []
+    monkeypatch.setattr(reading, "_reading_processes", lambda: {11, 13})
+    monkeypatch.setattr(reading.os, "kill", lambda pid, signum: kills.append((pid, signum)))
+    loader_iterator = type("LoaderIterator", (), {})()  # nothing to close
+    reading.close(reading.Reading(loader_iterator, {11}))
+    assert kills == [(13, reading.STOP_STARTING)]
+
+
+def test_records_are_checked_against_their_listing_positions():
+    from stam_jax.data.reading import _Records
+
+    # Record 1 holds video 5 of the listing (videos 1 to 4 were skipped when preparing).
+    records = _Records({1: {"index": 5}}, np.array([1]), np.array([5]))
+    assert len(records) == 1 and records[0] == {"index": 5}
+
+
+def test_decoded_items_pass_stop_starting_to_their_reading(monkeypatch):
+    from stam_jax.data import reading
+
+    kills = []
+    monkeypatch.setattr(reading, "_reading_processes", lambda: {13})
+    monkeypatch.setattr(reading.os, "kill", lambda pid, signum: kills.append((pid, signum)))
+    iterator = reading.Reading(type("LoaderIterator", (), {})(), set())
+    reading._DecodedItems(iterator).stop_starting()
+    iterator.closed()
+    assert kills == [(13, reading.STOP_STARTING)]
