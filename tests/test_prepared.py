@@ -41,3 +41,13 @@ def test_record_positions_are_listed_once_and_shared_read_only(tmp_path, monkeyp
     with pytest.raises(ValueError, match="read-only"):
         first[0] = 1
     assert dataclasses.replace(opened, num_records=3) == opened  # not a field: equality as was
+
+
+def test_a_clip_length_that_differs_is_named_by_the_flag_that_sets_it(tmp_path):
+    # T is the model's (--config.model_overrides.num_frames), not a --config.data field.
+    opened = dataset(tmp_path)
+    asked = dataclasses.replace(opened.spec, num_frames=8, num_clips=2)
+    assert opened.mismatches(asked) == [
+        "--config.model_overrides.num_frames: prepared 4, asked 8",
+        "--config.data.num_clips: prepared 1, asked 2",
+    ]
