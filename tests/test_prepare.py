@@ -6,12 +6,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import Mock
 
 import chex
 import numpy as np
@@ -267,6 +269,126 @@ def test_prepare_refuses_what_it_should(videos, prepared_raw, tmp_path):
         prepare(tmp_path / "missing", tmp_path / "y", SPEC, progress=False)
 
 
+def one_video(videos: Path, root: Path, classes: tuple[str, ...] = ("a",)) -> Path:
+    """A video folder of one video in each of `classes`."""
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        shutil.copy(videos / "class_0" / "video_0.mp4", root / name / "v.mp4")
+    return root
+
+
+def test_numbers_are_refused_just_past_their_limits(videos, tmp_path):
+    # Quality 1-100, shards of one video or more, -1 or more workers: the first value outside
+    # is refused before anything is written, the limits themselves are taken.
+    for kwargs, message in [
+        ({"encoding": "jpeg", "jpeg_quality": 101}, "--jpeg_quality 101; use 1-100"),
+        ({"shard_size": 0}, "--shard_size 0; use >= 1."),
+        ({"workers": -2}, "--workers -2; use -1 (one decoding process per core), 0"),
+    ]:
+        with pytest.raises(PreparedError, match=re.escape(message)):
+            prepare(videos, tmp_path / "x", SPEC, progress=False, **kwargs)
+    assert not (tmp_path / "x").exists()
+    src = one_video(videos, tmp_path / "src")
+    for quality in (1, 100):
+        out = tmp_path / f"q{quality}"
+        meta = prepare(
+            src,
+            out,
+            SPEC,
+            encoding="jpeg",
+            jpeg_quality=quality,
+            workers=0,
+            shard_size=1,
+            progress=False,
+        )
+        assert meta["counts"]["records"] == 1 and meta["jpeg_quality"] == quality
+        assert open_prepared(out).frames == f"JPEG (quality {quality})"
+
+
+def test_frames_are_stored_at_the_jpeg_quality_asked_for(videos, tmp_path):
+    src = one_video(videos, tmp_path / "src")
+    frames = {}
+    for quality in (10, 95):
+        out = tmp_path / f"q{quality}"
+        prepare(src, out, SPEC, encoding="jpeg", jpeg_quality=quality, workers=0, progress=False)
+        frames[quality] = open_prepared(out).data_source()[0]["frames"]
+    low, high = (sum(len(f) for f in frames[q]) for q in (10, 95))
+    assert len(frames[10]) == len(frames[95]) == SPEC.num_frames and low < high / 2, (low, high)
+    meta = prepare(src, tmp_path / "raw", SPEC, workers=0, progress=False)
+    assert meta["jpeg_quality"] is None  # raw frames have no quality
+
+
+def test_a_class_name_with_a_carriage_return_is_refused(videos, tmp_path):
+    # TFDS reads the label names back as text, where a lone '\r' ends a line as '\n' does.
+    src = one_video(videos, tmp_path / "src", ("ok", "car\rriage"))
+    with pytest.raises(PreparedError, match=r"^class name\(s\) 'car\\rriage' cannot be stored"):
+        prepare(src, tmp_path / "out", SPEC, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_videos_are_listed_in_order_and_a_shard_of_none_has_no_file(videos, tmp_path):
+    # 11 videos, the 3rd and the 11th empty files; shards of 2: the last holds none.
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    for i in range(11):
+        path = src / "a" / f"v{i:02d}.mp4"
+        if i in (2, 10):
+            path.write_bytes(b"")
+        else:
+            shutil.copy(videos / "class_0" / "video_0.mp4", path)
+    out = tmp_path / "out"
+    meta = prepare(src, out, SPEC, workers=0, shard_size=2, progress=False)
+    assert meta["counts"] == {"listed": 11, "records": 9, "dropped_too_short": 0, "failed": 2}
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(out))
+    failed = [entry["path"] for entry in builder.info.metadata["failed"]]
+    assert failed == ["a/v02.mp4", "a/v10.mp4"]  # by position, not as text ('10' < '2')
+    names = sorted(p.name for p in out.iterdir() if "array_record" in p.name)
+    assert names == [f"stam_videos-validation.array_record-{k:05d}-of-00005" for k in range(5)]
+    assert builder.info.splits["validation"].shard_lengths == [2, 1, 2, 2, 2]
+    source = open_prepared(out).data_source()
+    assert [int(source[i]["index"]) for i in range(len(source))] == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_a_finish_stopped_after_naming_the_shards_is_finished_again(videos, tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    src = one_video(videos, tmp_path / "src", ("a", "b"))
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds.folder_dataset, "write_metadata", Mock(side_effect=KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            prepare(src, out, SPEC, workers=0, shard_size=1, progress=False)
+    assert len([p for p in out.iterdir() if "array_record" in p.name]) == 2  # named already
+    assert prepare(src, out, SPEC, workers=0, shard_size=1, progress=False)["num_records"] == 2
+    source = open_prepared(out).data_source()
+    assert [int(source[i]["index"]) for i in range(len(source))] == [0, 1]
+
+
+def test_a_shard_whose_rename_failed_is_prepared_again(videos, tmp_path, monkeypatch):
+    # A shard is done once its sidecar is written, which comes after its records are in place:
+    # a run stopped between the two redoes the shard, and the dataset has all its records.
+    replace = os.replace
+
+    def full_at_the_second_shard(a, b):
+        if str(b).endswith("part-00001.array_record"):
+            raise OSError(28, "No space left on device")
+        replace(a, b)
+
+    src = one_video(videos, tmp_path / "src", ("a", "b", "c"))
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.os, "replace", full_at_the_second_shard)
+        with pytest.raises(OSError, match="No space left"):
+            prepare(src, out, SPEC, workers=0, shard_size=1, progress=False)
+    assert sorted(p.name for p in (out / ".prepare").glob("*.json")) == ["part-00000.json"]
+    meta = prepare(src, out, SPEC, workers=0, shard_size=1, progress=False)
+    assert meta["num_records"] == 3
+    source = open_prepared(out).data_source()
+    assert [int(source[i]["index"]) for i in range(len(source))] == [0, 1, 2]
+
+
 def test_a_video_changed_since_prepare_is_refused(videos, tmp_path):
     # A re-run used to find the dataset "already prepared" (or resume it) from the list of
     # paths alone: a video replaced or fixed since kept its old record, or its old failure.
@@ -287,6 +409,20 @@ def test_a_video_changed_since_prepare_is_refused(videos, tmp_path):
     )
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as it was: nothing to do
     assert prepare(src, out, SPEC, workers=0, shard_size=4, progress=False)["complete"]
+
+
+def test_a_video_renamed_since_prepare_is_refused(videos, tmp_path):
+    # A rename keeps the size and modification time: the listing itself tells.
+    src = one_video(videos, tmp_path / "src", ("a", "b"))
+    out = tmp_path / "out"
+    prepare(src, out, SPEC, workers=0, progress=False)
+    os.rename(src / "b" / "v.mp4", src / "b" / "w.mp4")
+    with pytest.raises(PreparedError) as info:
+        prepare(src, out, SPEC, workers=0, progress=False)
+    assert str(info.value) == (
+        f"the videos under {src.resolve()} changed since {out} was started (2 listed then, 2 "
+        "now); use another --out, or delete it to start over."
+    )
 
 
 def test_class_names_tfds_cannot_keep_and_no_videos_are_refused(videos, tmp_path):
@@ -464,10 +600,11 @@ def test_ctrl_c_or_a_full_disk_says_how_far_it_got_and_how_to_resume(
 
     monkeypatch.setattr(prepare_module, "_write_part", stopped_in_the_second_shard)
     out = tmp_path / "out"
-    args = f"--src={videos}", f"--out={out}", "--workers=0", "--shard_size=3"
+    # 12 videos in shards of 5: 3 shards, the last of 2.
+    args = f"--src={videos}", f"--out={out}", "--workers=0", "--shard_size=5"
     assert prepare_main(monkeypatch, capsys, *args)[::2] == (
         code,
-        f"{how}: 1 of 4 shards of {out} are prepared and kept; run the same command again to "
+        f"{how}: 1 of 3 shards of {out} are prepared and kept; run the same command again to "
         "resume.\n",
     )
 
