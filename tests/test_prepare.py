@@ -34,6 +34,7 @@ from stam_jax import checkpoints, create_model
 from stam_jax.cli import parse_flags
 from stam_jax.data import prepare as prepare_module
 from stam_jax.data.folder import list_videos
+from stam_jax.data.loader import _start_error
 from stam_jax.data.prepare import STOP_HOOK, prepare
 from stam_jax.data.prepared import META_FILE, PreparedError, open_checked, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
@@ -413,15 +414,25 @@ def test_a_video_changed_since_prepare_is_refused(videos, tmp_path):
 
 def test_a_video_renamed_since_prepare_is_refused(videos, tmp_path):
     # A rename keeps the size and modification time: the listing itself tells.
-    src = one_video(videos, tmp_path / "src", ("a", "b"))
+    src = one_video(videos, tmp_path / "src", ("a", "b", "c", "d", "e"))
     out = tmp_path / "out"
     prepare(src, out, SPEC, workers=0, progress=False)
     os.rename(src / "b" / "v.mp4", src / "b" / "w.mp4")
     with pytest.raises(PreparedError) as info:
         prepare(src, out, SPEC, workers=0, progress=False)
+    # It said "since OUT was started" of a finished dataset, and named no video.
     assert str(info.value) == (
-        f"the videos under {src.resolve()} changed since {out} was started (2 listed then, 2 "
-        "now); use another --out, or delete it to start over."
+        f"the videos under {src.resolve()} changed since {out} was prepared (5 listed then, 5 "
+        "now; gone or relabelled: b/v.mp4; new or relabelled: b/w.mp4); use another --out, or "
+        "delete it to start over."
+    )
+    for name in "acde":
+        os.remove(src / name / "v.mp4")
+    with pytest.raises(PreparedError) as info:
+        prepare(src, out, SPEC, workers=0, progress=False)
+    assert (
+        "(5 listed then, 1 now; gone or relabelled: a/v.mp4, b/v.mp4, c/v.mp4 and 2 more; "
+        "new or relabelled: b/w.mp4)" in str(info.value)
     )
 
 
@@ -576,6 +587,9 @@ def test_an_out_another_job_is_preparing_is_refused(videos, tmp_path, monkeypatc
     assert meta["complete"] and not lock.exists()
 
 
+_NO_PROCESSES = _start_error(BlockingIOError(11, "Resource temporarily unavailable"))
+
+
 @pytest.mark.parametrize(
     "stop, code, how",
     [
@@ -585,6 +599,12 @@ def test_an_out_another_job_is_preparing_is_refused(videos, tmp_path, monkeypatc
             OSError(28, "No space left on device"),
             1,
             "error: stopped by [Errno 28] No space left on device",
+        ),
+        # A system that can start no decoding process was a DecoderStartError traceback.
+        (
+            _NO_PROCESSES,
+            1,
+            f"error: {_NO_PROCESSES} Stopped",
         ),
     ],
 )

@@ -51,6 +51,7 @@ from stam_jax.data.folder import (
 from stam_jax.data.loader import (
     WORKERS_RULE,
     Decoded,
+    DecoderStartError,
     decode_with,
     ordered_map,
     with_listed_path,
@@ -256,18 +257,29 @@ def _check_out(
             f"--out {out} was prepared with other settings ({'; '.join(differ)}); use another "
             "--out, or delete it to start over."
         )
+    state = "prepared" if meta.get("complete") else "started"
     if {k: meta.get(k) for k in listing} != listing:
+        then = [tuple(item) for item in meta.get("items") or ()]
+        now = [tuple(item) for item in listing["items"]]
+        then_set, now_set = set(then), set(now)
+        gone = [path for path, label in then if (path, label) not in now_set]
+        added = [path for path, label in now if (path, label) not in then_set]
+        what = "; ".join(
+            f"{head} {', '.join(paths[:3])}" + (f" and {len(paths) - 3} more" if paths[3:] else "")
+            for head, paths in (("gone or relabelled:", gone), ("new or relabelled:", added))
+            if paths
+        )
         raise PreparedError(
-            f"the videos under {settings['source']} changed since {out} was started "
-            f"({len(meta['items'])} listed then, {len(listing['items'])} now); use another "
-            "--out, or delete it to start over."
+            f"the videos under {settings['source']} changed since {out} was {state} "
+            f"({len(then)} listed then, {len(now)} now"
+            + (f"; {what}" if what else "")
+            + "); use another --out, or delete it to start over."
         )
     before = meta.get("stamps")  # absent from datasets prepared before they were recorded
     if before is not None and before != stamps:
         pairs = zip(before, stamps, strict=True) if len(before) == len(stamps) else ()
         differ = [a != b for a, b in pairs] or [True] * len(stamps)
         changed = [item[0] for item, d in zip(listing["items"], differ, strict=True) if d]
-        state = "prepared" if meta.get("complete") else "started"
         raise PreparedError(
             f"{len(changed)} of the videos under {settings['source']} changed since {out} was "
             f"{state} (their size or modification time differ): {', '.join(changed[:5])}"
@@ -621,8 +633,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values: the parsed flags (see `define_flags`).
 
     Exits with 0 (all prepared), 2 (refused: one `error:` line), 3 (some videos skipped), 1
-    (a write failed, such as on a full disk: one `error:` line; the same command resumes) or
-    130 (interrupted; the same command resumes).
+    (a write failed, such as on a full disk, or no decoding process could be started: one
+    `error:` line; the same command resumes) or 130 (interrupted; the same command resumes).
     """
     del argv
     keep_interrupts()
@@ -633,6 +645,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
         code = EXIT_INTERRUPTED
     except OSError as e:  # writing failed part-way: a full disk, a quota, a lost mount
         print(f"error: {_interrupted(Path(flag_values.out), f'stopped by {e}')}", file=sys.stderr)
+        code = EXIT_FAILED
+    except DecoderStartError as e:  # the system cannot start processes: its message says why
+        print(f"error: {e} {_interrupted(Path(flag_values.out), 'Stopped')}", file=sys.stderr)
         code = EXIT_FAILED
     sys.exit(code)
 
