@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -246,3 +247,120 @@ def test_a_file_system_without_locks_is_warned_of_once_for_all_its_folders(
         f"warning: cannot lock {lock} (No locks available); --workdir=run is used without a "
         "claim, so a second run started in it at the same time would not be refused.\n"
     )
+
+
+def test_unwritable_names_what_stands_in_the_way_of_a_file_or_a_folder_written_into(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    # A file (or folder) made in its parent: the nearest existing folder above it counts.
+    assert paths.unwritable(tmp_path / "new" / "deeper" / "out.json") is None
+    assert paths.unwritable(tmp_path / "file") is None  # replaced there: its folder is writable
+    assert paths.unwritable(tmp_path / "file" / "out.json") == (
+        f"{tmp_path / 'file'} is a file, not a folder"
+    )
+    assert paths.unwritable(tmp_path / "dangling" / "out.json") == (
+        f"{tmp_path / 'dangling'} is a broken link, not a folder"
+    )
+    # A folder written into: the folder itself counts.
+    assert paths.unwritable(tmp_path / "file", into=True) == (
+        f"{tmp_path / 'file'} is a file, not a folder"
+    )
+    assert paths.unwritable(tmp_path / "new", into=True) is None
+    assert not (tmp_path / "new").exists()  # nothing is created
+
+
+def test_unwritable_needs_write_and_search_access(tmp_path, monkeypatch):
+    asked = []
+
+    def access(path, mode):
+        asked.append((Path(path), mode))
+        return Path(path) != tmp_path / "locked"
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", access)
+    assert paths.unwritable(tmp_path / "locked" / "run", into=True) == (
+        f"{tmp_path / 'locked'} is not writable (permission denied or a read-only file system)"
+    )
+    assert asked == [(tmp_path / "locked", os.W_OK | os.X_OK)]
+
+
+def test_staged_replaces_the_file_only_when_the_block_ends_without_error(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt), paths.staged(target) as temp:
+        assert temp.parent == tmp_path and temp.name.startswith(".") and temp.suffix == ".json"
+        temp.write_text("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+    with paths.staged(target) as temp:
+        temp.write_text("new")
+    assert target.read_text() == "new" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_new_folders_are_removed_again_when_the_block_fails_and_kept_when_they_hold_a_file(
+    tmp_path,
+):
+    folder = tmp_path / "a" / "b" / "c"
+    assert paths.missing_folders(folder) == [folder, folder.parent, folder.parent.parent]
+    # Interrupted: every folder the block made goes, innermost first.
+    with pytest.raises(KeyboardInterrupt), paths.new_folders_removed_on_failure(folder):
+        folder.mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    # One holding a file written since is kept, with the folders above it.
+    with pytest.raises(ValueError), paths.new_folders_removed_on_failure(folder):
+        folder.mkdir(parents=True)
+        (folder.parent / "kept.txt").write_text("")
+        raise ValueError
+    assert not folder.exists() and (folder.parent / "kept.txt").exists()
+    # Ended without error: all kept.
+    with paths.new_folders_removed_on_failure(folder):
+        folder.mkdir()
+    assert folder.is_dir()
+
+
+def test_folders_found_missing_earlier_are_removed_though_made_since_by_another(tmp_path):
+    # Another process of the run made the folder before this one came to claim it.
+    folder = tmp_path / "new" / "run"
+    missing = paths.missing_folders(folder)
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError), paths.new_folders_removed_on_failure(folder, missing):
+        raise ValueError
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_made_and_claimed_removes_what_it_made_when_the_run_fails_later(tmp_path):
+    folder = tmp_path / "new" / "run"
+    with pytest.raises(ValueError), contextlib.ExitStack() as held:
+        paths.made_and_claimed(held, folder, 0, "--workdir=run", _Refused)
+        assert (folder / LOCK_FILE.format(process=0)).exists()
+        raise ValueError  # the run fails after the claim
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_made_and_claimed_refuses_a_folder_it_cannot_make_or_another_run_holds(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(_Refused) as refused, contextlib.ExitStack() as held:
+        paths.made_and_claimed(held, tmp_path / "file" / "run", 0, "--workdir=x/run", _Refused)
+    assert str(refused.value) == (
+        "--workdir=x/run cannot be created: Not a directory; name another folder."
+    )
+    in_use = r"^--out=y is in use by another run \(process "
+    with (
+        claimed(tmp_path, 0, "--out=y"),
+        contextlib.ExitStack() as held,
+        pytest.raises(_Refused, match=in_use),
+    ):
+        paths.made_and_claimed(held, tmp_path, 0, "--out=y", _Refused)
+
+
+def test_a_claim_over_a_longer_file_a_killed_run_left_names_only_this_run(tmp_path):
+    # The file a killed run left is rewritten whole: a longer leftover would make it unreadable.
+    lock = tmp_path / LOCK_FILE.format(process=0)
+    lock.write_text(json.dumps({"command": "x" * 10_000}) + "\n")
+    with claimed(tmp_path, 0, "--workdir=w"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
