@@ -478,3 +478,112 @@ def test_stop_together_leaves_the_wakeup_fd_as_it_found_it(monkeypatch):
         signal.set_wakeup_fd(-1)
         os.close(read)
         os.close(write)
+
+
+def test_a_ctrl_c_held_back_is_acted_on_once_the_block_has_run():
+    import threading
+
+    from stam_jax.interrupts import interrupts_held
+
+    before = signal.getsignal(signal.SIGINT)
+    ran = []
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler now: it only notes the signal
+        ran.append("the rest of the block")
+    assert ran == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is before
+    with interrupts_held():  # no Ctrl-C: nothing is raised
+        ran.append("a block not interrupted")
+    assert signal.getsignal(signal.SIGINT) is before
+    # Elsewhere than the main thread (where no handler can be set) the block runs as is.
+    errors = []
+
+    def in_thread() -> None:
+        try:
+            with interrupts_held():
+                ran.append("in a thread")
+        except Exception as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert errors == [] and ran[-1] == "in a thread"
+
+
+def test_keep_interrupts_hands_other_reports_on_and_is_installed_once(monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    from stam_jax.interrupts import keep_interrupts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    keep_interrupts()
+    hook = sys.unraisablehook
+    keep_interrupts()
+    assert sys.unraisablehook is hook  # not wrapped twice
+    other = SimpleNamespace(exc_value=ValueError("in a callback"))
+    hook(other)
+    # A KeyboardInterrupt reported in another thread was not Ctrl-C's (Python raises that in
+    # the main thread only): reported as usual.
+    elsewhere = SimpleNamespace(exc_value=KeyboardInterrupt())
+    thread = threading.Thread(target=hook, args=(elsewhere,))
+    thread.start()
+    thread.join()
+    assert seen == [other, elsewhere]
+
+
+def test_an_interrupted_compilation_ends_with_the_status_and_the_output_so_far():
+    # os._exit skips the interpreter's shutdown (no atexit, no flush of stdout's buffer): what
+    # was printed is flushed first.
+    code = textwrap.dedent(
+        """
+        import atexit, sys
+        from stam_jax import interrupts
+
+        interrupts.interrupted_compilation = lambda error: True
+        atexit.register(lambda: print("shut down", file=sys.stderr))
+        print("the output so far")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            interrupts.exit_interrupted(e, 7)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONUNBUFFERED", None)  # stdout to a pipe: held in its buffer until flushed
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (7, "the output so far\n", "")
+    # Any other interrupt: the interpreter shuts down as usual, with the status given.
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:
+        with pytest.raises(SystemExit) as end:
+            exit_interrupted(e, 3)
+    assert end.value.code == 3
+
+
+def test_an_unwrapped_ctrl_c_keeps_the_frames_between_the_block_and_the_c_call():
+    # The interrupt's own traceback starts below the C code that wrapped it; the frames above
+    # (the caller's, up to the block) are the SystemError's.
+    from stam_jax.interrupts import interrupts_unwrapped
+
+    def below_the_c_call() -> KeyboardInterrupt:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            return e
+
+    def calls_into_c() -> None:
+        raise SystemError("<function f> returned a result with an exception set") from (
+            below_the_c_call()
+        )
+
+    with pytest.raises(KeyboardInterrupt) as info, interrupts_unwrapped():
+        calls_into_c()
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(info.value.__traceback__)]
+    assert "calls_into_c" in frames
