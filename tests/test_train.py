@@ -1215,3 +1215,249 @@ def test_decoding_processes_that_cannot_start_stop_training_with_one_line(
     assert again.stdout.splitlines()[-1].startswith(
         "trained to step 8 (resumed from step 3); final params in "
     ), again.stdout
+
+
+def scripted_step(metrics_at):
+    """A stand-in for `make_train_step`: a step that only counts, with `metrics_at(step)`'s
+    metrics (the step it ends, traced) and the count of usable videos."""
+
+    def make(*args):
+        def step(state, videos, labels, weights, teacher_params=None):
+            done = state.step + 1
+            return state.replace(step=done), {"videos": weights.sum(), **metrics_at(done)}
+
+        return step
+
+    return make
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[int]]:
+    """The steps of each scalar's events as TensorBoard shows them: the files are read in name
+    order, and a SessionLog START at step S (a resumed run's purge_step) hides the events of
+    steps >= S read before it."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown: dict[str, list[int]] = {}
+    for path in sorted(logdir.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length, crc, payload, crc
+            length = int.from_bytes(data[at : at + 8], "little")
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                shown = {tag: [s for s in steps if s < event.step] for tag, steps in shown.items()}
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append(event.step)
+    return shown
+
+
+def test_the_loop_logs_saves_and_evaluates_on_its_cadences_and_at_its_last_step(
+    train_root, tmp_path, monkeypatch, capsys
+):
+    # 7 steps, none of the cadences dividing it: the last step is logged, evaluated and saved
+    # all the same. Then a restart from the checkpoint of step 6 redoes step 7 only, and its
+    # logs hold each step once, as an uninterrupted run's.
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+    from stam_jax.export import saved_steps
+
+    def metrics_at(step):
+        return {"loss": step.astype(jnp.float32), "grad_norm": jnp.float32(1.0)}
+
+    evaluated = []
+
+    def periodic_eval(config, workdir, model, state, step, named):
+        evaluated.append(step)
+        return {"top1": step / 10, "ema_top1": math.nan}
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    monkeypatch.setattr(train_module, "periodic_eval", periodic_eval)
+    monkeypatch.setattr(train_module, "check_eval_root", lambda *args: None)
+    settings = dict(steps=7, save_every=3, log_every=3, eval_every=4)
+    config = tiny_config(train_root, eval_root=str(tmp_path / "val"), **settings)
+    workdir = tmp_path / "run"
+    summary = train_module.train_and_evaluate(config, workdir)
+    assert evaluated == [4, 7]
+    assert (summary["step"], summary["resumed_from"], summary["last_metrics"]["step"]) == (7, 0, 7)
+    assert summary["last_metrics"]["loss"] == 7.0
+    assert summary["final"] == str(workdir / "final") and summary["final_ema"] == str(
+        workdir / "final_ema"
+    )
+    rows = [json.loads(row) for row in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(3, True), (4, False), (6, True), (7, True), (7, False)]  # (step, a train row)
+    assert [(row["step"], "loss" in row) for row in rows] == logged
+    assert rows[-1] == {"step": 7, "top1": 0.7, "ema_top1": None}
+    train_row = {"step", "loss", "grad_norm", "steps_per_s", "videos_per_s", "failed_videos"}
+    assert all(set(row) == train_row for row in rows if "loss" in row)
+    assert sorted(saved_steps(workdir / "checkpoints")[0]) == [3, 6, 7]
+    shown = tensorboard_scalars(workdir / "tensorboard")
+    assert shown["train/loss"] == [3, 6, 7] and shown["eval/top1"] == [4, 7]
+    assert "eval/ema_top1" not in shown  # no finite score
+    shutil.rmtree(workdir / "checkpoints" / "7")  # as if killed before saving step 7
+    config.progress = True
+    capsys.readouterr()
+    summary = train_module.train_and_evaluate(config, workdir)
+    bar = capsys.readouterr().err
+    assert "| 6/7 [" in bar and "| 7/7 [" in bar  # the bar starts at the step resumed from
+    assert (summary["step"], summary["resumed_from"]) == (7, 6) and evaluated == [4, 7, 7]
+    rows = [json.loads(row) for row in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], "loss" in row) for row in rows] == logged
+    # Without an EMA (train.ema_decay=0) no final_ema is written.
+    config = tiny_config(train_root, steps=1, warmup_steps=0, ema_decay=0.0)
+    summary = train_module.train_and_evaluate(config, tmp_path / "no_ema")
+    assert "final_ema" not in summary and not (tmp_path / "no_ema" / "final_ema").exists()
+    assert (tmp_path / "no_ema" / "final").is_dir()
+
+
+def test_a_non_finite_gradient_stops_the_run_though_the_loss_is_finite(
+    train_root, tmp_path, monkeypatch
+):
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+
+    def metrics_at(step):
+        return {"loss": jnp.float32(2.5), "grad_norm": jnp.where(step == 4, jnp.inf, 1.0)}
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    with pytest.raises(train_module.NonFiniteError) as stopped:
+        train_module.train_and_evaluate(tiny_config(train_root), tmp_path)
+    assert str(stopped.value) == (
+        "step 4: loss 2.5, gradient norm inf; stopped before saving, checkpoints up to step 3 "
+        "intact. Lower --config.train.learning_rate, in a new --workdir (a restart in this one "
+        "must keep its settings)."
+    )
+
+
+def test_float16_steps_skipped_are_counted_and_the_run_stops_at_loss_scale_1(
+    train_root, tmp_path, monkeypatch, capsys
+):
+    # The loss scale as the step reports it: step 2 skipped at scale 4, step 5 at scale 2,
+    # step 6 at scale 1 (nothing left to lower: the run stops).
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+
+    def metrics_at(step):
+        skipped = (step == 2) | (step >= 5)
+        scale = jnp.where(step < 5, 4.0, jnp.where(step == 5, 2.0, 1.0))
+        return {
+            "loss": jnp.float32(1.0),
+            "grad_norm": jnp.where(skipped, jnp.inf, 1.0),
+            "skipped": skipped.astype(jnp.float32),
+            "loss_scale": scale.astype(jnp.float32),
+        }
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    config = tiny_config(train_root)
+    config.dtype = "float16"
+    with pytest.raises(train_module.NonFiniteError) as stopped:
+        train_module.train_and_evaluate(config, tmp_path)
+    assert str(stopped.value) == (
+        "step 6: gradients not finite even at float16 loss scale 1; checkpoints up to step 3 "
+        "intact. Use --config.dtype=bfloat16, in a new --workdir (a restart in this one must "
+        "keep its settings)."
+    )
+    rows = [json.loads(row) for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["skipped_steps"]) for row in rows] == [(2, 1), (4, 1)]
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "step skipped" in line] == [
+        f"step {step}: float16 gradients not finite at loss scale {scale}; step skipped (params "
+        "unchanged), scale halved"
+        for step, scale in ((2, 4), (5, 2), (6, 1))
+    ]
+
+
+def test_the_stop_rule_for_unusable_videos_counts_from_32_and_needs_more_than_half(tmp_path):
+    from stam_jax.train import UnusableDataError, _Unusable
+
+    unusable = _Unusable(tmp_path, start=0)
+    unusable.check(1, 31, 0.0, "videos")  # all failed, but fewer than 32 seen
+    unusable = _Unusable(tmp_path, start=0)
+    unusable.check(1, 16, 0.0, "videos")
+    unusable.check(2, 16, 16.0, "videos")  # 16 of 32: half, not more
+    assert unusable.failed == 16
+    with pytest.raises(UnusableDataError, match=r"^step 3: 17 of the 33 training videos of st"):
+        unusable.check(3, 1, 0.0, "videos")
+
+
+def test_a_root_of_fewer_videos_than_one_batch_is_refused_and_one_batch_is_enough(
+    train_root, tmp_path, monkeypatch
+):
+    import stam_jax.train as train_module
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    config = tiny_config(train_root)
+    config.batch_size = 11
+    with pytest.raises(TrainConfigError) as refused:
+        train_and_evaluate(config, tmp_path / "run")
+    assert str(refused.value) == (
+        f"--config.train.root={train_root} has 10 videos, fewer than one batch "
+        "(--config.batch_size=11); lower the batch size or add videos."
+    )
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+
+    monkeypatch.setattr(train_module, "_teacher_model", reached)  # the next check
+    config.batch_size = 10
+    with pytest.raises(Reached):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_root_without_periodic_evaluation_is_warned_of(train_root, tmp_path, capsys):
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    config = tiny_config(train_root, eval_every=0, eval_root=str(tmp_path / "val"))
+    config.batch_size = 11  # refused just after: nothing is computed
+    with pytest.raises(TrainConfigError, match="fewer than one batch"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert capsys.readouterr().err == (
+        f"warning: --config.train.eval_root={tmp_path / 'val'} is not used: periodic evaluation "
+        "is off (train.eval_every=0); set --config.train.eval_every=N to evaluate every N steps.\n"
+    )
+
+
+def test_the_progress_bar_starts_at_the_step_resumed_from_on_stderr(capsys):
+    from stam_jax.progress import progress_bar
+
+    bar = progress_bar(10, "train", "step", True, initial=4)
+    assert (bar.n, bar.total) == (4, 10)
+    bar.update(1)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "" and "train:  50%" in err and "5/10" in err
+    silent = progress_bar(10, "train", "step", False, initial=4)
+    silent.update(1)
+    silent.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_teacher_of_other_frames_or_frame_size_and_a_seed_given_as_true_are_refused(
+    train_root, tmp_path
+):
+    from stam_jax.train import TrainConfigError, train_and_evaluate
+
+    for name, value, shape in (("num_frames", 8, (1, 8, 32, 32, 3)), ("image_size", 64, None)):
+        other = create_model("stam_tiny", **{name: value})
+        video = np.zeros(shape or (1, 4, 64, 64, 3), np.uint8)
+        shapes = jax.eval_shape(other.init, jax.random.key(0), video)["params"]
+        teacher = tmp_path / f"teacher_{name}"
+        checkpoints.save(teacher, other, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
+        with pytest.raises(TrainConfigError) as refused:
+            train_and_evaluate(tiny_config(train_root, teacher=str(teacher)), tmp_path / "run")
+        student = {"num_frames": 4, "image_size": 32}[name]
+        assert str(refused.value).startswith(
+            f"--config.train.teacher={teacher} has {name}={value}, the student {student}: "
+        )
+    config = tiny_config(train_root)
+    config.seed = True  # a config file's `True` is 1 to Python: refused, not taken as seed 1
+    with pytest.raises(TrainConfigError) as refused:
+        train_and_evaluate(config, tmp_path / "run")
+    assert str(refused.value) == "--config.seed=True: use a whole number in [0, 2**32), e.g. 0."
+    assert not (tmp_path / "run").exists()
