@@ -443,8 +443,9 @@ def _train_and_evaluate(
     board = None
     if log:
         truncate_log(log, start)
-        # purge_step: a resumed run hides the events logged after its checkpoint.
-        board = _summary_writer(workdir / "tensorboard", purge_step=start or None)
+        # purge_step: a resumed run hides the events logged after its checkpoint (TensorBoard
+        # hides those of steps >= purge_step; the checkpoint's own step is not logged again).
+        board = _summary_writer(workdir / "tensorboard", purge_step=start + 1 if start else None)
     progress = progress_bar(
         train.steps, "train", "step", config.progress and jax.process_index() == 0, start
     )

@@ -1303,6 +1303,9 @@ def test_the_loop_logs_saves_and_evaluates_on_its_cadences_and_at_its_last_step(
     assert (summary["step"], summary["resumed_from"]) == (7, 6) and evaluated == [4, 7, 7]
     rows = [json.loads(row) for row in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [(row["step"], "loss" in row) for row in rows] == logged
+    # TensorBoard too shows each step once: step 6, logged before the restart, is kept.
+    shown = tensorboard_scalars(workdir / "tensorboard")
+    assert shown["train/loss"] == [3, 6, 7] and shown["eval/top1"] == [4, 7]
     # Without an EMA (train.ema_decay=0) no final_ema is written.
     config = tiny_config(train_root, steps=1, warmup_steps=0, ema_decay=0.0)
     summary = train_module.train_and_evaluate(config, tmp_path / "no_ema")
