@@ -530,6 +530,7 @@ def _train_and_evaluate(
                     board.flush()
                 timer, timer_step = time.perf_counter(), done
             if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
+                began = time.perf_counter()
                 scores = periodic_eval(config, Path(workdir), model, state, done, named)
                 if log:  # no video evaluated: top-1 is null (strict JSON), not NaN
                     scores = {k: v if math.isfinite(v) else None for k, v in scores.items()}
@@ -539,7 +540,9 @@ def _train_and_evaluate(
                         if value is not None:
                             board.add_scalar(f"eval/{name}", value, done)
                     board.flush()
-                timer = time.perf_counter()  # evaluation time is not training time
+                # Evaluation time is not training time: the clock of the steps since the last
+                # log skips it (restarted, it counted those steps over the time since this one).
+                timer += time.perf_counter() - began
             items = {"state": ocp.args.StandardSave(state)}
             if (loader and manager.should_save(done)) or (loader and done == train.steps):
                 # Every process's grain iterator position, taken now (the save itself is async).

@@ -1464,3 +1464,41 @@ def test_a_teacher_of_other_frames_or_frame_size_and_a_seed_given_as_true_are_re
         train_and_evaluate(config, tmp_path / "run")
     assert str(refused.value) == "--config.seed=True: use a whole number in [0, 2**32), e.g. 0."
     assert not (tmp_path / "run").exists()
+
+
+def test_the_training_rate_leaves_out_evaluation_time_whatever_the_cadences(
+    train_root, tmp_path, monkeypatch
+):
+    # A clock of the test's own: each step takes 1 s, each evaluation 100 s. Evaluating every
+    # 2 steps and logging every 3, the rate at step 3 counted steps 1-3 over step 3's time
+    # alone (the clock was restarted after the evaluation at step 2): 3 steps/s, not 1.
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+
+    now = [0.0]
+
+    def step_begins(step: int) -> None:
+        now[0] += 1.0
+
+    def periodic_eval(config, workdir, model, state, step, named):
+        now[0] += 100.0
+        return {"top1": 0.5, "ema_top1": 0.5}
+
+    def metrics_at(step):
+        return {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    monkeypatch.setattr(train_module, "_fail_hook", step_begins)
+    monkeypatch.setattr(train_module, "periodic_eval", periodic_eval)
+    monkeypatch.setattr(train_module, "check_eval_root", lambda *args: None)
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    config = tiny_config(train_root, steps=7, log_every=3, eval_every=2, eval_root="val")
+    train_module.train_and_evaluate(config, tmp_path)
+    rows = [json.loads(row) for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [
+        (row["step"], row["steps_per_s"], row["videos_per_s"]) for row in rows if "loss" in row
+    ]
+    assert rates == [(3, 1.0, 4.0), (6, 1.0, 4.0), (7, 1.0, 4.0)]
