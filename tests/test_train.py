@@ -1383,6 +1383,9 @@ def test_the_stop_rule_for_unusable_videos_counts_from_32_and_needs_more_than_ha
     assert unusable.failed == 16
     with pytest.raises(UnusableDataError, match=r"^step 3: 17 of the 33 training videos of st"):
         unusable.check(3, 1, 0.0, "videos")
+    unusable = _Unusable(tmp_path, start=0)
+    with pytest.raises(UnusableDataError, match=r"^step 1: 17 of the 32 training videos of st"):
+        unusable.check(1, 32, 15.0, "videos")  # more than half of 32: stopped at 32 already
 
 
 def test_a_root_of_fewer_videos_than_one_batch_is_refused_and_one_batch_is_enough(
