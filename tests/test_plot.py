@@ -164,6 +164,7 @@ def test_a_refused_evaluation_writes_no_training_picture_either(tmp_path, capsys
         {"label": 0, "top5": [1.0]},
         {"label": -1, "top5": [0]},  # was drawn as the last class, 'b'
         {"label": True, "top5": [0]},
+        {"label": 0, "top5": []},  # was an IndexError traceback
     ],
 )
 def test_prediction_rows_that_are_not_class_indices_are_refused(tmp_path, capsys, row):
@@ -298,3 +299,89 @@ def test_ctrl_c_is_one_line_and_exit_130_with_no_half_written_picture(
         "results.json",
         "train.png",
     ]
+
+
+def _drawn_figures(monkeypatch):
+    """The figures `plot` writes, captured as they are saved (the files are written too)."""
+    figures = {}
+    save = plot._save
+
+    def keep(fig, out):
+        figures[Path(out).name] = fig
+        return save(fig, out)
+
+    monkeypatch.setattr(plot, "_save", keep)
+    return figures
+
+
+def test_eval_picture_lists_the_worst_classes_first_and_only_wrong_predictions(
+    tmp_path, monkeypatch
+):
+    # a: 2 of 2 right; b: 1 of 2 (once taken for a); label 2, past the class list: 0 of 1.
+    write_eval(tmp_path, [(0, [0, 1]), (0, [0, 1]), (1, [1, 0]), (1, [0, 1]), (2, [1])], ["a", "b"])
+    figures = _drawn_figures(monkeypatch)
+    assert main([str(tmp_path)]) == 0
+    left, right = figures["eval.png"].axes
+    assert [t.get_text() for t in left.get_yticklabels()] == ["class 2", "b", "a"]
+    assert [bar.get_width() for bar in left.patches] == [0.0, 0.5, 1.0]
+    assert left.get_title() == "top-1 per class, worst 3 of 3"
+    # Right predictions are no confusion: only b -> a and class 2 -> b, once each.
+    assert sorted(t.get_text() for t in right.get_yticklabels()) == ["b -> a", "class 2 -> b"]
+    assert [bar.get_width() for bar in right.patches] == [1, 1]
+
+
+def test_rows_without_a_drawn_number_are_skipped_not_refused(tmp_path, capsys, monkeypatch):
+    # A row of other facts (a step that is no number, a null loss) is not part of a curve.
+    rows = [
+        {"step": 1, "loss": 1.0},
+        {"step": "final", "checkpoint": "ckpt/final"},
+        {"step": 2, "loss": None, "learning_rate": 1e-3},
+        {"step": 3, "loss": 0.5, "learning_rate": 1e-4},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = _drawn_figures(monkeypatch)
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""
+    loss, rate = figures["train.png"].axes
+    assert list(loss.lines[0].get_xdata()) == [1, 3] and list(rate.lines[0].get_xdata()) == [2, 3]
+
+
+def test_nan_steps_listed_are_the_first_five_then_an_ellipsis(tmp_path, capsys):
+    for count, tail in ((5, "(1, 2, 3, 4, 5); those"), (6, "(1, 2, 3, 4, 5 ...); those")):
+        rows = [{"step": s, "loss": float("nan")} for s in range(1, count + 1)]
+        rows.append({"step": count + 1, "loss": 1.0})
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert main([str(tmp_path)]) == 0
+        err = capsys.readouterr().err
+        assert f"loss is NaN or Inf at {count} of {count + 1} steps {tail}" in err, err
+
+
+def test_a_training_run_with_only_a_results_file_draws_its_curves(tmp_path, capsys):
+    # results.json without predictions.jsonl is no evaluation to draw: not an error.
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"top1": 0.5}}))
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'train.png'}\n"
+    assert not (tmp_path / "eval.png").exists()
+
+
+def test_files_that_are_not_utf8_or_hold_odd_results_are_named(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe')
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'metrics.jsonl'} is not UTF-8 text (byte 25); is it the right file?\n"
+    )
+    (tmp_path / "metrics.jsonl").unlink()
+    # Counts without the number of videos listed: the predictions file is named instead.
+    (tmp_path / "results.json").write_text(json.dumps({"counts": {"evaluated": 0}}))
+    (tmp_path / "predictions.jsonl").write_text("")
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'predictions.jsonl'} holds no predictions.\n"
+    )
+    # A JSON line that is not an object (was an AttributeError traceback).
+    (tmp_path / "predictions.jsonl").write_text('{"label": 0, "top5": [0]}\n[0, [0]]\n')
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'predictions.jsonl'}:2 holds a list, not a JSON object.\n"
+    )
