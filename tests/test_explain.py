@@ -333,3 +333,51 @@ def test_explain_ends_a_ctrl_c_that_c_code_wrapped_as_interrupted(
     assert main([str(video), "--checkpoint", str(root / "ckpt"), "--out", str(out)]) == 130
     assert capsys.readouterr().err == "interrupted: nothing was written.\n"
     assert not out.exists()
+
+
+def test_explained_attention_is_the_cls_rows_of_the_model_and_the_rates_are_checked(explained):
+    # The picture's numbers are the cls token's rows (its draw on each frame or patch), not a
+    # column, and not the cls token's weight on itself.
+    import jax.numpy as jnp
+
+    from stam_jax.data.video import ClipSpec, load_views
+
+    root, video = explained
+    result = explain_video(root / "ckpt", video, frame_rate=1.0)  # exactly T = 4 frames
+    stored = checkpoints.read_config(root / "ckpt")
+    _, model, params = checkpoints.read(root / "ckpt")
+    model = model.clone(spatial_attention_layers=tuple(range(model.depth)), temporal_attention=True)
+    spec = ClipSpec(num_frames=4, frame_rate=1.0, resize=int(32 / 0.875), crop=32)
+    views = load_views(video, spec)
+    np.testing.assert_array_equal(result["frames"], views[0])
+    params = jax.tree.map(jnp.asarray, params)
+    _, state = model.apply({"params": params}, views, mutable="intermediates")
+    found = state["intermediates"]
+    encoder = found["aggregate"]["transformer_enc"]
+    temporal = [
+        np.asarray(encoder[f"layers_{i}"]["self_attn"]["attention_weights"][0][0])
+        for i in range(stored["model"]["temporal_depth"])
+    ]
+    spatial = [
+        np.asarray(found[f"blocks_{i}"]["attn"]["attention_weights"][0]) for i in range(model.depth)
+    ]
+    atol = 1e-5
+    for layer, weights in enumerate(temporal):
+        np.testing.assert_allclose(
+            result["temporal_layers"][layer], weights.mean(0)[0, 1:], atol=atol
+        )
+    np.testing.assert_allclose(result["temporal_rollout"], rollout(temporal)[0, 1:], atol=atol)
+    np.testing.assert_allclose(
+        result["spatial_rollout"], rollout(spatial)[:, 0, 1:].reshape(4, 4, 4), atol=atol
+    )
+    with pytest.raises(ValueError, match=r"frame_rate inf: use a positive number"):
+        explain_video(root / "ckpt", video, frame_rate=float("inf"))
+    # A suffix in capitals is a picture suffix all the same.
+    assert explain_module.output_path(root / "p.PNG", video) == root / "p.PNG"
+    (root / "d.png").mkdir()  # "--out d" is d.png: a folder
+    with pytest.raises(ValueError, match=r"--out .*d\.png is a directory; name the picture"):
+        explain_module.output_path(root / "d", video)
+    # The top-5 panel names the most probable class first.
+    labels = [t.get_text() for t in figure(result).axes[-1].get_yticklabels()]
+    best = int(np.argmax(result["probabilities"]))
+    assert len(labels) == 5 and labels[0].startswith(f"class {best} (")
