@@ -1108,3 +1108,22 @@ def test_a_pickle_cannot_alter_the_reader_for_the_files_after_it(official_pth, t
     loaded = load_state_dict(pth)
     original = load_official(pth)
     assert all(np.array_equal(np.asarray(loaded[k]), original[k].numpy()) for k in original)
+
+
+def test_zero_size_tensors_read_and_bool_sizes_are_refused(tmp_path):
+    # torch gives a (3, 0) tensor strides (1, 1) and a (2, 0, 4) one (4, 4, 1): their last
+    # element would lie past an empty storage, but they have none to read.
+    tensors = {"a": torch.empty(3, 0), "b": torch.zeros(2, 0, 4), "c": torch.ones(2)}
+    torch.save({"model": tensors}, tmp_path / "empty.pth")
+    loaded = load_state_dict(tmp_path / "empty.pth")
+    for key, tensor in tensors.items():
+        np.testing.assert_array_equal(np.asarray(loaded[key]), tensor.numpy(), err_msg=key)
+        assert np.asarray(loaded[key]).shape == tuple(tensor.shape), key
+    # A bool is no size, though Python takes True for 1.
+    path = _write_pth(
+        tmp_path / "bool.pth",
+        _pickled({"model": {"w": _View(_Storage("0", 2), 0, (True,), (1,))}}),
+        {"0": [1, 2]},
+    )
+    with pytest.raises(ConversionError, match=r"malformed checkpoint: a tensor of offset 0, sizes"):
+        load_state_dict(path)
