@@ -298,7 +298,8 @@ def test_decode_with_turns_every_error_into_an_outcome():
     ]
 
 
-def test_worker_processes_decode_at_most_prefetch_videos_ahead(monkeypatch):
+def submits_counted(monkeypatch) -> list[int]:
+    """The positions of the jobs given to the decoding processes, as they are submitted."""
     from stam_jax.data import loader
 
     submitted = []
@@ -309,6 +310,11 @@ def test_worker_processes_decode_at_most_prefetch_videos_ahead(monkeypatch):
         return submit(pool, fn, job)
 
     monkeypatch.setattr(loader, "_submit", counted)
+    return submitted
+
+
+def test_worker_processes_decode_at_most_prefetch_videos_ahead(monkeypatch):
+    submitted = submits_counted(monkeypatch)
     stream = ordered_map(crash_on_bad, [(i, "x") for i in range(6)], workers=1, prefetch=2)
     assert next(stream).position == 0 and submitted == [0, 1]
     assert next(stream).position == 1 and submitted == [0, 1, 2]
@@ -424,16 +430,7 @@ def test_pools_that_cannot_start_processes_stop_the_run_saying_why(monkeypatch, 
 def test_after_a_crash_the_decoder_looks_ahead_as_far_as_before(monkeypatch):
     # The crashed video is retried alone; once it is reported, `prefetch` videos are decoded
     # ahead again (left at one, every video after a crash waited for the one before it).
-    from stam_jax.data import loader
-
-    submitted = []
-    submit = loader._submit
-
-    def counted(pool, fn, job):
-        submitted.append(job[0])
-        return submit(pool, fn, job)
-
-    monkeypatch.setattr(loader, "_submit", counted)
+    submitted = submits_counted(monkeypatch)
     names = ["bad", "a", "b", "c", "d"]
     stream = ordered_map(crash_on_bad, list(enumerate(names)), workers=1, prefetch=3)
     first = next(stream)

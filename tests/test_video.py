@@ -494,38 +494,6 @@ def test_a_variable_rate_video_is_sampled_at_its_average_rate(tmp_path):
     assert [read_index(f, short=64) for f in got[0]] == indices == [0, 9, 19, 29]
 
 
-def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp_path, monkeypatch):
-    # A decoder may drop frames it cannot decode: the clip would then lack frames the sampling
-    # named. The file fails with a reason rather than a KeyError (or a shifted clip).
-    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
-    opened = video._open
-
-    class DropsTheEnd:
-        """The file, opened, whose decoder stops after 12 frames."""
-
-        def __init__(self, container):
-            self.container = container
-
-        def __getattr__(self, name):
-            return getattr(self.container, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.container.__exit__(*exc)
-
-        def decode(self, stream):
-            return itertools.islice(self.container.decode(stream), 12)
-
-    monkeypatch.setattr(video, "_open", lambda path: DropsTheEnd(opened(path)))
-    spec = ClipSpec(num_frames=16, frame_rate=10.0, resize=64, crop=48)
-    with pytest.raises(
-        VideoError, match=r"^decoded fewer frames than the stream lists \(frame 12 is missing\)$"
-    ):
-        load_views(path, spec)
-
-
 class _Wrapped:
     """An opened file whose `decode` goes through `decode(container, stream)` (a stand-in for a
     decoder that misbehaves), and whose other attributes are the file's."""
@@ -544,6 +512,23 @@ class _Wrapped:
 
     def decode(self, stream):
         return self._decode(self.container, stream)
+
+
+def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp_path, monkeypatch):
+    # A decoder may drop frames it cannot decode: the clip would then lack frames the sampling
+    # named. The file fails with a reason rather than a KeyError (or a shifted clip).
+    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    opened = video._open
+
+    def drops_the_end(container, stream):  # the decoder stops after 12 frames
+        return itertools.islice(container.decode(stream), 12)
+
+    monkeypatch.setattr(video, "_open", lambda path: _Wrapped(opened(path), drops_the_end))
+    spec = ClipSpec(num_frames=16, frame_rate=10.0, resize=64, crop=48)
+    with pytest.raises(
+        VideoError, match=r"^decoded fewer frames than the stream lists \(frame 12 is missing\)$"
+    ):
+        load_views(path, spec)
 
 
 def test_a_decoder_error_mid_stream_fails_the_video_naming_the_error(tmp_path, monkeypatch):
