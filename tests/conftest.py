@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def pools_refusing_after(submits: int) -> list[str]:
+    """`python -c SCRIPT`, the command line's start for a script (the next argument) and its
+    flags, in which decoding processes start for the first `submits` jobs and the system then
+    refuses any more, as one out of processes does (BlockingIOError from every pool's submit)."""
+    script = f"""
+import runpy, sys
+from stam_jax.data import loader
+submit, taken = loader._submit, []
+def refusing(*args, **kwargs):
+    taken.append(1)
+    if len(taken) > {submits}:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    return submit(*args, **kwargs)
+loader._submit = refusing
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    return [sys.executable, "-c", script]
+
+
+# What a command says when no decoding process can be started, before what it kept.
+NO_DECODING_PROCESSES = (
+    "error: cannot start decoding processes: a new process pool refused work twice "
+    "(BlockingIOError: [Errno 11] Resource temporarily unavailable), so no video can be "
+    "decoded. The system is likely short of processes, memory or open files (see `ulimit "
+    "-u` and `ulimit -n`): free some, or use fewer decoding processes "
+    "(--config.data.workers, or --workers of stam_jax.data.prepare; 0 decodes in this "
+    "process). "
+)
 
 
 def child_pids() -> set[int]:

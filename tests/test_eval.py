@@ -14,11 +14,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
+    NO_DECODING_PROCESSES,
     TINY_CONFIGS,
     child_pids,
     files_in,
     free_port,
     held_here,
+    pools_refusing_after,
     random_params,
     run_processes,
     xla_flags,
@@ -1439,22 +1441,6 @@ def test_cli_exit_statuses():
     }
 
 
-# Decoding processes start for the first 6 videos, then the system refuses any more (as one out
-# of processes does: BlockingIOError from every new pool's submit).
-_POOLS_REFUSE_AFTER_6 = """
-import runpy
-from stam_jax.data import loader
-submit, taken = loader._submit, []
-def refusing(*args, **kwargs):
-    taken.append(1)
-    if len(taken) > 6:
-        raise BlockingIOError(11, "Resource temporarily unavailable")
-    return submit(*args, **kwargs)
-loader._submit = refusing
-runpy.run_path("run_eval.py", run_name="__main__")
-"""
-
-
 def test_decoding_processes_that_cannot_start_end_the_run_with_one_line_and_lose_nothing(
     video_root, tiny_ckpt, tmp_path, reference_run
 ):
@@ -1470,19 +1456,14 @@ def test_decoding_processes_that_cannot_start_end_the_run_with_one_line_and_lose
         "--config.progress=False",
         f"--workdir={tmp_path}",
     ]
-    run = [sys.executable, "-c", _POOLS_REFUSE_AFTER_6, *args]
+    run = [*pools_refusing_after(6), "run_eval.py", *args]  # 6 videos decoded, then none
     failed = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1, failed.stderr
     kept = kept_count(tmp_path / PARTIAL)
     assert 0 < kept <= 6
     assert failed.stderr == (
-        "error: cannot start decoding processes: a new process pool refused work twice "
-        "(BlockingIOError: [Errno 11] Resource temporarily unavailable), so no video can be "
-        "decoded. The system is likely short of processes, memory or open files (see `ulimit "
-        "-u` and `ulimit -n`): free some, or use fewer decoding processes "
-        "(--config.data.workers, or --workers of stam_jax.data.prepare; 0 decodes in this "
-        f"process). The results of {kept} videos are kept in {tmp_path / PARTIAL}; run the "
-        "same command again to evaluate the others (results.json comes at the end).\n"
+        f"{NO_DECODING_PROCESSES}The results of {kept} videos are kept in {tmp_path / PARTIAL}; "
+        "run the same command again to evaluate the others (results.json comes at the end).\n"
     )
     again = subprocess.run(
         [sys.executable, "run_eval.py", *args], cwd=ROOT, capture_output=True, text=True

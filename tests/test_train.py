@@ -17,7 +17,16 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import child_pids, files_in, free_port, held_here, run_processes, xla_flags
+from conftest import (
+    NO_DECODING_PROCESSES,
+    child_pids,
+    files_in,
+    free_port,
+    held_here,
+    pools_refusing_after,
+    run_processes,
+    xla_flags,
+)
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model, sharding
@@ -1175,39 +1184,17 @@ def test_periodic_evaluation_scores_each_set_and_keeps_the_first_best(
     assert "new best (ema)" in capsys.readouterr().out
 
 
-# Decoding processes start for the first 20 clips, then the system refuses any more (as one out
-# of processes does: BlockingIOError from every new pool's submit).
-_POOLS_REFUSE_AFTER_20 = """
-import runpy, sys
-from stam_jax.data import loader
-submit, taken = loader._submit, []
-def refusing(*args, **kwargs):
-    taken.append(1)
-    if len(taken) > 20:
-        raise BlockingIOError(11, "Resource temporarily unavailable")
-    return submit(*args, **kwargs)
-loader._submit = refusing
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def test_decoding_processes_that_cannot_start_stop_training_with_one_line(
     train_root, cache, tmp_path
 ):
     """It ended with a traceback; now one `error:` line says why, what to do and what is kept,
     and the same command, once processes can start, resumes from the last checkpoint."""
     cmd = command(train_root, tmp_path, cache, "--config.data.workers=1")
-    failed = run([cmd[0], "-c", _POOLS_REFUSE_AFTER_20, *cmd[1:]])
+    failed = run([*pools_refusing_after(20), *cmd[1:]])  # 20 clips decoded, then none
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert failed.stderr == (
-        "error: cannot start decoding processes: a new process pool refused work twice "
-        "(BlockingIOError: [Errno 11] Resource temporarily unavailable), so no video can be "
-        "decoded. The system is likely short of processes, memory or open files (see `ulimit "
-        "-u` and `ulimit -n`): free some, or use fewer decoding processes "
-        "(--config.data.workers, or --workers of stam_jax.data.prepare; 0 decodes in this "
-        f"process). The checkpoints in {tmp_path}/checkpoints are kept; run the same command "
-        "again to resume from the last one.\n"
+        f"{NO_DECODING_PROCESSES}The checkpoints in {tmp_path}/checkpoints are kept; run the "
+        "same command again to resume from the last one.\n"
     )
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
