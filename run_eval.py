@@ -23,7 +23,13 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags
+from stam_jax.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_PEER_FAILED,
+    EXIT_REFUSED,
+    parse_flags,
+    stopped,
+)
 from stam_jax.interrupts import (
     exit_interrupted,
     interrupts_held,
@@ -94,8 +100,7 @@ def _evaluate() -> int:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(status(e))
     except DecoderStartError as e:  # the system cannot start processes: its message says why
-        left = _left(_WORKDIR.value)
-        print(f"error: {e} {left[0].upper()}{left[1:]}", file=sys.stderr)
+        print(stopped(e, _left(_WORKDIR.value)), file=sys.stderr)
         sys.exit(status(e))
     counts = results["counts"]
     skipped = counts["dropped_too_short"] or counts["failed"] or counts["non_finite"]

@@ -20,7 +20,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_PEER_FAILED, EXIT_REFUSED, parse_flags
+from stam_jax.cli import (
+    EXIT_INTERRUPTED,
+    EXIT_PEER_FAILED,
+    EXIT_REFUSED,
+    parse_flags,
+    stopped,
+)
 from stam_jax.interrupts import (
     exit_interrupted,
     interrupts_held,
@@ -101,8 +107,7 @@ def _train() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(status(e))
     except DecoderStartError as e:  # the system cannot start processes: its message says why
-        left = _left(_WORKDIR.value)
-        print(f"error: {e} {left[0].upper()}{left[1:]}", file=sys.stderr)
+        print(stopped(e, _left(_WORKDIR.value)), file=sys.stderr)
         sys.exit(status(e))
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")

@@ -28,6 +28,12 @@ def refuse(message: object) -> NoReturn:
     sys.exit(EXIT_REFUSED)
 
 
+def stopped(error: BaseException, left: str) -> str:
+    """The one line of a command stopped by `error` (whose message says why and what to do),
+    followed by `left`, what the run left to resume from, as a sentence of its own."""
+    return f"error: {error} {left[:1].upper()}{left[1:]}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose refusals are one `error:` line with exit status 2 (no usage block), as
     the absl CLIs' (`parse_flags`). A file whose name starts with '-' (Kinetics ids often do:

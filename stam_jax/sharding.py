@@ -122,14 +122,15 @@ def enable_compilation_cache(directory: str) -> None:
         return
     from stam_jax.paths import unwritable  # (paths imports nothing of the package)
 
-    why = unwritable(os.path.expanduser(directory), into=True)
+    path = os.path.expanduser(directory)
+    why = unwritable(path, into=True)
     if why:
         raise ValueError(
             f"--config.compilation_cache_dir={directory} cannot be written: {why}. Give a "
             "folder this process can write to, or --config.compilation_cache_dir='' to "
             "compile without the persistent cache."
         )
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_compilation_cache_dir", path)
     # Cache every program: eval compiles once, and even a one-second compile is worth skipping.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -38,7 +38,7 @@ from typing import Any
 
 from absl import flags
 
-from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse
+from stam_jax.cli import EXIT_INTERRUPTED, parse_flags, refuse, stopped
 from stam_jax.data.folder import (
     DatasetError,
     Ignored,
@@ -647,7 +647,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
         print(f"error: {_interrupted(Path(flag_values.out), f'stopped by {e}')}", file=sys.stderr)
         code = EXIT_FAILED
     except DecoderStartError as e:  # the system cannot start processes: its message says why
-        print(f"error: {e} {_interrupted(Path(flag_values.out), 'Stopped')}", file=sys.stderr)
+        print(stopped(e, _interrupted(Path(flag_values.out), "stopped")), file=sys.stderr)
         code = EXIT_FAILED
     sys.exit(code)
 
