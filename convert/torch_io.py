@@ -18,6 +18,7 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -213,6 +214,10 @@ def _first_line(e: BaseException) -> str:
         if "WeightsUnpickler error:" in line:  # torch's own refusal, legacy files
             detail = line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
             return detail or "unrecognised pickle content"
+        # torch's refusal of a global from a module it blocks outright (os, sys, ...).
+        blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", line)
+        if blocked:
+            return f"Unsupported global: {blocked[1]}, from the blocked module {blocked[2]}"
     first = text.splitlines()[0] if text else type(e).__name__
     if "strerror:" in first:  # torch.save: "[enforce fail at ...] . open file failed with ..."
         return first.rsplit("strerror:", 1)[1].strip()

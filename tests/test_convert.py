@@ -368,6 +368,25 @@ def test_legacy_non_zip_format(official_pth, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickle_calling_os_system_is_refused_as_unsafe(tmp_path, zip_format):
+    # torch blocks the os and sys modules outright and words that refusal differently from an
+    # unlisted global; both must read as unsafe, not as "not a PyTorch checkpoint".
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(
+        UnsafeCheckpointError, match=r"refused.*system.*Nothing from it was executed"
+    ):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
