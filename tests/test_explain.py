@@ -99,7 +99,7 @@ def test_explain_refuses_bad_input_before_loading_the_model(
     def not_now(*args, **kwargs):
         raise AssertionError("the checkpoint was loaded before the input was checked")
 
-    monkeypatch.setattr(checkpoints, "load", not_now)
+    monkeypatch.setattr(checkpoints, "read_params", not_now)
     ckpt = ["--checkpoint", str(root / "ckpt")]
 
     def refused(*args: str) -> str:
