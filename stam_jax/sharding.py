@@ -231,7 +231,13 @@ def allgather_json(obj: Any) -> list[Any]:
 
 
 def tree_digest(tree: Any) -> str:
-    """A short checksum of a tree of host arrays (params), to compare across processes."""
+    """A short checksum of a tree of host arrays (params), to compare across processes.
+
+    Each leaf counts by its path and bytes. The checksum is kept with an interrupted
+    evaluation's results (`stam_jax.partial`), so its form stays fixed: a new one would make
+    kept results read as of other params. Dtype and shape are left out of it; one model's
+    params with the same bytes in another dtype or shape cannot come from a checkpoint.
+    """
     crc = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         crc = zlib.crc32(jax.tree_util.keystr(path).encode(), crc)
