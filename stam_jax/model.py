@@ -741,7 +741,8 @@ class STAM(nn.Module):
         return super().apply(variables, *args, **kwargs)
 
     def _check_fields(self) -> None:
-        """Refuses sizes that are not ints and rates outside [0, 1), before they meet shapes.
+        """Refuses sizes that are not ints, head counts that do not divide their width and rates
+        outside [0, 1), before they meet shapes.
 
         Out of range, a dropout or drop-path rate silently zeroed every activation or rescaled
         them all; a size given as a float or a string failed inside jax, or as a videos shape
@@ -766,6 +767,24 @@ class STAM(nn.Module):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
                 raise ValueError(f"{name}={value!r}: use an int >= {least}.")
+        # Each head takes an equal share of the width (of layers that exist); the attention's own
+        # check named neither the field (`temporal_heads` was called num_heads) nor the fix.
+        widths = (
+            ("num_heads", self.num_heads, "hidden_size", self.hidden_size, self.depth),
+            (
+                "temporal_heads",
+                self.temporal_heads,
+                "temporal_hidden_size" if self.temporal_hidden_size else "hidden_size",
+                self.temporal_hidden_size or self.hidden_size,
+                self.temporal_depth if self.aggregate == "transformer" else 0,
+            ),
+        )
+        for heads_name, heads, width_name, width, layers in widths:
+            if layers and width % heads:
+                raise ValueError(
+                    f"{heads_name}={heads} does not divide {width_name}={width}; use a number "
+                    f"of heads that divides {width} (or another width)."
+                )
         for name in ("dropout_rate", "drop_path_rate", "temporal_dropout_rate"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not 0 <= value < 1:
@@ -911,11 +930,12 @@ class STAM(nn.Module):
           Logits `(B, num_classes)`, float32.
 
         Raises:
-          ValueError: a size that is not an int, a rate outside [0, 1), an unknown `aggregate`
-            or `attention_impl`, videos of another shape or dtype, float videos holding NaN or
-            Inf or not in [0, 1] (checked where their values are readable), params of another
-            architecture (naming each misfit), `spatial_attention_layers` that are not blocks,
-            or a `frame_chunk` that `frames_per_step` refuses.
+          ValueError: a size that is not an int, a head count that does not divide its width,
+            a rate outside [0, 1), an unknown `aggregate` or `attention_impl`, videos of another
+            shape or dtype, float videos holding NaN or Inf or not in [0, 1] (checked where their
+            values are readable), params of another architecture (naming each misfit),
+            `spatial_attention_layers` that are not blocks, or a `frame_chunk` that
+            `frames_per_step` refuses.
           TypeError: `videos` is not an array; `apply` given the params without their
             `{'params': ...}` wrapper.
         """

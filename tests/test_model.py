@@ -532,6 +532,23 @@ def test_sizes_and_rates_are_checked():
         with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}: use an? "):
             init(**{name: value})
     init(depth=0, temporal_depth=0, drop_path_rate=0.5, num_classes=np.int64(3))  # all valid
+    # A head count that does not divide its width: the attention's own error called the
+    # temporal heads 'num_heads' and named no fix.
+    heads = {
+        "num_heads=3 does not divide hidden_size=32; use a number of heads that divides 32": {
+            "num_heads": 3
+        },
+        "temporal_heads=3 does not divide hidden_size=32; use": {"temporal_heads": 3},
+        "temporal_heads=4 does not divide temporal_hidden_size=6; use a number of heads that "
+        "divides 6": {"temporal_hidden_size": 6},
+    }
+    for message, overrides in heads.items():
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}"):
+            init(**overrides)
+    init(temporal_hidden_size=8, temporal_heads=8)
+    # Heads of layers that do not exist are not refused.
+    init(aggregate="mean", temporal_heads=3)
+    init(depth=0, num_heads=3, temporal_depth=0, temporal_heads=3)
     # numpy scalars (a config's arithmetic, an array's element) are numbers too.
     init(layer_norm_eps=np.float32(1e-5), dropout_rate=np.float32(0.1), drop_path_rate=np.int64(0))
 
