@@ -1064,5 +1064,7 @@ class STAM(nn.Module):
             temporal = self.temporal_depth * (
                 m * dt * 4 * dt + 2 * m * m * dt + 2 * m * dt * self.temporal_mlp_dim
             )
+            if dt != d:  # frame features projected to the temporal width (`input_proj`)
+                temporal += t * d * dt
         head = (self.temporal_hidden_size or d) * self.num_classes
         return t * spatial + temporal + head

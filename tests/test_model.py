@@ -640,6 +640,46 @@ def test_last_block_computes_only_the_cls_token():
     assert 0.995 < 2 * pruned.macs_per_video() / xla_flops(pruned) < 1.0
 
 
+def _matmul_macs(jaxpr) -> int:
+    """Multiply-accumulates of every dot_general in a jaxpr, those of nested jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            total += int(np.prod(out)) * int(np.prod([lhs[i] for i in contract]))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _matmul_macs(inner)
+    return total
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"last_block_cls_only": False},
+        {"spatial_attention_layers": (1,)},
+        {"aggregate": "mean"},
+        {"temporal_hidden_size": 24, "temporal_heads": 4},
+        {"depth": 0, "num_classes": 3},
+    ],
+)
+def test_macs_per_video_counts_every_matmul_that_runs(overrides):
+    # Every multiply-accumulate of the traced forward's matmuls, one video, counted exactly:
+    # the cost tables' figures are those of the program that runs.
+    model = create_model("stam_tiny", frame_chunk=0, **overrides)
+    video = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.uint8)
+    params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)
+    traced = jax.make_jaxpr(lambda p, v: model.apply(p, v, mutable=["intermediates"]))(
+        params, video
+    )
+    assert model.macs_per_video() == _matmul_macs(traced.jaxpr)
+
+
 def test_frame_chunk_steps_give_the_same_model():
     params, videos = tiny_case()  # 3 videos: 12 frames, all different
     whole = REFERENCE
