@@ -198,6 +198,15 @@ def test_temporal_dropout_is_on_by_default_in_training():
         {"params": params}, videos, deterministic=False
     )
 
+    def train_shape(model, **kwargs):  # traced only
+        run = lambda p: model.apply({"params": p}, videos, deterministic=False, **kwargs)  # noqa: E731
+        return jax.eval_shape(run, abstract_params(model)).shape
+
+    # A mean model has no temporal layers: its temporal_dropout_rate draws nothing.
+    assert train_shape(create_model("stam_tiny_mean")) == (2, 10)
+    # As in flax, a 'params' rng serves as the dropout rng.
+    assert train_shape(model, rngs={"params": jax.random.key(0)}) == (2, 10)
+
 
 def test_drop_path_drops_whole_samples():
     x = jnp.ones((64, 3, 5))
@@ -207,6 +216,16 @@ def test_drop_path_drops_whole_samples():
     assert all(len(set(row)) == 1 for row in per_sample)  # all or nothing per sample
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
     np.testing.assert_array_equal(DropPath(0.5).apply({}, x, deterministic=True), x)
+
+
+def test_drop_path_rate_rises_linearly_over_the_blocks():
+    # timm's schedule, torch.linspace(0, rate, depth): 0 in the first block, `rate` in the last.
+    model = create_model("stam_tiny", depth=3, drop_path_rate=0.3, frame_chunk=0)
+    calls = module_calls(model, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    rates = {path: m.rate for path, m, *_ in calls if isinstance(m, DropPath)}
+    assert rates == pytest.approx(
+        {f"blocks_{i}/DropPath_{j}": 0.15 * i for i in range(3) for j in range(2)}
+    )
 
 
 def test_mean_aggregate_is_the_mean_of_frame_features():
@@ -371,12 +390,14 @@ def test_every_layer_norm_is_the_references_with_eps_1e_5():
     assert set(want.values()) == {1e-5}
 
 
-def test_temporal_dropout_is_where_pytorchs_encoder_layer_has_it():
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_temporal_dropout_is_where_pytorchs_encoder_layer_has_it(attention_impl):
     # nn.TransformerEncoderLayer(dropout=0.1) in training: its MultiheadAttention drops out the
     # attention probabilities, then dropout1 the attention output, dropout the ReLU output and
     # dropout2 the feed-forward output; nothing else in STAM drops out (none on the position
-    # embeddings; the ViT's rates are 0).
-    model = create_model("stam_tiny", frame_chunk=0)
+    # embeddings; the ViT's rates are 0). On every attention path: the probabilities to drop
+    # out are computed heads-first in training.
+    model = create_model("stam_tiny", frame_chunk=0, attention_impl=attention_impl)
     calls = module_calls(model, deterministic=False, rngs={"dropout": jax.random.key(0)})
     outputs = {path: out for path, *_, out in calls}
     drops = [
@@ -409,9 +430,46 @@ def test_auto_attention_choice_per_backend(monkeypatch):
     assert spatial("auto", jnp.bfloat16, remat=True) == "xla"
     assert spatial("auto", jnp.bfloat16, remat=False) == "auto"
     assert spatial("cudnn", jnp.bfloat16, remat=True) == "cudnn"  # an explicit choice stays
+    assert resolve("xla", jnp.float16) == "xla" and resolve("cudnn", jnp.float32) == "cudnn"
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "cpu")
     assert resolve("auto", jnp.bfloat16) == "heads_first"
     assert spatial("auto", jnp.bfloat16, remat=True) == "auto"
+    # XLA:CPU lacks the float16 dot algorithm jax's XLA attention asks for.
+    assert resolve("xla", jnp.float16) == "heads_first" and resolve("xla", jnp.bfloat16) == "xla"
+    # cuDNN is refused on every backend but an NVIDIA GPU's, naming it and the choices.
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(
+        ValueError,
+        match=r"^attention_impl='cudnn' needs an NVIDIA GPU, but JAX's backend is 'tpu'; use "
+        r"'auto', 'xla' or 'heads_first'\.$",
+    ):
+        resolve("cudnn", jnp.bfloat16)
+    assert resolve("auto", jnp.bfloat16) == "heads_first"
+
+
+def test_auto_attention_falls_back_where_cudnn_cannot_serve(monkeypatch):
+    # 'auto' on a GPU asks cuDNN first and, where cuDNN refuses the shapes, computes the
+    # attention heads-first; an explicit 'cudnn' passes cuDNN's refusal on. Traced only, with
+    # the backend and a refusing cuDNN stood in.
+    from stam_jax import model as model_lib
+
+    asked = []
+
+    def refusing(q, k, v, implementation=None, **kwargs):
+        asked.append(implementation)
+        raise NotImplementedError("cuDNN does not serve these shapes")
+
+    monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model_lib.jax.nn, "dot_product_attention", refusing)
+    video = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.uint8)
+    auto = create_model("stam_tiny", dtype="bfloat16")
+    params = param_shapes(auto)
+    asked.clear()  # init asked too
+    assert jax.eval_shape(auto.apply, {"params": params}, video).shape == (1, 10)
+    # The first ViT block and both temporal layers (the last block runs the cls query only).
+    assert asked == ["cudnn"] * 3
+    with pytest.raises(NotImplementedError, match="cuDNN does not serve these shapes"):
+        jax.eval_shape(auto.clone(attention_impl="cudnn").apply, {"params": params}, video)
 
 
 def test_separate_temporal_width_adds_a_projection():
@@ -457,6 +515,13 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
         assert re.search(fix, message)
     with pytest.raises(ValueError, match=r"(?s)head/kernel: shape \(32, 10\), this model's "):
         create_model("stam_tiny", num_classes=5).apply({"params": params}, videos[4])
+    # The model the params were made for, from their shapes: every size that differs.
+    other = create_model(
+        "stam_tiny", num_frames=8, hidden_size=16, num_classes=5, image_size=16, depth=3
+    )
+    fit = "num_frames=4, hidden_size=32, num_classes=10, image_size=32, depth=2"
+    with pytest.raises(ValueError, match=rf"create_model\(name, {fit}\)`\)"):
+        jax.eval_shape(other.apply, {"params": params}, np.zeros((1, 8, 16, 16, 3), np.uint8))
     # Params the model lacks were ignored: a shallower ViT ran on half the blocks, a mean model
     # dropped the temporal transformer, and both gave logits.
     with pytest.raises(ValueError, match=r"(?s)unexpected params blocks_1/\.\.\. \(12 tensors\)"):
@@ -518,17 +583,20 @@ def test_sizes_and_rates_are_checked():
     # Out of range, a rate zeroed or rescaled every activation (drop_path_rate=1.5 dropped
     # every residual branch); num_frames='4' was told its (1, 4, 32, 32, 3) videos should be
     # (batch, 4, 32, 32, 3); a float size failed inside jax, num_classes=0 gave (B, 0) logits.
-    bad = {
-        "drop_path_rate": 1.5,
-        "dropout_rate": -0.1,
-        "temporal_dropout_rate": 1.0,
-        "num_frames": "4",
-        "image_size": 32.0,
-        "num_classes": 0,
-        "temporal_hidden_size": 0,
-        "layer_norm_eps": -1e-5,
-    }
-    for name, value in bad.items():
+    bad = [
+        ("drop_path_rate", 1.5),
+        ("dropout_rate", -0.1),
+        ("dropout_rate", "0.1"),
+        ("temporal_dropout_rate", 1.0),
+        ("num_frames", "4"),
+        ("num_heads", True),  # a bool is an int to Python, not a size
+        ("image_size", 32.0),
+        ("num_classes", 0),
+        ("temporal_hidden_size", 0),
+        ("layer_norm_eps", -1e-5),
+        ("layer_norm_eps", 0.0),
+    ]
+    for name, value in bad:
         with pytest.raises(ValueError, match=rf"^{name}={re.escape(repr(value))}: use an? "):
             init(**{name: value})
     init(depth=0, temporal_depth=0, drop_path_rate=0.5, num_classes=np.int64(3))  # all valid
@@ -581,10 +649,28 @@ def test_attention_weights_on_request():
         assert weights.dtype == jnp.float32
     np.testing.assert_allclose(spatial.sum(-1), 1.0, rtol=1e-5)
     assert "blocks_0" not in found
-    with pytest.raises(
-        ValueError, match=r"spatial_attention_layers \[2\] are not blocks of this 2-block ViT"
-    ):
-        create_model("stam_tiny", spatial_attention_layers=(2,)).apply({"params": params}, videos)
+    for layers in [(2,), (-1,)]:  # -1 recorded nothing, silently
+        with pytest.raises(
+            ValueError,
+            match=rf"spatial_attention_layers \[{layers[0]}\] are not blocks of this 2-block ViT; "
+            r"use indices 0\.\.1\.",
+        ):
+            create_model("stam_tiny", spatial_attention_layers=layers).apply(
+                {"params": params}, videos
+            )
+    # Recorded on the XLA attention path too (those layers compute heads-first).
+    xla = model.clone(attention_impl="xla", spatial_attention_layers=(0, 1))
+    _, state = jax.eval_shape(
+        lambda p: xla.apply({"params": p}, videos, mutable=["intermediates"]), params
+    )
+    found = state["intermediates"]
+    assert [found[f"blocks_{i}"]["attn"]["attention_weights"][0].shape for i in (0, 1)] == [
+        (3 * 4, 2, 17, 17)
+    ] * 2
+    temporal = found["aggregate"]["transformer_enc"]
+    assert [temporal[f"layers_{i}"]["self_attn"]["attention_weights"][0].shape for i in (0, 1)] == [
+        (3, 4, 5, 5)
+    ] * 2
 
 
 def test_remat_changes_memory_not_results():
@@ -737,6 +823,9 @@ def test_frame_chunk_automatic_rule(monkeypatch):
     monkeypatch.setattr(model_lib.jax, "device_count", lambda: 2)
     assert stam_16.frames_per_step(32) == 8  # 4 per device, the batch split over 2
     assert stam_16.frames_per_step(6) == 6  # no step that is a multiple of 2 devices
+    # The largest step of at most 4 frames per device that is a multiple of 2 devices: 7 frames
+    # would put 4 on one device and 3 on the other.
+    assert create_model("stam_16", num_frames=7).frames_per_step(14) == 2
     monkeypatch.setattr(model_lib.jax, "default_backend", lambda: "gpu")
     assert stam_16.frames_per_step(32) == 32
     assert create_model("stam_16", frame_chunk=8).frames_per_step(32) == 8  # explicit: kept
