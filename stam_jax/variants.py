@@ -57,11 +57,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def parse_dtype(dtype: Any) -> Any:
-    """Returns the jnp dtype for 'float32' / 'bfloat16' / 'float16' (or such a dtype itself)."""
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+def parse_dtype(dtype: Any, field: str = "dtype") -> Any:
+    """Returns the jnp dtype for 'float32' / 'bfloat16' / 'float16' (or such a dtype itself).
+
+    Args:
+      dtype: a dtype's name, or a dtype (numpy's, jnp's).
+      field: the name the refusal gives the value (`param_dtype` for the params').
+
+    Raises:
+      ValueError: anything else, naming `field`, the value and the choices.
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:  # not a dtype at all (3, an object): numpy's words named neither
+        name = None
     if name not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
+        raise ValueError(f"{field}={dtype!r} is not supported; use one of {sorted(_DTYPES)}.")
     return _DTYPES[name]
 
 
@@ -112,7 +123,7 @@ def model_from_config(
         raise ValueError(f"unknown model fields {unknown}; valid fields: {sorted(known)}.")
     for key in ("dtype", "param_dtype"):
         if key in fields:
-            fields[key] = parse_dtype(fields[key])
+            fields[key] = parse_dtype(fields[key], key)
     return STAM(**fields, name=name)
 
 

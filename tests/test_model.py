@@ -488,6 +488,17 @@ def test_registry_and_config_errors():
         model_from_config({"heads": 3})
     with pytest.raises(ValueError, match=r"dtype='fp8' is not supported"):
         parse_dtype("fp8")
+    # Each field by its own name; a value that is no dtype at all was numpy's TypeError
+    # ("Cannot interpret '3' as a data type").
+    for field, value in [("param_dtype", "int8"), ("param_dtype", 3), ("dtype", None)]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^{field}={re.escape(repr(value))} is not supported; use one of "
+            r"\['bfloat16', 'float16', 'float32'\]\.$",
+        ):
+            create_model("stam_tiny", **{field: value})
+    assert create_model("stam_tiny", param_dtype="bfloat16").param_dtype is jnp.bfloat16
+    assert create_model("stam_tiny", dtype=np.float16).dtype is jnp.float16
     with pytest.raises(ValueError, match=r"aggregate='max' is not one of"):
         param_shapes(create_model("stam_tiny", aggregate="max"))  # traced: refused all the same
     assert variant_name(create_model("stam_64", dtype="bfloat16")) == "stam_64"
