@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from stam_jax.cli import parse_flags
-from stam_jax.configs import config_files_for, model_from_run_config
+from stam_jax.configs import config_files_for, flat_fields, model_from_run_config
 from stam_jax.data.video import ClipSpec
 from stam_jax.evaluate import _clip_spec
 from stam_jax.variants import variant_name
@@ -51,6 +51,40 @@ def test_overrides_reach_the_model():
     config.model_overrides.num_classes = 600
     model = model_from_run_config(config)
     assert model.num_classes == 600 and model.dtype.__name__ == "bfloat16"
+    # Every run-time field too, and each architecture override.
+    config.param_dtype, config.attention_impl = "float16", "xla"
+    config.remat, config.frame_chunk = True, 12
+    overrides = dict(
+        num_frames=8,
+        aggregate="mean",
+        dropout_rate=0.2,
+        drop_path_rate=0.3,
+        temporal_dropout_rate=0.4,
+    )
+    config.model_overrides.update(overrides)
+    model = model_from_run_config(config)
+    assert model.param_dtype.__name__ == "float16" and model.attention_impl == "xla"
+    assert (model.remat, model.frame_chunk) == (True, 12)
+    assert {k: getattr(model, k) for k in overrides} == overrides
+
+
+def test_demo_runs_build_the_models_the_demo_needs():
+    demo = importlib.import_module("configs.demo")
+    models = {run: model_from_run_config(demo.get_config(run)) for run in demo.RUNS}
+    # The frame model: one still frame, 4 size classes, no temporal transformer.
+    frames = models["frames"]
+    assert (frames.num_frames, frames.num_classes, frames.aggregate) == (1, 4, "mean")
+    # STAM and its baseline: the same ViT over 8 frames, 2 classes; they differ in aggregate.
+    for run, aggregate in [("stam", "transformer"), ("mean", "mean")]:
+        model = models[run]
+        assert (model.num_frames, model.num_classes, model.aggregate) == (8, 2, aggregate)
+    assert variant_name(models["stam"]) == "stam_demo"
+    assert models["mean"].clone(aggregate="transformer") == models["stam"]
+    assert frames.clone(num_frames=8, num_classes=2) == models["mean"]  # the same ViT
+    with pytest.raises(
+        ValueError, match=r"^configs/demo\.py:frame: use one of frames, stam, mean\.$"
+    ):
+        demo.get_config("frame")
 
 
 def test_run_train_without_data_is_refused():
@@ -80,7 +114,20 @@ def test_bad_run_config_values_name_the_flag():
     refused(
         r"--config.attention_impl='flash' .* auto, xla, cudnn, heads_first", attention_impl="flash"
     )
-    refused(r"--config.model_overrides.num_frames=0", model_overrides__num_frames=0)
+    refused(
+        r"--config.model_overrides.num_frames=0; it must be >= 1", model_overrides__num_frames=0
+    )
+    refused(
+        r"--config.model_overrides.num_classes=0; it must be >= 1", model_overrides__num_classes=0
+    )
+    refused(
+        r"overrides.temporal_dropout_rate=1.0; use a probability",
+        model_overrides__temporal_dropout_rate=1.0,
+    )
+    refused(
+        r"--config.model_overrides.aggregate='max'; use one of transformer, mean",
+        model_overrides__aggregate="max",
+    )
     # Trained silently: 1.5 zeroed every dropped activation, -0.1 rescaled the residuals.
     refused(
         r"overrides.dropout_rate=1.5; use a probability in \[0, 1\)",
@@ -93,6 +140,27 @@ def test_bad_run_config_values_name_the_flag():
     refused(r"--config.data.prefetch=-3; use the number of videos", data__prefetch=-3)
     assert config_files_for(16, 224) == ["configs/stam_16.py"]
     assert config_files_for(8, 224) == []
+
+
+def test_flat_fields_leave_out_whole_fields_and_what_is_under_them():
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        {"train": {"steps": 1}, "train_note": "x", "data": {"crop": 2, "cropped": 3}, "a": 0}
+    )
+    assert list(flat_fields(config).items()) == [
+        ("a", 0),
+        ("data.crop", 2),
+        ("data.cropped", 3),
+        ("train.steps", 1),
+        ("train_note", "x"),
+    ]
+    # 'train' leaves out 'train.steps', not 'train_note'; 'data.crop' not 'data.cropped'.
+    assert flat_fields(config, ("train", "data.crop")) == {
+        "a": 0,
+        "data.cropped": 3,
+        "train_note": "x",
+    }
 
 
 def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):

@@ -129,6 +129,102 @@ def test_demo_command_line_refuses_tiny_sizes_and_a_negative_seed(capsys, tmp_pa
     assert not (tmp_path / "data").exists()
 
 
+def test_a_failing_step_stops_the_demo_naming_its_status(tmp_path):
+    import sys
+
+    from stam_jax.demo import _run
+
+    log = []
+    assert _run([sys.executable, "-c", "pass"], log) >= 0
+    with pytest.raises(SystemExit, match=r"^demo: the step above failed with exit status 3\.$"):
+        _run([sys.executable, "-c", "raise SystemExit(3)"], log)
+    # The log shows each command as one types it (python, not the interpreter's path).
+    assert [(row["command"], row["status"]) for row in log] == [
+        ("python -c pass", 0),
+        ("python -c 'raise SystemExit(3)'", 3),
+    ]
+
+
+def test_round_trip_is_exact_only_when_every_tensor_comes_back_the_same(monkeypatch, tmp_path):
+    # The conversions stood in: the tensors read back decide the verdict.
+    import types
+
+    from stam_jax import checkpoints, demo
+
+    kernel = np.arange(6, dtype=np.float32).reshape(2, 3)
+    written = {"head": {"kernel": kernel, "bias": np.zeros(3, np.float32)}}
+    model = types.SimpleNamespace(num_heads=2, temporal_heads=4)
+
+    def verdict(back):
+        monkeypatch.setattr(demo, "_run", lambda command, log: 0.0)
+        monkeypatch.setattr(
+            checkpoints,
+            "load",
+            lambda path: (model, back if path.name == "roundtrip" else written),
+        )
+        result = demo._round_trip(tmp_path / "final", tmp_path, [])
+        return result["exact"], result["bit_identical"], result["tensors"]
+
+    assert verdict(written) == (True, 2, 2)
+    changed = {"head": {"kernel": kernel + 1e-7, "bias": np.zeros(3, np.float32)}}
+    assert verdict(changed) == (False, 1, 2)
+    as_float16 = {"head": {"kernel": kernel.astype(np.float16), "bias": np.zeros(3, np.float32)}}
+    assert verdict(as_float16) == (False, 1, 2)  # equal values in another dtype
+    extra = {"head": {**written["head"], "scale": np.ones(3, np.float32)}}
+    assert verdict(extra) == (False, 2, 2)  # a tensor the original does not have
+
+
+def test_report_says_how_stam_compares_and_whether_the_round_trip_is_exact(tmp_path):
+    from stam_jax.demo import format_report
+
+    def run(top1, name):
+        return {
+            "top1": top1,
+            "train_videos_per_s": 12.5,
+            "eval_videos_per_s": 30.0,
+            "checkpoint": f"{name}/final",
+            "metrics": f"{name}/metrics.jsonl",
+            "predictions": f"{name}/eval/predictions.jsonl",
+        }
+
+    report = {
+        "validation_videos": 200,
+        "chance_top1": 0.5,
+        "stam": run(0.9, "stam"),
+        "frame_average": run(0.52, "mean"),
+        "round_trip": {"exact": True, "bit_identical": 60, "tensors": 60, "pth": "s.pth"},
+        "pictures": ["a.png", "b.png"],
+        "total_s": 61.4,
+    }
+    lines = format_report(report, tmp_path).splitlines()
+    assert lines[0].startswith("Task: is the object approaching or receding? 200 validation ")
+    assert "2 classes, chance 50%." in lines[0]
+    assert lines[3].split() == [
+        "STAM",
+        "(ViT",
+        "+",
+        "temporal",
+        "transformer)",
+        "90.0%",
+        "12.5",
+        "30.0",
+    ]
+    assert lines[4].split()[-3:] == ["52.0%", "12.5", "30.0"]
+    assert lines[6] == "STAM is +38.0% over frame averaging; frame averaging is +2.0% from chance."
+    assert lines[7] == (
+        "Round trip stam-jax -> official .pth -> stam-jax: 60/60 tensors bit-identical (exact); "
+        "the .pth: s.pth"
+    )
+    assert lines[-4:] == [
+        "Pictures:",
+        "  a.png",
+        "  b.png",
+        f"Report: {tmp_path / 'report.txt'}; whole demo 61 s.",
+    ]
+    report["round_trip"].update(exact=False, bit_identical=59)
+    assert "59/60 tensors bit-identical (NOT exact)" in format_report(report, tmp_path)
+
+
 def test_demo_pipeline_end_to_end_small(tmp_path):
     from stam_jax.demo import run_demo
 

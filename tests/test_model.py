@@ -503,6 +503,10 @@ def test_registry_and_config_errors():
         param_shapes(create_model("stam_tiny", aggregate="max"))  # traced: refused all the same
     assert variant_name(create_model("stam_64", dtype="bfloat16")) == "stam_64"
     assert variant_name(create_model("stam_16", num_classes=600)) is None
+    # A mean model has no temporal transformer: its temporal_* fields are not part of it.
+    mean = model_config(create_model("stam_tiny_mean"))
+    assert mean["aggregate"] == "mean" and not [k for k in mean if k.startswith("temporal_")]
+    assert model_config(create_model("stam_tiny_mean", temporal_depth=5)) == mean
     # A config survives JSON-like round trips.
     model = create_model("stam_32")
     assert model_from_config(model_config(model)) == model
