@@ -795,8 +795,11 @@ class STAM(nn.Module):
 
     def _check_input(self, videos: jax.Array) -> None:
         if self.image_size % self.patch_size:
+            size, patch = self.image_size, self.patch_size
+            nearest = max(patch, round(size / patch) * patch)
             raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}."
+                f"image_size={size} is not a multiple of patch_size={patch}; use a multiple of "
+                f"{patch} (e.g. {nearest}), or a patch_size that divides {size}."
             )
         expected = (self.num_frames, self.image_size, self.image_size, 3)
         if not hasattr(videos, "ndim") or not hasattr(videos, "dtype"):

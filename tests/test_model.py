@@ -147,7 +147,11 @@ def test_input_shape_and_dtype_are_checked():
         rtol=1e-5,
         atol=1e-5,
     )
-    with pytest.raises(ValueError, match=r"image_size=30 is not a multiple of patch_size=8"):
+    with pytest.raises(
+        ValueError,
+        match=r"^image_size=30 is not a multiple of patch_size=8; use a multiple of 8 "
+        r"\(e\.g\. 32\), or a patch_size that divides 30\.",
+    ):
         create_model("stam_tiny", image_size=30).init(
             jax.random.key(0), jnp.zeros((1, 4, 30, 30, 3))
         )
