@@ -265,9 +265,10 @@ def test_frames_are_processed_independently_by_the_spatial_part():
     assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()  # float error is ~1e-7
 
 
+@pytest.mark.parametrize("name", ["stam_tiny", "stam_tiny_mean"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_compute_dtype_reaches_every_submodule(dtype):
-    model = create_model("stam_tiny", dtype=dtype)
+def test_compute_dtype_reaches_every_submodule(dtype, name):
+    model = create_model(name, dtype=dtype)
     videos = random_videos(model_config(model), batch=1)
     params = param_shapes(model)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # param_dtype
