@@ -265,10 +265,17 @@ def test_frames_are_processed_independently_by_the_spatial_part():
     assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()  # float error is ~1e-7
 
 
-@pytest.mark.parametrize("name", ["stam_tiny", "stam_tiny_mean"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_compute_dtype_reaches_every_submodule(dtype, name):
-    model = create_model(name, dtype=dtype)
+@pytest.mark.parametrize(
+    "dtype, overrides",
+    [
+        ("bfloat16", {}),
+        ("float16", {}),
+        ("bfloat16", {"aggregate": "mean"}),
+        ("float16", {"temporal_hidden_size": 24, "temporal_heads": 4}),  # input_proj
+    ],
+)
+def test_compute_dtype_reaches_every_submodule(dtype, overrides):
+    model = create_model("stam_tiny", dtype=dtype, **overrides)
     videos = random_videos(model_config(model), batch=1)
     params = param_shapes(model)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # param_dtype
@@ -295,8 +302,10 @@ def test_compute_dtype_reaches_every_submodule(dtype, name):
 
 
 def test_param_dtype_is_threaded():
-    model = create_model("stam_tiny", param_dtype="bfloat16")
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(param_shapes(model)))
+    model = create_model("stam_tiny", param_dtype="bfloat16", temporal_hidden_size=24)
+    params = param_shapes(model)
+    assert "input_proj" in params["aggregate"]
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
 
 
 def test_attention_implementations():

@@ -63,7 +63,8 @@ def _equations(jaxpr):
 @pytest.mark.parametrize("overrides", [{}, {"aggregate": "mean", "remat": True, "frame_chunk": 4}])
 def test_half_precision_where_documented(dtype, overrides):
     # Traced only (nothing compiled): every matmul takes `dtype` operands; the attention logits
-    # come out in float32, and softmax, LayerNorm statistics and GELU run in float32.
+    # come out in float32, and softmax, LayerNorm statistics, GELU and the mean over frames (every
+    # sum) run in float32.
     model = create_model("stam_tiny", dtype=dtype, **overrides)
     video = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), np.uint8)
     params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
@@ -75,5 +76,5 @@ def test_half_precision_where_documented(dtype, overrides):
     assert all(str(x.aval.dtype) == dtype for e in dots for x in e.invars)
     assert any(str(e.outvars[0].aval.dtype) == "float32" for e in dots)  # attention logits
     for e in eqns:
-        if e.primitive.name in ("exp", "reduce_max", "rsqrt", "erf"):
+        if e.primitive.name in ("exp", "reduce_max", "reduce_sum", "rsqrt", "erf"):
             assert str(e.outvars[0].aval.dtype) == "float32", e
