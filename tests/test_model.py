@@ -549,8 +549,12 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
         "stam_tiny", num_frames=8, hidden_size=16, num_classes=5, image_size=16, depth=3
     )
     fit = "num_frames=4, hidden_size=32, num_classes=10, image_size=32, depth=2"
-    with pytest.raises(ValueError, match=rf"create_model\(name, {fit}\)`\)"):
+    with pytest.raises(ValueError, match=rf"create_model\(name, {fit}\)`\)") as error:
         jax.eval_shape(other.apply, {"params": params}, np.zeros((1, 8, 16, 16, 3), np.uint8))
+    # Every shared param misfits: six are named, the rest counted on one line.
+    lines = str(error.value).splitlines()
+    assert [line.startswith("  param ") for line in lines[1:8]] == [True] * 6 + [False]
+    assert re.fullmatch(r"  \.\.\. and \d+ more of other shapes", lines[7])
     # Params the model lacks were ignored: a shallower ViT ran on half the blocks, a mean model
     # dropped the temporal transformer, and both gave logits.
     with pytest.raises(ValueError, match=r"(?s)unexpected params blocks_1/\.\.\. \(12 tensors\)"):
@@ -877,6 +881,12 @@ def test_frame_chunk_errors():
     with pytest.raises(ValueError, match=r"frame_chunk=4 cannot record spatial attention"):
         recording.frames_per_step(16)
     assert recording.clone(frame_chunk=16).frames_per_step(16) == 16  # one step: fine
+    # init (often on one video) runs every frame at once: any frame_chunk makes the same params.
+    video = jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.uint8)
+    shapes = jax.eval_shape(create_model("stam_tiny", frame_chunk=3).init, jax.random.key(0), video)
+    assert jax.tree.map(lambda s: s.shape, shapes["params"]) == jax.tree.map(
+        lambda s: s.shape, abstract_params(create_model("stam_tiny"))
+    )
     config = model_config(create_model("stam_tiny"))
     with pytest.raises(ValueError, match=r"frame_chunk=3 does not divide the batch's 8 frames"):
         create_model("stam_tiny", frame_chunk=3).apply(
