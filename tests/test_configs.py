@@ -14,10 +14,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from stam_jax.cli import parse_flags
-from stam_jax.configs import config_files_for, flat_fields, model_from_run_config
+from stam_jax.configs import (
+    config_files_for,
+    flat_fields,
+    model_from_run_config,
+    name_data_flags,
+)
 from stam_jax.data.video import ClipSpec
 from stam_jax.evaluate import _clip_spec
-from stam_jax.variants import variant_name
+from stam_jax.variants import create_model, variant_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"stam_16": 16, "stam_32": 32, "stam_64": 64, "tiny": 4}
@@ -29,6 +34,9 @@ def test_config_builds_its_model(name):
     model = model_from_run_config(config)
     assert model.num_frames == CONFIGS[name]
     assert variant_name(model) == config.model
+    # The run-time defaults are the model's own: float32, 'auto' attention, no remat, automatic
+    # frame steps.
+    assert model == create_model(config.model)
     # T frames at frame_rate cover the first 10 s of a video, as in the official protocol.
     if name != "tiny":
         assert config.data.frame_rate * 10 == pytest.approx(model.num_frames)
@@ -161,6 +169,17 @@ def test_flat_fields_leave_out_whole_fields_and_what_is_under_them():
         "data.cropped": 3,
         "train_note": "x",
     }
+
+
+def test_data_errors_name_their_fields_as_flags():
+    error = ValueError("crop=300 is larger than resize=256; train_min_area=0.1, num_clips=0")
+    assert name_data_flags(error) == (
+        "--config.data.crop=300 is larger than --config.data.resize=256; "
+        "--config.data.train_min_area=0.1, --config.data.num_clips=0"
+    )
+    # A flag already written out, and a longer name that ends like a field, are left alone.
+    error = ValueError("--config.data.crop=48; min_crop=3")
+    assert name_data_flags(error) == "--config.data.crop=48; min_crop=3"
 
 
 def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
