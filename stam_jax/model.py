@@ -937,7 +937,7 @@ class STAM(nn.Module):
             a rate outside [0, 1), an unknown `aggregate` or `attention_impl`, videos of another
             shape or dtype, float videos holding NaN or Inf or not in [0, 1] (checked where their
             values are readable), params of another architecture (naming each misfit),
-            `spatial_attention_layers` that are not blocks, or a `frame_chunk` that
+            `spatial_attention_layers` that are not a tuple of blocks, or a `frame_chunk` that
             `frames_per_step` refuses.
           TypeError: `videos` is not an array; `apply` given the params without their
             `{'params': ...}` wrapper.
@@ -945,7 +945,15 @@ class STAM(nn.Module):
         self._check_fields()
         self._check_input(videos)
         self._check_dropout_rng(deterministic)
-        bad = [i for i in self.spatial_attention_layers if not 0 <= i < self.depth]
+        layers = self.spatial_attention_layers
+        if not isinstance(layers, tuple | list) or not all(
+            isinstance(i, int | np.integer) and not isinstance(i, bool) for i in layers
+        ):  # an int was "'int' object is not iterable"; True and 0.0 passed as blocks 1 and 0
+            raise ValueError(
+                f"spatial_attention_layers={layers!r}: use a tuple of block indices, e.g. (0,) "
+                "for the first block."
+            )
+        bad = [i for i in layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(
                 f"spatial_attention_layers {bad} are not blocks of this {self.depth}-block ViT; "

@@ -691,6 +691,15 @@ def test_attention_weights_on_request():
             create_model("stam_tiny", spatial_attention_layers=layers).apply(
                 {"params": params}, videos
             )
+    for layers in [1, (True,), (0.0,)]:  # an int was a TypeError; True and 0.0 were blocks
+        with pytest.raises(
+            ValueError,
+            match=rf"^spatial_attention_layers={re.escape(repr(layers))}: use a tuple of block "
+            r"indices, e\.g\. \(0,\) for the first block\.",
+        ):
+            create_model("stam_tiny", spatial_attention_layers=layers).apply(
+                {"params": params}, videos
+            )
     # Recorded on the XLA attention path too (those layers compute heads-first).
     xla = model.clone(attention_impl="xla", spatial_attention_layers=(0, 1))
     _, state = jax.eval_shape(
