@@ -838,7 +838,8 @@ class STAM(nn.Module):
                 )
 
     def _check_params(self) -> None:
-        """Refuses params made for another architecture, naming each misfit and the fix.
+        """Refuses params made for another architecture, naming each misfit and the fix, and
+        no params at all.
 
         Runs where the model is traced (once under `jit`), from shapes only; the expected shapes
         come from one abstract `init` per architecture, kept. Flax itself would refuse the first
@@ -848,6 +849,12 @@ class STAM(nn.Module):
         if self.is_initializing() or self.is_mutable_collection("params"):
             return  # params being made (init, or an apply that creates them: flax's lazy way)
         found = _flat_shapes(self.variables.get("params", {}))
+        if not found:  # not params of another model: none at all
+            raise ValueError(
+                "the model was given no params; make them with "
+                "model.init(jax.random.key(0), videos)['params'] or read a checkpoint's with "
+                "stam_jax.checkpoints.load, then call model.apply({'params': params}, videos)."
+            )
         expected = param_shapes(self)
         if found == expected:
             return
@@ -936,7 +943,7 @@ class STAM(nn.Module):
           ValueError: a size that is not an int, a head count that does not divide its width,
             a rate outside [0, 1), an unknown `aggregate` or `attention_impl`, videos of another
             shape or dtype, float videos holding NaN or Inf or not in [0, 1] (checked where their
-            values are readable), params of another architecture (naming each misfit),
+            values are readable), no params, params of another architecture (naming each misfit),
             `spatial_attention_layers` that are not a tuple of blocks, or a `frame_chunk` that
             `frames_per_step` refuses.
           TypeError: `videos` is not an array; `apply` given the params without their

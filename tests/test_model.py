@@ -565,6 +565,14 @@ def test_params_of_another_architecture_are_refused_with_the_fix():
         create_model("stam_tiny_mean").apply({"params": params}, videos[4])
     with pytest.raises(ValueError, match=r"(?s)missing params patch_embed/proj/bias, "):
         model.apply({"params": {k: v for k, v in params.items() if k != "patch_embed"}}, videos[4])
+    # No params at all were called params of another architecture, all of them missing.
+    for variables in ({}, {"params": {}}):
+        with pytest.raises(
+            ValueError,
+            match=r"^the model was given no params; make them with model\.init\(jax\.random\.key"
+            r"\(0\), videos\)\['params'\] or read a checkpoint's with stam_jax\.checkpoints\.load",
+        ):
+            jax.eval_shape(model.apply, variables, videos[4])
     # The params themselves in place of the variables: flax said only "should be a dictionary
     # of collections".
     with pytest.raises(TypeError, match=r"call model\.apply\(\{'params': params\}, videos\)"):
