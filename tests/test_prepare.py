@@ -28,7 +28,7 @@ from conftest import (
     run_processes,
 )
 from test_eval import config_for, keep, make_folder, read_predictions
-from test_train import TWO_DEVICES, train_two_processes
+from test_train import TWO_DEVICES, scripted_step, tiny_config, train_two_processes
 
 from stam_jax import checkpoints, create_model
 from stam_jax.cli import parse_flags
@@ -1209,3 +1209,46 @@ def test_readers_check_record_order_and_take_their_rows_of_each_global_batch():
         1,
         2,
     ]
+
+
+def test_a_prepared_run_saves_its_data_position_at_its_last_step_too(
+    prepared_train, tmp_path, monkeypatch
+):
+    # 4 steps of 2 clips, saved every 3: the checkpoint of step 4, saved as the last step, holds
+    # grain's position after its 8 clips, as step 3's holds it after 6. Started again once
+    # finished, the run resumes from step 4 at that position (without it the restore fails).
+    # A step that only counts, and zero params (no model compiled): only the data is looked at.
+    import jax
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+    from stam_jax.data import reading
+
+    def metrics_at(step):
+        return {"loss": step.astype(jnp.float32), "grad_norm": jnp.float32(1.0)}
+
+    def zero_params(model, config, video):
+        zeros = jax.tree.map(
+            lambda x: np.zeros(x.shape, x.dtype), checkpoints.abstract_params(model)
+        )
+        return zeros, "zero params", ""
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    monkeypatch.setattr(train_module, "_initial_params", zero_params)
+    config = tiny_config(prepared_train, steps=4, save_every=3, warmup_steps=0, ema_decay=0.0)
+    config.batch_size = 2
+    summary = train_and_evaluate(config, tmp_path)
+    assert (summary["step"], summary["resumed_from"]) == (4, 0)
+    for step, last in [(3, 5), (4, 7)]:
+        data = json.loads((tmp_path / f"checkpoints/{step}/data/metadata").read_text())
+        assert json.loads(data["grain"][0])["last_seen_indices"] == {"0": last}
+    positions = []
+    set_state = reading.Reading.set_state
+    monkeypatch.setattr(
+        reading.Reading,
+        "set_state",
+        lambda self, state: positions.append(json.loads(state)) or set_state(self, state),
+    )
+    summary = train_and_evaluate(config, tmp_path)
+    assert (summary["step"], summary["resumed_from"]) == (4, 4)
+    assert [p["last_seen_indices"] for p in positions] == [{"0": 7}]
