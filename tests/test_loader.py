@@ -650,3 +650,56 @@ def test_decoded_items_pass_stop_starting_to_their_reading(monkeypatch):
     reading._DecodedItems(iterator).stop_starting()
     iterator.closed()
     assert kills == [(13, reading.STOP_STARTING)]
+
+
+def sigmask() -> set[int]:
+    """The signals blocked in this thread."""
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+class MaskSeeingPool:
+    """A stand-in process pool whose submit notes the signal mask it runs under (what a
+    decoding process it started would inherit), and can be sent a Ctrl-C meanwhile."""
+
+    def __init__(self, ctrl_c: bool = False, error: BaseException | None = None) -> None:
+        self.ctrl_c, self.error = ctrl_c, error
+        self.masks: list[set[int]] = []
+        self.finished = False
+
+    def submit(self, fn, *args):
+        self.masks.append(sigmask())
+        if self.ctrl_c:  # to this thread: a Ctrl-C another thread would take is not one here
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            time.sleep(0.05)  # a Ctrl-C not held is raised here
+        if self.error is not None:
+            raise self.error
+        self.finished = True
+        return (fn, args)
+
+
+def test_decoding_processes_start_with_ctrl_c_held_and_the_mask_is_given_back():
+    from stam_jax.data.loader import _submit
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    held = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        before = sigmask()
+        pool = MaskSeeingPool()
+        assert _submit(pool, crash_on_bad, (3, "x")) == (crash_on_bad, (3, "x"))
+        assert pool.masks == [before | {signal.SIGINT}] and sigmask() == before
+        # A Ctrl-C during the submit waits for it to end (the process it starts is started
+        # whole), then reaches this thread.
+        pool = MaskSeeingPool(ctrl_c=True)
+        with pytest.raises(KeyboardInterrupt):
+            _submit(pool, crash_on_bad, (3, "x"))
+        assert pool.finished and sigmask() == before
+        # A refused submit gives the mask back too; and SIGINT held before stays held.
+        with pytest.raises(BlockingIOError):
+            _submit(MaskSeeingPool(error=BlockingIOError(11, "no")), crash_on_bad, (3, "x"))
+        assert sigmask() == before
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        _submit(MaskSeeingPool(), crash_on_bad, (3, "x"))
+        assert sigmask() == before | {signal.SIGINT}
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        signal.signal(signal.SIGINT, previous)
