@@ -703,3 +703,63 @@ def test_decoding_processes_start_with_ctrl_c_held_and_the_mask_is_given_back():
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_blocked_gives_the_mask_back_also_after_an_error():
+    from stam_jax.data.reading import _ctrl_c_blocked
+
+    held = signal.pthread_sigmask(signal.SIG_SETMASK, {signal.SIGUSR2})  # another signal held
+    try:
+        with _ctrl_c_blocked():
+            assert sigmask() == {signal.SIGUSR2, signal.SIGINT}
+        assert sigmask() == {signal.SIGUSR2}
+        with pytest.raises(ValueError, match=r"^inside$"), _ctrl_c_blocked():
+            raise ValueError("inside")
+        assert sigmask() == {signal.SIGUSR2}
+        # SIGINT held before the block stays held after it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        with _ctrl_c_blocked():
+            pass
+        assert sigmask() == {signal.SIGUSR2, signal.SIGINT}
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def test_every_call_into_grain_runs_with_ctrl_c_blocked(monkeypatch):
+    # grain starts its reading threads and processes from these calls: they inherit the mask.
+    import grain
+
+    from stam_jax.data import reading
+
+    masks = []
+
+    class LoaderIterator:
+        def __next__(self):
+            masks.append(("next", sigmask()))
+            return 1
+
+        def set_state(self, state):
+            masks.append(("set_state", sigmask()))
+
+    def grain_iter(self):
+        masks.append(("iter", sigmask()))
+        return LoaderIterator()
+
+    monkeypatch.setattr(grain.DataLoader, "__iter__", grain_iter)
+    loader = reading._Loader(
+        data_source=[0, 1],
+        sampler=grain.samplers.IndexSampler(2, grain.sharding.NoSharding(), num_epochs=1),
+        worker_count=0,
+    )
+    held = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        before = sigmask()
+        iterator = iter(loader)
+        assert isinstance(iterator, reading.Reading)
+        assert next(iterator) == 1
+        iterator.set_state(b"{}")
+        blocked = before | {signal.SIGINT}
+        assert masks == [("iter", blocked), ("next", blocked), ("set_state", blocked)]
+        assert sigmask() == before
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
