@@ -1236,9 +1236,18 @@ def test_a_prepared_run_saves_its_data_position_at_its_last_step_too(
     monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
     monkeypatch.setattr(train_module, "_initial_params", zero_params)
     config = tiny_config(prepared_train, steps=4, save_every=3, warmup_steps=0, ema_decay=0.0)
-    config.batch_size = 2
+    config.batch_size, config.seed = 2, 5
+    seeds = []  # the read order follows the config's seed (the order test shows how)
+    train_loader = reading.train_loader
+    monkeypatch.setattr(
+        reading,
+        "train_loader",
+        lambda dataset, spec, seed, *args: (
+            seeds.append(seed) or train_loader(dataset, spec, seed, *args)
+        ),
+    )
     summary = train_and_evaluate(config, tmp_path)
-    assert (summary["step"], summary["resumed_from"]) == (4, 0)
+    assert (summary["step"], summary["resumed_from"]) == (4, 0) and seeds == [5]
     for step, last in [(3, 5), (4, 7)]:
         data = json.loads((tmp_path / f"checkpoints/{step}/data/metadata").read_text())
         assert json.loads(data["grain"][0])["last_seen_indices"] == {"0": last}
@@ -1250,5 +1259,30 @@ def test_a_prepared_run_saves_its_data_position_at_its_last_step_too(
         lambda self, state: positions.append(json.loads(state)) or set_state(self, state),
     )
     summary = train_and_evaluate(config, tmp_path)
-    assert (summary["step"], summary["resumed_from"]) == (4, 4)
+    assert (summary["step"], summary["resumed_from"]) == (4, 4) and seeds == [5, 5]
     assert [p["last_seen_indices"] for p in positions] == [{"0": 7}]
+
+
+def test_training_reads_in_an_order_its_seed_sets_shuffled_anew_each_epoch(
+    prepared_train, monkeypatch
+):
+    from stam_jax.data import reading
+
+    # Each clip stands for the listing index of its record: the order records are read in.
+    monkeypatch.setattr(reading, "train_clip", lambda record, *args: np.int64(record["index"]))
+    dataset = open_prepared(prepared_train)
+
+    def order(seed: int) -> list[int]:
+        clips = iter(reading.train_loader(dataset, TRAIN_SPEC, seed, 1, 0, 2))
+        try:
+            return [int(next(clips)["video"]) for _ in range(2 * dataset.num_records)]
+        finally:
+            reading.close(clips)
+
+    first, again, other = order(0), order(0), order(1)
+    positions = sorted(dataset.record_positions().tolist())
+    for read in first, other:  # each epoch reads every record once, in an order of its own
+        epochs = read[: len(positions)], read[len(positions) :]
+        assert sorted(epochs[0]) == sorted(epochs[1]) == positions
+        assert epochs[0] != epochs[1] and positions not in epochs
+    assert first == again and first != other
