@@ -1286,3 +1286,49 @@ def test_training_reads_in_an_order_its_seed_sets_shuffled_anew_each_epoch(
         assert sorted(epochs[0]) == sorted(epochs[1]) == positions
         assert epochs[0] != epochs[1] and positions not in epochs
     assert first == again and first != other
+
+
+def test_reading_in_this_process_reads_prefetch_records_ahead_and_no_more(
+    prepared_raw, prepared_train, monkeypatch
+):
+    # grain's default read-ahead (500 records) would hold gigabytes of frames.
+    from stam_jax.data import reading
+    from stam_jax.data.prepared import PreparedDataset
+
+    reads = []
+
+    class Counted:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.source[i]
+
+    data_source = PreparedDataset.data_source
+    monkeypatch.setattr(PreparedDataset, "data_source", lambda self: Counted(data_source(self)))
+
+    def settled(want: int) -> int:
+        """The records read once the read-ahead has stopped (`want` of them, or a timeout)."""
+        deadline = time.monotonic() + 10
+        while len(reads) < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # more would have been read by now
+        return len(reads)
+
+    clips = iter(reading.train_loader(open_prepared(prepared_train), TRAIN_SPEC, 0, 1, 0, 3))
+    try:
+        for taken in (1, 2):
+            next(clips)
+            assert settled(taken + 3) == taken + 3
+    finally:
+        reading.close(clips)
+    reads.clear()
+    items = reading.eval_items(open_prepared(prepared_raw[0]), 0, 2, 0, 1)
+    try:
+        assert next(items).position == 0 and settled(3) == 3
+    finally:
+        items.close()
