@@ -763,3 +763,23 @@ def test_every_call_into_grain_runs_with_ctrl_c_blocked(monkeypatch):
         assert sigmask() == before
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def test_a_reading_process_whose_first_record_failed_is_no_longer_ended_by_stop_starting(
+    monkeypatch,
+):
+    # Its error is what it hands over to the parent: ended while handing it over, it would
+    # leave the parent waiting for the rest of the message.
+    from stam_jax.data import reading
+
+    exits = []
+    monkeypatch.setattr(reading.os, "_exit", exits.append)
+    monkeypatch.setattr(reading, "_made_one", False)
+    reading._stop_if_starting(reading.STOP_STARTING, None)
+    assert exits == [1]  # nothing made yet: it ends
+    records = reading._Records({0: {"index": 5}}, np.array([0]), np.array([3]))
+    with pytest.raises(RuntimeError, match=r"^record 0 holds video 5 of the listing, not 3"):
+        records[0]
+    assert reading._made_one
+    reading._stop_if_starting(reading.STOP_STARTING, None)
+    assert exits == [1]
