@@ -783,3 +783,22 @@ def test_a_reading_process_whose_first_record_failed_is_no_longer_ended_by_stop_
     assert reading._made_one
     reading._stop_if_starting(reading.STOP_STARTING, None)
     assert exits == [1]
+
+
+def test_only_grains_reading_processes_are_taken_for_reading_processes(monkeypatch):
+    # Other children of this process (a decoding pool's workers) are never sent STOP_STARTING.
+    import multiprocessing
+
+    from stam_jax.data import reading
+
+    children = [
+        type("Child", (), {"name": name, "pid": pid})()
+        for name, pid in [
+            ("grain-process-prefetch-worker-0", 21),
+            ("SpawnProcess-3", 22),
+            ("grain-process-prefetch-worker-1", None),  # not started yet
+            ("grain-process-prefetch-worker-2", 23),
+        ]
+    ]
+    monkeypatch.setattr(multiprocessing, "active_children", lambda: children)
+    assert reading._reading_processes() == {21, 23}
