@@ -832,3 +832,22 @@ def test_closing_decoded_items_frees_what_grains_iterator_holds_in_cycles_now():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_reading_whose_close_fails_still_ends_its_stop_starting_watch(monkeypatch):
+    # The watch would go on sending STOP_STARTING to the reading processes of later loaders.
+    from stam_jax.data import reading
+
+    monkeypatch.setattr(reading, "_reading_processes", set)
+    monkeypatch.setattr(reading, "_STOP_POLL_S", 0.01)
+
+    class Inner:
+        def close(self):
+            raise OSError("close failed")
+
+    iterator = reading.Reading(type("LoaderIterator", (), {"_iterator": Inner()})(), set())
+    iterator.stop_starting()
+    assert any(t.name == "stam-stop-starting" for t in threading.enumerate())
+    with pytest.raises(OSError, match=r"^close failed$"):
+        reading.close(iterator)
+    assert not any(t.name == "stam-stop-starting" for t in threading.enumerate())
