@@ -1332,3 +1332,49 @@ def test_reading_in_this_process_reads_prefetch_records_ahead_and_no_more(
         assert next(items).position == 0 and settled(3) == 3
     finally:
         items.close()
+
+
+class _CountedInFile:
+    """A data source that appends each index it reads to a file (read from any process)."""
+
+    def __init__(self, source, log: Path) -> None:
+        self.source, self.log = source, log
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{i}\n")
+        return self.source[i]
+
+
+def test_reading_processes_share_the_read_ahead(prepared_train, tmp_path, monkeypatch):
+    # Each of grain's reading processes kept a read buffer of the whole `prefetch`: with 15
+    # processes, 15 times the frames `prefetch` allows were held. They share it now; each also
+    # holds twice its output buffer (prefetch // workers) and about 2 in hand.
+    from stam_jax.data import reading
+    from stam_jax.data.prepared import PreparedDataset
+
+    log = tmp_path / "reads"
+    log.touch()
+    data_source = PreparedDataset.data_source
+    monkeypatch.setattr(
+        PreparedDataset, "data_source", lambda self: _CountedInFile(data_source(self), log)
+    )
+    workers, prefetch = 2, 4
+    clips = iter(
+        reading.train_loader(open_prepared(prepared_train), TRAIN_SPEC, 0, 1, workers, prefetch)
+    )
+    try:
+        next(clips)
+        reads, deadline = -1, time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the read-ahead has stopped for 1 s
+            time.sleep(1)
+            reads, last = len(log.read_text().split()), reads
+            if reads == last:
+                break
+    finally:
+        reading.close(clips)
+    # 2 x (2 + 2 x 2 + 2) ahead and the one taken; a read buffer of 4 each made it 21.
+    assert reads <= 3 * prefetch + 2 * workers + 1, reads

@@ -111,9 +111,11 @@ def _flags_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _read_options(prefetch: int) -> grain.ReadOptions:
-    # grain's default (16 threads, 500 records ahead) would hold gigabytes of frames.
-    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(prefetch, 1))
+def _read_options(prefetch: int, workers: int) -> grain.ReadOptions:
+    # grain's default (16 threads, 500 records ahead) would hold gigabytes of frames. Each
+    # reading process keeps a read buffer of its own: they share `prefetch` among them.
+    share = -(-prefetch // max(workers, 1))  # rounded up
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(share, 1))
 
 
 class _Records:
@@ -153,7 +155,9 @@ def eval_items(
     Args:
       dataset: an opened `eval` dataset.
       workers: reading processes (0: in this process).
-      prefetch: records read ahead.
+      prefetch: records read ahead: that many in this process; reading processes share it as
+        their read buffers and each also holds twice its output buffer (prefetch // workers)
+        and about 2 more, so about 3 x prefetch + 2 x workers in all.
       process, processes: this process's index and the process count.
       records: the records to share out (default: all).
     """
@@ -174,7 +178,7 @@ def eval_items(
         operations=[EvalViews(dataset.encoding, dataset.spec)],
         worker_count=workers,
         worker_buffer_size=max(prefetch // max(workers, 1), 1),
-        read_options=_read_options(prefetch),
+        read_options=_read_options(prefetch, workers),
     )
     return _DecodedItems(iter(loader))
 
@@ -385,7 +389,7 @@ def train_loader(
     Clips come one at a time, in the sampler's order whatever the number of workers (batching
     in the workers would make the order depend on it); `batches` groups them `local_batch` at a
     time into this process's rows of each global batch. The iterator's state goes into the
-    train checkpoint.
+    train checkpoint. Clips read ahead: as `eval_items` says of its `prefetch`.
     """
     import jax
 
@@ -402,7 +406,7 @@ def train_loader(
         operations=[TrainClip(dataset.encoding, spec)],
         worker_count=workers,
         worker_buffer_size=max(prefetch // max(workers, 1), 1),
-        read_options=_read_options(prefetch),
+        read_options=_read_options(prefetch, workers),
     )
 
 
