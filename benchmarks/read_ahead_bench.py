@@ -69,7 +69,15 @@ def main() -> None:
         for i in range(args.videos):
             write_index_video(work / "src" / f"class_{i % 4}" / f"v{i}.mp4", i)
         spec = ClipSpec(16, 1.6, resize=256, crop=224)
-        prepare(work / "src", work / "train", spec, kind="train", encoding="jpeg", workers=0)
+        prepare(
+            work / "src",
+            work / "train",
+            spec,
+            kind="train",
+            encoding="jpeg",
+            workers=0,
+            progress=False,
+        )
         data_source = PreparedDataset.data_source
         results: dict = {name: {"ahead": [], "clips_per_s": []} for name in variants}
         for r in range(args.rounds):

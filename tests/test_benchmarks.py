@@ -304,3 +304,11 @@ def test_ctrl_c_bench_variants_differ_only_in_stop_starting(tmp_path):
     assert SITECUSTOMIZE.format(no_early_stop=False).replace("False", "True") == (
         SITECUSTOMIZE.format(no_early_stop=True)
     )
+
+
+def test_read_ahead_bench_smoke():
+    args = ["--videos", "2", "--workers", "2", "--prefetch", "8", "--clips", "2", "--rounds", "1"]
+    (row,) = run_script("benchmarks/read_ahead_bench.py", *args, "--settle", "1")
+    # Shared read buffers hold fewer records ahead than one of the whole prefetch per process.
+    assert 0 < row["shared"]["ahead"][0] < row["own"]["ahead"][0], row
+    assert row["shared"]["median_clips_per_s"] > 0 and row["own"]["median_clips_per_s"] > 0
