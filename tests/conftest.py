@@ -126,6 +126,15 @@ NO_DECODING_PROCESSES = (
 )
 
 
+def process_running(pid: int) -> bool:
+    """Whether process `pid` runs: not ended, nor ended and not yet reaped (a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False  # already reaped
+    return state not in ("Z", "X")
+
+
 def child_pids() -> set[int]:
     """The pids of this process's multiprocessing children that still run (decoding workers).
 
@@ -133,15 +142,7 @@ def child_pids() -> set[int]:
     `active_children()` alone may still list a worker that was terminated and waited for, while
     the pool's own manager thread is reaping it at the same moment.
     """
-    running = set()
-    for child in multiprocessing.active_children():
-        try:
-            state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            continue  # already reaped
-        if state not in ("Z", "X"):
-            running.add(child.pid)
-    return running
+    return {c.pid for c in multiprocessing.active_children() if process_running(c.pid)}
 
 
 def run_processes(

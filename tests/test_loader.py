@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import process_running
 
 from stam_jax.data.loader import Decoded, Started, ordered_map
 
@@ -518,15 +519,6 @@ if __name__ == "__main__":
 """
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` runs (not ended, nor ended and not yet reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_decoding_processes_end_when_their_parent_is_killed(tmp_path):
     # A parent killed outright cannot shut its pool down: its workers waited for work forever,
     # holding their memory and the parent's stdout (a caller reading it never returned).
@@ -544,11 +536,11 @@ def test_decoding_processes_end_when_their_parent_is_killed(tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    assert len(pids) == 2 and all(process_running(pid) for pid in pids)
     deadline = time.monotonic() + 20
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_running(pid) for pid in pids)
+    assert not any(process_running(pid) for pid in pids)
 
 
 def test_reading_transforms_ready_only_reading_processes():

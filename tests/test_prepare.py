@@ -24,6 +24,7 @@ from conftest import (
     child_pids,
     free_port,
     held_here,
+    process_running,
     random_params,
     run_processes,
 )
@@ -796,7 +797,7 @@ def test_grain_reading_processes_leave_ctrl_c_to_the_parent_and_end_with_it(prep
     finally:
         process.kill()
     deadline = time.monotonic() + 10
-    while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in pids if process_running(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
@@ -992,15 +993,6 @@ def test_a_reading_process_stops_on_stop_starting_only_before_its_first_element(
     result = run([str(tmp_path / "stopped.py"), made], env={"PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == {"nothing": "1\n", "made": "None\n"}[made]  # None: still running
-
-
-def running(pid: int) -> bool:
-    """Whether process `pid` runs (not ended, nor ended and not yet reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def test_training_refuses_an_eval_dataset(prepared_raw, prepared_train, videos, tmp_path):
