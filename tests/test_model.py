@@ -690,21 +690,15 @@ def test_attention_weights_on_request():
         assert weights.dtype == jnp.float32
     np.testing.assert_allclose(spatial.sum(-1), 1.0, rtol=1e-5)
     assert "blocks_0" not in found
-    for layers in [(2,), (-1,)]:  # -1 recorded nothing, silently
-        with pytest.raises(
-            ValueError,
-            match=rf"spatial_attention_layers \[{layers[0]}\] are not blocks of this 2-block ViT; "
-            r"use indices 0\.\.1\.",
-        ):
-            create_model("stam_tiny", spatial_attention_layers=layers).apply(
-                {"params": params}, videos
-            )
-    for layers in [1, (True,), (0.0,)]:  # an int was a TypeError; True and 0.0 were blocks
-        with pytest.raises(
-            ValueError,
-            match=rf"^spatial_attention_layers={re.escape(repr(layers))}: use a tuple of block "
-            r"indices, e\.g\. \(0,\) for the first block\.",
-        ):
+    not_blocks = r"spatial_attention_layers \[{}\] are not blocks of this 2-block ViT; use "
+    not_blocks += r"indices 0\.\.1\."
+    not_indices = r"^spatial_attention_layers={}: use a tuple of block indices, e\.g\. \(0,\) "
+    not_indices += r"for the first block\."
+    refusals = [((2,), not_blocks.format(2)), ((-1,), not_blocks.format(-1))]  # -1: silent
+    # An int was a TypeError; True and 0.0 were taken as blocks.
+    refusals += [(bad, not_indices.format(re.escape(repr(bad)))) for bad in [1, (True,), (0.0,)]]
+    for layers, refusal in refusals:
+        with pytest.raises(ValueError, match=refusal):
             create_model("stam_tiny", spatial_attention_layers=layers).apply(
                 {"params": params}, videos
             )
