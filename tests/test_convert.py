@@ -1146,3 +1146,95 @@ def test_zero_size_tensors_read_and_bool_sizes_are_refused(tmp_path):
     )
     with pytest.raises(ConversionError, match=r"malformed checkpoint: a tensor of offset 0, sizes"):
         load_state_dict(path)
+
+
+def test_params_of_mixed_dtypes_are_written_in_one_dtype(official_pth, tmp_path, capsys):
+    # A .pth of bfloat16 and float32 tensors has no one dtype to give back: it is written back
+    # in float32, which holds both exactly, and the command says so.
+    def mix(sd):
+        sd.update({k: v.bfloat16() for k, v in sd.items() if k.startswith("blocks.")})
+
+    pth, _ = official_pth(TINY, edit=mix)
+    convert_checkpoint(pth, tmp_path / "ckpt", **convert_kwargs(TINY))
+    metadata = checkpoints.read_config(tmp_path / "ckpt")["metadata"]
+    assert metadata["source_dtypes"] == ["bfloat16", "float32"]
+    back = tmp_path / "back.pth"
+    assert to_torch_main([str(tmp_path / "ckpt"), str(back)]) == 0
+    assert capsys.readouterr().out == f"wrote {back} (float32)\n"
+    original, written = load_official(pth), load_official(back)
+    assert {k: v.dtype for k, v in written.items()} == dict.fromkeys(original, torch.float32)
+    assert all(torch.equal(written[k], original[k].float()) for k in original)
+
+    # Params held in mixed dtypes (saved from Python): float32 by default, else the one asked.
+    params = jax.tree.map(np.asarray, random_params(TINY))
+    params["head"] = jax.tree.map(lambda v: v.astype(ml_dtypes.bfloat16), params["head"])
+    checkpoints.save(tmp_path / "mixed", create_model("stam_tiny"), params)
+    expected = {
+        "head.weight": np.array(params["head"]["kernel"], np.float32).T,
+        "head.bias": np.array(params["head"]["bias"], np.float32),
+        "norm.weight": np.array(params["norm"]["scale"], np.float32),
+    }
+    for dtype, torch_dtype in [(None, torch.float32), ("bfloat16", torch.bfloat16)]:
+        out = tmp_path / f"{dtype}.pth"
+        path, used, _ = export_checkpoint(tmp_path / "mixed", out, dtype=dtype)
+        assert (path, used) == (out, str(torch_dtype).removeprefix("torch."))
+        written = load_official(out)
+        assert {v.dtype for v in written.values()} == {torch_dtype}
+        for key, want in expected.items():
+            want = torch.from_numpy(np.ascontiguousarray(want)).to(torch_dtype)
+            assert torch.equal(written[key], want), (dtype, key)
+
+
+def test_the_vit_head_count_note_appears_when_it_is_not_width_over_64():
+    from convert.core import official_notes
+
+    def heads_note(width, heads):
+        model = {"hidden_size": width, "num_heads": heads, "temporal_heads": 8, "num_frames": 16}
+        return official_notes(model)
+
+    # Width 96 has no width/64 head count: whatever the heads, python -m convert needs them.
+    for heads in (1, 2, 3, 12):
+        assert heads_note(96, heads) == [
+            "note: the .pth does not store the ViT head count; read it back with: python -m "
+            f"convert FILE.pth OUT_DIR --num-heads {heads}"
+        ]
+    assert heads_note(128, 2) == []  # width/64: what python -m convert infers
+    assert heads_note(128, 4)[0].endswith("OUT_DIR --num-heads 4")
+    assert heads_note(768, 12) == []
+    assert heads_note(768, 11)[0].endswith("OUT_DIR --num-heads 11")
+    assert heads_note(64, 1) == []
+
+
+def test_legacy_format_parameters_read_as_their_tensors(official_pth, tmp_path):
+    # A legacy file saved from named_parameters() holds torch.nn.Parameter values (which
+    # require grad): they are read as the same values as plain tensors, in their dtype.
+    tensors = {
+        "weight": torch.randn(3, 2).t(),
+        "bias": torch.randn(4),
+        "half": torch.randn(5).half(),
+        "bfloat": torch.randn(2, 3).bfloat16(),
+    }
+    parameters = {k: torch.nn.Parameter(v) for k, v in tensors.items()}
+    for name, values in {"plain": tensors, "parameters": parameters}.items():
+        torch.save(
+            {"model": values}, tmp_path / f"{name}.pth", _use_new_zipfile_serialization=False
+        )
+    plain = load_state_dict(tmp_path / "plain.pth")
+    loaded = load_state_dict(tmp_path / "parameters.pth")
+    assert list(loaded) == list(tensors)
+    for key, tensor in tensors.items():
+        assert type(loaded[key]) is np.ndarray and loaded[key].dtype == plain[key].dtype, key
+        assert loaded[key].shape == tuple(tensor.shape), key
+        np.testing.assert_array_equal(
+            loaded[key].astype(np.float32), tensor.float().numpy(), err_msg=key
+        )
+    # A whole checkpoint of Parameters converts to the params of its plain-tensor original.
+    pth, _ = official_pth(TINY)
+    legacy = tmp_path / "legacy_parameters.pth"
+    sd = {k: torch.nn.Parameter(v) for k, v in load_official(pth).items()}
+    torch.save({"model": sd}, legacy, _use_new_zipfile_serialization=False)
+    convert_checkpoint(pth, tmp_path / "a", **convert_kwargs(TINY))
+    convert_checkpoint(legacy, tmp_path / "b", **convert_kwargs(TINY))
+    chex.assert_trees_all_equal(
+        checkpoints.load(tmp_path / "a")[1], checkpoints.load(tmp_path / "b")[1]
+    )
