@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import math
@@ -1238,3 +1239,45 @@ def test_legacy_format_parameters_read_as_their_tensors(official_pth, tmp_path):
     chex.assert_trees_all_equal(
         checkpoints.load(tmp_path / "a")[1], checkpoints.load(tmp_path / "b")[1]
     )
+
+
+def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
+    # Results go to stdout; warnings, notes and errors to stderr, an error as one line.
+    pth, _ = official_pth(TINY)
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back.pth"
+    assert convert_main([str(pth), str(ckpt), *cli_args(TINY)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    model_line, wrote_line = out.splitlines()
+    name, config = model_line.split(" ", 2)[1:]
+    config = ast.literal_eval(config)  # the architecture read from the weights and flags
+    assert name == "stam_tiny" and config == {k: TINY[k] for k in config}, model_line
+    assert len(config) == 13 and config["num_heads"] == 2 and config["temporal_heads"] == 4
+    assert re.fullmatch(rf"wrote {re.escape(str(ckpt))} in \d+\.\ds", wrote_line), out
+    assert to_torch_main([str(ckpt), str(back)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote {back} (float32)\n"
+    assert err == (
+        "note: the .pth does not store the ViT head count or the temporal head count; read it "
+        "back with: python -m convert FILE.pth OUT_DIR --num-heads 2 --temporal-heads 4\n"
+    )
+
+    # Refused: exit 2, nothing on stdout, one error line naming the file.
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, evil)
+    absent = tmp_path / "absent.pth"
+    for args, message in [
+        ([str(evil), str(tmp_path / "a")], f"error: {evil} was refused: its pickle calls code"),
+        ([str(absent), str(tmp_path / "b")], f"error: {absent}: no such file."),
+    ]:
+        assert convert_main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith(message), err
+    assert to_torch_main([str(tmp_path / "absent"), str(tmp_path / "x.pth")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "x.pth").exists()
