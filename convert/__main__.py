@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 from stam_jax.interrupts import interrupts_held, keep_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the converter CLI; returns the exit status (0 ok, 2 refused input, 130 interrupted)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # a bad command line: one error line, exit 2
         prog="python -m convert",
         description="Convert an official STAM .pth (stam_16.pth, stam_64.pth) into a stam-jax "
         "checkpoint directory holding the Flax params and the model config.",

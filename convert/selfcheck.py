@@ -9,7 +9,6 @@ only if every check passes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 from convert import convert_checkpoint, export_checkpoint
 from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
 from stam_jax import VARIANTS, checkpoints, create_model, model_config
+from stam_jax.cli import ArgumentParser
 
 TOLERANCE = 1e-4  # max |jax - torch| / max |torch| in float32
 
@@ -80,7 +80,7 @@ def run(model_name: str, batch: int, workdir: Path, seed: int = 0) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns 0 if every check passed, 1 otherwise."""
-    parser = argparse.ArgumentParser(prog="python -m convert.selfcheck", description=__doc__)
+    parser = ArgumentParser(prog="python -m convert.selfcheck", description=__doc__)
     parser.add_argument("--model", default="stam_16", choices=sorted(VARIANTS))
     parser.add_argument("--batch", type=int, default=2, help="random videos to compare")
     parser.add_argument("--workdir", help="keep the files here (default: a temporary dir)")

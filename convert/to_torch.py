@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from convert import TORCH_DTYPES
-from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED
+from stam_jax.cli import EXIT_INTERRUPTED, EXIT_REFUSED, ArgumentParser
 from stam_jax.interrupts import interrupts_held, keep_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the exporter CLI; returns the exit status (0 ok, 2 refused input, 130 interrupted)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # a bad command line: one error line, exit 2
         prog="python -m convert.to_torch",
         description="Write a stam-jax checkpoint as an official STAM {'model': state_dict} .pth, "
         "loadable by the official code.",

@@ -1281,3 +1281,26 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "x.pth").exists()
+
+    # A bad command line: one error line naming the argument, exit 2 (no usage block).
+    bad = {
+        (convert_main, str(pth), str(tmp_path / "c"), "--num-heads", "two"): (
+            r"error: argument --num-heads: invalid int value: 'two'\n"
+        ),
+        (convert_main, str(pth)): r"error: the following arguments are required: out_dir\n",
+        # (Python 3.12 quotes the choices, 3.13 does not.)
+        (to_torch_main, str(ckpt), str(tmp_path / "d.pth"), "--dtype", "float64"): (
+            r"error: argument --dtype: invalid choice: 'float64' \(choose from "
+            r"'?float32'?, '?float16'?, '?bfloat16'?\)\n"
+        ),
+    }
+    from convert.selfcheck import main as selfcheck_main
+
+    bad[(selfcheck_main, "--model", "stam_17")] = r"error: argument --model: invalid choice: .*\n"
+    for (main, *args), message in bad.items():
+        with pytest.raises(SystemExit) as end:
+            main(args)
+        assert end.value.code == 2
+        out, err = capsys.readouterr()
+        assert out == "" and re.fullmatch(message, err), err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d.pth").exists()
