@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -870,7 +873,8 @@ def _write_pth(path, data_pkl, storages=None, byteorder=b"little"):
     """A zip-format .pth of the given pickle bytes and float32 storages (key -> values)."""
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", data_pkl)
-        archive.writestr("archive/byteorder", byteorder)
+        if byteorder is not None:  # torch < 1.10 wrote none
+            archive.writestr("archive/byteorder", byteorder)
         for key, values in (storages or {}).items():
             archive.writestr(f"archive/data/{key}", np.asarray(values, np.float32).tobytes())
     return path
@@ -1184,6 +1188,11 @@ def test_params_of_mixed_dtypes_are_written_in_one_dtype(official_pth, tmp_path,
         for key, want in expected.items():
             want = torch.from_numpy(np.ascontiguousarray(want)).to(torch_dtype)
             assert torch.equal(written[key], want), (dtype, key)
+    # A dtype the .pth is not written in (float64 would be read back refused) names them.
+    with pytest.raises(ConversionError) as info:
+        export_checkpoint(tmp_path / "mixed", tmp_path / "f64.pth", dtype="float64")
+    assert str(info.value) == "dtype='float64' is not one of ('float32', 'float16', 'bfloat16')."
+    assert not (tmp_path / "f64.pth").exists()
 
 
 def test_the_vit_head_count_note_appears_when_it_is_not_width_over_64():
@@ -1241,7 +1250,7 @@ def test_legacy_format_parameters_read_as_their_tensors(official_pth, tmp_path):
     )
 
 
-def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
+def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys, monkeypatch):
     # Results go to stdout; warnings, notes and errors to stderr, an error as one line.
     pth, _ = official_pth(TINY)
     ckpt, back = tmp_path / "ckpt", tmp_path / "back.pth"
@@ -1253,6 +1262,9 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
     config = ast.literal_eval(config)  # the architecture read from the weights and flags
     assert name == "stam_tiny" and config == {k: TINY[k] for k in config}, model_line
     assert len(config) == 13 and config["num_heads"] == 2 and config["temporal_heads"] == 4
+    metadata = checkpoints.read_config(ckpt)["metadata"]
+    assert metadata["source"] == "official.pth"
+    assert metadata["source_sha256"] == hashlib.sha256(pth.read_bytes()).hexdigest()
     assert re.fullmatch(rf"wrote {re.escape(str(ckpt))} in \d+\.\ds", wrote_line), out
     assert to_torch_main([str(ckpt), str(back)]) == 0
     out, err = capsys.readouterr()
@@ -1261,6 +1273,13 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
         "note: the .pth does not store the ViT head count or the temporal head count; read it "
         "back with: python -m convert FILE.pth OUT_DIR --num-heads 2 --temporal-heads 4\n"
     )
+
+    # A model of no registered variant is named custom.
+    odd, _ = official_pth(TINY_CONFIGS["odd_sizes"], name="odd.pth")
+    assert (
+        convert_main([str(odd), str(tmp_path / "odd"), *cli_args(TINY_CONFIGS["odd_sizes"])]) == 0
+    )
+    assert capsys.readouterr().out.startswith("model: custom {")
 
     # Refused: exit 2, nothing on stdout, one error line naming the file.
     class Payload:
@@ -1281,6 +1300,19 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "x.pth").exists()
+    # A write that fails over an existing file (--force) keeps that file as it was.
+    before = back.read_bytes()
+
+    def fail_midway(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:1] . strerror: No space left")
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    assert to_torch_main([str(ckpt), str(back), "--force"]) == 2
+    assert capsys.readouterr() == ("", f"error: cannot write {back}: No space left\n")
+    assert back.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("back")) == ["back.pth"]
+    monkeypatch.undo()
 
     # A bad command line: one error line naming the argument, exit 2 (no usage block).
     bad = {
@@ -1304,3 +1336,57 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys):
         out, err = capsys.readouterr()
         assert out == "" and re.fullmatch(message, err), err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d.pth").exists()
+
+
+def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
+    storage = _Storage("0", 2)
+    state = {"model": {"w": _View(storage, 0, (2,), (1,))}}
+    # An archive without a byteorder entry, as PyTorch before 1.10 wrote it, is little-endian.
+    old = _write_pth(tmp_path / "old.pth", _pickled(state), {"0": [1, 2]}, byteorder=None)
+    np.testing.assert_array_equal(np.asarray(load_state_dict(old)["w"]), [1, 2])
+
+    # A storage id of other than torch.save's five fields.
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", 2) if isinstance(obj, _Storage) else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(state)
+    short_id = _write_pth(tmp_path / "short_id.pth", buffer.getvalue(), {"0": [1, 2]})
+    with pytest.raises(ConversionError) as info:
+        load_state_dict(short_id)
+    message = str(info.value)
+    assert message.startswith("malformed checkpoint: unknown persistent id ('storage', ")
+    assert message.endswith(", '0', 2)."), message
+    # A zip of other files lists the first five of them and how many more.
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as archive:
+        for name in "abcdefg":
+            archive.writestr(f"{name}.txt", "x")
+    with pytest.raises(
+        ConversionError,
+        match=r"it holds a\.txt, b\.txt, c\.txt, d\.txt, e\.txt "
+        r"and 2 more\); python -m convert reads",
+    ):
+        load_state_dict(other)
+    # Pickles that are not one, in each format: named with the file's size and the reason.
+    garbage = _write_pth(tmp_path / "garbage.pth", b"garbage", {"0": [1, 2]})
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(b"\x80\x02garbage-not-a-pickle" * 3)
+    for path, detail in [
+        (garbage, "pickle data was truncated"),
+        (legacy, "unrecognised pickle content"),
+    ]:
+        with pytest.raises(ConversionError) as info:
+            load_state_dict(path)
+        size = path.stat().st_size
+        assert str(info.value) == f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
+    # One cut short: it may be a truncated download.
+    cut = _write_pth(tmp_path / "cut.pth", _pickled(state)[:20], {"0": [1, 2]})
+    with pytest.raises(ConversionError) as info:
+        load_state_dict(cut)
+    assert str(info.value) == (
+        f"{cut} could not be read as a PyTorch checkpoint ({cut.stat().st_size} bytes; EOFError: "
+        "Ran out of input). It may be truncated or corrupt, or not a .pth at all: download it "
+        "again and compare its size."
+    )
