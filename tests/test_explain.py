@@ -146,6 +146,15 @@ def test_explain_refuses_bad_input_before_loading_the_model(
         only_suffix
     )
     assert f"{junk} is a file, not a folder" in refused(str(video), "--out", str(junk / "p.png"))
+    # A video of exactly T frames fits at its own frame rate, the rate advised (not "use a
+    # longer video").
+    four = write_video(tmp_path / "four.mp4", [index_frame(i, 32, 32) for i in range(4)], fps=10)
+    assert refused(str(four)) == (
+        f"error: {four} gives only 1 frame at 0.4 fps (the default: T / 10 s, T = 4); a clip "
+        "needs 4 (it has 4 frames at 10 fps, 0.4 s): pass --frame-rate 10 (or more) or use a "
+        "longer video.\n"
+    )
+    assert explain_module._sampling(four, 4, 10.0) == 10.0
     assert refused(str(video), "--classes", str(tmp_path)) == (
         f"error: --classes {tmp_path} is a folder; give a text file with one class name per "
         "line, in label order.\n"
