@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None, *, ends_process: bool = False) -> int:
             expected = checkpoints.read_config(args.checkpoint)["model"]["num_classes"]
             if len(classes) != expected:
                 raise DatasetError(
-                    f"{args.classes} names {len(classes)} classes; the model has {expected}."
+                    f"--classes {args.classes} names {len(classes)} classes; the model has "
+                    f"{expected}: give one class name per line for each of them, in label order."
                 )
         with interrupts_unwrapped():  # a Ctrl-C that C code wrapped is one all the same
             result = explain_video(args.checkpoint, args.video, args.frame_rate)

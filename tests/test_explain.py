@@ -167,6 +167,12 @@ def test_explain_refuses_bad_input_before_loading_the_model(
         "line.\n"
     )
     assert refused(str(video), "--classes", str(empty)) == f"error: --classes {empty} is empty.\n"
+    two = tmp_path / "two.txt"
+    two.write_text("a\nb\n")
+    assert refused(str(video), "--classes", str(two)) == (
+        f"error: --classes {two} names 2 classes; the model has 10: give one class name per "
+        "line for each of them, in label order.\n"
+    )
     assert not list(tmp_path.glob("*.png"))
 
 
