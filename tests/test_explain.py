@@ -328,6 +328,18 @@ def test_draw_refuses_a_path_without_a_picture_suffix(tmp_path):
         with pytest.raises(ValueError, match=rf"cannot write {tmp_path / name}: pictures are wr"):
             draw({}, tmp_path / name)  # refused before the result is read
     assert not list(tmp_path.iterdir())
+    # A suffix in capitals is written as that format all the same.
+    result = {
+        "frames": np.zeros((2, 8, 8, 3), np.uint8),
+        "probabilities": np.full(10, 0.1, np.float32),
+        "aggregate": "mean",
+        "temporal_layers": np.zeros((0, 2)),
+        "temporal_rollout": np.full(2, 0.5),
+        "spatial_rollout": np.ones((2, 2, 2), np.float32),
+    }
+    assert draw(result, tmp_path / "p.JPG") == tmp_path / "p.JPG"
+    with Image.open(tmp_path / "p.JPG") as image:
+        assert image.format == "JPEG"
 
 
 def test_explain_ends_a_ctrl_c_that_c_code_wrapped_as_interrupted(
