@@ -444,3 +444,19 @@ def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoints.save(out, model, first)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_reads_a_run_folder_named_by_digits_as_a_run(tmp_path, capsys):
+    # python -m stam_jax.export: RUN_DIR/checkpoints/N is step N of RUN_DIR; a run folder
+    # named by digits elsewhere is a run.
+    from stam_jax.export import main as export_main
+
+    run = tmp_path / "runs" / "42"
+    run.mkdir(parents=True)
+    assert export_main([str(run), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {run} has no run_config.json, so the run's architecture is unknown: pass the "
+        "folder run_train.py wrote (--workdir), not a run without one.\n",
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["42", "runs"]
