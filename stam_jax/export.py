@@ -141,10 +141,11 @@ def _check_outside_steps(run: Path, out_dir: str | Path) -> None:
     saved = (run / "checkpoints").resolve()
     out = Path(out_dir).resolve()
     if out == saved or saved in out.parents:
+        where = "the folder" if out == saved else f"inside {run / 'checkpoints'},"
         raise ExportError(
-            f"{Path(out_dir).absolute()} is inside {run / 'checkpoints'}, where the run keeps "
-            "its saved training steps: a checkpoint there would be taken for one (the run could "
-            f"no longer resume); write it outside, e.g. {run / 'exported'}."
+            f"{Path(out_dir).absolute()} is {where} where the run keeps its saved training "
+            "steps: a checkpoint there would be taken for one (the run could no longer resume); "
+            f"write it outside, e.g. {run / 'exported'}."
         )
 
 

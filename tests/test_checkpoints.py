@@ -446,7 +446,7 @@ def test_a_failed_write_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_reads_a_run_folder_named_by_digits_as_a_run(tmp_path, capsys):
+def test_export_reads_a_run_named_by_digits_and_keeps_out_of_its_saved_steps(tmp_path, capsys):
     # python -m stam_jax.export: RUN_DIR/checkpoints/N is step N of RUN_DIR; a run folder
     # named by digits elsewhere is a run.
     from stam_jax.export import main as export_main
@@ -458,5 +458,13 @@ def test_export_reads_a_run_folder_named_by_digits_as_a_run(tmp_path, capsys):
         "",
         f"error: {run} has no run_config.json, so the run's architecture is unknown: pass the "
         "folder run_train.py wrote (--workdir), not a run without one.\n",
+    )
+    # The saved steps' folder itself is no output either, and is named as that folder.
+    saved = run / "checkpoints"
+    assert export_main([str(run), str(saved)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {saved} is the folder where the run keeps its saved training steps: a "
+        "checkpoint there would be taken for one (the run could no longer resume); write it "
+        f"outside, e.g. {run / 'exported'}.\n"
     )
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["42", "runs"]
