@@ -385,3 +385,15 @@ def test_files_that_are_not_utf8_or_hold_odd_results_are_named(tmp_path, capsys)
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'predictions.jsonl'}:2 holds a list, not a JSON object.\n"
     )
+
+
+def test_eval_picture_title_gives_a_top1_of_zero_and_none_without_one(tmp_path, monkeypatch):
+    # A top-1 of 0 is a result to show; a null one (nothing evaluated) has no title.
+    figures = _drawn_figures(monkeypatch)
+    for top1, title in [(0.0, "top-1 0.0% over 2 videos"), (None, "")]:
+        write_eval(tmp_path, [(0, [1, 0]), (1, [0, 1])], ["a", "b"])
+        (tmp_path / "results.json").write_text(
+            json.dumps({"metrics": {"top1": top1}, "classes": ["a", "b"]})
+        )
+        assert main([str(tmp_path)]) == 0
+        assert figures["eval.png"].get_suptitle() == title, top1
