@@ -325,10 +325,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
         ) from None
     except Exception as e:  # damaged files raise many types (BadZipFile, EOFError, KeyError...)
+        # An error without a message (EOFError of a file cut short) is named by its type alone.
+        error = f"{type(e).__name__}: {_first_line(e)}" if str(e).strip() else type(e).__name__
         raise ConversionError(
-            f"{path} could not be read as a PyTorch checkpoint ({size} bytes; "
-            f"{type(e).__name__}: {_first_line(e)}). It may be truncated or corrupt, or not a "
-            ".pth at all: download it again and compare its size."
+            f"{path} could not be read as a PyTorch checkpoint ({size} bytes; {error}). It may "
+            "be truncated or corrupt, or not a .pth at all: download it again and compare its "
+            "size."
         ) from None
     return _check_tensors(_find_state_dict(obj, path))
 

@@ -1390,3 +1390,17 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
         "Ran out of input). It may be truncated or corrupt, or not a .pth at all: download it "
         "again and compare its size."
     )
+    # An error without a message (a legacy file cut short) is named once, by its type.
+    legacy_cut = tmp_path / "legacy_cut.pth"
+    torch.save(
+        {"model": {"w": torch.ones(2)}},
+        tmp_path / "legacy_whole.pth",
+        _use_new_zipfile_serialization=False,
+    )
+    legacy_cut.write_bytes((tmp_path / "legacy_whole.pth").read_bytes()[:40])
+    with pytest.raises(ConversionError) as info:
+        load_state_dict(legacy_cut)
+    assert str(info.value) == (
+        f"{legacy_cut} could not be read as a PyTorch checkpoint (40 bytes; EOFError). It may be "
+        "truncated or corrupt, or not a .pth at all: download it again and compare its size."
+    )
