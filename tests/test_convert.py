@@ -1369,6 +1369,14 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
         r"and 2 more\); python -m convert reads",
     ):
         load_state_dict(other)
+    five = tmp_path / "five.zip"
+    with zipfile.ZipFile(five, "w") as archive:
+        for name in "abcde":
+            archive.writestr(f"{name}.txt", "x")
+    with pytest.raises(
+        ConversionError, match=r"it holds a\.txt, b\.txt, c\.txt, d\.txt, e\.txt\);"
+    ):
+        load_state_dict(five)
     # Pickles that are not one, in each format: named with the file's size and the reason.
     garbage = _write_pth(tmp_path / "garbage.pth", b"garbage", {"0": [1, 2]})
     legacy = tmp_path / "legacy.pth"
