@@ -468,3 +468,22 @@ def test_export_reads_a_run_named_by_digits_and_keeps_out_of_its_saved_steps(tmp
         f"outside, e.g. {run / 'exported'}.\n"
     )
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["42", "runs"]
+
+
+def test_export_of_a_run_without_a_complete_step_names_the_unfinished_ones(tmp_path, capsys):
+    # Step folders without orbax's mark of a finished save: one is named as itself, more as N.
+    from stam_jax.export import main as export_main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "9").mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps({"model": "stam_tiny"}))
+    saved = run / "checkpoints"
+    for unfinished in (f"{saved / '9'} is", f"{saved}/N for N in [4, 9] are"):
+        assert export_main([str(run), str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {run} has no complete saved training step (no {saved}/N that orbax marked "
+            f"finished; {unfinished} unfinished): export once the run has saved one (every "
+            "train.save_every steps).\n"
+        )
+        (saved / "4").mkdir(exist_ok=True)
+    assert not (tmp_path / "out").exists()
