@@ -83,13 +83,17 @@ class LazyTensor:
         if any(n == 0 for n in self.shape):
             end = self.offset
         if self.offset < 0 or end > self.storage.numel:
-            raise ConversionError(f"tensor bytes lie outside storage {self.storage.name}.")
+            raise ConversionError(
+                self._damaged(f"tensor bytes lie outside storage {self.storage.name}")
+            )
         try:
             raw = self.storage.archive.read(self.storage.name)
         except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ConversionError(f"storage {self.storage.name} is unreadable: {e}") from None
+            raise ConversionError(
+                self._damaged(f"storage {self.storage.name} is unreadable: {e}")
+            ) from None
         if len(raw) < self.storage.numel * item:
-            raise ConversionError(f"storage {self.storage.name} is truncated.")
+            raise ConversionError(self._damaged(f"storage {self.storage.name} is truncated"))
         flat = np.frombuffer(raw, dtype=self.dtype, count=self.storage.numel)
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :],
@@ -98,6 +102,10 @@ class LazyTensor:
             writeable=False,
         )
         return np.array(view, dtype=dtype or self.dtype, order="C")
+
+    def _damaged(self, what: str) -> str:
+        """`what` is wrong with this tensor's file, named with the file and the fix."""
+        return f"{self.storage.archive.filename}: {what}; {_DAMAGED_FIX}"
 
 
 def _rebuild_tensor(
@@ -225,6 +233,7 @@ def _first_line(e: BaseException) -> str:
     return first.split(" In PyTorch 2.6")[0] if "weights_only" in first else first
 
 
+_DAMAGED_FIX = "the file is damaged: download it again (and compare its size) or re-save it."
 _CONVERT_READS = "python -m convert reads official PyTorch .pth files (stam_16.pth, stam_64.pth)"
 
 
@@ -316,6 +325,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     except ConversionError as e:
         if isinstance(e, UnsafeCheckpointError):
             raise UnsafeCheckpointError(_refusal(path, str(e))) from None
+        if str(e).startswith("malformed checkpoint"):  # raised while unpickling: name the file
+            raise ConversionError(f"{path}: {str(e).removesuffix('.')}; {_DAMAGED_FIX}") from None
         raise
     except pickle.UnpicklingError as e:
         detail = _first_line(e)

@@ -913,7 +913,9 @@ def test_tensor_views_are_read_within_their_storage_only(tmp_path):
             tmp_path / f"{key}.pth", _pickled({"model": {key: _View(storage, *view)}}), values
         )
         with pytest.raises(
-            ConversionError, match=r"tensor bytes lie outside storage archive/data/0\."
+            ConversionError,
+            match=rf"{key}\.pth: tensor bytes lie outside storage archive/data/0; the file is "
+            r"damaged: download it again \(and compare its size\) or re-save it\.$",
         ):
             np.asarray(load_state_dict(path)[key])
     malformed = {
@@ -1005,7 +1007,7 @@ def test_malformed_archives_and_storages_are_named(tmp_path):
         # The storage's bytes end before its element count (its zip entry itself intact).
         "short": (
             _write_pth(tmp_path / "short.pth", _pickled(state), {"0": [1, 2, 3]}),
-            r"storage archive/data/0 is truncated\.",
+            r"short\.pth: storage archive/data/0 is truncated; the file is damaged: download",
         ),
         "big_endian": (
             _write_pth(tmp_path / "big.pth", _pickled(state), {"0": [1, 2, 3, 4]}, b"big"),
@@ -1018,12 +1020,13 @@ def test_malformed_archives_and_storages_are_named(tmp_path):
     )
     cases["persistent_id"] = (
         _write_pth(tmp_path / "pid.pth", not_a_storage, {"0": [1, 2, 3, 4]}),
-        r"malformed checkpoint: unknown persistent id \('archive', ",
+        r"pid\.pth: malformed checkpoint: unknown persistent id \('archive', ",
     )
     no_type = _pickled(state).replace(b"ctorch\nFloatStorage\n", b"ccollections\nOrderedDict\n")
     cases["storage_type"] = (
         _write_pth(tmp_path / "type.pth", no_type, {"0": [1, 2, 3, 4]}),
-        r"malformed checkpoint: storage type <class 'collections\.OrderedDict'>\.",
+        r"type\.pth: malformed checkpoint: storage type <class 'collections\.OrderedDict'>; the "
+        r"file is damaged: download it again",
     )
     for name, (path, message) in cases.items():
         with pytest.raises(ConversionError, match=message) as info:
@@ -1356,8 +1359,10 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
     with pytest.raises(ConversionError) as info:
         load_state_dict(short_id)
     message = str(info.value)
-    assert message.startswith("malformed checkpoint: unknown persistent id ('storage', ")
-    assert message.endswith(", '0', 2)."), message
+    assert message.startswith(f"{short_id}: malformed checkpoint: unknown persistent id (")
+    assert message.endswith(
+        ", '0', 2); the file is damaged: download it again (and compare its size) or re-save it."
+    ), message
     # A zip of other files lists the first five of them and how many more.
     other = tmp_path / "other.zip"
     with zipfile.ZipFile(other, "w") as archive:
