@@ -343,7 +343,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             "be truncated or corrupt, or not a .pth at all: download it again and compare its "
             "size."
         ) from None
-    return _check_tensors(_find_state_dict(obj, path))
+    return _check_tensors(_find_state_dict(obj, path), path)
 
 
 def _refusal(path: Path, detail: str) -> str:
@@ -373,12 +373,21 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     )
 
 
-def _check_tensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def _short(value: Any) -> str:
+    """`value`'s repr, cut to a line's part."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_tensors(state_dict: Mapping[str, Any], path: Path) -> dict[str, Any]:
     out = {}
     for key, value in state_dict.items():
         if not _is_tensor(value):
             raise ConversionError(
-                f"state dict entry {key!r} is a {type(value).__name__}, not a tensor."
+                f"{path}: state dict entry {key!r} is not a tensor but a value of type "
+                f"{type(value).__name__} ({_short(value)}); re-save it with the model's tensors "
+                "alone: sd = torch.load(PATH, weights_only=True)['model']; torch.save({'model': "
+                "{k: v for k, v in sd.items() if torch.is_tensor(v)}}, 'stam.pth')."
             )
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in ("float32", "float16", "bfloat16"):

@@ -391,6 +391,22 @@ def test_pickle_calling_os_system_is_refused_as_unsafe(tmp_path, zip_format):
     assert not marker.exists()
 
 
+def test_a_state_dict_entry_that_is_not_a_tensor_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "with_epoch.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2), "epoch": 5}}, path)
+    with pytest.raises(ConversionError) as refused:
+        load_state_dict(path)
+    assert str(refused.value) == (
+        f"{path}: state dict entry 'epoch' is not a tensor but a value of type int (5); re-save "
+        "it with the model's tensors alone: sd = torch.load(PATH, weights_only=True)['model']; "
+        "torch.save({'model': {k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
+        "'stam.pth')."
+    )
+    torch.save({"model": {"notes": "x" * 100}}, path)  # a long value is cut short
+    with pytest.raises(ConversionError, match=r"value of type str \('xxxxxxxxx+\.\.\.\); "):
+        load_state_dict(path)
+
+
 def test_not_a_state_dict(tmp_path):
     path = tmp_path / "list.pth"
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
