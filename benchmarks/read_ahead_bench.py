@@ -49,6 +49,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=3.0, help="s before counting reads")
+    parser.add_argument("--frames", type=int, default=16, help="T of the clip spec")
+    parser.add_argument("--frame-rate", type=float, default=1.6)
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=340)
+    parser.add_argument("--resize", type=int, default=256)
+    parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args()
     from absl import flags
 
@@ -67,8 +73,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="read_ahead_bench_") as tmp:
         work = Path(tmp)
         for i in range(args.videos):
-            write_index_video(work / "src" / f"class_{i % 4}" / f"v{i}.mp4", i)
-        spec = ClipSpec(16, 1.6, resize=256, crop=224)
+            path = work / "src" / f"class_{i % 4}" / f"v{i}.mp4"
+            write_index_video(path, i, args.height, args.width)
+        spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
         prepare(
             work / "src",
             work / "train",

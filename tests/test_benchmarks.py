@@ -308,7 +308,8 @@ def test_ctrl_c_bench_variants_differ_only_in_stop_starting(tmp_path):
 
 def test_read_ahead_bench_smoke():
     args = ["--videos", "2", "--workers", "2", "--prefetch", "8", "--clips", "2", "--rounds", "1"]
-    (row,) = run_script("benchmarks/read_ahead_bench.py", *args, "--settle", "1")
+    size = ["--height", "48", "--width", "64", "--resize", "36", "--crop", "32", "--frames", "4"]
+    (row,) = run_script("benchmarks/read_ahead_bench.py", *args, *size, "--settle", "1")
     # Shared read buffers hold fewer records ahead than one of the whole prefetch per process.
     assert 0 < row["shared"]["ahead"][0] < row["own"]["ahead"][0], row
     assert row["shared"]["median_clips_per_s"] > 0 and row["own"]["median_clips_per_s"] > 0
