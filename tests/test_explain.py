@@ -297,9 +297,9 @@ def test_ctrl_c_while_compiling_ends_python_m_without_the_interpreter_shutdown(
     assert not (tmp_path / "p.png").exists()
 
 
-def test_figure_refuses_class_names_that_do_not_fit():
-    # Too few names failed with an IndexError; too many labelled the bars silently.
-    result = {
+def mean_result() -> dict:
+    """An `explain_video` result of a 2-frame, 10-class mean-aggregate model, made by hand."""
+    return {
         "frames": np.zeros((2, 8, 8, 3), np.uint8),
         "probabilities": np.full(10, 0.1, np.float32),
         "aggregate": "mean",
@@ -307,6 +307,11 @@ def test_figure_refuses_class_names_that_do_not_fit():
         "temporal_rollout": np.full(2, 0.5),
         "spatial_rollout": np.ones((2, 2, 2), np.float32),
     }
+
+
+def test_figure_refuses_class_names_that_do_not_fit():
+    # Too few names failed with an IndexError; too many labelled the bars silently.
+    result = mean_result()
     for names in (["a", "b"], [f"c{i}" for i in range(400)]):
         with pytest.raises(ValueError, match=rf"classes names {len(names)} classes; the model ha"):
             figure(result, names)
@@ -329,14 +334,7 @@ def test_draw_refuses_a_path_without_a_picture_suffix(tmp_path):
             draw({}, tmp_path / name)  # refused before the result is read
     assert not list(tmp_path.iterdir())
     # A suffix in capitals is written as that format all the same.
-    result = {
-        "frames": np.zeros((2, 8, 8, 3), np.uint8),
-        "probabilities": np.full(10, 0.1, np.float32),
-        "aggregate": "mean",
-        "temporal_layers": np.zeros((0, 2)),
-        "temporal_rollout": np.full(2, 0.5),
-        "spatial_rollout": np.ones((2, 2, 2), np.float32),
-    }
+    result = mean_result()
     assert draw(result, tmp_path / "p.JPG") == tmp_path / "p.JPG"
     with Image.open(tmp_path / "p.JPG") as image:
         assert image.format == "JPEG"
