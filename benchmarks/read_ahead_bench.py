@@ -63,13 +63,14 @@ def main() -> None:
 
     from stam_jax.data import reading
 
-    shared = reading._read_options
-    variants = {
-        "shared": shared,
-        "own": lambda prefetch, workers: grain.ReadOptions(
-            num_threads=2, prefetch_buffer_size=max(prefetch, 1)
-        ),
-    }
+    shared = reading._buffers
+
+    def own(prefetch: int, workers: int) -> dict:
+        """The library's buffers with a read buffer of the whole prefetch in each process."""
+        options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(prefetch, 1))
+        return {**shared(prefetch, workers), "read_options": options}
+
+    variants = {"shared": shared, "own": own}
     with tempfile.TemporaryDirectory(prefix="read_ahead_bench_") as tmp:
         work = Path(tmp)
         for i in range(args.videos):
@@ -91,7 +92,7 @@ def main() -> None:
             for name, options in variants.items():
                 log = work / f"reads_{name}_{r}"
                 log.touch()
-                reading._read_options = options
+                reading._buffers = options
                 PreparedDataset.data_source = lambda self, log=log: _Counted(data_source(self), log)
                 try:
                     dataset = open_prepared(work / "train")
@@ -108,7 +109,7 @@ def main() -> None:
                     results[name]["clips_per_s"].append(round(args.clips / seconds, 2))
                     reading.close(clips)
                 finally:
-                    reading._read_options = shared
+                    reading._buffers = shared
                     PreparedDataset.data_source = data_source
     for name in variants:
         results[name]["median_clips_per_s"] = statistics.median(results[name]["clips_per_s"])

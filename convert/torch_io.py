@@ -48,6 +48,11 @@ class UnsafeCheckpointError(ConversionError):
     """The file's pickle references code (a global outside the state-dict allow-list)."""
 
 
+class _MalformedError(ConversionError):
+    """The file's pickle describes a tensor or storage torch.save never writes (raised while
+    unpickling, where the file's path is not known: `load_state_dict` names it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _StorageType:
     dtype: np.dtype
@@ -120,7 +125,7 @@ def _rebuild_tensor(
     """Stand-in for `torch._utils._rebuild_tensor_v2`: a `LazyTensor` view of `storage`."""
     del requires_grad, hooks, meta
     if not isinstance(storage, _Storage):
-        raise ConversionError("malformed checkpoint: a tensor without a storage.")
+        raise _MalformedError("malformed checkpoint: a tensor without a storage.")
     # torch.save writes whole numbers >= 0, one stride per size: anything else would make the
     # view reach outside the storage's bytes (a negative stride reads memory before them).
     numbers = (offset, *shape, *stride) if _is_sequence(shape) and _is_sequence(stride) else ()
@@ -129,7 +134,7 @@ def _rebuild_tensor(
         and len(shape) == len(stride)
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
     ):
-        raise ConversionError(
+        raise _MalformedError(
             f"malformed checkpoint: a tensor of offset {offset!r:.40}, sizes {shape!r:.80} and "
             f"strides {stride!r:.80}; torch.save writes whole numbers >= 0, one stride per size."
         )
@@ -186,10 +191,10 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ConversionError(f"malformed checkpoint: unknown persistent id {pid!r:.80}.")
+            raise _MalformedError(f"malformed checkpoint: unknown persistent id {pid!r:.80}.")
         _, storage_type, key, _, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise ConversionError(f"malformed checkpoint: storage type {storage_type!r:.80}.")
+            raise _MalformedError(f"malformed checkpoint: storage type {storage_type!r:.80}.")
         return _Storage(self.archive, f"{self.prefix}data/{key}", storage_type.dtype, int(numel))
 
 
@@ -325,7 +330,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     except ConversionError as e:
         if isinstance(e, UnsafeCheckpointError):
             raise UnsafeCheckpointError(_refusal(path, str(e))) from None
-        if str(e).startswith("malformed checkpoint"):  # raised while unpickling: name the file
+        if isinstance(e, _MalformedError):
             raise ConversionError(f"{path}: {str(e).removesuffix('.')}; {_DAMAGED_FIX}") from None
         raise
     except pickle.UnpicklingError as e:

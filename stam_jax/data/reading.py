@@ -111,11 +111,15 @@ def _flags_ready() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _read_options(prefetch: int, workers: int) -> grain.ReadOptions:
-    # grain's default (16 threads, 500 records ahead) would hold gigabytes of frames. Each
-    # reading process keeps a read buffer of its own: they share `prefetch` among them.
+def _buffers(prefetch: int, workers: int) -> dict[str, Any]:
+    """grain.DataLoader's buffer settings for `prefetch` records ahead (as `eval_items` says)."""
+    # grain's default read buffer (16 threads, 500 records ahead) would hold gigabytes of frames.
+    # Each reading process keeps a read buffer of its own: they share `prefetch` among them.
     share = -(-prefetch // max(workers, 1))  # rounded up
-    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(share, 1))
+    return {
+        "worker_buffer_size": max(prefetch // max(workers, 1), 1),
+        "read_options": grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(share, 1)),
+    }
 
 
 class _Records:
@@ -177,8 +181,7 @@ def eval_items(
         sampler=sampler,
         operations=[EvalViews(dataset.encoding, dataset.spec)],
         worker_count=workers,
-        worker_buffer_size=max(prefetch // max(workers, 1), 1),
-        read_options=_read_options(prefetch, workers),
+        **_buffers(prefetch, workers),
     )
     return _DecodedItems(iter(loader))
 
@@ -405,8 +408,7 @@ def train_loader(
         shard_options=grain.sharding.NoSharding(),  # the sampler already picks this process's rows
         operations=[TrainClip(dataset.encoding, spec)],
         worker_count=workers,
-        worker_buffer_size=max(prefetch // max(workers, 1), 1),
-        read_options=_read_options(prefetch, workers),
+        **_buffers(prefetch, workers),
     )
 
 
