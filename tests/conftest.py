@@ -126,6 +126,17 @@ NO_DECODING_PROCESSES = (
 )
 
 
+def jaxpr_equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, those of nested jaxprs (scan, remat, jit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from jaxpr_equations(inner)
+
+
 def process_running(pid: int) -> bool:
     """Whether process `pid` runs: not ended, nor ended and not yet reaped (a zombie)."""
     try:

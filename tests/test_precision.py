@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import random_params, random_videos
+from conftest import jaxpr_equations, random_params, random_videos
 
 from stam_jax import create_model, model_config
 
@@ -48,17 +48,6 @@ def test_half_precision_matches_float32(dtype, float32_run):
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
 
 
-def _equations(jaxpr):
-    """Every equation of a jaxpr, those of nested jaxprs (scan, remat, jit) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, list | tuple) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
-
-
 @pytest.mark.parametrize("dtype", sorted(BOUNDS))
 @pytest.mark.parametrize("overrides", [{}, {"aggregate": "mean", "remat": True, "frame_chunk": 4}])
 def test_half_precision_where_documented(dtype, overrides):
@@ -70,7 +59,7 @@ def test_half_precision_where_documented(dtype, overrides):
     params = jax.eval_shape(lambda v: model.init(jax.random.key(0), v), video)["params"]
     traced = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(params, video)
     assert [str(out.dtype) for out in traced.out_avals] == ["float32"]
-    eqns = list(_equations(traced.jaxpr))
+    eqns = list(jaxpr_equations(traced.jaxpr))
     dots = [e for e in eqns if e.primitive.name == "dot_general"]
     assert len(dots) >= 10
     assert all(str(x.aval.dtype) == dtype for e in dots for x in e.invars)
