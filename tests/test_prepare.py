@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest.mock import Mock
 
@@ -1280,52 +1281,6 @@ def test_training_reads_in_an_order_its_seed_sets_shuffled_anew_each_epoch(
     assert first == again and first != other
 
 
-def test_reading_in_this_process_reads_prefetch_records_ahead_and_no_more(
-    prepared_raw, prepared_train, monkeypatch
-):
-    # grain's default read-ahead (500 records) would hold gigabytes of frames.
-    from stam_jax.data import reading
-    from stam_jax.data.prepared import PreparedDataset
-
-    reads = []
-
-    class Counted:
-        def __init__(self, source):
-            self.source = source
-
-        def __len__(self):
-            return len(self.source)
-
-        def __getitem__(self, i):
-            reads.append(i)
-            return self.source[i]
-
-    data_source = PreparedDataset.data_source
-    monkeypatch.setattr(PreparedDataset, "data_source", lambda self: Counted(data_source(self)))
-
-    def settled(want: int) -> int:
-        """The records read once the read-ahead has stopped (`want` of them, or a timeout)."""
-        deadline = time.monotonic() + 10
-        while len(reads) < want and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # more would have been read by now
-        return len(reads)
-
-    clips = iter(reading.train_loader(open_prepared(prepared_train), TRAIN_SPEC, 0, 1, 0, 3))
-    try:
-        for taken in (1, 2):
-            next(clips)
-            assert settled(taken + 3) == taken + 3
-    finally:
-        reading.close(clips)
-    reads.clear()
-    items = reading.eval_items(open_prepared(prepared_raw[0]), 0, 2, 0, 1)
-    try:
-        assert next(items).position == 0 and settled(3) == 3
-    finally:
-        items.close()
-
-
 class _CountedInFile:
     """A data source that appends each index it reads to a file (read from any process)."""
 
@@ -1341,19 +1296,58 @@ class _CountedInFile:
         return self.source[i]
 
 
-def test_reading_processes_share_the_read_ahead(prepared_train, tmp_path, monkeypatch):
-    # Each of grain's reading processes kept a read buffer of the whole `prefetch`: with 15
-    # processes, 15 times the frames `prefetch` allows were held. They share it now; each also
-    # holds twice its output buffer (prefetch // workers) and about 2 in hand.
-    from stam_jax.data import reading
+def count_reads(monkeypatch, log: Path) -> Callable[[], int]:
+    """Makes the prepared datasets opened from now on note each record they read, in this
+    process or a reading process, in `log` (emptied to start again); returns how many so far."""
     from stam_jax.data.prepared import PreparedDataset
 
-    log = tmp_path / "reads"
     log.touch()
     data_source = PreparedDataset.data_source
     monkeypatch.setattr(
         PreparedDataset, "data_source", lambda self: _CountedInFile(data_source(self), log)
     )
+    return lambda: len(log.read_text().split())
+
+
+def test_reading_in_this_process_reads_prefetch_records_ahead_and_no_more(
+    prepared_raw, prepared_train, tmp_path, monkeypatch
+):
+    # grain's default read-ahead (500 records) would hold gigabytes of frames.
+    from stam_jax.data import reading
+
+    log = tmp_path / "reads"
+    reads = count_reads(monkeypatch, log)
+
+    def settled(want: int) -> int:
+        """The records read once the read-ahead has stopped (`want` of them, or a timeout)."""
+        deadline = time.monotonic() + 10
+        while reads() < want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # more would have been read by now
+        return reads()
+
+    clips = iter(reading.train_loader(open_prepared(prepared_train), TRAIN_SPEC, 0, 1, 0, 3))
+    try:
+        for taken in (1, 2):
+            next(clips)
+            assert settled(taken + 3) == taken + 3
+    finally:
+        reading.close(clips)
+    log.write_text("")
+    items = reading.eval_items(open_prepared(prepared_raw[0]), 0, 2, 0, 1)
+    try:
+        assert next(items).position == 0 and settled(3) == 3
+    finally:
+        items.close()
+
+
+def test_reading_processes_share_the_read_ahead(prepared_train, tmp_path, monkeypatch):
+    # Each of grain's reading processes kept a read buffer of the whole `prefetch`: with 15
+    # processes, 15 times the frames `prefetch` allows were held. They share it now; each also
+    # holds twice its output buffer (prefetch // workers) and about 2 in hand.
+    from stam_jax.data import reading
+
+    read_so_far = count_reads(monkeypatch, tmp_path / "reads")
     workers, prefetch = 2, 4
     clips = iter(
         reading.train_loader(open_prepared(prepared_train), TRAIN_SPEC, 0, 1, workers, prefetch)
@@ -1363,7 +1357,7 @@ def test_reading_processes_share_the_read_ahead(prepared_train, tmp_path, monkey
         reads, deadline = -1, time.monotonic() + 30
         while time.monotonic() < deadline:  # until the read-ahead has stopped for 1 s
             time.sleep(1)
-            reads, last = len(log.read_text().split()), reads
+            reads, last = read_so_far(), reads
             if reads == last:
                 break
     finally:
