@@ -1,7 +1,7 @@
 """XLA:CPU compile time and run time of one training step at each backend optimisation level.
 
-    python benchmarks/compile_opt_level.py --model stam_demo --batch 16      # what the tests use
-    python benchmarks/compile_opt_level.py --model stam_tiny --batch 2 --repeats 1   # smoke (CI)
+    python benchmarks/compile_opt_level.py --model stam_demo --batch 16  # what the tests use
+    python benchmarks/compile_opt_level.py --model stam_tiny_mean --batch 2 --repeats 1  # smoke
 
 The test suite compiles at `--xla_backend_optimization_level=0` (tests/conftest.py), because
 compiling is most of its time. This measures what that buys and costs: for each level, in a
@@ -87,6 +87,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "1", "--model", args.model]
         command += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
         env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT)}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cold compile each time
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         row = {"level": level, "model": args.model, "batch": args.batch}
         print(json.dumps({**row, **json.loads(result.stdout.strip().splitlines()[-1])}), flush=True)

@@ -265,10 +265,11 @@ def main() -> None:
     parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat (CI)")
-    parser.add_argument("--cache-dir", default="", help="JAX's persistent compilation cache")
+    parser.add_argument(
+        "--cache-dir", default="", help="JAX's persistent compilation cache ('' off: cold compiles)"
+    )
     args = parser.parse_args()
-    if args.cache_dir:
-        sharding.enable_compilation_cache(args.cache_dir)
+    sharding.enable_compilation_cache(args.cache_dir)  # '' is off, whatever the env says
     if args.smoke:
         args.models, args.batches, args.repeats, args.matmul_size = "stam_tiny", "2", 1, 256
         args.attention, args.torch_sdpa, args.frame_chunk = "auto,xla", True, "auto,2"

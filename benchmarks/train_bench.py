@@ -79,6 +79,7 @@ def main() -> None:
         help="keep the input train state alive during the step (run_train.py donates it)",
     )
     args = parser.parse_args()
+    sharding.enable_compilation_cache("")  # compile_s is a cold compile's, whatever the env says
     config = base_config(args.model)
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
     config.attention_impl, config.frame_chunk = args.attention, args.frame_chunk

@@ -111,7 +111,9 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
 
 def enable_compilation_cache(directory: str) -> None:
-    """Turns on JAX's persistent compilation cache in `directory` ('' leaves it off).
+    """Turns on JAX's persistent compilation cache in `directory`; '' turns it off, even where
+    JAX_COMPILATION_CACHE_DIR in the environment turns it on for every JAX program. Called
+    before anything is compiled (JAX settles whether it caches at its first compile).
 
     Raises:
       ValueError: `directory` cannot be written (a file on its path, no permission, a
@@ -119,6 +121,7 @@ def enable_compilation_cache(directory: str) -> None:
         and run on without the cache.
     """
     if not directory:
+        jax.config.update("jax_compilation_cache_dir", None)
         return
     from stam_jax.paths import unwritable  # (paths imports nothing of the package)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import ROOT, xla_flags
 
 from stam_jax import sharding
 
@@ -287,8 +287,9 @@ def test_the_compilation_cache_is_set_up_to_keep_every_program(tmp_path, monkeyp
     before = {name: getattr(jax.config, name) for name in names}
     monkeypatch.setenv("HOME", str(tmp_path))
     try:
-        sharding.enable_compilation_cache("")  # off: nothing changes
-        assert {name: getattr(jax.config, name) for name in names} == before
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))
+        sharding.enable_compilation_cache("")  # off, whatever JAX_COMPILATION_CACHE_DIR says
+        assert jax.config.jax_compilation_cache_dir is None
         sharding.enable_compilation_cache("~/xla")
         # JAX takes '~' as a folder named '~' in the working directory.
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
@@ -298,3 +299,24 @@ def test_the_compilation_cache_is_set_up_to_keep_every_program(tmp_path, monkeyp
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+
+
+@pytest.mark.parametrize("setting, kept_in", [("", None), ("{tmp}/config", "config")])
+def test_the_config_decides_the_cache_whatever_the_environment_says(tmp_path, setting, kept_in):
+    # JAX_COMPILATION_CACHE_DIR turns JAX's cache on for every program of a process; the
+    # config's setting decides for the commands: '' is off, a folder is the cache.
+    script = (
+        "import sys, jax; from stam_jax import sharding; "
+        "sharding.enable_compilation_cache(sys.argv[1]); jax.jit(lambda x: x * 3)(1.0)"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "env"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # keep even this quick compile
+    }
+    command = [sys.executable, "-c", script, setting.format(tmp=tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = {p.parent.name for p in tmp_path.rglob("*-cache")}
+    assert kept == ({kept_in} if kept_in else set())
