@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,15 @@ USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if TEST_XLA_FLAGS not in USER_XLA_FLAGS.split():
     os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} {TEST_XLA_FLAGS}".strip()
+
+
+# The commands keep compiled programs in `~/.cache/stam_jax/xla` by default: this session and the
+# processes its tests start have a home of their own, so that no test writes into the user's
+# home or starts from programs that an earlier session cached. Other tools' caches stay where
+# they were (XDG_CACHE_HOME).
+os.environ.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+os.environ["HOME"] = tempfile.mkdtemp(prefix="stam-jax-tests-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 
 def xla_flags(devices: int) -> str:
