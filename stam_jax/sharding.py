@@ -373,6 +373,8 @@ class _Stop:
     interrupted = False  # a Ctrl-C has reached this process in the block of `stop_together`
     written: int | None = None  # the pipe's end Python's signal handler writes to (`_noted_in_c`)
     written_lock = threading.Lock()  # the watcher reads it while the main thread may close it
+    watcher: threading.Thread | None = None
+    ending = threading.Event()  # set once this process has left the run normally (`_end_at_exit`)
 
 
 def _claim() -> bool:
@@ -446,7 +448,7 @@ def _watch() -> None:
     client, (me, _) = _client(), _me()
     first_seen: dict[int, float] = {}
     tick = 0
-    while True:  # counting on after a claim: this process has not stopped answering
+    while not _Stop.ending.is_set():  # counting on after a claim: still answering
         tick += 1
         try:
             client.key_value_set(f"{_STOP_KEYS}alive/{me}", str(tick), allow_overwrite=True)
@@ -464,7 +466,7 @@ def _watch() -> None:
             grace = _OWN_STOP_S if _Stop.interrupted else _GRACE_S
             if (report["status"] == 1 or now - seen >= grace) and _claim():
                 _leave(_failed(pid, report, me), _peer_stop_status(report))
-        time.sleep(_POLL_S)
+        _Stop.ending.wait(_POLL_S)
 
 
 def _peer_stop_status(report: dict[str, Any]) -> int:
@@ -504,12 +506,25 @@ def _start_watching() -> None:
     # Run before jax's own exit handler (registered when jax was imported, so run after this
     # one): its shutdown would wait for the processes that have already ended.
     atexit.register(_end_at_exit)
-    threading.Thread(target=_watch, name="stam-stop-watch", daemon=True).start()
+    _Stop.watcher = threading.Thread(target=_watch, name="stam-stop-watch", daemon=True)
+    _Stop.watcher.start()
 
 
 def _end_at_exit() -> None:
     if _Stop.status is not None:
         _leave(None, _Stop.status)
+    # A normal end. jax's exit handler, which runs after this one, would leave the run (a
+    # barrier of every process) with the watcher still calling jax's client from its thread,
+    # and a call still in progress once the interpreter finalises aborts the process ("terminate
+    # called after throwing an instance of ''": a daemon thread is unwound through C++). So the
+    # run is left here, the watcher still ending this process on another's report meanwhile,
+    # and the watcher is then stopped (its calls to a client shut down fail at once).
+    try:
+        jax.distributed.shutdown()
+    finally:
+        _Stop.ending.set()
+        if _Stop.watcher is not None:
+            _Stop.watcher.join(timeout=_LEAVE_S)
 
 
 @contextlib.contextmanager

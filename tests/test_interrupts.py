@@ -13,7 +13,7 @@ import weakref
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIGS, cli_args, free_port, random_params, xla_flags
+from conftest import TINY_CONFIGS, cli_args, free_port, random_params, run_processes, xla_flags
 from test_eval import make_folder
 
 from stam_jax import checkpoints, create_model
@@ -587,3 +587,42 @@ def test_an_unwrapped_ctrl_c_keeps_the_frames_between_the_block_and_the_c_call()
         calls_into_c()
     frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(info.value.__traceback__)]
     assert "calls_into_c" in frames
+
+
+_SLOW_CALL_AT_EXIT = """
+import sys, threading
+
+from stam_jax import sharding
+
+port, rank = sys.argv[1], int(sys.argv[2])
+reports = sharding._reports
+
+
+def slow_reports(client, me):
+    # Once this process is ending (its main thread done), the watcher's next call to jax's
+    # client lasts, as an RPC may while the processes leave the run.
+    if not threading.main_thread().is_alive():
+        client.blocking_key_value_get("stam_jax/test/never", 60_000)
+    return reports(client, me)
+
+
+sharding._reports = slow_reports
+with sharding.stop_together(lambda e: 1, 5):
+    sharding.initialize_distributed(f"localhost:{port}", 2, rank)
+print(f"done {rank}", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_normal_end_leaves_no_call_of_the_watcher_to_the_interpreters_end():
+    # Both processes end normally (status 3) while the watcher thread is in a call to jax's
+    # client. jax's exit handler left the run with that call in progress; it returned once the
+    # interpreter was finalising, which unwound the daemon thread through C++: the process
+    # aborted after its work was done ("terminate called after throwing an instance of ''",
+    # SIGABRT), as a two-process run_eval.py did under load.
+    port = str(free_port())
+    commands = [[sys.executable, "-c", _SLOW_CALL_AT_EXIT, port, str(rank)] for rank in (0, 1)]
+    results = run_processes(commands, devices_each=1, timeout=120)
+    assert [status for status, _, _ in results] == [3, 3], results
+    assert [out for _, out, _ in results] == ["done 0\n", "done 1\n"]
+    assert not any("terminate called" in err for _, _, err in results), results
