@@ -626,3 +626,33 @@ def test_a_normal_end_leaves_no_call_of_the_watcher_to_the_interpreters_end():
     assert [status for status, _, _ in results] == [3, 3], results
     assert [out for _, out, _ in results] == ["done 0\n", "done 1\n"]
     assert not any("terminate called" in err for _, _, err in results), results
+
+
+_ONE_ENDS_THE_OTHER_FAILS = """
+import sys, time
+
+from stam_jax import sharding
+
+port, rank = sys.argv[1], int(sys.argv[2])
+with sharding.stop_together(lambda e: 1, 5):
+    sharding.initialize_distributed(f"localhost:{port}", 2, rank)
+    if rank == 1:
+        time.sleep(2)  # process 0 has ended its work and is leaving the run
+        raise RuntimeError("disk full")
+sys.exit(0)
+"""
+
+
+def test_a_process_leaving_the_run_still_ends_on_anothers_failure():
+    # Process 0 has ended normally and waits in the run's end for process 1, which then fails:
+    # the failure ends it at once, with the peer status, not after jax's shutdown barrier.
+    port = str(free_port())
+    commands = [[sys.executable, "-c", _ONE_ENDS_THE_OTHER_FAILS, port, str(r)] for r in (0, 1)]
+    start = time.monotonic()
+    results = run_processes(commands, devices_each=1, timeout=120)
+    assert [status for status, _, _ in results] == [5, 1], results
+    assert results[0][2].splitlines()[-1] == (
+        "error: process 1 failed: RuntimeError: disk full (process 0 stopped with it; process "
+        "1's own output says more)."
+    )
+    assert time.monotonic() - start < 30
