@@ -47,6 +47,13 @@ from stam_jax.train_step import TrainState
 TINY = TINY_CONFIGS["tiny"]
 
 
+def load_refusal(path: Path) -> str:
+    """The message `load_state_dict` refuses `path` with."""
+    with pytest.raises(ConversionError) as info:
+        load_state_dict(path)
+    return str(info.value)
+
+
 def load_official(path):
     return torch.load(path, weights_only=True)["model"]
 
@@ -394,9 +401,7 @@ def test_pickle_calling_os_system_is_refused_as_unsafe(tmp_path, zip_format):
 def test_a_state_dict_entry_that_is_not_a_tensor_is_named_with_the_fix(tmp_path):
     path = tmp_path / "with_epoch.pth"
     torch.save({"model": {"head.weight": torch.zeros(2, 2), "epoch": 5}}, path)
-    with pytest.raises(ConversionError) as refused:
-        load_state_dict(path)
-    assert str(refused.value) == (
+    assert load_refusal(path) == (
         f"{path}: state dict entry 'epoch' is not a tensor but a value of type int (5); re-save "
         "it with the model's tensors alone: sd = torch.load(PATH, weights_only=True)['model']; "
         "torch.save({'model': {k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
@@ -661,9 +666,7 @@ def test_common_non_pth_files_are_named(official_pth, tmp_path):
         with pytest.raises(ConversionError, match=message) as info:
             load_state_dict(path)
         assert "weights_only=False" not in str(info.value) and "download" not in str(info.value)
-    with pytest.raises(ConversionError) as info:
-        load_state_dict(npz)
-    advice = str(info.value).split("as one: ")[1].removesuffix(".")
+    advice = load_refusal(npz).split("as one: ")[1].removesuffix(".")
     compile(advice, "advice", "eval")  # pasteable as written (had an unbalanced brace)
 
 
@@ -1372,9 +1375,7 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
     buffer = io.BytesIO()
     Pickler(buffer, protocol=2).dump(state)
     short_id = _write_pth(tmp_path / "short_id.pth", buffer.getvalue(), {"0": [1, 2]})
-    with pytest.raises(ConversionError) as info:
-        load_state_dict(short_id)
-    message = str(info.value)
+    message = load_refusal(short_id)
     assert message.startswith(f"{short_id}: malformed checkpoint: unknown persistent id (")
     assert message.endswith(
         ", '0', 2); the file is damaged: download it again (and compare its size) or re-save it."
@@ -1406,15 +1407,11 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
         (garbage, "pickle data was truncated"),
         (legacy, "unrecognised pickle content"),
     ]:
-        with pytest.raises(ConversionError) as info:
-            load_state_dict(path)
         size = path.stat().st_size
-        assert str(info.value) == f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
+        assert load_refusal(path) == f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
     # One cut short: it may be a truncated download.
     cut = _write_pth(tmp_path / "cut.pth", _pickled(state)[:20], {"0": [1, 2]})
-    with pytest.raises(ConversionError) as info:
-        load_state_dict(cut)
-    assert str(info.value) == (
+    assert load_refusal(cut) == (
         f"{cut} could not be read as a PyTorch checkpoint ({cut.stat().st_size} bytes; EOFError: "
         "Ran out of input). It may be truncated or corrupt, or not a .pth at all: download it "
         "again and compare its size."
@@ -1427,9 +1424,7 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
         _use_new_zipfile_serialization=False,
     )
     legacy_cut.write_bytes((tmp_path / "legacy_whole.pth").read_bytes()[:40])
-    with pytest.raises(ConversionError) as info:
-        load_state_dict(legacy_cut)
-    assert str(info.value) == (
+    assert load_refusal(legacy_cut) == (
         f"{legacy_cut} could not be read as a PyTorch checkpoint (40 bytes; EOFError). It may be "
         "truncated or corrupt, or not a .pth at all: download it again and compare its size."
     )
