@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -14,20 +15,22 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-import torch
 
-from convert.mapping import torch_to_flax
-from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
-from stam_jax import create_model, model_config
+if TYPE_CHECKING:
+    import torch
+
+# jax, flax and torch are imported where they are used, not here: a test file's function that a
+# test runs in a process started with 'spawn' (a stand-in decoder) has that process import the
+# test file, and with it this file; importing them took 4.5 s of CPU in each such process.
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # XLA flags for this test session and the processes its tests start (set here, before any test
-# starts JAX's CPU backend; importing the modules above does not). XLA:CPU spends most of a
+# starts JAX's CPU backend). XLA:CPU spends most of a
 # compile in LLVM's optimisation passes, and compiling is most of this suite's time: at
 # optimisation level 0 the demo model's train step compiles in 4.5-5.1 s of CPU instead of
 # 11.6-11.8 s, and runs in 0.055 s instead of 0.03 s, which the tests' few steps do not feel
@@ -190,35 +193,46 @@ def run_processes(
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
 
 
-# Small architectures that exercise every size knob of the converter and the model.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": model_config(create_model("stam_tiny")),
-    "odd_sizes": model_config(
-        create_model(
-            "stam_tiny",
-            num_frames=8,
-            num_classes=7,
-            hidden_size=48,
-            num_heads=3,
-            mlp_dim=96,
-            depth=3,
-            temporal_depth=1,
-            temporal_heads=6,
-            temporal_mlp_dim=40,
-        )
-    ),
-    "patch16_400cls": model_config(
-        create_model(
-            "stam_tiny",
-            num_frames=2,
-            image_size=48,
-            patch_size=16,
-            hidden_size=64,
-            num_classes=400,
-        )
-    ),
-    "mean": model_config(create_model("stam_tiny_mean")),
-}
+def __getattr__(name: str) -> Any:
+    """`TINY_CONFIGS`, made on first use (`from conftest import TINY_CONFIGS` included)."""
+    if name == "TINY_CONFIGS":
+        return _tiny_configs()
+    raise AttributeError(f"module 'conftest' has no attribute {name!r}")
+
+
+@functools.cache
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    """Small architectures that exercise every size knob of the converter and the model."""
+    from stam_jax import create_model, model_config
+
+    return {
+        "tiny": model_config(create_model("stam_tiny")),
+        "odd_sizes": model_config(
+            create_model(
+                "stam_tiny",
+                num_frames=8,
+                num_classes=7,
+                hidden_size=48,
+                num_heads=3,
+                mlp_dim=96,
+                depth=3,
+                temporal_depth=1,
+                temporal_heads=6,
+                temporal_mlp_dim=40,
+            )
+        ),
+        "patch16_400cls": model_config(
+            create_model(
+                "stam_tiny",
+                num_frames=2,
+                image_size=48,
+                patch_size=16,
+                hidden_size=64,
+                num_classes=400,
+            )
+        ),
+        "mean": model_config(create_model("stam_tiny_mean")),
+    }
 
 
 def convert_kwargs(config: dict[str, Any]) -> dict[str, Any]:
@@ -246,6 +260,10 @@ def random_videos(config: dict[str, Any], batch: int, seed: int = 0) -> np.ndarr
 
 def torch_logits(reference: torch.nn.Module, videos: np.ndarray) -> np.ndarray:
     """The reference model's logits for uint8 videos."""
+    import torch
+
+    from convert.torch_reference import frames_from_videos
+
     with torch.inference_mode():
         return reference(frames_from_videos(videos)).numpy()
 
@@ -256,6 +274,9 @@ def random_params(config: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     Unlike a fresh Flax init (whose attention is nearly uniform), every part of the network
     then visibly shapes the output.
     """
+    from convert.mapping import torch_to_flax
+    from convert.torch_reference import randomize_, reference_from_config
+
     reference = randomize_(reference_from_config(config), seed=seed)
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
     return torch_to_flax(state_dict, **convert_kwargs(config))[1]
@@ -274,6 +295,10 @@ def official_pth(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
         name: str = "official.pth",
         **reference_kwargs: Any,
     ) -> tuple[Path, torch.nn.Module]:
+        import torch
+
+        from convert.torch_reference import randomize_, reference_from_config
+
         reference = randomize_(reference_from_config({**config, **reference_kwargs}), seed=seed)
         state_dict = dict(reference.state_dict())
         if edit is not None:
