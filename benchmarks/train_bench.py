@@ -2,15 +2,16 @@
 
     python benchmarks/train_bench.py --model stam_tiny --batch 8 --steps 20
     python benchmarks/train_bench.py --model stam_16 --batch 1 --steps 3 [--last-block all]
+    python benchmarks/train_bench.py --model stam_16 --batch 1 --steps 3 --freeze vit
     python benchmarks/train_bench.py --model stam_16 --batch 16 --dtype bfloat16 --remat   # GPU
 
-Times the jitted train step of `run_train.py` (`stam_jax.train`: forward and backward with
-dropout and stochastic depth as configured, AdamW with the decay mask, global-norm clipping,
-EMA; float32 master params, `--dtype` compute) on random uint8 videos already on the device, so
-the figure is the model and optimizer alone. Reports compile time, steps/s and videos/s (median
-over `--steps` timed steps after one warm-up step), XLA's FLOP count of a step (counted with
-all frames in one step of the spatial ViT) and the achieved TFLOP/s, and the process's peak
-memory (RSS on CPU; device peak on GPU). The FLOPs are model FLOPs (remat's recompute not
+Times the jitted train step of `run_train.py` (`stam_jax.train`: forward and backward with dropout
+and stochastic depth as configured, AdamW with the decay mask, global-norm clipping, EMA; float32
+master params, `--dtype` compute; `--freeze` as `train.freeze`) on random uint8 videos already on
+the device, so the figure is the model and optimizer alone. Reports compile time, steps/s and
+videos/s (median over `--steps` timed steps after one warm-up step), XLA's FLOP count of a step
+(counted with all frames in one step of the spatial ViT) and the achieved TFLOP/s, and the process's
+peak memory (RSS on CPU; device peak on GPU). The FLOPs are model FLOPs (remat's recompute not
 counted), from the step lowered for the CPU (see `step_flops`); where no backend gives a count,
 three times the forward's matmul FLOPs (`STAM.macs_per_video`) stand in ('flop_source').
 Needs jax, flax, optax, numpy and ml_collections (plus this repository). Run one configuration
@@ -74,6 +75,12 @@ def main() -> None:
         help="the last ViT block on the cls token only (default) or on every token (official)",
     )
     parser.add_argument(
+        "--freeze",
+        default="",
+        help="params held fixed (run_train.py's --config.train.freeze: 'vit', 'temporal', "
+        "patterns over param paths)",
+    )
+    parser.add_argument(
         "--no-donate",
         action="store_true",
         help="keep the input train state alive during the step (run_train.py donates it)",
@@ -84,7 +91,7 @@ def main() -> None:
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
     config.attention_impl, config.frame_chunk = args.attention, args.frame_chunk
     config.model_overrides.drop_path_rate = args.drop_path
-    config.train.steps = 1000
+    config.train.steps, config.train.freeze = 1000, args.freeze
     model = model_from_run_config(config).clone(last_block_cls_only=args.last_block == "cls")
     t, s = model.num_frames, model.image_size
     rng = np.random.default_rng(0)
@@ -139,6 +146,7 @@ def main() -> None:
         "remat": args.remat,
         "donate": not args.no_donate,
         "last_block": args.last_block,
+        "freeze": args.freeze,
         "attention": args.attention,
         "frames_per_step": model.frames_per_step(args.batch * t),
         "compile_s": round(compile_s, 2),

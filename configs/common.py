@@ -97,6 +97,13 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # EMA of the params: WORKDIR/final_ema, the EMA set of the periodic evaluation, export --ema.
     # 0: none of these (the train state then carries a copy of the params in its place).
     config.train.ema_decay = 0.999
+    # Params held fixed: comma-separated 'vit' (the spatial ViT), 'temporal' (the temporal
+    # transformer), or patterns over param paths ('blocks_[0-5]', 'blocks_*/attn'); '': none.
+    # Frozen params get no gradient, update, weight decay or optimizer state.
+    config.train.freeze = ""
+    # Layer-wise learning-rate decay of the ViT (1: off): block i learns at
+    # layer_decay^(depth - i) of the rate, the patch embedding at layer_decay^(depth + 1).
+    config.train.layer_decay = 1.0
     config.train.log_every = 10
     # Periodic evaluation (0: off) of the params and their EMA on eval_root through run_eval's
     # code; the best by top-1 is kept in WORKDIR/best (WORKDIR/best.json says which).

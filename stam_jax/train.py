@@ -55,6 +55,7 @@ from stam_jax.train_step import (
     TrainConfigError,
     check_param_dtype,
     check_train_config,
+    frozen_paths,
     initial_state,
     loss_scaled,
     make_optimizer,
@@ -285,6 +286,8 @@ def _train_and_evaluate(
             f"would be lost; use --config.param_dtype=float32 --config.dtype={half} to compute "
             f"in {half} on them (a {half} param_dtype is for run_eval.py)."
         ) from None
+    if train.freeze:  # a name that matches no param is refused before the data is listed
+        frozen_paths(train, checkpoints.abstract_params(model))
     dist = config.distributed
     try:
         sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)

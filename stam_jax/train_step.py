@@ -7,6 +7,7 @@ The pieces of `stam_jax.train`'s loop that a loop of one's own reuses: `TrainSta
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -112,6 +113,104 @@ def decay_mask(params: Any) -> Any:
     )
 
 
+# `train.freeze` names for whole parts of the model (the params' top-level names).
+FREEZE_GROUPS = {
+    "vit": ("patch_embed", "cls_token", "pos_embed", "blocks_*", "norm"),
+    "temporal": ("aggregate",),
+}
+
+
+def frozen_paths(train: Any, params: Any) -> frozenset[tuple[str, ...]]:
+    """The params `train.freeze` holds fixed, as flattened paths (`('blocks_0', 'attn', ...)`).
+
+    `train.freeze` is comma-separated: `vit` (the spatial ViT: patch embedding, tokens,
+    position embedding, blocks and final norm), `temporal` (the temporal transformer), or
+    patterns over '/'-joined param paths in shell style, each matching a param by its whole
+    path or a leading part of it (`blocks_0` freezes every param of that block,
+    `blocks_[0-5]` the first six blocks, `blocks_*/attn` every attention).
+
+    Args:
+      train: the run config's `train` section.
+      params: the params tree (arrays, or their shapes: `checkpoints.abstract_params`).
+
+    Returns:
+      The frozen paths; empty with `train.freeze` ''.
+
+    Raises:
+      TrainConfigError: a name or pattern matching no param, or one freezing every param.
+    """
+    wanted = [p.strip() for p in str(train.freeze).split(",") if p.strip()]
+    if not wanted:
+        return frozenset()
+    paths = list(flax.traverse_util.flatten_dict(params))
+    frozen: set[tuple[str, ...]] = set()
+    for name in wanted:
+        patterns = FREEZE_GROUPS.get(name, (name,))
+        hit = {
+            path
+            for path in paths
+            for pattern in patterns
+            if any(
+                fnmatch.fnmatchcase("/".join(path[:n]), pattern) for n in range(1, len(path) + 1)
+            )
+        }
+        if not hit:
+            tops = sorted({path[0] for path in paths})
+            raise TrainConfigError(
+                f"train.freeze={train.freeze!r}: {name!r} matches no param of this model; use "
+                f"{' or '.join(repr(g) for g in FREEZE_GROUPS)}, or patterns over param paths "
+                f"such as 'blocks_[0-5]' or 'blocks_*/attn' (its top-level params: "
+                f"{', '.join(tops)}); fix --config.train.freeze."
+            )
+        frozen |= hit
+    if len(frozen) == len(paths):
+        raise TrainConfigError(
+            f"train.freeze={train.freeze!r} freezes every param of the model: nothing would "
+            "train; fix --config.train.freeze."
+        )
+    return frozenset(frozen)
+
+
+def layer_scales(train: Any, params: Any) -> Any:
+    """Each param's learning-rate factor under `train.layer_decay` = d (1: all 1).
+
+    Layer-wise decay of the spatial ViT, as in BEiT-style fine-tuning: with depth D, block i
+    learns at d^(D - i) of the rate, the patch embedding, cls token and position embedding at
+    d^(D + 1); the ViT's final norm, the temporal transformer and the head at the full rate.
+
+    Returns:
+      A tree of floats of the structure of `params`.
+    """
+    decay = float(train.layer_decay)
+    flat = flax.traverse_util.flatten_dict(params)
+    depth = len({path[0] for path in flat if path[0].startswith("blocks_")})
+
+    def scale(top: str) -> float:
+        if top.startswith("blocks_"):
+            return decay ** (depth - int(top.removeprefix("blocks_")))
+        if top in ("patch_embed", "cls_token", "pos_embed"):
+            return decay ** (depth + 1)
+        return 1.0
+
+    return flax.traverse_util.unflatten_dict({path: scale(path[0]) for path in flat})
+
+
+def _scale_updates(scales: Any) -> optax.GradientTransformation:
+    """Multiplies each update by its factor in `scales` (a tree of floats like the params);
+    leaves another part of `optax.multi_transform` updates (`optax.MaskedNode`) as they are."""
+
+    def masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        scaled = jax.tree.map(
+            lambda u, k: u if masked(u) else u * k, updates, scales, is_leaf=masked
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformation, Any]:
     """The optimizer and its learning-rate schedule, from `config.train`.
 
@@ -119,10 +218,19 @@ def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformatio
     = k, the optimizer updates once every k batches, at the rate the returned schedule gives
     the first batch of those k, so the warm-up and the cosine decay span the run whatever k is.
 
+    Params that `train.freeze` names (`frozen_paths`) get no update, no weight decay and no
+    optimizer state, and do not count in the clipped gradient norm; `train.layer_decay` < 1
+    scales each param's updates by `layer_scales`. With neither, the optimizer (and its state)
+    is the plain one.
+
     Returns:
       (optimizer, schedule): `schedule(step)` is the learning rate at batch `step`.
+
+    Raises:
+      TrainConfigError: a bad `config.train` value (`check_train_config`, `frozen_paths`).
     """
     check_train_config(train)
+    frozen = frozen_paths(train, params)
     if train.warmup_steps > 0:  # from 0 up to the rate over the warm-up, then cosine decay
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, train.learning_rate, train.warmup_steps, max(train.steps, 2)
@@ -140,10 +248,19 @@ def make_optimizer(train: Any, params: Any) -> tuple[optax.GradientTransformatio
             optax.add_decayed_weights(train.weight_decay, mask),
             optax.sgd(rate, momentum=train.momentum),
         )
+    if train.layer_decay != 1:
+        opt = optax.chain(opt, _scale_updates(layer_scales(train, params)))
     if train.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(train.grad_clip), opt)
     if k > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=k)
+    if frozen:  # the optimizer sees the trained params only: its state, decay, clipping, sums
+        flat = flax.traverse_util.flatten_dict(params)
+        labels = {path: "frozen" if path in frozen else "trained" for path in flat}
+        opt = optax.multi_transform(
+            {"trained": opt, "frozen": optax.set_to_zero()},
+            flax.traverse_util.unflatten_dict(labels),
+        )
     return opt, schedule
 
 
@@ -191,6 +308,10 @@ def check_train_config(train: Any) -> None:
     for field in ("weight_decay", "grad_clip", "mixup_alpha", "cutmix_alpha"):
         if not train[field] >= 0:
             refuse(field, "must be >= 0 (0: off)")
+    if not isinstance(train.freeze, str):
+        refuse("freeze", "give names or patterns separated by commas, e.g. 'vit' ('' : none)")
+    if not 0 < train.layer_decay <= 1:
+        refuse("layer_decay", "must be in (0, 1] (1: off; 0.75 is common for ViT-B)")
     if not train.temporal_pos_embed_std >= 0:
         refuse("temporal_pos_embed_std", "must be >= 0 (0: the official 0.02 init)")
     for field in ("momentum", "ema_decay", "label_smoothing"):
@@ -206,6 +327,28 @@ def check_train_config(train: Any) -> None:
         refuse("distill_weight", "must be in [0, 1]")
     if not train.distill_temperature > 0:
         refuse("distill_temperature", "must be > 0")
+
+
+def _split(params: Any, paths: frozenset[tuple[str, ...]]) -> tuple[Any, dict]:
+    """(the params not at `paths`, those at `paths`), both flattened; without `paths`,
+    (`params` as they are, {})."""
+    if not paths:
+        return params, {}
+    flat = flax.traverse_util.flatten_dict(params)
+    return (
+        {path: value for path, value in flat.items() if path not in paths},
+        {path: value for path, value in flat.items() if path in paths},
+    )
+
+
+def _joined(trained: Any, fixed: dict) -> Any:
+    """The params tree again from `_split`'s two parts."""
+    return flax.traverse_util.unflatten_dict({**trained, **fixed}) if fixed else trained
+
+
+def _held(tree: Any, source: Any, paths: frozenset[tuple[str, ...]]) -> Any:
+    """`tree` with `source`'s leaves at `paths` (none: `tree` as it is)."""
+    return _joined(_split(tree, paths)[0], _split(source, paths)[1])
 
 
 def _accumulation_updated(opt_state: Any) -> jax.Array | None:
@@ -306,7 +449,12 @@ def make_train_step(
         if teacher is not None:
             teacher_logits = teacher.apply({"params": teacher_params}, inputs)
 
-        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        # Gradients of the trained params only: none flows back into a frozen part.
+        frozen = frozen_paths(train, state.params)
+        trained, fixed = _split(state.params, frozen)
+
+        def loss_fn(trained: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            params = _joined(trained, fixed)
             logits = model.apply(
                 {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
             )
@@ -318,7 +466,8 @@ def make_train_step(
             scaled = scale_loss(state.loss_scale, loss) if float16 else loss
             return scaled, (loss, logits)
 
-        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        grads = _joined(grads, jax.tree.map(jnp.zeros_like, fixed))
         finite = jnp.array(True)
         loss_scale = state.loss_scale
         if float16:
@@ -327,8 +476,12 @@ def make_train_step(
             loss_scale = adjust(state.loss_scale, finite, period=train.loss_scale_period)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Frozen params stay where they were whatever `tx` does (one's own optimizer may decay
+        # every param), and their EMA too (d * p + (1 - d) * p is not p in floating point).
+        params = _held(params, state.params, frozen)
         d = train.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        ema = _held(ema, state.ema_params, frozen)
         updated = _accumulation_updated(opt_state)
         if updated is not None:  # the EMA follows the updates, not the batches
             ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)

@@ -85,9 +85,9 @@ def test_forward_bench_reports_a_failed_torch_compile(monkeypatch):
 
 def test_train_bench_smoke():
     args = ("--batch", "4", "--steps", "2", "--remat", "--frame-chunk", "8", "--last-block", "all")
-    (row,) = run_script("benchmarks/train_bench.py", *args)
+    (row,) = run_script("benchmarks/train_bench.py", *args, "--freeze", "blocks_0")
     assert row["model"] == "stam_tiny" and row["remat"] is True and row["frames_per_step"] == 8
-    assert row["last_block"] == "all"
+    assert row["last_block"] == "all" and row["freeze"] == "blocks_0"
     assert row["steps_per_s"] > 0 and row["tflop_per_step"] >= 0 and row["peak_rss_MiB"] > 0
     assert row["flop_source"] == "xla" and row["gflop_per_step"] > 0
     assert 0 < row["loss"] < 10

@@ -237,6 +237,11 @@ def test_refusals_and_non_finite_stop(train_root, cache, uninterrupted, tmp_path
     with pytest.raises(TrainConfigError, match=r"--config.data.crop=300 is larger than --config"):
         train_and_evaluate(config, tmp_path / "c")
     config = tiny_config(train_root)
+    config.train.freeze = "vit,block_0"  # refused before the data is listed or the workdir made
+    with pytest.raises(TrainConfigError, match="'block_0' matches no param of this model; use "):
+        train_and_evaluate(config, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    config = tiny_config(train_root)
     config.frame_chunk = 3
     chunk = "--config.frame_chunk: frame_chunk=3 does not divide the batch's 16 frames"
     with pytest.raises(TrainConfigError, match=re.escape(chunk)):
@@ -807,7 +812,9 @@ def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(tra
         "train.distill_temperature": 2.0,
         "train.distill_weight": 0.25,
         "train.ema_decay": 0.99,
+        "train.freeze": "vit",
         "train.grad_clip": 0.5,
+        "train.layer_decay": 0.75,
         "train.label_smoothing": 0.0,
         "train.loss_scale_initial": 1024.0,
         "train.loss_scale_period": 100,
@@ -1492,3 +1499,39 @@ def test_the_training_rate_leaves_out_evaluation_time_whatever_the_cadences(
         (row["step"], row["steps_per_s"], row["videos_per_s"]) for row in rows if "loss" in row
     ]
     assert rates == [(3, 1.0, 4.0), (6, 1.0, 4.0), (7, 1.0, 4.0)]
+
+
+def test_a_run_with_a_frozen_vit_resumes_exactly_and_keeps_the_vit(train_root, tmp_path):
+    # The optimizer state then holds nothing for the frozen params (optax.MaskedNode in its
+    # tree): orbax must save and restore it as it is. Layer decay rides along.
+    import flax
+
+    from stam_jax.train import train_and_evaluate
+    from stam_jax.train_step import frozen_paths
+
+    config = tiny_config(train_root, freeze="vit", layer_decay=0.5, accumulate=2)
+    config.train.update(steps=4, save_every=2, warmup_steps=0)
+    init = tmp_path / "init"
+    checkpoints.save(init, create_model("stam_tiny"), init_params(4))
+    config.checkpoint = str(init)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_and_evaluate(config, straight)
+    shutil.copytree(straight, resumed)
+    for name in ("final", "final_ema"):
+        shutil.rmtree(resumed / name)
+    for saved in (resumed / "checkpoints").iterdir():
+        if saved.name != "2":
+            shutil.rmtree(saved)
+    result = train_and_evaluate(config, resumed)
+    assert result["resumed_from"] == 2
+    frozen = frozen_paths(config.train, init_params(4))
+    for which in (0, 1):  # the params, then their EMA
+        ended = flax.traverse_util.flatten_dict(final_params(straight)[which])
+        again = flax.traverse_util.flatten_dict(final_params(resumed)[which])
+        start = flax.traverse_util.flatten_dict(init_params(4))
+        for path, value in ended.items():
+            np.testing.assert_array_equal(again[path], value, err_msg=str(path))
+            if path in frozen:
+                np.testing.assert_array_equal(value, start[path], err_msg=str(path))
+            else:
+                assert not np.array_equal(value, start[path]), path

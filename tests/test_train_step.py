@@ -426,3 +426,148 @@ def test_the_schedule_may_be_a_constant_rate():
     assert metrics["learning_rate"].shape == ()
     with pytest.raises(TypeError, match=r"schedule='1e-3': pass the learning-rate schedule"):
         make_train_step(model, tx, "1e-3", config.train, 0, 10)
+
+
+def _split_frozen(tree, frozen):
+    flat = flax.traverse_util.flatten_dict(tree)
+    return (
+        {k: v for k, v in flat.items() if k in frozen},
+        {k: v for k, v in flat.items() if k not in frozen},
+    )
+
+
+def test_a_frozen_vit_gets_no_update_no_optimizer_state_and_no_backward():
+    from stam_jax.train_step import frozen_paths
+
+    plain = dict(grad_clip=0.0, steps=10, warmup_steps=0, learning_rate=1e-2)
+    config = base_config("stam_tiny").train
+    config.update(freeze="vit", **plain)
+    frozen = frozen_paths(config, initial_params())
+    assert {path[0] for path in frozen} == {
+        "patch_embed",
+        "cls_token",
+        "pos_embed",
+        "blocks_0",
+        "blocks_1",
+        "norm",
+    }
+    steps, states = {}, {}
+    for freeze in ("vit", ""):
+        steps[freeze], state, *batch = setup(freeze=freeze, **plain)
+        states[freeze] = (state, steps[freeze](state, *batch)[0])
+    (start, after), (_, unfrozen) = states["vit"], states[""]
+    held, trained = _split_frozen(after.params, frozen)
+    # Bit for bit where they were, and their EMA with them.
+    chex.assert_trees_all_equal(held, _split_frozen(start.params, frozen)[0])
+    chex.assert_trees_all_equal(_split_frozen(after.ema_params, frozen)[0], held)
+    # The trained params take the step they take without freezing (their gradients are the
+    # same; AdamW's first step is about lr * sign(gradient) each, plus weight decay).
+    before = _split_frozen(start.params, frozen)[1]
+    moved = {k: trained[k] - before[k] for k in trained}
+    reference = {k: v - before[k] for k, v in _split_frozen(unfrozen.params, frozen)[1].items()}
+    assert max(float(np.abs(moved[k]).max()) for k in moved) > 5e-3  # they moved
+    chex.assert_trees_all_close(moved, reference, atol=1e-6)
+    # AdamW holds two moments per trained param and nothing for the frozen ones.
+    moments = sum(x.size for x in jax.tree.leaves(start.opt_state) if x.ndim)
+    assert moments == 2 * sum(x.size for x in trained.values())
+    # No backward pass through the frozen ViT: the step costs about one forward, where the
+    # whole model's step costs three.
+    model = create_model("stam_tiny", **NO_DROPOUT)
+    videos, labels, weights = batch
+    forward = jax.jit(model.apply).lower({"params": start.params}, videos).cost_analysis()
+    ratio = {}
+    for freeze in ("vit", ""):
+        lowered = steps[freeze].lower(states[freeze][0], videos, labels, weights)
+        ratio[freeze] = lowered.cost_analysis()["flops"] / forward["flops"]
+    assert 1 < ratio["vit"] < 1.4 and 2.5 < ratio[""] < 3.5, ratio  # measured: 1.17, 2.79
+
+
+def test_frozen_params_under_accumulation_and_one_s_own_optimizer():
+    # With accumulation the optimizer's sums hold the trained params only, and the EMA still
+    # follows the updates. An optimizer of one's own that decays every param (it knows nothing
+    # of train.freeze) still leaves the frozen ones where they were.
+    from stam_jax.train_step import frozen_paths
+
+    settings = dict(freeze="blocks_0,head", steps=10, warmup_steps=0, learning_rate=1e-2)
+    step, state, *batch = setup(accumulate=2, **settings)
+    frozen = frozen_paths(_train(settings), initial_params())
+    first = step(state, *batch)[0]
+    second = step(first, *batch)[0]
+    chex.assert_trees_all_equal(first.params, state.params)  # the first of 2 batches: summed
+    chex.assert_trees_all_equal(first.ema_params, state.ema_params)
+    held, trained = _split_frozen(second.params, frozen)
+    chex.assert_trees_all_equal(held, _split_frozen(state.params, frozen)[0])
+    assert all(
+        not np.array_equal(v, _split_frozen(state.params, frozen)[1][k]) for k, v in trained.items()
+    )
+    own = optax.adamw(1e-2, weight_decay=0.5)  # decays everything, frozen params included
+    step, state, *batch = setup(wrap=lambda tx: own, **settings)
+    after = step(state, *batch)[0]
+    chex.assert_trees_all_equal(
+        _split_frozen(after.params, frozen)[0], _split_frozen(state.params, frozen)[0]
+    )
+
+
+def _train(settings):
+    train = base_config("stam_tiny").train
+    train.update(settings)
+    return train
+
+
+def test_layer_decay_scales_each_vit_layer_s_updates():
+    # SGD without momentum or decay: the update is -lr * gradient, times the layer's factor
+    # (powers of 2 here, so exactly). stam_tiny has 2 blocks: block 1 at 0.5, block 0 at 0.25,
+    # the embeddings at 0.125; the ViT's final norm, the temporal transformer and the head at 1.
+    params = initial_params()
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.5, np.float32), params)
+    plain = dict(
+        optimizer="sgd", momentum=0.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0, steps=10
+    )
+    updates = {}
+    for decay in (1.0, 0.5):
+        tx, _ = make_optimizer(_train({**plain, "layer_decay": decay}), params)
+        updates[decay] = flax.traverse_util.flatten_dict(
+            tx.update(grads, tx.init(params), params)[0], sep="/"
+        )
+    factor = {"blocks_1": 0.5, "blocks_0": 0.25, "patch_embed": 0.125}
+    factor |= {"cls_token": 0.125, "pos_embed": 0.125}
+    for path, update in updates[0.5].items():
+        expected = updates[1.0][path] * factor.get(path.split("/")[0], 1.0)
+        np.testing.assert_array_equal(update, expected, err_msg=path)
+    assert float(np.abs(updates[1.0]["head/kernel"]).max()) > 0
+
+
+def test_freeze_and_layer_decay_are_refused_naming_the_fix():
+    from stam_jax.train_step import check_train_config, frozen_paths
+
+    params = initial_params()
+    with pytest.raises(TrainConfigError) as refused:
+        frozen_paths(_train({"freeze": "vit, blocks_9"}), params)
+    assert str(refused.value) == (
+        "train.freeze='vit, blocks_9': 'blocks_9' matches no param of this model; use 'vit' or "
+        "'temporal', or patterns over param paths such as 'blocks_[0-5]' or 'blocks_*/attn' "
+        "(its top-level params: aggregate, blocks_0, blocks_1, cls_token, head, norm, "
+        "patch_embed, pos_embed); fix --config.train.freeze."
+    )
+    with pytest.raises(TrainConfigError, match=r"freezes every param of the model: nothing "):
+        frozen_paths(_train({"freeze": "vit,temporal,head"}), params)
+    for value in (0.0, 1.5, -0.75):
+        with pytest.raises(
+            TrainConfigError, match=rf"^train.layer_decay={value}: must be in \(0, 1\] \(1: off"
+        ):
+            check_train_config(_train({"layer_decay": value}))
+    train = base_config("stam_tiny").train
+    train.freeze = None  # ml_collections allows None in a str field
+    with pytest.raises(TrainConfigError, match=r"^train.freeze=None: give names or patterns "):
+        check_train_config(train)
+    # Patterns by path: a whole block, a part of every block, a leading part of a path only.
+    assert {p[:2] for p in frozen_paths(_train({"freeze": "blocks_*/attn"}), params)} == {
+        ("blocks_0", "attn"),
+        ("blocks_1", "attn"),
+    }
+    assert frozen_paths(_train({"freeze": "head"}), params) == {
+        ("head", "bias"),
+        ("head", "kernel"),
+    }
+    with pytest.raises(TrainConfigError, match="'head/ker' matches no param"):
+        frozen_paths(_train({"freeze": "head/ker"}), params)
