@@ -56,6 +56,7 @@ from stam_jax.train_step import (
     check_param_dtype,
     check_train_config,
     frozen_paths,
+    frozen_summary,
     initial_state,
     loss_scaled,
     make_optimizer,
@@ -390,8 +391,10 @@ def _train_and_evaluate(
         manager = manager or _checkpoint_manager(workdir, train)
         write_run_record(config, workdir, folder)
         if jax.process_index() == 0:
+            frozen = frozen_summary(train, params)
+            report = f"{report}\n{frozen}" if frozen else report
             (workdir / "init_report.txt").write_text(report + "\n" + listing)
-            if config.checkpoint:
+            if config.checkpoint or frozen:
                 print(report, flush=True)
         tx, schedule = make_optimizer(train, params)
         state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(

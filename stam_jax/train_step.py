@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -169,6 +170,30 @@ def frozen_paths(train: Any, params: Any) -> frozenset[tuple[str, ...]]:
             "train; fix --config.train.freeze."
         )
     return frozenset(frozen)
+
+
+def frozen_summary(train: Any, params: Any) -> str:
+    """One line saying what `train.freeze` holds fixed ('' when nothing), for the run's start.
+
+    Raises:
+      TrainConfigError: as `frozen_paths`.
+    """
+    frozen = frozen_paths(train, params)
+    if not frozen:
+        return ""
+    flat = flax.traverse_util.flatten_dict(params)
+
+    def millions(paths: Any) -> str:
+        return f"{sum(math.prod(flat[path].shape) for path in paths) / 1e6:.2f}M"
+
+    parts = sorted(  # blocks_2 before blocks_10
+        {path[0] for path in frozen},
+        key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)],
+    )
+    return (
+        f"train.freeze={train.freeze!r}: {len(frozen)} of {len(flat)} tensors held fixed "
+        f"({millions(frozen)} of {millions(flat)} params), in {', '.join(parts)}"
+    )
 
 
 def layer_scales(train: Any, params: Any) -> Any:

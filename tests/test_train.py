@@ -1524,6 +1524,11 @@ def test_a_run_with_a_frozen_vit_resumes_exactly_and_keeps_the_vit(train_root, t
             shutil.rmtree(saved)
     result = train_and_evaluate(config, resumed)
     assert result["resumed_from"] == 2
+    # The report says what is frozen, after where each tensor came from and before the list.
+    assert (
+        "\ntrain.freeze='vit': 30 of 60 tensors held fixed (0.02M of 0.04M params), in "
+        "blocks_0, blocks_1, cls_token, norm, patch_embed, pos_embed\n\nevery tensor, by name:\n"
+    ) in (straight / "init_report.txt").read_text()
     frozen = frozen_paths(config.train, init_params(4))
     for which in (0, 1):  # the params, then their EMA
         ended = flax.traverse_util.flatten_dict(final_params(straight)[which])
