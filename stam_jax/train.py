@@ -391,10 +391,8 @@ def _train_and_evaluate(
         manager = manager or _checkpoint_manager(workdir, train)
         write_run_record(config, workdir, folder)
         if jax.process_index() == 0:
-            frozen = frozen_summary(train, params)
-            report = f"{report}\n{frozen}" if frozen else report
             (workdir / "init_report.txt").write_text(report + "\n" + listing)
-            if config.checkpoint or frozen:
+            if config.checkpoint or train.freeze:
                 print(report, flush=True)
         tx, schedule = make_optimizer(train, params)
         state = jax.jit(lambda p: initial_state(model, tx, train, p), out_shardings=replicated)(
@@ -699,6 +697,25 @@ def _initial_params(model: STAM, config: Any, video: np.ndarray) -> tuple[Any, s
         if std > 0 and "aggregate" in params and "pos_embed" in params["aggregate"]:
             params = redraw_temporal_pos_embed(params, std)
             report.append(f"aggregate/pos_embed: drawn with std {std}")
+    frozen = frozen_summary(config.train, params)
+    if frozen:
+        report.append(frozen)
+        # A frozen tensor that no checkpoint gave (a head re-initialised for another class
+        # count, a new temporal transformer, no checkpoint at all) keeps its random values.
+        loaded = ("copied", "resampled")
+        random = sorted(
+            "/".join(path)
+            for path in frozen_paths(config.train, params)
+            if not sources.get("/".join(path), "").startswith(loaded)
+        )
+        if random:
+            shown = ", ".join(random[:3]) + (
+                f" and {len(random) - 3} more" if len(random) > 3 else ""
+            )
+            report.append(
+                f"warning: train.freeze holds {len(random)} tensors that no checkpoint gave "
+                f"({shown}): they stay at their random initial values"
+            )
     source = config.checkpoint or "fresh"
     name = variant_name(model) or "a custom STAM"
     listing = "".join(f"  {path}: {how}\n" for path, how in sorted(sources.items()))

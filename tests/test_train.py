@@ -1540,3 +1540,34 @@ def test_a_run_with_a_frozen_vit_resumes_exactly_and_keeps_the_vit(train_root, t
                 np.testing.assert_array_equal(value, start[path], err_msg=str(path))
             else:
                 assert not np.array_equal(value, start[path]), path
+
+
+def test_freezing_tensors_no_checkpoint_gave_is_warned_of(train_root, tmp_path):
+    # A head re-initialised for another class count, or no checkpoint at all: frozen, those
+    # tensors would keep their random values, which the start's report says.
+    from stam_jax.train import _initial_params
+
+    model = create_model("stam_tiny")
+    video = np.zeros((1, 4, 32, 32, 3), np.uint8)
+    three = create_model("stam_tiny", num_classes=3)
+    checkpoints.save(tmp_path / "init", three, three.init(jax.random.key(0), video)["params"])
+    config = tiny_config(train_root, freeze="vit,head")
+    config.checkpoint = str(tmp_path / "init")
+    report = _initial_params(model, config, video)[1].splitlines()
+    assert report[-2].startswith("train.freeze='vit,head': 32 of 60 tensors held fixed (")
+    assert report[-1] == (
+        "warning: train.freeze holds 2 tensors that no checkpoint gave (head/bias, head/kernel): "
+        "they stay at their random initial values"
+    )
+    config.checkpoint = ""
+    report = _initial_params(model, config, video)[1].splitlines()
+    assert report[-1] == (
+        "warning: train.freeze holds 32 tensors that no checkpoint gave (blocks_0/attn/proj/bias, "
+        "blocks_0/attn/proj/kernel, blocks_0/attn/qkv/bias and 29 more): they stay at their "
+        "random initial values"
+    )
+    config.train.freeze = "vit"  # the ViT copied: nothing to warn of
+    config.checkpoint = str(tmp_path / "init")
+    assert not any(
+        "warning" in line for line in _initial_params(model, config, video)[1].split("\n")
+    )
