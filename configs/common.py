@@ -60,6 +60,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.average = "logits"  # multi-view: average 'logits' or 'softmax' per video
+    # WORKDIR/features.npz beside the predictions: 'video' (the head's input, views averaged),
+    # 'frames' (that and each view's per-frame ViT features), or '' (none).
+    config.eval.features = ""
 
     # Multi-host: every process runs the same command with its own process_id.
     config.distributed = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -291,23 +292,53 @@ def _class_count_message(config: Any, folder: VideoFolder, model: STAM, prepared
     )
 
 
+FEATURES = ("", "video", "frames")  # eval.features: none, the video feature, and per frame
+
+
+def feature_width(model: STAM, views: int, features: str) -> int:
+    """How many float32 values `features` (`eval.features`) gives per video: the video feature
+    (the head's input, its views averaged), then for 'frames' each view's per-frame features
+    (views x T x the ViT's width)."""
+    if not features:
+        return 0
+    temporal = model.temporal_hidden_size or model.hidden_size
+    width = temporal if model.aggregate == "transformer" else model.hidden_size
+    if features == "frames":
+        width += views * model.num_frames * model.hidden_size
+    return width
+
+
 def _forward_fn(
-    model: STAM, average: str
-) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+    model: STAM, average: str, features: str = ""
+) -> Callable[[Any, jax.Array], tuple[jax.Array, ...]]:
     """The forward over `(batch, views, frames, H, W, 3)` videos, views averaged per video.
 
     It returns the mean logits and the ranking scores: the mean logits again for `average`
-    'logits', the mean of the views' softmax for 'softmax'.
+    'logits', the mean of the views' softmax for 'softmax'. With `features` ('video' or
+    'frames') a third output holds each video's features, float32 `(batch, width)` (see
+    `feature_width`).
     """
 
-    def forward(params: Any, videos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def forward(params: Any, videos: jax.Array) -> tuple[jax.Array, ...]:
         b, v = videos.shape[:2]
-        logits = model.apply({"params": params}, videos.reshape((b * v, *videos.shape[2:])))
+        flat = videos.reshape((b * v, *videos.shape[2:]))
+        if features:
+            logits, state = model.apply({"params": params}, flat, mutable=["intermediates"])
+        else:
+            logits, state = model.apply({"params": params}, flat), {}
         logits = logits.reshape(b, v, -1)
         mean_logits = logits.mean(axis=1)
+        scores = mean_logits
         if average == "softmax":
-            return mean_logits, jax.nn.softmax(logits, axis=-1).mean(axis=1)
-        return mean_logits, mean_logits
+            scores = jax.nn.softmax(logits, axis=-1).mean(axis=1)
+        if not features:
+            return mean_logits, scores
+        found = state["intermediates"]
+        video = found["video_features"][0].astype(jnp.float32).reshape(b, v, -1).mean(axis=1)
+        values = [video]
+        if features == "frames":
+            values.append(found["frame_features"][0].astype(jnp.float32).reshape(b, -1))
+        return mean_logits, scores, jnp.concatenate(values, axis=1)
 
     return forward
 
@@ -421,6 +452,12 @@ def _evaluate(
     config_model = _config_model(config)
     if config.eval.average not in ("logits", "softmax"):
         raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
+    features = config.eval.get("features", "")
+    if features not in FEATURES:
+        raise EvalConfigError(
+            f"--config.eval.features={features!r}; use 'video' (each video's feature, the "
+            "head's input), 'frames' (that and every frame's ViT feature) or '' (none)."
+        )
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
     sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
@@ -433,6 +470,7 @@ def _evaluate(
             raise EvalConfigError(str(e)) from None
         model, stored = _load_model(config, config_model)
         spec = _clip_spec(config, model)
+        width = feature_width(model, spec.num_views, features)
         try:
             model.frames_per_step(config.batch_size * spec.num_views * model.num_frames)
         except ValueError as e:
@@ -492,6 +530,7 @@ def _evaluate(
                 lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
                 f"--workdir={workdir}",
                 len(folder.items),
+                width,
             )
         except partial.PartialError as e:
             raise EvalConfigError(str(e)) from None
@@ -536,6 +575,7 @@ def _evaluate(
             pid,
             model.num_classes,
             lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
+            width,
         )
     try:
         params = sharding.put_replicated(
@@ -544,9 +584,9 @@ def _evaluate(
         batch_shape = (config.batch_size, spec.num_views, spec.num_frames, spec.crop, spec.crop, 3)
         batch_sharding = sharding.batch_sharded(mesh)
         forward = jax.jit(
-            _forward_fn(model, config.eval.average),
+            _forward_fn(model, config.eval.average, features),
             in_shardings=(sharding.replicated(mesh), batch_sharding),
-            out_shardings=(batch_sharding, batch_sharding),
+            out_shardings=(batch_sharding,) * (3 if features else 2),
         )
         compile_start = time.perf_counter()
         abstract = jax.ShapeDtypeStruct(batch_shape, np.uint8, sharding=batch_sharding)
@@ -573,9 +613,10 @@ def _evaluate(
         [kept.logits, *local[1]],
         [kept.scores, *local[2]],
         {**kept.skipped, **local[3]},
+        [kept.features, *local[4]],
     )
     sizes = sharding.allgather_json([len(local[0]), evaluated_here])
-    all_pos, all_logits, all_scores, all_outcomes = _gather(
+    all_pos, all_logits, all_scores, all_outcomes, all_features = _gather(
         *local, max(size for size, _ in sizes), model.num_classes
     )
     evaluated_here = sum(here for _, here in sizes)
@@ -585,6 +626,7 @@ def _evaluate(
     order = np.argsort(all_pos[keep], kind="stable")
     done_pos = all_pos[keep][order]
     logits, scores = all_logits[keep][order], all_scores[keep][order]
+    values = all_features[keep][order]
     # NaN/Inf logits (non-finite weights, a float16 overflow) are no prediction: such videos
     # are listed apart and left out, where an argmax would have called them class 0.
     finite = np.isfinite(logits).all(axis=1)
@@ -597,6 +639,7 @@ def _evaluate(
         for p in done_pos[~finite].tolist()
     ]
     done_pos, logits, scores = done_pos[finite], logits[finite], scores[finite]
+    values = values[finite]
     labels = np.array([folder.items[p].label for p in done_pos], np.int64)
     metrics = _metrics(labels, scores, model.num_classes)
 
@@ -647,6 +690,8 @@ def _evaluate(
         with new_folders_removed_on_failure(workdir):  # made now when not claimed at the start
             workdir.mkdir(parents=True, exist_ok=True)
             _write(workdir, results, folder, done_pos, labels, logits, scores)
+            if features:
+                _write_features(workdir, folder, done_pos, labels, values, model, spec, features)
     if nproc > 1:  # the kept results go once process 0 has written (a failure there keeps them)
         sharding.allgather_json(None)
     if resumable:
@@ -708,14 +753,16 @@ def _run_loop(
     progress: Any,
     journal: partial.Journal | None = None,
 ) -> tuple[
-    tuple[list[int], list[np.ndarray], list[np.ndarray], dict[int, dict[str, Any]]],
+    tuple[
+        list[int], list[np.ndarray], list[np.ndarray], dict[int, dict[str, Any]], list[np.ndarray]
+    ],
     float | None,
     float,
 ]:
     """Feeds `steps` global batches of the `Decoded` items (positions: listing indices).
 
-    Returns this process's (positions, logits, scores, outcomes), when the first batch was
-    dispatched, and the seconds spent waiting for input after it.
+    Returns this process's (positions, logits, scores, outcomes, features), when the first
+    batch was dispatched, and the seconds spent waiting for input after it.
 
     Rows of a batch that hold no video (the end of the list, or a video that failed) are zeros
     and are ignored when results are collected, so every video counts exactly once. Each
@@ -727,6 +774,7 @@ def _run_loop(
     done: list[int] = []
     logits: list[np.ndarray] = []
     scores: list[np.ndarray] = []
+    features: list[np.ndarray] = []
     pending, first_batch_at, waited = None, None, 0.0
     skipped: dict[int, dict[str, Any]] = {}  # since the last append to the journal
     for _ in range(steps):
@@ -748,13 +796,13 @@ def _run_loop(
         outputs = compiled(params, sharding.to_global(local, batch_sharding))
         first_batch_at = first_batch_at or time.perf_counter()
         if pending is not None:  # fetch the previous step while this one runs
-            _collect(pending, done, logits, scores, journal, skipped)
+            _collect(pending, done, logits, scores, features, journal, skipped)
             skipped = {}
         pending = (filled, outputs)
         progress.update(1)
     if pending is not None:
-        _collect(pending, done, logits, scores, journal, skipped)
-    return (done, logits, scores, outcomes), first_batch_at, waited
+        _collect(pending, done, logits, scores, features, journal, skipped)
+    return (done, logits, scores, outcomes, features), first_batch_at, waited
 
 
 def _gather(
@@ -762,11 +810,18 @@ def _gather(
     logits: list[np.ndarray],
     scores: list[np.ndarray],
     outcomes: dict[int, dict[str, Any]],
+    features: list[np.ndarray],
     size: int,
     num_classes: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, dict[str, Any]], np.ndarray]:
     """Every process's results, padded to `size` rows (the most any process has), gathered."""
     pad = size - len(done)
+    width = features[0].shape[1]  # the kept ones' (rows, width), maybe no rows
+    all_features = np.concatenate([*features, np.zeros((pad, width), np.float32)])
+    if width:  # (none to gather where no features are exported)
+        all_features = _allgather_rows(all_features)
+    else:
+        all_features = np.zeros((size * jax.process_count(), 0), np.float32)
     all_pos = _allgather_rows(np.array(done + [-1] * pad, np.int64))
     all_logits = _allgather_rows(
         np.concatenate([*logits, np.zeros((pad, num_classes), np.float32)])
@@ -777,27 +832,33 @@ def _gather(
     all_outcomes: dict[int, dict[str, Any]] = {}
     for part in sharding.allgather_json({str(k): v for k, v in outcomes.items()}):
         all_outcomes.update({int(k): v for k, v in part.items()})
-    return all_pos, all_logits, all_scores, all_outcomes
+    return all_pos, all_logits, all_scores, all_outcomes, all_features
 
 
 def _collect(
-    pending: tuple[np.ndarray, tuple[jax.Array, jax.Array]],
+    pending: tuple[np.ndarray, tuple[jax.Array, ...]],
     positions: list[int],
     logits: list[np.ndarray],
     scores: list[np.ndarray],
+    features: list[np.ndarray],
     journal: partial.Journal | None = None,
     skipped: dict[int, dict[str, Any]] | None = None,
 ) -> None:
-    """Appends a step's kept rows (`filled` >= 0) of its outputs to the lists, as float32,
-    and to `journal` with the videos `skipped` since its last append."""
-    filled, (mean_logits, ranked) = pending
-    mean_logits, ranked = sharding.local_rows(mean_logits), sharding.local_rows(ranked)
+    """Appends a step's kept rows (`filled` >= 0) of its outputs (logits, scores, and the
+    features when there are any) to the lists, as float32, and to `journal` with the videos
+    `skipped` since its last append."""
+    filled, outputs = pending
+    mean_logits, ranked = sharding.local_rows(outputs[0]), sharding.local_rows(outputs[1])
     keep = filled >= 0
     positions += filled[keep].tolist()
     logits.append(mean_logits[keep].astype(np.float32))
     scores.append(ranked[keep].astype(np.float32))
+    if len(outputs) > 2:
+        features.append(sharding.local_rows(outputs[2])[keep].astype(np.float32))
+    else:
+        features.append(np.zeros((int(keep.sum()), 0), np.float32))
     if journal is not None:
-        journal.add(filled[keep], logits[-1], scores[-1], skipped or {})
+        journal.add(filled[keep], logits[-1], scores[-1], skipped or {}, features[-1])
 
 
 def _finite(value: Any) -> Any:
@@ -834,6 +895,36 @@ def _write(
                 "logits": [float(x) for x in row],
             }
             f.write(json.dumps(_finite(line), allow_nan=False) + "\n")
+
+
+def _write_features(
+    workdir: Path,
+    folder: VideoFolder,
+    positions: np.ndarray,
+    labels: np.ndarray,
+    values: np.ndarray,
+    model: STAM,
+    spec: ClipSpec,
+    features: str,
+) -> None:
+    """Writes `features.npz`: the videos of `predictions.jsonl`, in its order (`path`, relative
+    to the root, and `label`), their video features `video` (views averaged) and, for
+    'frames', `frames` (videos, views, T, the ViT's width). Written beside and renamed, so the
+    file is either whole or not there."""
+    width = feature_width(model, spec.num_views, "video")
+    arrays = {
+        "path": np.array([folder.items[int(p)].path for p in positions], dtype=str),
+        "label": labels,
+        "video": values[:, :width],
+    }
+    if features == "frames":
+        shape = (len(positions), spec.num_views, model.num_frames, model.hidden_size)
+        arrays["frames"] = values[:, width:].reshape(shape)
+    target = workdir / "features.npz"
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, target)
 
 
 def _percent(value: float | None) -> str:

@@ -6,8 +6,8 @@ crash, a killed process, a preempted machine) leaves there the videos it finishe
 command evaluates only the others. Process K's files:
 
 - `pK.json`: what the results are of (the settings that decide a video's logits), written first;
-- `pK.bin`: fixed-size records (the video's listing position, its logits, its ranking scores
-  and a CRC-32 of them), appended a batch at a time;
+- `pK.bin`: fixed-size records (the video's listing position, its logits, its ranking scores,
+  its features when the run exports them, and a CRC-32 of them), appended a batch at a time;
 - `pK.skipped.jsonl`: the videos that could not be evaluated (too short, failed), one a line
   (with a CRC-32 of its position, status and reason).
 
@@ -48,13 +48,16 @@ class PartialError(ValueError):
     """Kept results that this run cannot continue; the message says what to do."""
 
 
-def record_dtype(num_classes: int, version: int = FORMAT) -> np.dtype:
-    """One video's record in `pK.bin` (format 2: with the CRC-32 of the fields before it)."""
-    fields = [
+def record_dtype(num_classes: int, version: int = FORMAT, features: int = 0) -> np.dtype:
+    """One video's record in `pK.bin` (format 2: with the CRC-32 of the fields before it),
+    with its `features` float32 values when there are any (`eval.features`)."""
+    fields: list[tuple[Any, ...]] = [
         ("position", "<i8"),
         ("logits", "<f4", (num_classes,)),
         ("scores", "<f4", (num_classes,)),
     ]
+    if features:
+        fields.append(("features", "<f4", (features,)))
     return np.dtype([*fields, ("crc", "<u4")] if version >= 2 else fields)
 
 
@@ -79,22 +82,30 @@ def _intact(records: np.ndarray) -> np.ndarray:
 @dataclass
 class Kept:
     """Results kept by earlier runs: positions (listing indices), their logits and scores
-    (float32, one row each), and the videos that could not be evaluated (position ->
-    {'status', 'reason'})."""
+    (float32, one row each), the videos that could not be evaluated (position ->
+    {'status', 'reason'}), and the features of each row (float32; no columns when the run
+    exports none)."""
 
     positions: np.ndarray
     logits: np.ndarray
     scores: np.ndarray
     skipped: dict[int, dict[str, str]] = field(default_factory=dict)
+    features: np.ndarray | None = None  # None: (rows, 0)
+
+    def __post_init__(self) -> None:
+        if self.features is None:
+            self.features = np.zeros((len(self.positions), 0), np.float32)
 
     def without(self, positions: set[int]) -> Kept:
         """These results but those of `positions` (kept by another process as well)."""
         mine = ~np.isin(self.positions, list(positions))
+        assert self.features is not None
         return Kept(
             self.positions[mine],
             self.logits[mine],
             self.scores[mine],
             {p: s for p, s in self.skipped.items() if p not in positions},
+            self.features[mine],
         )
 
 
@@ -186,9 +197,8 @@ def _read_part(
     """One process's files `name.*`: their settings, intact records, skipped videos, and how
     many records and how many lines were damaged (left out)."""
     meta = _header(folder / f"{name}.json")
-    records = _records(
-        folder / f"{name}.bin", record_dtype(int(meta["num_classes"]), meta["format"])
-    )
+    dtype = record_dtype(int(meta["num_classes"]), meta["format"], int(meta.get("features", 0)))
+    records = _records(folder / f"{name}.bin", dtype)
     intact = _intact(records)
     damaged_lines = 0
     lines = folder / f"{name}.skipped.jsonl"
@@ -221,6 +231,7 @@ def read_kept(
     settings: Callable[[], dict[str, Any]],
     workdir_flag: str,
     videos: int | None = None,
+    features: int = 0,
 ) -> Kept:
     """The results kept in `folder` for this process to carry (see the module docstring).
 
@@ -233,6 +244,7 @@ def read_kept(
         pair.
       workdir_flag: how the workdir was given, for messages (e.g. '--workdir=out').
       videos: the videos listed; a kept one outside them means damaged files.
+      features: the float32 values each video's record holds besides its logits (0: none).
 
     Raises:
       PartialError: the kept results are of other settings, or their description cannot be
@@ -242,6 +254,7 @@ def read_kept(
         np.zeros(0, np.int64),
         np.zeros((0, num_classes), np.float32),
         np.zeros((0, num_classes), np.float32),
+        features=np.zeros((0, features), np.float32),
     )
     if folder is None or not folder.is_dir():
         return empty
@@ -254,6 +267,7 @@ def read_kept(
         f"from the start (or give another --workdir)"
     )
     positions, logits, scores, skipped = [empty.positions], [empty.logits], [empty.scores], {}
+    values = [empty.features]
     for k in ks:
         try:
             kept_settings, records, part_skipped, damaged = _read_part(folder, f"p{k}")
@@ -265,8 +279,11 @@ def read_kept(
             ) from None
         differ = _differences(kept_settings, now)
         classes = records.dtype["logits"].shape[0]
+        width = records.dtype["features"].shape[0] if "features" in records.dtype.names else 0
         if not differ and classes != num_classes:  # the settings say so first
             differ = [f"the model's classes: {classes} then, {num_classes} now"]
+        if not differ and width != features:
+            differ = [f"the features per video: {width} values then, {features} now"]
         if differ:
             raise PartialError(
                 f"{workdir_flag} holds the results of an interrupted evaluation with other "
@@ -282,6 +299,7 @@ def read_kept(
         positions.append(records["position"])
         logits.append(records["logits"])
         scores.append(records["scores"])
+        values.append(records["features"] if width else np.zeros((len(records), 0), np.float32))
         skipped.update(part_skipped)
     all_positions = np.concatenate(positions)
     named = np.concatenate([all_positions, np.fromiter(skipped, np.int64, len(skipped))])
@@ -301,6 +319,7 @@ def read_kept(
         np.concatenate(logits)[first],
         np.concatenate(scores)[first],
         {p: s for p, s in skipped.items() if p not in evaluated},
+        np.concatenate(values)[first],
     )
 
 
@@ -317,11 +336,12 @@ class Journal:
         process: int,
         num_classes: int,
         settings: Callable[[], dict[str, Any]],
+        features: int = 0,
     ) -> None:
         self.folder, self.name = folder, f"p{process}"
-        self.num_classes = num_classes
+        self.num_classes, self.features = num_classes, features
         self.format = FORMAT  # or the format already there
-        self.dtype = record_dtype(num_classes)
+        self.dtype = record_dtype(num_classes, features=features)
         self._settings = settings
         self._ready = False
         self.failed = ""  # why results could not be kept (then none are kept any more)
@@ -334,9 +354,11 @@ class Journal:
         header = self.folder / f"{self.name}.json"
         if header.exists():  # read by this run already (`read_kept`): same settings
             self.format = _header(header)["format"]
-            self.dtype = record_dtype(self.num_classes, self.format)
+            self.dtype = record_dtype(self.num_classes, self.format, self.features)
         else:
             meta = {"format": FORMAT, "num_classes": self.num_classes, "settings": self._settings()}
+            if self.features:
+                meta["features"] = self.features
             tmp = header.with_name(header.name + ".tmp")
             tmp.write_text(json.dumps(meta) + "\n")
             os.replace(tmp, header)  # a half-written description is never read
@@ -357,8 +379,10 @@ class Journal:
         logits: np.ndarray,
         scores: np.ndarray,
         skipped: Mapping[int, Mapping[str, str]],
+        features: np.ndarray | None = None,
     ) -> None:
-        """Appends finished videos and skipped ones, each file in one write.
+        """Appends finished videos (with their `features` rows when the journal keeps
+        features) and skipped ones, each file in one write.
 
         Results that cannot be kept (a full disk, a folder that went away) do not stop the
         run: a warning says so once, and nothing more is kept.
@@ -371,6 +395,8 @@ class Journal:
             if len(positions):
                 rows = np.zeros(len(positions), self.dtype)
                 rows["position"], rows["logits"], rows["scores"] = positions, logits, scores
+                if self.features:
+                    rows["features"] = features
                 if "crc" in self.dtype.names:
                     rows["crc"] = _checksums(rows)
                 with open(self._path(".bin"), "ab") as f:

@@ -30,7 +30,7 @@ from configs.tiny import get_config
 from stam_jax import checkpoints, create_model
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.data.video import ClipSpec, load_views
-from stam_jax.evaluate import EvalConfigError, evaluate
+from stam_jax.evaluate import EvalConfigError, evaluate, feature_width
 from stam_jax.partial import PARTIAL, Journal, PartialError, kept_count, read_kept, remove
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +90,32 @@ def direct_logits(root: Path, path: str, params, spec=SPEC, dtype="float32") -> 
     views = load_views(root / path, spec)
     logits = create_model("stam_tiny", dtype=dtype).apply({"params": params}, views)
     return np.asarray(logits).mean(axis=0)
+
+
+def direct_features(root: Path, path: str, params, spec=SPEC) -> tuple[np.ndarray, np.ndarray]:
+    """The model's video features (views, D) and frame features (views, T, D) of a video."""
+    views = load_views(root / path, spec)
+    _, state = create_model("stam_tiny").apply({"params": params}, views, mutable="intermediates")
+    found = state["intermediates"]
+    return np.asarray(found["video_features"][0]), np.asarray(found["frame_features"][0])
+
+
+def read_features(workdir: Path, predictions: list[dict], params) -> dict[str, np.ndarray]:
+    """`features.npz`, checked: the videos of `predictions`, in order, each video feature
+    giving its logits through the head."""
+    with np.load(workdir / "features.npz", allow_pickle=False) as f:
+        arrays = dict(f)
+    assert arrays["path"].tolist() == [p["path"] for p in predictions]
+    assert arrays["label"].tolist() == [p["label"] for p in predictions]
+    assert arrays["video"].dtype == np.float32
+    head = params["head"]
+    np.testing.assert_allclose(
+        arrays["video"] @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+        [p["logits"] for p in predictions],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    return arrays
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +210,7 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
             "--config.batch_size=8",
             "--config.frame_chunk=8",
             "--config.data.workers=0",
+            "--config.eval.features=frames",
             f"--workdir={tmp_path}",
         ],
         env={"XLA_FLAGS": xla_flags(8)},
@@ -192,17 +219,31 @@ def test_eight_devices_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert proc.returncode == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["devices"] == 8 and results["counts"]["evaluated"] == 20
-    for got, want in zip(read_predictions(tmp_path), reference_run[1], strict=True):
+    predictions = read_predictions(tmp_path)
+    for got, want in zip(predictions, reference_run[1], strict=True):
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
     assert results["metrics"] == pytest.approx(reference_run[0]["metrics"])
+    # The features of the sharded batches (each device's rows) are each video's own.
+    features = read_features(tmp_path, predictions, tiny_ckpt[1])
+    assert features["frames"].shape == (20, 1, 4, TINY["hidden_size"])
+    for i in (0, 13):  # in the first and the last (padded) batch
+        video, frames = direct_features(video_root, predictions[i]["path"], tiny_ckpt[1])
+        np.testing.assert_allclose(features["video"][i], video[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(features["frames"][i], frames, rtol=1e-5, atol=1e-5)
 
 
 def keep(
-    workdir: Path, k: int, config, positions: list[int], logits: np.ndarray, skipped=None
+    workdir: Path,
+    k: int,
+    config,
+    positions: list[int],
+    logits: np.ndarray,
+    skipped=None,
+    features: np.ndarray | None = None,
 ) -> None:
-    """Keeps `positions`' `logits`, and the videos `skipped`, in `workdir` as process k of an
-    interrupted run of `config` (on a video folder) would have."""
+    """Keeps `positions`' `logits` (and `features`), and the videos `skipped`, in `workdir` as
+    process k of an interrupted run of `config` (on a video folder) would have."""
     import stam_jax.evaluate as evaluate_module
     from stam_jax.data.prepared import list_root
     from stam_jax.sharding import tree_digest
@@ -213,18 +254,23 @@ def keep(
         config, folder, None, tree_digest(params), evaluate_module._NOT_IN_RESULTS
     )
     logits = np.asarray(logits, np.float32)
-    journal = Journal(workdir / PARTIAL, k, 10, lambda: settings)
-    journal.add(np.array(positions), logits, logits, skipped or {})
+    width = 0 if features is None else features.shape[1]
+    journal = Journal(workdir / PARTIAL, k, 10, lambda: settings, width)
+    journal.add(np.array(positions), logits, logits, skipped or {}, features)
 
 
 def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run):
     # Each process's workdir (a host's own disk) keeps results of an interrupted run, two with
     # one process (p0, videos 0-7, and the last one as failed) then two (p1, videos 4-11):
-    # videos 4-7 are kept twice and count once. The 7 videos left make shares of 4 and 3.
-    config, logits = config_for(tiny_ckpt[0], video_root), [p["logits"] for p in reference_run[1]]
+    # videos 4-7 are kept twice and count once. The 7 videos left make shares of 4 and 3. The
+    # run exports video features: those kept are stand-ins (the video's position in each value).
+    config = config_for(tiny_ckpt[0], video_root, **{"eval.features": "video"})
+    logits = [p["logits"] for p in reference_run[1]]
     failed = {19: {"status": "failed", "reason": "kept by process 0"}}
-    keep(tmp_path / "0", 0, config, list(range(8)), logits[:8], failed)
-    keep(tmp_path / "1", 1, config, list(range(4, 12)), logits[4:12])
+    width = feature_width(create_model("stam_tiny"), 1, "video")
+    stand_ins = np.repeat(np.arange(20, dtype=np.float32)[:, None], width, axis=1)
+    keep(tmp_path / "0", 0, config, list(range(8)), logits[:8], failed, stand_ins[:8])
+    keep(tmp_path / "1", 1, config, list(range(4, 12)), logits[4:12], None, stand_ins[4:12])
     port = free_port()
     procs = [
         run_subprocess(
@@ -236,6 +282,7 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
                 f"--config.distributed.coordinator=localhost:{port}",
                 "--config.distributed.num_processes=2",
                 f"--config.distributed.process_id={rank}",
+                "--config.eval.features=video",
                 f"--workdir={tmp_path / str(rank)}",
             ],
             env={"XLA_FLAGS": xla_flags(3)},
@@ -252,9 +299,18 @@ def test_two_processes_match_one(video_root, tiny_ckpt, tmp_path, reference_run)
     assert results["failed"] == [
         {"path": "class_9/video_1.avi", "label": 9, "reason": "kept by process 0"}
     ]
-    for got, want in zip(read_predictions(tmp_path / "0"), reference_run[1][:19], strict=True):
+    predictions = read_predictions(tmp_path / "0")
+    for got, want in zip(predictions, reference_run[1][:19], strict=True):
         assert got["path"] == want["path"] and got["top5"] == want["top5"]
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+    # Gathered from both processes, the kept ones' stand-ins with them, in the videos' order.
+    with np.load(tmp_path / "0" / "features.npz") as f:
+        paths, video = f["path"].tolist(), f["video"]
+    assert paths == [p["path"] for p in predictions]
+    np.testing.assert_array_equal(video[:12], stand_ins[:12])
+    got = video[12:] @ np.asarray(tiny_ckpt[1]["head"]["kernel"]) + tiny_ckpt[1]["head"]["bias"]
+    np.testing.assert_allclose(got, logits[12:19], rtol=1e-5, atol=1e-5)
+    assert not (tmp_path / "1" / "features.npz").exists()
 
 
 def test_processes_with_other_data_are_refused(video_root, tiny_ckpt, tmp_path):
@@ -348,14 +404,21 @@ def test_bfloat16_run(video_root, tiny_ckpt, tmp_path, reference_run):
 
 
 def test_multi_view_averages_views(video_root, tiny_ckpt, tmp_path):
-    config = config_for(
-        tiny_ckpt[0], video_root, batch_size=4, **{"data.num_clips": 2, "data.num_crops": 3}
-    )
+    # With the features of every view and frame exported: the video feature is the views'
+    # mean, as the logits are; the frames are each view's (clip-major, as the views are).
+    views = {"data.num_clips": 2, "data.num_crops": 3, "eval.features": "frames"}
+    config = config_for(tiny_ckpt[0], video_root, batch_size=4, **views)
     evaluate(config, tmp_path)
     spec = ClipSpec(num_frames=4, frame_rate=4.0, resize=36, crop=32, num_clips=2, num_crops=3)
-    for p in read_predictions(tmp_path)[:4]:
+    predictions = read_predictions(tmp_path)
+    features = read_features(tmp_path, predictions, tiny_ckpt[1])
+    assert features["frames"].shape == (20, 6, 4, TINY["hidden_size"])
+    for i, p in enumerate(predictions[:4]):
         want = direct_logits(video_root, p["path"], tiny_ckpt[1], spec)
         np.testing.assert_allclose(p["logits"], want, rtol=1e-5, atol=1e-5)
+        video, frames = direct_features(video_root, p["path"], tiny_ckpt[1], spec)
+        np.testing.assert_allclose(features["video"][i], video.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(features["frames"][i], frames, rtol=1e-5, atol=1e-5)
 
 
 def test_views_are_averaged_as_logits_or_as_softmax():
@@ -722,6 +785,11 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
     refused(r"--config.param_dtype='bf16' is not supported", param_dtype="bf16")
     refused(r"--config.model='stam_99' is not a registered variant", model="stam_99")
     refused(r"--config.attention_impl='flash' is not supported", attention_impl="flash")
+    refused(
+        r"^--config.eval.features='frame'; use 'video' \(each video's feature, the head's "
+        r"input\), 'frames' \(that and every frame's ViT feature\) or '' \(none\)\.$",
+        **{"eval.features": "frame"},
+    )
     if jax.default_backend() != "gpu":
         refused(r"attention_impl=cudnn needs an NVIDIA GPU", attention_impl="cudnn")
     refused(
@@ -954,6 +1022,40 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
     assert not kept.exists()  # gone once results.json is written
 
 
+def test_an_interrupted_run_exporting_features_keeps_them_and_resumes(
+    video_root, tiny_ckpt, tmp_path, reference_run, monkeypatch
+):
+    import stam_jax.evaluate as evaluate_module
+
+    workdir, kept = tmp_path / "out", tmp_path / "out" / PARTIAL
+    collect, calls = evaluate_module._collect, []
+
+    def interrupted_at_the_second_batch(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        collect(*args)
+
+    config = config_for(tiny_ckpt[0], video_root, batch_size=6, **{"eval.features": "video"})
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate_module, "_collect", interrupted_at_the_second_batch)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(config, workdir)
+    assert kept_count(kept) == 6
+    # The kept records hold the features: a resume without them (or with others) is refused.
+    with pytest.raises(EvalConfigError, match=r"\(--config.eval.features: 'video' then, '' now\)"):
+        evaluate(config_for(tiny_ckpt[0], video_root), workdir)
+    evaluate(config_for(tiny_ckpt[0], video_root, **{"eval.features": "video"}), workdir)
+    assert not kept.exists()
+    predictions = read_predictions(workdir)
+    assert [p["path"] for p in predictions] == [p["path"] for p in reference_run[1]]
+    features = read_features(workdir, predictions, tiny_ckpt[1])
+    assert set(features) == {"path", "label", "video"}
+    for i in (5, 6):  # the last video kept, the first evaluated by the resumed run
+        video, _ = direct_features(video_root, predictions[i]["path"], tiny_ckpt[1])
+        np.testing.assert_allclose(features["video"][i], video[0], rtol=1e-5, atol=1e-5)
+
+
 def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
     """Journals of processes 0-2 in one (shared) folder: two processes read each once; a cut
     line or record is left out; the settings are compared by content."""
@@ -1173,7 +1275,8 @@ def test_run_loop_pads_the_last_batch_and_keeps_each_video_once(monkeypatch):
         def __init__(self):
             self.added = []
 
-        def add(self, positions, logits, scores, skipped):
+        def add(self, positions, logits, scores, skipped, features):
+            assert features.shape == (len(positions), 0)  # no features exported
             self.added.append((positions.tolist(), logits[:, 0].tolist(), dict(skipped)))
 
     class Progress:
@@ -1184,7 +1287,7 @@ def test_run_loop_pads_the_last_batch_and_keeps_each_video_once(monkeypatch):
             self.steps.append(n)
 
     journal, progress = Journal(), Progress()
-    (done, logits, scores, outcomes), first_batch_at, waited = evaluate_module._run_loop(
+    (done, logits, scores, outcomes, _), first_batch_at, waited = evaluate_module._run_loop(
         compiled, None, items(), 3, (3, 1, 1, 1, 1, 3), sharding.data_mesh(), progress, journal
     )
     # Batches: [10, 11, (12 failed)], [13, (14 too short), 15], [16, (end), (end)].
