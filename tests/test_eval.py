@@ -946,7 +946,9 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
 ):
     import stam_jax.evaluate as evaluate_module
 
+    # The run exports video features: they are kept with the results, and resumed.
     workdir, kept = tmp_path / "out", tmp_path / "out" / PARTIAL
+    features = {"eval.features": "video"}
     collect, calls = evaluate_module._collect, []
 
     def interrupted_at_the_third_batch(*args):
@@ -958,7 +960,7 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_module, "_collect", interrupted_at_the_third_batch)
         with pytest.raises(KeyboardInterrupt):
-            evaluate(config_for(tiny_ckpt[0], video_root, batch_size=4), workdir)
+            evaluate(config_for(tiny_ckpt[0], video_root, batch_size=4, **features), workdir)
     assert kept_count(kept) == 8 and not (workdir / "results.json").exists()  # 2 batches
     line = subprocess.run(  # what run_eval.py prints on Ctrl-C (in a process of its own: absl)
         [sys.executable, "-c", f"import run_eval; print(run_eval._interrupted({str(workdir)!r}))"],
@@ -973,12 +975,15 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
 
     # Other settings: refused, naming them; what is kept stays.
     with pytest.raises(EvalConfigError) as refused:
-        evaluate(config_for(tiny_ckpt[0], video_root, dtype="bfloat16"), workdir)
+        evaluate(config_for(tiny_ckpt[0], video_root, dtype="bfloat16", **features), workdir)
     assert str(refused.value) == (
         f"--workdir={workdir} holds the results of an interrupted evaluation with other settings "
         "(--config.dtype: 'float32' then, 'bfloat16' now); run the command that was interrupted "
         f"to finish it, or delete {kept} to evaluate from the start (or give another --workdir)."
     )
+    # The kept records hold the features: a resume without them (or with others) is refused.
+    with pytest.raises(EvalConfigError, match=r"\(--config.eval.features: 'video' then, '' now\)"):
+        evaluate(config_for(tiny_ckpt[0], video_root), workdir)
     assert kept_count(kept) == 8
 
     # A kill while a batch was written leaves part of a record: it is left out, and cut off
@@ -997,7 +1002,9 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
     # Another batch size, or training-only settings, change no video's results: they may go on
     # with the run. Interrupted again once every batch is done, before the results are written.
     want_results, want = reference_run
-    again = config_for(tiny_ckpt[0], video_root, batch_size=6, **{"data.train_flip": False})
+    again = config_for(
+        tiny_ckpt[0], video_root, batch_size=6, **{"data.train_flip": False, **features}
+    )
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_module, "decode_in_order", recorded)
         patch.setattr(evaluate_module, "_gather", after_the_last_batch)
@@ -1008,7 +1015,7 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
     capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(evaluate_module, "decode_in_order", recorded)
-        results = evaluate(config_for(tiny_ckpt[0], video_root), workdir)
+        results = evaluate(config_for(tiny_ckpt[0], video_root, **features), workdir)
     assert len(decoded) == 12  # none decoded again
     assert "no video evaluated by this run (compile 0.0s excluded)" in capsys.readouterr().out
     assert results["timing"]["videos_per_s"] is None
@@ -1020,40 +1027,11 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
         assert g["top5"] == w["top5"]
         np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)
     assert not kept.exists()  # gone once results.json is written
-
-
-def test_an_interrupted_run_exporting_features_keeps_them_and_resumes(
-    video_root, tiny_ckpt, tmp_path, reference_run, monkeypatch
-):
-    import stam_jax.evaluate as evaluate_module
-
-    workdir, kept = tmp_path / "out", tmp_path / "out" / PARTIAL
-    collect, calls = evaluate_module._collect, []
-
-    def interrupted_at_the_second_batch(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        collect(*args)
-
-    config = config_for(tiny_ckpt[0], video_root, batch_size=6, **{"eval.features": "video"})
-    with monkeypatch.context() as patch:
-        patch.setattr(evaluate_module, "_collect", interrupted_at_the_second_batch)
-        with pytest.raises(KeyboardInterrupt):
-            evaluate(config, workdir)
-    assert kept_count(kept) == 6
-    # The kept records hold the features: a resume without them (or with others) is refused.
-    with pytest.raises(EvalConfigError, match=r"\(--config.eval.features: 'video' then, '' now\)"):
-        evaluate(config_for(tiny_ckpt[0], video_root), workdir)
-    evaluate(config_for(tiny_ckpt[0], video_root, **{"eval.features": "video"}), workdir)
-    assert not kept.exists()
-    predictions = read_predictions(workdir)
-    assert [p["path"] for p in predictions] == [p["path"] for p in reference_run[1]]
-    features = read_features(workdir, predictions, tiny_ckpt[1])
-    assert set(features) == {"path", "label", "video"}
-    for i in (5, 6):  # the last video kept, the first evaluated by the resumed run
-        video, _ = direct_features(video_root, predictions[i]["path"], tiny_ckpt[1])
-        np.testing.assert_allclose(features["video"][i], video[0], rtol=1e-5, atol=1e-5)
+    exported = read_features(workdir, got, tiny_ckpt[1])
+    assert set(exported) == {"path", "label", "video"}
+    for i in (7, 8):  # the last video kept by the first run, the first of the second
+        video, _ = direct_features(video_root, got[i]["path"], tiny_ckpt[1])
+        np.testing.assert_allclose(exported["video"][i], video[0], rtol=1e-5, atol=1e-5)
 
 
 def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
