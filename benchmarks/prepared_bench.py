@@ -59,6 +59,12 @@ def main() -> None:
     parser.add_argument("--check-config", default="")
     parser.add_argument("--check-only", action="store_true", help="skip the throughput part")
     parser.add_argument(
+        "--check-workers",
+        type=int,
+        default=None,
+        help="decoding processes of the check's prepare and run_eval.py (default: theirs)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="cProfile JPEG training clips (one core)"
     )
     args = parser.parse_args()
@@ -200,10 +206,14 @@ def check(args, work: Path) -> dict:
             root = work / f"check_{name}"
             cmd = [sys.executable, "-m", "stam_jax.data.prepare", f"--src={args.check_src}"]
             cmd += [f"--out={root}", f"--config={args.check_config}", f"--encoding={name}"]
+            if args.check_workers is not None:
+                cmd.append(f"--workers={args.check_workers}")
             subprocess.run([*cmd, "--config.progress=False"], cwd=ROOT, check=False)
         cmd = [sys.executable, "run_eval.py", f"--config={args.check_config}"]
         cmd += [f"--config.checkpoint={args.check_ckpt}", f"--config.data.root={root}"]
         cmd += ["--config.progress=False", f"--workdir={work / f'eval_{name}'}"]
+        if args.check_workers is not None:
+            cmd.append(f"--config.data.workers={args.check_workers}")
         subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True)
         lines = (work / f"eval_{name}" / "predictions.jsonl").read_text().splitlines()
         out[name] = [json.loads(line) for line in lines]

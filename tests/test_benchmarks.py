@@ -187,6 +187,7 @@ def test_prepared_bench_smoke(tmp_path):
     src = make_folder(tmp_path / "videos", per_class=1)
     size = ["--height", "48", "--width", "64", "--resize", "36", "--crop", "32", "--frames", "4"]
     check = ["--check-ckpt", str(tmp_path / "ckpt"), "--check-src", str(src)]
+    check += ["--check-workers", "0"]  # in-process: decoding processes cost 4 s each to start
     (row,) = run_script(
         "benchmarks/prepared_bench.py",
         *["--videos", "2", "--repeat", "1", "--frame-rate", "4", *size, *check],
