@@ -1333,12 +1333,12 @@ def test_predictions_and_metrics_rank_by_the_scores(video_root, tiny_ckpt, tmp_p
 
     forward_fn, collect, calls = evaluate_module._forward_fn, evaluate_module._collect, []
 
-    def reversed_ranking(model, average):  # scores that rank the classes as the logits do not
-        forward = forward_fn(model, average)
+    def reversed_ranking(model, average, features):  # scores ranking as the logits do not
+        forward = forward_fn(model, average, features)
 
         def negated(params, videos):
-            mean_logits, _ = forward(params, videos)
-            return mean_logits, -mean_logits
+            mean_logits, _, *exported = forward(params, videos)
+            return mean_logits, -mean_logits, *exported
 
         return negated
 
