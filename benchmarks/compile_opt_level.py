@@ -2,13 +2,17 @@
 
     python benchmarks/compile_opt_level.py --model stam_demo --batch 16  # what the tests use
     python benchmarks/compile_opt_level.py --model stam_tiny_mean --batch 2 --repeats 1  # smoke
+    python benchmarks/compile_opt_level.py --model stam_tiny --batch 4 --levels 0,0/nofusion
 
-The test suite compiles at `--xla_backend_optimization_level=0` (tests/conftest.py), because
-compiling is most of its time. This measures what that buys and costs: for each level, in a
-fresh process (XLA reads XLA_FLAGS when its backend starts), a train step of the model
-(forward, backward, AdamW) is compiled (process CPU seconds and wall seconds of `.compile()`),
-then run (median wall seconds of `--repeats` steps), and its loss printed to show how far the
-levels' results differ. One JSON line per level, in the order given. Needs jax, flax, optax.
+The test suite compiles at `--xla_backend_optimization_level=0` with XLA:CPU's fusion emitters
+off (tests/conftest.py), because compiling is most of its time. This measures what that buys
+and costs: for each level (`default` or 0-3; with `/nofusion`, also
+`--xla_cpu_use_fusion_emitters=false`), in a fresh process (XLA reads XLA_FLAGS when its
+backend starts), a train step of the model (forward, backward, AdamW) is compiled (process CPU
+seconds and wall seconds of `.compile()`), then run (median wall seconds of `--repeats`
+steps), and its loss printed to show how far the levels' results differ. Both flags are taken
+out of the XLA_FLAGS it is started with. One JSON line per level, in the order given. Needs
+jax, flax, optax.
 """
 
 from __future__ import annotations
@@ -73,17 +77,29 @@ def main() -> None:
     parser.add_argument("--model", default="stam_demo")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--levels", default="default,0", help="'default' or 0-3, comma-separated")
+    parser.add_argument(
+        "--levels",
+        default="default,0",
+        help="'default' or 0-3, each optionally with '/nofusion', comma-separated",
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.model, args.batch, args.repeats)))
         return
+    chosen = ("optimization_level", "fusion_emitters")  # set per level below
     base = " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split() if "optimization_level" not in f
+        f for f in os.environ.get("XLA_FLAGS", "").split() if not any(c in f for c in chosen)
     )
     for level in args.levels.split(","):
-        flags = base if level == "default" else f"{base} --xla_backend_optimization_level={level}"
+        number, _, option = level.partition("/")
+        if option not in ("", "nofusion"):
+            parser.error(f"--levels: {level!r}; use a level, or a level and '/nofusion'")
+        flags = base
+        if number != "default":
+            flags += f" --xla_backend_optimization_level={number}"
+        if option:
+            flags += " --xla_cpu_use_fusion_emitters=false"
         command = [sys.executable, __file__, "--child", "1", "--model", args.model]
         command += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
         env = {**os.environ, "XLA_FLAGS": flags.strip(), "PYTHONPATH": str(ROOT)}
