@@ -817,10 +817,10 @@ def _gather(
     """Every process's results, padded to `size` rows (the most any process has), gathered."""
     pad = size - len(done)
     width = features[0].shape[1]  # the kept ones' (rows, width), maybe no rows
-    all_features = np.concatenate([*features, np.zeros((pad, width), np.float32)])
-    if width:  # (none to gather where no features are exported)
-        all_features = _allgather_rows(all_features)
-    else:
+    if width:
+        padded = np.concatenate([*features, np.zeros((pad, width), np.float32)])
+        all_features = _allgather_rows(padded)
+    else:  # none to gather where no features are exported
         all_features = np.zeros((size * jax.process_count(), 0), np.float32)
     all_pos = _allgather_rows(np.array(done + [-1] * pad, np.int64))
     all_logits = _allgather_rows(

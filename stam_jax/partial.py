@@ -81,31 +81,25 @@ def _intact(records: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Kept:
-    """Results kept by earlier runs: positions (listing indices), their logits and scores
-    (float32, one row each), the videos that could not be evaluated (position ->
-    {'status', 'reason'}), and the features of each row (float32; no columns when the run
-    exports none)."""
+    """Results kept by earlier runs: positions (listing indices), their logits, scores and
+    features (float32, one row each; the features have no columns when the run exports none),
+    and the videos that could not be evaluated (position -> {'status', 'reason'})."""
 
     positions: np.ndarray
     logits: np.ndarray
     scores: np.ndarray
+    features: np.ndarray
     skipped: dict[int, dict[str, str]] = field(default_factory=dict)
-    features: np.ndarray | None = None  # None: (rows, 0)
-
-    def __post_init__(self) -> None:
-        if self.features is None:
-            self.features = np.zeros((len(self.positions), 0), np.float32)
 
     def without(self, positions: set[int]) -> Kept:
         """These results but those of `positions` (kept by another process as well)."""
         mine = ~np.isin(self.positions, list(positions))
-        assert self.features is not None
         return Kept(
             self.positions[mine],
             self.logits[mine],
             self.scores[mine],
-            {p: s for p, s in self.skipped.items() if p not in positions},
             self.features[mine],
+            {p: s for p, s in self.skipped.items() if p not in positions},
         )
 
 
@@ -254,7 +248,7 @@ def read_kept(
         np.zeros(0, np.int64),
         np.zeros((0, num_classes), np.float32),
         np.zeros((0, num_classes), np.float32),
-        features=np.zeros((0, features), np.float32),
+        np.zeros((0, features), np.float32),
     )
     if folder is None or not folder.is_dir():
         return empty
@@ -318,8 +312,8 @@ def read_kept(
         all_positions[first],
         np.concatenate(logits)[first],
         np.concatenate(scores)[first],
-        {p: s for p, s in skipped.items() if p not in evaluated},
         np.concatenate(values)[first],
+        {p: s for p, s in skipped.items() if p not in evaluated},
     )
 
 

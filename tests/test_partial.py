@@ -46,12 +46,14 @@ def test_without_leaves_out_the_results_and_skipped_videos_of_the_positions_give
         np.array([4, 1, 7]),
         logits_of([4, 1, 7]),
         -logits_of([4, 1, 7]),
+        2 * logits_of([4, 1, 7]),  # the features
         {2: {"status": "failed", "reason": "r"}, 9: {"status": "too_short", "reason": "s"}},
     )
     rest = kept.without({1, 9})
     assert rest.positions.tolist() == [4, 7] and list(rest.skipped) == [2]
     np.testing.assert_array_equal(rest.logits, logits_of([4, 7]))
     np.testing.assert_array_equal(rest.scores, -logits_of([4, 7]))
+    np.testing.assert_array_equal(rest.features, 2 * logits_of([4, 7]))
     assert kept.positions.tolist() == [4, 1, 7] and len(kept.skipped) == 2  # left as it was
 
 
