@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # level's in the last bits (float operations in another order), which the tests' tolerances
 # allow; bit-identical checks compare two runs under the same flags. The default level, which
 # users get, is what the full-size parity test runs at (`USER_XLA_FLAGS`).
-# XLA:CPU's fusion emitters off as well: at level 0 that halves a train step's compile (the
-# tiny model's: 3.0-4.2 s instead of 5.9-6.5 s), and slows its run by up to 1.75x (the demo
-# model's at batch 16; the tiny one's 10.0 ms against 9.6 ms), with the same loss. The suite:
-# pytest 742 s -> 667 s (BENCHMARKS.md).
+# XLA:CPU's fusion emitters off as well: at level 0 that halves a train step's compile CPU time
+# (the tiny model's: 3.7-4.3 s instead of 7.3-7.7 s) and slows its run by up to 1.75x (the tiny
+# one's 1.5x, the demo model's 1.4-1.75x at batch 16), with the same loss. The suite: pytest
+# 742 s -> 667 s (benchmarks/compile_opt_level.py, BENCHMARKS.md).
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 _missing = [f for f in TEST_XLA_FLAGS.split() if f not in USER_XLA_FLAGS.split()]
