@@ -16,6 +16,9 @@ What is not a class or a video is left out and recorded in `VideoFolder.ignored`
 - a file reached a second time in the same class through a link (listed once, where it comes
   first). The same file reached from two classes is refused: its label would be ambiguous;
 - folders that cannot be read.
+
+One file in the root is part of the layout, neither ignored nor a video: `stam_arrange.json`,
+the record that `stam_jax.data.arrange` writes beside the class folders it makes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 JUNK_NAMES = frozenset(
     {"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
 )
+
+# The record of `stam_jax.data.arrange` in the root of a folder it arranged.
+ARRANGE_RECORD = "stam_arrange.json"
 
 # Why an entry was ignored (`Ignored.reason`).
 HIDDEN = "hidden"  # a hidden or system file or folder
@@ -279,6 +285,8 @@ def list_videos(
     ignored: list[Ignored] = []
     folders = []
     for entry in os.scandir(root):
+        if entry.name == ARRANGE_RECORD and not _is_dir(entry):
+            continue  # the layout's own record (stam_jax.data.arrange)
         if entry.name not in named and is_hidden(entry.name):
             ignored.append(Ignored(entry.name, HIDDEN))
         elif _is_dir(entry):
