@@ -101,6 +101,15 @@ def test_a_flat_copy_becomes_class_folders_in_label_order(tmp_path):
     assert conflict["video"] == "two_000000_000010.avi"
     assert [(r["line"], r["label"]) for r in conflict["rows"]] == [(10, "zumba"), (11, "yoga")]
     assert record["unlisted"] == ["extra_000000_000010.mp4"]
+    assert record["linked"] == [
+        ["air drumming/-abc_000010_000020.mp4", "-abc_000010_000020.mp4"],
+        [
+            "passing American football (in game)/xyz_000000_000010.mp4",
+            "part2/xyz_000000_000010.mp4",
+        ],
+        ["abseiling/idonly.MP4", "idonly.MP4"],
+        ["zumba/q_000005_000015.mp4", "q_000005_000015.mp4"],
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["by_class", "k400"]  # no leftovers
 
 
@@ -201,12 +210,17 @@ def test_out_must_be_new_empty_or_an_earlier_arrangement_replaced_with_force(tmp
 
     # What arranging did not make is never deleted.
     second = tree(out)
-    for foreign in ("air drumming/.notes", "air drumming/results", "other"):
+    for foreign in ("air drumming/.notes", "air drumming/results", "other", "yoga"):
         (out / foreign).mkdir()
         with pytest.raises(ArrangeError, match=f"holds what arranging did not make: .*{foreign}"):
             arrange(csv, videos, out, force=True)
         (out / foreign).rmdir()
         assert tree(out) == second
+    mine = out / "air drumming" / "mine.mp4"  # a video of your own, in a class folder
+    mine.write_bytes(b"mine")
+    with pytest.raises(ArrangeError, match=r"did not make: .*air drumming/mine\.mp4"):
+        arrange(csv, videos, out, force=True)
+    assert mine.read_bytes() == b"mine"
 
 
 def test_a_killed_swap_is_finished_by_the_next_run(tmp_path):

@@ -322,9 +322,10 @@ def _earlier_record(out: Path) -> dict | None:
 
 def _foreign_entries(out: Path, record: dict) -> list[str]:
     """What in an earlier arrangement `out` arranging did not make (a replacement would
-    delete it): entries other than the record and the class folders, and sub-folders or
-    hidden files inside those."""
+    delete it): entries other than the record and the class folders, and anything in those
+    but the videos its record lists."""
     classes = set(record.get("classes", []))
+    made = {path for path, _ in record.get("linked", [])}
     foreign = []
     for entry in sorted(out.iterdir()):
         if entry.name == ARRANGE_RECORD:
@@ -333,8 +334,9 @@ def _foreign_entries(out: Path, record: dict) -> list[str]:
             foreign.append(entry.name)
             continue
         for inner in sorted(entry.iterdir()):
-            if is_hidden(inner.name) or (inner.is_dir() and not inner.is_symlink()):
-                foreign.append(f"{entry.name}/{inner.name}")
+            path = f"{entry.name}/{inner.name}"
+            if path not in made or (inner.is_dir() and not inner.is_symlink()):
+                foreign.append(path)
     return foreign
 
 
@@ -400,6 +402,8 @@ def _record(
         "mode": mode,
         "rows": rows,
         "arranged": len(plan_.links),
+        # [path in --out, path in --videos] of every video arranged
+        "linked": [[_linked(label, video), video] for label, video in plan_.links],
         "classes": list(plan_.classes),
         "missing": [row.as_dict() for row in plan_.missing],
         "ambiguous": [{**row.as_dict(), "files": list(files)} for row, files in plan_.ambiguous],
@@ -412,6 +416,11 @@ def _record(
     }
 
 
+def _linked(label: str, video: str) -> str:
+    """Where `video` (relative to `--videos`) is arranged, relative to `--out`."""
+    return f"{label}/{os.path.basename(video)}"
+
+
 def _write(stage: Path, plan_: Plan, videos: Path, mode: str, progress: bool) -> None:
     """The class folders and the links (or copies) in `stage`."""
     for label in plan_.classes:
@@ -420,7 +429,7 @@ def _write(stage: Path, plan_: Plan, videos: Path, mode: str, progress: bool) ->
     try:
         for label, video in plan_.links:
             source = os.path.abspath(videos / video)
-            target = stage / label / os.path.basename(video)
+            target = stage / _linked(label, video)
             try:
                 if mode == "symlink":
                     os.symlink(source, target)
@@ -463,8 +472,9 @@ def arrange(
       progress: show a progress bar on stderr.
 
     Returns:
-      The record written to `out/stam_arrange.json`: the classes, counts, and every row or
-      video left out, with why.
+      The record written to `out/stam_arrange.json`: the classes, counts, each video arranged
+      (`linked`: its path in `out` and in `videos`), and every row or video left out, with
+      why.
 
     Raises:
       ArrangeError: a bad argument (nothing is written; the message names it and the fix).
