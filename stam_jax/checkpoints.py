@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from stam_jax.interrupts import interrupts_held
 from stam_jax.model import STAM, param_shapes
-from stam_jax.paths import unwritable
+from stam_jax.paths import swap_in, unwritable
 from stam_jax.variants import model_config, model_from_config
 
 FORMAT = "stam_jax"
@@ -255,12 +255,7 @@ def save(
             )
         if replacing:
             _remove_leftovers(path, _OLD)
-            os.rename(path, old)
-            try:
-                os.rename(new, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
+            swap_in(new, path, old)
         written = None
         _remove_leftovers(path, _OLD, _NEW)
     except BaseException as e:

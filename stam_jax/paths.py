@@ -60,6 +60,18 @@ def staged(path: str | os.PathLike) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def swap_in(new: str | os.PathLike, path: str | os.PathLike, old: str | os.PathLike) -> None:
+    """Puts the folder `new` at `path` in place of the folder there, which is moved to `old`
+    (for the caller to delete); if `new` cannot be moved, or the move is interrupted, the
+    folder is put back at `path` and the error raised."""
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+
+
 def missing_folders(folder: str | os.PathLike) -> list[Path]:
     """`folder` and those of its parents that do not exist now, innermost first."""
     folder = Path(folder)

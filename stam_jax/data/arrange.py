@@ -54,6 +54,7 @@ from stam_jax.paths import (
     InUseError,
     claimed,
     new_folders_removed_on_failure,
+    swap_in,
     unwritable,
 )
 from stam_jax.progress import progress_bar
@@ -495,12 +496,7 @@ def arrange(
             (stage / ARRANGE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
             with interrupts_held():  # the swap is not cut in two by a Ctrl-C
                 if replace:
-                    os.rename(out, old)
-                    try:
-                        os.rename(stage, out)
-                    except OSError:
-                        os.rename(old, out)
-                        raise
+                    swap_in(stage, out, old)
                 else:
                     os.rename(stage, out)
                 with contextlib.suppress(FileNotFoundError):  # moved along with the folder
