@@ -63,6 +63,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     # WORKDIR/features.npz beside the predictions: 'video' (the head's input, views averaged),
     # 'frames' (that and each view's per-frame ViT features), or '' (none).
     config.eval.features = ""
+    # False: the root's classes need not be the model's (another dataset's folder, or one folder
+    # of unlabelled videos, for features or predictions): no accuracy is computed, and the
+    # labels in predictions.jsonl and features.npz are the root's classes.
+    config.eval.accuracy = True
 
     # Multi-host: every process runs the same command with its own process_id.
     config.distributed = ml_collections.ConfigDict()

@@ -152,6 +152,8 @@ _NOT_IN_RESULTS = (
     # Training only: evaluation has no augmentation and no dropout.
     "data.train_flip",
     "data.train_min_area",
+    # Whether accuracy is computed at the end; the videos' results are the same.
+    "eval.accuracy",
     "model_overrides.dropout_rate",
     "model_overrides.drop_path_rate",
     "model_overrides.temporal_dropout_rate",
@@ -255,8 +257,12 @@ def _list_data(
         raise EvalConfigError(str(e)) from None
     except (PreparedError, DatasetError) as e:
         raise EvalConfigError(f"{flag}: {e}" if flag else str(e)) from None
-    if len(folder.classes) != model.num_classes:
-        raise EvalConfigError(_class_count_message(config, folder, model, prepared is not None))
+    if config.eval.accuracy and len(folder.classes) != model.num_classes:
+        raise EvalConfigError(
+            _class_count_message(config, folder, model, prepared is not None)
+            + " For features or predictions of another dataset, whose classes are not the "
+            "model's, add --config.eval.accuracy=False."
+        )
     return folder, prepared
 
 
@@ -641,7 +647,10 @@ def _evaluate(
     done_pos, logits, scores = done_pos[finite], logits[finite], scores[finite]
     values = values[finite]
     labels = np.array([folder.items[p].label for p in done_pos], np.int64)
-    metrics = _metrics(labels, scores, model.num_classes)
+    if config.eval.accuracy:
+        metrics = _metrics(labels, scores, model.num_classes)
+    else:  # the labels are the root's classes, not the model's
+        metrics = dict.fromkeys(("top1", "top5", "mean_class_accuracy"))
 
     def listed(status: str) -> list[dict[str, Any]]:
         return [
@@ -933,9 +942,14 @@ def _percent(value: float | None) -> str:
 
 def _summary(results: dict[str, Any], workdir: Path) -> None:
     m, c, t = results["metrics"], results["counts"], results["timing"]
-    print(
+    accuracy = (
         f"top-1 {_percent(m['top1'])}  top-5 {_percent(m['top5'])}  mean class accuracy "
-        f"{_percent(m['mean_class_accuracy'])}  on {c['evaluated']} of {c['listed']} videos "
+        f"{_percent(m['mean_class_accuracy'])}"
+    )
+    if not results["config"]["eval"].get("accuracy", True):
+        accuracy = "no accuracy (--config.eval.accuracy=False)"
+    print(
+        f"{accuracy}  on {c['evaluated']} of {c['listed']} videos "
         f"({c['dropped_too_short']} dropped as too short, {c['failed']} failed to decode"
         + (f", {c['non_finite']} with NaN/Inf logits" if c.get("non_finite") else "")
         + ")"

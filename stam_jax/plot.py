@@ -231,6 +231,13 @@ def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
             f"{results_file}: 'metrics' is not an object whose 'top1' is a number or null; is it "
             "a run_eval.py results.json?"
         )
+    run_config = results.get("config")
+    eval_settings = run_config.get("eval") if isinstance(run_config, dict) else None
+    if isinstance(eval_settings, dict) and eval_settings.get("accuracy") is False:
+        raise ValueError(
+            f"{results_file}: evaluated with --config.eval.accuracy=False, so its labels are the "
+            "folder's classes, not the model's: there is no accuracy to draw."
+        )
     rows = read_json_lines(predictions_file)
     if not rows:
         raise ValueError(_nothing_evaluated(results_file, predictions_file, results))

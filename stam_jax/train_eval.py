@@ -24,6 +24,7 @@ def eval_run_config(config: Any) -> ml_collections.ConfigDict:
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.data.root = config.train.eval_root
     eval_config.progress = False
+    eval_config.eval.accuracy = True  # top-1 is what it is for
     return eval_config
 
 

@@ -464,6 +464,50 @@ def test_metrics_count_each_video_once_and_each_class_alike():
     assert all(np.isnan(v) for v in _metrics(labels[:0], scores[:0], 6).values())
 
 
+def test_another_datasets_folder_gives_features_and_predictions_without_accuracy(
+    video_root, tiny_ckpt, reference_run, tmp_path, capsys
+):
+    # 12 classes (the model has 10), each one video of the 20: refused for accuracy, with the
+    # way to go on; with eval.accuracy=False, each video's logits and features are the model's
+    # and its label is its class in this folder.
+    other = tmp_path / "other"
+    sources = [p["path"] for p in reference_run[1]][::-1][:12]
+    for i, source in enumerate(sources):
+        (other / f"c{i:02d}").mkdir(parents=True)
+        (other / f"c{i:02d}" / Path(source).name).symlink_to(video_root / source)
+    config = config_for(tiny_ckpt[0], other, batch_size=3, **{"eval.features": "video"})
+    with pytest.raises(
+        EvalConfigError,
+        match=r"has 12 classes but the checkpoint has 10 .*"
+        r"For features or predictions of another dataset, whose classes are not "
+        r"the model's, add --config.eval.accuracy=False\.$",
+    ):
+        evaluate(config, tmp_path / "out")
+    config.eval.accuracy = False
+    results = evaluate(config, tmp_path / "out")
+    assert results["metrics"] == {"top1": None, "top5": None, "mean_class_accuracy": None}
+    assert capsys.readouterr().out.startswith(
+        "no accuracy (--config.eval.accuracy=False)  on 12 of 12 videos"
+    )
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["metrics"]["top1"] is None and written["classes"][11] == "c11"
+    predictions = read_predictions(tmp_path / "out")
+    assert [p["label"] for p in predictions] == list(range(12))
+    reference = {p["path"]: p for p in reference_run[1]}
+    for p, source in zip(predictions, sources, strict=True):
+        np.testing.assert_allclose(p["logits"], reference[source]["logits"], rtol=1e-5, atol=1e-6)
+        assert p["top5"] == reference[source]["top5"]  # the model's classes
+    read_features(tmp_path / "out", predictions, tiny_ckpt[1])
+    from stam_jax.plot import plot_evaluation
+
+    with pytest.raises(ValueError, match=r"accuracy=False, .* there is no accuracy to draw"):
+        plot_evaluation(
+            tmp_path / "out" / "results.json",
+            tmp_path / "out" / "predictions.jsonl",
+            tmp_path / "pictures" / "eval.png",
+        )
+
+
 @pytest.fixture
 def awkward_root(tmp_path) -> Path:
     root = make_folder(tmp_path / "awkward", per_class=1)
