@@ -280,6 +280,7 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, unint
         "--config.train.mixup_alpha=0.2",
         "--config.train.cutmix_alpha=1.0",
         "--config.frame_chunk=8",  # the ViT in 2 steps of 8 frames, training and evaluation
+        "--config.eval.accuracy=False",  # run_eval's switch: periodic evaluation computes top-1
     ]
     # Two devices and 8 steps, as `uninterrupted`: the init compiled there is read back.
     result = run(command(train_root, tmp_path / "run", cache, *extra), env=TWO_DEVICES)
