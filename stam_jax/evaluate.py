@@ -946,7 +946,7 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         f"top-1 {_percent(m['top1'])}  top-5 {_percent(m['top5'])}  mean class accuracy "
         f"{_percent(m['mean_class_accuracy'])}"
     )
-    if not results["config"]["eval"].get("accuracy", True):
+    if not results.get("config", {}).get("eval", {}).get("accuracy", True):
         accuracy = "no accuracy (--config.eval.accuracy=False)"
     print(
         f"{accuracy}  on {c['evaluated']} of {c['listed']} videos "
