@@ -516,8 +516,9 @@ class _Wrapped:
 
 def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp_path, monkeypatch):
     # A decoder may drop frames it cannot decode: the clip would then lack frames the sampling
-    # named. The file fails with a reason rather than a KeyError (or a shifted clip).
-    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    # named. The file fails with a reason rather than a KeyError (or a shifted clip). (MPEG-4
+    # in AVI: every frame is decoded in order; the skipping decoder's case is below.)
+    path = write_video(tmp_path / "v.avi", (index_frame(i, 48, 64) for i in range(20)), 10)
     opened = video._open
 
     def drops_the_end(container, stream):  # the decoder stops after 12 frames
@@ -534,7 +535,7 @@ def test_a_decoder_giving_fewer_frames_than_the_stream_lists_fails_the_video(tmp
 def test_a_decoder_error_mid_stream_fails_the_video_naming_the_error(tmp_path, monkeypatch):
     # The file opens and its packets are counted, then the decoder raises on frame 3: the
     # caller gets a VideoError (counted as a failed video), not PyAV's own error type.
-    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    path = write_video(tmp_path / "v.avi", (index_frame(i, 48, 64) for i in range(20)), 10)
     opened = video._open
 
     def fails_at_3(container, stream):
@@ -550,8 +551,9 @@ def test_a_decoder_error_mid_stream_fails_the_video_naming_the_error(tmp_path, m
 
 
 def test_decoding_stops_at_the_last_wanted_frame(tmp_path, monkeypatch):
-    # A clip from the start of a long video decodes that start, not the whole file.
-    path = write_video(tmp_path / "v.mkv", (index_frame(i, 48, 64) for i in range(20)), 10)
+    # A clip from the start of a long video decodes that start, not the whole file (in order,
+    # as MPEG-4 in AVI is decoded; the skipping decoder's case is below).
+    path = write_video(tmp_path / "v.avi", (index_frame(i, 48, 64) for i in range(20)), 10)
     opened, pulled = video._open, []
 
     def counted(container, stream):
@@ -563,6 +565,89 @@ def test_decoding_stops_at_the_last_wanted_frame(tmp_path, monkeypatch):
     got = load_views(path, ClipSpec(num_frames=4, frame_rate=5.0, resize=64, crop=48))
     assert [read_index(f, short=64) for f in got[0]] == [0, 2, 4, 6]
     assert len(pulled) == 7  # frames 0 to 6
+
+
+B_FRAMES = {
+    "libx264": {"x264-params": "bframes=3:b-adapt=0:b-pyramid=normal"},
+    "libx265": {"x265-params": "bframes=3:b-adapt=0:b-pyramid=1:log-level=error"},
+}
+
+
+def _b_frame_video(path, codec, count=90, fps=30, size=(72, 128)):
+    """`count` index frames with a B-frame in every slot the encoder allows (2 of every 4
+    frames are then non-reference B-frames, which x264's defaults give real footage too)."""
+    frames = (index_frame(i, *size) for i in range(count))
+    return write_video(path, frames, fps, codec=codec, options=B_FRAMES[codec])
+
+
+@pytest.mark.parametrize(
+    "name,codec",
+    [("h264.mp4", "libx264"), ("h264.mkv", "libx264"), ("hevc.mp4", "libx265")],
+)
+def test_skipping_non_reference_frames_changes_no_frame_taken(tmp_path, name, codec):
+    # H.264 and HEVC: the non-reference frames the clips do not take are not decoded, and the
+    # model inputs are still the official pipeline's (which decodes every frame) to the bit.
+    path = _b_frame_video(tmp_path / name, codec)
+    probed = video.probe_stream(path)
+    assert probed.count == 90 and sorted(probed.positions.values()) == list(range(90))
+    spec = ClipSpec(num_frames=4, frame_rate=10.0, resize=64, crop=48, num_clips=3, num_crops=3)
+    got = load_views(path, spec)
+    with av.open(str(path)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    indices = resample_indices(90, 30.0, 10.0)
+    for c, start in enumerate(video.clip_starts(len(indices), spec)):
+        clip = indices[start : start + 4].tolist()
+        want = np.stack([reference_transform(every[i], 64, 48) for i in clip])
+        np.testing.assert_array_equal(got[3 * c + 1], want)  # the centre crops
+        assert [read_index(f, short=64) for f in got[3 * c + 1]] == clip
+    # The skipping really happens: of frames 0-87, half are non-reference B-frames, and only
+    # the 12 taken are decoded of those.
+    wanted = set(resample_indices(90, 30.0, 10.0)[[0, 1, 2, 3, 13, 14, 15, 16, 26, 27, 28, 29]])
+    with video._open(path) as container:
+        frames, decoded = video._decode_skipping(container, wanted, probed.positions)
+    assert frames.keys() == wanted
+    assert decoded < 60
+    with video._open(path) as container:
+        in_order = video._decode_in_order(container, wanted)
+    for position, frame in frames.items():
+        np.testing.assert_array_equal(frame, in_order[position])
+
+
+def test_frames_are_decoded_in_order_where_skipping_is_not_known_safe(tmp_path):
+    # MPEG-4 in AVI (timestamps may be out of order there) and VP8: every frame in order.
+    for name in ("v.avi", "v.webm"):
+        path = write_video(tmp_path / name, (index_frame(i, 48, 64) for i in range(20)), 10)
+        assert video.probe_stream(path).positions is None
+    # A frame whose timestamp the probe did not list: decoded again, in order.
+    path = _b_frame_video(tmp_path / "v.mp4", "libx264", count=30)
+    shifted = {
+        stamp + 1: position for stamp, position in video.probe_stream(path).positions.items()
+    }
+    with video._open(path) as container:
+        assert video._decode_skipping(container, {5, 20}, shifted)[0] is None
+    frames = video.decode_frames(path, [20, 5], shifted)
+    assert [read_index(frames[i], short=72) for i in (5, 20)] == [5, 20]
+
+
+def test_the_skipping_decoder_fails_a_video_that_ends_early_or_breaks(tmp_path, monkeypatch):
+    path = _b_frame_video(tmp_path / "v.mkv", "libx264", count=20)
+    positions = video.probe_stream(path).positions
+    with pytest.raises(
+        VideoError, match=r"^decoded fewer frames than the stream lists \(frame 25 is missing\)$"
+    ):
+        video.decode_frames(path, [3, 25], positions)
+    opened = video._open
+
+    class Breaks(_Wrapped):
+        def demux(self, stream):
+            for i, packet in enumerate(self.container.demux(stream)):
+                if i == 5:
+                    raise av.error.InvalidDataError(1094995529, "Invalid data found")
+                yield packet
+
+    monkeypatch.setattr(video, "_open", lambda p: Breaks(opened(p), None))
+    with pytest.raises(VideoError, match=r"^InvalidDataError: \[Errno 1094995529\] Invalid data"):
+        video.decode_frames(path, [3, 12], positions)
 
 
 def test_decode_frames_takes_positions_in_any_order(tmp_path):

@@ -20,6 +20,7 @@ def write_video(
     frames: Iterable[np.ndarray],
     fps: float | Fraction,
     codec: str | None = None,
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Encodes RGB uint8 frames `(H, W, 3)` (even H and W) into a video file.
 
@@ -29,6 +30,8 @@ def write_video(
       fps: frame rate; a Fraction (e.g. Fraction(30000, 1001)) for NTSC rates.
       codec: encoder; default by extension (H.264 for mp4/mkv, MPEG-4 part 2 for avi, VP8
         for webm).
+      options: encoder options, e.g. `{"x264-params": "bframes=3:b-adapt=0"}` for a B-frame
+        in every slot x264 allows.
 
     Returns:
       The path written.
@@ -41,6 +44,8 @@ def write_video(
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec or CODECS[path.suffix], rate=rate)
         stream.pix_fmt = "yuv420p"
+        if options:
+            stream.options = options
         first = True
         for frame in frames:
             if first:

@@ -17,6 +17,10 @@ the same uint8 frames (the `/255` of `ToTensor` happens on the device):
 - frames are decoded to RGB by PyAV (`to_ndarray(format='rgb24')`, as torchvision does), resized
   by PIL bilinear (shorter side to 256, longer side `int(256 * long / short)`) and centre-cropped
   with `round((size - 224) / 2)` offsets (Python's round).
+
+Where the official pipeline decodes every frame, H.264 and HEVC streams (not in AVI) are
+decoded here without the non-reference frames that no clip takes: no frame is predicted from
+those, so every frame taken is the same to the bit (`decode_frames`).
 """
 
 from __future__ import annotations
@@ -199,8 +203,32 @@ def _open(path: str | Path) -> Any:
     return av.open(str(path), metadata_errors="ignore")
 
 
-def probe(path: str | Path) -> tuple[int, float]:
-    """(number of frames, average fps) of the first video stream, from packet timestamps.
+# Codecs whose decoders leave out a non-reference frame when told to (AVDISCARD_NONREF), giving
+# each frame they do decode its packet's timestamp.
+SKIPPING_CODECS = frozenset({"h264", "hevc"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Probed:
+    """What `probe_stream` reads of a file's first video stream.
+
+    Attributes:
+      count: frames in the stream (its packets with a timestamp).
+      fps: the stream's average frame rate.
+      positions: each packet's timestamp -> its frame's position in presentation order, when
+        the decoder may skip frames (`decode_frames`): an H.264 or HEVC stream, not in AVI,
+        whose packets each have a timestamp of their own and are neither marked to discard
+        nor corrupt. Else None.
+    """
+
+    count: int
+    fps: float
+    positions: dict[int, int] | None
+
+
+def probe_stream(path: str | Path) -> Probed:
+    """The frame count, frame rate and packet positions of the first video stream, from its
+    packets (nothing is decoded).
 
     Raises:
       VideoError: a file that cannot be opened or demuxed (missing, a broken link, damaged),
@@ -214,20 +242,51 @@ def probe(path: str | Path) -> tuple[int, float]:
             if stream.average_rate is None or float(stream.average_rate) <= 0:
                 raise VideoError("the video stream has no average frame rate")
             fps = float(stream.average_rate)
-            count = sum(1 for p in container.demux(stream) if p.pts is not None)
+            skippable = stream.codec_context.name in SKIPPING_CODECS and not any(
+                "avi" in name for name in container.format.name.split(",")
+            )
+            stamps = []
+            for packet in container.demux(stream):
+                if packet.pts is None:
+                    skippable = skippable and not packet.size  # only the final empty one
+                    continue
+                stamps.append(packet.pts)
+                skippable = skippable and packet.size > 0
+                skippable = skippable and not (packet.is_discard or packet.is_corrupt)
     except VideoError:
         raise
     except Exception as e:  # PyAV raises many error types for damaged files
         if os.path.islink(path) and not os.path.exists(path):
             raise VideoError(f"a link to {os.readlink(path)}, which does not exist") from None
         raise VideoError(f"{type(e).__name__}: {e}") from None
-    if count == 0:
+    if not stamps:
         raise VideoError("the video stream has no frames")
-    return count, fps
+    positions = None
+    if skippable and len(set(stamps)) == len(stamps):
+        positions = {stamp: i for i, stamp in enumerate(sorted(stamps))}
+    return Probed(len(stamps), fps, positions)
 
 
-def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarray]:
+def probe(path: str | Path) -> tuple[int, float]:
+    """(number of frames, average fps) of the first video stream, from packet timestamps.
+
+    Raises:
+      VideoError: as `probe_stream`.
+    """
+    probed = probe_stream(path)
+    return probed.count, probed.fps
+
+
+def decode_frames(
+    path: str | Path, wanted: Sequence[int], positions: dict[int, int] | None = None
+) -> dict[int, np.ndarray]:
     """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays.
+
+    Every frame up to the last wanted one is decoded, except, given `positions`
+    (`probe_stream`'s), the non-reference frames that are not wanted: no other frame is
+    predicted from one, so the frames decoded are the same to the bit, and the clip's
+    frames are found by their timestamps. Should a decoded frame's timestamp not be one of
+    `positions`, the frames are decoded again without skipping.
 
     Returns:
       position -> `(H, W, 3)` uint8 frame, for every position in `wanted`.
@@ -235,18 +294,15 @@ def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarr
     Raises:
       VideoError: a file that cannot be decoded, or that ends before a wanted position.
     """
-    wanted_set, last = set(int(i) for i in wanted), max(wanted)
-    frames: dict[int, np.ndarray] = {}
+    wanted_set = set(int(i) for i in wanted)
+    frames: dict[int, np.ndarray] | None = None
     try:
-        with _open(path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            # Decoders emit frames in presentation order: position = index in the frame list.
-            for position, frame in enumerate(container.decode(stream)):
-                if position in wanted_set:
-                    frames[position] = frame.to_ndarray(format="rgb24")
-                if position >= last:
-                    break
+        if positions is not None:
+            with _open(path) as container:
+                frames, _ = _decode_skipping(container, wanted_set, positions)
+        if frames is None:
+            with _open(path) as container:
+                frames = _decode_in_order(container, wanted_set)
     except Exception as e:
         raise VideoError(f"{type(e).__name__}: {e}") from None
     missing = wanted_set - frames.keys()
@@ -255,6 +311,48 @@ def decode_frames(path: str | Path, wanted: Sequence[int]) -> dict[int, np.ndarr
             f"decoded fewer frames than the stream lists (frame {min(missing)} is missing)"
         )
     return frames
+
+
+def _decode_in_order(container: Any, wanted: set[int]) -> dict[int, np.ndarray]:
+    """The `wanted` frames, every frame decoded up to the last of them."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    frames = {}
+    last = max(wanted)
+    # Decoders emit frames in presentation order: position = index in the frame list.
+    for position, frame in enumerate(container.decode(stream)):
+        if position in wanted:
+            frames[position] = frame.to_ndarray(format="rgb24")
+        if position >= last:
+            break
+    return frames
+
+
+def _decode_skipping(
+    container: Any, wanted: set[int], positions: dict[int, int]
+) -> tuple[dict[int, np.ndarray] | None, int]:
+    """The `wanted` frames, the decoder skipping the non-reference frames of the packets whose
+    frames are not wanted (None: a frame whose timestamp `positions` lacks), and how many
+    frames were decoded."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    context = stream.codec_context
+    frames: dict[int, np.ndarray] = {}
+    decoded = 0
+    for packet in container.demux(stream):
+        if packet.size:  # the empty packet at the end flushes the decoder
+            # Read by the decoder for the next packet it is sent (its threads included).
+            context.skip_frame = "DEFAULT" if positions.get(packet.pts) in wanted else "NONREF"
+        for frame in packet.decode():
+            decoded += 1
+            position = positions.get(frame.pts)
+            if position is None:
+                return None, decoded
+            if position in wanted:
+                frames[position] = frame.to_ndarray(format="rgb24")
+        if len(frames) == len(wanted):
+            break
+    return frames, decoded
 
 
 def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
@@ -272,7 +370,8 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
         none at all.
       VideoError: the file cannot be read.
     """
-    count, fps = probe(path)
+    probed = probe_stream(path)
+    count, fps = probed.count, probed.fps
     indices = resample_indices(count, fps, spec.frame_rate)
     t = spec.num_frames
     if len(indices) < t:
@@ -289,7 +388,7 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
             )
         indices = np.concatenate([indices, np.full(t - len(indices), indices[-1])])
     clips = [indices[s : s + t] for s in clip_starts(len(indices), spec)]
-    frames = decode_frames(path, np.concatenate(clips))
+    frames = decode_frames(path, np.concatenate(clips), probed.positions)
     views = np.empty((spec.num_clips, spec.num_crops, t, spec.crop, spec.crop, 3), np.uint8)
     cache: dict[int, list[np.ndarray]] = {}
     for c, clip in enumerate(clips):
@@ -313,11 +412,12 @@ def load_sampled_frames(path: str | Path, spec: ClipSpec) -> np.ndarray:
     """
     from PIL import Image
 
-    count, fps = probe(path)
+    probed = probe_stream(path)
+    count, fps = probed.count, probed.fps
     indices = resample_indices(count, fps, spec.frame_rate)
     if len(indices) == 0:
         raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
-    frames = decode_frames(path, indices)
+    frames = decode_frames(path, indices, probed.positions)
     height, width = frames[int(indices[0])].shape[:2]
     h, w = resized_size(height, width, spec.resize)
     out = np.empty((len(indices), h, w, 3), np.uint8)
@@ -351,14 +451,15 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
             "(run_seed, step, index)."
         )
     rng = np.random.default_rng([int(s) for s in seed])
-    count, fps = probe(path)
+    probed = probe_stream(path)
+    count, fps = probed.count, probed.fps
     indices = resample_indices(count, fps, spec.frame_rate)
     if len(indices) == 0:
         raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
 
     def fetch(slots: list[int]) -> list[np.ndarray]:
         wanted = indices[slots]
-        frames = decode_frames(path, wanted)
+        frames = decode_frames(path, wanted, probed.positions)
         return [frames[int(i)] for i in wanted]
 
     return augment_clip(len(indices), fetch, spec, rng)
