@@ -1,26 +1,46 @@
 """Raw-video input pipeline throughput (per core) and memory over a long run.
 
     python benchmarks/decode_bench.py --videos 12 --repeat 200 --workers 1
+    python benchmarks/decode_bench.py --videos 8 --repeat 5 --compare-skipping --bframes forced
 
 Writes Kinetics-like test videos (10 s, 30 fps, 340x256, H.264; the size of the common
 "Kinetics-400 scaled to 256" copies) and decodes them with the official STAM-16 protocol
 (16 frames at 1.6 fps, resize 256, centre crop 224). Reports videos/s for `--workers` decoding
 processes (videos/s per core = that / workers), and the consumer's RSS at the start and end of
 a long stream (the file list repeated `--repeat` times), which stays flat when prefetch is bounded.
+
+`--compare-skipping` instead times `load_views` in this process on each video twice in turn:
+as it runs (the decoder skipping the non-reference frames the clip does not take) and with
+every frame decoded in order (the official pipeline's way), `--repeat` rounds; it reports the
+median milliseconds per video of each and their ratio, and checks the two give the same clips.
+`--bframes` sets how the videos are encoded: `default` leaves the frame types to x264 (on
+these frames, 221 of 300 are B-frames, a third of those references: b-pyramid), `forced` puts a
+B-frame in every slot x264 allows (3 between references), `none` writes no B-frame (nothing to
+skip: what the skipping costs). The first video's frame types are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from stam_jax.data import video
 from stam_jax.data.loader import decode_in_order
-from stam_jax.data.synthetic import write_index_video
+from stam_jax.data.synthetic import index_frame, write_index_video, write_video
 from stam_jax.data.video import ClipSpec
+
+B_FRAMES = {
+    "forced": {"x264-params": "bframes=3:b-adapt=0:b-pyramid=normal"},
+    "none": {"x264-params": "bframes=0"},
+}
 
 
 def rss_mib() -> float:
@@ -40,17 +60,84 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=340)
     parser.add_argument("--resize", type=int, default=256)
     parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--bframes", choices=("default", "forced", "none"), default="default")
+    parser.add_argument("--compare-skipping", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="decode_bench_") as workdir:
-        _measure(args, Path(workdir))
+        paths = _videos(args, Path(workdir))
+        spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
+        if args.compare_skipping:
+            _compare_skipping(args, paths, spec)
+        else:
+            _measure(args, paths, spec)
 
 
-def _measure(args: argparse.Namespace, workdir: Path) -> None:
-    paths = [
-        write_index_video(workdir / f"v{i}.mp4", i, args.height, args.width)
+def _videos(args: argparse.Namespace, workdir: Path) -> list[Path]:
+    """10-s 30-fps H.264 index videos, their frame types as `--bframes` says."""
+    if args.bframes == "default":
+        return [
+            write_index_video(workdir / f"v{i}.mp4", i, args.height, args.width)
+            for i in range(args.videos)
+        ]
+    return [
+        write_video(
+            workdir / f"v{i}.mp4",
+            (index_frame(j, args.height, args.width, seed=i) for j in range(300)),
+            30,
+            options=B_FRAMES[args.bframes],
+        )
         for i in range(args.videos)
     ]
-    spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
+
+
+def _frame_types(path: Path) -> dict[str, int]:
+    """How many I, P and B frames the stream has."""
+    import av
+    from av.video.frame import PictureType
+
+    counts: dict[str, int] = {}
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            kind = PictureType(frame.pict_type).name
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _compare_skipping(args: argparse.Namespace, paths: list[Path], spec: ClipSpec) -> None:
+    probe_stream = video.probe_stream
+
+    def in_order(path: Path) -> video.Probed:  # no positions: every frame decoded in order
+        return dataclasses.replace(probe_stream(path), positions=None)
+
+    times: dict[str, list[float]] = {"skipping": [], "in_order": []}
+    for _ in range(args.repeat):
+        for path in paths:
+            clips = {}
+            for arm, probe in (("skipping", probe_stream), ("in_order", in_order)):
+                video.probe_stream = probe
+                start = time.perf_counter()
+                clips[arm] = video.load_views(path, spec)
+                times[arm].append(time.perf_counter() - start)
+            video.probe_stream = probe_stream
+            assert np.array_equal(clips["skipping"], clips["in_order"]), path
+    ms = {arm: round(1000 * statistics.median(t), 2) for arm, t in times.items()}
+    print(
+        json.dumps(
+            {
+                "videos": len(paths),
+                "rounds": args.repeat,
+                "bframes": args.bframes,
+                "frame_types_first_video": _frame_types(paths[0]),
+                "skipping_positions_found": probe_stream(paths[0]).positions is not None,
+                "median_ms_per_video": ms,
+                "in_order_over_skipping": round(ms["in_order"] / ms["skipping"], 3),
+            },
+            indent=1,
+        )
+    )
+
+
+def _measure(args: argparse.Namespace, paths: list[Path], spec: ClipSpec) -> None:
     stream = paths * args.repeat
     start, first_rss, count = time.perf_counter(), None, 0
     for decoded in decode_in_order(stream, spec, args.workers, prefetch=2 * max(args.workers, 1)):
