@@ -2,6 +2,7 @@
 
     python benchmarks/decode_bench.py --videos 12 --repeat 200 --workers 1
     python benchmarks/decode_bench.py --videos 8 --repeat 5 --compare-skipping --bframes forced
+    python benchmarks/decode_bench.py --videos 8 --repeat 6 --workers 2 --compare-threads
 
 Writes Kinetics-like test videos (10 s, 30 fps, 340x256, H.264; the size of the common
 "Kinetics-400 scaled to 256" copies) and decodes them with the official STAM-16 protocol
@@ -13,6 +14,13 @@ a long stream (the file list repeated `--repeat` times), which stays flat when p
 as it runs (the decoder skipping the non-reference frames the clip does not take) and with
 every frame decoded in order (the official pipeline's way), `--repeat` rounds; it reports the
 median milliseconds per video of each and their ratio, and checks the two give the same clips.
+
+`--compare-threads` streams the videos (4 times over, timed from the first decoded) through
+`--workers` decoding processes `--repeat` times, in turn with each video's decoder on the
+processes' share of the cores (`loader.decoder_threads`, what the loaders use) and on FFmpeg's
+default of one thread per core in every process, and reports the videos/s of each (the median
+of the rounds) and their ratio.
+
 `--bframes` sets how the videos are encoded: `default` leaves the frame types to x264 (on
 these frames, 221 of 300 are B-frames, a third of those references: b-pyramid), `forced` puts a
 B-frame in every slot x264 allows (3 between references), `none` writes no B-frame (nothing to
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -33,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from stam_jax.data import video
-from stam_jax.data.loader import decode_in_order
+from stam_jax.data.loader import decode_in_order, decoder_threads
 from stam_jax.data.synthetic import index_frame, write_index_video, write_video
 from stam_jax.data.video import ClipSpec
 
@@ -62,12 +71,15 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--bframes", choices=("default", "forced", "none"), default="default")
     parser.add_argument("--compare-skipping", action="store_true")
+    parser.add_argument("--compare-threads", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="decode_bench_") as workdir:
         paths = _videos(args, Path(workdir))
         spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
         if args.compare_skipping:
             _compare_skipping(args, paths, spec)
+        elif args.compare_threads:
+            _compare_threads(args, paths, spec)
         else:
             _measure(args, paths, spec)
 
@@ -131,6 +143,33 @@ def _compare_skipping(args: argparse.Namespace, paths: list[Path], spec: ClipSpe
                 "skipping_positions_found": probe_stream(paths[0]).positions is not None,
                 "median_ms_per_video": ms,
                 "in_order_over_skipping": round(ms["in_order"] / ms["skipping"], 3),
+            },
+            indent=1,
+        )
+    )
+
+
+def _compare_threads(args: argparse.Namespace, paths: list[Path], spec: ClipSpec) -> None:
+    share = decoder_threads(args.workers)
+    rates: dict[str, list[float]] = {"share": [], "one_per_core": []}
+    for _ in range(args.repeat):
+        for arm, threads in (("share", share), ("one_per_core", 0)):
+            # Timed from the first video decoded: the processes' start is not decoding.
+            stream = decode_in_order(paths * 4, spec, args.workers, 2 * args.workers, threads)
+            assert next(stream).status == "ok"
+            start = time.perf_counter()
+            assert all(decoded.status == "ok" for decoded in stream)
+            rates[arm].append((4 * len(paths) - 1) / (time.perf_counter() - start))
+    median = {arm: round(statistics.median(r), 2) for arm, r in rates.items()}
+    print(
+        json.dumps(
+            {
+                "videos": len(paths),
+                "workers": args.workers,
+                "rounds": args.repeat,
+                "threads_per_decoder": {"share": share, "one_per_core": os.cpu_count()},
+                "videos_per_s": median,
+                "share_over_one_per_core": round(median["share"] / median["one_per_core"], 3),
             },
             indent=1,
         )

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import process_running
 
-from stam_jax.data.loader import Decoded, Started, ordered_map
+from stam_jax.data import video
+from stam_jax.data.loader import Decoded, Started, decoder_threads, ordered_map
 
 
 def crash_on_bad(position: int, name: str) -> Decoded:
@@ -23,6 +24,24 @@ def crash_on_bad(position: int, name: str) -> Decoded:
     if name == "bad":
         os._exit(11)
     return Decoded(position, np.full(1, position), "ok")
+
+
+def threads_here(position: int, name: str) -> Decoded:
+    """A stand-in decoder that reports the thread count its process gives video decoders."""
+    return Decoded(position, np.array(video._decoder_threads), "ok")
+
+
+def test_each_decoding_process_gives_its_decoders_its_share_of_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert decoder_threads(1) == cores and decoder_threads(cores + 1) == 1
+    shares = [d.views.item() for d in ordered_map(threads_here, [(0, "a"), (1, "b")], 1, 2)]
+    assert shares == [cores, cores]  # one process: all the cores
+    chosen = ordered_map(threads_here, [(0, "a")], 1, 1, threads=3)
+    assert [d.views.item() for d in chosen] == [3]
+    assert video._decoder_threads == 0  # this process: FFmpeg's default, one per core
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"use 0 \(one per core\) or a count >= 1"):
+            video.set_decoder_threads(bad)
 
 
 def test_order_and_worker_crash_recovery():

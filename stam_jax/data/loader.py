@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from stam_jax.data.video import ClipSpec, TooShortError, VideoError, load_train_clip, load_views
+from stam_jax.data.video import (
+    ClipSpec,
+    TooShortError,
+    VideoError,
+    load_train_clip,
+    load_views,
+    set_decoder_threads,
+)
 
 T = TypeVar("T")
 
@@ -49,6 +56,14 @@ WORKERS_RULE = (
 def worker_count(requested: int) -> int:
     """Decoding processes to use: `requested`, or one per available core when it is negative."""
     return requested if requested >= 0 else max(len(os.sched_getaffinity(0)), 1)
+
+
+def decoder_threads(workers: int) -> int:
+    """Threads for each video's decoder in each of `workers` decoding processes: their share
+    of the cores, at least 1. With each decoder on one thread per core (FFmpeg's default),
+    as many processes as cores contend: on 2 cores, 2 processes decoded 1.17-1.19x faster
+    with one thread each (benchmarks/decode_bench.py --compare-threads, BENCHMARKS.md)."""
+    return max(len(os.sched_getaffinity(0)) // max(workers, 1), 1)
 
 
 def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
@@ -83,7 +98,11 @@ def with_listed_path(decoded: Decoded, opened: str | Path, listed: str) -> Decod
 
 
 def decode_in_order(
-    paths: Sequence[str | Path], spec: ClipSpec, workers: int, prefetch: int
+    paths: Sequence[str | Path],
+    spec: ClipSpec,
+    workers: int,
+    prefetch: int,
+    threads: int | None = None,
 ) -> Generator[Decoded, None, None]:
     """Yields every video's `Decoded` (evaluation views), in the order of `paths`.
 
@@ -95,17 +114,24 @@ def decode_in_order(
       spec: sampling and transform.
       workers: decoding processes; 0 decodes in this process.
       prefetch: videos in flight at most (>= 1).
+      threads: as `ordered_map`'s.
     """
     jobs = [(position, str(path), spec) for position, path in enumerate(paths)]
-    return ordered_map(decode_one, jobs, workers, prefetch)
+    return ordered_map(decode_one, jobs, workers, prefetch, threads)
 
 
 def ordered_map(
-    fn: Callable[..., Decoded], jobs: Sequence[tuple], workers: int, prefetch: int
+    fn: Callable[..., Decoded],
+    jobs: Sequence[tuple],
+    workers: int,
+    prefetch: int,
+    threads: int | None = None,
 ) -> Generator[Decoded, None, None]:
     """`fn(*job)` for every job, in order, in `workers` processes (0: in this one).
 
     `fn` must never raise (it returns a failed `Decoded` instead) and job[0] is its position.
+    Each process's video decoders use `threads` threads (`video.set_decoder_threads`; default
+    `decoder_threads(workers)`, their share of the cores); in this process, as set there.
 
     Raises:
       ValueError: `workers` is not a whole number >= 0 (-1 failed in the process pool with
@@ -118,7 +144,8 @@ def ordered_map(
         )
     if workers == 0:
         return (fn(*job) for job in jobs)
-    return iter(_ParallelDecoder(fn, jobs, workers, prefetch))
+    threads = decoder_threads(workers) if threads is None else threads
+    return iter(_ParallelDecoder(fn, jobs, workers, prefetch, threads))
 
 
 class Started(Iterator[T]):
@@ -198,16 +225,24 @@ class _ParallelDecoder:
     """
 
     def __init__(
-        self, fn: Callable[..., Decoded], jobs: Sequence[tuple], workers: int, prefetch: int
+        self,
+        fn: Callable[..., Decoded],
+        jobs: Sequence[tuple],
+        workers: int,
+        prefetch: int,
+        threads: int = 0,
     ) -> None:
         self.fn, self.jobs = fn, jobs  # any sequence: built lazily for long training runs
-        self.workers, self.prefetch = workers, max(prefetch, 1)
+        self.workers, self.prefetch, self.threads = workers, max(prefetch, 1), threads
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
         # 'spawn': forking a process that holds JAX's threads can deadlock.
         context = multiprocessing.get_context("spawn")
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=start_worker
+            self.workers,
+            mp_context=context,
+            initializer=start_worker,
+            initargs=(self.threads,),
         )
 
     def __iter__(self) -> Iterator[Decoded]:
@@ -273,11 +308,13 @@ def _submit(
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def start_worker() -> None:
+def start_worker(threads: int = 0) -> None:
     """Run in each decoding process as it starts, these and grain's reading processes
-    (`stam_jax.data.reading`): see the two functions it calls."""
+    (`stam_jax.data.reading`): see the two functions it calls; video decoders then use
+    `threads` threads (`video.set_decoder_threads`)."""
     _leave_interrupts_to_the_parent()
     _end_with_the_parent()
+    set_decoder_threads(threads)
 
 
 def _end_with_the_parent() -> None:

@@ -203,6 +203,27 @@ def _open(path: str | Path) -> Any:
     return av.open(str(path), metadata_errors="ignore")
 
 
+# Threads each video's decoder may use (FFmpeg's thread_count; 0: one per core). Decoding
+# processes that share the cores each take their share (`set_decoder_threads`).
+_decoder_threads = 0
+
+
+def set_decoder_threads(count: int) -> None:
+    """Sets how many threads each video's decoder uses in this process: 0 lets FFmpeg take one
+    per core (for a process decoding alone), 1 none besides the caller's (for one of as many
+    decoding processes as cores: frame threads there only contend)."""
+    global _decoder_threads
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"decoder threads {count!r}: use 0 (one per core) or a count >= 1.")
+    _decoder_threads = count
+
+
+def _threaded(stream: Any) -> None:
+    """Lets `stream`'s decoder decode frames in parallel, in `_decoder_threads` threads."""
+    stream.thread_type = "AUTO"
+    stream.thread_count = _decoder_threads
+
+
 # Codecs whose decoders leave out a non-reference frame when told to (AVDISCARD_NONREF), giving
 # each frame they do decode its packet's timestamp.
 SKIPPING_CODECS = frozenset({"h264", "hevc"})
@@ -316,7 +337,7 @@ def decode_frames(
 def _decode_in_order(container: Any, wanted: set[int]) -> dict[int, np.ndarray]:
     """The `wanted` frames, every frame decoded up to the last of them."""
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    _threaded(stream)
     frames = {}
     last = max(wanted)
     # Decoders emit frames in presentation order: position = index in the frame list.
@@ -335,7 +356,7 @@ def _decode_skipping(
     frames are not wanted (None: a frame whose timestamp `positions` lacks), and how many
     frames were decoded."""
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    _threaded(stream)
     context = stream.codec_context
     frames: dict[int, np.ndarray] = {}
     decoded = 0
