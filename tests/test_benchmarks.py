@@ -119,41 +119,17 @@ def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
 
 
 def test_decode_bench_smoke():
-    args = ["--videos", "2", "--workers", "1", "--height", "48", "--width", "64"]
-    (row,) = run_script(
-        "benchmarks/decode_bench.py", *args, "--resize", "36", "--crop", "32", "--frames", "4"
-    )
+    args = ["--videos", "2", "--workers", "1", "--height", "48", "--width", "64", "--resize"]
+    args += ["36", "--crop", "32", "--frames", "4"]
+    (row,) = run_script("benchmarks/decode_bench.py", *args)
     assert row["videos"] == 2 and row["videos_per_s"] > 0
+    args += ["--repeat", "1"]
     (row,) = run_script(
-        "benchmarks/decode_bench.py",
-        *args,
-        "--resize",
-        "36",
-        "--crop",
-        "32",
-        "--frames",
-        "4",
-        "--repeat",
-        "1",
-        "--compare-skipping",
-        "--bframes",
-        "forced",
+        "benchmarks/decode_bench.py", *args, "--compare-skipping", "--bframes", "forced"
     )
     assert row["skipping_positions_found"] and row["frame_types_first_video"]["B"] > 0
     assert row["median_ms_per_video"]["skipping"] > 0 and row["in_order_over_skipping"] > 0
-    (row,) = run_script(
-        "benchmarks/decode_bench.py",
-        *args,
-        "--resize",
-        "36",
-        "--crop",
-        "32",
-        "--frames",
-        "4",
-        "--repeat",
-        "1",
-        "--compare-threads",
-    )
+    (row,) = run_script("benchmarks/decode_bench.py", *args, "--compare-threads")
     assert row["threads_per_decoder"]["share"] >= 1 and row["share_over_one_per_core"] > 0
 
 
