@@ -584,9 +584,11 @@ def _b_frame_video(path, codec, count=90, fps=30, size=(72, 128)):
     "name,codec",
     [("h264.mp4", "libx264"), ("h264.mkv", "libx264"), ("hevc.mp4", "libx265")],
 )
-def test_skipping_non_reference_frames_changes_no_frame_taken(tmp_path, name, codec):
+def test_skipping_non_reference_frames_changes_no_frame_taken(tmp_path, monkeypatch, name, codec):
     # H.264 and HEVC: the non-reference frames the clips do not take are not decoded, and the
     # model inputs are still the official pipeline's (which decodes every frame) to the bit.
+    # With 8 frame threads: each packet's discard setting reaches the thread that decodes it.
+    monkeypatch.setattr(video, "_decoder_threads", 8)
     path = _b_frame_video(tmp_path / name, codec)
     probed = video.probe_stream(path)
     assert probed.count == 90 and sorted(probed.positions.values()) == list(range(90))
