@@ -184,6 +184,11 @@ def test_out_must_be_new_empty_or_an_earlier_arrangement_replaced_with_force(tmp
             arrange(csv, videos, where)
     assert tree(videos).keys() == {f for f in FILES} | {"part2"}
 
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ArrangeError, match=r"cannot write --out .*a_file is a file, not a folder"):
+        arrange(csv, videos, tmp_path / "a_file" / "by_class")
+    (tmp_path / "a_file").unlink()
+
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ArrangeError, match=r"is not empty and is not an arrangement .*notes.txt"):

@@ -283,7 +283,7 @@ def _check_places(videos: Path, out: Path, force: bool) -> bool:
         )
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ArrangeError(f"--out {out} is a file or a link; give a folder to create.")
-    problem = unwritable(out, into=out.is_dir())
+    problem = unwritable(out)  # the folder is built beside it, and renamed into place
     if problem:
         raise ArrangeError(f"cannot write --out {out}: {problem}; give another folder.")
     if not out.exists():
