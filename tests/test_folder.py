@@ -253,6 +253,24 @@ def test_a_root_that_is_a_file_is_refused(tmp_path):
         list_videos(tmp_path / "videos.mp4")
 
 
+def test_a_flat_folder_of_videos_is_refused_saying_how_to_arrange_it(tmp_path):
+    touch(tmp_path, "a_000001_000011.mp4", "b_000002_000012.mp4", "c.MKV", "d.mp4", "notes.txt")
+    with pytest.raises(DatasetError) as refused:
+        list_videos(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path} has no class sub-folders; expected root/<class>/<video>. It holds 4 video "
+        "files itself (a_000001_000011.mp4, b_000002_000012.mp4, c.MKV ...): a Kinetics copy "
+        "with its annotation CSV is made into class folders by python -m "
+        "stam_jax.data.arrange; videos without classes go in one sub-folder (evaluated with "
+        "--config.eval.accuracy=False)."
+    )
+    for name in ("a_000001_000011.mp4", "b_000002_000012.mp4", "c.MKV", "d.mp4"):
+        (tmp_path / name).unlink()
+    with pytest.raises(DatasetError) as refused:  # no video files in it: no such advice
+        list_videos(tmp_path)
+    assert str(refused.value).endswith("has no class sub-folders; expected root/<class>/<video>.")
+
+
 def test_the_listing_digest_is_of_the_classes_paths_and_labels_not_the_root():
     def folder(root: str, label: int, classes=("a", "b")) -> VideoFolder:
         return VideoFolder(Path(root), classes, (VideoItem("a/v.mp4", label),), ())

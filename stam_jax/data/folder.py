@@ -306,11 +306,23 @@ def list_videos(
     else:
         classes = folders
         on_disk = {name: name for name in folders}
+    wanted = tuple(e.lower() for e in extensions)
     if not classes:
-        raise DatasetError(f"{root} has no class sub-folders; expected root/<class>/<video>.")
+        message = f"{root} has no class sub-folders; expected root/<class>/<video>."
+        flat = [
+            i.path for i in ignored if i.reason == ROOT_FILE and i.path.lower().endswith(wanted)
+        ]
+        if flat:
+            shown = ", ".join(map(as_text, sorted(flat)[:3])) + (" ..." if len(flat) > 3 else "")
+            message += (
+                f" It holds {len(flat)} video files itself ({shown}): a Kinetics copy with its "
+                "annotation CSV is made into class folders by python -m stam_jax.data.arrange; "
+                "videos without classes go in one sub-folder (evaluated with "
+                "--config.eval.accuracy=False)."
+            )
+        raise DatasetError(message)
     items, empty = [], []
     first: dict[str, tuple[str, int]] = {}  # real path -> (listed path, label)
-    wanted = tuple(e.lower() for e in extensions)
     for label, name in enumerate(classes):
         found = []
         if name in on_disk:
