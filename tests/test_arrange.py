@@ -132,7 +132,15 @@ def test_hard_links_and_copies(tmp_path, mode):
     [
         ("", "is empty"),
         ("label,youtube_id,time_start\nyoga,a,0\n", "has no column time_end: its first line"),
-        ("yoga,a,0,10,val\n", "has no column label, youtube_id, time_start, time_end"),
+        ("yoga,a,0,10,val\n", "has no column label, youtube_id, time_start, time_end: its"),
+        (
+            "youtube_id,time_start,time_end,split\na,0,10,test\n",
+            "has no column label: its first line is ['youtube_id', 'time_start', 'time_end', "
+            "'split'], and a Kinetics annotation CSV begins with a header naming label, "
+            "youtube_id, time_start, time_end. A split without labels (a test split) has no "
+            "classes to arrange: put its videos in one sub-folder and evaluate them with "
+            "--config.eval.accuracy=False.",
+        ),
         (HEADER, "has a header but no rows"),
         (HEADER + "yoga,a,0,10\n", "line 2 has 4 fields, the header 5"),
         (HEADER + "yoga,a,0,10,val\nyoga,b,x,10,val\n", "line 3: time_start is 'x'"),

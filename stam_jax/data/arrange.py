@@ -189,9 +189,16 @@ def read_annotations(path: str | os.PathLike) -> list[Row]:
     header = [name.strip() for name in lines[0][1]]
     absent = [c for c in COLUMNS if c not in header]
     if absent:
+        unlabelled = (
+            " A split without labels (a test split) has no classes to arrange: put its videos in "
+            "one sub-folder and evaluate them with --config.eval.accuracy=False."
+            if absent == ["label"]
+            else ""
+        )
         raise ArrangeError(
             f"{flag} has no column {', '.join(absent)}: its first line is {lines[0][1]!r}, and "
             f"a Kinetics annotation CSV begins with a header naming {', '.join(COLUMNS)}."
+            + unlabelled
         )
     at = {c: header.index(c) for c in COLUMNS}
     rows = []
