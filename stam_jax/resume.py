@@ -45,6 +45,12 @@ _RESTART_MAY_CHANGE = (
 )
 RUN_RECORD = "run_config.json"
 
+# Settings added to the run record since it was first written, with the value every run
+# started before them computed with: a record without one is compared as holding that value
+# (a run of the whole model resumed with train.freeze=vit would otherwise be let through, and
+# fail restoring its optimizer state). Add each new setting of the record here.
+_ADDED_SINCE = {"train.freeze": "", "train.layer_decay": 1.0}
+
 
 _LISTING = "train.root_listing"  # the run record's entry for `VideoFolder.listing_digest`
 
@@ -102,7 +108,9 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
     """Refuses to resume the run in `workdir` with a config that computes something else.
 
     Fields only one side holds (added to or removed from stam-jax since the run started) are
-    not compared; a run from before the record is resumed with a warning. With no checkpoint
+    not compared, but for those of `_ADDED_SINCE`, which a record without them is taken to
+    hold at the value older runs computed with; a run from before the record is resumed with
+    a warning. With no checkpoint
     to resume from (`start` 0), a record left by an earlier start is checked the same way.
     """
     record = workdir / RUN_RECORD
@@ -131,7 +139,9 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
             "restore it, or start a new --workdir."
         ) from None
     now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
-    # Only fields both know: one added or removed by another stam-jax version is not compared.
+    saved = {**{k: v for k, v in _ADDED_SINCE.items() if k in now}, **saved}
+    # Only fields both know: one added (but those of _ADDED_SINCE) or removed by another
+    # stam-jax version is not compared.
     # A path written another way (./ckpt, ckpt/) that leads to the same place is no change.
     changed = [
         k

@@ -837,6 +837,18 @@ def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(tra
         node[leaf] = value
         with pytest.raises(TrainConfigError, match=re.escape(f"Changed:\n  {name}: ")):
             check_same_run(config, tmp_path, 3, folder)
+    # A record written before train.freeze and train.layer_decay existed: the run computed
+    # with neither, so turning one on is a change (it was let through, to fail restoring the
+    # optimizer state), and the defaults are none.
+    record = json.loads((tmp_path / "run_config.json").read_text())
+    del record["train.freeze"], record["train.layer_decay"]
+    (tmp_path / "run_config.json").write_text(json.dumps(record))
+    check_same_run(tiny_config(train_root), tmp_path, 3, folder)
+    for name, value in (("freeze", "vit"), ("layer_decay", 0.75)):
+        config = tiny_config(train_root)
+        config.train[name] = value
+        with pytest.raises(TrainConfigError, match=re.escape(f"Changed:\n  train.{name}: ")):
+            check_same_run(config, tmp_path, 3, folder)
     # With no checkpoint, a record alone (a start refused midway) leaves nothing to mix with;
     # kept best params (an evaluation before the first logged step) do.
     config = tiny_config(train_root, learning_rate=2e-3)
