@@ -118,8 +118,8 @@ def _frame_types(path: Path) -> dict[str, int]:
 def _compare_skipping(args: argparse.Namespace, paths: list[Path], spec: ClipSpec) -> None:
     probe_stream = video.probe_stream
 
-    def in_order(path: Path) -> video.Probed:  # no positions: every frame decoded in order
-        return dataclasses.replace(probe_stream(path), positions=None)
+    def in_order(path: Path) -> video.Probed:  # no stamps: every frame decoded in order
+        return dataclasses.replace(probe_stream(path), stamps=None)
 
     times: dict[str, list[float]] = {"skipping": [], "in_order": []}
     for _ in range(args.repeat):
@@ -140,7 +140,7 @@ def _compare_skipping(args: argparse.Namespace, paths: list[Path], spec: ClipSpe
                 "rounds": args.repeat,
                 "bframes": args.bframes,
                 "frame_types_first_video": _frame_types(paths[0]),
-                "skipping_positions_found": probe_stream(paths[0]).positions is not None,
+                "skipping_stamps_found": probe_stream(paths[0]).stamps is not None,
                 "median_ms_per_video": ms,
                 "in_order_over_skipping": round(ms["in_order"] / ms["skipping"], 3),
             },

@@ -236,19 +236,19 @@ class Probed:
     Attributes:
       count: frames in the stream (its packets with a timestamp).
       fps: the stream's average frame rate.
-      positions: each packet's timestamp -> its frame's position in presentation order, when
-        the decoder may skip frames (`decode_frames`): an H.264 or HEVC stream, not in AVI,
-        whose packets each have a timestamp of their own and are neither marked to discard
-        nor corrupt. Else None.
+      stamps: the packets' timestamps, sorted (int64; a frame's position in presentation
+        order is its timestamp's index), when the decoder may skip frames (`decode_frames`):
+        an H.264 or HEVC stream, not in AVI, whose packets each have a timestamp of their own
+        and are neither marked to discard nor corrupt. Else None.
     """
 
     count: int
     fps: float
-    positions: dict[int, int] | None
+    stamps: np.ndarray | None
 
 
 def probe_stream(path: str | Path) -> Probed:
-    """The frame count, frame rate and packet positions of the first video stream, from its
+    """The frame count, frame rate and packet timestamps of the first video stream, from its
     packets (nothing is decoded).
 
     Raises:
@@ -282,10 +282,9 @@ def probe_stream(path: str | Path) -> Probed:
         raise VideoError(f"{type(e).__name__}: {e}") from None
     if not stamps:
         raise VideoError("the video stream has no frames")
-    positions = None
-    if skippable and len(set(stamps)) == len(stamps):
-        positions = {stamp: i for i, stamp in enumerate(sorted(stamps))}
-    return Probed(len(stamps), fps, positions)
+    sorted_stamps = np.unique(np.asarray(stamps, np.int64))  # 8 bytes a frame, for long videos
+    unique = sorted_stamps.size == len(stamps)
+    return Probed(len(stamps), fps, sorted_stamps if skippable and unique else None)
 
 
 def probe(path: str | Path) -> tuple[int, float]:
@@ -299,15 +298,15 @@ def probe(path: str | Path) -> tuple[int, float]:
 
 
 def decode_frames(
-    path: str | Path, wanted: Sequence[int], positions: dict[int, int] | None = None
+    path: str | Path, wanted: Sequence[int], stamps: np.ndarray | None = None
 ) -> dict[int, np.ndarray]:
     """Decodes the frames at `wanted` positions (presentation order) as RGB uint8 arrays.
 
-    Every frame up to the last wanted one is decoded, except, given `positions`
+    Every frame up to the last wanted one is decoded, except, given `stamps`
     (`probe_stream`'s), the non-reference frames that are not wanted: no other frame is
     predicted from one, so the frames decoded are the same to the bit, and the clip's
     frames are found by their timestamps. Should a decoded frame's timestamp not be one of
-    `positions`, the frames are decoded again without skipping.
+    `stamps`, the frames are decoded again without skipping.
 
     Returns:
       position -> `(H, W, 3)` uint8 frame, for every position in `wanted`.
@@ -318,9 +317,9 @@ def decode_frames(
     wanted_set = set(int(i) for i in wanted)
     frames: dict[int, np.ndarray] | None = None
     try:
-        if positions is not None:
+        if stamps is not None:
             with _open(path) as container:
-                frames, _ = _decode_skipping(container, wanted_set, positions)
+                frames, _ = _decode_skipping(container, wanted_set, stamps)
         if frames is None:
             with _open(path) as container:
                 frames = _decode_in_order(container, wanted_set)
@@ -349,11 +348,19 @@ def _decode_in_order(container: Any, wanted: set[int]) -> dict[int, np.ndarray]:
     return frames
 
 
+def _position(stamps: np.ndarray, stamp: int | None) -> int | None:
+    """The index of `stamp` in the sorted `stamps`, or None where it is not one of them."""
+    if stamp is None:
+        return None
+    index = int(np.searchsorted(stamps, stamp))
+    return index if index < stamps.size and stamps[index] == stamp else None
+
+
 def _decode_skipping(
-    container: Any, wanted: set[int], positions: dict[int, int]
+    container: Any, wanted: set[int], stamps: np.ndarray
 ) -> tuple[dict[int, np.ndarray] | None, int]:
     """The `wanted` frames, the decoder skipping the non-reference frames of the packets whose
-    frames are not wanted (None: a frame whose timestamp `positions` lacks), and how many
+    frames are not wanted (None: a frame whose timestamp `stamps` lacks), and how many
     frames were decoded."""
     stream = container.streams.video[0]
     _threaded(stream)
@@ -363,10 +370,11 @@ def _decode_skipping(
     for packet in container.demux(stream):
         if packet.size:  # the empty packet at the end flushes the decoder
             # Read by the decoder for the next packet it is sent (its threads included).
-            context.skip_frame = "DEFAULT" if positions.get(packet.pts) in wanted else "NONREF"
+            taken = _position(stamps, packet.pts) in wanted
+            context.skip_frame = "DEFAULT" if taken else "NONREF"
         for frame in packet.decode():
             decoded += 1
-            position = positions.get(frame.pts)
+            position = _position(stamps, frame.pts)
             if position is None:
                 return None, decoded
             if position in wanted:
@@ -409,7 +417,7 @@ def load_views(path: str | Path, spec: ClipSpec) -> np.ndarray:
             )
         indices = np.concatenate([indices, np.full(t - len(indices), indices[-1])])
     clips = [indices[s : s + t] for s in clip_starts(len(indices), spec)]
-    frames = decode_frames(path, np.concatenate(clips), probed.positions)
+    frames = decode_frames(path, np.concatenate(clips), probed.stamps)
     views = np.empty((spec.num_clips, spec.num_crops, t, spec.crop, spec.crop, 3), np.uint8)
     cache: dict[int, list[np.ndarray]] = {}
     for c, clip in enumerate(clips):
@@ -438,7 +446,7 @@ def load_sampled_frames(path: str | Path, spec: ClipSpec) -> np.ndarray:
     indices = resample_indices(count, fps, spec.frame_rate)
     if len(indices) == 0:
         raise TooShortError(f"no frames at {spec.frame_rate} fps (n={count}, fps={fps:.3f})")
-    frames = decode_frames(path, indices, probed.positions)
+    frames = decode_frames(path, indices, probed.stamps)
     height, width = frames[int(indices[0])].shape[:2]
     h, w = resized_size(height, width, spec.resize)
     out = np.empty((len(indices), h, w, 3), np.uint8)
@@ -480,7 +488,7 @@ def load_train_clip(path: str | Path, spec: ClipSpec, seed: Sequence[int]) -> np
 
     def fetch(slots: list[int]) -> list[np.ndarray]:
         wanted = indices[slots]
-        frames = decode_frames(path, wanted, probed.positions)
+        frames = decode_frames(path, wanted, probed.stamps)
         return [frames[int(i)] for i in wanted]
 
     return augment_clip(len(indices), fetch, spec, rng)
