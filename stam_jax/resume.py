@@ -110,8 +110,8 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
     Fields only one side holds (added to or removed from stam-jax since the run started) are
     not compared, but for those of `_ADDED_SINCE`, which a record without them is taken to
     hold at the value older runs computed with; a run from before the record is resumed with
-    a warning. With no checkpoint
-    to resume from (`start` 0), a record left by an earlier start is checked the same way.
+    a warning. With no checkpoint to resume from (`start` 0), a record left by an earlier
+    start is checked the same way.
     """
     record = workdir / RUN_RECORD
     # Without a checkpoint (none saved yet, or deleted) the run starts again from step 0, but
