@@ -143,8 +143,7 @@ def _compare_skipping(args: argparse.Namespace, paths: list[Path], spec: ClipSpe
                 "skipping_stamps_found": probe_stream(paths[0]).stamps is not None,
                 "median_ms_per_video": ms,
                 "in_order_over_skipping": round(ms["in_order"] / ms["skipping"], 3),
-            },
-            indent=1,
+            }
         )
     )
 
@@ -170,8 +169,7 @@ def _compare_threads(args: argparse.Namespace, paths: list[Path], spec: ClipSpec
                 "threads_per_decoder": {"share": share, "one_per_core": os.cpu_count()},
                 "videos_per_s": median,
                 "share_over_one_per_core": round(median["share"] / median["one_per_core"], 3),
-            },
-            indent=1,
+            }
         )
     )
 

@@ -25,11 +25,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   M16=stam_tiny M64=stam_tiny_mean B_SMALL=2 B_LARGE=4 B_TRAIN=4 MM=256 REP=1 INNER=1 VIDEOS=2
   HALF=float32 T=300 BLOCK="--smoke" E2E="--model stam_tiny --config configs/tiny.py --height 48"
   E2E="$E2E --width 64 --videos 4 --batch 2" PREP="$E2E"
+  DECODE="--videos 2 --workers 2 --height 48 --width 64 --resize 36 --crop 32 --frames 4"
 else
   M16=stam_16 M64=stam_64 B_SMALL=8 B_LARGE=32 B_TRAIN=16 MM=8192 REP=10 INNER=3 VIDEOS=8
   HALF=bfloat16 T=1 BLOCK="--frames 512 --repeats 10 --matmul-size 8192"
   E2E="--model stam_16 --videos 96 --batch 32"
   PREP="--model stam_16 --videos 256 --unique 64 --batch 32"
+  DECODE="--videos 8 --workers $(nproc)"
 fi
 
 DEADLINE=${DEADLINE:-500}  # seconds for the whole suite; later steps get what is left
@@ -108,6 +110,10 @@ for i in 1 2; do  # compile time: empty persistent cache, then a second process 
   step compile_cache 40 $PY $F --models $M16 --batches $B_SMALL --dtype $HALF --no-torch \
     --repeats 1 --matmul-size 256 --cache-dir /tmp/stam_suite_xla_cache
 done
+# The raw-video input on this host's cores (CPU only): decoder threads per decoding process at
+# one process per core, and decoding without the non-reference frames no clip takes.
+step decode_threads 60 $PY benchmarks/decode_bench.py $DECODE --repeat 2 --compare-threads
+step decode_skipping 40 $PY benchmarks/decode_bench.py $DECODE --repeat 2 --compare-skipping
 rm -rf /tmp/stam_suite_xla_cache /tmp/stam_suite_eval_cache
 echo done | tee -a "$OUT/steps.log"
 cat "$OUT/results.jsonl"

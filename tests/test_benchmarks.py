@@ -97,16 +97,25 @@ def test_gpu_suite_runs_its_steps_at_tiny_sizes(tmp_path):
     # Two of its steps (the forward and train benchmarks have their own smoke tests): ONLY
     # picks them, and they run in the suite's order whatever the order ONLY names them in.
     env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    env["ONLY"] = "transfer kprof_float32"
+    env["ONLY"] = "decode_threads transfer kprof_float32"
     result = subprocess.run(
         ["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
     steps = (tmp_path / "steps.log").read_text().splitlines()
-    assert [line.split(":")[0] for line in steps[:-1]] == ["step kprof_float32", "step transfer"]
+    assert [line.split(":")[0] for line in steps[:-1]] == [
+        "step kprof_float32",
+        "step transfer",
+        "step decode_threads",
+    ]
     assert all("rc=0" in line for line in steps[:-1]) and steps[-1] == "done"
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if "step" in row] == ["kprof_float32", "transfer"]
+    assert [row["step"] for row in rows if "step" in row] == [
+        "kprof_float32",
+        "transfer",
+        "decode_threads",
+    ]
+    assert any(row.get("workers") == 2 and "share_over_one_per_core" in row for row in rows)
     assert any(row.get("batch_shape", [0])[0] == 4 for row in rows)  # the smoke batch
     (kprof,) = [row for row in rows if "jax_auto" in row]  # the kernel profile's row
     for lib in ("jax_auto", "torch_sdpa"):
