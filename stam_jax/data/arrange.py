@@ -147,8 +147,9 @@ def _time(value: str, column: str, line: int, flag: str) -> int:
     return int(number)
 
 
-def read_annotations(path: str | os.PathLike) -> list[Row]:
-    """The rows of a Kinetics annotation CSV.
+def read_annotations(path: str | os.PathLike) -> tuple[list[Row], str]:
+    """The rows of a Kinetics annotation CSV, and the SHA-256 (hex) of the bytes they were read
+    from.
 
     Args:
       path: the CSV: a header naming at least `COLUMNS` (in any order, with any others), then
@@ -223,7 +224,7 @@ def read_annotations(path: str | os.PathLike) -> list[Row]:
         rows.append(Row(line, label, youtube_id, start, end))
     if not rows:
         raise ArrangeError(f"{flag} has a header but no rows.")
-    return rows
+    return rows, hashlib.sha256(data).hexdigest()
 
 
 def index_videos(videos: Path) -> dict[str, list[str]]:
@@ -399,13 +400,13 @@ def _remove(entry: Path) -> None:
 
 
 def _record(
-    plan_: Plan, annotations: Path, videos: Path, mode: str, rows: int, data: bytes
+    plan_: Plan, annotations: Path, digest: str, videos: Path, mode: str, rows: int
 ) -> dict:
     return {
         "format": FORMAT,
         "version": 1,
         "annotations": str(annotations.resolve()),
-        "annotations_sha256": hashlib.sha256(data).hexdigest(),
+        "annotations_sha256": digest,
         "videos": str(videos.resolve()),
         "mode": mode,
         "rows": rows,
@@ -493,9 +494,9 @@ def arrange(
     annotations, videos, out = Path(annotations), Path(videos), Path(out)
     _finish_killed_swap(out)
     replace = _check_places(videos, out, force)
-    rows = read_annotations(annotations)
+    rows, digest = read_annotations(annotations)
     plan_ = match_rows(rows, index_videos(videos))
-    record = _record(plan_, annotations, videos, mode, len(rows), annotations.read_bytes())
+    record = _record(plan_, annotations, digest, videos, mode, len(rows))
     old = _sibling(out, "old")
     try:
         with new_folders_removed_on_failure(out.parent), _staging(out) as stage:
