@@ -376,27 +376,26 @@ def _staging(out: Path) -> Iterator[Path]:
     stage.mkdir(exist_ok=True)
     try:
         with claimed(stage, 0, f"--out {out}"):
-            lock = LOCK_FILE.format(process=0)
-            for entry in stage.iterdir():  # what a run killed before it left
-                if entry.name != lock:
-                    _remove(entry)
+            _empty(stage)  # of what a run killed before it left
             try:
                 yield stage
             finally:
                 if stage.exists():
-                    for entry in stage.iterdir():
-                        if entry.name != lock:
-                            _remove(entry)
+                    _empty(stage)
     finally:
         with contextlib.suppress(OSError):
             stage.rmdir()
 
 
-def _remove(entry: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry)
-    else:
-        entry.unlink()
+def _empty(stage: Path) -> None:
+    """Removes everything in `stage` but the file of this run's claim on it."""
+    for entry in stage.iterdir():
+        if entry.name == LOCK_FILE.format(process=0):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _record(
