@@ -63,7 +63,7 @@ def decoder_threads(workers: int) -> int:
     of the cores, at least 1. With each decoder on one thread per core (FFmpeg's default),
     as many processes as cores contend: on 2 cores, 2 processes decoded 1.17-1.19x faster
     with one thread each (benchmarks/decode_bench.py --compare-threads, BENCHMARKS.md)."""
-    return max(len(os.sched_getaffinity(0)) // max(workers, 1), 1)
+    return max(worker_count(-1) // max(workers, 1), 1)  # worker_count(-1): the cores
 
 
 def decode_one(position: int, path: str, spec: ClipSpec) -> Decoded:
