@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+
+def compilation_cache_default() -> str:
+    """`stam_jax/xla` in the user's cache folder: `$XDG_CACHE_HOME` where it is set to an
+    absolute path (a relative one is ignored, as the XDG base directory rules ask), else
+    `~/.cache`. Clusters often point XDG_CACHE_HOME at scratch space to spare a small home quota.
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(base if os.path.isabs(base) else "~/.cache", "stam_jax", "xla")
 
 
 def base_config(model: str) -> ml_collections.ConfigDict:
@@ -125,5 +136,5 @@ def base_config(model: str) -> ml_collections.ConfigDict:
 
     config.progress = True  # progress bar with ETA on stderr (process 0)
     # JAX's persistent compilation cache: a second start skips XLA compilation ('' disables).
-    config.compilation_cache_dir = "~/.cache/stam_jax/xla"
+    config.compilation_cache_dir = compilation_cache_default()
     return config

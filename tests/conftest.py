@@ -48,15 +48,15 @@ _missing = [f for f in TEST_XLA_FLAGS.split() if f not in USER_XLA_FLAGS.split()
 os.environ["XLA_FLAGS"] = " ".join([*USER_XLA_FLAGS.split(), *_missing])
 
 
-# The commands keep compiled programs in `~/.cache/stam_jax/xla` by default: this session and the
-# processes its tests start have a home of their own, so that no test writes into the user's
-# home or starts from programs that an earlier session cached. Other tools' caches stay where
-# they were (XDG_CACHE_HOME). A process a test starts with multiprocessing that imports this file
+# The commands keep compiled programs in `$XDG_CACHE_HOME/stam_jax/xla` (`~/.cache/...` where it
+# is unset) by default: this session and the processes its tests start have a home and a cache
+# folder of their own, so that no test writes into the user's or starts from programs that an
+# earlier session cached. A process a test starts with multiprocessing that imports this file
 # (to run a test file's function) has that home already, and may end by os._exit, which would
 # leave a home of its own behind.
 if multiprocessing.parent_process() is None:
-    os.environ.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
     os.environ["HOME"] = tempfile.mkdtemp(prefix="stam-jax-tests-home-")
+    os.environ["XDG_CACHE_HOME"] = str(Path(os.environ["HOME"]) / ".cache")
     atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 
 

@@ -76,6 +76,27 @@ def test_overrides_reach_the_model():
     assert {k: getattr(model, k) for k in overrides} == overrides
 
 
+@pytest.mark.parametrize(
+    "xdg_cache_home,want",
+    [
+        ("/scratch/me/cache", "/scratch/me/cache/stam_jax/xla"),
+        (None, "~/.cache/stam_jax/xla"),
+        ("", "~/.cache/stam_jax/xla"),
+        ("relative/cache", "~/.cache/stam_jax/xla"),  # ignored, as the XDG rules ask
+    ],
+)
+def test_compilation_cache_is_in_the_users_cache_folder(monkeypatch, xdg_cache_home, want):
+    if xdg_cache_home is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg_cache_home)
+    for name in ("stam_16", "stam_64", "tiny"):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert config.compilation_cache_dir == want
+    # The demo keeps no cache.
+    assert importlib.import_module("configs.demo").get_config("stam").compilation_cache_dir == ""
+
+
 def test_demo_runs_build_the_models_the_demo_needs():
     demo = importlib.import_module("configs.demo")
     models = {run: model_from_run_config(demo.get_config(run)) for run in demo.RUNS}
