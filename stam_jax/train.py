@@ -697,15 +697,15 @@ def _initial_params(model: STAM, config: Any, video: np.ndarray) -> tuple[Any, s
         if std > 0 and "aggregate" in params and "pos_embed" in params["aggregate"]:
             params = redraw_temporal_pos_embed(params, std)
             report.append(f"aggregate/pos_embed: drawn with std {std}")
-    frozen = frozen_summary(config.train, params)
+    frozen = frozen_paths(config.train, params)
     if frozen:
-        report.append(frozen)
+        report.append(frozen_summary(config.train, params, frozen))
         # A frozen tensor that no checkpoint gave (a head re-initialised for another class
         # count, a new temporal transformer, no checkpoint at all) keeps its random values.
         loaded = ("copied", "resampled")
         random = sorted(
             "/".join(path)
-            for path in frozen_paths(config.train, params)
+            for path in frozen
             if not sources.get("/".join(path), "").startswith(loaded)
         )
         if random:

@@ -172,13 +172,18 @@ def frozen_paths(train: Any, params: Any) -> frozenset[tuple[str, ...]]:
     return frozenset(frozen)
 
 
-def frozen_summary(train: Any, params: Any) -> str:
+def frozen_summary(
+    train: Any, params: Any, frozen: frozenset[tuple[str, ...]] | None = None
+) -> str:
     """One line saying what `train.freeze` holds fixed ('' when nothing), for the run's start.
+
+    `frozen`: `frozen_paths(train, params)` where the caller has them already.
 
     Raises:
       TrainConfigError: as `frozen_paths`.
     """
-    frozen = frozen_paths(train, params)
+    if frozen is None:
+        frozen = frozen_paths(train, params)
     if not frozen:
         return ""
     flat = flax.traverse_util.flatten_dict(params)
