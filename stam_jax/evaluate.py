@@ -59,6 +59,7 @@ from stam_jax.paths import (
     new_folders_removed_on_failure,
     unwritable,
 )
+from stam_jax.plot import accuracy_computed
 from stam_jax.progress import progress_bar
 from stam_jax.variants import model_from_config
 
@@ -946,7 +947,7 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         f"top-1 {_percent(m['top1'])}  top-5 {_percent(m['top5'])}  mean class accuracy "
         f"{_percent(m['mean_class_accuracy'])}"
     )
-    if not results.get("config", {}).get("eval", {}).get("accuracy", True):
+    if not accuracy_computed(results):
         accuracy = "no accuracy (--config.eval.accuracy=False)"
     print(
         f"{accuracy}  on {c['evaluated']} of {c['listed']} videos "

@@ -215,6 +215,15 @@ def _is_class(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def accuracy_computed(results: dict[str, Any]) -> bool:
+    """Whether the run that wrote `results` (a `results.json`, read as JSON) computed accuracy:
+    False only where its recorded config says `eval.accuracy` False (older runs have no such
+    field, and always did)."""
+    run_config = results.get("config")
+    settings = run_config.get("eval") if isinstance(run_config, dict) else None
+    return not (isinstance(settings, dict) and settings.get("accuracy") is False)
+
+
 def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
     """What `eval.png` shows, read from an evaluation's files; refused if they do not hold it."""
     results = _read_results(results_file)
@@ -231,9 +240,7 @@ def _evaluation(results_file: Path, predictions_file: Path) -> dict[str, Any]:
             f"{results_file}: 'metrics' is not an object whose 'top1' is a number or null; is it "
             "a run_eval.py results.json?"
         )
-    run_config = results.get("config")
-    eval_settings = run_config.get("eval") if isinstance(run_config, dict) else None
-    if isinstance(eval_settings, dict) and eval_settings.get("accuracy") is False:
+    if not accuracy_computed(results):
         raise ValueError(
             f"{results_file}: evaluated with --config.eval.accuracy=False, so its labels are the "
             "folder's classes, not the model's: there is no accuracy to draw."
