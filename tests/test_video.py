@@ -615,6 +615,56 @@ def test_skipping_non_reference_frames_changes_no_frame_taken(tmp_path, monkeypa
         np.testing.assert_array_equal(frame, in_order[position])
 
 
+def _remuxed(source, path, options=None):
+    """`source`'s video packets copied into `path` (its container, with muxer `options`)."""
+    with av.open(str(source)) as src, av.open(str(path), "w", options=options or {}) as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.size:
+                packet.stream = stream
+                dst.mux(packet)
+    return path
+
+
+# Encoder settings and containers the skipping decoder must give the same frames under: long
+# B-frame runs, B-frames as references (pyramid), open GOPs, interlaced coding, many reference
+# frames with weighted prediction, slices, intra refresh instead of keyframes, all-intra, HEVC's
+# pyramid; and a fragmented mp4 (as DASH downloads are), a mov and a Matroska copy of a file.
+SKIPPING_CASES = [
+    ("a.mp4", "libx264", "bframes=16:b-adapt=0:b-pyramid=normal"),
+    ("b.mkv", "libx264", "bframes=3:open-gop=1:keyint=12"),
+    ("c.mp4", "libx264", "bframes=3:interlaced=1:tff=1"),
+    ("d.mov", "libx264", "bframes=5:ref=16:weightb=1:slices=4"),
+    ("e.mp4", "libx264", "bframes=4:intra-refresh=1"),
+    ("f.mkv", "libx264", "keyint=1"),
+    ("g.mp4", "libx265", "bframes=8:b-adapt=2:b-pyramid=1:log-level=error"),
+]
+
+
+def test_the_skipping_decoder_gives_every_encodings_frames(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, codec, params in SKIPPING_CASES:
+        key = "x264-params" if codec == "libx264" else "x265-params"
+        frames = (index_frame(i, 48, 64) for i in range(60))
+        paths.append(write_video(tmp_path / name, frames, 25, codec=codec, options={key: params}))
+    fragmented = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+    paths.append(_remuxed(paths[0], tmp_path / "fragmented.mp4", fragmented))
+    paths.append(_remuxed(paths[0], tmp_path / "copy.mkv"))
+    for path in paths:
+        probed = video.probe_stream(path)
+        assert probed.count == 60 and probed.stamps is not None, path.name
+        for size in (1, 5, 16):
+            wanted = sorted(rng.choice(60, size, replace=False).tolist())
+            with video._open(path) as container:
+                got, _ = video._decode_skipping(container, set(wanted), probed.stamps)
+            want = video.decode_frames(path, wanted)  # every frame, in order
+            assert got.keys() == want.keys(), path.name
+            for i in wanted:
+                np.testing.assert_array_equal(got[i], want[i], err_msg=f"{path.name} {i}")
+            assert [read_index(want[i]) for i in wanted] == wanted, path.name
+
+
 def test_frames_are_decoded_in_order_where_skipping_is_not_known_safe(tmp_path):
     # MPEG-4 in AVI (timestamps may be out of order there) and VP8: every frame in order.
     for name in ("v.avi", "v.webm"):
