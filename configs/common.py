@@ -84,6 +84,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     config.distributed.coordinator = ""  # 'host:port' of process 0
     config.distributed.num_processes = 1
     config.distributed.process_id = 0
+    # Seconds the processes are given to join; one still waiting then ends saying what to check.
+    config.distributed.join_timeout = 300
 
     # Training (run_train.py).
     config.train = ml_collections.ConfigDict()

@@ -130,6 +130,7 @@ def _frame_count_fix(config: Any, t: int, image_size: int) -> str:
 # Fields that may differ between the processes of one run (paths are compared by content).
 _PER_PROCESS = (
     "distributed.process_id",
+    "distributed.join_timeout",  # read before the processes compare anything
     "data.workers",
     "data.prefetch",
     "progress",
@@ -453,7 +454,7 @@ def _evaluate(
     workdir = _check_workdir(workdir)
     dist = config.distributed
     try:
-        sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+        sharding.check_distributed(*sharding.distributed_settings(dist))
     except ValueError as e:
         raise EvalConfigError(str(e)) from None
     config_model = _config_model(config)
@@ -467,7 +468,7 @@ def _evaluate(
         )
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
-    sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    sharding.initialize_distributed(*sharding.distributed_settings(dist))
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
     # and processes started with different settings are refused.
     with sharding.shared_refusals(EvalConfigError) as agree:

@@ -28,13 +28,33 @@ from jax.sharding import PartitionSpec as P
 DATA = "data"
 
 
-def check_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+# Seconds the processes of a multi-process run are given to join (jax's own default); a process
+# still waiting then ends with a message saying what to check (`initialize_distributed`).
+JOIN_TIMEOUT_S = 300
+
+
+def distributed_settings(dist: Any) -> tuple[str, int, int, int]:
+    """(coordinator, num_processes, process_id, join_timeout) of a run config's `distributed`
+    section, for `check_distributed` and `initialize_distributed` (a section written before
+    `join_timeout` existed gets the default)."""
+    timeout = dist.get("join_timeout", JOIN_TIMEOUT_S)
+    return dist.coordinator, dist.num_processes, dist.process_id, timeout
+
+
+def check_distributed(
+    coordinator: str, num_processes: int, process_id: int, join_timeout: int = JOIN_TIMEOUT_S
+) -> None:
     """Refuses `--config.distributed.*` settings that `jax.distributed` would fail on.
 
     Raises:
       ValueError: naming the flag and the fix.
     """
     n, pid = num_processes, process_id
+    if isinstance(join_timeout, bool) or not isinstance(join_timeout, int) or join_timeout < 1:
+        raise ValueError(
+            f"--config.distributed.join_timeout={join_timeout!r}; give the seconds the processes "
+            f"may take to join, a whole number >= 1 (default {JOIN_TIMEOUT_S})."
+        )
     if n < 0:
         raise ValueError(
             f"--config.distributed.num_processes={n}; use 1 (one process), N > 1 with a "
@@ -89,25 +109,105 @@ def _unbindable(port: str) -> str | None:
     return None
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+def initialize_distributed(
+    coordinator: str, num_processes: int, process_id: int, join_timeout: int = JOIN_TIMEOUT_S
+) -> None:
     """Joins a multi-process run (no-op for a single process, or when already joined).
+
+    jax waits for every process to join, then ends a process still waiting by a fatal log and a
+    C++ stack trace. Here a process that has waited `join_timeout` seconds ends first, with one
+    `error:` line saying what to check and the exit status of a process whose peers failed
+    (`stop_together`'s); and a Ctrl-C while it waits (its main thread in C, where Python's
+    handler cannot run) ends it at once, as interrupted.
 
     Args:
       coordinator: 'host:port' of process 0; '' for a single-process run, or to let JAX
         discover a cluster it knows (SLURM, TPU pods, ...) when `num_processes` is 0.
       num_processes: total processes (1: single process).
       process_id: this process's rank.
+      join_timeout: seconds to wait for every process to join.
     """
     if (num_processes == 1 and not coordinator) or jax.distributed.is_initialized():
         return  # single process, or already joined (training's periodic evaluation)
     # CPU collectives across processes need gloo (GPU runs use NCCL and ignore this). The
     # backend must not be touched before initialize(), so this is set unconditionally.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    else:
-        jax.distributed.initialize()
+    joined = threading.Event()
+    waiting = threading.Thread(
+        target=_end_if_not_joined,
+        args=(joined, coordinator, num_processes, process_id, join_timeout),
+        name="stam-join-wait",
+        daemon=True,
+    )
+    waiting.start()
+    # jax's own timeout later than ours, so that ours always ends the wait.
+    timeout = {"initialization_timeout": join_timeout + _JOIN_MARGIN_S}
+    try:
+        if coordinator:
+            jax.distributed.initialize(coordinator, num_processes, process_id, **timeout)
+        else:
+            jax.distributed.initialize(**timeout)
+    finally:
+        with _Stop.lock:  # taken by the waiting thread while it ends this process
+            joined.set()
+    waiting.join()
     _start_watching()
+
+
+_JOIN_MARGIN_S = 30
+
+
+def _end_if_not_joined(
+    joined: threading.Event, coordinator: str, n: int, pid: int, join_timeout: int
+) -> None:
+    """The thread of `initialize_distributed`: ends this process once it has waited
+    `join_timeout` seconds to join, or on a Ctrl-C while it waits; returns once it has joined."""
+    deadline = time.monotonic() + join_timeout
+    while not joined.wait(_POLL_S / 2):
+        _read_written_signals()
+        late = time.monotonic() >= deadline
+        if not (late or _Stop.interrupted):
+            continue
+        with _Stop.lock:
+            if joined.is_set():
+                return
+            if _Stop.interrupted:
+                line = "interrupted: while waiting for the other processes to join; nothing was "
+                line += "written."
+                status = _Stop.status_of(KeyboardInterrupt()) if _Stop.status_of else 130
+            else:
+                line = f"error: {_not_joined(coordinator, n, pid, join_timeout)}"
+                status = _Stop.peer_status
+            print(line, file=sys.stderr)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(status)
+
+
+def _not_joined(coordinator: str, n: int, pid: int, join_timeout: int) -> str:
+    """What to check when the processes have not all joined within `join_timeout` seconds."""
+    waited = f"within --config.distributed.join_timeout={join_timeout} s"
+    start = (
+        f"Start every process with the same --config.distributed.coordinator and "
+        f"num_processes={n}, each with its own process_id from 0 to {n - 1}; where they start "
+        "at different times (a scheduler's queue), raise join_timeout."
+    )
+    if not coordinator:
+        return (
+            f"the processes of the cluster JAX found did not all join {waited}. Start every "
+            "process of the job, or raise join_timeout."
+        )
+    if pid == 0:
+        return (
+            f"not every one of the {n} processes joined {waited} (this is process 0, listening "
+            f"at {coordinator}). {start}"
+        )
+    return (
+        f"process {pid} could not join the run at {coordinator} {waited}: process 0 is not "
+        "listening there (not started, another host or port, a firewall), or not every one of "
+        f"the {n} processes has started. {start}"
+    )
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -291,12 +291,12 @@ def _train_and_evaluate(
         frozen_paths(train, checkpoints.abstract_params(model))
     dist = config.distributed
     try:
-        sharding.check_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+        sharding.check_distributed(*sharding.distributed_settings(dist))
     except ValueError as e:
         raise TrainConfigError(str(e)) from None
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
-    sharding.initialize_distributed(dist.coordinator, dist.num_processes, dist.process_id)
+    sharding.initialize_distributed(*sharding.distributed_settings(dist))
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
     # and processes started with different settings are refused.
     with sharding.shared_refusals(TrainConfigError) as agree:

@@ -6,8 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -359,6 +362,80 @@ if '--config.distributed.process_id=0' in sys.argv:
     sharding.processes_agree = lambda *a, **k: (agree(*a, **k), time.sleep(2))[0]
 runpy.run_path('run_eval.py', run_name='__main__')
 """
+
+
+def test_processes_that_do_not_all_join_end_with_one_line_saying_what_to_check(
+    tiny_ckpt, video_root, tmp_path
+):
+    # jax ended a process still waiting for the others after 300 s with a fatal log and a C++
+    # stack trace. Process 0 waits for process 1, and process 1 for a process 0 that is not
+    # there (another port): each ends after join_timeout with one line, exit status 5, and
+    # nothing written.
+    ports = [free_port(), free_port()]
+    procs = [
+        run_subprocess(
+            [
+                f"--config.checkpoint={tiny_ckpt[0]}",
+                f"--config.data.root={video_root}",
+                f"--config.distributed.coordinator=localhost:{ports[rank]}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={rank}",
+                "--config.distributed.join_timeout=2",
+                f"--workdir={tmp_path / str(rank)}",
+            ]
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    check = (
+        r"Start every process with the same --config.distributed.coordinator and "
+        r"num_processes=2, each with its own process_id from 0 to 1; where they start at "
+        r"different times \(a scheduler's queue\), raise join_timeout\.$"
+    )
+    waited = "within --config.distributed.join_timeout=2 s"
+    assert procs[0].returncode == 5, outputs[0][1]
+    assert re.fullmatch(
+        rf"error: not every one of the 2 processes joined {waited} \(this is process 0, "
+        rf"listening at localhost:{ports[0]}\)\. {check}",
+        outputs[0][1].strip(),
+    ), outputs[0][1]
+    assert procs[1].returncode == 5, outputs[1][1]
+    assert re.fullmatch(
+        rf"error: process 1 could not join the run at localhost:{ports[1]} {waited}: process 0 "
+        r"is not listening there \(not started, another host or port, a firewall\), or not "
+        rf"every one of the 2 processes has started\. {check}",
+        outputs[1][1].strip(),
+    ), outputs[1][1]
+    assert not any(tmp_path.iterdir())
+    # A Ctrl-C while process 0 waits (its main thread in jax's C++ join, where Python's handler
+    # cannot run) ends it at once.
+    port = free_port()
+    proc = run_subprocess(
+        [
+            f"--config.checkpoint={tiny_ckpt[0]}",
+            f"--config.data.root={video_root}",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            "--config.distributed.join_timeout=100",
+            f"--workdir={tmp_path / 'w'}",
+        ]
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # waiting once its coordination service listens
+        with socket.socket() as probe:
+            if probe.connect_ex(("localhost", port)) == 0:
+                break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().endswith(
+        "interrupted: while waiting for the other processes to join; nothing was written."
+    ), err
+    assert time.monotonic() - sent < 10
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_refused_multi_process_run_removes_the_workdir_whichever_process_made_it(
@@ -842,6 +919,11 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
     )
     refused(
         r"--config.distributed.process_id=1 with num_processes=1", **{"distributed.process_id": 1}
+    )
+    refused(
+        r"^--config.distributed.join_timeout=0; give the seconds the processes may take to join, "
+        r"a whole number >= 1 \(default 300\)\.$",
+        **{"distributed.join_timeout": 0},
     )
     refused(r"--workdir is empty", workdir="")
     # The checkpoint defines the architecture: an override that contradicts it was ignored.
