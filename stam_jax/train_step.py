@@ -172,18 +172,9 @@ def frozen_paths(train: Any, params: Any) -> frozenset[tuple[str, ...]]:
     return frozenset(frozen)
 
 
-def frozen_summary(
-    train: Any, params: Any, frozen: frozenset[tuple[str, ...]] | None = None
-) -> str:
-    """One line saying what `train.freeze` holds fixed ('' when nothing), for the run's start.
-
-    `frozen`: `frozen_paths(train, params)` where the caller has them already.
-
-    Raises:
-      TrainConfigError: as `frozen_paths`.
-    """
-    if frozen is None:
-        frozen = frozen_paths(train, params)
+def frozen_summary(train: Any, params: Any, frozen: frozenset[tuple[str, ...]]) -> str:
+    """One line saying what `train.freeze` holds fixed ('' when nothing), for the run's start;
+    `frozen` is `frozen_paths(train, params)`."""
     if not frozen:
         return ""
     flat = flax.traverse_util.flatten_dict(params)
