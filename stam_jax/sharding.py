@@ -31,6 +31,7 @@ DATA = "data"
 # Seconds the processes of a multi-process run are given to join (jax's own default); a process
 # still waiting then ends with a message saying what to check (`initialize_distributed`).
 JOIN_TIMEOUT_S = 300
+_JOIN_MARGIN_S = 30  # jax's own join timeout is this much later, so that ours ends the wait
 
 
 def distributed_settings(dist: Any) -> tuple[str, int, int, int]:
@@ -140,7 +141,6 @@ def initialize_distributed(
         daemon=True,
     )
     waiting.start()
-    # jax's own timeout later than ours, so that ours always ends the wait.
     timeout = {"initialization_timeout": join_timeout + _JOIN_MARGIN_S}
     try:
         if coordinator:
@@ -152,9 +152,6 @@ def initialize_distributed(
             joined.set()
     waiting.join()
     _start_watching()
-
-
-_JOIN_MARGIN_S = 30
 
 
 def _end_if_not_joined(
@@ -172,8 +169,10 @@ def _end_if_not_joined(
             if joined.is_set():
                 return
             if _Stop.interrupted:
-                line = "interrupted: while waiting for the other processes to join; nothing was "
-                line += "written."
+                line = (
+                    "interrupted: while waiting for the other processes to join; nothing was "
+                    "written."
+                )
                 status = _Stop.status_of(KeyboardInterrupt()) if _Stop.status_of else 130
             else:
                 line = f"error: {_not_joined(coordinator, n, pid, join_timeout)}"
