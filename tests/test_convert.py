@@ -973,15 +973,15 @@ def test_pickles_that_would_run_code_are_refused_and_run_nothing(tmp_path):
     shell = _op_str(f"touch {marker}")
     python = _op_str(f"open({str(marker)!r}, 'w').close()")
     tensor_v2 = _op_global("torch._utils", "_rebuild_tensor_v2")  # allowed
-    # getattr reaches everything from an allowed function: its module's globals hold `os`.
-    module_os = _op_call(
-        _op_call(
-            _op_global("builtins", "getattr"),
-            _op_call(_op_global("builtins", "getattr"), tensor_v2, _op_str("__globals__")),
-            _op_str("get"),
-        ),
-        _op_str("os"),
-    )
+    # getattr reaches everything from an allowed function: its module's globals hold `sys`,
+    # and sys.modules holds `os`.
+    getattr_ = _op_global("builtins", "getattr")
+
+    def get(mapping, key):
+        return _op_call(_op_call(getattr_, mapping, _op_str("get")), _op_str(key))
+
+    module_sys = get(_op_call(getattr_, tensor_v2, _op_str("__globals__")), "sys")
+    module_os = get(_op_call(getattr_, module_sys, _op_str("modules")), "os")
     attacks = {
         "posix.system": _op_call(_op_global("posix", "system"), shell),
         "os.system": _op_call(_op_global("os", "system", stacked=False), shell),
@@ -1403,12 +1403,16 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
     garbage = _write_pth(tmp_path / "garbage.pth", b"garbage", {"0": [1, 2]})
     legacy = tmp_path / "legacy.pth"
     legacy.write_bytes(b"\x80\x02garbage-not-a-pickle" * 3)
-    for path, detail in [
-        (garbage, "pickle data was truncated"),
-        (legacy, "unrecognised pickle content"),
+    # For a legacy file the reason is torch's where it gives one (torch 2.6: "Unsupported
+    # operand 103"; newer releases give none, and the message says so itself).
+    for path, details in [
+        (garbage, ["pickle data was truncated"]),
+        (legacy, ["unrecognised pickle content", "Unsupported operand 103"]),
     ]:
         size = path.stat().st_size
-        assert load_refusal(path) == f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}."
+        assert load_refusal(path) in [
+            f"{path} is not a PyTorch checkpoint ({size} bytes): {detail}." for detail in details
+        ]
     # One cut short: it may be a truncated download.
     cut = _write_pth(tmp_path / "cut.pth", _pickled(state)[:20], {"0": [1, 2]})
     assert load_refusal(cut) == (

@@ -722,9 +722,10 @@ def test_remat_changes_memory_not_results():
     plain_value, plain_grads = value_and_grads(REFERENCE)
     value, grads = value_and_grads(REFERENCE.clone(remat=True))
     np.testing.assert_allclose(value, plain_value, rtol=1e-6)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, plain_grads
-    )
+    # The recomputed forward may round differently (jax 0.7: 4e-6 on a gradient of 0.02 beside
+    # ones of 24), so small entries are held to the array's largest, as sums of such terms are.
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
     # The checkpointed program recomputes the blocks in the backward pass, behind
     # optimization barriers that the plain program does not have.
