@@ -1364,3 +1364,20 @@ def test_reading_processes_share_the_read_ahead(prepared_train, tmp_path, monkey
         reading.close(clips)
     # 2 x (2 + 2 x 2 + 2) ahead and the one taken; a read buffer of 4 each made it 21.
     assert reads <= 3 * prefetch + 2 * workers + 1, reads
+
+
+def test_grain_s_notice_about_profiling_its_workers_is_dropped_and_nothing_else(caplog):
+    # grain >= 0.2.17 logs it as it is imported, under a jaxlib older than 0.10.1.
+    import logging
+
+    import stam_jax.data  # noqa: F401 (sets the filter)
+
+    absl_logger = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl_logger.warning(
+            "Grain multiprocess worker profiling requires jaxlib extension version 448 or later "
+            "(jaxlib >= 0.11.0). Current version: %s.",
+            368,
+        )
+        absl_logger.warning("Grain: another warning, %s", "kept")
+    assert [record.getMessage() for record in caplog.records] == ["Grain: another warning, kept"]
