@@ -128,6 +128,11 @@ def profile_jax(forward, params, videos, calls: int, top: int) -> dict:
         if not paths:
             raise SystemExit(f"jax.profiler wrote no .xplane.pb under {trace_dir}")
         kernels = _xspace_kernels(paths[-1])
+    if not kernels:  # jax < 0.7.2 on a CPU: its thunks carry no HLO op
+        raise SystemExit(
+            f"jax {jax.__version__}'s profile names no kernel of the forward; on a CPU, jax >= "
+            "0.7.2 names each of XLA's thunks"
+        )
     result = summarise(kernels, calls, wall, top)
     result["top_kernels_source"] = {
         name: sources[base]
