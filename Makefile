@@ -48,7 +48,7 @@ test: lint
 # The whole suite at the oldest versions pyproject.toml admits (constraints-oldest.txt, its
 # floors), in a venv of its own: the floors are claims, and this is their test. Not part of
 # `make test` (a second install, and CI's 15 minutes); run it when a floor changes, or code that
-# older releases might not support. torch 2.4 is on PyPI only as a CUDA build: about 5 GB.
+# older releases might not support. torch 2.4 is on PyPI only as a CUDA build: 6.1 GB in all.
 OLDEST_VENV ?= .venv-oldest
 test-oldest:
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
