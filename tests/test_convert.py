@@ -1403,7 +1403,7 @@ def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
     garbage = _write_pth(tmp_path / "garbage.pth", b"garbage", {"0": [1, 2]})
     legacy = tmp_path / "legacy.pth"
     legacy.write_bytes(b"\x80\x02garbage-not-a-pickle" * 3)
-    # For a legacy file the reason is torch's where it gives one (torch 2.6: "Unsupported
+    # For a legacy file the reason is torch's where it gives one (torch 2.4 and 2.6: "Unsupported
     # operand 103"; newer releases give none, and the message says so itself).
     for path, details in [
         (garbage, ["pickle data was truncated"]),
