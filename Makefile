@@ -42,8 +42,10 @@ lint: $(STAMP)
 # longest files go first (tests/conftest.py: LONGEST_FIRST), in that order rather than xdist's
 # (most tests first). --durations lists the slowest tests, to keep the suite within its budget.
 TEST_WORKERS ?= 2
+# How the suite runs, in `make test` and `make test-oldest` alike.
+SUITE = -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) $(SUITE) --durations=25
 
 # The whole suite at the oldest versions pyproject.toml admits (constraints-oldest.txt, its
 # floors), in a venv of its own: the floors are claims, and this is their test. Not part of
@@ -55,7 +57,7 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(OLDEST_VENV)/bin/python -m pip install --quiet -c constraints-oldest.txt -e ".[torch,test,prepared]"
 	$(OLDEST_VENV)/bin/python -m pip freeze --exclude-editable > $(OLDEST_VENV)/tested-versions.txt
-	$(OLDEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(OLDEST_VENV)/bin/python $(SUITE)
 
 # Generated videos -> pre-train the ViT -> train STAM and a frame-averaging baseline with
 # run_train.py -> evaluate both with run_eval.py -> convert round trip -> pictures -> report.
