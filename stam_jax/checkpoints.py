@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -77,13 +78,28 @@ def is_checkpoint_dir(directory: str | os.PathLike) -> bool:
     )
 
 
-# What orbax writes in a stam-jax checkpoint directory, and in its `config/` and `params/`
-# (names starting with '_' and orbax's OCDBT files too): anything else is a user's file.
+# What orbax writes in a stam-jax checkpoint directory, and in its `config/` and `params/`;
+# anything else is a user's file. Besides these names, orbax writes its metadata files (named
+# '_' and capitals, e.g. `_CHECKPOINT_METADATA`, `_METADATA`, and `_sharding`) and one OCDBT
+# folder per saving process (`ocdbt.process_N`): only those exact forms, and only as a file or a
+# folder as orbax makes them, are taken for orbax's (a user's `_notes.txt` or `_backup/` is not).
 _WRITTEN = {
     ".": {"config", "params", "commit_success.txt"},
     "config": {"metadata", "commit_success.txt"},
     "params": {"d", "array_metadatas", "manifest.ocdbt", "commit_success.txt", "descriptor"},
 }
+_ORBAX_FILE = re.compile(r"_[A-Z][A-Z_]*|_sharding")
+_ORBAX_FOLDER = re.compile(r"ocdbt\.process_\d+")
+
+
+def _written_by_orbax(entry: Path) -> bool:
+    """Whether `entry`, in a checkpoint directory or its `config/` or `params/`, is one of the
+    metadata files or OCDBT folders orbax writes there."""
+    if entry.is_symlink():
+        return False
+    if _ORBAX_FILE.fullmatch(entry.name):
+        return entry.is_file()
+    return bool(_ORBAX_FOLDER.fullmatch(entry.name)) and entry.is_dir()
 
 
 def _foreign_entries(path: Path) -> list[str]:
@@ -93,7 +109,7 @@ def _foreign_entries(path: Path) -> list[str]:
     for folder, names in _WRITTEN.items():
         for entry in sorted((path / folder).iterdir()):
             name = entry.name
-            if name in names or name.startswith(("_", "ocdbt.process_")):
+            if name in names or _written_by_orbax(entry):
                 continue
             foreign.append(name if folder == "." else f"{folder}/{name}")
     try:

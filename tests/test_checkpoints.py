@@ -79,6 +79,25 @@ def test_overwrite_replaces_only_checkpoints_or_empty_dirs(tiny, tmp_path):
         checkpoints.save(tmp_path / "mine", model, second, overwrite=True)
     assert (project / "config" / "app.yaml").exists() and (tmp_path / "mine/stam_16.pth").exists()
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "mine")[1], first)
+    # Names like orbax's own ('_' first, 'ocdbt.process_' first) are the user's all the same
+    # unless they are exactly orbax's, as the file or folder orbax makes.
+    shutil.copytree(saved, tmp_path / "look_alike")
+    own = tmp_path / "look_alike"
+    (own / "_notes.txt").write_text("keep")
+    (own / "_backup").mkdir()
+    (own / "_backup" / "stam_16.pth").write_bytes(b"weights")
+    (own / "params" / "_sharding.bak").write_text("keep")
+    (own / "params" / "ocdbt.process_old.tar").write_text("keep")
+    (own / "config" / "_METADATA").mkdir()  # orbax's name, but a folder: not orbax's
+    with pytest.raises(
+        CheckpointError,
+        match=r"\(_backup, _notes\.txt, config/_METADATA, params/_sharding\.bak, "
+        r"params/ocdbt\.process_old\.tar\)",
+    ):
+        checkpoints.save(own, model, second, overwrite=True)
+    assert (own / "_notes.txt").read_text() == "keep"
+    assert (own / "_backup" / "stam_16.pth").read_bytes() == b"weights"
+    chex.assert_trees_all_equal(checkpoints.load(own)[1], first)
     chex.assert_trees_all_equal(checkpoints.load(link)[1], first)
 
     # An empty directory and a checkpoint directory are replaced.
