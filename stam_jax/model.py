@@ -43,6 +43,8 @@ AGGREGATES = ("transformer", "mean")
 # 1.35x faster at batch 1 / 2 / 4 than all frames at once, and a training step 1.29x
 # (2-core AMD EPYC with 32 MiB of L3, BENCHMARKS.md).
 _CPU_STEP_BYTES = 10 * 2**20
+# How far outside [0, 1] float frames may go before they are refused (`STAM._check_input`).
+_RANGE_SLACK = 0.25
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _token_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -802,10 +804,19 @@ class STAM(nn.Module):
                 f"{patch} (e.g. {nearest}), or a patch_size that divides {size}."
             )
         expected = (self.num_frames, self.image_size, self.image_size, 3)
-        if not hasattr(videos, "ndim") or not hasattr(videos, "dtype"):
+        if not isinstance(videos, np.ndarray | jax.Array):
+            # A torch tensor has ndim and dtype too, but jnp cannot read its dtype.
+            fix = (
+                "videos.numpy() for a torch tensor"
+                if type(videos).__module__.startswith("torch")
+                else "np.stack(frames) for a list"
+                if isinstance(videos, list | tuple)
+                else "np.asarray(videos)"
+            )
             raise TypeError(
-                f"videos is a {type(videos).__name__}; pass an array (numpy or jax) of shape "
-                f"(batch, {', '.join(map(str, expected))}), e.g. np.stack(frames) for a list."
+                f"videos is a {type(videos).__module__}.{type(videos).__qualname__}; pass an "
+                f"array (numpy or jax) of shape (batch, {', '.join(map(str, expected))}), e.g. "
+                f"{fix}."
             )
         if videos.ndim != 5 or tuple(videos.shape[1:]) != expected:
             raise ValueError(
@@ -828,8 +839,15 @@ class STAM(nn.Module):
                     "check the decoding or the arithmetic that made them."
                 )
             low, high = float(videos.min()), float(videos.max())
-            if high > 1.5 or low < -0.5:
-                looks = "mean/std-normalised values" if low < -0.5 else "0-255 pixel values"
+            # [0, 1] with room for a resampling filter's overshoot (a bicubic resize of a black
+            # and white edge: 0.11); mean-subtracted frames (x - 0.45: down to -0.45) and
+            # 2x - 1 or mean/std-normalised ones go below it, 0-255 values above.
+            if high > 1 + _RANGE_SLACK or low < -_RANGE_SLACK:
+                looks = (
+                    "mean-subtracted or normalised values (x - mean, (x - mean) / std, 2x - 1)"
+                    if low < -_RANGE_SLACK
+                    else "0-255 pixel values"
+                )
                 raise ValueError(
                     f"float videos range over [{low:g}, {high:g}], which looks like {looks}; "
                     "STAM takes float frames in [0, 1] with no mean/std normalisation, as the "

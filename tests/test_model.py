@@ -117,8 +117,17 @@ def test_input_shape_and_dtype_are_checked():
         with pytest.raises(ValueError, match=message):
             model.apply({"params": params}, jnp.zeros(shape, jnp.uint8))
     frames = [np.zeros((4, 32, 32, 3), np.uint8)]  # a list of videos: AttributeError 'ndim'
-    with pytest.raises(TypeError, match=r"videos is a list; pass an array .* np\.stack\(frames\)"):
+    with pytest.raises(
+        TypeError, match=r"videos is a builtins\.list; pass an array .* np\.stack\(frames\)"
+    ):
         model.apply({"params": params}, frames)
+    # A torch tensor has ndim and dtype, which jnp could not read: "Cannot interpret 'torch.uint8'
+    # as a data type".
+    import torch
+
+    tensor = torch.zeros((1, 4, 32, 32, 3), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"videos is a torch\.Tensor; .* e\.g\. videos\.numpy\(\)"):
+        model.apply({"params": params}, tensor)
     with pytest.raises(
         ValueError, match=r"dtype int32; pass uint8 in \[0, 255\] or float in \[0, 1\]"
     ):
@@ -130,8 +139,15 @@ def test_input_shape_and_dtype_are_checked():
     for to in (np.asarray, jnp.asarray):
         with pytest.raises(ValueError, match=r"range over \[0, 2\d\d\], which looks like 0-255"):
             model.apply({"params": params}, to(frames.astype(np.float32)))
-        with pytest.raises(ValueError, match=r"looks like mean/std-normalised values; STAM takes"):
-            model.apply({"params": params}, to((frames / 255.0 - 0.45) / 0.22))
+        # Mean-subtracted frames (once let through, as they stay within [-0.5, 0.6]), 2x - 1
+        # and mean/std-normalised ones.
+        for normalised in (frames / 255.0 - 0.45, frames / 127.5 - 1, (frames / 255 - 0.45) / 0.22):
+            with pytest.raises(
+                ValueError,
+                match=r"looks like mean-subtracted or normalised values \(x - mean, "
+                r"\(x - mean\) / std, 2x - 1\); STAM takes",
+            ):
+                model.apply({"params": params}, to(normalised.astype(np.float32)))
         # NaN passed the range check (it compares False) and gave NaN logits; Inf was called
         # 0-255 pixel values.
         for bad in (np.nan, np.inf):
@@ -139,6 +155,10 @@ def test_input_shape_and_dtype_are_checked():
             broken[0, 1, 2, 3, 0] = bad
             with pytest.raises(ValueError, match=r"float videos hold NaN or Inf values"):
                 model.apply({"params": params}, to(broken))
+    # A resampling filter's overshoot of [0, 1] is taken (a bicubic resize: 0.11).
+    overshoot = (frames / 255.0 * 1.22 - 0.11).astype(np.float32)
+    assert overshoot.min() < -0.1 and overshoot.max() > 1.1
+    assert np.isfinite(model.apply({"params": params}, overshoot)).all()
     # Under jit the values are not known when the model is traced: nothing to check.
     jax.jit(model.apply)({"params": params}, frames.astype(np.float32))
     np.testing.assert_allclose(  # the same frames in [0, 1] are fine, and are uint8's logits
