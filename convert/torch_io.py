@@ -2,12 +2,13 @@
 
 A `.pth` is a zip archive holding a pickle (`data.pkl`) and one raw buffer per tensor storage
 (`data/N`). Reading needs no torch: the pickle is opened by an unpickler whose allow-list holds
-only what a state dict is made of (dicts, `OrderedDict`, tensor rebuilders, storage types), each
-mapped to a harmless stand-in here, so a file whose pickle would run code is refused before
-anything runs. Tensors are read lazily, one storage at a time, straight from the archive: a 455 MiB
-checkpoint converts with one copy of the weights in memory. Files in PyTorch's legacy (pre-1.6,
-non-zip) format are read with `torch.load(weights_only=True)`, PyTorch's own allow-list.
-Writing (`save_state_dict`) uses `torch.save`.
+only what a state dict is made of (dicts, `OrderedDict`, tensor rebuilders, storage types) and the
+harmless values checkpoints keep beside it (bytes, sets, `torch.Size`, `torch.device`, as
+PyTorch's weights-only loader takes them), each mapped to a stand-in here, so a file whose pickle
+would run code is refused before anything runs. Tensors are read lazily, one storage at a time,
+straight from the archive: a 455 MiB checkpoint converts with one copy of the weights in memory.
+Files in PyTorch's legacy (pre-1.6, non-zip) format are read with `torch.load(weights_only=True)`,
+PyTorch's own allow-list. Writing (`save_state_dict`) uses `torch.save`.
 """
 
 from __future__ import annotations
@@ -154,11 +155,78 @@ def _rebuild_parameter(
     return data
 
 
+def _refuse_arguments(what: str, args: tuple) -> _MalformedError:
+    return _MalformedError(f"malformed checkpoint: {what} of {args!r:.80}")
+
+
+def _encode(text: object, encoding: object = "latin1") -> bytes:
+    """Stand-in for `_codecs.encode`, with which protocol 2 pickles `bytes` (as latin-1 text)."""
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise _refuse_arguments("_codecs.encode", (text, encoding))
+    return text.encode("latin1")
+
+
+def _bytearray(*args: object) -> bytearray:
+    """Stand-in for `bytearray`, from bytes or latin-1 text only (never a size to allocate)."""
+    if len(args) == 1 and isinstance(args[0], bytes):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return bytearray(args[0], "latin1")
+    raise _refuse_arguments("bytearray", args)
+
+
+def _set(items: object = ()) -> set:
+    """Stand-in for `set`, which protocol 2 pickles as set([items])."""
+    if not isinstance(items, (list, tuple)):
+        raise _refuse_arguments("set", (items,))
+    return set(items)
+
+
+def _complex(real: object = 0.0, imag: object = 0.0) -> complex:
+    """Stand-in for `complex`, from numbers only."""
+    if not all(isinstance(x, (int, float)) for x in (real, imag)):
+        raise _refuse_arguments("complex", (real, imag))
+    return complex(real, imag)
+
+
+def _counter(items: object = None) -> collections.Counter:
+    """Stand-in for `collections.Counter` (a class a pickle could otherwise set attributes on)."""
+    if items is not None and not isinstance(items, dict):
+        raise _refuse_arguments("collections.Counter", (items,))
+    return collections.Counter(items or {})
+
+
+def _torch_size(sizes: object = ()) -> tuple:
+    """Stand-in for `torch.Size`: the sizes, as a tuple."""
+    if not (_is_sequence(sizes) and all(type(n) is int for n in sizes)):
+        raise _refuse_arguments("torch.Size", (sizes,))
+    return tuple(sizes)
+
+
+def _torch_device(kind: object, index: object = None) -> str:
+    """Stand-in for `torch.device`: its name ('cpu', 'cuda:0'), as a string."""
+    if not (isinstance(kind, str) and (index is None or type(index) is int)):
+        raise _refuse_arguments("torch.device", (kind, index))
+    return kind if index is None else f"{kind}:{index}"
+
+
+# What a pickled state dict, and what checkpoints keep beside it (bytes, sets, sizes, devices:
+# the harmless types PyTorch's own weights-only loader takes), may name: each to a stand-in here.
+# Protocol 2 names builtins as `__builtin__`.
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "Counter"): _counter,
+    ("_codecs", "encode"): _encode,
+    ("torch", "Size"): _torch_size,
+    ("torch", "device"): _torch_device,
+    **{
+        (module, name): function
+        for module in ("builtins", "__builtin__")
+        for name, function in (("set", _set), ("bytearray", _bytearray), ("complex", _complex))
+    },
 }
 
 
@@ -384,9 +452,38 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# The keys of an official STAM state dict (after a `module.` prefix): a value there must be a
+# float tensor. Other entries are not part of STAM, whatever they hold: they are passed on as
+# `NotAWeight` and named among the unexpected keys, as the official loader (strict=False) skips
+# them (a BatchNorm's int64 `num_batches_tracked`, a saved step count).
+_STAM_KEY = re.compile(r"(module\.)?(patch_embed|cls_token|pos_embed|blocks|norm|aggregate|head)\b")
+
+
+@dataclasses.dataclass(frozen=True)
+class NotAWeight:
+    """A state dict entry outside STAM's keys that is no float tensor (kept to be reported)."""
+
+    what: str  # e.g. 'an int64 tensor', 'a value of type int (5)'
+    shape: tuple[int, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        """Not a float dtype: what the entry is."""
+        return self.what
+
+
 def _check_tensors(state_dict: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in state_dict.items():
+        if not _STAM_KEY.match(str(key)):
+            dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
+            if not _is_tensor(value):
+                out[key] = NotAWeight(f"a value of type {type(value).__name__} ({_short(value)})")
+                continue
+            if dtype not in ("float32", "float16", "bfloat16"):
+                article = "an" if dtype.startswith("int") else "a"
+                out[key] = NotAWeight(f"{article} {dtype} tensor", tuple(value.shape))
+                continue
         if not _is_tensor(value):
             raise ConversionError(
                 f"{path}: state dict entry {key!r} is not a tensor but a value of type "

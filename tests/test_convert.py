@@ -400,16 +400,88 @@ def test_pickle_calling_os_system_is_refused_as_unsafe(tmp_path, zip_format):
 
 def test_a_state_dict_entry_that_is_not_a_tensor_is_named_with_the_fix(tmp_path):
     path = tmp_path / "with_epoch.pth"
-    torch.save({"model": {"head.weight": torch.zeros(2, 2), "epoch": 5}}, path)
+    torch.save({"model": {"head.weight": torch.zeros(2, 2), "head.bias": 5}}, path)
     assert load_refusal(path) == (
-        f"{path}: state dict entry 'epoch' is not a tensor but a value of type int (5); re-save "
-        "it with the model's tensors alone: sd = torch.load(PATH, weights_only=True)['model']; "
-        "torch.save({'model': {k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
+        f"{path}: state dict entry 'head.bias' is not a tensor but a value of type int (5); "
+        "re-save it with the model's tensors alone: sd = torch.load(PATH, weights_only=True)"
+        "['model']; torch.save({'model': {k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
         "'stam.pth')."
     )
-    torch.save({"model": {"notes": "x" * 100}}, path)  # a long value is cut short
+    torch.save({"model": {"module.norm.weight": "x" * 100}}, path)  # a long value is cut short
     with pytest.raises(ConversionError, match=r"value of type str \('xxxxxxxxx+\.\.\.\); "):
         load_state_dict(path)
+
+
+def test_entries_outside_stams_keys_are_unexpected_whatever_they_hold(official_pth, capsys):
+    # The official loader (strict=False) skips keys the model does not have, whatever they hold:
+    # so does the conversion, naming them, where it refused the file for their dtype or type.
+    extra = {
+        "epoch": 5,
+        "extra.num_batches_tracked": torch.tensor(5),
+        "extra.running_mean": torch.zeros(3, dtype=torch.float64),
+        "normalizer.mask": torch.ones(2, dtype=torch.bool),  # not STAM's `norm.`
+    }
+    pth, _ = official_pth(TINY, edit=lambda sd: sd.update(extra))
+    loaded = load_state_dict(pth)
+    assert {k: loaded[k].dtype for k in extra} == {
+        "epoch": "a value of type int (5)",
+        "extra.num_batches_tracked": "an int64 tensor",
+        "extra.running_mean": "a float64 tensor",
+        "normalizer.mask": "a bool tensor",
+    }
+    _, params, report = torch_to_flax(loaded, num_heads=2, temporal_heads=4)
+    assert report.unexpected == sorted(extra)
+    with pytest.raises(ConversionError, match=r"unexpected key epoch \(--strict\)"):
+        torch_to_flax(loaded, num_heads=2, temporal_heads=4, strict=True)
+    assert convert_main([str(pth), str(pth.parent / "ckpt"), *cli_args(TINY)]) == 0
+    assert (
+        "4 unexpected keys ignored (pass --strict to refuse): epoch, extra.num_batches_tracked, "
+        "extra.running_mean, normalizer.mask" in capsys.readouterr().err
+    )
+    _, converted = checkpoints.load(pth.parent / "ckpt")
+    chex.assert_trees_all_equal(converted, params)
+
+
+def test_values_checkpoints_keep_beside_the_weights_are_read(official_pth, tmp_path):
+    # What PyTorch's weights-only loader takes: bytes (protocol 2: _codecs.encode), bytearray,
+    # sets, complex numbers, Counter, torch.Size and torch.device, here beside the state dict.
+    import collections
+
+    beside = {
+        "git": b"\x00abc\xff",
+        "buffer": bytearray(b"\x01\x02"),
+        "tags": {"a", "b"},
+        "z": 1 + 2j,
+        "counts": collections.Counter({"x": 2}),
+        "shape": torch.Size([1, 2]),
+        "device": torch.device("cuda", 1),
+        "cpu": torch.device("cpu"),
+    }
+    expected = {**beside, "shape": (1, 2), "device": "cuda:1", "cpu": "cpu"}
+    pth, _ = official_pth(TINY)
+    sd = torch.load(pth, weights_only=True)["model"]
+    for protocol in (2, 4):
+        path = tmp_path / f"beside_{protocol}.pth"
+        torch.save({"model": sd, **beside}, path, pickle_protocol=protocol)
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+        from convert.torch_io import _read_zip
+
+        assert {k: v for k, v in _read_zip(path).items() if k != "model"} == expected
+        loaded = load_state_dict(path)
+        assert sorted(loaded) == sorted(sd)
+        if protocol == 2:
+            assert b"_codecs\nencode" in pickled and b"__builtin__\nset" in pickled
+    # Their stand-ins take only what a pickle of such a value holds: no size to allocate.
+    for call in (
+        _op_call(_op_global("builtins", "bytearray"), b"J\x00\xca\x9a\x3b"),  # 10^9 bytes
+        _op_call(_op_global("_codecs", "encode"), _op_str("abc"), _op_str("rot13")),
+        _op_call(_op_global("torch", "Size"), b"(" + _op_str("x") + b"t"),
+    ):
+        path = tmp_path / "odd.pth"
+        _write_pth(path, b"\x80\x04}" + _op_str("model") + call + b"s.")
+        with pytest.raises(ConversionError, match=r"odd\.pth: malformed checkpoint: "):
+            load_state_dict(path)
 
 
 def test_not_a_state_dict(tmp_path):
