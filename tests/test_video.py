@@ -681,6 +681,44 @@ def test_frames_are_decoded_in_order_where_skipping_is_not_known_safe(tmp_path):
     assert [read_index(frames[i], short=72) for i in (5, 20)] == [5, 20]
 
 
+def test_an_open_gop_cut_without_re_encoding_is_decoded_in_order(tmp_path):
+    # `ffmpeg -ss T -c copy cut.mkv` from an open-GOP stream: the cut starts at a keyframe
+    # whose leading B-frames refer to frames left out, so the decoder never outputs them, yet
+    # the container lists their packets. The skipping decoder, finding frames by timestamp,
+    # missed the first positions and failed the video; it is decoded again in order.
+    source = write_video(
+        tmp_path / "source.mkv",
+        (index_frame(i, 48, 64) for i in range(90)),
+        25,
+        options={"x264-params": "open-gop=1:keyint=30:min-keyint=30:scenecut=0:bframes=2"},
+    )
+    with av.open(str(source)) as src:
+        packets = [p for p in src.demux(src.streams.video[0]) if p.size]
+    start = [i for i, p in enumerate(packets) if p.is_keyframe][1]
+    base = min(p.pts for p in packets[start:])
+    cut = tmp_path / "cut.mkv"
+    with av.open(str(source)) as src, av.open(str(cut), "w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in packets[start:]:
+            packet.stream, packet.pts, packet.dts = stream, packet.pts - base, packet.dts - base
+            dst.mux(packet)
+    probed = video.probe_stream(cut)
+    wanted = [0, 1, 5, 40]
+    assert probed.stamps is not None and probed.count == len(packets) - start
+    with video._open(cut) as container:
+        skipped, _ = video._decode_skipping(container, set(wanted), probed.stamps)
+    assert not {0, 1} & skipped.keys()  # never output
+    frames = video.decode_frames(cut, wanted, probed.stamps)
+    in_order = video.decode_frames(cut, wanted)  # every frame, in order
+    for i in wanted:
+        np.testing.assert_array_equal(frames[i], in_order[i], err_msg=str(i))
+    # The first frame output is the keyframe the cut starts at.
+    assert read_index(frames[0], short=48) == 30
+    assert video.load_views(
+        cut, ClipSpec(num_frames=4, frame_rate=5.0, resize=48, crop=48)
+    ).shape == (1, 4, 48, 48, 3)
+
+
 def test_the_skipping_decoder_fails_a_video_that_ends_early_or_breaks(tmp_path, monkeypatch):
     path = _b_frame_video(tmp_path / "v.mkv", "libx264", count=20)
     stamps = video.probe_stream(path).stamps

@@ -306,7 +306,9 @@ def decode_frames(
     (`probe_stream`'s), the non-reference frames that are not wanted: no other frame is
     predicted from one, so the frames decoded are the same to the bit, and the clip's
     frames are found by their timestamps. Should a decoded frame's timestamp not be one of
-    `stamps`, the frames are decoded again without skipping.
+    `stamps`, or a wanted one never be decoded (the leading B-frames of an open GOP cut
+    from a stream without re-encoding, which refer to frames left out), the frames are
+    decoded again without skipping, positions counted in decoding order.
 
     Returns:
       position -> `(H, W, 3)` uint8 frame, for every position in `wanted`.
@@ -320,6 +322,8 @@ def decode_frames(
         if stamps is not None:
             with _open(path) as container:
                 frames, _ = _decode_skipping(container, wanted_set, stamps)
+            if frames is not None and not wanted_set <= frames.keys():
+                frames = None  # positions by timestamp are not those of the frames decoded
         if frames is None:
             with _open(path) as container:
                 frames = _decode_in_order(container, wanted_set)
