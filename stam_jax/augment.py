@@ -59,6 +59,7 @@ def mix_videos(
     mixup_alpha: float,
     cutmix_alpha: float,
     switch_prob: float = 0.5,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Mixup or CutMix a batch of videos with the reversed batch.
 
@@ -77,6 +78,9 @@ def mix_videos(
         mixup_alpha: Beta parameter of Mixup's lambda; 0 disables Mixup. A static Python float.
         cutmix_alpha: Beta parameter of CutMix's lambda; 0 disables CutMix. A static Python float.
         switch_prob: probability of CutMix when both modes are enabled. A static Python float.
+        valid: optional bool `(B,)`, False for rows that are no video (a training loop's
+            padding, or a video that failed to load, at weight 0): a video whose partner is not
+            valid is left as it is (pixels and target), rather than mixed with that row's.
 
     Returns:
         `(videos, targets)`: the mixed videos (dtype of `videos`) and mixed targets (dtype of
@@ -107,6 +111,8 @@ def mix_videos(
             "fractions; pass e.g. jax.nn.one_hot(labels, K) (float32) or "
             "targets.astype(jnp.float32)"
         )
+    if valid is not None and tuple(valid.shape) != (videos.shape[0],):
+        raise ValueError(f"valid must be (B,) with B = {videos.shape[0]}, got shape {valid.shape}")
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return videos, targets
 
@@ -128,7 +134,10 @@ def mix_videos(
     own = jnp.where(use_cutmix, jnp.where(box, 0.0, 1.0), lam)[None, None, :, :, None]
     partner = 1.0 - own
     mixed_videos = videos * own.astype(videos.dtype) + videos[::-1] * partner.astype(videos.dtype)
-
     soft = targets.astype(jnp.float32)
     mixed_targets = (lam * soft + (1.0 - lam) * soft[::-1]).astype(targets.dtype)
+    if valid is not None:  # a row whose partner is not valid stays as it is, exactly
+        alone = ~jnp.asarray(valid, bool)[::-1]
+        mixed_videos = jnp.where(alone[:, None, None, None, None], videos, mixed_videos)
+        mixed_targets = jnp.where(alone[:, None], targets, mixed_targets)
     return mixed_videos, mixed_targets

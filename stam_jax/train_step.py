@@ -465,6 +465,7 @@ def make_train_step(
                 mixup_alpha=train.mixup_alpha,
                 cutmix_alpha=train.cutmix_alpha,
                 switch_prob=train.mix_switch_prob,
+                valid=weights > 0,  # a failed video's row is mixed into no video
             )
         teacher_logits = None
         if teacher is not None:

@@ -197,3 +197,26 @@ def test_lambda_is_beta_distributed_and_cutmix_drawn_with_switch_prob():
     cutmix = np.all((mixed[:, 0] == own) | (mixed[:, 0] == partner), axis=(1, 2, 3, 4))
     assert abs(cutmix.mean() - 0.25) < 0.06, cutmix.mean()
     assert stats.kstest(lam[~cutmix], stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(("mixup_alpha", "cutmix_alpha"), [(0.8, 0.0), (0.0, 1.0)])
+def test_a_video_whose_partner_is_not_valid_is_left_as_it_is(mixup_alpha, cutmix_alpha):
+    # Row 3 is no video (a failed one, weight 0 in a training batch): row 0, its partner, took
+    # its black pixels and its label 0 into its own mix, which then trained on both.
+    videos, targets = _batch()
+    valid = jnp.array([True, True, True, False])
+    mix = jax.jit(functools.partial(mix_videos, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha))
+    for seed in range(3):
+        key = jax.random.key(seed)
+        plain_videos, plain_targets = mix(key, videos, targets)
+        out_videos, out_targets = mix(key, videos, targets, valid=valid)
+        np.testing.assert_array_equal(out_videos[0], videos[0])
+        np.testing.assert_array_equal(out_targets[0], targets[0])
+        assert not np.array_equal(plain_videos[0], videos[0])  # mixed without `valid`
+        # The rows with a valid partner are mixed as before.
+        np.testing.assert_array_equal(out_videos[1:], plain_videos[1:])
+        np.testing.assert_array_equal(out_targets[1:], plain_targets[1:])
+    with pytest.raises(ValueError, match=r"valid must be \(B,\) with B = 4, got shape \(3,\)"):
+        mix_videos(
+            jax.random.key(0), videos, targets, mixup_alpha=0.8, cutmix_alpha=0, valid=valid[:3]
+        )

@@ -271,6 +271,26 @@ def test_mixup_and_cutmix_change_the_step_and_stay_finite():
         assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(base["loss"])
 
 
+def test_a_failed_video_is_mixed_into_no_other_video():
+    # A failed video's row (weight 0, zeros and label 0 in the loop) was Mixup/CutMix's partner
+    # of another video, whose loss then changed with that row's pixels and label.
+    _, _, _, (videos, labels, weights) = big_run()
+    state = big_run()[1][0]
+    mixed = step_setup(**BIG, mixup_alpha=0.8, cutmix_alpha=1.0)[0]
+    weights = weights.copy()
+    weights[-1] = 0.0
+    black, white = videos.copy(), videos.copy()
+    black[-1], white[-1] = 0, 255
+    other_labels = labels.copy()
+    other_labels[-1] = (labels[-1] + 3) % 10
+    for step in range(4):  # Mixup or CutMix, drawn per step
+        at = state.replace(step=step)
+        a, first = mixed(at, black, labels, weights)
+        b, second = mixed(at, white, other_labels, weights)
+        assert float(first["loss"]) == float(second["loss"]), step
+        chex.assert_trees_all_equal(a.params, b.params)
+
+
 def test_distillation_from_an_identical_teacher_adds_nothing():
     # With Mixup on: the teacher sees the mixed clips the student sees, or it would differ.
     teacher = create_model("stam_tiny", **NO_DROPOUT)
