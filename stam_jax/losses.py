@@ -96,6 +96,11 @@ def distillation_loss(
     return (temperature**2) * kl
 
 
+# The largest starting loss scale taken: float16's gradients overflow long before it, and a
+# larger one only adds skipped steps while it halves (above float32's range it was Inf for good).
+MAX_LOSS_SCALE = 2.0**32
+
+
 @flax.struct.dataclass
 class LossScale:
     """Dynamic loss-scaling state: a pytree of two scalars.
@@ -113,16 +118,16 @@ class LossScale:
         """A fresh loss scale.
 
         Args:
-            initial: the starting scale, a finite Python float > 0.
+            initial: the starting scale, a Python float in (0, `MAX_LOSS_SCALE`].
 
         Returns:
             A `LossScale` with `scale = initial` and `good_steps = 0`.
 
         Raises:
-            ValueError: `initial` is not finite and > 0.
+            ValueError: `initial` is not in (0, `MAX_LOSS_SCALE`].
         """
-        if not 0 < initial < float("inf"):
-            raise ValueError(f"initial loss scale must be finite and > 0, got {initial!r}")
+        if not 0 < initial <= MAX_LOSS_SCALE:
+            raise ValueError(f"initial loss scale must be in (0, 2^32], got {initial!r}")
         return LossScale(
             scale=jnp.asarray(initial, jnp.float32), good_steps=jnp.asarray(0, jnp.int32)
         )

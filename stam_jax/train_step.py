@@ -21,6 +21,7 @@ import optax
 
 from stam_jax.augment import mix_videos
 from stam_jax.losses import (
+    MAX_LOSS_SCALE,
     LossScale,
     adjust,
     all_finite,
@@ -312,11 +313,11 @@ def check_train_config(train: Any) -> None:
     if train.steps % train.accumulate:
         k = train.accumulate
         lower, upper = train.steps // k * k, (train.steps // k + 1) * k
+        use = f"{lower} or {upper}" if lower else f"{upper}, or a train.accumulate <= {train.steps}"
         refuse(
             "steps",
             f"not a multiple of train.accumulate={k} (the optimizer updates once every {k} "
-            f"batches, so the last {train.steps % k} would be computed for nothing); use "
-            f"{lower or upper} or {upper}",
+            f"batches, so the last {train.steps % k} would be computed for nothing); use {use}",
         )
     for field, value in train.items():
         # inf passes the range checks below, then makes the loss or the params NaN mid-run.
@@ -340,8 +341,13 @@ def check_train_config(train: Any) -> None:
             refuse(field, "must be in [0, 1)")
     if not 0 <= train.mix_switch_prob <= 1:
         refuse("mix_switch_prob", "is a probability, in [0, 1]")
-    if not train.loss_scale_initial >= 1:
-        refuse("loss_scale_initial", "must be >= 1 (float16 only; default 2^15)")
+    if not 1 <= train.loss_scale_initial <= MAX_LOSS_SCALE:
+        # Above float32's range the scale was Inf, which halving keeps Inf: every step skipped.
+        refuse(
+            "loss_scale_initial",
+            "must be in [1, 2^32] (float16 only; default 2^15: a larger start only adds the "
+            "skipped steps that halve it)",
+        )
     # Checked with or without a teacher, as every train.* number is (momentum under adamw too):
     # run_config.json records them, and a value that would be refused later is refused now.
     if not 0 <= train.distill_weight <= 1:

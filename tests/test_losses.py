@@ -129,6 +129,11 @@ def test_loss_scale_create():
     assert ls.good_steps.dtype == jnp.int32 and int(ls.good_steps) == 0
     with pytest.raises(ValueError, match=r"0\.0"):
         LossScale.create(0.0)
+    # 1e39 was Inf in float32, which halving keeps Inf: every float16 step was skipped.
+    for too_large in (1e39, 2.0**33):
+        with pytest.raises(ValueError, match=r"must be in \(0, 2\^32\], got "):
+            LossScale.create(too_large)
+    assert float(LossScale.create(2.0**32).scale) == 2.0**32
     # A pytree: it checkpoints like any other state.
     restored = flax.serialization.from_state_dict(
         LossScale.create(1.0), flax.serialization.to_state_dict(LossScale.create(8.0))

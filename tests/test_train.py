@@ -618,6 +618,18 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
         (dict(steps=0, warmup_steps=0), "train.steps=0: must be a whole number >= 1"),
         (dict(accumulate=0), "train.accumulate=0: must be a whole number >= 1"),
         (dict(accumulate=3), "train.steps=8: not a multiple of train.accumulate=3 .* use 6 or 9"),
+        # "use 16 or 16" where train.accumulate exceeds train.steps.
+        (
+            dict(accumulate=16),
+            r"train.steps=8: not a multiple of train.accumulate=16 .* use 16, or a "
+            r"train.accumulate <= 8; ",
+        ),
+        # Above float32's range the scale was Inf from the start: every step skipped.
+        (
+            dict(loss_scale_initial=1e39),
+            r"train.loss_scale_initial=1e\+39: must be in \[1, 2\^32\]",
+        ),
+        (dict(loss_scale_initial=2.0**33), r"train.loss_scale_initial=8589934592.0: must be in \["),
         (dict(learning_rate=-1e-3), r"train.learning_rate=-0.001: must be > 0"),
         (dict(mixup_alpha=-1.0), r"train.mixup_alpha=-1.0: must be >= 0"),
         (dict(grad_clip=-1.0), r"train.grad_clip=-1.0: must be >= 0"),
