@@ -197,12 +197,23 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _need(sd: Mapping[str, Any], key: str, why: str) -> tuple[int, ...]:
+_LINEAR_LIKE = "(out, in)"  # a Linear weight's shape
+
+
+def _need(sd: Mapping[str, Any], key: str, why: str, like: str) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which the architecture is read from: `like` names the official
+    shape, whose number of dimensions it must have, none of them 0."""
     if key not in sd:
         raise ConversionError(
             f"missing key {key!r}, needed to infer {why}; is this a STAM state dict?"
         )
-    return tuple(sd[key].shape)
+    shape, rank = tuple(sd[key].shape), like.count(",") + 1
+    if len(shape) != rank or 0 in shape:
+        raise ConversionError(
+            f"{key} has shape {shape}; expected {rank} dimensions, none of them 0, as {like}, "
+            f"to infer {why}: the file is damaged or not a STAM state dict."
+        )
+    return shape
 
 
 def infer_config(
@@ -249,24 +260,26 @@ def infer_config(
                 "convert.torch_io.load_state_dict, which unwraps it)."
             )
     keys = list(state_dict)
-    width, chans, patch, patch_w = _need(state_dict, "patch_embed.proj.weight", "the patch size")
+    width, chans, patch, patch_w = _need(
+        state_dict, "patch_embed.proj.weight", "the patch size", "(width, 3, p, p)"
+    )
     if chans != 3 or patch != patch_w:
         raise ConversionError(
             f"patch_embed.proj.weight has shape {(width, chans, patch, patch_w)}; expected "
             "(width, 3, p, p) for RGB square patches."
         )
-    tokens = _need(state_dict, "pos_embed", "the image size")[1] - 1
+    tokens = _need(state_dict, "pos_embed", "the image size", "(1, 1 + patches, width)")[1] - 1
     grid = math.isqrt(tokens)
-    if grid * grid != tokens:
+    if grid * grid != tokens or not tokens:
         raise ConversionError(f"pos_embed holds {tokens} patch positions, not a square grid.")
-    num_classes = _need(state_dict, "head.weight", "the class count")[0]
+    num_classes = _need(state_dict, "head.weight", "the class count", "(classes, width)")[0]
     config: dict[str, Any] = dict(
         num_classes=num_classes,
         image_size=grid * patch,
         patch_size=patch,
         hidden_size=width,
         depth=_count(keys, "blocks.", "ViT blocks"),
-        mlp_dim=_need(state_dict, "blocks.0.mlp.fc1.weight", "the MLP width")[0],
+        mlp_dim=_need(state_dict, "blocks.0.mlp.fc1.weight", "the MLP width", _LINEAR_LIKE)[0],
     )
     if num_heads is None and width % 64:
         raise ConversionError(
@@ -279,8 +292,18 @@ def infer_config(
     config["num_heads"] = heads
 
     if any(k.startswith("aggregate.") for k in keys):
-        t_width = _need(state_dict, "aggregate.cls_token", "the temporal width")[-1]
-        t_frames = _need(state_dict, "aggregate.pos_embed", "the frame count T")[1] - 1
+        t_width = _need(state_dict, "aggregate.cls_token", "the temporal width", "(1, 1, width)")[
+            -1
+        ]
+        t_frames = (
+            _need(state_dict, "aggregate.pos_embed", "the frame count T", "(1, 1 + T, width)")[1]
+            - 1
+        )
+        if not t_frames:
+            raise ConversionError(
+                "aggregate.pos_embed holds the temporal cls token's position only, no frame's: "
+                "the file is damaged or not a STAM state dict."
+            )
         if num_frames is not None and num_frames != t_frames:
             raise ConversionError(
                 f"--num-frames {num_frames} contradicts aggregate.pos_embed, which holds "
@@ -299,7 +322,9 @@ def infer_config(
             temporal_hidden_size=None if t_width == width else t_width,
             temporal_depth=_count(keys, f"{prefix}.", "temporal layers"),
             temporal_heads=t_heads,
-            temporal_mlp_dim=_need(state_dict, f"{prefix}.0.linear1.weight", "the temporal FF")[0],
+            temporal_mlp_dim=_need(
+                state_dict, f"{prefix}.0.linear1.weight", "the temporal FF", _LINEAR_LIKE
+            )[0],
         )
     else:
         if num_frames is None:
@@ -358,8 +383,11 @@ def torch_to_flax(
     config = infer_config(
         sd, num_heads=num_heads, temporal_heads=temporal_heads, num_frames=num_frames
     )
-    model = model_from_config(config)
-    shapes = param_shapes(model)
+    try:
+        model = model_from_config(config)
+        shapes = param_shapes(model)
+    except ValueError as e:  # sizes no model has, should a check above have let them through
+        raise ConversionError(f"the tensors' shapes make no STAM ({config}): {e}") from None
     report = Report(stripped_prefix=stripped)
     params: dict[str, Any] = {}
     missing, misshapen = [], []

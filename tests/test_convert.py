@@ -495,6 +495,33 @@ def test_not_a_state_dict(tmp_path):
         load_state_dict(path)
 
 
+def test_shapes_the_architecture_is_read_from_are_checked(official_pth, tmp_path, capsys):
+    # A tensor of another rank, or with a 0 dimension, gave an IndexError, a ValueError from
+    # unpacking or the model's own check: tracebacks, exit status 1.
+    edits = {
+        "pos_embed": (torch.zeros(17 * 32), r"pos_embed has shape \(544,\); expected 3 dim"),
+        "patch_embed.proj.weight": (
+            torch.zeros(32, 192),
+            r"patch_embed\.proj\.weight has shape \(32, 192\); expected 4 dimensions, none of "
+            r"them 0, as \(width, 3, p, p\), to infer the patch size: the file is damaged",
+        ),
+        "head.weight": (torch.zeros(0, 32), r"head\.weight has shape \(0, 32\); expected 2 dim"),
+        "aggregate.cls_token": (torch.tensor(1.0), r"aggregate\.cls_token has shape \(\); "),
+        "blocks.0.mlp.fc1.weight": (torch.zeros(64), r"blocks\.0\.mlp\.fc1\.weight has shape"),
+        "aggregate.pos_embed": (
+            torch.zeros(1, 1, 32),
+            r"aggregate\.pos_embed holds the temporal cls token's position only, no frame's",
+        ),
+    }
+    for key, (tensor, message) in edits.items():
+        pth, _ = official_pth(TINY, edit=lambda sd, k=key, t=tensor: sd.update({k: t}))
+        with pytest.raises(ConversionError, match=message):
+            torch_to_flax(load_state_dict(pth), num_heads=2, temporal_heads=4)
+    pth, _ = official_pth(TINY, edit=lambda sd: sd.update({"pos_embed": torch.zeros(1, 1, 32)}))
+    assert convert_main([str(pth), str(tmp_path / "out"), *cli_args(TINY)]) == 2
+    assert "error: pos_embed holds 0 patch positions, not a square grid." in capsys.readouterr().err
+
+
 def test_head_counts_and_frames_are_checked(official_pth, tmp_path):
     pth, _ = official_pth(TINY)
     sd = load_state_dict(pth)
