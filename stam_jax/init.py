@@ -231,6 +231,14 @@ def init_from_checkpoint(
             f"the checkpoint {checkpoint} cannot initialise this model; shapes differ:\n  "
             + "\n  ".join(problems)
         )
+    if not copied and not resampled:  # e.g. a ViT file of other key names: a run from scratch
+        found = next((n for n in notes if n.startswith("not part of STAM")), "no tensor at all")
+        raise InitError(
+            f"nothing in {checkpoint} fits this model ({found}). An image ViT file needs "
+            "timm's key names (patch_embed.proj.weight, blocks.0.attn.qkv.weight, ...), or "
+            "as .npz Google's (embedding/kernel, Transformer/encoderblock_0/...); rename its "
+            "keys, or leave the checkpoint out to start from a fresh initialisation."
+        )
     if not str(checkpoint).endswith(VIT_SUFFIXES):  # after the shapes, which say more
         notes += _same_shape_differences(model, config["model"], checkpoint)
     # What the model takes from the checkpoint: not the paths it lacks, nor a re-initialised head.

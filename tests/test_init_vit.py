@@ -54,6 +54,24 @@ def check(path, want):
     return text
 
 
+def test_a_vit_file_of_other_key_names_is_refused_not_ignored(tmp_path):
+    # Hugging Face's ViT names: nothing was copied, and training went on from a fresh
+    # initialisation, with "0 of N tensors copied" in the report only.
+    names = {
+        "vit.embeddings.cls_token": torch.zeros(1, 1, 32),
+        "vit.encoder.layer.0.attention.attention.query.weight": torch.zeros(32, 32),
+        "classifier.weight": torch.zeros(10, 32),
+    }
+    torch.save(names, tmp_path / "hf.pth")
+    with pytest.raises(
+        InitError,
+        match=r"nothing in .*hf\.pth fits this model \(not part of STAM, ignored: 3 keys "
+        r"\(classifier\.weight, .*\)\)\. An image ViT file needs timm's key names "
+        r"\(patch_embed\.proj\.weight, blocks\.0\.attn\.qkv\.weight, \.\.\.\)",
+    ):
+        init_from_checkpoint(MODEL, fresh_params(MODEL), tmp_path / "hf.pth")
+
+
 def test_timm_pth_and_safetensors(tmp_path):
     sd = timm_state_dict()
     want = spatial_reference(sd)
