@@ -25,12 +25,44 @@ from stam_jax.cli import ArgumentParser
 TOLERANCE = 1e-4  # max |jax - torch| / max |torch| in float32
 
 
+def outputs(model_name: str) -> tuple[str, str, str]:
+    """The names `run` writes in its workdir: the random-weight `.pth`, the stam-jax checkpoint
+    converted from it and the `.pth` written back (never an official file's name, which a
+    workdir holding the real `stam_16.pth` would have lost)."""
+    return (
+        f"selfcheck_{model_name}_random.pth",
+        f"selfcheck_{model_name}_ckpt",
+        f"selfcheck_{model_name}_roundtrip.pth",
+    )
+
+
+def check_workdir(workdir: Path) -> str | None:
+    """Why selfcheck must not write in `workdir` (None: it may). Only a missing or empty folder,
+    or one holding nothing but an earlier selfcheck's outputs (replaced), is taken."""
+    if not workdir.exists():
+        return None
+    if not workdir.is_dir() or workdir.is_symlink():
+        return f"--workdir {workdir} is not a folder; give a new or empty one."
+    ours = {name for variant in VARIANTS for name in outputs(variant)}
+    other = sorted(entry.name for entry in workdir.iterdir() if entry.name not in ours)
+    if other:
+        shown = ", ".join(other[:5]) + (" ..." if len(other) > 5 else "")
+        return (
+            f"--workdir {workdir} holds files selfcheck did not write ({shown}); give a new or "
+            "empty folder (nothing was written)."
+        )
+    return None
+
+
 def run(model_name: str, batch: int, workdir: Path, seed: int = 0) -> bool:
-    """Runs every check for `model_name`, printing each result; True if all pass."""
+    """Runs every check for `model_name`, printing each result; True if all pass.
+
+    Earlier outputs of the same checks in `workdir` are replaced."""
     config = model_config(create_model(model_name))
     torch.manual_seed(seed)
     reference = randomize_(reference_from_config(config), seed)
-    pth = workdir / f"{model_name}.pth"
+    random_pth, ckpt_name, roundtrip_pth = outputs(model_name)
+    pth = workdir / random_pth
     torch.save({"model": reference.state_dict()}, pth)
     size_mb = pth.stat().st_size / 2**20
     print(f"[1/4] official-format {model_name} with random weights: {pth} ({size_mb:.0f} MiB)")
@@ -38,7 +70,8 @@ def run(model_name: str, batch: int, workdir: Path, seed: int = 0) -> bool:
     start = time.perf_counter()
     ckpt, _, report = convert_checkpoint(
         pth,
-        workdir / "ckpt",
+        workdir / ckpt_name,
+        overwrite=True,  # an earlier run's (check_workdir took only selfcheck's outputs)
         num_heads=config["num_heads"],
         temporal_heads=config.get("temporal_heads"),
         num_frames=config["num_frames"] if config["aggregate"] == "mean" else None,
@@ -63,8 +96,8 @@ def run(model_name: str, batch: int, workdir: Path, seed: int = 0) -> bool:
         f"{'OK' if parity else 'FAIL'}"
     )
 
-    back = workdir / f"{model_name}.roundtrip.pth"
-    export_checkpoint(ckpt, back)
+    back = workdir / roundtrip_pth
+    export_checkpoint(ckpt, back, overwrite=True)
     original = torch.load(pth, weights_only=True)["model"]
     restored = torch.load(back, weights_only=True)["model"]
     exact = original.keys() == restored.keys() and all(
@@ -83,10 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m convert.selfcheck", description=__doc__)
     parser.add_argument("--model", default="stam_16", choices=sorted(VARIANTS))
     parser.add_argument("--batch", type=int, default=2, help="random videos to compare")
-    parser.add_argument("--workdir", help="keep the files here (default: a temporary dir)")
+    parser.add_argument(
+        "--workdir",
+        help="keep the files here: a new or empty folder, or an earlier selfcheck's, whose "
+        "outputs are replaced (default: a temporary folder)",
+    )
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"argument --batch: {args.batch} videos; compare at least 1.")
     if args.workdir:
         workdir = Path(args.workdir)
+        problem = check_workdir(workdir)
+        if problem:
+            parser.error(problem)
         workdir.mkdir(parents=True, exist_ok=True)
         ok = run(args.model, args.batch, workdir)
     else:

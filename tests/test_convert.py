@@ -1450,6 +1450,9 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys, monkeypat
     from convert.selfcheck import main as selfcheck_main
 
     bad[(selfcheck_main, "--model", "stam_17")] = r"error: argument --model: invalid choice: .*\n"
+    bad[(selfcheck_main, "--batch", "0")] = (
+        r"error: argument --batch: 0 videos; compare at least 1\.\n"
+    )
     for (main, *args), message in bad.items():
         with pytest.raises(SystemExit) as end:
             main(args)
@@ -1457,6 +1460,38 @@ def test_cli_streams_and_exit_statuses(official_pth, tmp_path, capsys, monkeypat
         out, err = capsys.readouterr()
         assert out == "" and re.fullmatch(message, err), err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d.pth").exists()
+
+
+def test_selfcheck_reruns_in_its_workdir_and_touches_no_other_file(tmp_path, capsys):
+    from convert.selfcheck import main as selfcheck_main
+
+    # A second run in the same folder stopped with a CheckpointError traceback (its checkpoint
+    # already there), and the random weights were saved as stam_16.pth: the real one, in a
+    # folder of checkpoints, would have been overwritten.
+    workdir = tmp_path / "check"
+    for _ in range(2):
+        assert (
+            selfcheck_main(["--model", "stam_tiny", "--batch", "1", "--workdir", str(workdir)]) == 0
+        )
+        out = capsys.readouterr().out
+        assert "-> OK" in out and out.endswith("all checks passed\n")
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "selfcheck_stam_tiny_ckpt",
+        "selfcheck_stam_tiny_random.pth",
+        "selfcheck_stam_tiny_roundtrip.pth",
+    ]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "stam_16.pth").write_bytes(b"the real weights")
+    with pytest.raises(SystemExit) as end:
+        selfcheck_main(["--model", "stam_tiny", "--workdir", str(downloads)])
+    assert end.value.code == 2
+    assert (
+        f"error: --workdir {downloads} holds files selfcheck did not write (stam_16.pth); give a "
+        "new or empty folder (nothing was written)." in capsys.readouterr().err
+    )
+    assert [p.name for p in downloads.iterdir()] == ["stam_16.pth"]
+    assert (downloads / "stam_16.pth").read_bytes() == b"the real weights"
 
 
 def test_archive_layouts_and_damaged_pickles_are_read_or_named(tmp_path):
