@@ -64,15 +64,20 @@ def rollout(layers: list[np.ndarray]) -> np.ndarray:
 
 
 def check_frame_rate(frame_rate: float | None, name: str = "frame_rate") -> None:
-    """Refuses a sampling rate that is not a positive, finite number (None: the default).
+    """Refuses a sampling rate outside (0, `MAX_FRAME_RATE`] (None: the default).
 
     Raises:
       ValueError: naming `name` (the flag, for the CLI) and the default.
     """
-    if frame_rate is not None and not (math.isfinite(frame_rate) and frame_rate > 0):
+    from stam_jax.data.video import MAX_FRAME_RATE
+
+    if frame_rate is not None and not (
+        math.isfinite(frame_rate) and 0 < frame_rate <= MAX_FRAME_RATE
+    ):
         raise ValueError(
-            f"{name} {frame_rate:g}: use a positive number of frames per second, or leave it out "
-            f"for the default T / {SECONDS:g} s (T frames over the first {SECONDS:g} s)."
+            f"{name} {frame_rate:g}: use a number of frames per second in (0, "
+            f"{MAX_FRAME_RATE:g}], or leave it out for the default T / {SECONDS:g} s (T frames "
+            f"over the first {SECONDS:g} s)."
         )
 
 

@@ -48,6 +48,9 @@ class TooShortError(VideoError):
 
 # The longest frame side a clip may be resized to: past it, frames take gigabytes each.
 MAX_SIDE = 4096
+# Sampled frames per second, at most: above any video's own rate (a rate above a video's
+# repeats its frames, as the official sampling does).
+MAX_FRAME_RATE = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +114,12 @@ class ClipSpec:
                 )
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} is larger than resize={self.resize}.")
-        if not (math.isfinite(self.frame_rate) and self.frame_rate > 0):
+        if not (math.isfinite(self.frame_rate) and 0 < self.frame_rate <= MAX_FRAME_RATE):
+            # A rate far above any video's made index arrays of n * rate / fps entries: 1e9
+            # asked for gigabytes per video, a MemoryError each, the run going on for nothing.
             raise ValueError(
-                f"frame_rate={self.frame_rate}; use a positive number of frames per second "
-                "(1.6 for stam_16, 6.4 for stam_64)."
+                f"frame_rate={self.frame_rate}; use a number of frames per second in (0, "
+                f"{MAX_FRAME_RATE:g}] (1.6 for stam_16, 6.4 for stam_64)."
             )
         if not 0 < self.train_min_area <= 1:
             raise ValueError(
