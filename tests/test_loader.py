@@ -494,6 +494,14 @@ def test_reasons_name_the_file_as_listed():
     )
     ok = Decoded(3, np.zeros(1), "ok")
     assert with_listed_path(ok, "/data/k400/a/v.mp4", "a/v.mp4") is ok
+    # A name whose bytes are not UTF-8 (surrogate escapes): PyAV's message spells it escaped,
+    # which the absolute path was left in.
+    opened = "/data/k400/a/caf\udce9.mp4"
+    failed = Decoded(3, None, "failed", f"InvalidDataError: bad data: {opened!r}")
+    assert "caf\\udce9" in failed.reason
+    assert with_listed_path(failed, opened, "a/caf\udce9.mp4").reason == (
+        "InvalidDataError: bad data: 'a/caf\\xe9.mp4'"
+    )
 
 
 def test_decode_in_order_and_training_items_give_positions_shapes_and_failures(tmp_path):

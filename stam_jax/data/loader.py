@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from stam_jax.data.folder import as_text
 from stam_jax.data.video import (
     ClipSpec,
     TooShortError,
@@ -90,11 +91,17 @@ def with_listed_path(decoded: Decoded, opened: str | Path, listed: str) -> Decod
     path in the listing (`listed`, relative to the folder's root) in its reason.
 
     PyAV's messages name the file as opened; rewritten, the reasons of results (and of the
-    results an interrupted evaluation kept) read the same wherever the videos are.
+    results an interrupted evaluation kept) read the same wherever the videos are. A name
+    whose bytes are not UTF-8 is spelled escaped there (`caf\\udce9.mp4`, as `repr` writes
+    it): that spelling is rewritten too, to the listed path's `\\xNN` one (`folder.as_text`).
     """
     if not decoded.reason or str(opened) == listed:
         return decoded
-    return dataclasses.replace(decoded, reason=decoded.reason.replace(str(opened), listed))
+    reason = decoded.reason.replace(str(opened), listed)
+    escaped = repr(str(opened))[1:-1]
+    if escaped != str(opened):
+        reason = reason.replace(escaped, as_text(listed))
+    return dataclasses.replace(decoded, reason=reason)
 
 
 def decode_in_order(
