@@ -398,6 +398,29 @@ def _accumulation_updated(opt_state: Any) -> jax.Array | None:
     return jnp.logical_and(outer.mini_step == 0, outer.gradient_step > 0)
 
 
+def _schedules_stepped(opt_state: Any, before: Any) -> Any:
+    """`opt_state` with each learning-rate schedule's count one past its count in `before`.
+
+    A skipped step (float16 gradients that overflowed, or a batch whose videos all failed)
+    keeps the optimizer's state as it was, so its schedule fell behind the loop steps: the rate
+    applied was an earlier step's, not the one logged, and the cosine decay never reached its
+    end. Its schedule now moves on with the loop (`optax.ScaleByScheduleState`), as PyTorch's
+    scheduler steps past a step its GradScaler skips; Adam's own count does not (its bias
+    correction counts updates). Not within an accumulating `optax.MultiSteps`, whose
+    schedule counts updates.
+    """
+
+    def node(x: Any) -> bool:
+        return isinstance(x, optax.ScaleByScheduleState | optax.MultiStepsState)
+
+    def stepped(new: Any, old: Any) -> Any:
+        if isinstance(new, optax.ScaleByScheduleState):
+            return new._replace(count=old.count + 1)
+        return new
+
+    return jax.tree.map(stepped, opt_state, before, is_leaf=node)
+
+
 def make_train_step(
     model: STAM,
     tx: optax.GradientTransformation,
@@ -513,12 +536,13 @@ def make_train_step(
         updated = _accumulation_updated(opt_state)
         if updated is not None:  # the EMA follows the updates, not the batches
             ema = jax.tree.map(lambda n, o: jnp.where(updated, n, o), ema, state.ema_params)
-        keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was
+        keep = finite & (weights.sum() > 0)  # a skipped step leaves everything as it was,
         params, opt_state, ema = jax.tree.map(
             lambda n, o: jnp.where(keep, n, o),
             (params, opt_state, ema),
             (state.params, state.opt_state, state.ema_params),
         )
+        opt_state = _schedules_stepped(opt_state, state.opt_state)  # but the rate's count
         correct = (jnp.argmax(logits, -1) == labels) * weights
         metrics = {
             "loss": loss,

@@ -148,13 +148,17 @@ def test_ema_follows_the_params():
 
 def test_a_batch_of_failed_videos_changes_nothing_but_the_step():
     # Every video failed (weight 0): no gradient, and weight decay alone must not move params.
+    # The optimizer state stays as it was but for the schedule's count, which moves on with
+    # the steps (test_a_skipped_step_moves_the_learning_rate_schedule_on).
+    from stam_jax.train_step import _schedules_stepped
+
     step, states, _, (videos, labels, weights) = big_run()
     state, weights = states[1], weights.copy()  # past step 0, whose learning rate is 0
     new, metrics = step(state, videos, labels, np.zeros_like(weights))
     assert int(new.step) == 2 and float(metrics["videos"]) == 0.0
     chex.assert_trees_all_equal(
         (new.params, new.opt_state, new.ema_params),
-        (state.params, state.opt_state, state.ema_params),
+        (state.params, _schedules_stepped(state.opt_state, state.opt_state), state.ema_params),
     )
     # One usable video is a real step.
     weights[1:] = 0.0
@@ -269,6 +273,31 @@ def test_mixup_and_cutmix_change_the_step_and_stay_finite():
     for step in range(3):
         _, metrics = mixed(state.replace(step=step), videos, labels, weights)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(base["loss"])
+
+
+def test_a_skipped_step_moves_the_learning_rate_schedule_on():
+    # A batch whose videos all failed (or float16 gradients that overflowed) kept the whole
+    # optimizer state, its schedule's count too: every later update took the rate of one
+    # step earlier than the one logged (here 0, the warm-up's start, instead of the peak).
+    from stam_jax.train_step import _schedules_stepped
+
+    step, states, _, (videos, labels, weights) = big_run()
+    start = states[0]
+    skipped, _ = step(start, videos, labels, np.zeros_like(weights))
+    chex.assert_trees_all_equal(skipped.params, start.params)
+    after, metrics = step(skipped, videos, labels, weights)
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-2)  # BIG's peak, at step 1
+    ahead = start.replace(step=1, opt_state=_schedules_stepped(start.opt_state, start.opt_state))
+    expected, _ = step(ahead, videos, labels, weights)
+    chex.assert_trees_all_equal(after.params, expected.params)
+    assert max_diff(after.params, start.params) > 1e-3  # the peak rate's update, not 0's
+
+    def count(kind):
+        found = jax.tree.leaves(after.opt_state, is_leaf=lambda x: isinstance(x, kind))
+        return [int(x.count) for x in found if isinstance(x, kind)]
+
+    # The schedule counts the loop's steps, Adam its updates (its bias correction).
+    assert count(optax.ScaleByScheduleState) == [2] and count(optax.ScaleByAdamState) == [1]
 
 
 def test_a_failed_video_is_mixed_into_no_other_video():
