@@ -167,12 +167,15 @@ def _settings(
     folder: VideoFolder,
     prepared: PreparedDataset | None,
     checksum: str,
+    architecture: dict[str, Any],
     leave_out: tuple[str, ...] = _PER_PROCESS,
 ) -> dict[str, Any]:
     """The config but `leave_out`, the listing of the data (classes, videos, labels), how its
-    frames are stored (a prepared dataset's JPEG frames are not the videos') and the params'
-    `checksum`: what every process of a multi-process evaluation must have the same
-    (`_PER_PROCESS` left out), or what decides each video's results (`_NOT_IN_RESULTS`)."""
+    frames are stored (a prepared dataset's JPEG frames are not the videos'), the params'
+    `checksum` and the checkpoint's `architecture` (the same params under other head counts or
+    another LayerNorm epsilon give other results): what every process of a multi-process
+    evaluation must have the same (`_PER_PROCESS` left out), or what decides each video's
+    results (`_NOT_IN_RESULTS`)."""
     settings = {f"--config.{k}": v for k, v in flat_fields(config, leave_out).items()}
     settings["--config.data.root's frames"] = prepared.frames if prepared else "raw"
     # Compared by content: the paths may differ between hosts, and between runs.
@@ -184,6 +187,9 @@ def _settings(
     settings["--config.data.root's listing"] = sharding.by_content(shown, listing)
     settings["--config.checkpoint's params"] = sharding.by_content(
         f"{config.checkpoint} (checksum {checksum})", checksum
+    )
+    settings["--config.checkpoint's architecture"] = json.loads(
+        json.dumps(architecture, sort_keys=True)  # as a journal's JSON gives it back
     )
     return settings
 
@@ -535,14 +541,16 @@ def _evaluate(
                 pid,
                 nproc,
                 model.num_classes,
-                lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
+                lambda: _settings(
+                    config, folder, prepared, digest(), stored["model"], _NOT_IN_RESULTS
+                ),
                 f"--workdir={workdir}",
                 len(folder.items),
                 width,
             )
         except partial.PartialError as e:
             raise EvalConfigError(str(e)) from None
-        agree(lambda: _settings(config, folder, prepared, digest()))
+        agree(lambda: _settings(config, folder, prepared, digest(), stored["model"]))
     # The videos every process's kept results hold, then this process's share of the others,
     # and a step count every process agrees on. A video kept in the files of two processes
     # (per-host folders resumed with another process count, then the first one again) is
@@ -582,7 +590,7 @@ def _evaluate(
             partial_dir,
             pid,
             model.num_classes,
-            lambda: _settings(config, folder, prepared, digest(), _NOT_IN_RESULTS),
+            lambda: _settings(config, folder, prepared, digest(), stored["model"], _NOT_IN_RESULTS),
             width,
         )
     try:

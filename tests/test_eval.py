@@ -254,7 +254,12 @@ def keep(
     folder = list_root(config.data.root, "eval", SPEC, None)[0]
     params = checkpoints.read_params(config.checkpoint, create_model("stam_tiny"))
     settings = evaluate_module._settings(
-        config, folder, None, tree_digest(params), evaluate_module._NOT_IN_RESULTS
+        config,
+        folder,
+        None,
+        tree_digest(params),
+        checkpoints.read_config(config.checkpoint)["model"],
+        evaluate_module._NOT_IN_RESULTS,
     )
     logits = np.asarray(logits, np.float32)
     width = 0 if features is None else features.shape[1]
@@ -1107,6 +1112,16 @@ def test_an_interrupted_run_resumes_with_only_the_videos_left(
         "(--config.dtype: 'float32' then, 'bfloat16' now); run the command that was interrupted "
         f"to finish it, or delete {kept} to evaluate from the start (or give another --workdir)."
     )
+    # The same params under other head counts (a .pth converted again with another
+    # --num-heads, into the same folder) give other results: refused, where the params'
+    # checksum alone let the resume mix both.
+    heads = tmp_path / "heads"
+    checkpoints.save(heads, create_model("stam_tiny", num_heads=4), tiny_ckpt[1])
+    with pytest.raises(EvalConfigError) as refused:
+        evaluate(config_for(heads, video_root, **features), workdir)
+    assert "(--config.checkpoint's architecture: {" in str(refused.value)
+    assert "'num_heads': 2, " in str(refused.value) and "'num_heads': 4, " in str(refused.value)
+    assert "--config.checkpoint's params" not in str(refused.value)  # the same params
     # The kept records hold the features: a resume without them (or with others) is refused.
     with pytest.raises(EvalConfigError, match=r"\(--config.eval.features: 'video' then, '' now\)"):
         evaluate(config_for(tiny_ckpt[0], video_root), workdir)
@@ -1512,12 +1527,16 @@ def test_settings_compare_what_decides_the_results(video_root, tiny_ckpt, tmp_pa
     renamed = shutil.copytree(video_root, tmp_path / "renamed")  # same counts, other names
     (renamed / "class_0" / "video_0.mp4").rename(renamed / "class_0" / "video_2.mp4")
 
-    def settings(leave_out, root=video_root, checksum="c", prepared=None, **overrides):
+    def settings(
+        leave_out, root=video_root, checksum="c", prepared=None, architecture=TINY, **overrides
+    ):
         config = config_for(tiny_ckpt[0], root, **overrides)
         folder = list_root(root, "eval", SPEC, None)[0]
         return {
             k: compared(v)
-            for k, v in _settings(config, folder, prepared, checksum, leave_out).items()
+            for k, v in _settings(
+                config, folder, prepared, checksum, architecture, leave_out
+            ).items()
         }
 
     for leave_out in (_PER_PROCESS, _NOT_IN_RESULTS):
@@ -1534,6 +1553,7 @@ def test_settings_compare_what_decides_the_results(video_root, tiny_ckpt, tmp_pa
             assert settings(leave_out, **overrides) == same, overrides
         for overrides in [
             {"checksum": "d"},
+            {"architecture": {**TINY, "num_heads": 4}},  # the same params, other heads
             {"root": renamed},
             {"prepared": types.SimpleNamespace(frames="jpeg")},
             {"dtype": "bfloat16"},
