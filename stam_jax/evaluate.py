@@ -711,6 +711,8 @@ def _evaluate(
             _write(workdir, results, folder, done_pos, labels, logits, scores)
             if features:
                 _write_features(workdir, folder, done_pos, labels, values, model, spec, features)
+            else:
+                _remove_earlier_features(workdir, report)
     if nproc > 1:  # the kept results go once process 0 has written (a failure there keeps them)
         sharding.allgather_json(None)
     if resumable:
@@ -944,6 +946,20 @@ def _write_features(
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, target)
+
+
+def _remove_earlier_features(workdir: Path, report: bool) -> None:
+    """Removes the `features.npz` an earlier run left in `workdir`: it held that run's videos,
+    not those of the `predictions.jsonl` this run wrote beside it (nothing said so)."""
+    earlier = workdir / "features.npz"
+    if earlier.is_file() and not earlier.is_symlink():
+        earlier.unlink()
+        if report:
+            print(
+                f"removed {earlier}: an earlier run's features, not this run's videos (this run "
+                "exports none; --config.eval.features=video or frames exports them).",
+                file=sys.stderr,
+            )
 
 
 def _percent(value: float | None) -> str:

@@ -501,6 +501,11 @@ def test_multi_view_averages_views(video_root, tiny_ckpt, tmp_path):
         video, frames = direct_features(video_root, p["path"], tiny_ckpt[1], spec)
         np.testing.assert_allclose(features["video"][i], video.mean(0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(features["frames"][i], frames, rtol=1e-5, atol=1e-5)
+    # A later run in the same workdir that exports no features removes these, which stayed
+    # beside its predictions as if they were its videos'.
+    evaluate(config_for(tiny_ckpt[0], video_root, batch_size=4), tmp_path)
+    assert not (tmp_path / "features.npz").exists()
+    assert len(read_predictions(tmp_path)) == 20
 
 
 def test_views_are_averaged_as_logits_or_as_softmax():
