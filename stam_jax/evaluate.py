@@ -474,7 +474,10 @@ def _evaluate(
         )
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
-    sharding.initialize_distributed(*sharding.distributed_settings(dist))
+    try:
+        sharding.initialize_distributed(*sharding.distributed_settings(dist))
+    except ValueError as e:  # no cluster to discover
+        raise EvalConfigError(str(e)) from None
     # A refusal in one process is one in all (each would otherwise wait for the others' data),
     # and processes started with different settings are refused.
     with sharding.shared_refusals(EvalConfigError) as agree:

@@ -127,6 +127,10 @@ def initialize_distributed(
       num_processes: total processes (1: single process).
       process_id: this process's rank.
       join_timeout: seconds to wait for every process to join.
+
+    Raises:
+      ValueError: `num_processes` 0 without a coordinator, and no cluster JAX can discover
+        (naming the flags to give instead).
     """
     if (num_processes == 1 and not coordinator) or jax.distributed.is_initialized():
         return  # single process, or already joined (training's periodic evaluation)
@@ -146,7 +150,15 @@ def initialize_distributed(
         if coordinator:
             jax.distributed.initialize(coordinator, num_processes, process_id, **timeout)
         else:
-            jax.distributed.initialize(**timeout)
+            try:
+                jax.distributed.initialize(**timeout)
+            except (ValueError, RuntimeError) as e:  # no cluster found: a traceback, exit 1
+                raise ValueError(
+                    f"--config.distributed.num_processes={num_processes}: JAX found no cluster "
+                    f"to join ({e}); run it in one JAX discovers (SLURM, a TPU pod, ...), or give "
+                    "--config.distributed.num_processes=N and --config.distributed.coordinator="
+                    "HOST:PORT (num_processes=1: one process)."
+                ) from None
     finally:
         with _Stop.lock:  # taken by the waiting thread while it ends this process
             joined.set()

@@ -1041,6 +1041,34 @@ def test_cli_flag_mistakes_say_what_to_write(tmp_path, args, message):
     assert (proc.returncode, proc.stderr) == (2, f"error: {message}\n")
 
 
+def test_discovering_a_cluster_where_there_is_none_is_refused_naming_the_flags(tmp_path):
+    # num_processes=0 asks JAX to discover the cluster; with none to find, its ValueError
+    # ended the run as a traceback, exit status 1.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run_eval.py",
+            "--config=configs/tiny.py",
+            "--config.distributed.num_processes=0",
+            f"--workdir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "OMPI", "PMI"))},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(
+        r"error: --config\.distributed\.num_processes=0: JAX found no cluster to join \(.+\); "
+        r"run it in one JAX discovers \(SLURM, a TPU pod, \.\.\.\), or give "
+        r"--config\.distributed\.num_processes=N and --config\.distributed\.coordinator="
+        r"HOST:PORT \(num_processes=1: one process\)\.\n",
+        proc.stderr,
+    ), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_workdir_that_cannot_be_made_is_refused_naming_what_to_do(
     video_root, tiny_ckpt, tmp_path, monkeypatch
 ):
