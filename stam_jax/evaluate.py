@@ -58,6 +58,7 @@ from stam_jax.paths import (
     missing_folders,
     new_folders_removed_on_failure,
     unwritable,
+    within_data,
 )
 from stam_jax.plot import accuracy_computed
 from stam_jax.progress import progress_bar
@@ -86,8 +87,9 @@ def _clip_spec(config: Any, model: STAM) -> ClipSpec:
         raise EvalConfigError(name_data_flags(e)) from None
 
 
-def _check_workdir(workdir: str | Path | None) -> Path:
-    """`--workdir` as a Path, refused (nothing created) if results could not be written there."""
+def _check_workdir(workdir: str | Path | None, root: str = "") -> Path:
+    """`--workdir` as a Path, refused (nothing created) if results could not be written there,
+    or if it is the data `root` or inside it."""
     if workdir is None or not str(workdir).strip():
         raise EvalConfigError(
             "--workdir is empty; name the folder for results.json and predictions.jsonl "
@@ -102,6 +104,9 @@ def _check_workdir(workdir: str | Path | None) -> Path:
             f"--workdir={path} is a stam-jax checkpoint; write the results to a folder of their "
             f"own, e.g. --workdir={path.parent / (path.name + '_eval')}."
         )
+    problem = within_data(path, root, "--config.data.root")
+    if problem:
+        raise EvalConfigError(f"--workdir={path} {problem}.")
     return path
 
 
@@ -457,7 +462,7 @@ def _evaluate(
     """`evaluate`; the workdir's claim, once made, is held by `held`."""
     start = time.perf_counter()
     # Config values first: nothing is created and nothing joins or computes before they pass.
-    workdir = _check_workdir(workdir)
+    workdir = _check_workdir(workdir, config.data.root)
     dist = config.distributed
     try:
         sharding.check_distributed(*sharding.distributed_settings(dist))

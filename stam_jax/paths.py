@@ -42,6 +42,22 @@ def unwritable(path: str | os.PathLike, *, into: bool = False) -> str | None:
     return None
 
 
+def within_data(workdir: str | os.PathLike, root: str | os.PathLike, flag: str) -> str | None:
+    """Why `workdir` must not hold a run's outputs: it is `root`, data the run reads (named by
+    `flag`, e.g. '--config.data.root'), or inside it (None: neither). The next run would list
+    its folders as classes of videos, and its files as videos."""
+    if not str(root).strip():
+        return None
+    work, data = Path(os.path.realpath(workdir)), Path(os.path.realpath(root))
+    if work != data and data not in work.parents:
+        return None
+    where = "is" if work == data else "is inside"
+    return (
+        f"{where} {flag}={root}: the next run would list its outputs as a class of videos; "
+        f"write them outside the data, e.g. --workdir={data.parent / (data.name + '_runs')}"
+    )
+
+
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden sibling of `path` (same suffix) to write instead; moved over `path` once the block

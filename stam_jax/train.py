@@ -47,6 +47,7 @@ from stam_jax.paths import (
     made_and_claimed,
     missing_folders,
     unwritable,
+    within_data,
 )
 from stam_jax.progress import progress_bar
 from stam_jax.resume import check_same_run, process_settings, truncate_log, write_run_record
@@ -273,6 +274,13 @@ def _train_and_evaluate(
     problem = unwritable(workdir, into=True)  # found now, not at the first checkpoint
     if problem:
         raise TrainConfigError(f"cannot write --workdir={workdir}: {problem}; name another folder.")
+    for flag, root in (
+        ("--config.train.root", train.root),
+        ("--config.train.eval_root", train.eval_root),
+    ):
+        problem = within_data(workdir, root, flag)
+        if problem:
+            raise TrainConfigError(f"--workdir={workdir} {problem}.")
     try:
         model = model_from_run_config(config)
     except ValueError as e:  # an unknown variant, dtype or attention implementation

@@ -738,6 +738,17 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
     # Results written into a checkpoint would make it unreplaceable by convert --force.
     with pytest.raises(EvalConfigError, match=r"tiny is a stam-jax checkpoint; write the results"):
         evaluate(config_for(tiny_ckpt[0], video_root), tiny_ckpt[0])
+    # Results in the data root, or inside it, were listed as a class by the next run (refused
+    # for a wrong class count, or resumed never: partial/ was an 11th class).
+    for inside, where in ((video_root, "is"), (video_root / "eval_out", "is inside")):
+        with pytest.raises(
+            EvalConfigError,
+            match=rf"^--workdir={re.escape(str(inside))} {where} --config\.data\.root="
+            rf"{re.escape(str(video_root))}: the next run would list its outputs as a class of "
+            rf"videos; write them outside the data, e\.g\. --workdir=.*_runs\.$",
+        ):
+            evaluate(config_for(tiny_ckpt[0], video_root), inside)
+    assert not (video_root / "eval_out").exists()
     assert not (tiny_ckpt[0] / "results.json").exists()
 
 

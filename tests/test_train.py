@@ -643,6 +643,18 @@ def test_bad_settings_are_refused_before_any_file(train_root, tmp_path):
     for settings, message in cases:
         with pytest.raises(TrainConfigError, match=message + r".*fix --config\.train\."):
             train_and_evaluate(tiny_config(train_root, **settings), tmp_path / "run")
+    # A run's outputs in its data were listed as a class of videos by the next run.
+    for root_flag, workdir in (
+        ("train.root", train_root / "run"),
+        ("train.eval_root", tmp_path / "val" / "run"),
+    ):
+        config = tiny_config(train_root, eval_root=str(tmp_path / "val"))
+        with pytest.raises(
+            TrainConfigError,
+            match=rf"^--workdir={re.escape(str(workdir))} is inside --config\.{root_flag}=",
+        ):
+            train_and_evaluate(config, workdir)
+        assert not workdir.exists()
     config = tiny_config(train_root)  # went to JAX's cluster discovery, which named no flag
     config.distributed.num_processes = 2
     with pytest.raises(TrainConfigError, match=r"num_processes=2 needs --config\.distributed\.coo"):
