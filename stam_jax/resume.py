@@ -53,12 +53,27 @@ _ADDED_SINCE = {"train.freeze": "", "train.layer_decay": 1.0}
 
 
 _LISTING = "train.root_listing"  # the run record's entry for `VideoFolder.listing_digest`
+# The run record's entry for how the training data is read: 'videos', or a prepared dataset's
+# frames (`data_form`). A prepared dataset's listing is its videos', but not its frames (resized
+# when prepared, or JPEG), nor its order of reading.
+_FORM = "train.root_form"
 
 
-def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
-    """The config fields that define what a run computes, flattened ('train.steps': 1000), and
-    the digest of the training data's listing (the data may move, not change)."""
-    return {**flat_fields(config, _RESTART_MAY_CHANGE), _LISTING: folder.listing_digest()}
+def data_form(prepared: Any) -> str:
+    """How a run reads its training data: 'videos' (decoded), or 'a prepared dataset (FRAMES)'
+    (`PreparedDataset.frames`: raw, or JPEG of a quality)."""
+    return "videos" if prepared is None else f"a prepared dataset ({prepared.frames})"
+
+
+def _run_record(config: Any, folder: VideoFolder, form: str) -> dict[str, Any]:
+    """The config fields that define what a run computes, flattened ('train.steps': 1000), the
+    digest of the training data's listing (the data may move, not change) and how the data is
+    read (`data_form`)."""
+    return {
+        **flat_fields(config, _RESTART_MAY_CHANGE),
+        _LISTING: folder.listing_digest(),
+        _FORM: form,
+    }
 
 
 # Run record fields that name where something is, not what it is: the processes of one run
@@ -66,12 +81,15 @@ def _run_record(config: Any, folder: VideoFolder) -> dict[str, Any]:
 _PATHS = ("train.root", "checkpoint", "train.teacher", "data.class_list")
 
 
-def process_settings(config: Any, folder: VideoFolder) -> dict[str, Any]:
+def process_settings(config: Any, folder: VideoFolder, form: str) -> dict[str, Any]:
     """What every process of a multi-process training must have the same: the run record's
     fields but the paths, as flags (`--config.train.steps`), and the training data's listing
-    (its root named beside the digest)."""
-    record = _run_record(config, folder)
-    settings = {f"--config.{k}": v for k, v in record.items() if k not in (*_PATHS, _LISTING)}
+    (its root named beside the digest) and form."""
+    record = _run_record(config, folder, form)
+    settings = {
+        f"--config.{k}": v for k, v in record.items() if k not in (*_PATHS, _LISTING, _FORM)
+    }
+    settings["--config.train.root's form"] = form
     # Compared by content: the paths may differ between hosts.
     digest = record[_LISTING][:12]
     listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
@@ -88,11 +106,11 @@ def _same_place(a: Any, b: Any) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def write_run_record(config: Any, workdir: Path, folder: VideoFolder) -> None:
+def write_run_record(config: Any, workdir: Path, folder: VideoFolder, form: str) -> None:
     """Saves the fields a restart must not change (process 0), for `check_same_run`."""
     if jax.process_index() == 0:
         staging = workdir / f"{RUN_RECORD}.tmp"
-        staging.write_text(json.dumps(_run_record(config, folder), indent=1) + "\n")
+        staging.write_text(json.dumps(_run_record(config, folder, form), indent=1) + "\n")
         staging.replace(workdir / RUN_RECORD)
 
 
@@ -104,8 +122,12 @@ def _left_results(workdir: Path) -> bool:
     return logged or (workdir / "best.json").exists()
 
 
-def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) -> None:
+def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder, form: str) -> None:
     """Refuses to resume the run in `workdir` with a config that computes something else.
+
+    The training data may move (`--config.train.root` another path to the same listing), but
+    not change its form (`data_form`): decoded videos, a prepared dataset of them, raw or JPEG
+    frames of another quality give other clips.
 
     Fields only one side holds (added to or removed from stam-jax since the run started) are
     not compared, but for those of `_ADDED_SINCE`, which a record without them is taken to
@@ -138,7 +160,7 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
             f"cannot read {record} ({e}), which holds the settings of {run} in {workdir}; "
             "restore it, or start a new --workdir."
         ) from None
-    now = json.loads(json.dumps(_run_record(config, folder)))  # tuples as lists, as saved
+    now = json.loads(json.dumps(_run_record(config, folder, form)))  # tuples as lists, as saved
     saved = {**{k: v for k, v in _ADDED_SINCE.items() if k in now}, **saved}
     # Only fields both know: one added (but those of _ADDED_SINCE) or removed by another
     # stam-jax version is not compared.
@@ -157,12 +179,18 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder) 
             flush=True,
         )
         return
-    changed = [
-        f"{k}: {saved[k]!r} -> {now[k]!r}"
-        if k != _LISTING
-        else f"{k}: the videos, classes or labels of the training data differ"
-        for k in changed
-    ]
+
+    def line(k: str) -> str:
+        if k == _LISTING:
+            return f"{k}: the videos, classes or labels of the training data differ"
+        if k == _FORM:  # the same videos, other frames: where the run read them is the fix
+            return (
+                f"{k}: read as {saved[k]} then, as {now[k]} now (other frames; the run read "
+                f"--config.train.root={saved.get('train.root')})"
+            )
+        return f"{k}: {saved[k]!r} -> {now[k]!r}"
+
+    changed = [line(k) for k in changed]
     if changed:
         steps = any(line.startswith("train.steps:") for line in changed)
         raise TrainConfigError(

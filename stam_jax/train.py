@@ -50,7 +50,13 @@ from stam_jax.paths import (
     within_data,
 )
 from stam_jax.progress import progress_bar
-from stam_jax.resume import check_same_run, process_settings, truncate_log, write_run_record
+from stam_jax.resume import (
+    check_same_run,
+    data_form,
+    process_settings,
+    truncate_log,
+    write_run_record,
+)
 from stam_jax.train_eval import check_eval_root, periodic_eval
 from stam_jax.train_step import (
     TrainConfigError,
@@ -371,14 +377,14 @@ def _train_and_evaluate(
         # again if the run is refused.
         flag = f"--workdir={workdir}"
         made_and_claimed(held, workdir, jax.process_index(), flag, TrainConfigError, missing)
-        agree(lambda: process_settings(config, folder))
+        agree(lambda: process_settings(config, folder, data_form(prepared)))
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read
     # (nothing is written) before the run is allowed to go on.
     has_checkpoints = (workdir / "checkpoints").is_dir()
     manager = _checkpoint_manager(workdir, train) if has_checkpoints else None
     start = (manager.latest_step() or 0) if manager else 0
-    check_same_run(config, workdir, start, folder)
+    check_same_run(config, workdir, start, folder, data_form(prepared))
 
     video = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.uint8)
     # Every process starts from the same params (each places its own copy on its devices as
@@ -400,7 +406,7 @@ def _train_and_evaluate(
     else:
         workdir.mkdir(parents=True, exist_ok=True)
         manager = manager or _checkpoint_manager(workdir, train)
-        write_run_record(config, workdir, folder)
+        write_run_record(config, workdir, folder, data_form(prepared))
         if jax.process_index() == 0:
             (workdir / "init_report.txt").write_text(report + "\n" + listing)
             if config.checkpoint or train.freeze:

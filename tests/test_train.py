@@ -814,7 +814,7 @@ def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(tra
     from stam_jax.train import TrainConfigError
 
     folder = list_videos(train_root)
-    write_run_record(tiny_config(train_root), tmp_path, folder)
+    write_run_record(tiny_config(train_root), tmp_path, folder, "videos")
     changes = {
         "model": "stam_tiny_mean",
         "model_overrides.aggregate": "mean",
@@ -862,26 +862,39 @@ def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(tra
             node = node[parent]
         node[leaf] = value
         with pytest.raises(TrainConfigError, match=re.escape(f"Changed:\n  {name}: ")):
-            check_same_run(config, tmp_path, 3, folder)
+            check_same_run(config, tmp_path, 3, folder, "videos")
     # A record written before train.freeze and train.layer_decay existed: the run computed
     # with neither, so turning one on is a change (it was let through, to fail restoring the
     # optimizer state), and the defaults are none.
     record = json.loads((tmp_path / "run_config.json").read_text())
     del record["train.freeze"], record["train.layer_decay"]
     (tmp_path / "run_config.json").write_text(json.dumps(record))
-    check_same_run(tiny_config(train_root), tmp_path, 3, folder)
+    check_same_run(tiny_config(train_root), tmp_path, 3, folder, "videos")
     for name, value in (("freeze", "vit"), ("layer_decay", 0.75)):
         config = tiny_config(train_root)
         config.train[name] = value
         with pytest.raises(TrainConfigError, match=re.escape(f"Changed:\n  train.{name}: ")):
-            check_same_run(config, tmp_path, 3, folder)
+            check_same_run(config, tmp_path, 3, folder, "videos")
     # With no checkpoint, a record alone (a start refused midway) leaves nothing to mix with;
     # kept best params (an evaluation before the first logged step) do.
     config = tiny_config(train_root, learning_rate=2e-3)
-    check_same_run(config, tmp_path, 0, folder)
+    check_same_run(config, tmp_path, 0, folder, "videos")
     (tmp_path / "best.json").write_text("{}")
     with pytest.raises(TrainConfigError, match="a run that left no checkpoint made with other"):
-        check_same_run(config, tmp_path, 0, folder)
+        check_same_run(config, tmp_path, 0, folder, "videos")
+    # The same videos read as a prepared dataset of them (or as JPEG frames of one) give other
+    # clips: refused, naming where the run read its data, where it was let through as "the
+    # training data moved" (its listing is the videos').
+    (tmp_path / "best.json").unlink()
+    write_run_record(tiny_config(train_root), tmp_path, folder, "videos")
+    moved = tiny_config(tmp_path / "prepared")
+    with pytest.raises(TrainConfigError) as refused:
+        check_same_run(moved, tmp_path, 3, folder, "a prepared dataset (JPEG (quality 90))")
+    assert (
+        "  train.root_form: read as videos then, as a prepared dataset (JPEG (quality 90)) now "
+        f"(other frames; the run read --config.train.root={train_root})\n"
+    ) in str(refused.value)
+    check_same_run(moved, tmp_path, 3, folder, "videos")  # moved, the same form: resumed
 
 
 def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys):
