@@ -38,7 +38,7 @@ from stam_jax.data import prepare as prepare_module
 from stam_jax.data.folder import list_videos
 from stam_jax.data.loader import _start_error
 from stam_jax.data.prepare import STOP_HOOK, prepare
-from stam_jax.data.prepared import META_FILE, PreparedError, open_checked, open_prepared
+from stam_jax.data.prepared import META_FILE, SPLITS, PreparedError, open_checked, open_prepared
 from stam_jax.data.synthetic import index_frame, write_video
 from stam_jax.data.video import ClipSpec
 from stam_jax.evaluate import EvalConfigError, evaluate
@@ -659,6 +659,34 @@ def test_empty_classes_and_ignored_entries_are_kept_and_printed(
     assert code == 0 and "nothing to do" in stdout and "\nignored" not in stdout
 
 
+def test_a_prepared_dataset_missing_a_record_file_or_part_of_one_is_refused(
+    prepared_raw, ckpt, tmp_path
+):
+    # A copy that stopped part-way failed mid-run, after the compile, with a traceback from
+    # inside grain ("open() failed", "ArrayRecord file should be at least 64KB big").
+    out, _ = prepared_raw
+    shards = sorted(p.name for p in out.glob("*.array_record-*"))
+    assert len(shards) >= 2
+    missing, truncated = tmp_path / "missing", tmp_path / "truncated"
+    for copy in (missing, truncated):
+        shutil.copytree(out, copy)
+    (missing / shards[1]).unlink()
+    with open(truncated / shards[0], "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) // 2)
+    n = len(shards)
+    for copy, problem in (
+        (missing, rf"{re.escape(shards[1])} is missing \(shard 2 of {n}\)"),
+        (truncated, rf"{re.escape(shards[0])} (cannot be read|holds \d+ records where)"),
+    ):
+        with pytest.raises(
+            EvalConfigError,
+            match=rf"^--config\.data\.root: .*{copy.name} is damaged: {problem}.*; copy the "
+            r"dataset again, or prepare it again\.$",
+        ):
+            evaluate(config_for(ckpt, copy), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluation_refuses_a_mismatched_prepared_dataset(prepared_raw, ckpt, tmp_path):
     out, _ = prepared_raw
     # Named by the flags to set (were the bare field names).
@@ -1127,6 +1155,12 @@ def _write_meta(path: Path, **changes) -> None:
     }
     path.mkdir(exist_ok=True)
     (path / META_FILE).write_text(json.dumps(meta))
+    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+    splits = [
+        {"name": name, "filepathTemplate": template, "shardLengths": []} for name in SPLITS.values()
+    ]
+    info = {"name": "stam_videos", "fileFormat": "array_record", "splits": splits}
+    (path / "dataset_info.json").write_text(json.dumps(info))
 
 
 def test_a_prepared_dataset_opens_with_its_records_listing_positions_and_checks(tmp_path):

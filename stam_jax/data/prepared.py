@@ -209,6 +209,7 @@ def open_prepared(path: str | Path) -> PreparedDataset:
             f"{path} is unfinished ({done} of {shards} shards prepared); run the same "
             "`python -m stam_jax.data.prepare` command again to finish it."
         )
+    _check_shards(path, SPLITS[meta["kind"]])
     folder = VideoFolder(
         root=Path(meta["source"]),
         classes=tuple(meta["classes"]),
@@ -227,6 +228,49 @@ def open_prepared(path: str | Path) -> PreparedDataset:
         num_records=int(meta["num_records"]),
         jpeg_quality=meta.get("jpeg_quality"),
     )
+
+
+_SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's, as prepare writes
+
+
+def _check_shards(path: Path, split: str) -> None:
+    """Refuses a dataset whose record files are not all there, whole: a copy that stopped
+    part-way failed mid-run, after the compile, with a traceback from inside grain."""
+    try:
+        info = json.loads((path / "dataset_info.json").read_text())
+        (entry,) = [e for e in info["splits"] if e["name"] == split]
+        lengths = [int(n) for n in entry["shardLengths"]]
+        template, name, kind = entry["filepathTemplate"], info["name"], info["fileFormat"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PreparedError(
+            f"{path}: its dataset_info.json cannot be read ({type(e).__name__}: {e}); copy the "
+            "dataset again, or prepare it again."
+        ) from None
+    if template != _SHARD_TEMPLATE or kind != "array_record":
+        return  # not written by this version of prepare: TFDS itself will say
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for i, expected in enumerate(lengths):
+        shard = path / f"{name}-{split}.{kind}-{i:05d}-of-{len(lengths):05d}"
+        problem = None
+        if not shard.is_file():
+            problem = "is missing"
+        else:
+            try:
+                reader = ArrayRecordReader(str(shard))
+                try:
+                    found = reader.num_records()
+                finally:
+                    reader.close()
+                if found != expected:
+                    problem = f"holds {found} records where {expected} were written"
+            except (OSError, RuntimeError, ValueError) as e:
+                problem = f"cannot be read ({e})"
+        if problem:
+            raise PreparedError(
+                f"{path} is damaged: {shard.name} {problem} (shard {i + 1} of {len(lengths)}); "
+                "copy the dataset again, or prepare it again."
+            )
 
 
 def open_checked(
