@@ -434,8 +434,28 @@ def test_a_video_renamed_since_prepare_is_refused(videos, tmp_path):
         prepare(src, out, SPEC, workers=0, progress=False)
     assert (
         "(5 listed then, 1 now; gone or relabelled: a/v.mp4, b/v.mp4, c/v.mp4 and 2 more; "
-        "new or relabelled: b/w.mp4)" in str(info.value)
+        "new or relabelled: b/w.mp4; empty class folders new: a, c, d and 1 more); use another "
+        "--out, or delete it to start over." in str(info.value)
     )
+
+
+def test_classes_changed_since_prepare_are_named_with_how_to_go_on(videos, tmp_path):
+    # A new (empty) class folder, or a class list of one more class, was "the videos ...
+    # changed (5 listed then, 5 now)", naming nothing, with deleting the dataset as the fix.
+    src = one_video(videos, tmp_path / "src", ("a", "b", "c", "d", "e"))
+    out = tmp_path / "out"
+    prepare(src, out, SPEC, workers=0, progress=False)
+    (src / "f").mkdir()
+    with pytest.raises(PreparedError) as info:
+        prepare(src, out, SPEC, workers=0, progress=False)
+    assert str(info.value) == (
+        f"the videos or classes under {src.resolve()} changed since {out} was prepared (5 videos "
+        "and 5 classes listed then, 5 and 6 now; classes new: f; empty class folders new: f); "
+        "restore them (--config.data.class_list, or the class folders) to go on, or use "
+        "another --out."
+    )
+    (src / "f").rmdir()
+    prepare(src, out, SPEC, workers=0, progress=False)  # as it was: goes on
 
 
 def test_class_names_tfds_cannot_keep_and_no_videos_are_refused(videos, tmp_path):

@@ -264,16 +264,43 @@ def _check_out(
         then_set, now_set = set(then), set(now)
         gone = [path for path, label in then if (path, label) not in now_set]
         added = [path for path, label in now if (path, label) not in then_set]
+        classes_then, classes_now = list(meta.get("classes") or ()), listing["classes"]
+        empty_then, empty_now = set(meta.get("empty_classes") or ()), set(listing["empty_classes"])
         what = "; ".join(
-            f"{head} {', '.join(paths[:3])}" + (f" and {len(paths) - 3} more" if paths[3:] else "")
-            for head, paths in (("gone or relabelled:", gone), ("new or relabelled:", added))
-            if paths
+            f"{head} {', '.join(map(as_text, names[:3]))}"
+            + (f" and {len(names) - 3} more" if names[3:] else "")
+            for head, names in (
+                ("gone or relabelled:", gone),
+                ("new or relabelled:", added),
+                ("classes gone:", [c for c in classes_then if c not in classes_now]),
+                ("classes new:", [c for c in classes_now if c not in classes_then]),
+                ("empty class folders gone:", sorted(empty_then - empty_now)),
+                ("empty class folders new:", sorted(empty_now - empty_then)),
+            )
+            if names
+        )
+        class_change = classes_then != classes_now
+        if not what and class_change:  # the same names, in another order
+            what = "the classes are in another order, so their labels differ"
+        counts = (
+            f"{len(then)} videos and {len(classes_then)} classes listed then, {len(now)} and "
+            f"{len(classes_now)} now"
+            if class_change
+            else f"{len(then)} listed then, {len(now)} now"
+        )
+        # The classes come from --config.data.class_list or the class folders: put back as
+        # they were, the same command goes on.
+        fix = (
+            "restore them (--config.data.class_list, or the class folders) to go on, or use "
+            "another --out"
+            if class_change
+            else "use another --out, or delete it to start over"
         )
         raise PreparedError(
-            f"the videos under {settings['source']} changed since {out} was {state} "
-            f"({len(then)} listed then, {len(now)} now"
+            f"the {'videos or classes' if class_change else 'videos'} under "
+            f"{settings['source']} changed since {out} was {state} ({counts}"
             + (f"; {what}" if what else "")
-            + "); use another --out, or delete it to start over."
+            + f"); {fix}."
         )
     before = meta.get("stamps")  # absent from datasets prepared before they were recorded
     if before is not None and before != stamps:
