@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -225,13 +226,13 @@ def test_out_must_be_new_empty_or_an_earlier_arrangement_replaced_with_force(tmp
     second = tree(out)
     for foreign in ("air drumming/.notes", "air drumming/results", "other", "yoga"):
         (out / foreign).mkdir()
-        with pytest.raises(ArrangeError, match=f"holds what arranging did not make: .*{foreign}"):
+        with pytest.raises(ArrangeError, match=f"the only copy of a video: .*{foreign}"):
             arrange(csv, videos, out, force=True)
         (out / foreign).rmdir()
         assert tree(out) == second
     mine = out / "air drumming" / "mine.mp4"  # a video of your own, in a class folder
     mine.write_bytes(b"mine")
-    with pytest.raises(ArrangeError, match=r"did not make: .*air drumming/mine\.mp4"):
+    with pytest.raises(ArrangeError, match=r"the only copy of a video: .*air drumming/mine\.mp4"):
         arrange(csv, videos, out, force=True)
     assert mine.read_bytes() == b"mine"
 
@@ -348,3 +349,93 @@ def test_failures_name_the_fix(tmp_path, monkeypatch):
     ):
         arrange(csv, videos, tmp_path / "by_class", mode="hardlink")
     assert not (tmp_path / "by_class").exists()
+
+
+def test_hard_links_are_made_to_the_data_of_videos_that_are_links(tmp_path):
+    # link() does not follow a link: a video that was a relative symbolic link was linked
+    # itself, broken in its class folder (exit 0, every video failing later).
+    csv, videos = kinetics_copy(tmp_path)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    source = videos / "-abc_000010_000020.mp4"
+    source.rename(raw / source.name)
+    source.symlink_to(Path("..", "..", "raw", source.name))
+    out = tmp_path / "by_class"
+    arrange(csv, videos, out, mode="hardlink")
+    video = out / "air drumming" / source.name
+    assert not video.is_symlink() and os.path.samefile(video, raw / source.name)
+    assert video.read_bytes() == b"video 0"
+
+
+@pytest.mark.parametrize("mode", ["symlink", "hardlink", "copy"])
+def test_force_never_deletes_the_only_copy_of_a_video(tmp_path, mode):
+    # A video of the arrangement replaced by a file of one's own (a repaired download), or
+    # whose source is gone (only the hard link or the copy holds it): --force deleted them.
+    csv, videos = kinetics_copy(tmp_path)
+    out = tmp_path / "by_class"
+    arrange(csv, videos, out, mode=mode)
+    repaired = out / "zumba" / "q_000005_000015.mp4"
+    repaired.unlink()
+    repaired.write_bytes(b"my repaired video")
+    with pytest.raises(
+        ArrangeError,
+        match=r"holds what arranging did not make, or the only copy of a video: \['zumba/q_00000"
+        r"5_000015\.mp4 \(its source is gone or is another file\)'\]; move those elsewhere",
+    ):
+        arrange(csv, videos, out, mode=mode, force=True)
+    assert repaired.read_bytes() == b"my repaired video"
+    repaired.unlink()
+    arrange(csv, videos, out, mode=mode, force=True)  # made again from its source
+    gone = videos / "idonly.MP4"
+    gone.unlink()
+    if mode == "symlink":  # a link holds no data: replaced, its row now without a video
+        assert arrange(csv, videos, out, mode=mode, force=True)["arranged"] == 3
+        return
+    with pytest.raises(ArrangeError, match=r"\['abseiling/idonly\.MP4 \(its source is gone"):
+        arrange(csv, videos, out, mode=mode, force=True)
+    assert (out / "abseiling" / "idonly.MP4").read_bytes() == b"video 4"
+
+
+def test_out_given_as_dot_a_mount_point_and_a_ctrl_c_after_the_swap(tmp_path, capsys, monkeypatch):
+    csv, videos = kinetics_copy(tmp_path)
+    out = tmp_path / "by_class"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    argv = ["--annotations", str(csv), "--videos", str(videos), "--out"]
+    # '.' has no name to build a sibling by: a ValueError traceback.
+    assert main([*argv, "."]) == 0
+    assert "air drumming/-abc_000010_000020.mp4" in [i.path for i in list_videos(out).items]
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    # An empty mount point was accepted, everything built beside it, then the rename failed.
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setattr(
+        arrange_module.os.path, "ismount", lambda p: os.fspath(p) == str(tmp_path / "mnt")
+    )
+    assert main([*argv, str(tmp_path / "mnt")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path / 'mnt'} is a mount point, which the arrangement cannot be "
+        f"renamed onto; give a folder inside it, e.g. --out {tmp_path / 'mnt' / 'by_class'}.\n"
+    )
+    assert not list((tmp_path / "mnt").iterdir())
+    # A Ctrl-C while the replaced arrangement is deleted: the new one is in place, not "as it
+    # was".
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if str(path).endswith(".stam-jax-old"):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(arrange_module.shutil, "rmtree", interrupted)
+    csv.write_text(HEADER + "\n".join(ROWS[:2]) + "\n", encoding="utf-8")
+    assert main([*argv, str(out), "--force"]) == 130
+    old = tmp_path / ".by_class.stam-jax-old"
+    assert capsys.readouterr().err == (
+        f"interrupted: --out {out} holds the new arrangement; the one it replaced is partly "
+        f"deleted, in {old} (the next run of arrange deletes the rest).\n"
+    )
+    assert len(list_videos(out).items) == 2 and old.exists()
+    monkeypatch.setattr(arrange_module.shutil, "rmtree", real_rmtree)
+    assert main([*argv, str(out), "--force"]) == 0
+    assert not old.exists()

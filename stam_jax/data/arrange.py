@@ -74,6 +74,11 @@ class ArrangeFailed(RuntimeError):
     """Writing the arrangement failed (a full disk, links not allowed); `--out` is unchanged."""
 
 
+class ReplacedInterrupted(KeyboardInterrupt):
+    """A Ctrl-C once the new arrangement was in place, while the one it replaced was being
+    deleted; the message says where `--out` stands."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One annotation: its line in the CSV (the header is line 1), label and clip."""
@@ -296,6 +301,11 @@ def _check_places(videos: Path, out: Path, force: bool) -> bool:
         raise ArrangeError(f"cannot write --out {out}: {problem}; give another folder.")
     if not out.exists():
         return False
+    if os.path.ismount(out):  # built beside it and renamed into place: not a mount point
+        raise ArrangeError(
+            f"--out {out} is a mount point, which the arrangement cannot be renamed onto; give a "
+            f"folder inside it, e.g. --out {out / 'by_class'}."
+        )
     entries = sorted(e.name for e in out.iterdir())
     if not entries:
         return True
@@ -308,9 +318,9 @@ def _check_places(videos: Path, out: Path, force: bool) -> bool:
     foreign = _foreign_entries(out, record)
     if foreign:
         raise ArrangeError(
-            f"--out {out} is an earlier arrangement, but holds what arranging did not make: "
-            f"{foreign[:5]}{' ...' if len(foreign) > 5 else ''}; move those elsewhere, or give "
-            "another --out. Nothing was deleted."
+            f"--out {out} is an earlier arrangement, but holds what arranging did not make, or "
+            f"the only copy of a video: {foreign[:5]}{' ...' if len(foreign) > 5 else ''}; move "
+            "those elsewhere, or give another --out. Nothing was deleted."
         )
     if not force:
         raise ArrangeError(
@@ -330,11 +340,11 @@ def _earlier_record(out: Path) -> dict | None:
 
 
 def _foreign_entries(out: Path, record: dict) -> list[str]:
-    """What in an earlier arrangement `out` arranging did not make (a replacement would
-    delete it): entries other than the record and the class folders, and anything in those
-    but the videos its record lists."""
+    """What in an earlier arrangement `out` a replacement would delete and lose: entries other
+    than the record and the class folders, anything in those but the videos its record lists,
+    and those videos whose data would go with them (`_would_lose`)."""
     classes = set(record.get("classes", []))
-    made = {path for path, _ in record.get("linked", [])}
+    made = dict(record.get("linked", []))
     foreign = []
     for entry in sorted(out.iterdir()):
         if entry.name == ARRANGE_RECORD:
@@ -346,7 +356,32 @@ def _foreign_entries(out: Path, record: dict) -> list[str]:
             path = f"{entry.name}/{inner.name}"
             if path not in made or (inner.is_dir() and not inner.is_symlink()):
                 foreign.append(path)
+            elif _would_lose(inner, Path(record.get("videos", "")) / made[path], record):
+                foreign.append(f"{path} (its source is gone or is another file)")
     return foreign
+
+
+def _would_lose(entry: Path, source: Path, record: dict) -> bool:
+    """Whether deleting `entry`, a video of an earlier arrangement, would lose data: a link
+    never does; a hard link does when no other name holds its data (its source deleted since,
+    or the entry replaced by a file of one's own); a copy does unless its source is still
+    there as it was copied (size and modification time, which copying keeps)."""
+    if entry.is_symlink():
+        return False
+    try:
+        stat = entry.stat()
+    except OSError:
+        return False  # gone meanwhile: nothing to lose
+    if record.get("mode") == "hardlink":
+        return stat.st_nlink < 2
+    try:
+        original = source.stat()
+    except OSError:
+        return True
+    if record.get("mode") == "copy":
+        same = (original.st_size, int(original.st_mtime)) == (stat.st_size, int(stat.st_mtime))
+        return not same
+    return True  # a file where a link was made: one's own
 
 
 def _sibling(out: Path, what: str) -> Path:
@@ -442,7 +477,9 @@ def _write(stage: Path, plan_: Plan, videos: Path, mode: str, progress: bool) ->
                 if mode == "symlink":
                     os.symlink(source, target)
                 elif mode == "hardlink":
-                    os.link(source, target)
+                    # link() does not follow a link: a video that is a (relative) symbolic
+                    # link was linked itself, broken once in the class folder.
+                    os.link(os.path.realpath(source), target)
                 else:
                     shutil.copy2(source, target)
             except OSError as e:
@@ -487,10 +524,15 @@ def arrange(
     Raises:
       ArrangeError: a bad argument (nothing is written; the message names it and the fix).
       ArrangeFailed: the writing failed; `out` is as it was.
+      ReplacedInterrupted: a Ctrl-C while the arrangement replaced was deleted (the new one is
+        in place).
     """
     if mode not in MODES:
         raise ArrangeError(f"--mode {mode!r} is not one of {', '.join(MODES)}.")
-    annotations, videos, out = Path(annotations), Path(videos), Path(out)
+    if not str(out).strip():
+        raise ArrangeError("--out is empty; name the folder of class folders to make.")
+    # '.' and 'x/..' have no name to build a sibling by: the folder they are, by its own name.
+    annotations, videos, out = Path(annotations), Path(videos), Path(os.path.abspath(out))
     _finish_killed_swap(out)
     replace = _check_places(videos, out, force)
     rows, digest = read_annotations(annotations)
@@ -508,12 +550,24 @@ def arrange(
                     os.rename(stage, out)
                 with contextlib.suppress(FileNotFoundError):  # moved along with the folder
                     (out / LOCK_FILE.format(process=0)).unlink()
-        if replace:
-            shutil.rmtree(old)
     except InUseError as e:
         raise ArrangeError(str(e)) from None
     except OSError as e:
         raise ArrangeFailed(f"cannot write --out {out}: {e.strerror or e}.") from None
+    if replace:  # `out` holds the new arrangement now, whatever happens to the old one
+        try:
+            shutil.rmtree(old)
+        except KeyboardInterrupt:
+            raise ReplacedInterrupted(
+                f"--out {out} holds the new arrangement; the one it replaced is partly deleted, "
+                f"in {old} (the next run of arrange deletes the rest)."
+            ) from None
+        except OSError as e:
+            print(
+                f"warning: the arrangement replaced could not all be deleted ({e.strerror or e});"
+                f" delete {old} (the next run of arrange does).",
+                file=sys.stderr,
+            )
     return record
 
 
@@ -574,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArrangeFailed as e:
         print(f"error: {e} --out is as it was.", file=sys.stderr)
         return EXIT_FAILED
+    except ReplacedInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"interrupted: --out {out} is as it was.", file=sys.stderr)
         return EXIT_INTERRUPTED
