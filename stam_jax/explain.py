@@ -185,6 +185,9 @@ def _sampling(video: Path, num_frames: int, frame_rate: float | None) -> float:
         fit = round(fit + 0.01, 2)
     if fit <= fps:
         fix = f"pass --frame-rate {fit:g} (or more) or use a longer video"
+    elif count >= num_frames and len(resample_indices(count, fps, fps)) >= num_frames:
+        # Exactly enough frames at an NTSC rate (29.97002997...): the 0.01 grid passes fps.
+        fix = f"pass --frame-rate {fps!r} (the video's own rate) or use a longer video"
     else:  # fewer frames than the clip: only repeated frames would fill it
         fix = "use a longer video"
     raise TooShortError(f"{where}; a clip needs {num_frames} ({have}): {fix}.")

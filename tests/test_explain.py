@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import jax
@@ -157,6 +158,17 @@ def test_explain_refuses_bad_input_before_loading_the_model(
         "longer video.\n"
     )
     assert explain_module._sampling(four, 4, 10.0) == 10.0
+    # At an NTSC rate the 0.01 grid passes the video's own rate (29.98 > 29.97...): it was
+    # "use a longer video"; the rate to pass is the video's, written out in full.
+    ntsc = write_video(
+        tmp_path / "ntsc.mp4", [index_frame(i, 32, 32) for i in range(4)], fps=Fraction(30000, 1001)
+    )
+    fps = 30000 / 1001
+    assert refused(str(ntsc)).endswith(
+        f"(it has 4 frames at 29.97 fps, 0.1 s): pass --frame-rate {fps!r} (the video's own "
+        "rate) or use a longer video.\n"
+    )
+    assert explain_module._sampling(ntsc, 4, fps) == fps
     assert refused(str(video), "--classes", str(tmp_path)) == (
         f"error: --classes {tmp_path} is a folder; give a text file with one class name per "
         "line, in label order.\n"
