@@ -420,11 +420,16 @@ def test_out_given_as_dot_a_mount_point_and_a_ctrl_c_after_the_swap(tmp_path, ca
     assert not list((tmp_path / "mnt").iterdir())
     # A Ctrl-C while the replaced arrangement is deleted: the new one is in place, not "as it
     # was".
-    real_rmtree = shutil.rmtree
+    # Stopped part-way through the deletion (a class folder deleted, one not), which keeps
+    # the record to the last: the next run still knows the rest for an arrangement, and
+    # deletes it (it refused, "Directory not empty", where the record went first).
+    real_rmtree, deleted = shutil.rmtree, []
 
     def interrupted(path, *args, **kwargs):
-        if str(path).endswith(".stam-jax-old"):
-            raise KeyboardInterrupt
+        if Path(path).parent.name.endswith(".stam-jax-old"):
+            deleted.append(path)
+            if len(deleted) == 2:
+                raise KeyboardInterrupt
         real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(arrange_module.shutil, "rmtree", interrupted)
@@ -436,6 +441,7 @@ def test_out_given_as_dot_a_mount_point_and_a_ctrl_c_after_the_swap(tmp_path, ca
         f"deleted, in {old} (the next run of arrange deletes the rest).\n"
     )
     assert len(list_videos(out).items) == 2 and old.exists()
+    assert (old / ARRANGE_RECORD).exists() and len(list(old.iterdir())) == 5  # of 6
     monkeypatch.setattr(arrange_module.shutil, "rmtree", real_rmtree)
     assert main([*argv, str(out), "--force"]) == 0
     assert not old.exists()

@@ -390,6 +390,20 @@ def _sibling(out: Path, what: str) -> Path:
     return out.with_name(f".{out.name}.stam-jax-{what}")
 
 
+def _delete_arrangement(folder: Path) -> None:
+    """Deletes an arrangement, its record last: stopped part-way, what is left is still known
+    for one (`_earlier_record`), and the next run deletes it (`_finish_killed_swap`)."""
+    for entry in folder.iterdir():
+        if entry.name == ARRANGE_RECORD:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / ARRANGE_RECORD).unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def _finish_killed_swap(out: Path) -> None:
     """Ends what a run killed while swapping an arrangement in left: the arrangement it was
     replacing is put back at `out` if `out` is missing, and deleted if `out` holds the new."""
@@ -397,7 +411,7 @@ def _finish_killed_swap(out: Path) -> None:
     if not old.is_dir() or old.is_symlink() or _earlier_record(old) is None:
         return
     if out.exists() or out.is_symlink():
-        shutil.rmtree(old)
+        _delete_arrangement(old)
     else:
         os.rename(old, out)
 
@@ -556,7 +570,7 @@ def arrange(
         raise ArrangeFailed(f"cannot write --out {out}: {e.strerror or e}.") from None
     if replace:  # `out` holds the new arrangement now, whatever happens to the old one
         try:
-            shutil.rmtree(old)
+            _delete_arrangement(old)
         except KeyboardInterrupt:
             raise ReplacedInterrupted(
                 f"--out {out} holds the new arrangement; the one it replaced is partly deleted, "
