@@ -43,8 +43,12 @@ AGGREGATES = ("transformer", "mean")
 # 1.35x faster at batch 1 / 2 / 4 than all frames at once, and a training step 1.29x
 # (2-core AMD EPYC with 32 MiB of L3, BENCHMARKS.md).
 _CPU_STEP_BYTES = 10 * 2**20
-# How far outside [0, 1] float frames may go before they are refused (`STAM._check_input`).
-_RANGE_SLACK = 0.25
+# Float frames are refused (`STAM._check_input`) beyond [0, 1] widened by _RANGE_SLACK (a
+# resampling filter's overshoot), or with over _NEGATIVE_SHARE of their values below
+# -_NEGATIVE (frames less their mean).
+_RANGE_SLACK = 0.5
+_NEGATIVE = 0.02
+_NEGATIVE_SHARE = 0.25
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 _token_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -839,14 +843,17 @@ class STAM(nn.Module):
                     "check the decoding or the arithmetic that made them."
                 )
             low, high = float(videos.min()), float(videos.max())
-            # [0, 1] with room for a resampling filter's overshoot (a bicubic resize of a black
-            # and white edge: 0.11); mean-subtracted frames (x - 0.45: down to -0.45) and
-            # 2x - 1 or mean/std-normalised ones go below it, 0-255 values above.
-            if high > 1 + _RANGE_SLACK or low < -_RANGE_SLACK:
+            # Below 0: the undershoot of a resampling filter is found at sharp edges only (a
+            # bicubic resize of a small dark spot: -0.41, of a bright one 1.41), while a frame
+            # less its mean is below 0 wherever it is darker than that mean (about half of
+            # it; x - 0.45 stays within [-0.45, 0.55], inside any margin for the filter).
+            below = float((videos < -_NEGATIVE).mean()) if low < -_NEGATIVE else 0.0
+            if high > 1 + _RANGE_SLACK or low < -_RANGE_SLACK or below > _NEGATIVE_SHARE:
                 looks = (
-                    "mean-subtracted or normalised values (x - mean, (x - mean) / std, 2x - 1)"
-                    if low < -_RANGE_SLACK
-                    else "0-255 pixel values"
+                    "0-255 pixel values"
+                    if high > 1 + _RANGE_SLACK and low >= -_RANGE_SLACK
+                    else "mean-subtracted or normalised values (x - mean, (x - mean) / std, "
+                    f"2x - 1): {below:.0%} of them are below 0"
                 )
                 raise ValueError(
                     f"float videos range over [{low:g}, {high:g}], which looks like {looks}; "

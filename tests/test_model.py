@@ -145,7 +145,7 @@ def test_input_shape_and_dtype_are_checked():
             with pytest.raises(
                 ValueError,
                 match=r"looks like mean-subtracted or normalised values \(x - mean, "
-                r"\(x - mean\) / std, 2x - 1\); STAM takes",
+                r"\(x - mean\) / std, 2x - 1\): [4-6]\d% of them are below 0; STAM takes",
             ):
                 model.apply({"params": params}, to(normalised.astype(np.float32)))
         # NaN passed the range check (it compares False) and gave NaN logits; Inf was called
@@ -155,10 +155,22 @@ def test_input_shape_and_dtype_are_checked():
             broken[0, 1, 2, 3, 0] = bad
             with pytest.raises(ValueError, match=r"float videos hold NaN or Inf values"):
                 model.apply({"params": params}, to(broken))
-    # A resampling filter's overshoot of [0, 1] is taken (a bicubic resize: 0.11).
-    overshoot = (frames / 255.0 * 1.22 - 0.11).astype(np.float32)
-    assert overshoot.min() < -0.1 and overshoot.max() > 1.1
-    assert np.isfinite(model.apply({"params": params}, overshoot)).all()
+    # A resampling filter's overshoot of [0, 1] is taken: a bicubic resize of small bright and
+    # dark spots (1.41 and -0.41 at 180 -> 224) and of noise, unclamped.
+    spots = torch.zeros(2, 1, 16, 16)
+    spots[0, :, 7:9, 7:9] = 1.0
+    spots[1] = 1.0
+    spots[1, :, 7:9, 7:9] = 0.0
+    spots = torch.nn.functional.interpolate(spots, size=(32, 32), mode="bicubic")
+    noise = torch.nn.functional.interpolate(
+        torch.from_numpy(frames[:, :, ::2, ::2, 0].reshape(-1, 1, 16, 16) / 255.0).float(),
+        size=(32, 32),
+        mode="bicubic",
+    )
+    for resized in (spots.repeat(4, 3, 1, 1), noise.repeat(1, 3, 1, 1)):
+        videos = resized.numpy().reshape(2, 4, 3, 32, 32).transpose(0, 1, 3, 4, 2)
+        assert videos.min() < -0.1 and videos.max() > 1.1
+        assert np.isfinite(model.apply({"params": params}, videos)).all()
     # Under jit the values are not known when the model is traced: nothing to check.
     jax.jit(model.apply)({"params": params}, frames.astype(np.float32))
     np.testing.assert_allclose(  # the same frames in [0, 1] are fine, and are uint8's logits
