@@ -168,6 +168,8 @@ def _encode(text: object, encoding: object = "latin1") -> bytes:
 
 def _bytearray(*args: object) -> bytearray:
     """Stand-in for `bytearray`, from bytes or latin-1 text only (never a size to allocate)."""
+    if not args:  # an empty one
+        return bytearray()
     if len(args) == 1 and isinstance(args[0], bytes):
         return bytearray(args[0])
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
@@ -438,7 +440,10 @@ def _find_state_dict(obj: Any, path: Path) -> Mapping[str, Any]:
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), Mapping):
             return obj[key]
-    if obj and all(_is_tensor(v) for v in obj.values()):
+    # A bare state dict: STAM's keys hold tensors (others may hold anything, as in a wrapped
+    # one: they are unexpected keys).
+    stam = [v for k, v in obj.items() if _STAM_KEY.match(str(k))]
+    if (stam and all(_is_tensor(v) for v in stam)) or (obj and all(map(_is_tensor, obj.values()))):
         return obj
     raise ConversionError(
         f"{path} holds no state dict: expected {{'model': sd}}, {{'state_dict': sd}} or a bare "

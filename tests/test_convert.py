@@ -440,6 +440,10 @@ def test_entries_outside_stams_keys_are_unexpected_whatever_they_hold(official_p
     )
     _, converted = checkpoints.load(pth.parent / "ckpt")
     chex.assert_trees_all_equal(converted, params)
+    # So in a bare state dict (it was "no state dict": not every value a tensor).
+    bare = pth.parent / "bare.pth"
+    torch.save({**torch.load(pth, weights_only=True)["model"], "step": 5}, bare)
+    assert load_state_dict(bare)["step"].dtype == "a value of type int (5)"
 
 
 def test_values_checkpoints_keep_beside_the_weights_are_read(official_pth, tmp_path):
@@ -450,6 +454,7 @@ def test_values_checkpoints_keep_beside_the_weights_are_read(official_pth, tmp_p
     beside = {
         "git": b"\x00abc\xff",
         "buffer": bytearray(b"\x01\x02"),
+        "empty": bytearray(),
         "tags": {"a", "b"},
         "z": 1 + 2j,
         "counts": collections.Counter({"x": 2}),
