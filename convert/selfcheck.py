@@ -38,18 +38,20 @@ def outputs(model_name: str) -> tuple[str, str, str]:
 
 def check_workdir(workdir: Path) -> str | None:
     """Why selfcheck must not write in `workdir` (None: it may). Only a missing or empty folder,
-    or one holding nothing but an earlier selfcheck's outputs (replaced), is taken."""
+    or one holding nothing but an earlier selfcheck's outputs (replaced; what a stopped one
+    left beside them too, named after them), is taken."""
     if not workdir.exists():
         return None
-    if not workdir.is_dir() or workdir.is_symlink():
+    if not workdir.is_dir():
         return f"--workdir {workdir} is not a folder; give a new or empty one."
-    ours = {name for variant in VARIANTS for name in outputs(variant)}
-    other = sorted(entry.name for entry in workdir.iterdir() if entry.name not in ours)
+    ours = tuple(f"selfcheck_{variant}_" for variant in VARIANTS)
+    other = sorted(entry.name for entry in workdir.iterdir() if not entry.name.startswith(ours))
     if other:
         shown = ", ".join(other[:5]) + (" ..." if len(other) > 5 else "")
         return (
-            f"--workdir {workdir} holds files selfcheck did not write ({shown}); give a new or "
-            "empty folder (nothing was written)."
+            f"--workdir {workdir} holds files this selfcheck did not write ({shown}); give a new "
+            "or empty folder (nothing was written). An older stam-jax's selfcheck named its "
+            "files <model>.pth, ckpt and <model>.roundtrip.pth: delete those if they are its."
         )
     return None
 

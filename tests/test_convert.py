@@ -1473,13 +1473,17 @@ def test_selfcheck_reruns_in_its_workdir_and_touches_no_other_file(tmp_path, cap
     # A second run in the same folder stopped with a CheckpointError traceback (its checkpoint
     # already there), and the random weights were saved as stam_16.pth: the real one, in a
     # folder of checkpoints, would have been overwritten.
+    # A folder reached by a link, and what a stopped run left beside its outputs, are taken.
     workdir = tmp_path / "check"
-    for _ in range(2):
+    (tmp_path / "link").symlink_to(workdir, target_is_directory=True)
+    for folder in (workdir, tmp_path / "link"):
         assert (
-            selfcheck_main(["--model", "stam_tiny", "--batch", "1", "--workdir", str(workdir)]) == 0
+            selfcheck_main(["--model", "stam_tiny", "--batch", "1", "--workdir", str(folder)]) == 0
         )
         out = capsys.readouterr().out
         assert "-> OK" in out and out.endswith("all checks passed\n")
+        (workdir / "selfcheck_stam_tiny_roundtrip.pth.partial").write_bytes(b"")
+    (workdir / "selfcheck_stam_tiny_roundtrip.pth.partial").unlink()
     assert sorted(p.name for p in workdir.iterdir()) == [
         "selfcheck_stam_tiny_ckpt",
         "selfcheck_stam_tiny_random.pth",
@@ -1492,8 +1496,10 @@ def test_selfcheck_reruns_in_its_workdir_and_touches_no_other_file(tmp_path, cap
         selfcheck_main(["--model", "stam_tiny", "--workdir", str(downloads)])
     assert end.value.code == 2
     assert (
-        f"error: --workdir {downloads} holds files selfcheck did not write (stam_16.pth); give a "
-        "new or empty folder (nothing was written)." in capsys.readouterr().err
+        f"error: --workdir {downloads} holds files this selfcheck did not write (stam_16.pth); "
+        "give a new or empty folder (nothing was written). An older stam-jax's selfcheck named "
+        "its files <model>.pth, ckpt and <model>.roundtrip.pth: delete those if they are its."
+        in capsys.readouterr().err
     )
     assert [p.name for p in downloads.iterdir()] == ["stam_16.pth"]
     assert (downloads / "stam_16.pth").read_bytes() == b"the real weights"
