@@ -112,10 +112,17 @@ def _whole(path: Path, unit: int | None) -> int:
     return data.rfind(b"\n") + 1
 
 
+# Settings recorded since results were first kept: compared only where the kept results hold
+# them, so that an evaluation an earlier stam-jax kept results of goes on as it would have.
+ADDED_SINCE = frozenset({"--config.checkpoint's architecture"})
+
+
 def _differences(kept: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """'NAME: A then, B now' for each setting that differs (by content, `sharding.by_content`)."""
     out = []
     for name in sorted(set(kept) | set(now)):
+        if name in ADDED_SINCE and name not in kept:
+            continue
         a, b = kept.get(name, _NOT_SET), now.get(name, _NOT_SET)
         if sharding.compared(a) != sharding.compared(b):
             out.append(f"{name}: {_shown(a)} then, {_shown(b)} now")

@@ -1260,6 +1260,11 @@ def test_kept_results_are_read_once_whatever_the_process_count(tmp_path):
         read_kept(folder, 0, 2, classes, lambda: settings, "--workdir=w", 20)
     with pytest.raises(PartialError, match=r"\(--config.seed: \(not set\) then, 3 now\)"):
         read_kept(folder, 0, 2, classes, lambda: {**settings, "--config.seed": 3}, "--workdir=w")
+    # But a setting recorded since (the checkpoint's architecture): results kept by a version
+    # that did not record it go on as that version would have, where they were refused.
+    architecture = {**settings, "--config.checkpoint's architecture": {"num_heads": 2}}
+    assert kept_count(folder) == 10
+    assert len(read_kept(folder, 0, 1, classes, lambda: architecture, "--workdir=w").positions)
     (folder / "p1.bin.orig").write_bytes(b"")  # a copy of one's own: never removed
     remove(folder, 1, 2)  # process 1 of 2: p1 only
     assert sorted(p.name for p in folder.iterdir()) == [
