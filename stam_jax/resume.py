@@ -218,10 +218,30 @@ def check_same_run(config: Any, workdir: Path, start: int, folder: VideoFolder, 
 
 def truncate_log(path: Path, step: int) -> list[str]:
     """Drops rows past `step` (logged after the checkpoint a resumed run restarts from); returns
-    the rows kept."""
+    the rows kept.
+
+    A row that is not a JSON object is dropped too: the last one cut off by a kill or a full
+    disk as it was written (it made every resume of the run fail with a traceback), with a
+    warning if it is not the last.
+    """
     if not path.exists():
         return []
     rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(rows, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if number < len(rows):
+                print(
+                    f"warning: {path} line {number} is not a JSON object; dropped.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
     return kept

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -220,7 +221,40 @@ def _stopped(manager: ocp.CheckpointManager, fix: str) -> str:
     )
 
 
-def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
+class _Board:
+    """The loop's TensorBoard events (process 0), on disk before each checkpoint is saved.
+
+    tensorboardX's `flush()` writes only what its writer thread has taken off its queue (the
+    thread takes the rest within `flush_secs`, 120 s): a run killed after a save lost the
+    events logged just before it for good, as the resumed run purges those after its
+    checkpoint and logs none before it. So the writer is closed (which writes everything
+    queued) before each save, and the next event opens a new file, named in order.
+    """
+
+    files = itertools.count()  # of this process, in the order they are made
+
+    def __init__(self, logdir: Path, purge_step: int) -> None:
+        self.logdir, self.purge_step, self.writer = logdir, purge_step, None
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        """Logs scalar `value` of `tag` at `step`."""
+        if self.writer is None:
+            # Files made within one second would have one name (the second's), the later
+            # overwriting the earlier: a suffix of this process and a count keeps them apart,
+            # in the order they were made.
+            suffix = f".{os.getpid()}.{next(_Board.files):06d}"
+            self.writer = _summary_writer(self.logdir, self.purge_step, suffix)
+            self.purge_step = None
+        self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Writes every event logged so far to disk and closes the file."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _summary_writer(logdir: Path, purge_step: int | None, suffix: str = "") -> Any:
     """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors, which
@@ -236,7 +270,7 @@ def _summary_writer(logdir: Path, purge_step: int | None) -> Any:
             del sys.modules["torch"]
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(logdir), purge_step=purge_step)
+    return SummaryWriter(str(logdir), purge_step=purge_step, filename_suffix=suffix)
 
 
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
@@ -465,8 +499,9 @@ def _train_and_evaluate(
     if log:
         truncate_log(log, start)
         # purge_step: a resumed run hides the events logged after its checkpoint (TensorBoard
-        # hides those of steps >= purge_step; the checkpoint's own step is not logged again).
-        board = _summary_writer(workdir / "tensorboard", purge_step=start + 1 if start else None)
+        # hides those of steps >= purge_step; the checkpoint's own step is not logged again),
+        # and a run started again without one hides all of the earlier start's.
+        board = _Board(workdir / "tensorboard", purge_step=start + 1)
     progress = progress_bar(
         train.steps, "train", "step", config.progress and jax.process_index() == 0, start
     )
@@ -547,8 +582,7 @@ def _train_and_evaluate(
                         f.write(json.dumps(last) + "\n")
                     for name, value in last.items():
                         if name != "step":
-                            board.add_scalar(f"train/{name}", value, done)
-                    board.flush()
+                            board.add(f"train/{name}", value, done)
                 timer, timer_step = time.perf_counter(), done
             if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
                 began = time.perf_counter()
@@ -559,8 +593,7 @@ def _train_and_evaluate(
                         f.write(json.dumps({"step": done, **scores}, allow_nan=False) + "\n")
                     for name, value in scores.items():
                         if value is not None:
-                            board.add_scalar(f"eval/{name}", value, done)
-                    board.flush()
+                            board.add(f"eval/{name}", value, done)
                 # Evaluation time is not training time: the clock of the steps since the last
                 # log skips it (restarted, it counted those steps over the time since this one).
                 timer += time.perf_counter() - began
@@ -569,6 +602,8 @@ def _train_and_evaluate(
                 # Every process's grain iterator position, taken now (the save itself is async).
                 position = sharding.allgather_json(clips.get_state().decode())
                 items["data"] = ocp.args.JsonSave({"grain": position})
+            if board and (manager.should_save(done) or done == train.steps):
+                board.close()  # the events up to this checkpoint on disk before it is saved
             with interrupts_held():  # started whole, or not at all
                 saved = manager.save(
                     done, args=ocp.args.Composite(**items), force=done == train.steps

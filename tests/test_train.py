@@ -1131,14 +1131,15 @@ def test_processes_reading_the_same_data_at_other_paths_agree(train_root, tmp_pa
 
     moved = shutil.copytree(train_root, tmp_path / "elsewhere")
     settings = [
-        process_settings(tiny_config(root), list_videos(root)) for root in (train_root, moved)
+        process_settings(tiny_config(root), list_videos(root), "videos")
+        for root in (train_root, moved)
     ]
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(sharding, "allgather_json", lambda mine: [mine, other])
     other = {"settings": settings[1], "refusal": None}
     assert sharding.processes_agree(settings[0]) is None
     (moved / "class_0" / "video_0.mp4").rename(moved / "class_1" / "video_9.mp4")
-    other["settings"] = process_settings(tiny_config(moved), list_videos(moved))
+    other["settings"] = process_settings(tiny_config(moved), list_videos(moved), "videos")
     assert re.fullmatch(
         rf"the processes were started with different settings: --config.train.root's listing "
         rf"\(process 0: {train_root} \(10 classes, 10 videos, digest \w{{12}}\), process 1: "
@@ -1631,3 +1632,35 @@ def test_freezing_tensors_no_checkpoint_gave_is_warned_of(train_root, tmp_path):
     assert not any(
         "warning" in line for line in _initial_params(model, config, video)[1].split("\n")
     )
+
+
+def test_tensorboard_events_are_on_disk_before_a_save_in_files_of_their_own(tmp_path):
+    # tensorboardX's flush() left the events its thread had not taken yet (it takes them
+    # within 120 s): a kill after the next save lost them for good. Closed before each save,
+    # and the next event opens a new file, which one made in the same second no longer
+    # overwrites (the file name held only the second).
+    from stam_jax.train import _Board
+
+    board = _Board(tmp_path, purge_step=1)
+    for step in (3, 6, 9):
+        board.add("train/loss", float(step), step)
+        board.close()
+        assert tensorboard_scalars(tmp_path)["train/loss"][-1] == step  # on disk, now
+    assert len(list(tmp_path.iterdir())) == 3
+    # A run started again hides the earlier start's events from its purge step on.
+    again = _Board(tmp_path, purge_step=4)
+    again.add("train/loss", 6.5, 6)
+    again.close()
+    assert tensorboard_scalars(tmp_path) == {"train/loss": [3, 6]}
+
+
+def test_a_row_cut_off_as_it_was_written_does_not_stop_a_resume(tmp_path, capsys):
+    # A kill or a full disk mid-write left a last line that is no JSON: every resume of the
+    # run failed on it with a traceback.
+    from stam_jax.resume import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 2}\n{"step": 4}\nnot json\n{"step": 6}\n{"step": 8, "loss": 1.')
+    assert truncate_log(log, 6) == ['{"step": 2}', '{"step": 4}', '{"step": 6}']
+    assert log.read_text() == '{"step": 2}\n{"step": 4}\n{"step": 6}\n'
+    assert capsys.readouterr().err == f"warning: {log} line 3 is not a JSON object; dropped.\n"
