@@ -80,13 +80,18 @@ def initial_state(
 ) -> TrainState:
     """The state at step 0: float32 params, their EMA, a loss scale for float16 compute.
 
+    The params and the EMA are copies of `params`, each its own buffers: a step jitted with
+    `donate_argnums=0` donates them (the same buffer twice was refused), and `params` stays
+    the caller's.
+
     Raises:
       TrainConfigError: a model with half-precision params (`check_param_dtype`).
     """
     check_param_dtype(model)
-    params = jax.tree.map(lambda x: jnp.asarray(x, model.param_dtype), params)
+    params = jax.tree.map(lambda x: jnp.array(x, model.param_dtype, copy=True), params)
+    ema = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     scale = LossScale.create(train.loss_scale_initial) if loss_scaled(model) else None
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), params, scale)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), ema, scale)
 
 
 def decay_mask(params: Any) -> Any:
@@ -404,10 +409,11 @@ def _schedules_stepped(opt_state: Any, before: Any) -> Any:
     A skipped step (float16 gradients that overflowed, or a batch whose videos all failed)
     keeps the optimizer's state as it was, so its schedule fell behind the loop steps: the rate
     applied was an earlier step's, not the one logged, and the cosine decay never reached its
-    end. Its schedule now moves on with the loop (`optax.ScaleByScheduleState`), as PyTorch's
-    scheduler steps past a step its GradScaler skips; Adam's own count does not (its bias
-    correction counts updates). Not within an accumulating `optax.MultiSteps`, whose
-    schedule counts updates.
+    end. Its schedule now moves on with the loop (`optax.ScaleByScheduleState`, as
+    `make_optimizer`'s optimizers hold theirs), as PyTorch's scheduler steps past a step its
+    GradScaler skips; Adam's own count does not (its bias correction counts updates). Not
+    within an accumulating `optax.MultiSteps`, whose schedule counts updates; a schedule of
+    one's own held otherwise (`optax.inject_hyperparams`) stays where it was.
     """
 
     def node(x: Any) -> bool:
@@ -450,13 +456,23 @@ def make_train_step(
       train: the run config's `train` section (`configs/common.py`: label smoothing, mixing,
         distillation, EMA decay, accumulation, loss-scale period).
       seed: the seed of the step's random keys (dropout, mixing), folded with the step.
-      num_classes: the number of classes of `labels`.
+      num_classes: the number of classes of `labels`, the model's. A usable video's label
+        outside [0, num_classes) makes the loss NaN (values are not known when the step is
+        traced): one-hot it was all zeros, and the step trained on the smoothing alone.
       teacher: a model to distil from; its params are then the step's fifth argument.
 
     Raises:
       TypeError: `schedule` is neither callable nor a number.
-      ValueError: (from the step, when traced) videos neither uint8 nor float.
+      ValueError: `num_classes` is not the model's; (from the step, when traced) videos
+        neither uint8 nor float.
     """
+    if num_classes != model.num_classes:
+        raise ValueError(
+            f"make_train_step: num_classes={num_classes}, but the model has "
+            f"{model.num_classes} outputs; pass num_classes=model.num_classes (labels in "
+            f"[0, {model.num_classes})), or make the model with create_model(..., "
+            f"num_classes={num_classes})."
+        )
     if not callable(schedule):
         if isinstance(schedule, bool) or not isinstance(schedule, numbers.Real):
             raise TypeError(
@@ -510,6 +526,9 @@ def make_train_step(
                 {"params": params}, inputs, deterministic=False, rngs={"dropout": key}
             )
             losses = soft_cross_entropy(logits, targets)
+            # A label outside the classes is a wrong input, loudly: NaN, not a quiet step.
+            known = (labels >= 0) & (labels < num_classes)
+            losses = jnp.where(known | (weights == 0), losses, jnp.nan)
             if teacher_logits is not None:
                 kd = distillation_loss(logits, teacher_logits, temperature)
                 losses = (1.0 - weight) * losses + weight * kd

@@ -616,3 +616,34 @@ def test_freeze_and_layer_decay_are_refused_naming_the_fix():
     }
     with pytest.raises(TrainConfigError, match="'head/ker' matches no param"):
         frozen_paths(_train({"freeze": "head/ker"}), params)
+
+
+def test_a_state_of_ones_own_donates_to_the_step_and_labels_are_checked():
+    # initial_state gave the params and their EMA the same buffers (the caller's own): a step
+    # jitted with donate_argnums=0, as run_train.py's is, refused to donate a buffer twice.
+    config = base_config("stam_tiny")
+    model = create_model("stam_tiny", **NO_DROPOUT)
+    params = initial_params()
+    tx, schedule = make_optimizer(config.train, params)
+    state = initial_state(model, tx, config.train, params)
+    pointers = [
+        {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}
+        for tree in (params, state.params, state.ema_params)
+    ]
+    assert not (pointers[0] & pointers[1] or pointers[1] & pointers[2] or pointers[0] & pointers[2])
+    step = jax.jit(make_train_step(model, tx, schedule, config.train, 0, 10), donate_argnums=0)
+    _, _, videos, labels, weights = step_setup()
+    state, metrics = step(state, videos, labels, weights)
+    assert np.isfinite(float(metrics["loss"]))
+    # A label outside the classes one-hot encoded to zeros: a quiet step on the smoothing
+    # alone. Now the loss is NaN; a failed video's row (weight 0) may hold any label.
+    bad = labels.copy()
+    bad[0] = 12
+    state, metrics = step(state, videos, bad, weights)  # each step donates the state given
+    assert np.isnan(float(metrics["loss"]))
+    weights = weights.copy()
+    weights[0] = 0.0
+    _, metrics = step(state, videos, bad, weights)
+    assert np.isfinite(float(metrics["loss"]))
+    with pytest.raises(ValueError, match=r"num_classes=5, but the model has 10 outputs; pass"):
+        make_train_step(model, tx, schedule, config.train, 0, 5)
