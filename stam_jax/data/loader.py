@@ -1,4 +1,10 @@
-"""Decoding videos in parallel worker processes, in order, with bounded prefetch."""
+"""Decoding videos in parallel worker processes, in order, with bounded prefetch.
+
+The processes are started by `spawn` (forking a process that holds JAX's threads can
+deadlock), which imports the calling script in each: a script must keep its code under
+`if __name__ == "__main__":`, or each process fails at its start and every video is reported
+as "the decoder process crashed". `workers=0` decodes in the calling process.
+"""
 
 from __future__ import annotations
 
