@@ -155,9 +155,16 @@ def test_started_raises_the_first_items_error_at_next_and_on_empty_stops():
     assert list(Started(iter([]))) == []
 
 
-def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch):
-    # After a worker dies, submit() can fail with OSError ("handle is closed") while the pool's
-    # manager thread closes its queues; the decoder carries on, in order, with every job.
+@pytest.mark.parametrize(
+    "error",
+    [OSError("handle is closed"), ValueError("bad value(s) in fds_to_keep")],
+    ids=["handle_closed", "fds_to_keep"],
+)
+def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch, error):
+    # After a worker dies, submit() can fail while the pool's manager thread closes its queues
+    # (Python 3.11): OSError ("handle is closed"), or ValueError from the fork, a queue's
+    # descriptor closed meanwhile (it ended a CI run with a traceback). The decoder carries
+    # on, in order, with every job.
     import concurrent.futures
 
     from stam_jax.data import loader
@@ -168,7 +175,7 @@ def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch):
         def submit(self, *args, **kwargs):
             if failures["left"] and (failures["left"] == 2 or self._pending_work_items):
                 failures["left"] -= 1  # the very first submit (nothing pending), then a later one
-                raise OSError("handle is closed")
+                raise error
             return super().submit(*args, **kwargs)
 
     def flaky_pool(self):
@@ -181,6 +188,10 @@ def test_a_pool_failing_to_start_a_worker_loses_nothing(monkeypatch):
     results = list(ordered_map(crash_on_bad, [(i, n) for i, n in enumerate(names)], 1, 2))
     assert failures["left"] == 0
     assert [(r.position, r.status) for r in results] == [(i, "ok") for i in range(5)]
+    # Any other ValueError is not that race: raised.
+    failures["left"], error = 2, ValueError("a job of one's own that cannot be sent")
+    with pytest.raises(ValueError, match=r"^a job of one's own"):
+        list(ordered_map(crash_on_bad, [(i, n) for i, n in enumerate(names)], 1, 2))
 
 
 def interrupt_handler(position: int, name: str) -> Decoded:

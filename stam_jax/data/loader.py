@@ -207,9 +207,11 @@ class Started(Iterator[T]):
 
 _END = object()
 # What `ProcessPoolExecutor.submit` raises after a worker died: BrokenProcessPool once the pool
-# knows, or, in the moment its manager thread closes the queues, OSError ("handle is closed")
-# from starting a replacement worker (seen in CI on Python 3.11).
-_SUBMIT_FAILURES = (concurrent.futures.process.BrokenProcessPool, OSError)
+# knows, or, in the moment its manager thread closes the queues, an error from starting a
+# replacement worker with them: OSError ("handle is closed"), or ValueError ("bad value(s) in
+# fds_to_keep": a queue's descriptor closed between its listing and the fork). Both seen in CI
+# on Python 3.11, whose manager thread tears the pool down without the lock submit holds.
+_SUBMIT_FAILURES = (concurrent.futures.process.BrokenProcessPool, OSError, ValueError)
 
 
 class DecoderStartError(RuntimeError):
@@ -270,6 +272,8 @@ class _ParallelDecoder:
                     try:
                         future = _submit(pool, self.fn, self.jobs[next_position])
                     except _SUBMIT_FAILURES as e:
+                        if isinstance(e, ValueError) and "fds_to_keep" not in str(e):
+                            raise  # not the race above
                         # A worker died: the pool refuses work, or (while its manager thread
                         # is tearing it down) fails to start a replacement worker. The head's
                         # result says which job it was; with nothing pending, a fresh pool,
