@@ -598,11 +598,12 @@ def _train_and_evaluate(
                 # log skips it (restarted, it counted those steps over the time since this one).
                 timer += time.perf_counter() - began
             items = {"state": ocp.args.StandardSave(state)}
-            if (loader and manager.should_save(done)) or (loader and done == train.steps):
+            saving = manager.should_save(done) or done == train.steps
+            if loader and saving:
                 # Every process's grain iterator position, taken now (the save itself is async).
                 position = sharding.allgather_json(clips.get_state().decode())
                 items["data"] = ocp.args.JsonSave({"grain": position})
-            if board and (manager.should_save(done) or done == train.steps):
+            if board and saving:
                 board.close()  # the events up to this checkpoint on disk before it is saved
             with interrupts_held():  # started whole, or not at all
                 saved = manager.save(
