@@ -292,9 +292,9 @@ def infer_config(
     config["num_heads"] = heads
 
     if any(k.startswith("aggregate.") for k in keys):
-        t_width = _need(state_dict, "aggregate.cls_token", "the temporal width", "(1, 1, width)")[
-            -1
-        ]
+        *_, t_width = _need(
+            state_dict, "aggregate.cls_token", "the temporal width", "(1, 1, width)"
+        )
         t_frames = (
             _need(state_dict, "aggregate.pos_embed", "the frame count T", "(1, 1 + T, width)")[1]
             - 1

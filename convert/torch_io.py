@@ -478,18 +478,15 @@ class NotAWeight:
 
 
 def _check_tensors(state_dict: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """The entries as arrays; those outside STAM's keys that are no float tensor as
+    `NotAWeight`, and a STAM key's that is none refused, naming it and the fix."""
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
-        if not _STAM_KEY.match(str(key)):
-            dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
-            if not _is_tensor(value):
+        stam = _STAM_KEY.match(str(key))
+        if not _is_tensor(value):
+            if not stam:
                 out[key] = NotAWeight(f"a value of type {type(value).__name__} ({_short(value)})")
                 continue
-            if dtype not in ("float32", "float16", "bfloat16"):
-                article = "an" if dtype.startswith("int") else "a"
-                out[key] = NotAWeight(f"{article} {dtype} tensor", tuple(value.shape))
-                continue
-        if not _is_tensor(value):
             raise ConversionError(
                 f"{path}: state dict entry {key!r} is not a tensor but a value of type "
                 f"{type(value).__name__} ({_short(value)}); re-save it with the model's tensors "
@@ -498,6 +495,10 @@ def _check_tensors(state_dict: Mapping[str, Any], path: Path) -> dict[str, Any]:
             )
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in ("float32", "float16", "bfloat16"):
+            if not stam:
+                article = "an" if dtype.startswith("int") else "a"
+                out[key] = NotAWeight(f"{article} {dtype} tensor", tuple(value.shape))
+                continue
             fix = ""
             if dtype == "float64":
                 fix = (
