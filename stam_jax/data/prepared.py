@@ -24,6 +24,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -257,11 +258,8 @@ def _check_shards(path: Path, split: str) -> None:
             problem = "is missing"
         else:
             try:
-                reader = ArrayRecordReader(str(shard))
-                try:
+                with contextlib.closing(ArrayRecordReader(str(shard))) as reader:
                     found = reader.num_records()
-                finally:
-                    reader.close()
                 if found != expected:
                     problem = f"holds {found} records where {expected} were written"
             except (OSError, RuntimeError, ValueError) as e:
