@@ -235,6 +235,7 @@ class _Board:
 
     def __init__(self, logdir: Path, purge_step: int) -> None:
         self.logdir, self.purge_step, self.writer = logdir, purge_step, None
+        _import_tensorboardx()  # now, before the loop, not at its first log
 
     def add(self, tag: str, value: float, step: int) -> None:
         """Logs scalar `value` of `tag` at `step`."""
@@ -254,8 +255,8 @@ class _Board:
             self.writer = None
 
 
-def _summary_writer(logdir: Path, purge_step: int | None, suffix: str = "") -> Any:
-    """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
+def _import_tensorboardx() -> None:
+    """Imports tensorboardX without importing PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept torch tensors, which
     training never logs; that import cost 1.4 s of each start on a 2-core machine
@@ -268,6 +269,12 @@ def _summary_writer(logdir: Path, purge_step: int | None, suffix: str = "") -> A
             import tensorboardX  # noqa: F401
         finally:
             del sys.modules["torch"]
+
+
+def _summary_writer(logdir: Path, purge_step: int | None, suffix: str = "") -> Any:
+    """tensorboardX's `SummaryWriter`, imported without importing PyTorch
+    (`_import_tensorboardx`)."""
+    _import_tensorboardx()
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(logdir), purge_step=purge_step, filename_suffix=suffix)
