@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stam_jax.interrupts import interrupts_held
-from stam_jax.model import STAM, param_shapes
+from stam_jax.model import STAM, fitting_model, params_misfit
 from stam_jax.paths import swap_in, unwritable
 from stam_jax.variants import model_config, model_from_config
 
@@ -570,7 +570,7 @@ def read(
     def read_all() -> tuple[dict[str, Any], STAM, dict[str, Any]]:
         config = _read_config(path)
         model = model_from_config(config["model"], **runtime)
-        return config, model, _read_params(path, model)
+        return config, model, _read_params(path, model, _inconsistent(path))
 
     return _read_unchanged(path, read_all)
 
@@ -596,10 +596,19 @@ def read_params(
     """
     path = Path(directory).absolute()
 
+    if config is not None:  # the model is built from the checkpoint's own config
+        fix = _inconsistent(path)
+    else:
+        fix = (
+            f"To read them, build the model from the checkpoint's config, "
+            f"stam_jax.variants.model_from_config(read_config({str(path)!r})['model']), or read "
+            "both with stam_jax.checkpoints.load."
+        )
+
     def read() -> dict[str, Any]:
         if config is not None:
             _check_same_config(path, config, _read_config(path))
-        return _read_params(path, model)
+        return _read_params(path, model, fix)
 
     return _read_unchanged(path, read)
 
@@ -622,7 +631,16 @@ def _check_same_config(path: Path, before: Mapping[str, Any], now: Mapping[str, 
     )
 
 
-def _read_params(path: Path, model: STAM) -> dict[str, Any]:
+def _inconsistent(path: Path) -> str:
+    """The fix for a checkpoint whose config/metadata does not describe its own params."""
+    return (
+        f"{path}'s config/metadata does not describe its own params: it was edited, or parts "
+        "of two checkpoints were mixed; write it again (python -m convert from its .pth, or "
+        "python -m stam_jax.export from its training run)."
+    )
+
+
+def _read_params(path: Path, model: STAM, fix: str) -> dict[str, Any]:
     path = _require_checkpoint(path)
     with _checkpointer() as ckpt:
         with _reading(path):
@@ -630,7 +648,7 @@ def _read_params(path: Path, model: STAM) -> dict[str, Any]:
         if not stored:
             raise _damaged(path, ValueError("params/_METADATA is missing or empty"))
         # From the metadata (its tree of shapes): refused before any tensor is read.
-        check_params(model, getattr(stored, "tree", stored))
+        check_params(model, getattr(stored, "tree", stored), fix=fix)
         # Host arrays: valid whatever devices wrote the checkpoint or read it now.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
         with _reading(path):
@@ -666,8 +684,16 @@ def not_a_params_tree(params: Any) -> str | None:
     )
 
 
-def check_params(model: STAM, params: Mapping[str, Any]) -> None:
-    """Raises `CheckpointError` naming every param whose path or shape does not fit `model`."""
+def check_params(model: STAM, params: Mapping[str, Any], *, fix: str | None = None) -> None:
+    """Raises `CheckpointError` naming every param whose path or shape does not fit `model`.
+
+    Args:
+      model: the model the params must fit.
+      params: a params tree (arrays, or anything with a `shape`).
+      fix: what the message ends with, for a caller that knows where the params came from;
+        by default, the `create_model` call of the model they fit (as far as their shapes
+        tell).
+    """
     problem = not_a_params_tree(params)
     if problem is not None:
         raise CheckpointError(f"params do not fit the model: {problem}")
@@ -677,24 +703,16 @@ def check_params(model: STAM, params: Mapping[str, Any]) -> None:
             "params do not fit the model: they are the whole variables ({'params': ...}); pass "
             "the params tree, variables['params']."
         )
-    # The abstract init that `STAM.apply` checks its params against too (kept per architecture).
-    expected = {
-        "".join(f"[{part!r}]" for part in path.split("/")): shape
-        for path, shape in param_shapes(model).items()
-    }
-    found = {
-        jax.tree_util.keystr(k): tuple(v.shape)
-        for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    problems = [f"missing param {k}" for k in sorted(expected.keys() - found.keys())]
-    problems += [f"unexpected param {k}" for k in sorted(found.keys() - expected.keys())]
-    problems += [
-        f"param {k}: expected shape {expected[k]}, found {found[k]}"
-        for k in sorted(expected.keys() & found.keys())
-        if expected[k] != found[k]
-    ]
-    if problems:
-        raise CheckpointError("params do not fit the model:\n  " + "\n  ".join(problems))
+    misfit = params_misfit(model, params)
+    if misfit is None:
+        return
+    problems, overrides = misfit
+    raise CheckpointError(
+        "params do not fit the model:\n  "
+        + "\n  ".join(problems)
+        + "\n"
+        + (fix or f"To use them, {fitting_model(overrides)}.")
+    )
 
 
 def non_finite_params(params: Mapping[str, Any]) -> list[str]:

@@ -236,7 +236,12 @@ def export(
             f"copied ({type(e).__name__}: {detail[:300]}); " + _others(complete, step)
         ) from None
     try:
-        checkpoints.check_params(model, params)
+        checkpoints.check_params(
+            model,
+            params,
+            fix=f"{run / RUN_RECORD} does not describe this run's params: it was "
+            "edited, or belongs to another run; put back the run's own record.",
+        )
     except checkpoints.CheckpointError as e:
         raise ExportError(f"{folder} does not hold the run's model: {e}") from None
     metadata = {"source": str(folder), "step": step, "params": name}

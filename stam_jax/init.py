@@ -177,7 +177,9 @@ def init_from_checkpoint(
     if isinstance(fresh, Mapping) and set(fresh) == {"params"}:
         raise InitError("pass the params tree (variables['params']), not the whole variables.")
     try:
-        checkpoints.check_params(model, fresh)
+        checkpoints.check_params(
+            model, fresh, fix="Make them for this model: model.init(key, videos)['params']."
+        )
     except checkpoints.CheckpointError as error:
         raise InitError(f"`fresh` is not a params tree of `model`: {error}") from error
 

@@ -603,6 +603,53 @@ def _fitting_overrides(model: STAM, found: dict[str, tuple[int, ...]]) -> list[s
     return overrides
 
 
+def params_misfit(model: STAM, params: Mapping[str, Any]) -> tuple[list[str], list[str]] | None:
+    """How a params tree misfits `model`, or None if every path and shape fits.
+
+    Args:
+      model: the model the params are for.
+      params: a params tree whose leaves have a `shape` (arrays, `jax.ShapeDtypeStruct`s, a
+        checkpoint's metadata).
+
+    Returns:
+      (one line per misfit: params of another shape, six named and the rest counted, then
+      missing and unexpected params, one line per top-level module; the `create_model`
+      overrides under which `model` would fit them, read off their shapes, e.g.
+      ["num_frames=8"], empty where none can be read off).
+    """
+    found = _flat_shapes(params)
+    expected = param_shapes(model)
+    if found == expected:
+        return None
+    problems = [
+        f"param {k}: shape {found[k]}, this model's {expected[k]}"
+        for k in sorted(expected.keys() & found.keys())
+        if expected[k] != found[k]
+    ]
+    if len(problems) > 8:
+        problems = [*problems[:6], f"... and {len(problems) - 6} more of other shapes"]
+    for what, paths in (
+        ("missing", expected.keys() - found.keys()),
+        ("unexpected", found.keys() - expected.keys()),
+    ):
+        groups: dict[str, list[str]] = {}
+        for path in sorted(paths):  # one line per top-level module
+            groups.setdefault(path.split("/")[0], []).append(path)
+        problems += [
+            f"{what} params {', '.join(group)}"
+            if len(group) <= 2
+            else f"{what} params {top}/... ({len(group)} tensors)"
+            for top, group in groups.items()
+        ]
+    return problems, _fitting_overrides(model, found)
+
+
+def fitting_model(overrides: list[str]) -> str:
+    """'build the model they were made for (`create_model(name, OVERRIDES)`)', for messages."""
+    made = "build the model they were made for"
+    return f"{made} (`create_model(name, {', '.join(overrides)})`)" if overrides else made
+
+
 class STAM(nn.Module):
     """STAM: a ViT on every frame, a temporal transformer over the frame features, a head.
 
@@ -880,39 +927,15 @@ class STAM(nn.Module):
                 "model.init(jax.random.key(0), videos)['params'] or read a checkpoint's with "
                 "stam_jax.checkpoints.load, then call model.apply({'params': params}, videos)."
             )
-        expected = param_shapes(self)
-        if found == expected:
+        misfit = params_misfit(self, self.variables["params"])
+        if misfit is None:
             return
-        problems = [
-            f"param {k}: shape {found[k]}, this model's {expected[k]}"
-            for k in sorted(expected.keys() & found.keys())
-            if expected[k] != found[k]
-        ]
-        if len(problems) > 8:
-            problems = [*problems[:6], f"... and {len(problems) - 6} more of other shapes"]
-        for what, paths in (
-            ("missing", expected.keys() - found.keys()),
-            ("unexpected", found.keys() - expected.keys()),
-        ):
-            groups: dict[str, list[str]] = {}
-            for path in sorted(paths):  # one line per top-level module
-                groups.setdefault(path.split("/")[0], []).append(path)
-            problems += [
-                f"{what} params {', '.join(group)}"
-                if len(group) <= 2
-                else f"{what} params {top}/... ({len(group)} tensors)"
-                for top, group in groups.items()
-            ]
-        overrides = _fitting_overrides(self, found)
-        fit = (
-            f"build the model they were made for (`create_model(name, {', '.join(overrides)})`)"
-            if overrides
-            else "build the model they were made for"
-        )
+        problems, overrides = misfit
         raise ValueError(
             "params do not fit this model; they were made for another architecture:\n  "
             + "\n  ".join(problems)
-            + f"\nTo use them as they are, {fit}; `stam_jax.checkpoints.load` reads a "
+            + f"\nTo use them as they are, {fitting_model(overrides)}; "
+            "`stam_jax.checkpoints.load` reads a "
             "checkpoint's model with its params. To start this model from them, use "
             "`stam_jax.init.init_from_checkpoint(model, fresh_params, checkpoint)`: it resamples "
             "the position embeddings to other frame counts and image sizes and re-initialises "

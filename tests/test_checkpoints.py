@@ -275,14 +275,14 @@ def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
     read_params = checkpoints._read_params
     calls = []
 
-    def swapped_mid_read(directory, model_):
+    def swapped_mid_read(directory, model_, fix):
         # The first read meets `convert --force` swapping the new checkpoint in, and fails on
         # a file that moved; the read is made again, whole, from the new checkpoint.
         calls.append(directory)
         if len(calls) == 1:
             checkpoints.save(path, model, second, overwrite=True)
             raise checkpoints._damaged(directory, FileNotFoundError("params/d/0.0"))
-        return read_params(directory, model_)
+        return read_params(directory, model_, fix)
 
     monkeypatch.setattr(checkpoints, "_read_params", swapped_mid_read)
     chex.assert_trees_all_equal(checkpoints.load(path)[1], second)
@@ -290,9 +290,9 @@ def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
     # A read that succeeds across a swap may hold parts of both: it is made again too.
     calls.clear()
 
-    def swapped_after_read(directory, model_):
+    def swapped_after_read(directory, model_, fix):
         calls.append(directory)
-        params = read_params(directory, model_)
+        params = read_params(directory, model_, fix)
         if len(calls) == 1:
             checkpoints.save(path, model, first, overwrite=True)
         return params
@@ -303,7 +303,7 @@ def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
     # Damage with no overwrite under way is reported at once, not retried.
     calls.clear()
 
-    def damaged(directory, model_):
+    def damaged(directory, model_, fix):
         calls.append(directory)
         raise checkpoints._damaged(directory, ValueError("bad chunk"))
 
@@ -314,7 +314,7 @@ def test_a_read_across_an_overwrite_is_made_again_from_the_new_checkpoint(
     # An overwrite at every try: the error says so rather than calling the checkpoint damaged.
     monkeypatch.setattr(checkpoints.time, "sleep", lambda seconds: None)
 
-    def always_swapped(directory, model_):
+    def always_swapped(directory, model_, fix):
         os.rename(path, tmp_path / "moved")
         os.rename(tmp_path / "moved", tmp_path / "moved2")
         shutil.copytree(tmp_path / "moved2", path)
@@ -353,8 +353,13 @@ def test_params_read_after_the_config_are_refused_from_a_checkpoint_replaced_bet
         checkpoints.read_params(path, model, config=stored)
     # Without `config`, the params are checked against the model alone.
     checkpoints.save(path, other, random_params(model_config(other), seed=2), overwrite=True)
-    with pytest.raises(CheckpointError, match="params do not fit the model"):
+    with pytest.raises(CheckpointError, match="params do not fit the model") as error:
         checkpoints.read_params(path, model)
+    assert str(error.value).endswith(
+        "To read them, build the model from the checkpoint's config, stam_jax.variants."
+        f"model_from_config(read_config({str(path.absolute())!r})['model']), or read both with "
+        "stam_jax.checkpoints.load."
+    )
 
 
 def test_a_ctrl_c_during_a_save_comes_after_the_write_and_leaves_nothing(

@@ -971,7 +971,12 @@ def test_bad_config_values_are_refused_before_anything_is_created(video_root, ti
     meta = json.loads((misfit / "config" / "metadata").read_text())
     meta["model"]["mlp_dim"] = 48
     (misfit / "config" / "metadata").write_text(json.dumps(meta))
-    refused(r"params do not fit the model", checkpoint=misfit)
+    refused(
+        r"(?s)params do not fit the model:\n  param blocks_0/mlp/fc1/bias: shape \(64,\), this "
+        r"model's \(48,\).*\n.*misfit's config/metadata does not describe its own params: it was "
+        r"edited, or parts of two checkpoints were mixed; write it again",
+        checkpoint=misfit,
+    )
     eleven = tmp_path / "eleven.txt"
     eleven.write_text("".join(f"class_{c}\n" for c in range(11)))
     refused(

@@ -1003,7 +1003,8 @@ def test_export_of_the_ema_of_a_run_that_kept_none_is_refused(uninterrupted, tmp
     assert export_main([str(run), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert f"error: {run / 'checkpoints' / '8'} does not hold the run's model: " in err
-    assert "param ['head']['bias']: expected shape (3,), found (10,)" in err
+    assert "param head/bias: shape (10,), this model's (3,)" in err
+    assert f"\n{run / 'run_config.json'} does not describe this run's params: it was edited" in err
     assert not (tmp_path / "x").exists()
 
 
