@@ -403,26 +403,50 @@ def _accumulation_updated(opt_state: Any) -> jax.Array | None:
     return jnp.logical_and(outer.mini_step == 0, outer.gradient_step > 0)
 
 
+# optax's state of a plain schedule given to `optax.inject_hyperparams` (optax 0.2.5 and later,
+# where the schedule reads this count and not the injecting state's; not exported by optax).
+_WRAPPED_SCHEDULE = getattr(
+    getattr(getattr(optax, "schedules", None), "_inject", None), "WrappedScheduleState", None
+)
+# States whose `count` is the step a schedule is evaluated at.
+_SCHEDULE_COUNTS = tuple(
+    kind
+    for kind in (
+        optax.ScaleByScheduleState,
+        getattr(optax, "InjectHyperparamsState", None),
+        getattr(optax, "InjectStatefulHyperparamsState", None),
+        _WRAPPED_SCHEDULE,
+    )
+    if kind is not None
+)
+
+
 def _schedules_stepped(opt_state: Any, before: Any) -> Any:
     """`opt_state` with each learning-rate schedule's count one past its count in `before`.
 
     A skipped step (float16 gradients that overflowed, or a batch whose videos all failed)
     keeps the optimizer's state as it was, so its schedule fell behind the loop steps: the rate
     applied was an earlier step's, not the one logged, and the cosine decay never reached its
-    end. Its schedule now moves on with the loop (`optax.ScaleByScheduleState`, as
-    `make_optimizer`'s optimizers hold theirs), as PyTorch's scheduler steps past a step its
-    GradScaler skips; Adam's own count does not (its bias correction counts updates). Not
-    within an accumulating `optax.MultiSteps`, whose schedule counts updates; a schedule of
-    one's own held otherwise (`optax.inject_hyperparams`) stays where it was.
+    end. Its schedule now moves on with the loop, as PyTorch's scheduler steps past a step its
+    GradScaler skips: `optax.ScaleByScheduleState` (as `make_optimizer`'s optimizers hold
+    theirs) and the schedules of `optax.inject_hyperparams` (their hyperparams are computed
+    afresh at the next update); Adam's own count does not (its bias correction counts
+    updates). Not within an accumulating `optax.MultiSteps`, whose schedule counts updates; a
+    stateful schedule of one's own (`optax.inject_stateful_hyperparams`) stays where it was.
     """
 
     def node(x: Any) -> bool:
-        return isinstance(x, optax.ScaleByScheduleState | optax.MultiStepsState)
+        return isinstance(x, (*_SCHEDULE_COUNTS, optax.MultiStepsState))
 
     def stepped(new: Any, old: Any) -> Any:
-        if isinstance(new, optax.ScaleByScheduleState):
-            return new._replace(count=old.count + 1)
-        return new
+        if not isinstance(new, _SCHEDULE_COUNTS):
+            return new  # a leaf, or a MultiStepsState
+        inner = {  # the schedules within it (inject_hyperparams' inner optimizer, its schedules)
+            name: _schedules_stepped(getattr(new, name), getattr(old, name))
+            for name in ("inner_state", "hyperparams_states")
+            if hasattr(new, name)
+        }
+        return new._replace(count=old.count + 1, **inner)
 
     return jax.tree.map(stepped, opt_state, before, is_leaf=node)
 

@@ -300,6 +300,35 @@ def test_a_skipped_step_moves_the_learning_rate_schedule_on():
     assert count(optax.ScaleByScheduleState) == [2] and count(optax.ScaleByAdamState) == [1]
 
 
+def test_a_skipped_step_moves_an_injected_schedule_on_too():
+    # optax.inject_hyperparams (a schedule of one's own, whose rate can be logged) kept its
+    # count over a skipped step, as ScaleByScheduleState did. After a skip, the update is the
+    # one a schedule a step ahead makes without a skip: the rate of step 1, Adam's first update.
+    config = base_config("stam_tiny")
+    config.train.update(BIG)
+    model = create_model("stam_tiny", **NO_DROPOUT)
+    schedule = optax.linear_schedule(1e-3, 1e-1, transition_steps=4)
+    _, _, _, (videos, labels, weights) = big_run()
+
+    def run(rate, skip):
+        tx = optax.inject_hyperparams(optax.adamw)(learning_rate=rate, weight_decay=0.05)
+        state = initial_state(model, tx, config.train, initial_params())
+        step = jax.jit(make_train_step(model, tx, schedule, config.train, 0, 10))
+        if skip:
+            state, _ = step(state, videos, labels, np.zeros_like(weights))
+        return step(state, videos, labels, weights)[0]
+
+    after_skip = run(schedule, skip=True)
+    ahead = run(lambda count: schedule(count + 1), skip=False)
+    chex.assert_trees_all_close(after_skip.params, ahead.params, rtol=1e-6, atol=1e-7)
+    assert float(after_skip.opt_state.hyperparams["learning_rate"]) == pytest.approx(
+        float(schedule(1))
+    )
+    # Not the update at the first step's rate, which a kept count would give.
+    behind = run(schedule, skip=False)
+    assert max_diff(after_skip.params, behind.params) > 1e-3
+
+
 def test_a_failed_video_is_mixed_into_no_other_video():
     # A failed video's row (weight 0, zeros and label 0 in the loop) was Mixup/CutMix's partner
     # of another video, whose loss then changed with that row's pixels and label.
