@@ -29,11 +29,13 @@ def outputs(model_name: str) -> tuple[str, str, str]:
     """The names `run` writes in its workdir: the random-weight `.pth`, the stam-jax checkpoint
     converted from it and the `.pth` written back (never an official file's name, which a
     workdir holding the real `stam_16.pth` would have lost)."""
-    return (
-        f"selfcheck_{model_name}_random.pth",
-        f"selfcheck_{model_name}_ckpt",
-        f"selfcheck_{model_name}_roundtrip.pth",
-    )
+    prefix = _prefix(model_name)
+    return f"{prefix}random.pth", f"{prefix}ckpt", f"{prefix}roundtrip.pth"
+
+
+def _prefix(model_name: str) -> str:
+    """What every file `run` writes for `model_name` starts with."""
+    return f"selfcheck_{model_name}_"
 
 
 def check_workdir(workdir: Path) -> str | None:
@@ -44,7 +46,7 @@ def check_workdir(workdir: Path) -> str | None:
         return None
     if not workdir.is_dir():
         return f"--workdir {workdir} is not a folder; give a new or empty one."
-    ours = tuple(f"selfcheck_{variant}_" for variant in VARIANTS)
+    ours = tuple(_prefix(variant) for variant in VARIANTS)
     other = sorted(entry.name for entry in workdir.iterdir() if not entry.name.startswith(ours))
     if other:
         shown = ", ".join(other[:5]) + (" ..." if len(other) > 5 else "")

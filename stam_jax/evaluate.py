@@ -543,15 +543,18 @@ def _evaluate(
             made_and_claimed(held, workdir, pid, f"--workdir={workdir}", EvalConfigError, missing)
         # Results kept by an interrupted run with the same settings are carried, not redone.
         partial_dir = workdir / partial.PARTIAL
+
+        def results_settings() -> dict[str, Any]:
+            """The settings that decide each video's results (what a resume must share)."""
+            return _settings(config, folder, prepared, digest(), stored["model"], _NOT_IN_RESULTS)
+
         try:
             kept = partial.read_kept(
                 partial_dir if resumable else None,
                 pid,
                 nproc,
                 model.num_classes,
-                lambda: _settings(
-                    config, folder, prepared, digest(), stored["model"], _NOT_IN_RESULTS
-                ),
+                results_settings,
                 f"--workdir={workdir}",
                 len(folder.items),
                 width,
@@ -598,7 +601,7 @@ def _evaluate(
             partial_dir,
             pid,
             model.num_classes,
-            lambda: _settings(config, folder, prepared, digest(), stored["model"], _NOT_IN_RESULTS),
+            results_settings,
             width,
         )
     try:
