@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 
 from stam_jax import checkpoints, sharding
 from stam_jax.configs import model_from_run_config, name_data_flags
-from stam_jax.data.folder import ClassListError, DatasetError, VideoFolder
+from stam_jax.data.folder import ClassListError, DatasetError, VideoFolder, VideoItem
 from stam_jax.data.loader import decode_train_item, ordered_map, worker_count
 from stam_jax.data.prepared import PreparedError, list_root
 from stam_jax.data.video import ClipSpec
@@ -107,15 +107,22 @@ class _Unusable:
             name = f"failed_videos.process_{jax.process_index()}.jsonl"
         self.log = workdir / name
         # A resume keeps the rows of the steps up to its checkpoint (later ones are redone),
-        # and does not name those videos again: the log is the uninterrupted run's.
-        self.named: set[str] = {json.loads(row)["path"] for row in truncate_log(self.log, start)}
+        # and does not name those videos again: the log is the uninterrupted run's. A video is
+        # known by its path in the data root, so a resume from data moved elsewhere (the same
+        # listing) does not name it again either; rows from before `video` was recorded by
+        # their full path.
+        self.named: set[str] = set()
+        for line in truncate_log(self.log, start):
+            row = json.loads(line)
+            self.named.add(row.get("video", row["path"]))
         self.start, self.seen, self.used = start, 0, 0.0
 
-    def add(self, step: int, path: str, item: Any) -> None:
-        """Reports one video that failed at `step` (a `Decoded` with its status and reason)."""
-        if path in self.named:
+    def add(self, step: int, path: str, item: Any, video: str | None = None) -> None:
+        """Reports one video that failed at `step` (a `Decoded` with its status and reason):
+        `path` in full, `video` in the data root (the folder listing's path)."""
+        if (video or path) in self.named or path in self.named:
             return  # it fails again in every epoch: named once
-        self.named.add(path)
+        self.named.add(video or path)
         print(
             f"warning: step {step}: {path} skipped ({item.status}: {item.reason}); it will be "
             "skipped in every epoch.",
@@ -123,6 +130,8 @@ class _Unusable:
             flush=True,
         )
         row = {"step": step, "path": path, "status": item.status, "reason": item.reason}
+        if video is not None:
+            row["video"] = video
         with open(self.log, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -168,19 +177,27 @@ class _Jobs(Sequence):
         return (self.end - self.start) * self.local
 
     def __getitem__(self, position: int) -> tuple:
-        step, row = divmod(position, self.local)
-        step += self.start
-        epoch, k = divmod(step, self.per_epoch)
-        slot = k * self.batch + jax.process_index() * self.local + row
-        item = self.folder.items[self.order(epoch)[slot]]
-        path = str(self.folder.root / item.path)
+        epoch, slot = self._slot(position)
+        path = str(self.folder.root / self._item(position).path)
         return position, path, self.spec, (self.seed, epoch, slot)
 
-    def label(self, position: int) -> int:
+    def _slot(self, position: int) -> tuple[int, int]:
+        """The epoch of `position`, and its slot in that epoch's order."""
         step, row = divmod(position, self.local)
         epoch, k = divmod(step + self.start, self.per_epoch)
-        slot = k * self.batch + jax.process_index() * self.local + row
-        return self.folder.items[self.order(epoch)[slot]].label
+        return epoch, k * self.batch + jax.process_index() * self.local + row
+
+    def _item(self, position: int) -> VideoItem:
+        epoch, slot = self._slot(position)
+        return self.folder.items[self.order(epoch)[slot]]
+
+    def label(self, position: int) -> int:
+        """The label of the video at `position`."""
+        return self._item(position).label
+
+    def video(self, position: int) -> str:
+        """The path in the data root of the video at `position`."""
+        return self._item(position).path
 
 
 def _training_data(config: Any, spec: ClipSpec) -> tuple[VideoFolder, Any]:
@@ -534,7 +551,9 @@ def _train_and_evaluate(
                         videos[row], weights[row] = item.views[0], 1.0
                         labels[row] = jobs.label(item.position)
                     else:  # weight 0: a bad file costs its slot, never the run
-                        unusable.add(step + 1, jobs[item.position][1], item)
+                        unusable.add(
+                            step + 1, jobs[item.position][1], item, jobs.video(item.position)
+                        )
             state, metrics = step_fn(
                 state,
                 sharding.to_global(videos, batch_sharding),

@@ -374,6 +374,7 @@ def test_videos_that_cannot_be_used_stop_the_run_and_are_named(cache, uninterrup
     assert sorted(row["path"] for row in rows) == paths and {r["status"] for r in rows} == {
         "failed"
     }
+    assert all(row["path"] == str(root / row["video"]) for row in rows)
     warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
     assert len(warnings) == 20 and all(line.startswith("warning: step ") for line in warnings)
     # metrics.jsonl counts the videos of every batch that could not be used (all processes').
@@ -425,6 +426,20 @@ def test_a_resume_lists_each_video_it_could_not_use_once(tmp_path):
     assert [(json.loads(row)["step"], json.loads(row)["path"]) for row in rows] == [
         (3, "/videos/a.mp4"),
         (7, "/videos/b.mp4"),
+    ]
+    # Known by its path in the data root: a resume from the data moved elsewhere (the same
+    # listing) named every such video again, at its new place.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    first = _Unusable(moved, start=0)
+    first.add(3, "/old/k400/c/a.mp4", failure, "c/a.mp4")
+    again = _Unusable(moved, start=5)
+    again.add(6, "/new/k400/c/a.mp4", failure, "c/a.mp4")
+    again.add(6, "/new/k400/c/b.mp4", failure, "c/b.mp4")
+    rows = [json.loads(row) for row in (moved / "failed_videos.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["path"], row["video"]) for row in rows] == [
+        (3, "/old/k400/c/a.mp4", "c/a.mp4"),
+        (6, "/new/k400/c/b.mp4", "c/b.mp4"),
     ]
 
 
