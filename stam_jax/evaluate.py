@@ -451,6 +451,23 @@ def evaluate(
         return _evaluate(config, workdir, report, resumable, claim, held)
 
 
+def check_eval_settings(config: Any) -> None:
+    """Refuses an `eval.average` or `eval.features` that evaluation cannot use (`EvalConfigError`,
+    naming the flag and the values it takes); training checks its periodic evaluation's with it
+    before its first step."""
+    if config.eval.average not in ("logits", "softmax"):
+        raise EvalConfigError(
+            f"--config.eval.average={config.eval.average!r}; use 'logits' (the official "
+            "average of the clips' logits) or 'softmax' (of their probabilities)."
+        )
+    features = config.eval.get("features", "")
+    if features not in FEATURES:
+        raise EvalConfigError(
+            f"--config.eval.features={features!r}; use 'video' (each video's feature, the "
+            "head's input), 'frames' (that and every frame's ViT feature) or '' (none)."
+        )
+
+
 def _evaluate(
     config: Any,
     workdir: str | Path,
@@ -469,14 +486,8 @@ def _evaluate(
     except ValueError as e:
         raise EvalConfigError(str(e)) from None
     config_model = _config_model(config)
-    if config.eval.average not in ("logits", "softmax"):
-        raise EvalConfigError(f"eval.average={config.eval.average!r}; use 'logits' or 'softmax'.")
+    check_eval_settings(config)
     features = config.eval.get("features", "")
-    if features not in FEATURES:
-        raise EvalConfigError(
-            f"--config.eval.features={features!r}; use 'video' (each video's feature, the "
-            "head's input), 'frames' (that and every frame's ViT feature) or '' (none)."
-        )
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
     try:

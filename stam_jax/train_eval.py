@@ -31,9 +31,13 @@ def eval_run_config(config: Any) -> ml_collections.ConfigDict:
 def check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> None:
     """Refuses, before training, an eval root that the periodic evaluation would refuse, or
     whose classes are not the training data's `classes` (labels are indices into both)."""
-    from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data
+    from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data, check_eval_settings
 
     eval_config = eval_run_config(config)
+    try:  # as the periodic evaluation would refuse them, after training to its first evaluation
+        check_eval_settings(eval_config)
+    except EvalConfigError as e:
+        raise TrainConfigError(str(e)) from None
     try:
         folder, _ = _list_data(eval_config, model, _clip_spec(eval_config, model), flag="")
     except EvalConfigError as e:

@@ -719,7 +719,7 @@ def test_refused_before_compute(video_root, tiny_ckpt, tmp_path):
     refused(r"num_crops=2; use 1 \(official\) or 3", **{"data.num_crops": 2})
     refused(r"T=4 model, but the config samples clips for stam_16 \(T=16\)", model="stam_16")
     refused(r"takes 32px frames but --config.data.crop=48", **{"data.crop": 48})
-    refused(r"eval.average='max'; use 'logits' or 'softmax'", **{"eval.average": "max"})
+    refused(r"--config\.eval\.average='max'; use 'logits' \(", **{"eval.average": "max"})
     refused(
         r"--config.frame_chunk: frame_chunk=5 does not divide the batch's 16 frames", frame_chunk=5
     )

@@ -325,6 +325,16 @@ def test_periodic_evaluation_keeps_the_best_and_distils(train_root, cache, unint
 
     with pytest.raises(TrainConfigError, match=r"needs --config\.train\.eval_root"):
         train_and_evaluate(tiny_config(train_root, eval_every=2), tmp_path / "x")
+    # Evaluation settings that the first evaluation would refuse, after training up to it.
+    for field, value, message in [
+        ("average", "max", r"--config\.eval\.average='max'; use 'logits'"),
+        ("features", "all", r"--config\.eval\.features='all'; use 'video'"),
+    ]:
+        bad = tiny_config(train_root, eval_every=2, eval_root=str(eval_root))
+        bad.eval[field] = value
+        with pytest.raises(TrainConfigError, match=message):
+            train_and_evaluate(bad, tmp_path / f"bad_{field}")
+        assert not (tmp_path / f"bad_{field}").exists()
     renamed = tmp_path / "renamed"  # the same count of classes, one of another name
     shutil.copytree(train_root, renamed)
     (renamed / "class_9").rename(renamed / "zzz_other")
