@@ -67,6 +67,13 @@ def check_distributed(
             "HOST:PORT (process 0's address, the same in every process), or set num_processes=0 "
             "to let JAX discover a cluster it knows (SLURM, TPU pods)."
         )
+    if n == 0 and coordinator:  # jax.distributed's own refusal of 0 named no flag
+        raise ValueError(
+            f"--config.distributed.num_processes=0 with --config.distributed.coordinator="
+            f"{coordinator}: give the processes' count, num_processes=N (the same in every "
+            "process), with the coordinator, or leave the coordinator out to let JAX discover "
+            "a cluster it knows (SLURM, TPU pods)."
+        )
     if n >= 1 and not 0 <= pid < n:
         raise ValueError(
             f"--config.distributed.process_id={pid} with num_processes={n}; give each process "

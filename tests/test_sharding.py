@@ -199,6 +199,8 @@ def test_check_distributed_refuses_what_jax_distributed_would_fail_on() -> None:
         sharding.check_distributed("", -1, 0)
     with pytest.raises(ValueError, match=r"^--config.distributed.num_processes=2 needs --config"):
         sharding.check_distributed("", 2, 0)
+    with pytest.raises(ValueError, match=r"^--config.distributed.num_processes=0 with --config"):
+        sharding.check_distributed("host:1234", 0, 0)  # jax: a line naming no flag
     with pytest.raises(ValueError, match=r"process_id=2 with num_processes=2; .* from 0 to 1\.$"):
         sharding.check_distributed("host:1234", 2, 2)
     with pytest.raises(ValueError, match=r"process_id=-1 with num_processes=1"):
