@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="the EMA of the params")
     parser.add_argument("--force", action="store_true", help="overwrite OUT_DIR")
     args = parser.parse_args(argv)
+    for name, value in (("RUN_DIR", args.run_dir), ("OUT_DIR", args.out_dir)):
+        if not value.strip():  # Path("") is the current directory
+            parser.error(
+                f"{name} is empty ({value!r}); give a folder's path (e.g. out/run1 for RUN_DIR, "
+                "ckpt/finetuned for OUT_DIR), or '.' for the current directory."
+            )
     from absl import logging
 
     from stam_jax.checkpoints import CheckpointError

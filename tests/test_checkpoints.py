@@ -492,6 +492,13 @@ def test_export_reads_a_run_named_by_digits_and_keeps_out_of_its_saved_steps(tmp
         f"outside, e.g. {run / 'exported'}.\n"
     )
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["42", "runs"]
+    # An empty path is refused as that, not taken for the current directory.
+    for args, name in [([str(run), ""], "OUT_DIR"), ([" ", str(tmp_path / "o")], "RUN_DIR")]:
+        with pytest.raises(SystemExit) as ended:
+            export_main(args)
+        assert ended.value.code == 2
+        assert f"error: {name} is empty (" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["42", "runs"]
 
 
 def test_export_of_a_run_without_a_complete_step_names_the_unfinished_ones(tmp_path, capsys):
