@@ -81,22 +81,66 @@ def _run_record(config: Any, folder: VideoFolder, form: str) -> dict[str, Any]:
 _PATHS = ("train.root", "checkpoint", "train.teacher", "data.class_list")
 
 
-def process_settings(config: Any, folder: VideoFolder, form: str) -> dict[str, Any]:
-    """What every process of a multi-process training must have the same: the run record's
-    fields but the paths, as flags (`--config.train.steps`), and the training data's listing
-    (its root named beside the digest) and form."""
-    record = _run_record(config, folder, form)
-    settings = {
-        f"--config.{k}": v for k, v in record.items() if k not in (*_PATHS, _LISTING, _FORM)
-    }
+# Settings each process of a multi-process run may set for itself: how it runs on its own host
+# (which process it is, where it finds the coordinator and how long it waits for it, its reading
+# workers, its cache, its progress bar, how often process 0 logs), none of which changes what a
+# collective computes or when one runs. `data.root` is not read in training (the periodic
+# evaluation reads `train.eval_root`).
+_PER_PROCESS = (
+    "distributed.process_id",
+    "distributed.coordinator",
+    "distributed.join_timeout",
+    "data.workers",
+    "data.prefetch",
+    "data.root",
+    "progress",
+    "compilation_cache_dir",
+    "train.log_every",
+)
+
+
+def process_settings(
+    config: Any,
+    folder: VideoFolder,
+    form: str,
+    eval_folder: VideoFolder | None = None,
+    teacher: Any = None,
+) -> dict[str, Any]:
+    """What every process of a multi-process training must have the same, as flags
+    (`--config.train.steps`): every setting but those of `_PER_PROCESS`, and for the paths
+    what they hold, named beside it: the training data's listing and form, the periodic
+    evaluation's listing (`eval_folder`, when it is on) and the distillation teacher's params
+    (`teacher`, host arrays, with --config.train.teacher). The initial checkpoint is compared
+    by the params read from it (`train._initial_params_setting`).
+
+    A restart may change how often a run saves or evaluates, or how it compiles
+    (`_RESTART_MAY_CHANGE`), but its processes may not differ in them: each decides when the
+    collectives of a save or an evaluation run, and what the compiled step exchanges.
+    """
+    fields = flat_fields(config, _PER_PROCESS)
+    settings = {f"--config.{k}": v for k, v in fields.items() if k not in (*_PATHS, _EVAL_ROOT)}
     settings["--config.train.root's form"] = form
     # Compared by content: the paths may differ between hosts.
-    digest = record[_LISTING][:12]
-    listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
-    settings["--config.train.root's listing"] = sharding.by_content(
-        f"{config.train.root} ({listing})", listing
+    settings["--config.train.root's listing"] = _listing(config.train.root, folder)
+    if eval_folder is not None:
+        settings[f"--config.{_EVAL_ROOT}'s listing"] = _listing(config.train.eval_root, eval_folder)
+    checksum = "none" if teacher is None else sharding.tree_digest(teacher)
+    settings["--config.train.teacher's params"] = sharding.by_content(
+        f"{config.train.teacher} (checksum {checksum})" if teacher is not None else "none",
+        checksum,
     )
     return settings
+
+
+_EVAL_ROOT = "train.eval_root"  # a path, compared by its listing (`process_settings`)
+
+
+def _listing(root: str, folder: VideoFolder) -> dict[str, str]:
+    """A data root as `process_settings` compares it: by its listing's digest, shown with the
+    root and the counts of classes and videos."""
+    digest = folder.listing_digest()[:12]
+    listing = f"{len(folder.classes)} classes, {len(folder.items)} videos, digest {digest}"
+    return sharding.by_content(f"{root} ({listing})", listing)
 
 
 def _same_place(a: Any, b: Any) -> bool:

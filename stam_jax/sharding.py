@@ -409,7 +409,8 @@ def processes_agree(settings: dict[str, Any] | None, refusal: str | None = None)
         if part["refusal"] is not None:
             return f"process {pid} refused the run: {part['refusal']}"
     differ = []
-    for key in settings:
+    # Every process's keys: a setting only some hold differs too, seen alike by all of them.
+    for key in dict.fromkeys(k for part in everyone for k in part["settings"]):
         values = [part["settings"].get(key) for part in everyone]
         if any(compared(v) != compared(values[0]) for v in values):
             each = ", ".join(f"process {pid}: {shown(v)}" for pid, v in enumerate(values))

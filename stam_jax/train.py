@@ -19,6 +19,7 @@ same params, bit for bit, as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -406,13 +407,14 @@ def _train_and_evaluate(
             model.frames_per_step(config.batch_size * model.num_frames)
         except ValueError as e:
             raise TrainConfigError(f"--config.frame_chunk: {e}") from None
+        eval_folder = None  # the periodic evaluation's listing, when it is on
         if train.eval_every > 0:
             if not train.eval_root:
                 raise TrainConfigError(
                     f"train.eval_every={train.eval_every} needs --config.train.eval_root=VAL_DIR "
                     "(or set train.eval_every=0)."
                 )
-            check_eval_root(config, model, folder.classes)
+            eval_folder = check_eval_root(config, model, folder.classes)
         elif train.eval_root and jax.process_index() == 0:
             print(
                 f"warning: --config.train.eval_root={train.eval_root} is not used: periodic "
@@ -435,7 +437,8 @@ def _train_and_evaluate(
         # again if the run is refused.
         flag = f"--workdir={workdir}"
         made_and_claimed(held, workdir, jax.process_index(), flag, TrainConfigError, missing)
-        agree(lambda: process_settings(config, folder, data_form(prepared)))
+        form = data_form(prepared)
+        agree(functools.partial(process_settings, config, folder, form, eval_folder, teacher_host))
     workers = worker_count(config.data.workers)
     # A restart in the same workdir resumes from its last checkpoint: what it finds is read
     # (nothing is written) before the run is allowed to go on.

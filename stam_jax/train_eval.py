@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from stam_jax import checkpoints
+from stam_jax.data.folder import VideoFolder
 from stam_jax.model import STAM
 from stam_jax.train_step import TrainConfigError, TrainState
 
@@ -28,9 +29,10 @@ def eval_run_config(config: Any) -> ml_collections.ConfigDict:
     return eval_config
 
 
-def check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> None:
+def check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> VideoFolder:
     """Refuses, before training, an eval root that the periodic evaluation would refuse, or
-    whose classes are not the training data's `classes` (labels are indices into both)."""
+    whose classes are not the training data's `classes` (labels are indices into both).
+    Returns its listing."""
     from stam_jax.evaluate import EvalConfigError, _clip_spec, _list_data, check_eval_settings
 
     eval_config = eval_run_config(config)
@@ -55,6 +57,7 @@ def check_eval_root(config: Any, model: STAM, classes: Sequence[str]) -> None:
             "give both the same class folders, or name them all in label order with "
             "--config.data.class_list."
         )
+    return folder
 
 
 def periodic_eval(

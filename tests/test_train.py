@@ -1174,6 +1174,97 @@ def test_processes_reading_the_same_data_at_other_paths_agree(train_root, tmp_pa
     )
 
 
+def test_processes_differing_in_when_they_save_evaluate_or_how_they_compile_are_refused(
+    train_root, tmp_path, monkeypatch
+):
+    # A restart may change how often a run saves or evaluates, or how it compiles, but the
+    # processes of one run may not differ in them: each decides when the collectives of a save
+    # or an evaluation run, and what the compiled step exchanges (a different
+    # --config.train.eval_every hung for ever, a different --config.frame_chunk aborted in
+    # gloo). Only the settings of one host's own running may differ.
+    from stam_jax import sharding
+    from stam_jax.data.folder import list_videos
+    from stam_jax.resume import process_settings
+
+    folder = list_videos(train_root)
+    mine = process_settings(tiny_config(train_root), folder, "videos")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(sharding, "allgather_json", lambda me: [me, other])
+
+    def theirs(**fields):
+        config = tiny_config(train_root)
+        for name, value in fields.items():
+            section, _, field = name.rpartition("__")
+            (config[section] if section else config)[field] = value
+        return {"settings": process_settings(config, folder, "videos"), "refusal": None}
+
+    for fields, named in [
+        (dict(train__eval_every=5), r"--config\.train\.eval_every \(process 0: 0, process 1: 5\)"),
+        (dict(train__save_every=4), r"--config\.train\.save_every \(process 0: 3, process 1: 4\)"),
+        (dict(train__keep=1), r"--config\.train\.keep \(process 0: 3, process 1: 1\)"),
+        (dict(frame_chunk=4), r"--config\.frame_chunk \(process 0: None, process 1: 4\)"),
+        (dict(remat=True), r"--config\.remat \(process 0: False, process 1: True\)"),
+        (dict(data__num_clips=2), r"--config\.data\.num_clips \(process 0: 1, process 1: 2\)"),
+        (dict(eval__average="probs"), r"--config\.eval\.average \(process 0: logits, "),
+    ]:
+        other = theirs(**fields)
+        assert re.match(
+            rf"the processes were started with different settings: {named}",
+            sharding.processes_agree(mine),
+        ), fields
+    # One host's own running: its id, its path to the coordinator, its workers, its cache,
+    # its progress bar, how often process 0 logs, and data.root (not read in training).
+    other = theirs(
+        distributed__process_id=1,
+        distributed__coordinator="10.0.0.1:1234",
+        distributed__join_timeout=60,
+        data__workers=3,
+        data__prefetch=2,
+        data__root="/elsewhere",
+        progress=True,
+        compilation_cache_dir="/tmp/cache",
+        train__log_every=1,
+    )
+    assert sharding.processes_agree(mine) is None
+
+    # The periodic evaluation's data and the teacher are compared by what they hold.
+    moved = shutil.copytree(train_root, tmp_path / "val")
+    config = tiny_config(train_root, eval_every=4, eval_root=str(train_root))
+    mine = process_settings(config, folder, "videos", folder)
+    config.train.eval_root = str(moved)
+    other = {"settings": process_settings(config, folder, "videos", list_videos(moved))}
+    other["refusal"] = None
+    assert sharding.processes_agree(mine) is None
+    (moved / "class_0" / "video_0.mp4").rename(moved / "class_1" / "video_9.mp4")
+    other["settings"] = process_settings(config, folder, "videos", list_videos(moved))
+    assert re.match(
+        rf"the processes were started with different settings: --config\.train\.eval_root's "
+        rf"listing \(process 0: {train_root} \(10 classes, 10 videos, digest \w{{12}}\), "
+        rf"process 1: {moved} \(10 classes, 10 videos",
+        sharding.processes_agree(mine),
+    )
+    teacher = {"head": {"kernel": np.ones((4, 10), np.float32)}}
+    config = tiny_config(train_root, teacher="/host0/teacher")
+    mine = process_settings(config, folder, "videos", teacher=teacher)
+    config.train.teacher = "/host1/teacher"
+    other["settings"] = process_settings(config, folder, "videos", teacher=teacher)
+    assert sharding.processes_agree(mine) is None
+    teacher = {"head": {"kernel": np.zeros((4, 10), np.float32)}}
+    other["settings"] = process_settings(config, folder, "videos", teacher=teacher)
+    assert re.match(
+        r"the processes were started with different settings: --config\.train\.teacher's "
+        r"params \(process 0: /host0/teacher \(checksum \w{8}\), process 1: /host1/teacher ",
+        sharding.processes_agree(mine),
+    )
+    # A setting only another process holds is a difference, found alike in every process.
+    other["settings"] = {**mine, "--config.new_field": 1}
+    assert re.match(
+        r"the processes were started with different settings: --config\.new_field "
+        r"\(process 0: None, process 1: 1\)",
+        sharding.processes_agree(mine),
+    )
+
+
 def test_processes_starting_from_other_params_are_refused(train_root, tmp_path, monkeypatch):
     # Each process reads --config.checkpoint itself and places its copy on its devices as the
     # replicated params: processes that read other contents (another file at the same path on
