@@ -9,10 +9,10 @@ evaluated, 2 when the run is refused before any compute, with one `error: ...` l
 videos were skipped (too short, undecodable, or NaN/Inf logits: listed in results.json), 1
 when it stopped on an error (one `error: ...` line when the cause is known: decoding processes
 that cannot be started; a traceback otherwise), 5 in a multi-process run when another process
-failed (its error is named) or was killed, 130 interrupted (Ctrl-C). The results of the videos
-evaluated so far are kept in OUT_DIR/partial as the run goes: the same command, after a Ctrl-C,
-a crash or a killed machine, evaluates only the videos left (with other settings it is refused;
-delete that folder to start again).
+failed (its error is named) or was killed, 130 interrupted (Ctrl-C, or SIGTERM). The results
+of the videos evaluated so far are kept in OUT_DIR/partial as the run goes: the same command,
+after a Ctrl-C, a crash or a killed machine, evaluates only the videos left (with other
+settings it is refused; delete that folder to start again).
 """
 
 from __future__ import annotations

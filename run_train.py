@@ -9,8 +9,10 @@ with train.ema_decay=0). Exit status: 0 done, 2 refused before any compute, 4 st
 non-finite loss or gradient or on training videos that mostly cannot be used, 1 stopped on an
 error (one `error: ...` line when the cause is known: decoding processes that cannot be
 started; a traceback otherwise), 5 in a multi-process run when another process failed (its
-error is named) or was killed, 130 interrupted (Ctrl-C). After a stop or an interruption the
-checkpoints are kept, and the same command resumes from the last one.
+error is named) or was killed, 130 interrupted (Ctrl-C), 143 told to end (SIGTERM: a scheduler's
+preemption, `kill`; once training steps have begun, the step it was at is saved first, in every
+process of a multi-process run). After a stop or an interruption the checkpoints are kept, and
+the same command resumes from the last one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run config file, e.g. configs/stam_16.py", lock_config=True
 )
 _EXIT_STOPPED = 4  # a non-finite loss or gradient, or unusable training videos
+_EXIT_TERMINATED = 128 + 15  # SIGTERM, as a shell reports a process it ended
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "the folder of the run: checkpoints, metrics, final params"
 )
@@ -110,6 +113,14 @@ def _train() -> None:
         print(stopped(e, _left(_WORKDIR.value)), file=sys.stderr)
         sys.exit(status(e))
     resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
+    if summary.get("terminated"):
+        print(
+            f"terminated ({summary['terminated']}) at step {summary['step']}{resumed}: its "
+            f"checkpoint is saved in {_WORKDIR.value}/checkpoints; run the same command again "
+            "to resume from it.",
+            file=sys.stderr,
+        )
+        sys.exit(_EXIT_TERMINATED)
     print(f"trained to step {summary['step']}{resumed}; final params in {summary.get('final')}")
 
 

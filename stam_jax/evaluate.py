@@ -491,7 +491,8 @@ def _evaluate(
     # Found before the processes join: whichever creates the workdir, each then knows it new.
     missing = missing_folders(workdir)
     try:
-        sharding.initialize_distributed(*sharding.distributed_settings(dist))
+        # SIGTERM stays a Ctrl-C (`keep_interrupts`): an evaluation has no step to save.
+        sharding.initialize_distributed(*sharding.distributed_settings(dist), preemption=False)
     except ValueError as e:  # no cluster to discover
         raise EvalConfigError(str(e)) from None
     # A refusal in one process is one in all (each would otherwise wait for the others' data),

@@ -15,7 +15,8 @@ from typing import Any, NoReturn
 
 
 def keep_interrupts() -> None:
-    """Makes a Ctrl-C that lands in a garbage-collection callback stop the command all the same.
+    """Makes a Ctrl-C that lands in a garbage-collection callback stop the command all the same,
+    and SIGTERM (`kill`, a scheduler ending a job) a Ctrl-C.
 
     Python raises KeyboardInterrupt in whatever the main thread runs when the signal comes. In a
     callback of the garbage collector (JAX registers one, run at every collection) it cannot
@@ -25,7 +26,15 @@ def keep_interrupts() -> None:
     KeyboardInterrupt is raised in the main code then (or, should it land in a callback again,
     later still). Other reports go to the hook that was installed before. Installed by the
     command-line tools.
+
+    SIGTERM would end the process at once, leaving what a Ctrl-C cleans up (a partial
+    output's staging folder, decoding processes, a save under way) and without the line that
+    says what was kept; it is sent on as SIGINT, to be handled as one wherever the command is.
+    (Training saves the step it is at instead, once its steps have begun:
+    `stam_jax.train.train_and_evaluate`.) Main thread only.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     previous = sys.unraisablehook
     if getattr(previous, "keeps_interrupts", False):
         return
@@ -41,6 +50,11 @@ def keep_interrupts() -> None:
 
     hook.keeps_interrupts = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM's handler: a Ctrl-C (SIGINT to this process)."""
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 @contextlib.contextmanager

@@ -118,7 +118,11 @@ def _unbindable(port: str) -> str | None:
 
 
 def initialize_distributed(
-    coordinator: str, num_processes: int, process_id: int, join_timeout: int = JOIN_TIMEOUT_S
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    join_timeout: int = JOIN_TIMEOUT_S,
+    preemption: bool = True,
 ) -> None:
     """Joins a multi-process run (no-op for a single process, or when already joined).
 
@@ -134,6 +138,10 @@ def initialize_distributed(
       num_processes: total processes (1: single process).
       process_id: this process's rank.
       join_timeout: seconds to wait for every process to join.
+      preemption: whether jax.distributed's preemption notifier takes SIGTERM over, for the
+        processes to agree on a step to save and end at (`reached_preemption_sync_point`;
+        training). Without it SIGTERM keeps the command's own handling (a Ctrl-C:
+        `stam_jax.interrupts.keep_interrupts`).
 
     Raises:
       ValueError: `num_processes` 0 without a coordinator, and no cluster JAX can discover
@@ -144,6 +152,7 @@ def initialize_distributed(
     # CPU collectives across processes need gloo (GPU runs use NCCL and ignore this). The
     # backend must not be touched before initialize(), so this is set unconditionally.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_preemption_service", preemption)
     joined = threading.Event()
     waiting = threading.Thread(
         target=_end_if_not_joined,

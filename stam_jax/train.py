@@ -27,8 +27,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,42 @@ def _summary_writer(logdir: Path, purge_step: int | None, suffix: str = "") -> A
     return SummaryWriter(str(logdir), purge_step=purge_step, filename_suffix=suffix)
 
 
+class _Termination:
+    """SIGTERM (a scheduler's preemption, `kill`) in a single-process run, once its training
+    steps have begun (`steps_begun`): noted (`requested`), for the loop to save the step it is
+    at and end. Before them, or after, it is taken as a Ctrl-C (SIGINT sent to this process,
+    as the commands take it: `keep_interrupts`), which ends the run at once: nothing of it is
+    lost that a save would keep.
+
+    A multi-process run leaves the signal to jax.distributed's preemption notifier (which
+    takes it over when the run joins), whose sync point every process reaches at the same
+    step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.steps_begun = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.steps_begun:
+            self.requested = True
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Termination]:
+        """This handler for SIGTERM while the block runs (from the main thread only, where
+        Python lets a handler be set; elsewhere SIGTERM keeps its action)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Trains `config`'s model on `config.train.root`, resuming from `workdir` if possible.
 
@@ -307,7 +344,12 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
 
     Returns:
       A summary: final step, the step it resumed from (0: a fresh start), last metrics,
-      where the outputs are.
+      where the outputs are. A run told to end (SIGTERM: a scheduler's preemption, `kill`)
+      saves the checkpoint of the step it is at and ends there, without final params, with
+      `terminated` in the summary naming the signal. A single process acts on the signal
+      once its training steps have begun (before them it is taken as a Ctrl-C); the
+      processes of a multi-process run agree on the step through jax.distributed's
+      preemption sync point (one told to end before the steps begin ends at the first).
 
     Raises:
       TrainConfigError: before any compute, for bad data, batch or optimizer settings, a
@@ -317,14 +359,15 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
       NonFiniteError: a NaN/Inf loss or gradient, with the step; checkpoints stay intact.
       UnusableDataError: more than half of at least 32 training videos seen could not be used.
     """
-    with contextlib.ExitStack() as held:
-        return _train_and_evaluate(config, workdir, held)
+    with _Termination().installed() as termination, contextlib.ExitStack() as held:
+        return _train_and_evaluate(config, workdir, held, termination)
 
 
 def _train_and_evaluate(
-    config: Any, workdir: str | Path, held: contextlib.ExitStack
+    config: Any, workdir: str | Path, held: contextlib.ExitStack, termination: _Termination
 ) -> dict[str, Any]:
-    """`train_and_evaluate`; the workdir's claim, once made, is held by `held`."""
+    """`train_and_evaluate`; the workdir's claim, once made, is held by `held`; SIGTERM is
+    noted in `termination`."""
     train = config.train
     check_train_config(train)  # every refusal below comes before any compute or file
     if isinstance(config.seed, bool) or not 0 <= config.seed < 2**32:
@@ -537,6 +580,8 @@ def _train_and_evaluate(
     named: set[str] = set()  # videos the periodic evaluation skipped, named once
     skipped = 0
     unusable = _Unusable(workdir, start)
+    terminated = False
+    termination.steps_begun = jax.process_count() == 1
     try:
         for step in range(start, train.steps):
             _fail_hook(step + 1)
@@ -594,7 +639,14 @@ def _train_and_evaluate(
                     )
                 )
             done = step + 1
-            if done % train.log_every == 0 or done == train.steps:
+            # Told to end: this step is logged and saved, and the run ends. The processes of a
+            # run all reach jax's preemption sync point at the same step.
+            terminated = done < train.steps and (
+                termination.requested
+                if jax.process_count() == 1
+                else manager.reached_preemption(done)
+            )
+            if done % train.log_every == 0 or done == train.steps or terminated:
                 elapsed = time.perf_counter() - timer
                 rate = (done - timer_step) / elapsed if elapsed > 0 else 0.0
                 last = {
@@ -613,7 +665,9 @@ def _train_and_evaluate(
                         if name != "step":
                             board.add(f"train/{name}", value, done)
                 timer, timer_step = time.perf_counter(), done
-            if train.eval_every > 0 and (done % train.eval_every == 0 or done == train.steps):
+            # A step told to end is not evaluated (it could take longer than a scheduler waits).
+            evaluating = train.eval_every > 0 and not terminated
+            if evaluating and (done % train.eval_every == 0 or done == train.steps):
                 began = time.perf_counter()
                 scores = periodic_eval(config, Path(workdir), model, state, done, named)
                 if log:  # no video evaluated: top-1 is null (strict JSON), not NaN
@@ -627,7 +681,7 @@ def _train_and_evaluate(
                 # log skips it (restarted, it counted those steps over the time since this one).
                 timer += time.perf_counter() - began
             items = {"state": ocp.args.StandardSave(state)}
-            saving = manager.should_save(done) or done == train.steps
+            saving = manager.should_save(done) or done == train.steps or terminated
             if loader and saving:
                 # Every process's grain iterator position, taken now (the save itself is async).
                 position = sharding.allgather_json(clips.get_state().decode())
@@ -636,11 +690,15 @@ def _train_and_evaluate(
                 board.close()  # the events up to this checkpoint on disk before it is saved
             with interrupts_held():  # started whole, or not at all
                 saved = manager.save(
-                    done, args=ocp.args.Composite(**items), force=done == train.steps
+                    done,
+                    args=ocp.args.Composite(**items),
+                    force=done == train.steps or terminated,
                 )
             if saved and done == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die while the async save runs
             progress.update(1)
+            if terminated:
+                break
     except BaseException as error:
         # A collective broken by another process's failure ends this process now, saying so:
         # a save under way would wait for the other process forever.
@@ -651,6 +709,7 @@ def _train_and_evaluate(
             manager.wait_until_finished()
         raise
     finally:  # however the loop ends, the input's workers stop now and the log is closed
+        termination.steps_begun = False
         progress.close()  # its line ends before anything else is printed
         if loader:  # and grain's shared memory is freed (reading.close)
             reading.close(clips)
@@ -661,6 +720,10 @@ def _train_and_evaluate(
         if board:
             board.close()
     manager.wait_until_finished()
+    summary = {"step": int(state.step), "resumed_from": start, "last_metrics": last}
+    if terminated:  # what told it to end, as the command names it
+        who = "SIGTERM" if jax.process_count() == 1 else "SIGTERM to a process of the run"
+        return {**summary, "terminated": who}
     outputs = {}
     if jax.process_index() == 0:
         host = jax.device_get(state)
@@ -671,13 +734,17 @@ def _train_and_evaluate(
             outputs["final_ema"] = str(
                 checkpoints.save(workdir / "final_ema", model, host.ema_params, overwrite=True)
             )
-    return {"step": int(state.step), "resumed_from": start, "last_metrics": last, **outputs}
+    return {**summary, **outputs}
 
 
 def _fail_hook(step: int) -> None:
-    """Tests (`FAIL_HOOK`): this process raises, or is SIGKILLed, as it starts `step`."""
+    """Tests (`FAIL_HOOK`): this process raises, is SIGKILLed, or is sent SIGTERM (and goes
+    on), as it starts `step`."""
     process, at, how = (os.environ.get(FAIL_HOOK) or "-1:-1:").split(":")
     if int(at) == step and jax.process_index() == int(process):
+        if how == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"test hook {FAIL_HOOK}: process {process} fails")

@@ -151,8 +151,18 @@ def eval_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return ckpt, make_folder(root / "videos")
 
 
-@pytest.mark.parametrize("after", [0.4, 2.0])  # importing JAX; decoding and compiling
-def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
+@pytest.mark.parametrize(
+    "after, how",
+    [
+        (0.4, "ctrl-c"),  # importing JAX
+        (2.0, "ctrl-c"),  # decoding and compiling
+        # SIGTERM (`kill PID`, a scheduler ending the job) to the command alone: it is taken as
+        # a Ctrl-C. It used to end the process at once, keeping no results and leaving its
+        # decoding processes to end on their own.
+        (2.0, "sigterm"),
+    ],
+)
+def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after, how):
     # As a terminal does: SIGINT to the whole process group, decoding processes included.
     ckpt, videos = eval_inputs
     workdir = tmp_path / "out"
@@ -165,7 +175,10 @@ def test_run_eval_stops_on_ctrl_c_at_any_moment(eval_inputs, tmp_path, after):
         f"--workdir={workdir}",
     )
     time.sleep(after)
-    os.killpg(process.pid, signal.SIGINT)
+    if how == "sigterm":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert "Traceback" not in err and "Exception ignored" not in err, err
     if process.returncode == 0:  # it had finished: the results are whole
@@ -319,11 +332,11 @@ def test_the_commands_end_a_wrapped_ctrl_c_as_interrupted(
 
 
 def interrupt_both(
-    tmp_path: Path, script: str, *args: tuple[str, ...]
+    tmp_path: Path, script: str, *args: tuple[str, ...], sig: int = signal.SIGINT
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Runs `script PORT RANK *args[RANK]` as processes 0 and 1 of one jax.distributed run,
-    sends each SIGINT once both print "ready", and returns their exit statuses and their
-    (stdout, stderr)."""
+    sends each `sig` (SIGINT) once both print "ready", and returns their exit statuses and
+    their (stdout, stderr)."""
     path = tmp_path / "both.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": xla_flags(1)}
@@ -343,7 +356,7 @@ def interrupt_both(
         for process in processes:
             assert process.stdout.readline() == "ready\n", process.communicate()
         for process in processes:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(sig)
         ended = [process.communicate(timeout=120) for process in processes]
     finally:
         for process in processes:
@@ -397,6 +410,37 @@ def test_a_ctrl_c_that_one_process_reports_late_still_ends_it_as_interrupted(tmp
             "error: process 0 failed: interrupted (Ctrl-C) (process 1 stopped with it; process "
             "0's own output says more)."
         ), ended[1][1]
+
+
+_TERMINATED = """
+import sys, time
+
+from stam_jax import sharding
+from stam_jax.interrupts import keep_interrupts
+
+port, rank = sys.argv[1], int(sys.argv[2])
+keep_interrupts()
+sharding.initialize_distributed(f"localhost:{port}", 2, rank, preemption=False)
+try:
+    with sharding.stop_together(lambda e: 130 if isinstance(e, KeyboardInterrupt) else 1, 5):
+        print("ready", flush=True)
+        for _ in range(1200):
+            time.sleep(0.1)
+except KeyboardInterrupt:
+    print(f"interrupted {rank}", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_sigterm_to_the_processes_of_an_evaluation_ends_them_as_a_ctrl_c(tmp_path):
+    # jax.distributed's preemption notifier took SIGTERM over in every process that joined:
+    # a multi-process evaluation told to end (`kill`, a scheduler) went on to its end.
+    # Joined as evaluation joins (no preemption service), the commands' own handling stays:
+    # SIGTERM is a Ctrl-C, and each process ends as interrupted.
+    statuses, ended = interrupt_both(tmp_path, _TERMINATED, (), (), sig=signal.SIGTERM)
+    assert statuses == [130, 130], ended
+    for rank, (_, err) in enumerate(ended):
+        assert f"interrupted {rank}" in err.splitlines(), err
 
 
 _IN_C = """
@@ -520,6 +564,8 @@ def test_keep_interrupts_hands_other_reports_on_and_is_installed_once(monkeypatc
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(signal, "signal", lambda *args: sigterm)  # this process's stays
     keep_interrupts()
     hook = sys.unraisablehook
     keep_interrupts()

@@ -1154,6 +1154,19 @@ def test_two_processes_train_from_a_prepared_dataset_as_one(
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
 
 
+def test_two_processes_told_to_end_save_the_step_they_agree_on_and_resume_as_one(
+    prepared_train, train_cache, straight, tmp_path
+):
+    # SIGTERM to one process of a run (a scheduler's preemption, `kill`): both save the step
+    # they agree on through jax.distributed's preemption sync point, and end (143). They used
+    # to save it and train on to the end, the signal ignored. The same command resumes, to
+    # the same params, bit for bit, as one process with two devices.
+    command = [sys.executable, *train_command(prepared_train, tmp_path, train_cache)]
+    train_two_processes(command, tmp_path, term_at=4)
+    want = checkpoints.load(straight / "final")[1]
+    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
+
+
 def _write_meta(path: Path, **changes) -> None:
     """A minimal finished `eval` dataset's stam_prepare.json (no records needed to open it):
     5 listed videos, the 2nd and 4th without a record."""

@@ -453,12 +453,16 @@ def test_a_resume_lists_each_video_it_could_not_use_once(tmp_path):
     ]
 
 
-def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = None) -> None:
+def train_two_processes(
+    base: list[str], workdir: Path, kill_at: int | None = None, term_at: int | None = None
+) -> None:
     """`base`, a run_train.py command for 8 steps into `workdir`, as 2 processes of 1 device each
     (jax.distributed on localhost).
 
     With `kill_at`, both processes are first SIGKILLed while the checkpoint of that step is
-    being written, then the run is started again and resumes.
+    being written, then the run is started again and resumes. With `term_at`, process 1 is
+    first sent SIGTERM as it starts that step: both save the step they agree on and end, then
+    the run is started again and resumes.
     """
 
     def commands() -> list[list[str]]:
@@ -474,12 +478,65 @@ def train_two_processes(base: list[str], workdir: Path, kill_at: int | None = No
         assert not (workdir / "final").exists()
         saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
         assert 1 <= max(saved) <= kill_at, saved  # a complete checkpoint to resume from
+    if term_at is not None:
+        ended = run_processes(commands(), devices_each=1, env={FAIL_HOOK: f"1:{term_at}:term"})
+        lines = [err.splitlines()[-1] if err else "" for _, _, err in ended]
+        assert [returncode for returncode, _, _ in ended] == [128 + signal.SIGTERM] * 2, lines
+        saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+        # Both end at the step they agreed on, the last saved, with the same line.
+        assert term_at <= max(saved) < 8, saved
+        assert (
+            lines
+            == [
+                f"terminated (SIGTERM to a process of the run) at step {max(saved)}: its "
+                f"checkpoint is saved in {workdir}/checkpoints; run the same command again to "
+                "resume from it."
+            ]
+            * 2
+        ), lines
+        assert not (workdir / "final").exists()
     results = run_processes(commands(), devices_each=1)
     for returncode, _, err in results:
         assert returncode == 0, err[-3000:]
-    resumed = "" if kill_at is None else f" (resumed from step {max(saved)})"
+    resumed = "" if kill_at is term_at is None else f" (resumed from step {max(saved)})"
     assert f"trained to step 8{resumed}; final params in" in results[0][1]
     assert "final params in None" in results[1][1]  # only process 0 writes the params
+
+
+def test_sigterm_saves_the_step_it_comes_in_and_the_same_command_resumes(
+    train_root, cache, tmp_path, uninterrupted
+):
+    # SIGTERM (a scheduler's preemption, `kill`) used to end a single-process run at once,
+    # losing the steps since the last save. Once training steps have begun, the step it comes
+    # in is now logged and saved, and the run ends (143) saying how to resume; the same command
+    # then ends where an uninterrupted run does, bit for bit.
+    workdir = tmp_path / "run"
+    cmd = command(train_root, workdir, cache)
+    ended = run(cmd, env={FAIL_HOOK: "0:5:term", **TWO_DEVICES})
+    assert ended.returncode == 128 + signal.SIGTERM, ended.stderr[-3000:]
+    assert ended.stderr.endswith(
+        f"terminated (SIGTERM) at step 5: its checkpoint is saved in {workdir}/checkpoints; "
+        "run the same command again to resume from it.\n"
+    ), ended.stderr[-3000:]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [1, 3, 5] and not (workdir / "final").exists()
+    rows = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [2, 4, 5]
+    resumed = run(cmd, env=TWO_DEVICES)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trained to step 8 (resumed from step 5)" in resumed.stdout
+    for got, want in zip(final_params(workdir), final_params(uninterrupted), strict=True):
+        chex.assert_trees_all_equal(got, want)
+    # Before the steps begin (here: as the initial params are read), there is no step to save:
+    # SIGTERM is a Ctrl-C, which ends the run at once.
+    early = run(
+        command(train_root, tmp_path / "early", cache), env={FAIL_HOOK: "0:0:term", **TWO_DEVICES}
+    )
+    assert early.returncode == 130, early.stderr[-3000:]
+    assert early.stderr.endswith(
+        f"interrupted: no checkpoint was saved yet (none in {tmp_path / 'early'}/checkpoints); "
+        "the same command starts the run again.\n"
+    ), early.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
