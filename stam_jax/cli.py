@@ -13,6 +13,7 @@ import importlib.util
 import os
 import re
 import sys
+import traceback
 from typing import Any, NoReturn
 
 from absl import flags
@@ -153,25 +154,127 @@ def _flag_list(flag_values: flags.FlagValues) -> str:
     return ", ".join(f"--{name}" for name in dict.fromkeys(own))
 
 
-def _config_file_default(argv: list[str]) -> Any:
-    """The run config that `--config FILE[:ARG]` in `argv` defines, before any override (None
-    if there is none or it does not load): what an unknown field's message lists from."""
+def _config_spec(argv: list[str]) -> str | None:
+    """The `FILE[:ARG]` of `--config` in `argv` (None without one)."""
     spec = None
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
+    return spec or None
+
+
+def _load_config_file(spec: str) -> Any:
+    """Runs `FILE[:ARG]`'s `get_config(ARG)`, as ml_collections does (its errors raised)."""
+    path, _, arg = spec.partition(":")
+    loader = importlib.util.spec_from_file_location("_stam_run_config", path)
+    if loader is None:
+        raise OSError(f"not a Python file: {path}")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise _NoGetConfig(path)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+class _NoGetConfig(Exception):
+    """A --config file that defines no `get_config()`."""
+
+
+def _config_file_default(argv: list[str]) -> Any:
+    """The run config that `--config FILE[:ARG]` in `argv` defines, before any override (None
+    if there is none or it does not load): what an unknown field's message lists from."""
+    spec = _config_spec(argv)
     if not spec:
         return None
-    path, _, arg = spec.partition(":")
     try:
-        loader = importlib.util.spec_from_file_location("_stam_run_config", path)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
+        return _load_config_file(spec)
     except Exception:  # reported by the parse itself
         return None
+
+
+# The configs' own package, for the fields every run config has (None where it cannot be
+# imported: stam-jax installed without its repository).
+def _base_fields() -> set[str] | None:
+    """Every field's dotted name of a run config built on `configs.common.base_config`."""
+    try:
+        from configs.common import base_config
+    except ImportError:
+        return None
+    return set(_flat_names(base_config("stam_16")))
+
+
+def _flat_names(config: Any, prefix: str = "") -> list[str]:
+    """The dotted names of a ConfigDict's leaf fields."""
+    names = []
+    for key, value in config.items():
+        if hasattr(value, "keys") and not isinstance(value, dict):
+            names += _flat_names(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def config_file_problem(argv: list[str]) -> str | None:
+    """Why the `--config` file in `argv` cannot be a run config, as one line (None when it
+    loads and has every field; a missing or unreadable file, and a TypeError or ValueError
+    raised in it, are left to the flag parse, which names them).
+
+    A file that does not compile or raises (a NameError, an ImportError, ...) is named with
+    the line that raised; one that defines no `get_config()`, or whose `get_config()`
+    returns something else than a ConfigDict, is named as such; one that lacks fields every
+    run config has (written for an older stam-jax, or from scratch) lists them and how to
+    build it on `configs.common.base_config`, which sets them all.
+    """
+    spec = _config_spec(argv)
+    if not spec:
+        return None
+    path = spec.partition(":")[0]
+    flag = f"--config={spec}"
+    fix = "(configs/stam_16.py shows the form)"
+    try:
+        config = _load_config_file(spec)
+    except (OSError, TypeError, ValueError):
+        return None
+    except _NoGetConfig:
+        return (
+            f"{flag} defines no get_config(); a run config file defines get_config() "
+            f"returning the run config (an ml_collections.ConfigDict) {fix}."
+        )
+    except SyntaxError as e:
+        return f"{flag} does not compile: {e.msg} (line {e.lineno}); fix it {fix}."
+    except Exception as e:
+        frames = [
+            frame
+            for frame in traceback.extract_tb(e.__traceback__)
+            if os.path.realpath(frame.filename) == os.path.realpath(path)
+        ]
+        if not frames:  # raised elsewhere than in the file: the parse reports it
+            return None
+        where = f"line {frames[-1].lineno}"
+        if isinstance(e, ImportError) and e.name == "configs":
+            return (
+                f"{flag} imports {e.name} ({where}), which Python finds from the "
+                "repository's root: run the command there, or put the root on PYTHONPATH."
+            )
+        return f"{flag} raised {type(e).__name__}: {e} ({where}); fix it {fix}."
+    if not hasattr(config, "keys") or isinstance(config, dict):
+        return (
+            f"{flag}: its get_config() returned "
+            f"{'None' if config is None else type(config).__name__}, not a run "
+            f"config (an ml_collections.ConfigDict); return the config it builds {fix}."
+        )
+    base = _base_fields()
+    missing = sorted(base - set(_flat_names(config))) if base else []
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if missing[12:] else "")
+        return (
+            f"{flag}: the run config lacks fields every stam-jax run config has: {shown}; "
+            "build it on configs.common.base_config(MODEL), which sets each to its default, "
+            "and change only what differs (as configs/stam_16.py does)."
+        )
+    return None
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -187,6 +290,10 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     Returns:
       The arguments left after the flags (the program name).
     """
+    if "config" in flag_values:
+        problem = config_file_problem(argv)
+        if problem:
+            refuse(problem)
     try:
         rest = flag_values(argv)
         if "config" in flag_values:

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from stam_jax.cli import parse_flags
+from stam_jax.cli import config_file_problem, parse_flags
 from stam_jax.configs import (
     config_files_for,
     flat_fields,
@@ -226,6 +226,42 @@ def test_flag_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config():\n    raise ValueError('no such run')\n")
     assert error(f"--config={bad}").endswith("ValueError: no such run\n")
+    # A config file that does not compile, or raises, was a traceback (exit 1); one without
+    # get_config() was "unknown config field"; one lacking fields failed at its first use
+    # with AttributeError: "'data'".
+    form = "(configs/stam_16.py shows the form)"
+    for text, says in [
+        ("def get_config(:\n", "does not compile: invalid syntax (line 1); fix it"),
+        ("def get_config():\n    return nothing\n", "raised NameError: name 'nothing' is not "),
+        ("\nimport no_such_module\n", "raised ModuleNotFoundError: No module named 'no_such_m"),
+        ("x = 1\n", "defines no get_config(); a run config file defines get_config() returning"),
+        ("def get_config():\n    pass\n", "its get_config() returned None, not a run config"),
+    ]:
+        bad.write_text(text)
+        got = error(f"--config={bad}")
+        assert got.startswith(f"error: --config={bad} {says}") or got.startswith(
+            f"error: --config={bad}: {says}"
+        ), got
+        assert form in got, got
+    bad.write_text(
+        "import ml_collections\n\ndef get_config():\n    config = ml_collections.ConfigDict()\n"
+        "    config.model = 'stam_tiny'\n    config.data = ml_collections.ConfigDict()\n"
+        "    config.data.root = ''\n    return config\n"
+    )
+    got = error(f"--config={bad}")
+    assert re.fullmatch(
+        rf"error: --config={re.escape(str(bad))}: the run config lacks fields every stam-jax "
+        r"run config has: attention_impl, batch_size, checkpoint, compilation_cache_dir, "
+        r"data\.class_list, data\.crop, data\.frame_rate, data\.num_clips, data\.num_crops, "
+        r"data\.prefetch, data\.resize, data\.short_videos and \d+ more; build it on "
+        r"configs\.common\.base_config\(MODEL\), which sets each to its default, and change "
+        r"only what differs \(as configs/stam_16\.py does\)\.\n",
+        got,
+    ), got
+    # The configs given with stam-jax have every field (they are built on base_config).
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.name not in ("__init__.py", "common.py"):
+            assert config_file_problem(["run_eval.py", f"--config={path}"]) is None, path
     # A required flag left out is named with what it is for (was absl's "Flag --workdir must
     # have a value other than None").
     assert error(workdir="") == (
