@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from stam_jax.cli import ArgumentParser
+from stam_jax.paths import unwritable
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/demo.py"
 
@@ -242,10 +245,19 @@ def format_report(report: dict[str, Any], workdir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m stam_jax.demo", description=__doc__)
+    parser = ArgumentParser(
+        prog="python -m stam_jax.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--workdir", default="demo", help="where everything is written")
     parser.add_argument("--fast", action="store_true", help="tiny sizes (tests)")
     args = parser.parse_args(argv)
+    if not args.workdir.strip():  # it would be the current folder
+        parser.error("--workdir is empty: name the folder to write everything in (default demo)")
+    problem = unwritable(args.workdir, into=True)
+    if problem:
+        parser.error(f"--workdir={args.workdir}: {problem}; name a folder (created if missing)")
     run_demo(args.workdir, fast=args.fast)
     return 0
 

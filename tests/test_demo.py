@@ -115,7 +115,13 @@ def test_a_smaller_dataset_written_over_a_larger_one_keeps_none_of_its_videos(tm
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--val", "1"], "--val=1: need at least 2 (one per class)"),
+        (["--val", "1"], "--val=1: need at least 2 (one per class: approaching, receding)"),
+        # Four size classes: 3 still videos left one class empty.
+        (
+            ["--frames-train", "3"],
+            "--frames-train=3: need at least 4 (one per class: size_1_tiny, size_2_small, "
+            "size_3_medium, size_4_large)",
+        ),
         # A negative seed was a numpy traceback once the first video was drawn.
         (["--seed", "-3"], "--seed=-3: use a whole number >= 0"),
     ],
@@ -127,6 +133,29 @@ def test_demo_command_line_refuses_tiny_sizes_and_a_negative_seed(capsys, tmp_pa
     assert end.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("command", ["stam_jax.data.demo", "stam_jax.demo"])
+def test_demo_commands_refuse_an_empty_folder_or_a_file(capsys, tmp_path, monkeypatch, command):
+    # An empty --out/--workdir wrote into the current folder; a file there was a traceback
+    # (FileExistsError, NotADirectoryError).
+    from stam_jax import demo
+
+    main, flag = (demo_data.main, "--out") if "data" in command else (demo.main, "--workdir")
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for value, says in [
+        ("", f"{flag} is empty: name the folder to write "),
+        (str(afile), f"{flag}={afile}: {afile} is a file, not a folder; name a folder (created "),
+        (str(afile / "sub"), f"{flag}={afile / 'sub'}: {afile} is a file, not a folder; name a "),
+    ]:
+        with pytest.raises(SystemExit) as end:
+            main([f"{flag}={value}"])
+        assert end.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and afile.read_text() == "kept"
 
 
 def test_a_failing_step_stops_the_demo_naming_its_status(tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 
 from stam_jax.cli import ArgumentParser
 from stam_jax.data.synthetic import write_video
+from stam_jax.paths import unwritable
 from stam_jax.progress import progress_bar
 
 MOTION_CLASSES = ("approaching", "receding")
@@ -219,11 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, value in vars(args).items():
-        if name not in ("out", "seed") and value < 2:
-            parser.error(f"--{name.replace('_', '-')}={value}: need at least 2 (one per class)")
+    for name, classes in [
+        ("train", MOTION_CLASSES),
+        ("val", MOTION_CLASSES),
+        ("frames_train", SIZE_CLASSES),
+        ("frames_val", SIZE_CLASSES),
+    ]:
+        value = getattr(args, name)
+        if value < len(classes):
+            parser.error(
+                f"--{name.replace('_', '-')}={value}: need at least {len(classes)} (one per "
+                f"class: {', '.join(classes)})"
+            )
     if args.seed < 0:
         parser.error(f"--seed={args.seed}: use a whole number >= 0")
+    if not args.out.strip():  # it would be the current folder
+        parser.error("--out is empty: name the folder to write the videos in")
+    problem = unwritable(args.out, into=True)
+    if problem:
+        parser.error(f"--out={args.out}: {problem}; name a folder (created if missing)")
     folders = write_dataset(
         args.out, args.train, args.val, args.frames_train, args.frames_val, args.seed
     )
