@@ -42,6 +42,8 @@ from stam_jax.data.folder import (
     VideoFolder,
     ignored_summary,
     listing_report,
+    official_differences,
+    official_report,
 )
 from stam_jax.data.loader import (
     Decoded,
@@ -710,6 +712,9 @@ def _evaluate(
         "empty_classes": list(folder.empty_classes),
         # Entries under the root that are neither classes nor videos, by reason (a few paths).
         "ignored": ignored_summary(folder.ignored),
+        # How the official loader's listing of the root would differ (other containers, hidden
+        # names), with a few paths each.
+        "official_listing": official_differences(folder.items, folder.ignored),
         "classes": list(folder.classes),
         "timing": {
             "compile_s": round(compile_s, 3),
@@ -1016,6 +1021,8 @@ def _summary(results: dict[str, Any], workdir: Path) -> None:
         )
     )
     for line in listing_report(results["classes"], results["empty_classes"], results["ignored"]):
+        print(line)
+    for line in official_report(results.get("official_listing") or {}):
         print(line)
     for entry in results["dropped"][:5] + results["failed"][:5]:
         print(f"  skipped {entry['path']}: {entry['reason']}", file=sys.stderr)

@@ -909,10 +909,20 @@ def test_ignored_entries_and_empty_classes_are_reported(tiny_ckpt, tmp_path, cap
         "not_video": {"count": 1, "paths": ["class_1/notes.txt"]},
         "link_loop": {"count": 1, "paths": ["class_2/up -> ."]},
     }
+    # The official loader would not list the .mov, and would list the macOS fork.
+    assert strict_json(tmp_path / "out" / "results.json")["official_listing"] == {
+        "not_listed": {"count": 1, "paths": ["class_3/video_0.mov"]},
+        "also_listed": {"count": 1, "paths": ["class_0/._video_0.mp4"]},
+    }
     out = capsys.readouterr().out
     assert "1 of 10 classes have no video (their labels are kept): class_9" in out
     assert "ignored 3 hidden or system entries: .ipynb_checkpoints, __MACOSX, class_0/" in out
     assert "ignored 1 files in the root outside any class folder: README.txt" in out
+    assert (
+        "note: the official loader does not list 1 of the videos listed here (not .mp4/.avi: "
+        "class_3/video_0.mov) and lists 1 hidden .mp4/.avi files skipped here "
+        "(class_0/._video_0.mp4): its counts and top-1 are over another set of videos.\n"
+    ) in out
 
 
 def test_bad_config_values_are_refused_before_anything_is_created(video_root, tiny_ckpt, tmp_path):

@@ -17,6 +17,8 @@ from stam_jax.data.folder import (
     ignored_summary,
     list_videos,
     listing_report,
+    official_differences,
+    official_report,
     read_class_list,
 )
 
@@ -65,6 +67,36 @@ def test_hidden_junk_and_non_video_entries_are_not_classes_or_videos(tmp_path):
         "b/notes.txt": "not_video",
         "loose.mp4": "root_file",
     }
+
+
+def test_how_the_official_loader_would_list_the_same_root_is_reported(tmp_path):
+    # The official loader lists .mp4/.avi only and skips no hidden name: on a copy with other
+    # containers (yt-dlp's .mkv, .webm) or such names it evaluates another set. Which videos
+    # differ is counted (results.json `official_listing`) and printed as one note.
+    touch(tmp_path, "a/v.avi", "b/v.mp4", "b/w.MOV", "b/x.webm", "b/._v.mp4", "b/notes.txt")
+    touch(tmp_path, ".git/HEAD", "._root.mp4")
+    folder = list_videos(tmp_path)
+    differences = official_differences(folder.items, folder.ignored)
+    assert differences == {
+        "not_listed": {"count": 2, "paths": ["b/w.MOV", "b/x.webm"]},
+        "also_listed": {"count": 1, "paths": ["b/._v.mp4"]},
+    }
+    # What the official listing (restated below) holds that this one does not, and the reverse.
+    _, theirs = official_listing(tmp_path)
+    theirs = {path for path, _ in theirs if not path.startswith(".")}  # a hidden class folder
+    ours = {item.path for item in folder.items}
+    assert sorted(ours - theirs) == differences["not_listed"]["paths"]
+    assert sorted(theirs - ours) == differences["also_listed"]["paths"]
+    assert official_report(differences) == [
+        "note: the official loader does not list 2 of the videos listed here (not .mp4/.avi: "
+        "b/w.MOV, b/x.webm) and lists 1 hidden .mp4/.avi files skipped here (b/._v.mp4): its "
+        "counts and top-1 are over another set of videos."
+    ]
+    # The same videos: no note.
+    folder = list_videos(tmp_path, extensions=(".mp4", ".avi"))
+    differences = official_differences(folder.items, ())
+    assert differences["not_listed"]["count"] == differences["also_listed"]["count"] == 0
+    assert official_report(differences) == []
 
 
 def official_listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+# What the official loader lists (case-insensitive); it skips no name starting with '.'.
+OFFICIAL_EXTENSIONS = (".mp4", ".avi")
 # System folders that are never classes (besides every name starting with '.').
 JUNK_NAMES = frozenset(
     {"__MACOSX", "lost+found", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
@@ -359,6 +361,52 @@ def ignored_summary(ignored: tuple[Ignored, ...] | list[Ignored], examples: int 
         if len(group["paths"]) < examples:
             group["paths"].append(f"{entry.path} {entry.note}".strip())
     return out
+
+
+def official_differences(
+    items: Sequence[VideoItem], ignored: Sequence[Ignored], examples: int = 10
+) -> dict[str, dict]:
+    """How the official loader's listing of the same root differs from this one's, with a
+    few paths each: `not_listed`, the videos listed here that it does not list (extensions
+    other than .mp4/.avi); `also_listed`, the hidden .mp4/.avi files in class folders skipped
+    here that it lists (names starting with '.', such as macOS `._x.mp4` forks, which are not
+    videos). Both empty: it lists the same videos (within what this listing walked: a hidden
+    folder's contents are not looked at)."""
+
+    def group(paths: list[str]) -> dict:
+        return {"count": len(paths), "paths": paths[:examples]}
+
+    ours = [item.path for item in items if not item.path.lower().endswith(OFFICIAL_EXTENSIONS)]
+    theirs = [
+        entry.path
+        for entry in ignored
+        if entry.reason == HIDDEN
+        and "/" in entry.path  # in a class folder (a hidden entry in the root is no video)
+        and entry.path.lower().endswith(OFFICIAL_EXTENSIONS)
+    ]
+    return {"not_listed": group(ours), "also_listed": group(theirs)}
+
+
+def official_report(differences: dict[str, dict]) -> list[str]:
+    """The line that says how the official loader's listing would differ
+    (`official_differences`), or none when it lists the same videos."""
+    parts = []
+    for key, says in [
+        ("not_listed", "does not list {n} of the videos listed here (not .mp4/.avi: {shown})"),
+        ("also_listed", "lists {n} hidden .mp4/.avi files skipped here ({shown})"),
+    ]:
+        group = differences.get(key) or {"count": 0}
+        if group["count"]:
+            shown = ", ".join(map(as_text, group["paths"][:3])) + (
+                " ..." if group["count"] > 3 else ""
+            )
+            parts.append(says.format(n=group["count"], shown=shown))
+    if not parts:
+        return []
+    return [
+        f"note: the official loader {' and '.join(parts)}: its counts and top-1 are over "
+        "another set of videos."
+    ]
 
 
 def listing_report(classes: Sequence[str], empty: Sequence[str], ignored: dict) -> list[str]:
