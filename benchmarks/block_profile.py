@@ -4,6 +4,9 @@
     python benchmarks/block_profile.py --dtype bfloat16 --frames 512 --torch-sdpa   # a GPU
     python benchmarks/block_profile.py --smoke                           # tiny sizes (CI)
 
+`--smoke` shrinks the block (width 64, 4 heads) and sets the sizes below that the command line
+leaves unset (2 frames, 1 repeat, a 128 matmul); options given explicitly win over it.
+
 Median wall seconds of `--repeats` calls (after a warm-up) of each part on a (frames, 197, 768)
 input (16 frames: one STAM-16 video through one of its 12 blocks; 512: a batch of 32), stam-jax
 jitted with its model's own modules, PyTorch the reference's (`convert/torch_reference.py`,
@@ -20,7 +23,6 @@ numpy and torch (plus this repository), so it runs on a lent GPU machine too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -31,10 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _args import default_help, fill_unset, one_of, whole
 
 from convert.torch_reference import Attention as TorchAttention
 from convert.torch_reference import Block as TorchBlock
 from convert.torch_reference import PatchEmbed as TorchPatchEmbed
+from stam_jax.cli import ArgumentParser
 from stam_jax.model import (
     Block,
     FusedQKVAttention,
@@ -126,20 +130,28 @@ def _sync_jax(fn: Callable, *args) -> Callable[[], None]:
     return lambda: jax.block_until_ready(fn(*args))
 
 
-def main() -> None:
+DEFAULTS = {"frames": 16, "repeats": 5, "matmul_size": 2048}
+SMOKE = {"frames": 2, "repeats": 1, "matmul_size": 128}
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object: median seconds per part for each library, and matmul rates."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="float32", action=one_of(DTYPES))
+    parser.add_argument("--frames", action=whole(1), help=default_help(DEFAULTS, SMOKE, "frames"))
+    parser.add_argument("--repeats", action=whole(1), help=default_help(DEFAULTS, SMOKE, "repeats"))
+    parser.add_argument(
+        "--matmul-size", action=whole(1), help=default_help(DEFAULTS, SMOKE, "matmul_size")
+    )
     parser.add_argument("--torch-sdpa", action="store_true", help="PyTorch's fused attention")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (CI)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repeat (CI); explicit options win"
+    )
+    args = parser.parse_args(argv)
     width, heads, hidden, tokens, patch = 768, 12, 3072, 197, 16
     if args.smoke:
-        width, heads, hidden, tokens, args.frames, args.repeats = 64, 4, 128, 17, 2, 1
-        args.matmul_size = 128
+        width, heads, hidden, tokens = 64, 4, 128, 17
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
     side = patch * round((tokens - 1) ** 0.5)  # frames of (tokens - 1) patches
     dtype = jnp.dtype(args.dtype)
     on_gpu = jax.default_backend() == "gpu"

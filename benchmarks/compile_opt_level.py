@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from _args import checked, variant, whole
+
+from stam_jax.cli import ArgumentParser
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,19 +75,39 @@ def measure(model_name: str, batch: int, repeats: int) -> dict:
     }
 
 
-def main() -> None:
+LEVELS = ("default", "0", "1", "2", "3")
+
+
+def check_levels(text: str) -> str:
+    """`--levels` as given, each a level of `LEVELS`, optionally with '/nofusion'.
+
+    Raises:
+      ValueError: another level or option, saying what to use.
+    """
+    for level in text.split(","):
+        number, slash, option = level.partition("/")
+        if number not in LEVELS or (slash and option != "nofusion"):
+            raise ValueError(
+                f"{level!r} is not a level; use a comma list of {', '.join(LEVELS)}, each "
+                "optionally with '/nofusion'"
+            )
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object per optimisation level."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_demo")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_demo", action=variant())
+    parser.add_argument("--batch", default=16, action=whole(1))
+    parser.add_argument("--repeats", default=5, action=whole(1))
     parser.add_argument(
         "--levels",
         default="default,0",
+        action=checked(check_levels),
         help="'default' or 0-3, each optionally with '/nofusion', comma-separated",
     )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.model, args.batch, args.repeats)))
         return
@@ -93,8 +117,6 @@ def main() -> None:
     )
     for level in args.levels.split(","):
         number, _, option = level.partition("/")
-        if option not in ("", "nofusion"):
-            parser.error(f"--levels: {level!r}; use a level, or a level and '/nofusion'")
         flags = base
         if number != "default":
             flags += f" --xla_backend_optimization_level={number}"

@@ -1,11 +1,15 @@
 """Converter time and peak memory on a full-size official-format checkpoint.
 
-    python benchmarks/convert_bench.py --model stam_16 [--workdir DIR]
+    python benchmarks/convert_bench.py --model stam_16 [--workdir DIR [--force]]
 
 Writes a random-weight official `.pth` of the variant (in a separate process), then runs
 `python -m convert` and `python -m convert.to_torch` as child processes and reports each one's
 wall time and peak resident memory (ru_maxrss), next to the file size and to the peak RSS of a
 process that only imports the same libraries (the floor no converter can go under).
+
+The files go into a temporary folder, removed at the end, or into `--workdir` (created if
+missing), where they are kept: `official.pth`, `ckpt` and `back.pth`. Where an earlier run left
+any of them there, it refuses to start unless `--force` says to overwrite them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _args import variant
+
 from stam_jax import create_model
+from stam_jax.cli import ArgumentParser
+from stam_jax.paths import unwritable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +38,7 @@ from stam_jax import create_model, model_config
 model = randomize_(reference_from_config(model_config(create_model(sys.argv[1]))))
 torch.save({"model": model.state_dict()}, sys.argv[2])
 """
+WRITTEN = ("official.pth", "ckpt", "back.pth")  # what a run writes into --workdir
 IMPORTS_ONLY = "import torch, jax, orbax.checkpoint, convert, convert.torch_io"
 
 
@@ -43,15 +52,34 @@ def run_child(args: list[str]) -> tuple[float, float]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measures and prints one JSON line per step."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_16")
-    parser.add_argument("--workdir", default=None)
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_16", action=variant())
+    parser.add_argument(
+        "--workdir", default=None, help="keep the files here (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"overwrite what an earlier run left in --workdir ({', '.join(WRITTEN)})",
+    )
+    args = parser.parse_args(argv)
     if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        _measure(args, Path(args.workdir))
+        workdir = Path(args.workdir)
+        if workdir.exists() and not workdir.is_dir():
+            parser.error(f"--workdir={workdir} is a file; name a folder (created if missing)")
+        left = [name for name in WRITTEN if os.path.lexists(workdir / name)]
+        if left and not args.force:
+            parser.error(
+                f"--workdir={workdir} holds {', '.join(left)} from an earlier run; pass --force "
+                "to overwrite them, or name another folder"
+            )
+        why = unwritable(workdir, into=True)
+        if why:
+            parser.error(f"--workdir={workdir} cannot be written: {why}; name another folder")
+        workdir.mkdir(parents=True, exist_ok=True)
+        _measure(args, workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="convert_bench_") as workdir:
             _measure(args, Path(workdir))

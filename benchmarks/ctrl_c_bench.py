@@ -32,6 +32,10 @@ session is left (the reading processes and grain's resource tracker included). A
 as good only with exit status 130 and stderr exactly one `interrupted: ...` line; anything
 else is a failure, shown with its stderr. Prints one JSON line per run, one per (moment,
 variant) with the median and range over the good runs, then a Markdown table.
+
+`--smoke` (CI) sets the sizes that the command line leaves unset to 4 videos, 1 encoded, 2
+workers, 1 repeat and the `spawned` moment, and skips the whole run; options given explicitly
+win over it. `--workers -1` is one reading process per core.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _args import checked, default_help, fill_unset, number, whole, workers
+
+from stam_jax.cli import ArgumentParser
+from stam_jax.data.loader import worker_count
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("early_stop", "no_early_stop")
@@ -316,37 +325,80 @@ def table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The options the command line leaves unset: these, or with --smoke SMOKE (given ones win).
+DEFAULTS = {
+    "videos": 200,
+    "unique": 10,
+    "workers": 3,
+    "repeats": 5,
+    "moments": "spawned,spawned+2,first_batch",
+}
+SMOKE = {"videos": 4, "unique": 1, "workers": 2, "repeats": 1, "moments": "spawned"}
+
+
+def check_moments(text: str) -> str:
+    """`--moments` as given, each spawned, spawned+SECONDS or first_batch.
+
+    Raises:
+      ValueError: another moment, saying what to use.
+    """
+    for moment in text.split(","):
+        name, plus, delay = moment.partition("+")
+        if name not in ("spawned", "first_batch") or (plus and not _seconds(delay)):
+            raise ValueError(
+                f"{moment!r} is not a moment; use a comma list of spawned, spawned+SECONDS or "
+                "first_batch"
+            )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the comparison; exit status 1 when any run failed."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--videos", type=int, default=200, help="records in the dataset")
-    parser.add_argument("--unique", type=int, default=10, help="videos encoded (others linked)")
-    parser.add_argument("--workers", type=int, default=3, help="--config.data.workers")
-    parser.add_argument("--batch", type=int, default=2, help="--config.batch_size")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--moments", default="spawned,spawned+2,first_batch", help="comma list (see above)"
+        "--videos",
+        action=whole(1),
+        help=default_help(DEFAULTS, SMOKE, "videos", "records in the dataset"),
     )
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per wait")
+    parser.add_argument(
+        "--unique",
+        action=whole(1),
+        help=default_help(
+            DEFAULTS, SMOKE, "unique", "videos encoded (others linked), at most --videos"
+        ),
+    )
+    parser.add_argument(
+        "--workers",
+        action=workers(allow_zero=False, why_not_zero="the benchmark interrupts reading processes"),
+        help=default_help(DEFAULTS, SMOKE, "workers", "--config.data.workers; -1: one per core"),
+    )
+    parser.add_argument("--batch", default=2, action=whole(1), help="--config.batch_size")
+    parser.add_argument("--repeats", action=whole(1), help=default_help(DEFAULTS, SMOKE, "repeats"))
+    parser.add_argument(
+        "--moments",
+        action=checked(check_moments),
+        help=default_help(DEFAULTS, SMOKE, "moments", "comma list (see above)"),
+    )
+    parser.add_argument(
+        "--timeout", default=300.0, action=number(0, what="seconds"), help="seconds per wait"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="CI: 4 videos, 2 workers, 1 repeat, the spawned moment only, no whole run",
+        help="CI: 4 videos, 2 workers, 1 repeat, the spawned moment only, no whole run; the "
+        "options given explicitly win",
     )
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.videos, args.unique, args.workers, args.repeats = 4, 1, 2, 1
-        args.moments = "spawned"
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
+    if args.unique > args.videos:
+        parser.error(
+            f"--unique={args.unique} is more than --videos={args.videos}; use at most --videos"
+        )
+    args.workers = worker_count(args.workers)
     moments = args.moments.split(",")
-    for moment in moments:
-        name, plus, delay = moment.partition("+")
-        if name not in ("spawned", "first_batch") or (plus and not _seconds(delay)):
-            parser.error(f"--moments: {moment!r}; use spawned, spawned+SECONDS or first_batch")
-    if args.workers < 1 or args.videos < 1 or not 1 <= args.unique <= args.videos:
-        parser.error("need --workers >= 1 and 1 <= --unique <= --videos")
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started in the background by a shell without job control (`... &` in a script): the
         # children would inherit SIGINT ignored and never see the Ctrl-C. A handled signal is

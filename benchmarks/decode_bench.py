@@ -25,6 +25,9 @@ of the rounds) and their ratio.
 these frames, 221 of 300 are B-frames, a third of those references: b-pyramid), `forced` puts a
 B-frame in every slot x264 allows (3 between references), `none` writes no B-frame (nothing to
 skip: what the skipping costs). The first video's frame types are reported.
+
+`--workers` takes what `--config.data.workers` does: -1 is one decoding process per core, 0
+decodes in this process.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import clip_spec, even_side, number, whole, workers
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.data import video
-from stam_jax.data.loader import decode_in_order, decoder_threads
+from stam_jax.data.loader import decode_in_order, decoder_threads, worker_count
 from stam_jax.data.synthetic import index_frame, write_index_video, write_video
 from stam_jax.data.video import ClipSpec
 
@@ -57,25 +62,28 @@ def rss_mib() -> float:
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--videos", type=int, default=12)
-    parser.add_argument("--repeat", type=int, default=1, help="stream the list this many times")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--frame-rate", type=float, default=1.6)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
-    parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--crop", type=int, default=224)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--videos", default=12, action=whole(1))
+    parser.add_argument(
+        "--repeat", default=1, action=whole(1), help="stream the list this many times"
+    )
+    parser.add_argument("--workers", default=1, action=workers(), help="-1: one per core")
+    parser.add_argument("--frame-rate", default=1.6, action=number(0, what="frames per second"))
+    parser.add_argument("--frames", default=16, action=whole(1))
+    parser.add_argument("--height", default=256, action=even_side())
+    parser.add_argument("--width", default=340, action=even_side())
+    parser.add_argument("--resize", default=256, action=whole(1))
+    parser.add_argument("--crop", default=224, action=whole(1))
     parser.add_argument("--bframes", choices=("default", "forced", "none"), default="default")
     parser.add_argument("--compare-skipping", action="store_true")
     parser.add_argument("--compare-threads", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    spec = clip_spec(parser, args)
+    args.workers = worker_count(args.workers)
     with tempfile.TemporaryDirectory(prefix="decode_bench_") as workdir:
         paths = _videos(args, Path(workdir))
-        spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
         if args.compare_skipping:
             _compare_skipping(args, paths, spec)
         elif args.compare_threads:

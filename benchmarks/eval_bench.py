@@ -11,6 +11,8 @@ on prepared copies of them (`python -m stam_jax.data.prepare`, not timed), one J
 `--repeat 2` runs each twice (with `--cache-dir`: a cold start, then one hitting the cache).
 The videos are written by one process per core; `--unique N` encodes only N of them and
 fills the rest with hard links to those (decoding costs the same; writing is the slow part).
+`--config` defaults to the file of `configs/` that samples the model's frames and size
+(`configs/<model>.py` where there is one; `configs/tiny.py` for the tiny models).
 """
 
 from __future__ import annotations
@@ -33,38 +35,87 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _args import (  # noqa: E402
+    MODEL_DTYPES,
+    cache_folder,
+    even_side,
+    existing,
+    number,
+    one_of,
+    one_of_list,
+    variant,
+    whole,
+    workers,
+)
 
 from stam_jax import checkpoints, create_model  # noqa: E402
+from stam_jax.cli import ArgumentParser  # noqa: E402
+from stam_jax.configs import config_files_for  # noqa: E402
 from stam_jax.data.synthetic import write_index_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+def default_config(model_name: str) -> str | None:
+    """The run config (relative to the repository) that samples the clips `model_name` takes:
+    `configs/<model_name>.py` where it does, else the first file of `configs/` that does (None
+    if none does)."""
+    built = create_model(model_name)
+    files = config_files_for(built.num_frames, built.image_size)
+    own = f"configs/{model_name}.py"
+    return own if own in files else next(iter(files), None)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_16")
-    parser.add_argument("--videos", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--workers", type=int, default=-1)
-    parser.add_argument("--config", default=None, help="default: configs/<model>.py")
-    parser.add_argument("--cache-dir", default="", help="persistent compilation cache ('' off)")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
-    parser.add_argument("--inputs", default="videos", help="comma list of videos, raw, jpeg")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of run_eval.py per input")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per run_eval.py")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_16", action=variant())
+    parser.add_argument("--videos", default=8, action=whole(1))
+    parser.add_argument("--batch", default=2, action=whole(1))
+    parser.add_argument("--dtype", default="float32", action=one_of(MODEL_DTYPES))
+    parser.add_argument(
+        "--workers", default=-1, action=workers(), help="--config.data.workers (-1: one per core)"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        action=existing("file"),
+        help="run config (default: the file of configs/ for the model's frames and size)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        action=cache_folder(),
+        help="persistent compilation cache ('' off)",
+    )
+    parser.add_argument("--height", default=256, action=even_side())
+    parser.add_argument("--width", default=340, action=even_side())
+    parser.add_argument(
+        "--inputs",
+        default="videos",
+        action=one_of_list(("videos", "raw", "jpeg")),
+        help="comma list of videos, raw, jpeg",
+    )
+    parser.add_argument(
+        "--repeat", default=1, action=whole(1), help="runs of run_eval.py per input"
+    )
+    parser.add_argument(
+        "--timeout",
+        default=None,
+        action=number(0, what="seconds"),
+        help="seconds per run_eval.py (default: no limit)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
     parser.add_argument(
-        "--unique", type=int, default=0, help="videos to encode, the rest linked (0: all)"
+        "--unique", default=0, action=whole(0), help="videos to encode, the rest linked (0: all)"
     )
-    args = parser.parse_args()
-    if args.videos < 1 or args.unique < 0:
-        parser.error(f"--videos {args.videos} / --unique {args.unique}: need >= 1 / >= 0")
-    unknown = set(args.inputs.split(",")) - {"videos", "raw", "jpeg"}
-    if unknown:
-        parser.error(f"--inputs {args.inputs!r}: {sorted(unknown)} unknown; use videos, raw, jpeg")
+    args = parser.parse_args(argv)
+    if args.config is None:
+        args.config = default_config(args.model)
+        if args.config is None:
+            parser.error(
+                f"--model={args.model}: no file in configs/ samples its clips; pass --config FILE"
+            )
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     try:
         _measure(args, work)
@@ -80,7 +131,8 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
     model = create_model(args.model)
     classes = [f"class_{c:03d}" for c in range(model.num_classes)]
     (work / "classes.txt").write_text("\n".join(classes) + "\n")
-    paths = [work / "val" / classes[i % 4] / f"video_{i}.mp4" for i in range(args.videos)]
+    folders = min(4, len(classes))  # stam_demo has 2 classes
+    paths = [work / "val" / classes[i % folders] / f"video_{i}.mp4" for i in range(args.videos)]
     unique = min(args.unique or args.videos, args.videos)
     with concurrent.futures.ProcessPoolExecutor(min(os.cpu_count() or 1, unique)) as pool:
         writes = [
@@ -99,7 +151,7 @@ def _measure(args: argparse.Namespace, work: Path) -> None:
     setup_s = round(time.perf_counter() - start, 1)
     written = {"videos_written": args.videos, "videos_encoded": unique, "setup_s": setup_s}
     print(json.dumps(written), flush=True)
-    config = args.config or f"configs/{args.model}.py"
+    config = args.config
     # The repository first, then whatever the caller's path holds (packages carried to a GPU).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}

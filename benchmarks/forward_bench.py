@@ -6,6 +6,10 @@ r"""Model forward throughput: stam-jax against the PyTorch reference, side by si
     python benchmarks/forward_bench.py --batches 1,2 --last-block cls,all --no-torch
     python benchmarks/forward_bench.py --smoke          # tiny sizes, seconds (CI)
 
+`--smoke` adds PyTorch's SDPA and sets what the command line leaves unset to tiny sizes (the
+tiny model, batch 2, one repeat, a 256 matmul, more stam-jax paths); options given explicitly
+win over it.
+
 Needs only jax, flax, numpy and torch (plus this repository), so it runs on a lent GPU machine
 too. For each model and batch size it times the jit-compiled stam-jax forward (one runner per
 `--attention` path) and the PyTorch reference (`convert/torch_reference.py`: eager with the
@@ -38,10 +42,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _args import (
+    cache_folder,
+    checked,
+    default_help,
+    fill_unset,
+    one_of,
+    one_of_list,
+    variants,
+    whole,
+    whole_list,
+)
 from flop_count import xla_flops
 
 from convert.torch_reference import Attention, reference_from_config
 from stam_jax import create_model, model_config, sharding
+from stam_jax.cli import ArgumentParser
+from stam_jax.model import ATTENTION_IMPLS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,8 +151,6 @@ def _paths(args: argparse.Namespace) -> dict[str, dict]:
     """
     paths = {}
     for last in args.last_block.split(","):
-        if last not in ("cls", "all"):
-            raise SystemExit(f"--last-block {last!r}: use 'cls', 'all' or 'cls,all'.")
         for chunk in args.frame_chunk.split(","):
             for impl in args.attention.split(","):
                 label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
@@ -237,43 +252,127 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
     return result
 
 
-def main() -> None:
+# The options the command line leaves unset: these, or with --smoke SMOKE (given ones win).
+DEFAULTS = {
+    "models": "stam_16",
+    "batches": "1",
+    "repeats": 3,
+    "matmul_size": 2048,
+    "attention": "auto",
+    "frame_chunk": "auto",
+    "last_block": "cls",
+}
+SMOKE = {
+    "models": "stam_tiny",
+    "batches": "2",
+    "repeats": 1,
+    "matmul_size": 256,
+    "attention": "auto,xla",
+    "frame_chunk": "auto,2",
+    "last_block": "cls,all",
+}
+
+
+def check_frame_chunks(text: str) -> str:
+    """`--frame-chunk` as given: a comma list of 'auto' and whole numbers >= 0.
+
+    Raises:
+      ValueError: anything else, saying what to use.
+    """
+    for item in text.split(","):
+        if item != "auto" and not (item.isdigit() and item.isascii()):
+            raise ValueError(
+                f"{item!r} is not a setting; use a comma list of 'auto', 0 (all frames at once) "
+                "or frames per step"
+            )
+    return text
+
+
+def chunk_problem(args: argparse.Namespace) -> str | None:
+    """Why a `--frame-chunk` number does not fit a model at a batch size (it must divide the
+    batch's frames), or None."""
+    for name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for chunk in args.frame_chunk.split(","):
+                if chunk == "auto":
+                    continue
+                model = create_model(name, frame_chunk=int(chunk))
+                try:
+                    model.frames_per_step(batch * model.num_frames)
+                except ValueError as e:
+                    return f"with {name} at batch {batch}, {e}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object per measurement, then the peak memory."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default="stam_16")
-    parser.add_argument("--batches", default="1")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--inner", type=int, default=1, help="calls per timed sample")
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--attention", default="auto", help="stam-jax attention paths, comma-separated"
+        "--models",
+        action=variants(),
+        help=default_help(DEFAULTS, SMOKE, "models", "comma-separated"),
+    )
+    parser.add_argument(
+        "--batches",
+        action=whole_list(1),
+        help=default_help(DEFAULTS, SMOKE, "batches", "comma-separated"),
+    )
+    parser.add_argument("--dtype", default="float32", action=one_of(DTYPES))
+    parser.add_argument("--repeats", action=whole(1), help=default_help(DEFAULTS, SMOKE, "repeats"))
+    parser.add_argument("--inner", default=1, action=whole(1), help="calls per timed sample")
+    parser.add_argument(
+        "--matmul-size", action=whole(1), help=default_help(DEFAULTS, SMOKE, "matmul_size")
+    )
+    parser.add_argument(
+        "--attention",
+        action=one_of_list(ATTENTION_IMPLS),
+        help=default_help(
+            DEFAULTS, SMOKE, "attention", "stam-jax attention paths, comma-separated"
+        ),
     )
     parser.add_argument(
         "--frame-chunk",
-        default="auto",
-        help="stam-jax frame_chunk settings, comma-separated: 'auto' (the default rule), 0 "
-        "(all frames at once), or frames per step",
+        action=checked(check_frame_chunks),
+        help=default_help(
+            DEFAULTS,
+            SMOKE,
+            "frame_chunk",
+            "stam-jax frame_chunk settings, comma-separated: 'auto' (the default rule), 0 "
+            "(all frames at once), or frames per step",
+        ),
     )
     parser.add_argument(
         "--last-block",
-        default="cls",
-        help="stam-jax last ViT block: 'cls' (the cls token only, the default), 'all' (every "
-        "token, as the official code), or 'cls,all'",
+        action=one_of_list(("cls", "all")),
+        help=default_help(
+            DEFAULTS,
+            SMOKE,
+            "last_block",
+            "stam-jax last ViT block: 'cls' (the cls token only), 'all' (every token, as the "
+            "official code), or 'cls,all'",
+        ),
     )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")
     parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, one repeat (CI)")
     parser.add_argument(
-        "--cache-dir", default="", help="JAX's persistent compilation cache ('' off: cold compiles)"
+        "--smoke",
+        action="store_true",
+        help="tiny model, one repeat, with PyTorch's SDPA (CI); options given explicitly win",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        action=cache_folder(),
+        help="JAX's persistent compilation cache ('' off: cold compiles)",
+    )
+    args = parser.parse_args(argv)
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
+    args.torch_sdpa = args.torch_sdpa or args.smoke
+    problem = chunk_problem(args)
+    if problem:
+        parser.error(f"--frame-chunk={args.frame_chunk}: {problem}")
     sharding.enable_compilation_cache(args.cache_dir)  # '' is off, whatever the env says
-    if args.smoke:
-        args.models, args.batches, args.repeats, args.matmul_size = "stam_tiny", "2", 1, 256
-        args.attention, args.torch_sdpa, args.frame_chunk = "auto,xla", True, "auto,2"
-        args.last_block = "cls,all"
     print(
         json.dumps(
             {

@@ -12,12 +12,13 @@ adds, casts, copies) - and reported per forward, with the wall time per forward,
 between the two libraries can be read off kind by kind, and the top kernels of each (stam-jax's
 with the JAX operation each came from, read from the compiled HLO's metadata). On a CPU
 (smoke mode) the same is done with XLA's CPU thunks and PyTorch's aten ops, to exercise the code.
+`--smoke` sets what the command line leaves unset to the tiny model, batch 2, 2 calls and
+float32; options given explicitly win over it.
 Needs only jax, flax, numpy and torch (plus this repository).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import pathlib
@@ -28,9 +29,12 @@ import time
 import jax
 import numpy as np
 import torch
+from _args import default_help, fill_unset, one_of, variant, whole  # this folder's
 from forward_bench import DTYPES, torch_forward, torch_reference  # this folder's
 
 from stam_jax import create_model
+from stam_jax.cli import ArgumentParser
+from stam_jax.model import ATTENTION_IMPLS
 
 # Substrings of kernel (or HLO op) names, lower-cased, checked in this order.
 KINDS = (
@@ -166,21 +170,38 @@ def profile_torch(run, on_gpu: bool, calls: int, top: int) -> dict:
     return summarise(kernels, calls, wall, top)
 
 
-def main() -> None:
+# The options the command line leaves unset: these, or with --smoke SMOKE (given ones win).
+DEFAULTS = {"model": "stam_16", "batch": 32, "dtype": "bfloat16", "calls": 5}
+SMOKE = {"model": "stam_tiny", "batch": 2, "dtype": "float32", "calls": 2}
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object: per-forward kernel time by kind for each library."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_16")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--attention", default="auto", help="stam-jax attention_impl")
-    parser.add_argument("--calls", type=int, default=5, help="profiled forwards per library")
-    parser.add_argument("--top", type=int, default=12, help="kernels listed per library")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", action=variant(), help=default_help(DEFAULTS, SMOKE, "model"))
+    parser.add_argument("--batch", action=whole(1), help=default_help(DEFAULTS, SMOKE, "batch"))
+    parser.add_argument(
+        "--dtype", action=one_of(DTYPES), help=default_help(DEFAULTS, SMOKE, "dtype")
+    )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        action=one_of(ATTENTION_IMPLS),
+        help="stam-jax attention_impl",
+    )
+    parser.add_argument(
+        "--calls",
+        action=whole(1),
+        help=default_help(DEFAULTS, SMOKE, "calls", "profiled forwards per library"),
+    )
+    parser.add_argument("--top", default=12, action=whole(1), help="kernels listed per library")
     parser.add_argument("--torch-eager", action="store_true", help="official explicit attention")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, CPU-sized (CI)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.model, args.batch, args.calls, args.dtype = "stam_tiny", 2, 2, "float32"
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, CPU-sized (CI); explicit options win"
+    )
+    args = parser.parse_args(argv)
+    fill_unset(args, SMOKE if args.smoke else DEFAULTS)
     on_gpu = jax.default_backend() == "gpu"
     model = create_model(args.model, dtype=args.dtype, attention_impl=args.attention)
     t, s = model.num_frames, model.image_size

@@ -16,7 +16,6 @@ Compare `append_ms` with a batch's forward time (BENCHMARKS.md). Needs numpy and
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -24,19 +23,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import whole
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.partial import Journal, read_kept, record_dtype
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=400)
-    parser.add_argument("--videos", type=int, default=20000)
-    args = parser.parse_args()
-    if min(args.batch, args.classes, args.videos) < 1:
-        parser.error("--batch, --classes and --videos must be >= 1")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", default=32, action=whole(1))
+    parser.add_argument("--classes", default=400, action=whole(1))
+    parser.add_argument("--videos", default=20000, action=whole(1))
+    args = parser.parse_args(argv)
     settings = {"--config.dtype": "float32"}
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(args.batch, args.classes)).astype(np.float32)

@@ -14,17 +14,21 @@ device and the matching PyTorch device (CUDA when JAX runs on a GPU).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import jax
 import numpy as np
 import torch
+from _args import MODEL_DTYPES, checked, variant, whole
 
 from convert.mapping import torch_to_flax
 from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
 from stam_jax import create_model, model_config
+from stam_jax.cli import ArgumentParser
+
+# stam-jax's matmul precisions (`jax.default_matmul_precision`) a --dtypes entry may add.
+PRECISIONS = ("default", "high", "highest")
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> dict:
@@ -36,13 +40,35 @@ def compare(got: np.ndarray, want: np.ndarray) -> dict:
     }
 
 
-def main() -> None:
+def check_dtypes(text: str) -> str:
+    """`--dtypes` as given: a comma list of DTYPE or DTYPE-PRECISION (`float32-highest`).
+
+    Raises:
+      ValueError: another dtype or precision, saying what to use.
+    """
+    for name in text.split(","):
+        dtype, dash, precision = name.partition("-")
+        if dtype not in MODEL_DTYPES or (dash and precision not in PRECISIONS):
+            raise ValueError(
+                f"{name!r} is not a dtype; use a comma list of {', '.join(MODEL_DTYPES)}, each "
+                f"optionally with a matmul precision: -{', -'.join(PRECISIONS)}"
+            )
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object with the measured errors."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_16")
-    parser.add_argument("--videos", type=int, default=4)
-    parser.add_argument("--dtypes", default="float32,float32-highest,bfloat16,float16")
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_16", action=variant())
+    parser.add_argument("--videos", default=4, action=whole(1))
+    parser.add_argument(
+        "--dtypes",
+        default="float32,float32-highest,bfloat16,float16",
+        action=checked(check_dtypes),
+        help="stam-jax's compute dtypes, each optionally with a matmul precision "
+        "(float32-highest), comma-separated",
+    )
+    args = parser.parse_args(argv)
     config = model_config(create_model(args.model))
     reference = randomize_(reference_from_config(config), seed=0)
     state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}

@@ -11,7 +11,8 @@ train dataset (the files' path vs the prepared one). Ratios are against decoding
 
 With `--check-ckpt CKPT --check-src VAL_DIR --check-config CONFIG` it also evaluates a trained
 checkpoint on VAL_DIR from the videos and from both prepared encodings and reports how many
-top-1 predictions agree and whether raw logits are bit-identical.
+top-1 predictions agree and whether raw logits are bit-identical (the three go together;
+`--check-only` needs them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _args import clip_spec, even_side, existing, number, whole, workers
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.data.loader import decode_in_order, decode_train_item
 from stam_jax.data.prepare import prepare
 from stam_jax.data.prepared import open_prepared
@@ -43,31 +46,44 @@ def timed(fn) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
-def main() -> None:
+CHECK_FLAGS = ("--check-ckpt", "--check-src", "--check-config")
+
+
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--videos", type=int, default=24)
-    parser.add_argument("--repeat", type=int, default=3, help="read the prepared data N times")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--frame-rate", type=float, default=1.6)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
-    parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--check-ckpt", default="")
-    parser.add_argument("--check-src", default="")
-    parser.add_argument("--check-config", default="")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--videos", default=24, action=whole(1))
+    parser.add_argument(
+        "--repeat", default=3, action=whole(1), help="read the prepared data N times"
+    )
+    parser.add_argument("--frames", default=16, action=whole(1))
+    parser.add_argument("--frame-rate", default=1.6, action=number(0, what="frames per second"))
+    parser.add_argument("--height", default=256, action=even_side())
+    parser.add_argument("--width", default=340, action=even_side())
+    parser.add_argument("--resize", default=256, action=whole(1))
+    parser.add_argument("--crop", default=224, action=whole(1))
+    parser.add_argument("--check-ckpt", default="", action=existing("folder"))
+    parser.add_argument("--check-src", default="", action=existing("folder"))
+    parser.add_argument("--check-config", default="", action=existing("file"))
     parser.add_argument("--check-only", action="store_true", help="skip the throughput part")
     parser.add_argument(
         "--check-workers",
-        type=int,
         default=None,
-        help="decoding processes of the check's prepare and run_eval.py (default: theirs)",
+        action=workers(),
+        help="decoding processes of the check's prepare and run_eval.py (-1: one per core; "
+        "default: theirs)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile JPEG training clips (one core)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    given = [args.check_ckpt, args.check_src, args.check_config]
+    if any(given) and not all(given):
+        missing = [flag for flag, value in zip(CHECK_FLAGS, given, strict=True) if not value]
+        parser.error(f"the check needs {', '.join(CHECK_FLAGS)} together; add {', '.join(missing)}")
+    if args.check_only and not all(given):
+        parser.error(f"--check-only needs {', '.join(CHECK_FLAGS)}")
+    clip_spec(parser, args)
     with tempfile.TemporaryDirectory(prefix="prepared_bench_") as work:
         _measure(args, Path(work))
 

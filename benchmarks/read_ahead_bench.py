@@ -8,21 +8,25 @@ Writes `--videos` Kinetics-like H.264 videos (10 s, 30 fps, 340x256), prepares a
 dataset with the STAM-16 protocol, then, for each variant in turn (`--rounds` times), draws
 `--clips` training clips through `reading.train_loader` with `--workers` reading processes and
 counts the records read while the consumer holds one clip (each record is a video's frames).
+`--workers` takes what `--config.data.workers` does (-1: one reading process per core, 0: read
+in this process).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from _args import clip_spec, even_side, number, whole, workers
+
+from stam_jax.cli import ArgumentParser
+from stam_jax.data.loader import worker_count
 from stam_jax.data.prepare import prepare
 from stam_jax.data.prepared import PreparedDataset, open_prepared
 from stam_jax.data.synthetic import write_index_video
-from stam_jax.data.video import ClipSpec
 
 
 class _Counted:
@@ -40,22 +44,31 @@ class _Counted:
         return self.source[i]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--videos", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--prefetch", type=int, default=8)
-    parser.add_argument("--clips", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=3.0, help="s before counting reads")
-    parser.add_argument("--frames", type=int, default=16, help="T of the clip spec")
-    parser.add_argument("--frame-rate", type=float, default=1.6)
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=340)
-    parser.add_argument("--resize", type=int, default=256)
-    parser.add_argument("--crop", type=int, default=224)
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--videos", default=16, action=whole(1))
+    parser.add_argument("--workers", default=2, action=workers(), help="-1: one per core")
+    parser.add_argument(
+        "--prefetch", default=8, action=whole(0), help="records read ahead (--config.data.prefetch)"
+    )
+    parser.add_argument("--clips", default=48, action=whole(1))
+    parser.add_argument("--rounds", default=3, action=whole(1))
+    parser.add_argument(
+        "--settle",
+        default=3.0,
+        action=number(0, inclusive=True, what="seconds"),
+        help="s before counting reads",
+    )
+    parser.add_argument("--frames", default=16, action=whole(1), help="T of the clip spec")
+    parser.add_argument("--frame-rate", default=1.6, action=number(0, what="frames per second"))
+    parser.add_argument("--height", default=256, action=even_side())
+    parser.add_argument("--width", default=340, action=even_side())
+    parser.add_argument("--resize", default=256, action=whole(1))
+    parser.add_argument("--crop", default=224, action=whole(1))
+    args = parser.parse_args(argv)
+    spec = clip_spec(parser, args)
+    args.workers = worker_count(args.workers)
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain reads its absl flags
@@ -76,7 +89,6 @@ def main() -> None:
         for i in range(args.videos):
             path = work / "src" / f"class_{i % 4}" / f"v{i}.mp4"
             write_index_video(path, i, args.height, args.width)
-        spec = ClipSpec(args.frames, args.frame_rate, resize=args.resize, crop=args.crop)
         prepare(
             work / "src",
             work / "train",

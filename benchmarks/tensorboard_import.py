@@ -11,7 +11,6 @@ Prints one JSON line: the median seconds of each and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -19,6 +18,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _args import whole
+
+from stam_jax.cli import ArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,13 +43,11 @@ print(seconds, "torch" in sys.modules)
 WAYS = ("with_torch", "stam_jax")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Runs the comparison and prints the JSON line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="processes per way")
-    args = parser.parse_args()
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats={args.repeats}: must be at least 1")
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", default=5, action=whole(1), help="processes per way")
+    args = parser.parse_args(argv)
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     torch_loaded: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as logs:

@@ -20,7 +20,6 @@ per process so that the peak memory is that configuration's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -28,12 +27,15 @@ import time
 
 import jax
 import numpy as np
+from _args import MODEL_DTYPES, number, one_of, variant, whole
 from flop_count import xla_flops
 
 from configs.common import base_config
 from stam_jax import sharding
+from stam_jax.cli import ArgumentParser
 from stam_jax.configs import model_from_run_config
-from stam_jax.train_step import initial_state, make_optimizer, make_train_step
+from stam_jax.model import ATTENTION_IMPLS
+from stam_jax.train_step import frozen_paths, initial_state, make_optimizer, make_train_step
 
 
 def step_flops(model, tx, schedule, train_config, *step_args) -> tuple[float, str]:
@@ -55,18 +57,26 @@ def step_flops(model, tx, schedule, train_config, *step_args) -> tuple[float, st
     return 3 * 2.0 * model.macs_per_video() * batch, "3x_forward_matmuls"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object with the measurement."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="stam_tiny")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--dtype", default="float32")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="stam_tiny", action=variant())
+    parser.add_argument("--batch", default=8, action=whole(1))
+    parser.add_argument("--steps", default=10, action=whole(1), help="timed steps")
+    parser.add_argument("--dtype", default="float32", action=one_of(MODEL_DTYPES))
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--attention", default="auto")
-    parser.add_argument("--drop-path", type=float, default=0.1)
+    parser.add_argument("--attention", default="auto", action=one_of(ATTENTION_IMPLS))
     parser.add_argument(
-        "--frame-chunk", type=int, default=None, help="frames per ViT step; default: automatic"
+        "--drop-path",
+        default=0.1,
+        action=number(0, inclusive=True, below=1, what="a probability; 0: off"),
+        help="stochastic depth rate",
+    )
+    parser.add_argument(
+        "--frame-chunk",
+        default=None,
+        action=whole(0),
+        help="frames per ViT step, 0: all at once; default: automatic",
     )
     parser.add_argument(
         "--last-block",
@@ -85,7 +95,7 @@ def main() -> None:
         action="store_true",
         help="keep the input train state alive during the step (run_train.py donates it)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sharding.enable_compilation_cache("")  # compile_s is a cold compile's, whatever the env says
     config = base_config(args.model)
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
@@ -94,6 +104,18 @@ def main() -> None:
     config.train.steps, config.train.freeze = 1000, args.freeze
     model = model_from_run_config(config).clone(last_block_cls_only=args.last_block == "cls")
     t, s = model.num_frames, model.image_size
+    try:
+        model.frames_per_step(args.batch * t)
+    except ValueError as e:
+        parser.error(f"--frame-chunk={args.frame_chunk}: {e}")
+    if args.freeze:  # checked on the params' shapes, before anything is compiled
+        video = jax.ShapeDtypeStruct((1, t, s, s, 3), np.uint8)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), video)["params"]
+        try:
+            frozen_paths(config.train, shapes)
+        except ValueError as e:
+            text = str(e).replace("train.freeze=", "--freeze=", 1)
+            parser.error(text.replace("fix --config.train.freeze.", "fix --freeze."))
     rng = np.random.default_rng(0)
     mesh = sharding.data_mesh()
     batch_sharding = sharding.batch_sharded(mesh)

@@ -21,7 +21,6 @@ ToTensor's values) and by a division by 255 (`scale_divide`: compiled as a multi
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -29,7 +28,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _args import whole
 
+from stam_jax.cli import ArgumentParser
 from stam_jax.model import uint8_to_unit
 
 
@@ -39,16 +40,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
-    if min(args.batch, args.frames, args.size, args.repeats) < 1:
-        raise SystemExit("--batch, --frames, --size and --repeats must be at least 1")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", default=2, action=whole(1))
+    parser.add_argument("--frames", default=16, action=whole(1))
+    parser.add_argument("--size", default=224, action=whole(1), help="frame side in pixels")
+    parser.add_argument("--repeats", default=10, action=whole(1))
+    args = parser.parse_args(argv)
     device = jax.devices()[0]
     rng = np.random.default_rng(0)
     shape = (args.batch, args.frames, args.size, args.size, 3)

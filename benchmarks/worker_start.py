@@ -16,7 +16,6 @@ Each parent starts a pool of `--workers` processes and times the first result of
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +23,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _args import whole, workers
+
+from stam_jax.cli import ArgumentParser
+from stam_jax.data.loader import worker_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,10 +79,16 @@ def run(imports: str, workers: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the comparison and prints one JSON line per variant (medians)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", default=5, action=whole(1))
+    parser.add_argument(
+        "--workers",
+        default=2,
+        action=workers(allow_zero=False, why_not_zero="the benchmark times their start"),
+        help="processes in each pool (-1: one per core)",
+    )
     args = parser.parse_args(argv)
+    args.workers = worker_count(args.workers)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, imports in VARIANTS.items():  # alternating, so drift hits both

@@ -10,11 +10,14 @@ the same shape in between. Prints one JSON object: GFLOP/s per setting and round
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+
+from _args import whole
+
+from stam_jax.cli import ArgumentParser
 
 SETTINGS = {
     "default": "",
@@ -67,12 +70,12 @@ def measure(which: str, flags: str, repeats: int) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Prints one JSON object."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement")
-    args = parser.parse_args()
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", default=2, action=whole(1))
+    parser.add_argument("--repeats", default=7, action=whole(1), help="timed calls per measurement")
+    args = parser.parse_args(argv)
     rows: dict[str, list] = {name: [] for name in [*SETTINGS, "torch"]}
     for _ in range(args.rounds):
         for name, flags in SETTINGS.items():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -332,3 +336,388 @@ def test_read_ahead_bench_smoke():
     # Shared read buffers hold fewer records ahead than one of the whole prefetch per process.
     assert 0 < row["shared"]["ahead"][0] < row["own"]["ahead"][0], row
     assert row["shared"]["median_clips_per_s"] > 0 and row["own"]["median_clips_per_s"] > 0
+
+
+# Refusals: a bad command line is one `error:` line, exit status 2, before anything is written.
+
+
+def bench(name: str):
+    """A benchmark script as a module, its folder on the path as `python benchmarks/x.py` has
+    it (eval_bench sets JAX_PLATFORMS for itself on import: this process's is kept)."""
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    platforms = os.environ.get("JAX_PLATFORMS")
+    try:
+        return importlib.import_module(name)
+    finally:
+        if platforms is None:
+            os.environ.pop("JAX_PLATFORMS", None)
+        else:
+            os.environ["JAX_PLATFORMS"] = platforms
+
+
+def refusal(name: str, argv: list[str], capsys, monkeypatch, tmp_path) -> str:
+    """The one stderr line of `name`'s main(argv), which must exit with status 2 leaving its
+    temporary folder (here `tmp_path/tmp`) empty."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    module = bench(name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.endswith("\n")
+    assert list(temp.iterdir()) == []
+    (line,) = captured.err.splitlines()
+    return line
+
+
+def _variants() -> str:
+    from stam_jax import VARIANTS
+
+    return ", ".join(VARIANTS)
+
+
+COUNT = "use a whole number >= 1"
+DTYPES = "use one of float32, bfloat16, float16"
+SIDE = "use an even whole number of pixels >= 2 (H.264 needs even sides)"
+REFUSALS = [
+    ("block_profile", ["--frames", "0"], f"--frames=0: {COUNT}"),
+    ("block_profile", ["--smoke", "--repeats", "-1"], f"--repeats=-1: {COUNT}"),
+    (
+        "block_profile",
+        ["--dtype", "float64"],
+        "--dtype=float64: use one of float32, bfloat16, float16",
+    ),
+    ("block_profile", ["--matmul-size", "1.5"], f"--matmul-size=1.5: {COUNT}"),
+    (
+        "compile_opt_level",
+        ["--levels", "default,4/nofusion"],
+        "--levels=default,4/nofusion: '4/nofusion' is not a level; use a comma list of default, "
+        "0, 1, 2, 3, each optionally with '/nofusion'",
+    ),
+    (
+        "compile_opt_level",
+        ["--levels", "0/fusion"],
+        "--levels=0/fusion: '0/fusion' is not a level; use a comma list of default, 0, 1, 2, 3, "
+        "each optionally with '/nofusion'",
+    ),
+    ("compile_opt_level", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    ("compile_opt_level", ["--repeats", "0"], f"--repeats=0: {COUNT}"),
+    (
+        "ctrl_c_bench",
+        ["--workers", "0"],
+        "--workers=0: use -1 (one process per core) or a number of processes >= 1 (the "
+        "benchmark interrupts reading processes)",
+    ),
+    # --smoke's 4 videos, the explicit --unique: explicit options win over --smoke.
+    (
+        "ctrl_c_bench",
+        ["--smoke", "--unique", "5"],
+        "--unique=5 is more than --videos=4; use at most --videos",
+    ),
+    ("ctrl_c_bench", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    ("ctrl_c_bench", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    ("ctrl_c_bench", ["--smoke", "--repeats", "0"], f"--repeats=0: {COUNT}"),
+    ("ctrl_c_bench", ["--timeout", "0"], "--timeout=0: use a number > 0 (seconds)"),
+    (
+        "ctrl_c_bench",
+        ["--moments", "spawned,spawned+x"],
+        "--moments=spawned,spawned+x: 'spawned+x' is not a moment; use a comma list of spawned, "
+        "spawned+SECONDS or first_batch",
+    ),
+    ("decode_bench", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    ("decode_bench", ["--repeat", "0"], f"--repeat=0: {COUNT}"),
+    ("decode_bench", ["--frames", "0"], f"--frames=0: {COUNT}"),
+    ("decode_bench", ["--height", "47"], f"--height=47: {SIDE}"),
+    ("decode_bench", ["--width", "0"], f"--width=0: {SIDE}"),
+    ("decode_bench", ["--resize", "0"], f"--resize=0: {COUNT}"),
+    (
+        "decode_bench",
+        ["--resize", "36", "--crop", "48"],
+        "--crop=48 is larger than --resize=36; use a --crop of at most --resize",
+    ),
+    (
+        "decode_bench",
+        ["--frame-rate", "0"],
+        "--frame-rate=0: use a number > 0 (frames per second)",
+    ),
+    (
+        "decode_bench",
+        ["--frame-rate", "2000"],
+        "--frame-rate=2000.0; use a number of frames per second in (0, 1000] (1.6 for stam_16, "
+        "6.4 for stam_64).",
+    ),
+    ("eval_bench", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    ("eval_bench", ["--unique", "-1"], "--unique=-1: use a whole number >= 0"),
+    ("eval_bench", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    ("eval_bench", ["--repeat", "0"], f"--repeat=0: {COUNT}"),
+    ("eval_bench", ["--height", "33"], f"--height=33: {SIDE}"),
+    ("eval_bench", ["--timeout", "-1"], "--timeout=-1: use a number > 0 (seconds)"),
+    (
+        "eval_bench",
+        ["--dtype", "float64"],
+        "--dtype=float64: use one of float32, bfloat16, float16",
+    ),
+    (
+        "eval_bench",
+        ["--inputs", "videos,mp4"],
+        "--inputs=videos,mp4: 'mp4' not known; use a comma list of videos, raw, jpeg",
+    ),
+    (
+        "eval_bench",
+        ["--config", "configs/stam_tiny.py"],
+        "--config=configs/stam_tiny.py: no such file; name an existing file",
+    ),
+    (
+        "forward_bench",
+        ["--models", "stam_16,stam_99"],
+        "--models=stam_16,stam_99: 'stam_99' not known; use a comma list of {variants}",
+    ),
+    (
+        "forward_bench",
+        ["--batches", "1,0"],
+        "--batches=1,0: use a comma list of whole numbers >= 1",
+    ),
+    ("forward_bench", ["--smoke", "--inner", "0"], f"--inner=0: {COUNT}"),
+    ("forward_bench", ["--matmul-size", "0"], f"--matmul-size=0: {COUNT}"),
+    (
+        "forward_bench",
+        ["--attention", "auto,flash"],
+        "--attention=auto,flash: 'flash' not known; use a comma list of auto, xla, cudnn, "
+        "heads_first",
+    ),
+    (
+        "forward_bench",
+        ["--last-block", "cls,none"],
+        "--last-block=cls,none: 'none' not known; use a comma list of cls, all",
+    ),
+    (
+        "forward_bench",
+        ["--frame-chunk", "auto,-2"],
+        "--frame-chunk=auto,-2: '-2' is not a setting; use a comma list of 'auto', 0 (all frames "
+        "at once) or frames per step",
+    ),
+    # stam_16 at batch 1: 16 frames, which 3 does not divide.
+    (
+        "forward_bench",
+        ["--frame-chunk", "3"],
+        "--frame-chunk=3: with stam_16 at batch 1, frame_chunk=3 does not divide the batch's 16 "
+        "frames (batch x 16); use a divisor of 16, or 0 for all frames at once.",
+    ),
+    (
+        "kernel_profile",
+        ["--model", "stam_99"],
+        "--model=stam_99: not a registered model; use one of {variants}",
+    ),
+    ("kernel_profile", ["--smoke", "--calls", "0"], f"--calls=0: {COUNT}"),
+    ("kernel_profile", ["--top", "0"], f"--top=0: {COUNT}"),
+    ("kernel_profile", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    (
+        "kernel_profile",
+        ["--attention", "flash"],
+        "--attention=flash: use one of auto, xla, cudnn, heads_first",
+    ),
+    ("partial_bench", ["--classes", "0"], f"--classes=0: {COUNT}"),
+    ("partial_bench", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    ("partial_bench", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    ("precision", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    (
+        "precision",
+        ["--dtypes", "float32,float32-fast"],
+        "--dtypes=float32,float32-fast: 'float32-fast' is not a dtype; use a comma list of "
+        "float32, bfloat16, float16, each optionally with a matmul precision: -default, -high, "
+        "-highest",
+    ),
+    (
+        "precision",
+        ["--model", "stam_8"],
+        "--model=stam_8: not a registered model; use one of {variants}",
+    ),
+    ("prepared_bench", ["--videos", "0"], f"--videos=0: {COUNT}"),
+    ("prepared_bench", ["--repeat", "0"], f"--repeat=0: {COUNT}"),
+    ("prepared_bench", ["--crop", "0"], f"--crop=0: {COUNT}"),
+    ("prepared_bench", ["--width", "341"], f"--width=341: {SIDE}"),
+    (
+        "prepared_bench",
+        ["--check-config", "configs/tiny.py"],
+        "the check needs --check-ckpt, --check-src, --check-config together; add --check-ckpt, "
+        "--check-src",
+    ),
+    (
+        "prepared_bench",
+        ["--check-only"],
+        "--check-only needs --check-ckpt, --check-src, --check-config",
+    ),
+    (
+        "prepared_bench",
+        ["--check-config", "configs/none.py"],
+        "--check-config=configs/none.py: no such file; name an existing file",
+    ),
+    (
+        "prepared_bench",
+        ["--check-src", "no_such_folder"],
+        "--check-src=no_such_folder: no such folder; name an existing folder",
+    ),
+    ("read_ahead_bench", ["--clips", "0"], f"--clips=0: {COUNT}"),
+    ("read_ahead_bench", ["--rounds", "0"], f"--rounds=0: {COUNT}"),
+    ("read_ahead_bench", ["--prefetch", "-1"], "--prefetch=-1: use a whole number >= 0"),
+    ("read_ahead_bench", ["--settle", "nan"], "--settle=nan: use a number >= 0 (seconds)"),
+    ("tensorboard_import", ["--repeats", "0"], f"--repeats=0: {COUNT}"),
+    (
+        "train_bench",
+        ["--model", "stam_99"],
+        "--model=stam_99: not a registered model; use one of {variants}",
+    ),
+    ("train_bench", ["--steps", "0"], f"--steps=0: {COUNT}"),
+    ("train_bench", ["--batch", "0"], f"--batch=0: {COUNT}"),
+    ("train_bench", ["--dtype", "int8"], f"--dtype=int8: {DTYPES}"),
+    (
+        "train_bench",
+        ["--drop-path", "1"],
+        "--drop-path=1: use a number in [0, 1) (a probability; 0: off)",
+    ),
+    ("train_bench", ["--frame-chunk", "-1"], "--frame-chunk=-1: use a whole number >= 0"),
+    # stam_tiny at batch 1: 4 frames, which 3 does not divide.
+    (
+        "train_bench",
+        ["--batch", "1", "--frame-chunk", "3"],
+        "--frame-chunk=3: frame_chunk=3 does not divide the batch's 4 frames (batch x 4); use a "
+        "divisor of 4, or 0 for all frames at once.",
+    ),
+    ("transfer_bench", ["--size", "0"], f"--size=0: {COUNT}"),
+    ("transfer_bench", ["--frames", "x"], f"--frames=x: {COUNT}"),
+    (
+        "worker_start",
+        ["--workers", "0"],
+        "--workers=0: use -1 (one process per core) or a number of processes >= 1 (the "
+        "benchmark times their start)",
+    ),
+    ("worker_start", ["--repeats", "0"], f"--repeats=0: {COUNT}"),
+    ("xla_cpu_flags", ["--rounds", "x"], f"--rounds=x: {COUNT}"),
+    ("xla_cpu_flags", ["--repeats", "0"], f"--repeats=0: {COUNT}"),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), REFUSALS)
+def test_benchmark_refuses_a_bad_command_line(name, argv, message, capsys, monkeypatch, tmp_path):
+    line = refusal(name, argv, capsys, monkeypatch, tmp_path)
+    assert line == "error: " + message.replace("{variants}", _variants())
+
+
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [
+        ("decode_bench", "--workers"),
+        ("eval_bench", "--workers"),
+        ("read_ahead_bench", "--workers"),
+        ("prepared_bench", "--check-workers"),
+    ],
+)
+def test_benchmark_worker_counts_follow_the_library(name, flag, capsys, monkeypatch, tmp_path):
+    # -1 (one per core) and 0 (in this process) are taken as --config.data.workers takes them.
+    from stam_jax.data.loader import WORKERS_RULE
+
+    line = refusal(name, [flag, "-2"], capsys, monkeypatch, tmp_path)
+    assert line == f"error: {flag}=-2: {WORKERS_RULE}"
+
+
+def test_convert_bench_refuses_to_overwrite_an_earlier_run(capsys, monkeypatch, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "official.pth").write_bytes(b"earlier")
+    (workdir / "back.pth").write_bytes(b"earlier too")
+    argv = ["--model", "stam_tiny", "--workdir", str(workdir)]
+    line = refusal("convert_bench", argv, capsys, monkeypatch, tmp_path)
+    assert line == (
+        f"error: --workdir={workdir} holds official.pth, back.pth from an earlier run; pass "
+        "--force to overwrite them, or name another folder"
+    )
+    assert (workdir / "official.pth").read_bytes() == b"earlier"
+    assert sorted(p.name for p in workdir.iterdir()) == ["back.pth", "official.pth"]
+
+
+def test_convert_bench_refuses_a_workdir_that_is_a_file(capsys, monkeypatch, tmp_path):
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("mine")
+    argv = ["--workdir", str(workdir), "--force"]
+    line = refusal("convert_bench", argv, capsys, monkeypatch, tmp_path)
+    assert line == f"error: --workdir={workdir} is a file; name a folder (created if missing)"
+    assert workdir.read_text() == "mine"
+
+
+def test_convert_bench_refuses_a_workdir_under_a_file(capsys, monkeypatch, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    workdir = tmp_path / "notes.txt" / "run"
+    line = refusal("convert_bench", ["--workdir", str(workdir)], capsys, monkeypatch, tmp_path)
+    assert line == (
+        f"error: --workdir={workdir} cannot be written: {tmp_path / 'notes.txt'} is a file, not "
+        "a folder; name another folder"
+    )
+
+
+@pytest.mark.parametrize("name", ["forward_bench", "eval_bench"])
+def test_benchmark_refuses_a_cache_dir_it_cannot_write(name, capsys, monkeypatch, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    cache = tmp_path / "notes.txt" / "cache"
+    line = refusal(name, ["--cache-dir", str(cache)], capsys, monkeypatch, tmp_path)
+    assert line == (
+        f"error: --cache-dir={cache}: cannot be written: {tmp_path / 'notes.txt'} is a file, not "
+        "a folder; name a folder this process can write to, or '' to compile without the "
+        "persistent cache"
+    )
+
+
+def test_convert_bench_refuses_an_unknown_model_before_creating_the_workdir(
+    capsys, monkeypatch, tmp_path
+):
+    workdir = tmp_path / "new"
+    argv = ["--model", "stam_8", "--workdir", str(workdir)]
+    line = refusal("convert_bench", argv, capsys, monkeypatch, tmp_path)
+    assert line == f"error: --model=stam_8: not a registered model; use one of {_variants()}"
+    assert not workdir.exists()
+
+
+def test_eval_bench_default_config_samples_the_models_clips(monkeypatch, tmp_path):
+    eval_bench = bench("eval_bench")
+    assert eval_bench.default_config("stam_16") == "configs/stam_16.py"
+    assert eval_bench.default_config("stam_64") == "configs/stam_64.py"
+    assert eval_bench.default_config("stam_tiny") == "configs/tiny.py"
+    assert eval_bench.default_config("stam_tiny_mean") == "configs/tiny.py"
+    for name in ("stam_16", "stam_tiny", "stam_demo"):
+        assert (ROOT / eval_bench.default_config(name)).is_file()
+    # main runs the benchmark with it (the measurement left out here).
+    seen = []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(eval_bench, "_measure", lambda args, work: seen.append(args.config))
+    eval_bench.main(["--model", "stam_tiny"])
+    assert seen == ["configs/tiny.py"]
+    # A --config given is checked where the command runs, and passed on as a whole path.
+    eval_bench.main(["--model", "stam_tiny", "--config", "configs/tiny.py"])
+    assert seen[1] == str(ROOT / "configs" / "tiny.py")
+
+
+def test_forward_bench_smoke_leaves_explicit_options_alone(monkeypatch):
+    forward_bench = bench("forward_bench")
+    seen = []
+    monkeypatch.setattr(forward_bench, "bench_model", lambda *a: seen.append(a) or {})
+    monkeypatch.setattr(forward_bench.sharding, "enable_compilation_cache", lambda d: None)
+    forward_bench.main(["--smoke", "--repeats", "2", "--attention", "xla"])
+    ((name, batch, dtype, args),) = seen
+    assert (name, batch, dtype) == ("stam_tiny", 2, "float32")
+    assert args.repeats == 2 and args.attention == "xla"  # given: kept
+    assert args.matmul_size == 256 and args.frame_chunk == "auto,2" and args.torch_sdpa  # --smoke
+
+
+def test_benchmark_model_dtypes_are_the_librarys():
+    from stam_jax.variants import parse_dtype
+
+    dtypes = bench("_args").MODEL_DTYPES
+    for name in dtypes:
+        parse_dtype(name)
+    with pytest.raises(ValueError) as refused:
+        parse_dtype("float64")
+    assert str(sorted(dtypes)) in str(refused.value)
