@@ -52,9 +52,19 @@ def keep_interrupts() -> None:
     sys.unraisablehook = hook
 
 
+_TERMINATED: list[int] = []  # SIGTERM's arrivals, for `terminated`
+
+
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM's handler: a Ctrl-C (SIGINT to this process)."""
+    """SIGTERM's handler: a Ctrl-C (SIGINT to this process), noted for `terminated`."""
+    _TERMINATED.append(signum)
     os.kill(os.getpid(), signal.SIGINT)
+
+
+def terminated() -> bool:
+    """Whether this process's interrupt came as SIGTERM (`keep_interrupts`), so that what
+    reports it names it as such."""
+    return bool(_TERMINATED)
 
 
 @contextlib.contextmanager

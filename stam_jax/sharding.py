@@ -533,7 +533,9 @@ def _me() -> tuple[int, int]:
 def _one_line(error: BaseException) -> str:
     """`error` as one line: its message, or its type and message when it is no refusal."""
     if isinstance(error, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
+        from stam_jax.interrupts import terminated
+
+        return "interrupted (SIGTERM)" if terminated() else "interrupted (Ctrl-C)"
     text = " ".join(str(error).split())[:500]
     if _Stop.status_of is not None and _Stop.status_of(error) != 1:
         return text  # a refusal or a stop: its message says it all

@@ -702,3 +702,17 @@ def test_a_process_leaving_the_run_still_ends_on_anothers_failure():
         "1's own output says more)."
     )
     assert time.monotonic() - start < 30
+
+
+def test_an_interrupt_that_came_as_sigterm_is_named_so_to_the_other_processes(monkeypatch):
+    # SIGTERM is taken as a Ctrl-C (`keep_interrupts`); the line the other processes of a run
+    # end with named it "interrupted (Ctrl-C)" all the same.
+    from stam_jax import interrupts, sharding
+
+    monkeypatch.setattr(interrupts, "_TERMINATED", [])
+    assert sharding._one_line(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    interrupts._terminate_as_interrupt(signal.SIGTERM, None)
+    assert sent == [(os.getpid(), signal.SIGINT)] and interrupts.terminated()
+    assert sharding._one_line(KeyboardInterrupt()) == "interrupted (SIGTERM)"
