@@ -580,6 +580,29 @@ def _train_and_evaluate(
     named: set[str] = set()  # videos the periodic evaluation skipped, named once
     skipped = 0
     unusable = _Unusable(workdir, start)
+
+    def log_step(done: int, metrics: dict, since: float, since_step: int) -> dict[str, float]:
+        """The row of step `done` (its metrics, and the rate since step `since_step`, timed
+        from `since`), written to metrics.jsonl and TensorBoard by process 0."""
+        elapsed = time.perf_counter() - since
+        rate = (done - since_step) / elapsed if elapsed > 0 else 0.0
+        row = {
+            "step": done,
+            **metrics,
+            "steps_per_s": rate,
+            "videos_per_s": rate * config.batch_size,
+            "failed_videos": unusable.failed,
+        }
+        if float16:
+            row["skipped_steps"] = skipped
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for name, value in row.items():
+                if name != "step":
+                    board.add(f"train/{name}", value, done)
+        return row
+
     terminated = False
     termination.steps_begun = jax.process_count() == 1
     try:
@@ -646,24 +669,9 @@ def _train_and_evaluate(
                 if jax.process_count() == 1
                 else manager.reached_preemption(done)
             )
-            if done % train.log_every == 0 or done == train.steps or terminated:
-                elapsed = time.perf_counter() - timer
-                rate = (done - timer_step) / elapsed if elapsed > 0 else 0.0
-                last = {
-                    "step": done,
-                    **metrics,
-                    "steps_per_s": rate,
-                    "videos_per_s": rate * config.batch_size,
-                    "failed_videos": unusable.failed,
-                }
-                if float16:
-                    last["skipped_steps"] = skipped
-                if log:
-                    with open(log, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                    for name, value in last.items():
-                        if name != "step":
-                            board.add(f"train/{name}", value, done)
+            logged = done % train.log_every == 0 or done == train.steps or terminated
+            if logged:
+                last = log_step(done, metrics, timer, timer_step)
                 timer, timer_step = time.perf_counter(), done
             # A step told to end is not evaluated (it could take longer than a scheduler waits).
             evaluating = train.eval_every > 0 and not terminated
@@ -680,6 +688,12 @@ def _train_and_evaluate(
                 # Evaluation time is not training time: the clock of the steps since the last
                 # log skips it (restarted, it counted those steps over the time since this one).
                 timer += time.perf_counter() - began
+            # Told to end during this step's evaluation (one process): the step is logged and
+            # saved now.
+            if not terminated and done < train.steps and jax.process_count() == 1:
+                terminated = termination.requested
+                if terminated and not logged:
+                    last = log_step(done, metrics, timer, timer_step)
             items = {"state": ocp.args.StandardSave(state)}
             saving = manager.should_save(done) or done == train.steps or terminated
             if loader and saving:

@@ -1645,6 +1645,42 @@ def test_a_root_of_fewer_videos_than_one_batch_is_refused_and_one_batch_is_enoug
     assert not (tmp_path / "run").exists()
 
 
+def test_sigterm_during_a_periodic_evaluation_saves_that_step_once_it_ends(
+    train_root, tmp_path, monkeypatch
+):
+    # Told to end (SIGTERM) while step 4 is evaluated: the evaluation ends, then step 4 (not
+    # a log_every step) is logged and saved and the run ends there; it went on to step 5.
+    import jax.numpy as jnp
+
+    import stam_jax.train as train_module
+    from stam_jax.export import saved_steps
+
+    def metrics_at(step):
+        return {"loss": step.astype(jnp.float32), "grad_norm": jnp.float32(1.0)}
+
+    evaluated = []
+
+    def periodic_eval(config, workdir, model, state, step, named):
+        evaluated.append(step)
+        os.kill(os.getpid(), signal.SIGTERM)  # noted by the run's handler, acted on later
+        return {"top1": 0.5}
+
+    monkeypatch.setattr(train_module, "make_train_step", scripted_step(metrics_at))
+    monkeypatch.setattr(train_module, "periodic_eval", periodic_eval)
+    monkeypatch.setattr(train_module, "check_eval_root", lambda *args: None)
+    before = signal.getsignal(signal.SIGTERM)
+    settings = dict(steps=8, save_every=3, log_every=3, eval_every=4)
+    config = tiny_config(train_root, eval_root=str(tmp_path / "val"), **settings)
+    workdir = tmp_path / "run"
+    summary = train_module.train_and_evaluate(config, workdir)
+    assert (summary["step"], summary["terminated"], evaluated) == (4, "SIGTERM", [4])
+    assert "final" not in summary and not (workdir / "final").exists()
+    assert sorted(saved_steps(workdir / "checkpoints")[0]) == [1, 3, 4]  # orbax saves step 1
+    rows = [json.loads(row) for row in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], "loss" in row) for row in rows] == [(3, True), (4, False), (4, True)]
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with it
+
+
 def test_an_eval_root_without_periodic_evaluation_is_warned_of(train_root, tmp_path, capsys):
     from stam_jax.train import TrainConfigError, train_and_evaluate
 
