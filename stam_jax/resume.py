@@ -99,6 +99,9 @@ _PER_PROCESS = (
 )
 
 
+_EVAL_ROOT = "train.eval_root"  # a path, compared by its listing (`process_settings`)
+
+
 def process_settings(
     config: Any,
     folder: VideoFolder,
@@ -124,15 +127,14 @@ def process_settings(
     settings["--config.train.root's listing"] = _listing(config.train.root, folder)
     if eval_folder is not None:
         settings[f"--config.{_EVAL_ROOT}'s listing"] = _listing(config.train.eval_root, eval_folder)
-    checksum = "none" if teacher is None else sharding.tree_digest(teacher)
-    settings["--config.train.teacher's params"] = sharding.by_content(
-        f"{config.train.teacher} (checksum {checksum})" if teacher is not None else "none",
-        checksum,
-    )
+    teacher_params = sharding.by_content("none", "none")
+    if teacher is not None:
+        checksum = sharding.tree_digest(teacher)
+        teacher_params = sharding.by_content(
+            f"{config.train.teacher} (checksum {checksum})", checksum
+        )
+    settings["--config.train.teacher's params"] = teacher_params
     return settings
-
-
-_EVAL_ROOT = "train.eval_root"  # a path, compared by its listing (`process_settings`)
 
 
 def _listing(root: str, folder: VideoFolder) -> dict[str, str]:

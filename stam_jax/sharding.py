@@ -25,6 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stam_jax.interrupts import terminated
+
 DATA = "data"
 
 
@@ -533,8 +535,6 @@ def _me() -> tuple[int, int]:
 def _one_line(error: BaseException) -> str:
     """`error` as one line: its message, or its type and message when it is no refusal."""
     if isinstance(error, KeyboardInterrupt):
-        from stam_jax.interrupts import terminated
-
         return "interrupted (SIGTERM)" if terminated() else "interrupted (Ctrl-C)"
     text = " ".join(str(error).split())[:500]
     if _Stop.status_of is not None and _Stop.status_of(error) != 1:

@@ -180,7 +180,7 @@ class _Jobs(Sequence):
 
     def __getitem__(self, position: int) -> tuple:
         epoch, slot = self._slot(position)
-        path = str(self.folder.root / self._item(position).path)
+        path = str(self.folder.root / self.folder.items[self.order(epoch)[slot]].path)
         return position, path, self.spec, (self.seed, epoch, slot)
 
     def _slot(self, position: int) -> tuple[int, int]:
