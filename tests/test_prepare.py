@@ -1141,28 +1141,26 @@ def test_two_processes_read_their_shares(
         np.testing.assert_allclose(g["logits"], w["logits"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "stop",
+    [
+        # Both processes killed while a checkpoint is being written (each process's grain
+        # position is restored from the last complete checkpoint).
+        {"kill_at": 6},
+        # SIGTERM to one process (a scheduler's preemption, `kill`): both save the step they
+        # agree on through jax.distributed's preemption sync point and end (143). They used to
+        # save it and train on to the end, the signal ignored.
+        {"term_at": 4},
+    ],
+)
 def test_two_processes_train_from_a_prepared_dataset_as_one(
-    prepared_train, train_cache, straight, tmp_path
+    prepared_train, train_cache, straight, tmp_path, stop
 ):
     # Each process reads its rows of every global batch of one shuffled stream: the same
-    # params, bit for bit, as one process with two devices, even when both processes are
-    # killed while a checkpoint is being written and the run resumes (each process's grain
-    # position is restored from the last complete checkpoint).
+    # params, bit for bit, as one process with two devices, even when the run is stopped
+    # (`stop`) and the same command resumes it.
     command = [sys.executable, *train_command(prepared_train, tmp_path, train_cache)]
-    train_two_processes(command, tmp_path, kill_at=6)
-    want = checkpoints.load(straight / "final")[1]
-    chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
-
-
-def test_two_processes_told_to_end_save_the_step_they_agree_on_and_resume_as_one(
-    prepared_train, train_cache, straight, tmp_path
-):
-    # SIGTERM to one process of a run (a scheduler's preemption, `kill`): both save the step
-    # they agree on through jax.distributed's preemption sync point, and end (143). They used
-    # to save it and train on to the end, the signal ignored. The same command resumes, to
-    # the same params, bit for bit, as one process with two devices.
-    command = [sys.executable, *train_command(prepared_train, tmp_path, train_cache)]
-    train_two_processes(command, tmp_path, term_at=4)
+    train_two_processes(command, tmp_path, **stop)
     want = checkpoints.load(straight / "final")[1]
     chex.assert_trees_all_equal(checkpoints.load(tmp_path / "final")[1], want)
 
