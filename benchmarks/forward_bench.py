@@ -150,17 +150,37 @@ def _paths(args: argparse.Namespace) -> dict[str, dict]:
     'auto_lastall': the last block on every token).
     """
     paths = {}
-    for last in args.last_block.split(","):
-        for chunk in args.frame_chunk.split(","):
-            for impl in args.attention.split(","):
-                label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
-                label += "" if last == "cls" else "_lastall"
-                paths[label] = dict(
-                    attention_impl=impl,
-                    frame_chunk=None if chunk == "auto" else int(chunk),
-                    last_block_cls_only=last == "cls",
-                )
+    for gemm in args.triton_gemm.split(","):
+        for last in args.last_block.split(","):
+            for chunk in args.frame_chunk.split(","):
+                for impl in args.attention.split(","):
+                    label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
+                    label += "" if last == "cls" else "_lastall"
+                    label += "" if gemm == "on" else "_no_triton_gemm"
+                    paths[label] = dict(
+                        attention_impl=impl,
+                        frame_chunk=None if chunk == "auto" else int(chunk),
+                        last_block_cls_only=last == "cls",
+                    )
+                    if gemm == "off":  # compiled with XLA's Triton GEMMs off: cuBLAS only
+                        paths[label][_NO_TRITON] = True
     return paths
+
+
+# A `_paths` entry's key that is a compiler option, not a model setting.
+_NO_TRITON = "no_triton_gemm"
+
+
+def _model_settings(path: dict) -> dict:
+    """A `_paths` entry's model settings (without its compiler option)."""
+    return {k: v for k, v in path.items() if k != _NO_TRITON}
+
+
+def _compiler_options(path: dict) -> dict | None:
+    """The XLA options a `_paths` entry is compiled with (None: the defaults)."""
+    if not path.get(_NO_TRITON):
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
 
 
 def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
@@ -172,17 +192,20 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
     videos = np.random.default_rng(0).integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
     device_videos = jax.device_put(videos)
-    runners, compile_s, errors = {}, {}, {}
+    runners, compile_s, errors, triton_gemms = {}, {}, {}, {}
     for impl in list(impls):
-        forward = jax.jit(create_model(name, dtype=dtype, **paths[impl]).apply)
+        forward = jax.jit(create_model(name, dtype=dtype, **_model_settings(paths[impl])).apply)
         start = time.perf_counter()
         try:
-            compiled = forward.lower({"params": params}, device_videos).compile()
+            lowered = forward.lower({"params": params}, device_videos)
+            compiled = lowered.compile(compiler_options=_compiler_options(paths[impl]))
         except Exception as e:  # a path this device lacks is reported, not fatal
             errors[impl] = f"{type(e).__name__}: {str(e)[:300]}"
             impls.remove(impl)
             continue
         compile_s[impl] = round(time.perf_counter() - start, 2)
+        # XLA's Triton GEMM fusions in the compiled program: none where they are turned off.
+        triton_gemms[impl] = compiled.as_text().count('"__triton_gemm"')
 
         def run_jax(compiled=compiled):
             compiled({"params": params}, device_videos).block_until_ready()
@@ -219,11 +242,12 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
     Attention.use_sdpa = False
     result = {"model": name, "batch": batch, "dtype": dtype, "attention": impls}
     result["frames_per_step"] = {
-        label: create_model(name, **path).frames_per_step(batch * t)
+        label: create_model(name, **_model_settings(path)).frames_per_step(batch * t)
         for label, path in paths.items()
         if label in impls
     }
     result["compile_s"] = compile_s
+    result["triton_gemm_fusions"] = triton_gemms
     if errors:
         result["errors"] = errors
     rates = {k: matmul_flops / statistics.median(times.pop(k)) for k in matmuls}
@@ -261,6 +285,7 @@ DEFAULTS = {
     "attention": "auto",
     "frame_chunk": "auto",
     "last_block": "cls",
+    "triton_gemm": "on",
 }
 SMOKE = {
     "models": "stam_tiny",
@@ -270,6 +295,7 @@ SMOKE = {
     "attention": "auto,xla",
     "frame_chunk": "auto,2",
     "last_block": "cls,all",
+    "triton_gemm": "on",
 }
 
 
@@ -350,6 +376,17 @@ def main(argv: list[str] | None = None) -> None:
             "last_block",
             "stam-jax last ViT block: 'cls' (the cls token only), 'all' (every token, as the "
             "official code), or 'cls,all'",
+        ),
+    )
+    parser.add_argument(
+        "--triton-gemm",
+        action=one_of_list(("on", "off")),
+        help=default_help(
+            DEFAULTS,
+            SMOKE,
+            "triton_gemm",
+            "XLA's Triton GEMMs for the stam-jax runners (a GPU compiler option): 'on' (XLA's "
+            "default), 'off' (cuBLAS for every matmul), or 'on,off' (both, side by side)",
         ),
     )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")

@@ -63,14 +63,17 @@ print("av", av.__version__, "tfds", t.__version__, "protobuf", p.__version__)' 2
 } | tee "$OUT/machine.txt"
 
 F=benchmarks/forward_bench.py
-# 'lastall' runners: the last ViT block on every token, as before the cls-only last block.
-step fwd16_${HALF} 150 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
-  --attention auto,xla --last-block cls,all --torch-sdpa --repeats $REP --inner $INNER \
+# Each stam-jax forward twice: with XLA's Triton GEMMs (the default) and with cuBLAS for every
+# matmul (`--triton-gemm on,off`), alternating with PyTorch eager and SDPA. Then the kernel
+# profile of the same forward, which says where the time goes.
+step fwd16_${HALF} 130 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
+  --attention auto --triton-gemm on,off --torch-sdpa --repeats $REP --inner $INNER \
   --matmul-size $MM
-step fwd16_float16 100 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
-  --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
+step fwd16_float16 90 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
+  --triton-gemm on,off --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
 step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
-  --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
+  --triton-gemm on,off --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 # run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
 rm -rf /tmp/stam_suite_eval_cache
 step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
@@ -83,19 +86,12 @@ step eval_prepared 150 $PY benchmarks/eval_bench.py $PREP --dtype $HALF --inputs
 step fwd16_torch_compile 200 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
   --torch-compile --repeats $REP --inner $INNER --matmul-size $MM
 # The diagnostics: each step below explains or follows up a figure above.
-# Where a whole forward's device time goes, kernel by kernel, stam-jax against PyTorch's SDPA.
-step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
 # One batch to the device as uint8 (what the pipeline sends) against float32 scaled on the host.
 step transfer 30 $PY benchmarks/transfer_bench.py --batch $B_LARGE --repeats 20
 # The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
 # beside their replacements, same run: one ViT block's parts on a batch of 32 videos' frames.
 step block_${HALF} 90 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
-# XLA's Triton GEMMs off (cuBLAS for every matmul), stam-jax alone, one process each, in the
-# order default, off, default, off so that drift shows.
-for flags in "" --xla_gpu_enable_triton_gemm=false "" --xla_gpu_enable_triton_gemm=false; do
-  step xla_flags 70 env XLA_FLAGS="$flags" $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
-    --no-torch --repeats $REP --inner $INNER --matmul-size $MM
-done
+# The forward without XLA's Triton GEMMs, kernel by kernel.
 step kprof_${HALF}_no_triton_gemm 60 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
   $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF --no-torch
 step train16_remat 120 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \

@@ -74,6 +74,7 @@ def test_forward_bench_reports_a_failed_torch_compile(monkeypatch):
         attention="auto",
         frame_chunk="auto",
         last_block="cls",
+        triton_gemm="on,off",  # on the CPU the option is accepted and changes nothing
         no_torch=False,
         torch_sdpa=False,
         torch_compile=True,
@@ -85,6 +86,10 @@ def test_forward_bench_reports_a_failed_torch_compile(monkeypatch):
     assert row["errors"] == {"torch_compile": "RuntimeError: no compiler here"}
     assert "torch_compile_videos_per_s" not in row and "torch_compile" not in row["compile_s"]
     assert row["jax_auto_videos_per_s"] > 0 and row["jax_auto_over_torch_eager"] > 0
+    # The same forward compiled with XLA's Triton GEMMs off runs beside it (a GPU option).
+    assert row["attention"] == ["auto", "auto_no_triton_gemm"]
+    assert row["jax_auto_no_triton_gemm_videos_per_s"] > 0
+    assert row["triton_gemm_fusions"] == {"auto": 0, "auto_no_triton_gemm": 0}  # none on a CPU
 
 
 def test_train_bench_smoke():
@@ -489,6 +494,11 @@ REFUSALS = [
         ["--attention", "auto,flash"],
         "--attention=auto,flash: 'flash' not known; use a comma list of auto, xla, cudnn, "
         "heads_first",
+    ),
+    (
+        "forward_bench",
+        ["--triton-gemm", "off,auto"],
+        "--triton-gemm=off,auto: 'auto' not known; use a comma list of on, off",
     ),
     (
         "forward_bench",
