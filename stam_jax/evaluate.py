@@ -157,6 +157,7 @@ _NOT_IN_RESULTS = (
     "batch_size",
     "frame_chunk",
     "remat",
+    "triton_gemm",  # which GEMM kernels: the same results to float rounding
     "seed",
     # Training only: evaluation has no augmentation and no dropout.
     "data.train_flip",
@@ -632,7 +633,10 @@ def _evaluate(
         compile_start = time.perf_counter()
         abstract = jax.ShapeDtypeStruct(batch_shape, np.uint8, sharding=batch_sharding)
         # Nothing to compile when an interrupted run kept every video's results.
-        compiled = forward.lower(params, abstract).compile() if steps else None
+        options = sharding.compiler_options(config.triton_gemm)
+        compiled = (
+            forward.lower(params, abstract).compile(compiler_options=options) if steps else None
+        )
         compile_s = time.perf_counter() - compile_start
     except BaseException:
         decoded.close()

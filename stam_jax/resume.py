@@ -29,6 +29,7 @@ _RESTART_MAY_CHANGE = (
     "attention_impl",
     "remat",
     "frame_chunk",
+    "triton_gemm",
     "data.workers",
     "data.prefetch",
     "train.log_every",

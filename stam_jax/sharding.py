@@ -268,6 +268,19 @@ def enable_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def compiler_options(triton_gemm: bool) -> dict[str, Any] | None:
+    """XLA options for compiling the forward and the train step (`config.triton_gemm`).
+
+    None (XLA's defaults) except on GPU with `triton_gemm` False, where XLA's Triton GEMM
+    fusions are turned off: every matmul then goes to cuBLAS with its bias add in the kernel's
+    epilogue, which ran the STAM forward 1.15x faster on an H200 and compiled it 2.8x faster
+    (BENCHMARKS.md). Other backends have no such option, so they get None.
+    """
+    if triton_gemm or jax.default_backend() != "gpu":
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
+
+
 def data_mesh() -> Mesh:
     """A 1-D mesh over all devices (all processes), axis 'data'."""
     return Mesh(np.asarray(jax.devices()), (DATA,))

@@ -559,6 +559,7 @@ def _train_and_evaluate(
         in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=sharding.compiler_options(config.triton_gemm),
     )
     if not loader:
         jobs = _Jobs(folder, spec, config.seed, config.batch_size, start, train.steps)

@@ -485,6 +485,27 @@ def test_bfloat16_run(video_root, tiny_ckpt, tmp_path, reference_run):
     assert 0 < error < 3e-2
 
 
+@pytest.mark.parametrize("triton_gemm", [False, True])
+def test_the_forward_is_compiled_with_the_configs_xla_options(
+    video_root, tiny_ckpt, tmp_path, monkeypatch, triton_gemm
+):
+    # The options that sharding.compiler_options gives for config.triton_gemm reach the
+    # compile: one XLA does not know fails it, naming the option.
+    import stam_jax.evaluate as evaluate_module
+
+    asked = []
+
+    def options(value):
+        asked.append(value)
+        return {"not_an_xla_option": value}
+
+    monkeypatch.setattr(evaluate_module.sharding, "compiler_options", options)
+    config = config_for(tiny_ckpt[0], video_root, batch_size=4, triton_gemm=triton_gemm)
+    with pytest.raises(Exception, match="No such compile option: 'not_an_xla_option'"):
+        evaluate(config, tmp_path / "out")
+    assert asked == [triton_gemm]
+
+
 def test_multi_view_averages_views(video_root, tiny_ckpt, tmp_path):
     # With the features of every view and frame exported: the video feature is the views'
     # mean, as the logits are; the frames are each view's (clip-major, as the views are).
@@ -1627,7 +1648,12 @@ def test_settings_compare_what_decides_the_results(video_root, tiny_ckpt, tmp_pa
         ]:
             assert settings(leave_out, **overrides) != same, overrides
     # Resumed with another batch size or training-only values: the same results.
-    for overrides in [{"batch_size": 7}, {"seed": 3}, {"data.train_flip": False}]:
+    for overrides in [
+        {"batch_size": 7},
+        {"seed": 3},
+        {"data.train_flip": False},
+        {"triton_gemm": True},  # other GEMM kernels: the same results to float rounding
+    ]:
         assert settings(_NOT_IN_RESULTS, **overrides) == settings(_NOT_IN_RESULTS), overrides
         assert settings(_PER_PROCESS, **overrides) != settings(_PER_PROCESS), overrides
 

@@ -111,6 +111,14 @@ def test_processes_agree_names_a_refusal_or_each_setting_that_differs(monkeypatc
         agree(lambda: 1 / 0)
 
 
+def test_compiler_options_turn_triton_gemms_off_on_gpu_only(monkeypatch) -> None:
+    assert jax.default_backend() == "cpu"
+    assert sharding.compiler_options(False) is None  # no such option outside the GPU backend
+    monkeypatch.setattr(sharding.jax, "default_backend", lambda: "gpu")
+    assert sharding.compiler_options(False) == {"xla_gpu_enable_triton_gemm": False}
+    assert sharding.compiler_options(True) is None  # XLA's default
+
+
 def test_tree_digest_tells_params_apart() -> None:
     params = {"a": np.arange(4, dtype=np.float32), "b": {"c": np.ones((2, 2), np.float32)}}
     other = {"a": params["a"], "b": {"c": params["b"]["c"] * 2}}

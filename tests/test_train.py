@@ -625,6 +625,24 @@ def test_decoding_processes_end_when_training_fails(train_root, tmp_path, monkey
     assert child_pids() == before
 
 
+def test_the_train_step_is_compiled_with_the_configs_xla_options(train_root, tmp_path, monkeypatch):
+    # As in evaluation: the options for config.triton_gemm reach the step's compile.
+    import stam_jax.train as train_module
+
+    asked = []
+
+    def options(value):
+        asked.append(value)
+        return {"not_an_xla_option": value}
+
+    monkeypatch.setattr(train_module.sharding, "compiler_options", options)
+    config = tiny_config(train_root)
+    config.triton_gemm = True
+    with pytest.raises(Exception, match="No such compile option: 'not_an_xla_option'"):
+        train_module.train_and_evaluate(config, tmp_path)
+    assert asked == [True]
+
+
 def test_a_nan_loss_at_the_first_step_says_nothing_was_saved(train_root, tmp_path, monkeypatch):
     import stam_jax.train as train_module
 
@@ -977,6 +995,11 @@ def test_a_restart_compares_every_setting_that_changes_what_the_run_computes(tra
         f"(other frames; the run read --config.train.root={train_root})\n"
     ) in str(refused.value)
     check_same_run(moved, tmp_path, 3, folder, "videos")  # moved, the same form: resumed
+    # How the steps are executed may change: the same run to float rounding.
+    for name, value in (("remat", True), ("triton_gemm", True), ("attention_impl", "xla")):
+        config = tiny_config(train_root)
+        config[name] = value
+        check_same_run(config, tmp_path, 3, folder, "videos")
 
 
 def test_any_saved_step_exports_as_a_checkpoint(uninterrupted, tmp_path, capsys):
