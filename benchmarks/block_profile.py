@@ -38,6 +38,7 @@ from _args import default_help, fill_unset, one_of, whole
 from convert.torch_reference import Attention as TorchAttention
 from convert.torch_reference import Block as TorchBlock
 from convert.torch_reference import PatchEmbed as TorchPatchEmbed
+from stam_jax import sharding
 from stam_jax.cli import ArgumentParser
 from stam_jax.model import (
     Block,
@@ -145,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--torch-sdpa", action="store_true", help="PyTorch's fused attention")
     parser.add_argument(
+        "--triton-gemm",
+        action="store_true",
+        help="compile stam-jax's parts with XLA's Triton GEMMs (XLA's default; run_eval.py's "
+        "default config.triton_gemm=False turns them off on GPU)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, one repeat (CI); explicit options win"
     )
     args = parser.parse_args(argv)
@@ -176,12 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         "attention_sliced_qkv": _SlicedQKVAttention(heads, impl, dtype),
     }
     runners: dict[str, dict[str, Callable[[], None]]] = {"jax": {}, "torch": {}}
+    options = sharding.compiler_options(args.triton_gemm)
     for part, module in jax_parts.items():
         data = {"gelu": h, "gelu_erfc": h, "patch_embed": images, "patch_embed_conv": images}
         data = jnp.asarray(data.get(part, x), dtype)
         variables = jax.jit(module.init)(jax.random.key(0), data)
-        runners["jax"][part] = _sync_jax(jax.jit(module.apply), variables, data)
-    core = jax.jit(_attention_core(impl, heads))
+        forward = jax.jit(module.apply, compiler_options=options)
+        runners["jax"][part] = _sync_jax(forward, variables, data)
+    core = jax.jit(_attention_core(impl, heads), compiler_options=options)
     runners["jax"]["attention_core"] = _sync_jax(core, *jnp.asarray(qkv, dtype))
 
     block = TorchBlock(width, heads, hidden).eval().to(device)
@@ -248,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": str(jax.devices()[0]),
         "dtype": args.dtype,
         "frames": args.frames,
+        "triton_gemm": args.triton_gemm,
         "jax_attention": impl,
         "torch_attention": "sdpa" if args.torch_sdpa else "explicit",
     }

@@ -10,20 +10,21 @@ r"""Model forward throughput: stam-jax against the PyTorch reference, side by si
 tiny model, batch 2, one repeat, a 256 matmul, more stam-jax paths); options given explicitly
 win over it.
 
-Needs only jax, flax, numpy and torch (plus this repository), so it runs on a lent GPU machine
-too. For each model and batch size it times the jit-compiled stam-jax forward (one runner per
-`--attention` path) and the PyTorch reference (`convert/torch_reference.py`: eager with the
-official explicit attention, optionally with PyTorch's fused `scaled_dot_product_attention`, and
-`torch.compile`), under autocast for half precision, alternating all runners `--repeats` times
-so drift hits each, and reports the median videos/s of each and the ratios to stam-jax's first
-path. FLOPs per video are what stam-jax runs (its last ViT block computes the cls token only:
-525.8 GFLOP per STAM-16 video, where the official computation of every token takes 564.9), from
-XLA's cost analysis of the all-XLA ('heads_first') forward with all frames in one step (the
-analysis counts a loop's body once), so that a fused cuDNN kernel, which the analysis cannot see
-into, does not shrink the count; it is lowered for the CPU (the count is of the HLO before
-optimisation, and jax 0.11's GPU backend gives none), and only where no backend gives one,
-`STAM.macs_per_video` stands in (matmuls only, 0.3% under XLA; 'flop_source'). The matmul rate is an
-n x n x n product on random data in the same dtype, jax's and torch's, timed in the same
+Needs only jax, flax, numpy and torch (plus this repository), so it runs on a lent GPU machine too.
+For each model and batch size it times the jit-compiled stam-jax forward (one runner per
+`--attention` path, each also with XLA's Triton GEMMs where `--triton-gemm off,on` asks; 'off',
+cuBLAS for every matmul, is how run_eval.py compiles on GPU) and the PyTorch reference
+(`convert/torch_reference.py`: eager with the official explicit attention, optionally with PyTorch's
+fused `scaled_dot_product_attention`, and `torch.compile`), under autocast for half precision,
+alternating all runners `--repeats` times so drift hits each, and reports the median videos/s of
+each and the ratios to stam-jax's first path. FLOPs per video are what stam-jax runs (its last ViT
+block computes the cls token only: 525.8 GFLOP per STAM-16 video, where the official computation of
+every token takes 564.9), from XLA's cost analysis of the all-XLA ('heads_first') forward with all
+frames in one step (the analysis counts a loop's body once), so that a fused cuDNN kernel, which the
+analysis cannot see into, does not shrink the count; it is lowered for the CPU (the count is of the
+HLO before optimisation, and jax 0.11's GPU backend gives none), and only where no backend gives
+one, `STAM.macs_per_video` stands in (matmuls only, 0.3% under XLA; 'flop_source'). The matmul rate
+is an n x n x n product on random data in the same dtype, jax's and torch's, timed in the same
 alternation as the models; model FLOP utilisation is achieved FLOP/s over the faster of the two.
 Also: jit compile time and the process's peak memory (RSS on CPU, device peak on GPU).
 """
@@ -156,31 +157,23 @@ def _paths(args: argparse.Namespace) -> dict[str, dict]:
                 for impl in args.attention.split(","):
                     label = impl if chunk == "auto" else f"{impl}_chunk{chunk}"
                     label += "" if last == "cls" else "_lastall"
-                    label += "" if gemm == "on" else "_no_triton_gemm"
+                    label += "" if gemm == "off" else "_triton_gemm"
                     paths[label] = dict(
                         attention_impl=impl,
                         frame_chunk=None if chunk == "auto" else int(chunk),
                         last_block_cls_only=last == "cls",
                     )
-                    if gemm == "off":  # compiled with XLA's Triton GEMMs off: cuBLAS only
-                        paths[label][_NO_TRITON] = True
+                    paths[label][_TRITON] = gemm == "on"
     return paths
 
 
-# A `_paths` entry's key that is a compiler option, not a model setting.
-_NO_TRITON = "no_triton_gemm"
+# A `_paths` entry's key that is the compiler setting (`config.triton_gemm`), not the model's.
+_TRITON = "triton_gemm"
 
 
 def _model_settings(path: dict) -> dict:
-    """A `_paths` entry's model settings (without its compiler option)."""
-    return {k: v for k, v in path.items() if k != _NO_TRITON}
-
-
-def _compiler_options(path: dict) -> dict | None:
-    """The XLA options a `_paths` entry is compiled with (None: the defaults)."""
-    if not path.get(_NO_TRITON):
-        return None
-    return {"xla_gpu_enable_triton_gemm": False}
+    """A `_paths` entry's model settings (without its compiler setting)."""
+    return {k: v for k, v in path.items() if k != _TRITON}
 
 
 def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
@@ -192,20 +185,20 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
     videos = np.random.default_rng(0).integers(0, 256, (batch, t, s, s, 3), dtype=np.uint8)
     params = jax.jit(model.init)(jax.random.key(0), videos[:1])["params"]
     device_videos = jax.device_put(videos)
-    runners, compile_s, errors, triton_gemms = {}, {}, {}, {}
+    runners, compile_s, errors = {}, {}, {}
     for impl in list(impls):
         forward = jax.jit(create_model(name, dtype=dtype, **_model_settings(paths[impl])).apply)
         start = time.perf_counter()
         try:
             lowered = forward.lower({"params": params}, device_videos)
-            compiled = lowered.compile(compiler_options=_compiler_options(paths[impl]))
+            compiled = lowered.compile(
+                compiler_options=sharding.compiler_options(paths[impl][_TRITON])
+            )
         except Exception as e:  # a path this device lacks is reported, not fatal
             errors[impl] = f"{type(e).__name__}: {str(e)[:300]}"
             impls.remove(impl)
             continue
         compile_s[impl] = round(time.perf_counter() - start, 2)
-        # XLA's Triton GEMM fusions in the compiled program: none where they are turned off.
-        triton_gemms[impl] = compiled.as_text().count('"__triton_gemm"')
 
         def run_jax(compiled=compiled):
             compiled({"params": params}, device_videos).block_until_ready()
@@ -247,7 +240,6 @@ def bench_model(name: str, batch: int, dtype: str, args: argparse.Namespace) -> 
         if label in impls
     }
     result["compile_s"] = compile_s
-    result["triton_gemm_fusions"] = triton_gemms
     if errors:
         result["errors"] = errors
     rates = {k: matmul_flops / statistics.median(times.pop(k)) for k in matmuls}
@@ -285,7 +277,7 @@ DEFAULTS = {
     "attention": "auto",
     "frame_chunk": "auto",
     "last_block": "cls",
-    "triton_gemm": "on",
+    "triton_gemm": "off",
 }
 SMOKE = {
     "models": "stam_tiny",
@@ -295,7 +287,7 @@ SMOKE = {
     "attention": "auto,xla",
     "frame_chunk": "auto,2",
     "last_block": "cls,all",
-    "triton_gemm": "on",
+    "triton_gemm": "off",
 }
 
 
@@ -385,8 +377,9 @@ def main(argv: list[str] | None = None) -> None:
             DEFAULTS,
             SMOKE,
             "triton_gemm",
-            "XLA's Triton GEMMs for the stam-jax runners (a GPU compiler option): 'on' (XLA's "
-            "default), 'off' (cuBLAS for every matmul), or 'on,off' (both, side by side)",
+            "XLA's Triton GEMMs for the stam-jax runners (GPU only, `config.triton_gemm`): 'off' "
+            "(cuBLAS for every matmul, as run_eval.py and run_train.py compile by default), 'on' "
+            "(XLA's default), or 'off,on' (both, side by side)",
         ),
     )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")

@@ -63,17 +63,17 @@ print("av", av.__version__, "tfds", t.__version__, "protobuf", p.__version__)' 2
 } | tee "$OUT/machine.txt"
 
 F=benchmarks/forward_bench.py
-# Each stam-jax forward twice: with XLA's Triton GEMMs (the default) and with cuBLAS for every
-# matmul (`--triton-gemm on,off`), alternating with PyTorch eager and SDPA. Then the kernel
-# profile of the same forward, which says where the time goes.
+# Each stam-jax forward twice: as run_eval.py compiles it (cuBLAS for every matmul,
+# config.triton_gemm=False) and with XLA's Triton GEMMs (XLA's default), alternating with
+# PyTorch eager and SDPA. Then the kernel profile of the same forward: where the time goes.
 step fwd16_${HALF} 130 $PY $F --models $M16 --batches $B_LARGE --dtype $HALF \
-  --attention auto --triton-gemm on,off --torch-sdpa --repeats $REP --inner $INNER \
+  --attention auto --triton-gemm off,on --torch-sdpa --repeats $REP --inner $INNER \
   --matmul-size $MM
 step kprof_${HALF} 60 $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF
 step fwd16_float16 90 $PY $F --models $M16 --batches $B_LARGE --dtype float16 \
-  --triton-gemm on,off --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
+  --triton-gemm off,on --torch-sdpa --repeats $REP --inner $INNER --matmul-size $MM
 step fwd64_${HALF} 90 $PY $F --models $M64 --batches $B_SMALL --dtype $HALF \
-  --triton-gemm on,off --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
+  --triton-gemm off,on --torch-sdpa --repeats $REP --inner 1 --matmul-size $MM
 # run_eval.py end to end on generated videos (PyAV needed), twice: a cold start, then a cached one.
 rm -rf /tmp/stam_suite_eval_cache
 step eval_e2e 150 $PY benchmarks/eval_bench.py $E2E --dtype $HALF --repeat 2 \
@@ -91,12 +91,16 @@ step transfer 30 $PY benchmarks/transfer_bench.py --batch $B_LARGE --repeats 20
 # The parts each recent change replaced (GELU via erfc, the patch convolution, sliced q|k|v)
 # beside their replacements, same run: one ViT block's parts on a batch of 32 videos' frames.
 step block_${HALF} 90 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa $BLOCK
-# The forward without XLA's Triton GEMMs, kernel by kernel.
-step kprof_${HALF}_no_triton_gemm 60 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
-  $PY benchmarks/kernel_profile.py --model $M16 --batch $B_LARGE --dtype $HALF --no-torch
+step block_${HALF}_triton_gemm 60 $PY benchmarks/block_profile.py --dtype $HALF --torch-sdpa \
+  --triton-gemm $BLOCK
+# The forward with XLA's Triton GEMMs, kernel by kernel.
+step kprof_${HALF}_triton_gemm 60 $PY benchmarks/kernel_profile.py --model $M16 \
+  --batch $B_LARGE --dtype $HALF --no-torch --triton-gemm
 step train16_remat 120 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF \
   --steps 5 --remat
 step train16 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN --dtype $HALF --steps 10
+step train16_triton_gemm 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN \
+  --dtype $HALF --steps 10 --triton-gemm
 step train16_no_donate 70 $PY benchmarks/train_bench.py --model $M16 --batch $B_TRAIN \
   --dtype $HALF --steps 10 --no-donate
 step precision 80 $PY benchmarks/precision.py --model $M16 --videos $VIDEOS

@@ -32,14 +32,16 @@ import torch
 from _args import default_help, fill_unset, one_of, variant, whole  # this folder's
 from forward_bench import DTYPES, torch_forward, torch_reference  # this folder's
 
-from stam_jax import create_model
+from stam_jax import create_model, sharding
 from stam_jax.cli import ArgumentParser
 from stam_jax.model import ATTENTION_IMPLS
 
-# Substrings of kernel (or HLO op) names, lower-cased, checked in this order.
+# Patterns (regular expressions) searched in kernel (or HLO op) names, lower-cased, in this
+# order. 'conv' is not followed by 'ert': XLA names its type conversions 'convert' (the
+# GELU's and LayerNorms' fusions among them), which are not convolutions.
 KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "attention", "softmax")),
-    ("convolution", ("conv", "fprop", "implicit_gemm")),
+    ("convolution", ("conv(?!ert)", "fprop", "implicit_gemm")),
     (
         "matmul",
         ("gemm", "nvjet", "xmma", "cutlass", "dot", "matmul", "addmm", "aten::mm", "aten::bmm"),
@@ -53,7 +55,7 @@ def kind_of(name: str) -> str:
     """The kind of one kernel (or op) from its name: attention, matmul, convolution or other."""
     lowered = name.lower()
     for kind, needles in KINDS:
-        if any(needle in lowered for needle in needles):
+        if any(re.search(needle, lowered) for needle in needles):
             return kind
     return "other"
 
@@ -194,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         action=whole(1),
         help=default_help(DEFAULTS, SMOKE, "calls", "profiled forwards per library"),
     )
+    parser.add_argument(
+        "--triton-gemm",
+        action="store_true",
+        help="compile stam-jax with XLA's Triton GEMMs (XLA's default; run_eval.py's default "
+        "config.triton_gemm=False turns them off on GPU)",
+    )
     parser.add_argument("--top", default=12, action=whole(1), help="kernels listed per library")
     parser.add_argument("--torch-eager", action="store_true", help="official explicit attention")
     parser.add_argument("--no-torch", action="store_true")
@@ -215,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "dtype": args.dtype,
         "calls": args.calls,
+        "triton_gemm": args.triton_gemm,
     }
-    forward = jax.jit(model.apply)
+    forward = jax.jit(model.apply, compiler_options=sharding.compiler_options(args.triton_gemm))
     out["jax_" + args.attention] = profile_jax(
         forward, params, jax.device_put(videos), args.calls, args.top
     )

@@ -24,7 +24,7 @@ from _args import MODEL_DTYPES, checked, variant, whole
 
 from convert.mapping import torch_to_flax
 from convert.torch_reference import frames_from_videos, randomize_, reference_from_config
-from stam_jax import create_model, model_config
+from stam_jax import create_model, model_config, sharding
 from stam_jax.cli import ArgumentParser
 
 # stam-jax's matmul precisions (`jax.default_matmul_precision`) a --dtypes entry may add.
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         model = create_model(args.model, dtype=dtype)
         start = time.perf_counter()
         with jax.default_matmul_precision(precision or None):
-            got = np.asarray(jax.jit(model.apply)({"params": params}, videos), np.float32)
+            # Compiled as run_eval.py compiles it (config.triton_gemm's default).
+            forward = jax.jit(model.apply, compiler_options=sharding.compiler_options(False))
+            got = np.asarray(forward({"params": params}, videos), np.float32)
         result["jax"][name] = compare(got, truth)
         result["jax"][name]["seconds_incl_compile"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))

@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         "patterns over param paths)",
     )
     parser.add_argument(
+        "--triton-gemm",
+        action="store_true",
+        help="compile with XLA's Triton GEMMs (run_train.py's --config.triton_gemm=True; off by "
+        "default, as there)",
+    )
+    parser.add_argument(
         "--no-donate",
         action="store_true",
         help="keep the input train state alive during the step (run_train.py donates it)",
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     config = base_config(args.model)
     config.dtype, config.remat, config.batch_size = args.dtype, args.remat, args.batch
     config.attention_impl, config.frame_chunk = args.attention, args.frame_chunk
+    config.triton_gemm = args.triton_gemm
     config.model_overrides.drop_path_rate = args.drop_path
     config.train.steps, config.train.freeze = 1000, args.freeze
     model = model_from_run_config(config).clone(last_block_cls_only=args.last_block == "cls")
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
             out_shardings=(replicated, replicated),
             donate_argnums=() if args.no_donate else 0,
+            compiler_options=sharding.compiler_options(config.triton_gemm),
         )
 
     lowered = jit_step(model).lower(state, videos, labels, weights)
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "remat": args.remat,
         "donate": not args.no_donate,
+        "triton_gemm": args.triton_gemm,
         "last_block": args.last_block,
         "freeze": args.freeze,
         "attention": args.attention,
