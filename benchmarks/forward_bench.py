@@ -359,29 +359,25 @@ def main(argv: list[str] | None = None) -> None:
             "(all frames at once), or frames per step",
         ),
     )
-    parser.add_argument(
-        "--last-block",
-        action=one_of_list(("cls", "all")),
-        help=default_help(
-            DEFAULTS,
-            SMOKE,
-            "last_block",
+    for flag, choices, text in (
+        (
+            "--last-block",
+            ("cls", "all"),
             "stam-jax last ViT block: 'cls' (the cls token only), 'all' (every token, as the "
             "official code), or 'cls,all'",
         ),
-    )
-    parser.add_argument(
-        "--triton-gemm",
-        action=one_of_list(("on", "off")),
-        help=default_help(
-            DEFAULTS,
-            SMOKE,
-            "triton_gemm",
+        (
+            "--triton-gemm",
+            ("on", "off"),
             "XLA's Triton GEMMs for the stam-jax runners (GPU only, `config.triton_gemm`): 'off' "
             "(cuBLAS for every matmul, as run_eval.py and run_train.py compile by default), 'on' "
             "(XLA's default), or 'off,on' (both, side by side)",
         ),
-    )
+    ):
+        key = flag[2:].replace("-", "_")
+        parser.add_argument(
+            flag, action=one_of_list(choices), help=default_help(DEFAULTS, SMOKE, key, text)
+        )
     parser.add_argument("--no-torch", action="store_true", help="time stam-jax only")
     parser.add_argument("--torch-sdpa", action="store_true", help="also PyTorch's fused SDPA")
     parser.add_argument("--torch-compile", action="store_true")
