@@ -941,7 +941,7 @@ def test_ignored_entries_and_empty_classes_are_reported(tiny_ckpt, tmp_path, cap
     assert "ignored 1 files in the root outside any class folder: README.txt" in out
     assert (
         "note: the official loader does not list 1 of the videos listed here (not .mp4/.avi: "
-        "class_3/video_0.mov) and lists 1 hidden .mp4/.avi files skipped here "
+        "class_3/video_0.mov) and lists 1 .mp4/.avi files skipped here as hidden "
         "(class_0/._video_0.mp4): its counts and top-1 are over another set of videos.\n"
     ) in out
 

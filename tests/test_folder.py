@@ -63,6 +63,7 @@ def test_hidden_junk_and_non_video_entries_are_not_classes_or_videos(tmp_path):
         ".ipynb_checkpoints": "hidden",
         "__MACOSX": "hidden",
         "b/.cache": "hidden",
+        "b/.cache/y.mp4": "in_hidden",  # looked into for the official loader's listing
         "b/._v.mp4": "hidden",
         "b/notes.txt": "not_video",
         "loose.mp4": "root_file",
@@ -74,12 +75,13 @@ def test_how_the_official_loader_would_list_the_same_root_is_reported(tmp_path):
     # containers (yt-dlp's .mkv, .webm) or such names it evaluates another set. Which videos
     # differ is counted (results.json `official_listing`) and printed as one note.
     touch(tmp_path, "a/v.avi", "b/v.mp4", "b/w.MOV", "b/x.webm", "b/._v.mp4", "b/notes.txt")
+    touch(tmp_path, "a/.backup/old/v.AVI", "a/.backup/v.mkv", "a/.backup/n.txt")
     touch(tmp_path, ".git/HEAD", "._root.mp4")
     folder = list_videos(tmp_path)
     differences = official_differences(folder.items, folder.ignored)
     assert differences == {
         "not_listed": {"count": 2, "paths": ["b/w.MOV", "b/x.webm"]},
-        "also_listed": {"count": 1, "paths": ["b/._v.mp4"]},
+        "also_listed": {"count": 2, "paths": ["a/.backup/old/v.AVI", "b/._v.mp4"]},
     }
     # What the official listing (restated below) holds that this one does not, and the reverse.
     _, theirs = official_listing(tmp_path)
@@ -89,7 +91,8 @@ def test_how_the_official_loader_would_list_the_same_root_is_reported(tmp_path):
     assert sorted(theirs - ours) == differences["also_listed"]["paths"]
     assert official_report(differences) == [
         "note: the official loader does not list 2 of the videos listed here (not .mp4/.avi: "
-        "b/w.MOV, b/x.webm) and lists 1 hidden .mp4/.avi files skipped here (b/._v.mp4): its "
+        "b/w.MOV, b/x.webm) and lists 2 .mp4/.avi files skipped here as hidden "
+        "(a/.backup/old/v.AVI, b/._v.mp4): its "
         "counts and top-1 are over another set of videos."
     ]
     # The same videos: no note.
@@ -97,6 +100,24 @@ def test_how_the_official_loader_would_list_the_same_root_is_reported(tmp_path):
     differences = official_differences(folder.items, ())
     assert differences["not_listed"]["count"] == differences["also_listed"]["count"] == 0
     assert official_report(differences) == []
+
+
+def test_video_files_in_hidden_folders_are_reported_and_links_there_not_followed(tmp_path):
+    touch(tmp_path, "a/v.mp4", "a/.trash/x.mp4", "a/.trash/deep/y.MKV", "a/.trash/z.txt")
+    touch(tmp_path, "elsewhere/w.mp4")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "a" / ".linked")
+    folder = list_videos(tmp_path, class_list=None)
+    assert [i.path for i in folder.items] == ["a/v.mp4", "elsewhere/w.mp4"]
+    assert {p: r for p, r in ignored(folder).items() if p.startswith("a/")} == {
+        "a/.linked": "hidden",  # a link: not looked into
+        "a/.trash": "hidden",
+        "a/.trash/deep/y.MKV": "in_hidden",
+        "a/.trash/x.mp4": "in_hidden",
+    }
+    lines = listing_report(folder.classes, folder.empty_classes, ignored_summary(folder.ignored))
+    assert "ignored 2 video files inside hidden folders: a/.trash/deep/y.MKV, a/.trash/x.mp4" in (
+        lines
+    )
 
 
 def official_listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:

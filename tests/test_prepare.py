@@ -118,9 +118,15 @@ def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, vide
     assert meta["ignored"] == [
         [".ipynb_checkpoints", "hidden", ""],
         ["class_1/.ipynb_checkpoints", "hidden", ""],
+        # the official loader would list this one (results.json `official_listing`)
+        ["class_1/.ipynb_checkpoints/video_0.mp4", "in_hidden", ""],
         ["class_5/notes.txt", "not_video", ""],
     ]
     assert "ignored 2 hidden or system entries: .ipynb_checkpoints" in result.stdout
+    assert (
+        "ignored 1 video files inside hidden folders: class_1/.ipynb_checkpoints/video_0.mp4"
+        in result.stdout
+    )
     assert "ignored 1 files without a video extension: class_5/notes.txt" in result.stdout
     # A standard TFDS dataset: any TFDS reader opens it, without TensorFlow.
     import tensorflow_datasets as tfds
@@ -132,7 +138,7 @@ def test_cli_writes_a_tfds_dataset_and_records_skipped_videos(prepared_raw, vide
     assert builder.info.metadata["failed"][0]["reason"].endswith(  # as listed: not absolute
         "Invalid data found when processing input: 'class_3/zero.mp4'"
     )
-    assert len(builder.info.metadata["ignored"]) == 3
+    assert len(builder.info.metadata["ignored"]) == 4
     assert len(builder.info.splits["validation"].shard_lengths) == 3  # 4 + 4 + 2 records
     source = builder.as_data_source(split="validation")
     listing = meta["items"]
@@ -159,7 +165,8 @@ def test_raw_prepared_evaluation_is_bit_identical(prepared_raw, from_videos, ckp
     assert read_predictions(tmp_path) == want  # paths, labels, top-5 and every logit, exactly
     for key in ("metrics", "counts", "dropped", "failed", "classes", "empty_classes", "ignored"):
         assert results[key] == want_results[key], key
-    assert set(results["ignored"]) == {"hidden", "not_video"}  # not {} for the prepared copy
+    # not {} for the prepared copy
+    assert set(results["ignored"]) == {"hidden", "in_hidden", "not_video"}
     assert results["timing"]["input_wait_s"] >= 0
     # grain's workers are stopped and their shared memory freed before exit (reading.close):
     # before that, this run printed the resource tracker's warning (6 runs of 6).

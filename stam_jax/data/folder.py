@@ -15,7 +15,9 @@ What is not a class or a video is left out and recorded in `VideoFolder.ignored`
 - a linked folder that leads back to a folder the walk is inside (a loop: `ln -s .. up`);
 - a file reached a second time in the same class through a link (listed once, where it comes
   first). The same file reached from two classes is refused: its label would be ambiguous;
-- folders that cannot be read.
+- folders that cannot be read;
+- video files inside a hidden folder of a class folder (not walked for the listing, but looked
+  into for them alone, since the official loader walks such folders and lists them).
 
 One file in the root is part of the layout, neither ignored nor a video: `stam_arrange.json`,
 the record that `stam_jax.data.arrange` writes beside the class folders it makes.
@@ -49,6 +51,7 @@ ROOT_FILE = "root_file"  # a file directly in the root, outside any class folder
 LINK_LOOP = "link_loop"  # a linked folder leading back to a folder the walk is inside
 DUPLICATE = "duplicate"  # a file already listed in the same class, reached through a link
 UNREADABLE = "unreadable"  # a folder that could not be read
+IN_HIDDEN = "in_hidden"  # a video file inside a hidden folder of a class folder
 REASONS = {
     HIDDEN: "hidden or system entries",
     NOT_VIDEO: "files without a video extension",
@@ -56,6 +59,7 @@ REASONS = {
     LINK_LOOP: "linked folders leading back to a folder they are in",
     DUPLICATE: "videos listed twice through a link",
     UNREADABLE: "unreadable folders",
+    IN_HIDDEN: "video files inside hidden folders",
 }
 
 
@@ -210,6 +214,8 @@ def _class_files(
             rel = os.path.relpath(entry.path, root)
             if is_hidden(entry.name):
                 ignored.append(Ignored(rel, HIDDEN))
+                if not entry.is_symlink() and _is_dir(entry):
+                    ignored.extend(_hidden_videos(root, entry.path, wanted))
             elif _is_dir(entry):
                 target = os.path.realpath(entry.path)
                 if target in chain:
@@ -229,6 +235,19 @@ def _class_files(
             link = entry.is_symlink()
             target = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
             found.append((os.path.relpath(entry.path, root), target))
+    return found
+
+
+def _hidden_videos(root: str, folder: str, wanted: tuple[str, ...]) -> list[Ignored]:
+    """The video files (`wanted` or the official loader's extensions) anywhere inside a hidden
+    folder of a class folder, as `IN_HIDDEN` entries. Links are not followed in there: the
+    official loader would follow them, so its count can only be higher."""
+    extensions = tuple({*wanted, *OFFICIAL_EXTENSIONS})
+    found = []
+    for path, _, files in os.walk(folder):  # an unreadable folder inside is passed over
+        for name in files:
+            if name.lower().endswith(extensions):
+                found.append(Ignored(os.path.relpath(os.path.join(path, name), root), IN_HIDDEN))
     return found
 
 
@@ -368,10 +387,10 @@ def official_differences(
 ) -> dict[str, dict]:
     """How the official loader's listing of the same root differs from this one's, with a
     few paths each: `not_listed`, the videos listed here that it does not list (extensions
-    other than .mp4/.avi); `also_listed`, the hidden .mp4/.avi files in class folders skipped
-    here that it lists (names starting with '.', such as macOS `._x.mp4` forks, which are not
-    videos). Both empty: it lists the same videos (within what this listing walked: a hidden
-    folder's contents are not looked at)."""
+    other than .mp4/.avi); `also_listed`, the .mp4/.avi files in class folders skipped here as
+    hidden that it lists: hidden names (such as macOS `._x.mp4` forks, which are not videos)
+    and files inside hidden folders (`.cache/x.mp4`; not through links). Both empty: it lists
+    the same videos."""
 
     def group(paths: list[str]) -> dict:
         return {"count": len(paths), "paths": paths[:examples]}
@@ -380,7 +399,7 @@ def official_differences(
     theirs = [
         entry.path
         for entry in ignored
-        if entry.reason == HIDDEN
+        if entry.reason in (HIDDEN, IN_HIDDEN)
         and "/" in entry.path  # in a class folder (a hidden entry in the root is no video)
         and entry.path.lower().endswith(OFFICIAL_EXTENSIONS)
     ]
@@ -393,7 +412,7 @@ def official_report(differences: dict[str, dict]) -> list[str]:
     parts = []
     for key, says in [
         ("not_listed", "does not list {n} of the videos listed here (not .mp4/.avi: {shown})"),
-        ("also_listed", "lists {n} hidden .mp4/.avi files skipped here ({shown})"),
+        ("also_listed", "lists {n} .mp4/.avi files skipped here as hidden ({shown})"),
     ]:
         group = differences.get(key) or {"count": 0}
         if group["count"]:
