@@ -231,6 +231,18 @@ def cache_folder() -> type[argparse.Action]:
     return checked(parse)
 
 
+def add_triton_gemm(parser: argparse.ArgumentParser) -> None:
+    """`--triton-gemm`: compile stam-jax with XLA's Triton GEMMs (XLA's default) rather than as
+    run_eval.py and run_train.py compile by default (`config.triton_gemm=False`: cuBLAS for
+    every matmul on GPU; no difference elsewhere)."""
+    parser.add_argument(
+        "--triton-gemm",
+        action="store_true",
+        help="compile stam-jax with XLA's Triton GEMMs (XLA's default; run_eval.py and "
+        "run_train.py turn them off on GPU by default, config.triton_gemm=False)",
+    )
+
+
 def fill_unset(args: argparse.Namespace, values: dict[str, Any]) -> None:
     """Sets each option of `values` (by its dest) that the command line left unset (None):
     options given explicitly win over the defaults and `--smoke`'s sizes alike."""

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _args import default_help, fill_unset, one_of, whole
+from _args import add_triton_gemm, default_help, fill_unset, one_of, whole
 
 from convert.torch_reference import Attention as TorchAttention
 from convert.torch_reference import Block as TorchBlock
@@ -145,12 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "--matmul-size", action=whole(1), help=default_help(DEFAULTS, SMOKE, "matmul_size")
     )
     parser.add_argument("--torch-sdpa", action="store_true", help="PyTorch's fused attention")
-    parser.add_argument(
-        "--triton-gemm",
-        action="store_true",
-        help="compile stam-jax's parts with XLA's Triton GEMMs (XLA's default; run_eval.py's "
-        "default config.triton_gemm=False turns them off on GPU)",
-    )
+    add_triton_gemm(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, one repeat (CI); explicit options win"
     )

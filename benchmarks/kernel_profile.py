@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 import torch
-from _args import default_help, fill_unset, one_of, variant, whole  # this folder's
+from _args import add_triton_gemm, default_help, fill_unset, one_of, variant, whole  # this folder's
 from forward_bench import DTYPES, torch_forward, torch_reference  # this folder's
 
 from stam_jax import create_model, sharding
@@ -196,12 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         action=whole(1),
         help=default_help(DEFAULTS, SMOKE, "calls", "profiled forwards per library"),
     )
-    parser.add_argument(
-        "--triton-gemm",
-        action="store_true",
-        help="compile stam-jax with XLA's Triton GEMMs (XLA's default; run_eval.py's default "
-        "config.triton_gemm=False turns them off on GPU)",
-    )
+    add_triton_gemm(parser)
     parser.add_argument("--top", default=12, action=whole(1), help="kernels listed per library")
     parser.add_argument("--torch-eager", action="store_true", help="official explicit attention")
     parser.add_argument("--no-torch", action="store_true")

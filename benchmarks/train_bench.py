@@ -27,7 +27,7 @@ import time
 
 import jax
 import numpy as np
-from _args import MODEL_DTYPES, number, one_of, variant, whole
+from _args import MODEL_DTYPES, add_triton_gemm, number, one_of, variant, whole
 from flop_count import xla_flops
 
 from configs.common import base_config
@@ -90,12 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         help="params held fixed (run_train.py's --config.train.freeze: 'vit', 'temporal', "
         "patterns over param paths)",
     )
-    parser.add_argument(
-        "--triton-gemm",
-        action="store_true",
-        help="compile with XLA's Triton GEMMs (run_train.py's --config.triton_gemm=True; off by "
-        "default, as there)",
-    )
+    add_triton_gemm(parser)
     parser.add_argument(
         "--no-donate",
         action="store_true",
